@@ -1,0 +1,362 @@
+//! cgroup `connect4`/`connect6` hooks and a `sockops` program that together redirect the TCP
+//! connections of enabled cgroups to the per-netns proxy listener and record each connection's
+//! original destination so the proxy can recover it exactly.
+//!
+//! Flow for one redirected connection:
+//! 1. `rdr_connect4`/`rdr_connect6` (at `connect()`): the task's cgroup or one of its ancestors
+//!    is in `rdr_enabled`, the socket is TCP, the destination is not loopback and not in a skip
+//!    range → store the destination in `rdr_pending` under the socket cookie and rewrite the
+//!    destination to the proxy port on loopback.
+//! 2. `rdr_sockops` (at `ACTIVE_ESTABLISHED`, before the final ACK is sent, hence before the
+//!    proxy can `accept()`): move the entry to `rdr_orig` keyed by (netns cookie, client
+//!    address, client port): exactly what the proxy sees as the peer of the accepted socket.
+//! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the entry if this socket still owns it, so
+//!    a reset connection's entry can never be handed to a later connection reusing the port.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::{
+        bindings::{
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
+        },
+        btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+        helpers::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+            bpf_get_socket_cookie,
+        },
+        macros::{btf_map, cgroup_sock_addr, sock_ops},
+        programs::{SockAddrContext, SockOpsContext},
+    };
+    use redirector_common::{
+        CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, v4_mapped,
+    };
+
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 10;
+    const SOCK_STREAM: u32 = 1;
+    const IPPROTO_TCP: u32 = 6;
+    /// `BPF_ANY` for map updates.
+    const ANY: u64 = 0;
+
+    // Map names are the static names (lower case on purpose: they are the kernel object names
+    // that bpftool prints, see redirector_common::names).
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_enabled: HashMap<u64, CgroupEntry, 65536> = HashMap::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_skip4: LpmTrie<[u8; 4], u32, 16384> = LpmTrie::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_skip6: LpmTrie<[u8; 16], u32, 16384> = LpmTrie::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_pending: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_orig: LruHashMap<SockKey, OrigDst, 65536> = LruHashMap::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_stats: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_config: Array<RdrConfig, 1> = Array::new();
+
+    #[inline(always)]
+    fn bump(which: u32) {
+        let Some(c) = rdr_stats.get_ptr_mut(0) else { return };
+        // SAFETY: per-CPU slot of a preallocated array; only this CPU touches it while the
+        // program runs (programs are not preempted on the same CPU).
+        let c = unsafe { &mut *c };
+        match which {
+            counter::REDIRECTED4 => c.redirected4 += 1,
+            counter::REDIRECTED6 => c.redirected6 += 1,
+            counter::SKIP_DISABLED => c.skip_disabled += 1,
+            counter::SKIP_CIDR => c.skip_cidr += 1,
+            counter::SKIP_LOOPBACK => c.skip_loopback += 1,
+            counter::SKIP_SELF => c.skip_self += 1,
+            counter::SKIP_NOT_TCP => c.skip_not_tcp += 1,
+            counter::ESTABLISHED => c.established += 1,
+            _ => c.errors += 1,
+        }
+    }
+
+    /// Is the calling task's cgroup, or any ancestor of it, enabled?
+    #[inline(always)]
+    fn cgroup_enabled() -> bool {
+        let mut level = 0;
+        while level < MAX_CGROUP_DEPTH {
+            // SAFETY: plain helper call; returns 0 past the task's own depth.
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id == 0 {
+                return false;
+            }
+            // SAFETY: the value is copied out immediately.
+            if let Some(e) = unsafe { rdr_enabled.get(id) } {
+                if e.enabled != 0 {
+                    return true;
+                }
+            }
+            level += 1;
+        }
+        false
+    }
+
+    /// What the connect hooks decided.
+    enum Verdict {
+        /// Leave the connect alone; the counter says why.
+        Pass(u32),
+        /// Rewrite to the proxy port.
+        Redirect { port: u16 },
+    }
+
+    /// The shared decision of connect4 and connect6, so the two hooks cannot drift.
+    /// `v4` is the IPv4 form of the destination when there is one (plain or IPv4-mapped).
+    #[inline(always)]
+    fn decide(sa: &bpf_sock_addr, v4: Option<[u8; 4]>, v6: &[u8; 16]) -> Verdict {
+        if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
+            return Verdict::Pass(counter::SKIP_NOT_TCP);
+        }
+        if !cgroup_enabled() {
+            return Verdict::Pass(counter::SKIP_DISABLED);
+        }
+        let Some(cfg) = rdr_config.get(0) else { return Verdict::Pass(counter::ERRORS) };
+        if cfg.ready == 0 {
+            return Verdict::Pass(counter::SKIP_DISABLED);
+        }
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if tgid == cfg.proxy_tgid {
+            return Verdict::Pass(counter::SKIP_SELF);
+        }
+        match v4 {
+            Some(a) => {
+                // 127.0.0.0/8 (this includes the proxy's own listener) and 0.0.0.0.
+                if a[0] == 127 || a == [0, 0, 0, 0] {
+                    return Verdict::Pass(counter::SKIP_LOOPBACK);
+                }
+                if rdr_skip4.get(&Key::new(32, a)).is_some() {
+                    return Verdict::Pass(counter::SKIP_CIDR);
+                }
+            }
+            None => {
+                let loopback = v6[..15].iter().all(|b| *b == 0) && (v6[15] == 1 || v6[15] == 0);
+                if loopback {
+                    return Verdict::Pass(counter::SKIP_LOOPBACK);
+                }
+                if rdr_skip6.get(&Key::new(128, *v6)).is_some() {
+                    return Verdict::Pass(counter::SKIP_CIDR);
+                }
+            }
+        }
+        Verdict::Redirect { port: cfg.proxy_port }
+    }
+
+    #[inline(always)]
+    fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
+        // SAFETY: helper call on the program's own context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+        let dst = OrigDst { cookie, ..dst };
+        rdr_pending.insert(cookie, dst, ANY).is_ok()
+    }
+
+    /// `cgroup/connect4`: every `connect()` of an AF_INET socket below the attach point.
+    #[cgroup_sock_addr(connect4)]
+    pub fn rdr_connect4(ctx: SockAddrContext) -> i32 {
+        // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let octets = sa.user_ip4.to_ne_bytes();
+        let mapped = v4_mapped(octets);
+        match decide(sa, Some(octets), &mapped) {
+            Verdict::Pass(why) => bump(why),
+            Verdict::Redirect { port } => {
+                let dst = OrigDst {
+                    addr: mapped,
+                    port: u16::from_be(sa.user_port as u16),
+                    family: 4,
+                    reserved: 0,
+                    cookie: 0,
+                };
+                if remember(&ctx, dst) {
+                    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+                    sa.user_port = u32::from(port.to_be());
+                    bump(counter::REDIRECTED4);
+                } else {
+                    // Without a record the proxy would refuse the connection anyway; leaving
+                    // it alone keeps the failure visible as "no route" instead of a mystery.
+                    bump(counter::ERRORS);
+                }
+            }
+        }
+        // 1 = let the (possibly rewritten) connect proceed; never block a connect.
+        1
+    }
+
+    /// `cgroup/connect6`: every `connect()` of an AF_INET6 socket below the attach point.
+    /// IPv4-mapped destinations are judged and recorded by their IPv4 form.
+    #[cgroup_sock_addr(connect6)]
+    pub fn rdr_connect6(ctx: SockAddrContext) -> i32 {
+        // SAFETY: as above.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let w = sa.user_ip6;
+        let mut v6 = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let b = w[i].to_ne_bytes();
+            v6[i * 4] = b[0];
+            v6[i * 4 + 1] = b[1];
+            v6[i * 4 + 2] = b[2];
+            v6[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        let is_mapped = v6[..10].iter().all(|b| *b == 0) && v6[10] == 0xff && v6[11] == 0xff;
+        let v4 = if is_mapped { Some([v6[12], v6[13], v6[14], v6[15]]) } else { None };
+        match decide(sa, v4, &v6) {
+            Verdict::Pass(why) => bump(why),
+            Verdict::Redirect { port } => {
+                let dst = OrigDst {
+                    addr: v6,
+                    port: u16::from_be(sa.user_port as u16),
+                    family: if is_mapped { 4 } else { 6 },
+                    reserved: 0,
+                    cookie: 0,
+                };
+                if remember(&ctx, dst) {
+                    if is_mapped {
+                        // ::ffff:127.0.0.1 reaches the IPv4 listener.
+                        sa.user_ip6 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])];
+                        bump(counter::REDIRECTED4);
+                    } else {
+                        sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+                        bump(counter::REDIRECTED6);
+                    }
+                    sa.user_port = u32::from(port.to_be());
+                } else {
+                    bump(counter::ERRORS);
+                }
+            }
+        }
+        1
+    }
+
+    /// The context fields the sockops program needs, read once at entry.
+    ///
+    /// Why volatile reads at the top: the verifier only accepts context loads at a constant
+    /// offset from the unmodified context pointer. Left to itself, LLVM computes `ctx + off`
+    /// once and reuses it across branches ("dereference of modified ctx ptr").
+    struct OpsFields {
+        op: u32,
+        family: u32,
+        local_ip4: u32,
+        local_ip6: [u32; 4],
+        local_port: u32,
+        new_state: u32,
+    }
+
+    #[inline(always)]
+    fn read_fields(ctx: &SockOpsContext) -> OpsFields {
+        let o = ctx.ops;
+        // SAFETY: `ops` is the kernel's bpf_sock_ops for this invocation; all fields are
+        // readable by sockops programs.
+        unsafe {
+            use core::ptr::{addr_of, read_volatile};
+            OpsFields {
+                op: read_volatile(addr_of!((*o).op)),
+                family: read_volatile(addr_of!((*o).family)),
+                local_ip4: read_volatile(addr_of!((*o).local_ip4)),
+                local_ip6: [
+                    read_volatile(addr_of!((*o).local_ip6[0])),
+                    read_volatile(addr_of!((*o).local_ip6[1])),
+                    read_volatile(addr_of!((*o).local_ip6[2])),
+                    read_volatile(addr_of!((*o).local_ip6[3])),
+                ],
+                local_port: read_volatile(addr_of!((*o).local_port)),
+                new_state: read_volatile(addr_of!((*o).__bindgen_anon_1.args[1])),
+            }
+        }
+    }
+
+    /// Client end of the socket as the proxy will see it from `getpeername()`.
+    #[inline(always)]
+    fn sock_key(ctx: &SockOpsContext, f: &OpsFields) -> Option<SockKey> {
+        let addr = match f.family {
+            AF_INET => v4_mapped(f.local_ip4.to_ne_bytes()),
+            AF_INET6 => {
+                let w = f.local_ip6;
+                let mut a = [0u8; 16];
+                let mut i = 0;
+                while i < 4 {
+                    let b = w[i].to_ne_bytes();
+                    a[i * 4] = b[0];
+                    a[i * 4 + 1] = b[1];
+                    a[i * 4 + 2] = b[2];
+                    a[i * 4 + 3] = b[3];
+                    i += 1;
+                }
+                a
+            }
+            _ => return None,
+        };
+        // SAFETY: helper call on the program's own context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        Some(SockKey { netns, addr, port: f.local_port as u16, reserved: [0; 6] })
+    }
+
+    /// `sockops`: re-keys a redirected connection's original destination once it is
+    /// established, and forgets it when the client socket closes.
+    #[sock_ops]
+    pub fn rdr_sockops(ctx: SockOpsContext) -> u32 {
+        let f = read_fields(&ctx);
+        match f.op {
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                // SAFETY: helper call on the program's own context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                // SAFETY: copied out before any further map operation.
+                let Some(dst) = (unsafe { rdr_pending.get(cookie) }).copied() else { return 1 };
+                let _ = rdr_pending.remove(cookie);
+                let Some(key) = sock_key(&ctx, &f) else { return 1 };
+                if rdr_orig.insert(key, dst, ANY).is_ok() {
+                    bump(counter::ESTABLISHED);
+                    // Ask for state callbacks on this socket so the entry dies with it.
+                    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+                } else {
+                    bump(counter::ERRORS);
+                }
+            }
+            BPF_SOCK_OPS_STATE_CB if f.new_state == BPF_TCP_CLOSE => {
+                // SAFETY: helper call on the program's own context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                let Some(key) = sock_key(&ctx, &f) else { return 1 };
+                // SAFETY: the cookie is copied out before the remove.
+                let owned = unsafe { rdr_orig.get(key) }.map(|d| d.cookie == cookie);
+                if owned == Some(true) {
+                    let _ = rdr_orig.remove(key);
+                }
+            }
+            _ => {}
+        }
+        1
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // The real program is only built for bpfel-unknown-none (see redirector/build.rs).
+}

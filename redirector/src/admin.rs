@@ -1,0 +1,122 @@
+//! Admin endpoint on loopback: `/metrics`, `/healthz`, `/readyz`, `/config_dump`.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::proxy::Shared;
+
+/// What `/readyz` reports on.
+#[derive(Default)]
+pub struct Readiness {
+    pub hooks_attached: AtomicBool,
+    pub listeners_ready: AtomicBool,
+    pub config_loaded: AtomicBool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.hooks_attached.load(Ordering::Relaxed)
+            && self.listeners_ready.load(Ordering::Relaxed)
+            && self.config_loaded.load(Ordering::Relaxed)
+    }
+    fn describe(&self) -> String {
+        format!(
+            "hooks_attached={} listeners_ready={} config_loaded={}\n",
+            self.hooks_attached.load(Ordering::Relaxed),
+            self.listeners_ready.load(Ordering::Relaxed),
+            self.config_loaded.load(Ordering::Relaxed)
+        )
+    }
+}
+
+pub struct Admin {
+    pub shared: Arc<Shared>,
+    pub registry: Registry,
+    pub readiness: Arc<Readiness>,
+}
+
+/// Binds first (so a port clash is a start-up error), then serves until shutdown.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    if !addr.ip().is_loopback() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("admin address {addr} is not loopback; the admin endpoint is local only"),
+        ));
+    }
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+            },
+        };
+        let admin = Arc::clone(&admin);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let admin = Arc::clone(&admin);
+                async move { Ok::<_, Infallible>(route(&admin, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response")
+}
+
+fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => {
+            let status = if admin.readiness.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            text(status, admin.readiness.describe())
+        }
+        "/config_dump" => match serde_json::to_string_pretty(&*admin.shared.config) {
+            Ok(s) => text(StatusCode::OK, s + "\n"),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        "/metrics" => {
+            if let Ok(maps) = admin.shared.maps.lock() {
+                if let Ok(c) = maps.counters() {
+                    admin.shared.metrics.set_ebpf(&c);
+                }
+                admin.shared.metrics.enabled_cgroups.set(maps.enabled_ids().len() as i64);
+            }
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &admin.registry) {
+                Ok(()) => Response::builder()
+                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                    .body(Full::new(Bytes::from(out)))
+                    .expect("static response"),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}

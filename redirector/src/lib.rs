@@ -1,0 +1,27 @@
+//! Egress redirector daemon and CLI as a library; `main.rs` only parses and dispatches.
+pub mod admin;
+pub mod app;
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod netns;
+pub mod policy;
+pub mod preflight;
+pub mod proxy;
+pub mod status;
+pub mod telemetry;
+
+/// Renders an error and its sources on one line: `outer: inner: root cause`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}

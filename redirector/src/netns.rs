@@ -1,0 +1,184 @@
+//! Network namespaces and cgroups: find a cgroup's netns, bind listeners inside it.
+use std::{
+    fs,
+    net::{SocketAddr, TcpListener},
+    os::fd::{AsFd, AsRawFd},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+/// `statfs` magic of cgroup v2 (`CGROUP2_SUPER_MAGIC`).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// `statfs` magic of bpffs (`BPF_FS_MAGIC`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// `SO_NETNS_COOKIE` (Linux 5.14+); not in every libc crate release.
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("failed to open the network namespace of pid {pid}")]
+    Open {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to enter the network namespace of pid {pid}")]
+    Enter {
+        pid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("failed to bind {addr} in the network namespace of pid {pid}")]
+    Bind {
+        pid: u32,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to read the netns cookie of a listener")]
+    Cookie(#[source] std::io::Error),
+    #[error("helper thread for netns of pid {pid} panicked")]
+    Thread { pid: u32 },
+}
+
+/// Identity of a network namespace: the (device, inode) of `/proc/<pid>/ns/net`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
+    let m = fs::metadata(format!("/proc/{pid}/ns/net"))?;
+    Ok(NetnsId { dev: m.dev(), ino: m.ino() })
+}
+
+/// Binds TCP listeners on `addrs` inside the network namespace of `pid`.
+///
+/// Why a helper thread: `setns(CLONE_NEWNET)` changes the namespace of the calling thread
+/// only. A short-lived thread enters the pod's netns, binds, and exits; the sockets stay in
+/// the namespace they were created in, while the daemon's other threads never move.
+/// An address that cannot be bound (e.g. `::1` in a pod with IPv6 disabled) is skipped
+/// unless it is the first one.
+pub fn bind_in_netns(pid: u32, addrs: Vec<SocketAddr>) -> Result<Vec<TcpListener>, NetnsError> {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|source| NetnsError::Open { pid, source })?;
+    let handle = std::thread::spawn(move || -> Result<Vec<TcpListener>, NetnsError> {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|source| NetnsError::Enter { pid, source })?;
+        let mut out = Vec::new();
+        for (i, addr) in addrs.into_iter().enumerate() {
+            match bind_reuse(addr) {
+                Ok(l) => out.push(l),
+                Err(source) if i == 0 => return Err(NetnsError::Bind { pid, addr, source }),
+                Err(source) => {
+                    tracing::debug!(%addr, pid, error = %source, "optional listener not bound");
+                }
+            }
+        }
+        Ok(out)
+    });
+    handle.join().map_err(|_| NetnsError::Thread { pid })?
+}
+
+fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket(2) call; the fd is owned by the TcpListener below.
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own.
+    let listener = unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let set = |level, opt| {
+        // SAFETY: valid fd and a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    };
+    // A restarted daemon must be able to bind while old connections sit in TIME_WAIT.
+    set(libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
+    if addr.is_ipv6() {
+        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
+    }
+    let sa = nix::sys::socket::SockaddrStorage::from(addr);
+    // SAFETY: sa is a valid sockaddr of the right length.
+    let rc = unsafe { libc::bind(fd, nix::sys::socket::SockaddrLike::as_ptr(&sa), nix::sys::socket::SockaddrLike::len(&sa)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: valid fd.
+    if unsafe { libc::listen(fd, 4096) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// The netns cookie of a socket: the value `bpf_get_netns_cookie()` returns in the kernel.
+pub fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, NetnsError> {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(NetnsError::Cookie(std::io::Error::last_os_error()));
+    }
+    Ok(v)
+}
+
+/// The cgroup v2 id of a cgroup directory: its inode number (what
+/// `bpf_get_current_cgroup_id()` returns for tasks in it).
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    Ok(fs::metadata(path)?.ino())
+}
+
+fn fs_magic(path: &Path) -> std::io::Result<i64> {
+    let st = nix::sys::statfs::statfs(path).map_err(std::io::Error::from)?;
+    Ok(st.filesystem_type().0 as i64)
+}
+
+/// Is `path` a directory on a cgroup v2 filesystem?
+pub fn is_cgroup2(path: &Path) -> std::io::Result<bool> {
+    Ok(fs_magic(path)? == CGROUP2_SUPER_MAGIC)
+}
+
+/// Is `path` on a bpf filesystem?
+pub fn is_bpffs(path: &Path) -> std::io::Result<bool> {
+    Ok(fs_magic(path)? == BPF_FS_MAGIC)
+}
+
+/// Pids of every process in `cgroup` and its descendants.
+pub fn cgroup_pids(cgroup: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack: Vec<PathBuf> = vec![cgroup.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(s) = fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
