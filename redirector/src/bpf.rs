@@ -20,7 +20,7 @@ use redirector_common::{
 };
 
 /// The compiled programs, embedded at build time (see build.rs).
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirector"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rdr-ebpf"));
 
 /// Default pin directory (DESIGN.md §4).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/redirector";
