@@ -229,10 +229,10 @@ impl Lab {
         for a in v6 {
             sh(&format!("ip -n {ns} addr add {a}/64 dev eth0 nodad"));
         }
-        sh(&format!(
-            "ip -n {ns} route add 198.51.100.0/24 via {NODE_V4} && \
-             ip -n {ns} -6 route add 2001:db8:198::/48 via 2001:db8:203::1"
-        ));
+        sh(&format!("ip -n {ns} route add 198.51.100.0/24 via {NODE_V4}"));
+        if !v6.is_empty() {
+            sh(&format!("ip -n {ns} -6 route add 2001:db8:198::/48 via 2001:db8:203::1"));
+        }
         ns
     }
 

@@ -5,3 +5,4 @@
 //! which also runs when the test panics.
 pub mod lab;
 pub mod priv_check;
+pub mod pki;

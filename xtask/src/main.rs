@@ -1,1 +1,39 @@
-fn main() {}
+//! `cargo xtask <command>`: the one entry point for building, demoing and testing.
+mod demo;
+mod exec;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (pinned nightly + rust-src, bpf-linker, Debian
+    /// packages). Idempotent; `demo` and `test` run it implicitly.
+    Setup,
+    /// Build the daemon (and the embedded eBPF programs) and the test binaries.
+    Build,
+    /// Lay out a closed test network and show a pod reaching a host it has no route to.
+    Demo,
+    /// Everything: unit, in-process and privileged end-to-end tests, clippy.
+    Test(test::TestArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build => {
+            setup::run()?;
+            exec::build_all()
+        }
+        Cmd::Demo => demo::run(),
+        Cmd::Test(a) => test::run(a),
+    }
+}

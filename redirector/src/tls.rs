@@ -1,0 +1,200 @@
+//! rustls client configurations: system roots plus the `--proxy-cert` bundle, no way around them.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use rustls::{
+    ClientConfig, RootCertStore,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+};
+use tracing::{debug, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot parse PEM in {}", path.display())]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no PEM certificate found in {}", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("cannot trust a CA certificate from {}", path.display())]
+    BadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("no PEM private key found in {}", path.display())]
+    NoKey { path: PathBuf },
+    #[error("cannot use client certificate {} with key {}", cert.display(), key.display())]
+    ClientCert {
+        cert: PathBuf,
+        key: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("cannot build the tls client configuration")]
+    Build(#[source] rustls::Error),
+}
+
+/// The one crypto provider of the daemon. Chosen explicitly rather than through the
+/// process-wide default, which panics when a dependency enables a second provider.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS 1.2/1.3 client configuration that trusts the system roots (none is fine) plus
+/// every certificate in `extra_ca_pem`, optionally presents a client certificate
+/// (`(cert chain PEM, private key PEM)`), and offers `alpn` in order.
+pub fn client_config(
+    extra_ca_pem: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut roots = system_roots();
+    if let Some(path) = extra_ca_pem {
+        let certs = read_certs(path)?;
+        let count = certs.len();
+        for cert in certs {
+            roots.add(cert).map_err(|source| TlsError::BadCa { path: path.to_owned(), source })?;
+        }
+        debug!(path = %path.display(), count, "trusting extra CA certificates");
+    }
+    if roots.is_empty() {
+        warn!("no trusted root certificates: every tls handshake will fail until a CA bundle is given");
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Build)?
+        .with_root_certificates(roots);
+    let mut config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = read_certs(cert)?;
+            let key_der = read_key(key)?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|source| TlsError::ClientCert {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                source,
+            })?
+        }
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Whatever the system trust store holds; unreadable or unparsable entries are skipped,
+/// as a partially broken store must not stop the daemon (the extra bundle may be enough).
+fn system_roots() -> RootCertStore {
+    let loaded = rustls_native_certs::load_native_certs();
+    for e in &loaded.errors {
+        debug!(error = %e, "skipping part of the system trust store");
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
+    debug!(added, ignored, "loaded system root certificates");
+    roots
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_pem(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { path: path.to_owned(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_pem(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|source| match source {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey { path: path.to_owned() },
+        source => TlsError::Pem { path: path.to_owned(), source },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+    use super::*;
+    use crate::error_chain;
+
+    fn ca_pem(name: &str) -> String {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.self_signed(&key).expect("self-signed").pem()
+    }
+
+    #[test]
+    fn extra_ca_bundle_and_alpn() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bundle = dir.path().join("bundle.pem");
+        fs::write(&bundle, format!("{}\n{}", ca_pem("ca one"), ca_pem("ca two"))).expect("write");
+        let config = client_config(Some(&bundle), None, &[b"http/1.1"]).expect("config");
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert!(!config.client_auth_cert_resolver.has_certs());
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let e = client_config(Some(&missing), None, &[]).unwrap_err();
+        assert!(matches!(e, TlsError::Read { .. }));
+        assert!(error_chain(&e).contains("missing.pem"), "{}", error_chain(&e));
+
+        let empty = dir.path().join("empty.pem");
+        fs::write(&empty, "not pem at all\n").expect("write");
+        let e = client_config(Some(&empty), None, &[]).unwrap_err();
+        assert!(matches!(e, TlsError::NoCertificate { .. }), "{e:?}");
+        assert!(e.to_string().contains("empty.pem"));
+
+        let broken = dir.path().join("broken.pem");
+        fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").expect("write");
+        let e = client_config(Some(&broken), None, &[]).unwrap_err();
+        assert!(e.to_string().contains("broken.pem"), "{e}");
+    }
+
+    #[test]
+    fn client_certificate_must_match_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["client.test".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (cert_path, key_path, other_key) =
+            (dir.path().join("c.pem"), dir.path().join("k.pem"), dir.path().join("o.pem"));
+        fs::write(&cert_path, cert.pem()).expect("write");
+        fs::write(&key_path, key.serialize_pem()).expect("write");
+        fs::write(&other_key, KeyPair::generate().expect("key").serialize_pem()).expect("write");
+
+        let config = client_config(None, Some((&cert_path, &key_path)), &[]).expect("config");
+        assert!(config.client_auth_cert_resolver.has_certs());
+
+        let e = client_config(None, Some((&cert_path, &other_key)), &[]).unwrap_err();
+        assert!(matches!(e, TlsError::ClientCert { .. }), "{e:?}");
+        let e = client_config(None, Some((&cert_path, &cert_path)), &[]).unwrap_err();
+        assert!(matches!(e, TlsError::NoKey { .. }), "{e:?}");
+        assert!(e.to_string().contains("c.pem"));
+    }
+}

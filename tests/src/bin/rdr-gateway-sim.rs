@@ -1,0 +1,1168 @@
+//! rdr-gateway-sim: a stand-in for the Azure Arc gateway (DESIGN.md §1) for tests and the demo.
+//!
+//! It terminates TLS, reads one `CONNECT host:port HTTP/1.1` request, allows it by host name
+//! (exact names, `*.suffix` wildcards, optional port), connects to the target through a
+//! static `--resolve` table (never DNS), answers `200 Connection established` and relays raw
+//! bytes both ways, propagating half-closes. Anything else gets a plain HTTP error and the
+//! connection is closed. Because this is plain HTTP CONNECT inside TLS, it also works as an
+//! HTTPS proxy for `curl --proxy https://…`.
+//!
+//! Stdout carries one line per event, flushed at once, for tests to grep:
+//!
+//! ```text
+//! listening <addr>
+//! headers <authority>: <name>,<name>,...
+//! tunnel CONNECT <authority> -> <status> from=<peer>
+//! tunnel closed <authority> up=<bytes> down=<bytes>
+//! tls error from=<peer>: <error>
+//! silent from=<peer>
+//! ```
+//!
+//! `<authority>` is the request target as received (non-printable bytes shown as `?`);
+//! `up` counts client→target bytes, `down` target→client. Requests other than CONNECT are
+//! logged as `tunnel <METHOD> <target> -> 405 ...`; unparseable ones as `tunnel - - -> 400 ...`.
+use std::{
+    fmt,
+    io::{self, Write as _},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+use tokio_rustls::TlsAcceptor;
+
+/// Largest request head accepted (request line plus headers).
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest number of request headers accepted.
+const MAX_HEADERS: usize = 64;
+
+const AFTER_HELP: &str = "\
+PATTERNS (--allow):
+  name              exactly this host name, any port
+  *.suffix          one or more labels below suffix (not suffix itself), any port
+  name:443          port-restricted; also *.suffix:80
+  203.0.113.7       an IP literal in CONNECT is allowed only by a pattern naming it
+  [2001:db8::7]:443 IPv6 literal with a port
+  Names are case-insensitive and a trailing dot is ignored.
+
+STATUS CODES:
+  200 tunnel open, 400 malformed request, 403 not allowed, 405 not CONNECT,
+  407 --require-bearer token missing or wrong (Proxy-Authorization or Authorization:
+  Bearer TOKEN), 408 request head not received in time, 431 head over 16 KiB,
+  502 no --resolve entry or target refused, 504 target connect timed out.
+
+STDOUT (one line per event, flushed at once):
+  listening <addr>
+  headers <authority>: <name>,<name>,...
+  tunnel CONNECT <authority> -> <status> from=<peer>
+  tunnel closed <authority> up=<bytes> down=<bytes>";
+
+/// Simulated Azure Arc gateway: TLS + HTTP/1.1 CONNECT with a host-name allowlist.
+#[derive(Parser, Debug)]
+#[command(name = "rdr-gateway-sim", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Address to listen on (repeatable). Port 0 picks a free port; the bound address is
+    /// printed as `listening <addr>`.
+    #[arg(long = "listen", value_name = "ADDR", required = true)]
+    listen: Vec<SocketAddr>,
+    /// PEM certificate chain presented to clients.
+    #[arg(long, value_name = "PEM", required_unless_present = "silent")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "PEM", required_unless_present = "silent")]
+    key: Option<PathBuf>,
+    /// ALPN protocol to offer (repeatable; replaces the default).
+    #[arg(long = "alpn", value_name = "PROTO", default_value = "http/1.1")]
+    alpn: Vec<String>,
+    /// Accepted for forward compatibility: h2 CONNECT is not implemented yet, so this only
+    /// prints a warning and h2 is not offered.
+    #[arg(long)]
+    offer_h2: bool,
+    /// Allow CONNECT to targets matching PATTERN (repeatable); everything else gets 403.
+    #[arg(long = "allow", value_name = "PATTERN", value_parser = Pattern::parse)]
+    allow: Vec<Pattern>,
+    /// Resolve NAME (exact or `*.suffix`) to IP (repeatable; several IPs are tried in order).
+    /// There is no DNS: an allowed name without an entry gets 502.
+    #[arg(long = "resolve", value_name = "NAME=IP", value_parser = parse_resolve)]
+    resolve: Vec<(HostPattern, IpAddr)>,
+    /// Require `Bearer TOKEN` in Proxy-Authorization or Authorization; 407 otherwise.
+    #[arg(long, value_name = "TOKEN")]
+    require_bearer: Option<String>,
+    /// Accept TCP connections and never answer (no TLS either): for timeout tests.
+    #[arg(long)]
+    silent: bool,
+    /// Seconds allowed for the TLS handshake plus the request head.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds allowed for connecting to the target.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    connect_timeout: u64,
+}
+
+/// Everything a connection needs, shared by all of them.
+struct Gateway {
+    policy: Policy,
+    header_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.offer_h2 {
+        eprintln!(
+            "warning: --offer-h2: h2 CONNECT is not implemented yet; offering {:?} only",
+            args.alpn
+        );
+    }
+    if args.alpn.iter().any(|p| p == "h2") {
+        bail!("--alpn h2: h2 CONNECT is not implemented yet");
+    }
+    let acceptor = match (&args.cert, &args.key, args.silent) {
+        (_, _, true) => None,
+        (Some(cert), Some(key), false) => {
+            Some(TlsAcceptor::from(tls_config(cert, key, &args.alpn)?))
+        }
+        _ => bail!("--cert and --key are required"),
+    };
+    let gateway = Arc::new(Gateway {
+        policy: Policy {
+            allow: args.allow,
+            resolve: args.resolve,
+            bearer: args.require_bearer,
+        },
+        header_timeout: Duration::from_secs(args.header_timeout),
+        connect_timeout: Duration::from_secs(args.connect_timeout),
+    });
+
+    let mut accept_loops = tokio::task::JoinSet::new();
+    for addr in &args.listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind {addr}"))?;
+        log_line(format_args!("listening {}", listener.local_addr()?));
+        accept_loops.spawn(accept_loop(listener, acceptor.clone(), gateway.clone()));
+    }
+    // Accept loops only end on a listener error.
+    while let Some(done) = accept_loops.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+fn tls_config(cert: &PathBuf, key: &PathBuf, alpn: &[String]) -> anyhow::Result<Arc<ServerConfig>> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("open {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse certificates in {}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("read key {}", key.display()))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .context("certificate and key do not match")?;
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    gateway: Arc<Gateway>,
+) -> io::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of descriptors or an aborted handshake: keep serving the others.
+            Err(e) if is_transient_accept_error(&e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        match &acceptor {
+            None => {
+                tokio::spawn(stay_silent(stream, peer));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let handshake = timeout(gateway.header_timeout, acceptor.accept(stream)).await;
+                    match handshake {
+                        Ok(Ok(tls)) => serve(tls, peer, &gateway).await,
+                        Ok(Err(e)) => log_line(format_args!("tls error from={peer}: {e}")),
+                        Err(_) => {
+                            log_line(format_args!("tls error from={peer}: handshake timed out"))
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    ) || e.raw_os_error() == Some(libc::EMFILE)
+        || e.raw_os_error() == Some(libc::ENFILE)
+}
+
+/// `--silent`: hold the connection open, read and drop whatever arrives, never answer.
+async fn stay_silent(mut stream: TcpStream, peer: SocketAddr) {
+    log_line(format_args!("silent from={peer}"));
+    let mut sink = tokio::io::sink();
+    let _ = tokio::io::copy(&mut stream, &mut sink).await;
+}
+
+/// One client connection after the TLS handshake: one request, then a tunnel or an error.
+async fn serve<S>(mut client: S, peer: SocketAddr, gateway: &Gateway)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let head = match timeout(gateway.header_timeout, read_head(&mut client)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(HeadError::Closed)) => return,
+        Ok(Err(HeadError::Io(e))) => {
+            eprintln!("read request from {peer}: {e}");
+            return;
+        }
+        Ok(Err(HeadError::TooLarge)) => {
+            let refusal = Refusal::new(431, "request head larger than 16 KiB");
+            return refuse(client, "- -", peer, &refusal).await;
+        }
+        Ok(Err(HeadError::Malformed(why))) => {
+            return refuse(client, "- -", peer, &Refusal::new(400, why)).await;
+        }
+        Err(_) => {
+            let refusal = Refusal::new(408, "request head not received in time");
+            return refuse(client, "- -", peer, &refusal).await;
+        }
+    };
+    let request = head.request();
+    let shown = printable(&request.target);
+    log_line(format_args!(
+        "headers {shown}: {}",
+        request.header_names().join(",")
+    ));
+
+    let target = match gateway.policy.decide(&request) {
+        Ok(target) => target,
+        Err(refusal) => {
+            let what = format!("{} {shown}", printable(&request.method));
+            return refuse(client, &what, peer, &refusal).await;
+        }
+    };
+
+    let upstream = match connect(&target, gateway.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(refusal) => return refuse(client, &format!("CONNECT {shown}"), peer, &refusal).await,
+    };
+
+    if let Err(e) = client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await
+    {
+        eprintln!("write 200 to {peer}: {e}");
+        return;
+    }
+    if let Err(e) = client.flush().await {
+        eprintln!("write 200 to {peer}: {e}");
+        return;
+    }
+    log_line(format_args!("tunnel CONNECT {shown} -> 200 from={peer}"));
+
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    if let Err(e) = relay(client, upstream, &head.buf[head.len..], &up, &down).await {
+        eprintln!("tunnel {shown}: {e}");
+    }
+    log_line(format_args!(
+        "tunnel closed {shown} up={} down={}",
+        up.load(Ordering::Relaxed),
+        down.load(Ordering::Relaxed)
+    ));
+}
+
+/// Answers with an error status, closes the connection and logs the outcome.
+async fn refuse<S>(mut client: S, what: &str, peer: SocketAddr, refusal: &Refusal)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    log_line(format_args!(
+        "tunnel {what} -> {} from={peer}",
+        refusal.status
+    ));
+    let _ = client.write_all(refusal.response().as_bytes()).await;
+    let _ = client.shutdown().await;
+    // Drain briefly so that unread request bytes do not turn our close into a reset that
+    // destroys the response before the client reads it.
+    let _ = timeout(Duration::from_secs(2), async {
+        let mut sink = [0u8; 4096];
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+async fn connect(target: &Target, limit: Duration) -> Result<TcpStream, Refusal> {
+    let mut last = Refusal::new(502, "no address for target");
+    for ip in &target.addrs {
+        let addr = SocketAddr::new(*ip, target.port);
+        match timeout(limit, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = Refusal::new(502, format!("connect {addr}: {e}")),
+            Err(_) => last = Refusal::new(504, format!("connect {addr}: timed out")),
+        }
+    }
+    Err(last)
+}
+
+/// Copies both directions until both have ended. When one side reaches EOF, the other
+/// side's write half is shut down and the opposite direction keeps going.
+async fn relay<S>(
+    client: S,
+    upstream: TcpStream,
+    early: &[u8],
+    up: &AtomicU64,
+    down: &AtomicU64,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut upstream_rd, mut upstream_wr) = upstream.into_split();
+    // Bytes the client sent right behind the request head belong to the tunnel.
+    if !early.is_empty() {
+        upstream_wr.write_all(early).await?;
+        up.fetch_add(early.len() as u64, Ordering::Relaxed);
+    }
+    tokio::try_join!(
+        pump(&mut client_rd, &mut upstream_wr, up),
+        pump(&mut upstream_rd, &mut client_wr, down),
+    )?;
+    Ok(())
+}
+
+async fn pump<R, W>(from: &mut R, to: &mut W, count: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(n) => n,
+            // A TLS peer that closes TCP without close_notify: the inner stream carries its
+            // own framing, so treat it as an ordinary end of stream.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            // The other side may be gone entirely; the half-close is best effort.
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        to.flush().await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Request head (sans-I/O apart from `read_head`).
+
+#[derive(Debug)]
+enum HeadError {
+    /// The client closed before sending anything.
+    Closed,
+    TooLarge,
+    Malformed(String),
+    Io(io::Error),
+}
+
+/// A complete request head plus whatever arrived behind it.
+struct Head {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// The parts of a request the policy looks at.
+#[derive(Debug, PartialEq, Eq)]
+struct Request {
+    method: String,
+    target: String,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Request {
+    fn header_names(&self) -> Vec<&str> {
+        self.headers.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    fn header(&self, name: &str) -> impl Iterator<Item = &[u8]> {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+impl Head {
+    fn request(&self) -> Request {
+        // `read_head` only returns heads that parsed completely.
+        parse_head(&self.buf[..self.len])
+            .ok()
+            .flatten()
+            .map(|(req, _)| req)
+            .expect("head parsed before")
+    }
+}
+
+async fn read_head<S: AsyncRead + Unpin>(client: &mut S) -> Result<Head, HeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = client.read(&mut chunk).await.map_err(HeadError::Io)?;
+        if n == 0 {
+            return Err(if buf.is_empty() {
+                HeadError::Closed
+            } else {
+                HeadError::Malformed("connection closed inside the request head".into())
+            });
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match parse_head(&buf[..buf.len().min(MAX_HEAD)])? {
+            Some((_, len)) => return Ok(Head { buf, len }),
+            None if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+            None => {}
+        }
+    }
+}
+
+/// Parses a request head strictly. `Ok(None)` means more bytes are needed.
+fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) => Ok(None),
+        Ok(httparse::Status::Complete(len)) => {
+            let request = Request {
+                method: req.method.unwrap_or_default().to_owned(),
+                target: req.path.unwrap_or_default().to_owned(),
+                headers: req
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                    .collect(),
+            };
+            Ok(Some((request, len)))
+        }
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(HeadError::Malformed(format!("malformed request: {e}"))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Policy: pure decisions.
+
+/// An error answer: status code and a one-line reason sent as the body.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    status: u16,
+    reason: String,
+}
+
+impl Refusal {
+    fn new(status: u16, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    fn response(&self) -> String {
+        let phrase = match self.status {
+            400 => "Bad Request",
+            403 => "Forbidden",
+            405 => "Method Not Allowed",
+            407 => "Proxy Authentication Required",
+            408 => "Request Timeout",
+            431 => "Request Header Fields Too Large",
+            502 => "Bad Gateway",
+            504 => "Gateway Timeout",
+            _ => "Error",
+        };
+        let extra = match self.status {
+            405 => "Allow: CONNECT\r\n",
+            407 => "Proxy-Authenticate: Bearer realm=\"rdr-gateway-sim\"\r\n",
+            _ => "",
+        };
+        let body = format!("{}\n", self.reason);
+        format!(
+            "HTTP/1.1 {} {phrase}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            self.status,
+            body.len()
+        )
+    }
+}
+
+/// Where an allowed tunnel goes.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    addrs: Vec<IpAddr>,
+    port: u16,
+}
+
+struct Policy {
+    allow: Vec<Pattern>,
+    resolve: Vec<(HostPattern, IpAddr)>,
+    bearer: Option<String>,
+}
+
+impl Policy {
+    fn decide(&self, req: &Request) -> Result<Target, Refusal> {
+        if req.method != "CONNECT" {
+            return Err(Refusal::new(405, "only CONNECT is supported"));
+        }
+        let (host, port) = parse_authority(&req.target)
+            .map_err(|why| Refusal::new(400, format!("bad CONNECT target: {why}")))?;
+        // CONNECT carries no body; a framing header here means a confused or hostile client.
+        if req.header("transfer-encoding").next().is_some()
+            || req.header("content-length").any(|v| v != b"0")
+        {
+            return Err(Refusal::new(400, "CONNECT must not carry a body"));
+        }
+        if let Some(token) = &self.bearer {
+            let presented = req
+                .header("proxy-authorization")
+                .chain(req.header("authorization"))
+                .any(|v| bearer_token(v) == Some(token.as_bytes()));
+            if !presented {
+                return Err(Refusal::new(407, "bearer token missing or wrong"));
+            }
+        }
+        if !self.allow.iter().any(|p| p.matches(&host, port)) {
+            return Err(Refusal::new(
+                403,
+                format!("{host}:{port} is not in the allowlist"),
+            ));
+        }
+        let addrs = self.lookup(&host);
+        if addrs.is_empty() {
+            return Err(Refusal::new(502, format!("no --resolve entry for {host}")));
+        }
+        Ok(Target { addrs, port })
+    }
+
+    /// Static resolution: IP literals are themselves; exact entries beat wildcard ones.
+    fn lookup(&self, host: &Host) -> Vec<IpAddr> {
+        match host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Name(_) => {
+                let exact: Vec<IpAddr> = self
+                    .resolve
+                    .iter()
+                    .filter(|(p, _)| matches!(p, HostPattern::Exact(_)) && p.matches(host))
+                    .map(|(_, ip)| *ip)
+                    .collect();
+                if !exact.is_empty() {
+                    return exact;
+                }
+                self.resolve
+                    .iter()
+                    .filter(|(p, _)| p.matches(host))
+                    .map(|(_, ip)| *ip)
+                    .collect()
+            }
+        }
+    }
+}
+
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = value.split_at_checked(7)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ")).then(|| rest.trim_ascii())
+}
+
+/// A CONNECT target host, normalized: lowercase, no trailing dot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Name(n) => f.write_str(n),
+            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
+            Host::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// Parses an authority-form target (`host:port`, `[v6]:port`); the port is mandatory.
+fn parse_authority(s: &str) -> Result<(Host, u16), &'static str> {
+    let (host, port) = split_host_port(s)?;
+    let port = port.ok_or("missing port")?;
+    Ok((parse_host(host, port_was_bracketed(s))?, port))
+}
+
+/// Splits `host[:port]` / `[v6][:port]`. A bare IPv6 address (several colons, no brackets)
+/// is returned whole without a port.
+fn split_host_port(s: &str) -> Result<(&str, Option<u16>), &'static str> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or("unclosed '['")?;
+        return match after {
+            "" => Ok((host, None)),
+            _ => Ok((
+                host,
+                Some(parse_port(
+                    after.strip_prefix(':').ok_or("junk after ']'")?,
+                )?),
+            )),
+        };
+    }
+    match s.matches(':').count() {
+        0 => Ok((s, None)),
+        1 => {
+            let (host, port) = s.split_once(':').expect("one colon");
+            Ok((host, Some(parse_port(port)?)))
+        }
+        _ => Ok((s, None)),
+    }
+}
+
+fn port_was_bracketed(s: &str) -> bool {
+    s.starts_with('[')
+}
+
+fn parse_port(s: &str) -> Result<u16, &'static str> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("bad port");
+    }
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err("bad port"),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// Parses a host: an IP literal (IPv6 only when it came in brackets) or a DNS name.
+fn parse_host(s: &str, bracketed: bool) -> Result<Host, &'static str> {
+    if bracketed {
+        return match s.parse::<std::net::Ipv6Addr>() {
+            Ok(ip) => Ok(Host::Ip(IpAddr::V6(ip))),
+            Err(_) => Err("bad IPv6 literal"),
+        };
+    }
+    if s.contains(':') {
+        return Err("IPv6 literal must be in brackets");
+    }
+    if let Ok(ip) = s.parse::<std::net::Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(ip)));
+    }
+    Ok(Host::Name(normalize_name(s)?))
+}
+
+/// Lowercases and validates a DNS name (letters, digits, '-', '_'; labels of 1..=63;
+/// at most 253 bytes); one trailing dot is dropped.
+fn normalize_name(s: &str) -> Result<String, &'static str> {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    if s.is_empty() || s.len() > 253 {
+        return Err("bad host name length");
+    }
+    for label in s.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("bad label length in host name");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err("bad character in host name");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err("label starts or ends with '-'");
+        }
+    }
+    if s.rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("numeric top-level label (not an IPv4 address)");
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+/// The host part of an --allow pattern or a --resolve name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum HostPattern {
+    Exact(String),
+    /// `*.suffix`, stored without the `*.`: matches one or more labels below it.
+    Wildcard(String),
+    Ip(IpAddr),
+}
+
+impl HostPattern {
+    fn parse(s: &str, bracketed: bool) -> Result<HostPattern, String> {
+        if let Some(suffix) = s.strip_prefix("*.") {
+            return Ok(HostPattern::Wildcard(
+                normalize_name(suffix).map_err(|e| format!("{s:?}: {e}"))?,
+            ));
+        }
+        match parse_host(s, bracketed).map_err(|e| format!("{s:?}: {e}"))? {
+            Host::Name(n) => Ok(HostPattern::Exact(n)),
+            Host::Ip(ip) => Ok(HostPattern::Ip(ip)),
+        }
+    }
+
+    fn matches(&self, host: &Host) -> bool {
+        match (self, host) {
+            (HostPattern::Exact(p), Host::Name(n)) => p == n,
+            (HostPattern::Wildcard(suffix), Host::Name(n)) => n
+                .strip_suffix(suffix.as_str())
+                .and_then(|below| below.strip_suffix('.'))
+                .is_some_and(|below| !below.is_empty()),
+            (HostPattern::Ip(p), Host::Ip(ip)) => canonical(*p) == canonical(*ip),
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare equal to their IPv4 form.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// An --allow pattern: a host pattern and an optional port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pattern {
+    host: HostPattern,
+    port: Option<u16>,
+}
+
+impl Pattern {
+    fn parse(s: &str) -> Result<Pattern, String> {
+        let (host, port) = split_host_port(s).map_err(|e| format!("{s:?}: {e}"))?;
+        let host = HostPattern::parse(host, port_was_bracketed(s) || host.contains(':'))?;
+        Ok(Pattern { host, port })
+    }
+
+    fn matches(&self, host: &Host, port: u16) -> bool {
+        self.port.is_none_or(|p| p == port) && self.host.matches(host)
+    }
+}
+
+fn parse_resolve(s: &str) -> Result<(HostPattern, IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=IP"))?;
+    let host = HostPattern::parse(name, false)?;
+    if matches!(host, HostPattern::Ip(_)) {
+        return Err(format!("{s:?}: NAME must be a host name"));
+    }
+    let ip = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip = ip.parse::<IpAddr>().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((host, ip))
+}
+
+// ---------------------------------------------------------------------------------------
+// Output.
+
+/// Writes one line to stdout and flushes it, so tests reading a pipe see it at once.
+fn log_line(args: fmt::Arguments<'_>) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{args}");
+    let _ = out.flush();
+}
+
+/// Makes a client-supplied string safe for a one-line log: printable ASCII only, capped.
+fn printable(s: &str) -> String {
+    s.chars()
+        .take(256)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(s: &str) -> Host {
+        let (h, p) = split_host_port(s).expect("split");
+        assert!(p.is_none());
+        parse_host(h, s.starts_with('[')).expect("host")
+    }
+
+    #[test]
+    fn pattern_matcher_table() {
+        // (pattern, host, port, expected)
+        let cases: &[(&str, &str, u16, bool)] = &[
+            ("example.test", "example.test", 443, true),
+            ("example.test", "example.test", 80, true),
+            ("example.test", "EXAMPLE.Test.", 443, true),
+            ("Example.TEST.", "example.test", 443, true),
+            ("example.test", "a.example.test", 443, false),
+            ("example.test", "example.test2", 443, false),
+            ("example.test:443", "example.test", 443, true),
+            ("example.test:443", "example.test", 8443, false),
+            ("*.example.test", "a.example.test", 443, true),
+            ("*.example.test", "a.b.c.example.test", 1, true),
+            ("*.example.test", "A.Example.Test.", 443, true),
+            ("*.example.test", "example.test", 443, false),
+            ("*.example.test", "aexample.test", 443, false),
+            ("*.example.test", "a.example.test.evil", 443, false),
+            (
+                "*.update.example.test:80",
+                "x.update.example.test",
+                80,
+                true,
+            ),
+            (
+                "*.update.example.test:80",
+                "x.update.example.test",
+                443,
+                false,
+            ),
+            ("*.example.test", "203.0.113.7", 443, false),
+            ("203.0.113.7", "203.0.113.7", 443, true),
+            ("203.0.113.7:443", "203.0.113.7", 80, false),
+            ("203.0.113.7", "203.0.113.8", 443, false),
+            ("203.0.113.7", "[::ffff:203.0.113.7]", 443, true),
+            ("[2001:db8::7]:443", "[2001:db8::7]", 443, true),
+            ("[2001:db8::7]:443", "[2001:db8:0:0::7]", 443, true),
+            ("[2001:db8::7]:443", "[2001:db8::7]", 80, false),
+            ("2001:db8::7", "[2001:db8::7]", 80, true),
+            ("[2001:db8::7]", "[2001:db8::8]", 80, false),
+            ("example.test", "203.0.113.7", 443, false),
+        ];
+        for &(pattern, target, port, want) in cases {
+            let p = Pattern::parse(pattern).unwrap_or_else(|e| panic!("{pattern}: {e}"));
+            assert_eq!(
+                p.matches(&host(target), port),
+                want,
+                "{pattern} vs {target}:{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_patterns_are_rejected() {
+        for bad in [
+            "",
+            "*",
+            "*.",
+            "**.example.test",
+            "a*.example.test",
+            "exa mple.test",
+            "example.test:",
+            "example.test:0",
+            "example.test:65536",
+            "example.test:+443",
+            "[2001:db8::7",
+            "[example.test]:443",
+            "-a.example.test",
+            "a..b",
+            "1.2.3",
+            "a/b",
+            "a@b",
+        ] {
+            assert!(Pattern::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn authority_parsing() {
+        let ok: &[(&str, Host, u16)] = &[
+            ("example.test:443", Host::Name("example.test".into()), 443),
+            (
+                "Example.Test.:8443",
+                Host::Name("example.test".into()),
+                8443,
+            ),
+            ("203.0.113.7:1", Host::Ip("203.0.113.7".parse().unwrap()), 1),
+            (
+                "[2001:db8::1]:65535",
+                Host::Ip("2001:db8::1".parse().unwrap()),
+                65535,
+            ),
+        ];
+        for (s, h, p) in ok {
+            assert_eq!(parse_authority(s), Ok((h.clone(), *p)), "{s}");
+        }
+        for bad in [
+            "example.test",
+            "example.test:",
+            ":443",
+            "2001:db8::1:443",
+            "[2001:db8::1]",
+            "[2001:db8::1]443",
+            "/index.html",
+            "http://example.test:443",
+            "user@example.test:443",
+            "example.test:443/x",
+            "example.test:99999",
+            "[203.0.113.7]:443",
+            "exa%6dple.test:443",
+        ] {
+            assert!(parse_authority(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    fn policy() -> Policy {
+        Policy {
+            allow: ["example.test:443", "*.wild.test", "203.0.113.9"]
+                .into_iter()
+                .map(|p| Pattern::parse(p).unwrap())
+                .collect(),
+            resolve: [
+                "example.test=127.0.0.1",
+                "*.wild.test=127.0.0.2",
+                "a.wild.test=127.0.0.3",
+            ]
+            .into_iter()
+            .map(|r| parse_resolve(r).unwrap())
+            .collect(),
+            bearer: None,
+        }
+    }
+
+    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> Request {
+        Request {
+            method: method.into(),
+            target: target.into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    fn status(r: Result<Target, Refusal>) -> u16 {
+        r.map_or_else(|e| e.status, |_| 200)
+    }
+
+    #[test]
+    fn policy_decisions() {
+        let p = policy();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            p.decide(&req(
+                "CONNECT",
+                "example.test:443",
+                &[("Host", "example.test:443")]
+            )),
+            Ok(Target {
+                addrs: vec![ip("127.0.0.1")],
+                port: 443
+            })
+        );
+        // Exact --resolve entries beat wildcard ones.
+        assert_eq!(
+            p.decide(&req("CONNECT", "a.wild.test:80", &[]))
+                .unwrap()
+                .addrs,
+            vec![ip("127.0.0.3")]
+        );
+        assert_eq!(
+            p.decide(&req("CONNECT", "b.wild.test:80", &[]))
+                .unwrap()
+                .addrs,
+            vec![ip("127.0.0.2")]
+        );
+        // IP literals connect to themselves, but only when a pattern names them.
+        assert_eq!(
+            p.decide(&req("CONNECT", "203.0.113.9:22", &[]))
+                .unwrap()
+                .addrs,
+            vec![ip("203.0.113.9")]
+        );
+        assert_eq!(status(p.decide(&req("CONNECT", "127.0.0.1:443", &[]))), 403);
+        assert_eq!(
+            status(p.decide(&req("CONNECT", "example.test:80", &[]))),
+            403
+        );
+        assert_eq!(
+            status(p.decide(&req("CONNECT", "other.test:443", &[]))),
+            403
+        );
+        assert_eq!(
+            status(p.decide(&req("GET", "http://example.test/", &[]))),
+            405
+        );
+        assert_eq!(status(p.decide(&req("CONNECT", "example.test", &[]))), 400);
+        assert_eq!(
+            status(p.decide(&req(
+                "CONNECT",
+                "example.test:443",
+                &[("Content-Length", "5")]
+            ))),
+            400
+        );
+        assert_eq!(
+            status(p.decide(&req(
+                "CONNECT",
+                "example.test:443",
+                &[("Transfer-Encoding", "chunked")]
+            ))),
+            400
+        );
+
+        // Allowed but not resolvable: 502, never DNS.
+        let mut p = policy();
+        p.allow.push(Pattern::parse("nores.test").unwrap());
+        assert_eq!(
+            status(p.decide(&req("CONNECT", "nores.test:443", &[]))),
+            502
+        );
+    }
+
+    #[test]
+    fn bearer_token_is_checked() {
+        let mut p = policy();
+        p.bearer = Some("s3cret".into());
+        let t = "example.test:443";
+        assert_eq!(status(p.decide(&req("CONNECT", t, &[]))), 407);
+        assert_eq!(
+            status(p.decide(&req("CONNECT", t, &[("Authorization", "Bearer wrong")]))),
+            407
+        );
+        assert_eq!(
+            status(p.decide(&req("CONNECT", t, &[("Authorization", "Basic s3cret")]))),
+            407
+        );
+        assert_eq!(
+            status(p.decide(&req("CONNECT", t, &[("Authorization", "Bearer s3cret")]))),
+            200
+        );
+        assert_eq!(
+            status(p.decide(&req(
+                "CONNECT",
+                t,
+                &[("proxy-authorization", "bearer  s3cret ")]
+            ))),
+            200
+        );
+        // Auth is checked before the allowlist, so a probe learns nothing without the token.
+        assert_eq!(
+            status(p.decide(&req("CONNECT", "other.test:443", &[]))),
+            407
+        );
+    }
+
+    #[test]
+    fn resolve_entries_are_validated() {
+        assert!(parse_resolve("example.test=127.0.0.1").is_ok());
+        assert!(parse_resolve("*.example.test=::1").is_ok());
+        assert!(parse_resolve("example.test=[::1]").is_ok());
+        assert!(parse_resolve("example.test").is_err());
+        assert!(parse_resolve("example.test=nope").is_err());
+        assert!(parse_resolve("203.0.113.7=127.0.0.1").is_err());
+    }
+
+    async fn head_of(bytes: &[u8]) -> Result<Head, HeadError> {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let bytes = bytes.to_vec();
+        let writer = tokio::spawn(async move {
+            // Dribble the request in small pieces to exercise partial parses.
+            for piece in bytes.chunks(7) {
+                if a.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+            a
+        });
+        let head = read_head(&mut b).await;
+        drop(writer.await);
+        head
+    }
+
+    #[tokio::test]
+    async fn request_head_reading() {
+        let head =
+            head_of(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\nEARLY")
+                .await
+                .expect("complete head");
+        assert_eq!(&head.buf[head.len..], b"EARLY");
+        let request = head.request();
+        assert_eq!(request.method, "CONNECT");
+        assert_eq!(request.header_names(), vec!["Host"]);
+
+        assert!(matches!(head_of(b"").await, Err(HeadError::Closed)));
+        assert!(matches!(
+            head_of(b"CONNECT a:1 HTTP/1.1\r\n").await,
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head_of(b"\x16\x03\x01\x02\x00junk\r\n\r\n").await,
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head_of(b"CONNECT a:1 HTTP/2.0\r\n\r\n").await,
+            Err(HeadError::Malformed(_))
+        ));
+        assert!(matches!(
+            head_of(b"CONNECT a:1 HTTP/1.1\r\nBad Header: x\r\n\r\n").await,
+            Err(HeadError::Malformed(_))
+        ));
+
+        let mut big = b"CONNECT a.test:1 HTTP/1.1\r\n".to_vec();
+        while big.len() < MAX_HEAD + 100 {
+            big.extend_from_slice(
+                b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            );
+        }
+        big.extend_from_slice(b"\r\n");
+        assert!(matches!(head_of(&big).await, Err(HeadError::TooLarge)));
+
+        let mut many = b"CONNECT a.test:1 HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(matches!(head_of(&many).await, Err(HeadError::TooLarge)));
+    }
+
+    #[test]
+    fn responses_are_well_formed() {
+        let r = Refusal::new(407, "bearer token missing or wrong").response();
+        assert!(r.starts_with("HTTP/1.1 407 Proxy Authentication Required\r\n"));
+        assert!(r.contains("\r\nProxy-Authenticate: Bearer realm=\"rdr-gateway-sim\"\r\n"));
+        assert!(r.ends_with("\r\n\r\nbearer token missing or wrong\n"));
+        assert!(
+            Refusal::new(405, "x")
+                .response()
+                .contains("\r\nAllow: CONNECT\r\n")
+        );
+        assert_eq!(printable("a b\r\n\u{e9}"), "a?b???");
+    }
+}
