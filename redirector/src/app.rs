@@ -136,7 +136,14 @@ async fn static_enablement(shared: Arc<Shared>, readiness: Arc<Readiness>) {
             if listeners.contains(ns) {
                 continue;
             }
-            match proxy::spawn_listener(&shared, *pid) {
+            let workload: Arc<str> = per_cgroup
+                .iter()
+                .filter(|(_, _, nss)| nss.contains(ns))
+                .map(|(p, _, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into();
+            match proxy::spawn_listener(&shared, *pid, workload) {
                 Ok(l) => listeners.insert(l),
                 Err(e) => warn!(pid, error = %crate::error_chain(&e), "cannot start listener in pod netns"),
             }

@@ -4,11 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::policy::SkipRanges;
+use crate::{
+    policy::SkipRanges,
+    tunnel::{Route, TunnelConfig},
+};
 
 /// Everything `redirector run` needs, validated. Logged once at start and served at
-/// `/config_dump`; it holds no secret today, and any future secret field must serialize
-/// redacted.
+/// `/config_dump`; secrets (proxy password, gateway header values) serialize redacted.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
     /// bpffs directory for our pins (one per daemon instance).
@@ -23,9 +25,19 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Skip ranges (`--proxy-skip-range`).
     pub skip: SkipRanges,
-    /// Upper bound for the TCP connect to an upstream.
+    /// Route for everything no rule matches: `gateway` when a gateway is configured, else
+    /// `proxy` when an enterprise proxy is, else `direct`.
+    pub default_route: Route,
+    /// Tunnel settings; its proxy is `--proxy-https` (falling back to `--proxy-http`).
+    pub tunnel: TunnelConfig,
+    /// The same with `--proxy-http` as the proxy: used for plain-HTTP connections on the
+    /// `proxy` route when both proxies are set.
+    pub tunnel_http: Option<TunnelConfig>,
+    /// How long to wait for a ClientHello / HTTP request head before tunneling by IP.
     #[serde(with = "secs")]
-    pub connect_timeout: Duration,
+    pub sniff_timeout: Duration,
+    /// Most bytes read while looking for a host name.
+    pub sniff_cap: usize,
     /// How long SIGTERM waits for open connections before exiting.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,

@@ -1,8 +1,45 @@
-//! Routing policy: pure decisions, no I/O. Today: parsing and matching skip ranges.
+//! Routing policy: pure decisions, no I/O. Skip ranges (`--proxy-skip-range`) and the route
+//! of a connection.
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use ipnet::IpNet;
 use serde::Serialize;
+
+use crate::tunnel::Route;
+
+/// What the policy decided for one connection, and why (for the audit line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub route: Route,
+    /// The rule that matched, e.g. `skip:.svc.cluster.local`, or `default`.
+    pub rule: String,
+    /// True when the route depends on the host name only: `direct` is then allowed only if
+    /// the name resolves to the original destination IP (checked by the caller).
+    pub by_name: bool,
+}
+
+/// Decides the route of a connection to `dst` whose client named `host` (SNI / Host).
+/// CIDR skips never get here (the kernel sends them direct); they are re-checked for
+/// connections that reached the proxy anyway (e.g. a skip range added after connect).
+pub fn decide(skip: &SkipRanges, default: Route, dst: IpAddr, host: Option<&str>) -> Decision {
+    let dst = canonical_ip(dst);
+    for e in &skip.entries {
+        match e {
+            SkipEntry::Cidr(n) if n.contains(&dst) => {
+                return Decision { route: Route::Direct, rule: format!("skip:{n}"), by_name: false };
+            }
+            SkipEntry::Name { .. } => {
+                if let Some(h) = host {
+                    if e.matches_name(h) {
+                        return Decision { route: Route::Direct, rule: format!("skip:{e}"), by_name: true };
+                    }
+                }
+            }
+            SkipEntry::Cidr(_) => {}
+        }
+    }
+    Decision { route: default, rule: "default".into(), by_name: false }
+}
 
 /// One entry of a `--proxy-skip-range` value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -36,6 +73,11 @@ impl SkipRanges {
                 SkipEntry::Name { .. } => None,
             })
             .collect()
+    }
+
+    /// Are there name rules (which need the host name from SNI / Host)?
+    pub fn has_names(&self) -> bool {
+        self.entries.iter().any(|e| matches!(e, SkipEntry::Name { .. }))
     }
 
     /// Does `ip` fall into a skip CIDR? (IPv4-mapped IPv6 is judged as IPv4.)
@@ -110,6 +152,20 @@ fn parse_entry(item: &str) -> Result<SkipEntry, SkipParseError> {
     Ok(SkipEntry::Name { name, suffix })
 }
 
+impl SkipEntry {
+    /// Name matching, as Go's and curl's `NO_PROXY`: `example.com` matches `example.com` and
+    /// every name below it; `.example.com` matches only names below it. Case-insensitive,
+    /// a trailing dot on the host is ignored.
+    pub fn matches_name(&self, host: &str) -> bool {
+        let SkipEntry::Name { name, suffix } = self else { return false };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let below = host.len() > name.len()
+            && host.ends_with(name.as_str())
+            && host.as_bytes()[host.len() - name.len() - 1] == b'.';
+        below || (!suffix && host == *name)
+    }
+}
+
 impl fmt::Display for SkipEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -144,6 +200,32 @@ mod tests {
         assert!(s.contains_ip("::ffff:198.51.100.9".parse().unwrap()));
         assert!(s.contains_ip("198.51.100.9".parse().unwrap()));
         assert!(!s.contains_ip("198.51.101.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn name_matching_follows_no_proxy_conventions() {
+        let s: SkipRanges = "kubernetes.default.svc,.svc.cluster.local,svc".parse().unwrap();
+        let m = |h: &str| s.entries.iter().any(|e| e.matches_name(h));
+        assert!(m("kubernetes.default.svc"));
+        assert!(m("KUBERNETES.default.svc."));
+        assert!(m("api.ns.svc.cluster.local"));
+        assert!(!m("svc.cluster.local"), "leading dot: subdomains only");
+        assert!(m("svc") && m("foo.svc"), "no dot: the name and below");
+        assert!(!m("notsvc") && !m("svc.example.com"));
+    }
+
+    #[test]
+    fn decide_prefers_skips_then_default() {
+        let s: SkipRanges = "10.0.0.0/8,.svc".parse().unwrap();
+        let ip = |x: &str| x.parse::<IpAddr>().unwrap();
+        let d = decide(&s, Route::Gateway, ip("10.1.2.3"), None);
+        assert_eq!((d.route, d.by_name), (Route::Direct, false));
+        let d = decide(&s, Route::Gateway, ip("::ffff:10.1.2.3"), None);
+        assert_eq!(d.route, Route::Direct, "v4-mapped gets the v4 decision");
+        let d = decide(&s, Route::Gateway, ip("203.0.113.9"), Some("a.svc"));
+        assert_eq!((d.route, d.by_name, d.rule.as_str()), (Route::Direct, true, "skip:.svc"));
+        let d = decide(&s, Route::Gateway, ip("203.0.113.9"), Some("portal.azure.com"));
+        assert_eq!((d.route, d.rule.as_str()), (Route::Gateway, "default"));
     }
 
     #[test]

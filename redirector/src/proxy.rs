@@ -12,13 +12,16 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     bpf::{self, Maps},
     config::Config,
     netns::{self, NetnsError, NetnsId},
-    telemetry::{DirectionLabels, Metrics, ReasonLabels, RouteLabels},
+    policy,
+    sniff::{self, HostSource},
+    telemetry::{DirectionLabels, Metrics, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels},
+    tunnel::{self, HopStatus, Route},
 };
 
 /// State shared by every listener and connection task.
@@ -46,7 +49,8 @@ impl Drop for NetnsListener {
 }
 
 /// Binds the proxy port inside the netns of `pid` and starts accepting.
-pub fn spawn_listener(shared: &Arc<Shared>, pid: u32) -> Result<NetnsListener, NetnsError> {
+/// `workload` names what uses this netns in the audit log (pod, or cgroup path).
+pub fn spawn_listener(shared: &Arc<Shared>, pid: u32, workload: Arc<str>) -> Result<NetnsListener, NetnsError> {
     let port = shared.config.proxy_port;
     let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
     let addrs = vec![
@@ -65,20 +69,20 @@ pub fn spawn_listener(shared: &Arc<Shared>, pid: u32) -> Result<NetnsListener, N
         })?;
         let shared = Arc::clone(shared);
         let stop = stop.clone();
-        tokio::spawn(accept_loop(shared, listener, cookie, stop));
+        tokio::spawn(accept_loop(shared, listener, cookie, stop, Arc::clone(&workload)));
     }
-    info!(pid, netns_cookie = cookie, port, "proxy listening in pod network namespace");
+    info!(pid, netns_cookie = cookie, port, workload = %workload, "proxy listening in pod network namespace");
     Ok(NetnsListener { netns, cookie, stop })
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, stop: CancellationToken) {
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, stop: CancellationToken, workload: Arc<str>) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => on_accept(&shared, cookie, stream, peer),
+            Ok((stream, peer)) => on_accept(&shared, cookie, stream, peer, &workload),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %e, "accept failed");
@@ -88,7 +92,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, st
     }
 }
 
-fn on_accept(shared: &Arc<Shared>, cookie: u64, stream: TcpStream, peer: SocketAddr) {
+fn on_accept(shared: &Arc<Shared>, cookie: u64, stream: TcpStream, peer: SocketAddr, workload: &Arc<str>) {
     let key = bpf::sock_key(cookie, peer);
     let found = shared.maps.lock().expect("maps lock poisoned").take_orig(&key);
     let orig = match found {
@@ -96,7 +100,7 @@ fn on_accept(shared: &Arc<Shared>, cookie: u64, stream: TcpStream, peer: SocketA
         Ok(None) => {
             // Not a connection our hook redirected (or its record was evicted): never guess.
             shared.metrics.refused.get_or_create(&ReasonLabels { reason: "no_original_destination" }).inc();
-            warn!(%peer, netns_cookie = cookie, "refused connection with no recorded original destination");
+            warn!(%peer, netns_cookie = cookie, workload = %workload, "refused connection with no recorded original destination");
             reset(stream);
             return;
         }
@@ -107,9 +111,8 @@ fn on_accept(shared: &Arc<Shared>, cookie: u64, stream: TcpStream, peer: SocketA
             return;
         }
     };
-    let span = info_span!("conn", %peer, orig_dst = %orig);
-    let shared2 = Arc::clone(shared);
-    shared.tracker.spawn(relay(shared2, stream, orig).instrument(span));
+    debug!(%peer, orig_dst = %orig, "redirected connection accepted");
+    shared.tracker.spawn(relay(Arc::clone(shared), stream, peer, orig, Arc::clone(workload)));
 }
 
 /// Close with RST so the client sees "connection reset" at once rather than a clean EOF.
@@ -128,70 +131,183 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn relay(shared: Arc<Shared>, mut client: TcpStream, orig: SocketAddr) {
-    let started = Instant::now();
+/// Everything the audit line says about one connection.
+struct Audit {
+    workload: Arc<str>,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    host: Option<String>,
+    host_source: HostSource,
+    rule: String,
+    route: Route,
+    hops: Vec<HopStatus>,
+    tx: u64,
+    rx: u64,
+    started: Instant,
+}
+
+impl Audit {
+    fn hops(&self) -> String {
+        self.hops.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
+async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, orig: SocketAddr, workload: Arc<str>) {
+    let cfg = &shared.config;
     shared.metrics.active.inc();
     let _active = scopeguard(|| {
         shared.metrics.active.dec();
     });
-    let route = "direct";
-    info!(route, "redirected connection accepted");
-    let upstream = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(orig)).await;
-    let mut upstream = match upstream {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            finish(&shared, route, "upstream_connect_error", 0, 0, started, Some(&e.to_string()));
-            reset(client);
-            return;
-        }
-        Err(_) => {
-            finish(&shared, route, "upstream_connect_timeout", 0, 0, started, None);
-            reset(client);
+    let mut audit = Audit {
+        workload,
+        peer,
+        orig,
+        host: None,
+        host_source: HostSource::Ip,
+        rule: String::new(),
+        route: cfg.default_route,
+        hops: Vec::new(),
+        tx: 0,
+        rx: 0,
+        started: Instant::now(),
+    };
+    // 1. The host name: TLS SNI or HTTP Host, read with a deadline and a byte cap. The bytes
+    //    are kept and replayed to the target unchanged once the tunnel is up.
+    // Skipped when no decision could depend on it (everything goes direct, no name rules):
+    // server-first protocols would otherwise wait out the deadline for nothing.
+    let needs_host = cfg.default_route != Route::Direct || cfg.skip.has_names();
+    let peeked = if !needs_host {
+        Ok(sniff::Peeked { bytes: Vec::new(), host: None, source: HostSource::Ip })
+    } else {
+        sniff::peek_host(&mut client, cfg.sniff_timeout, cfg.sniff_cap).await
+    };
+    let peeked = match peeked {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(&shared, &audit, "downstream", "client_error", &e.to_string());
             return;
         }
     };
+    audit.host = peeked.host.clone();
+    audit.host_source = peeked.source;
+
+    // 2. The route.
+    let decision = policy::decide(&cfg.skip, cfg.default_route, orig.ip(), audit.host.as_deref());
+    audit.route = decision.route;
+    audit.rule = decision.rule;
+    if decision.by_name && decision.route == Route::Direct {
+        // A name rule may send a connection direct only to an address of that name: the
+        // client chose the IP; the name is only what it claims.
+        let host = audit.host.clone().unwrap_or_default();
+        if !resolves_to(&host, orig).await {
+            warn!(host = %host, orig_dst = %orig, rule = %audit.rule,
+                "security: host name does not resolve to the original destination; using the default route instead of direct");
+            audit.route = cfg.default_route;
+            audit.rule = format!("{} (name/ip mismatch)", audit.rule);
+        }
+    }
+
+    // 3. The tunnel: every hop must answer 2xx before one client byte moves.
+    let authority = sniff::authority(audit.host.as_deref().unwrap_or(&orig.ip().to_string()), orig.port());
+    let tunnel_cfg = match (&cfg.tunnel_http, audit.route, audit.host_source) {
+        (Some(t), Route::Proxy, HostSource::Host) => t,
+        _ => &cfg.tunnel,
+    };
+    let mut upstream = match tunnel::open(tunnel_cfg, audit.route, &authority, orig).await {
+        Ok(u) => u,
+        Err(e) => {
+            let status = e.status().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+            shared
+                .metrics
+                .tunnel_failures
+                .get_or_create(&TunnelFailureLabels { hop: e.hop(), kind: e.kind() })
+                .inc();
+            let cause = format!("{} (hop={} kind={} status={status})", crate::error_chain(&e), e.hop(), e.kind());
+            reset(client);
+            refuse(&shared, &audit, e.side(), e.kind(), &cause);
+            return;
+        }
+    };
+    audit.hops = upstream.hops.clone();
+    if !peeked.bytes.is_empty() {
+        if let Err(e) = upstream.write_all(&peeked.bytes).await {
+            refuse(&shared, &audit, "upstream", "write_error", &e.to_string());
+            return;
+        }
+    }
+    audit.tx = peeked.bytes.len() as u64;
     let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    // copy_bidirectional propagates half-close: EOF from one side becomes shutdown(SHUT_WR)
-    // towards the other, and it keeps relaying the other direction until that ends too.
+
+    // 4. Relay. copy_bidirectional propagates half-close: EOF from one side becomes a
+    //    shutdown of the write half towards the other (for a tunnel: through every layer).
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
         _ = drain_deadline(&shared) => Err(std::io::Error::other("daemon shutting down")),
     };
-    match result {
-        Ok((tx, rx)) => finish(&shared, route, "ok", tx, rx, started, None),
-        Err(e) => {
-            let _ = client.shutdown().await;
-            finish(&shared, route, "relay_error", 0, 0, started, Some(&e.to_string()));
+    let close = match &result {
+        Ok((tx, rx)) => {
+            audit.tx += tx;
+            audit.rx += rx;
+            "eof".to_owned()
         }
+        Err(e) => format!("error: {e}"),
+    };
+    let result_label = if result.is_ok() { "ok" } else { "relay_error" };
+    let m = &shared.metrics;
+    m.connections.get_or_create(&RouteLabels { route: audit.route.as_str(), result: result_label }).inc();
+    m.bytes.get_or_create(&DirectionLabels { direction: "tx" }).inc_by(audit.tx);
+    m.bytes.get_or_create(&DirectionLabels { direction: "rx" }).inc_by(audit.rx);
+    info!(
+        workload = %audit.workload,
+        src = %audit.peer,
+        orig_dst = %audit.orig,
+        host = audit.host.as_deref().unwrap_or("-"),
+        host_source = %audit.host_source,
+        rule = %audit.rule,
+        route = %audit.route,
+        hops = %audit.hops(),
+        bytes_tx = audit.tx,
+        bytes_rx = audit.rx,
+        duration_ms = audit.started.elapsed().as_millis() as u64,
+        close = %close,
+        "audit"
+    );
+}
+
+/// Does `host` resolve (from the node) to the original destination's IP?
+async fn resolves_to(host: &str, orig: SocketAddr) -> bool {
+    let want = policy::canonical_ip(orig.ip());
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, orig.port()))).await {
+        Ok(Ok(addrs)) => addrs.map(|a| policy::canonical_ip(a.ip())).any(|ip| ip == want),
+        _ => false,
     }
+}
+
+/// A connection closed before relaying: one warn-level audit line naming the cause.
+fn refuse(shared: &Shared, a: &Audit, side: &'static str, kind: &'static str, cause: &str) {
+    let m = &shared.metrics;
+    m.connections.get_or_create(&RouteLabels { route: a.route.as_str(), result: "refused" }).inc();
+    m.errors.get_or_create(&SideLabels { side }).inc();
+    warn!(
+        workload = %a.workload,
+        src = %a.peer,
+        orig_dst = %a.orig,
+        host = a.host.as_deref().unwrap_or("-"),
+        host_source = %a.host_source,
+        rule = %a.rule,
+        route = %a.route,
+        side,
+        kind,
+        cause,
+        duration_ms = a.started.elapsed().as_millis() as u64,
+        "audit: connection refused"
+    );
 }
 
 /// Resolves `drain_timeout` after shutdown starts.
 async fn drain_deadline(shared: &Shared) {
     shared.shutdown.cancelled().await;
     tokio::time::sleep(shared.config.drain_timeout).await;
-}
-
-fn finish(
-    shared: &Shared,
-    route: &'static str,
-    result: &'static str,
-    tx: u64,
-    rx: u64,
-    started: Instant,
-    error: Option<&str>,
-) {
-    let m = &shared.metrics;
-    m.connections.get_or_create(&RouteLabels { route, result }).inc();
-    m.bytes.get_or_create(&DirectionLabels { direction: "tx" }).inc_by(tx);
-    m.bytes.get_or_create(&DirectionLabels { direction: "rx" }).inc_by(rx);
-    let duration_ms = started.elapsed().as_millis() as u64;
-    if result == "ok" {
-        info!(route, result, bytes_tx = tx, bytes_rx = rx, duration_ms, "connection closed");
-    } else {
-        warn!(route, result, error = error.unwrap_or(""), duration_ms, "connection failed");
-    }
 }
 
 struct Guard<F: FnMut()>(F);

@@ -41,6 +41,18 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideLabels {
+    /// `downstream` (the pod), `upstream` (proxy, gateway, target) or `internal`.
+    pub side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelFailureLabels {
+    pub hop: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabels {
     pub name: &'static str,
 }
@@ -51,6 +63,8 @@ pub struct Metrics {
     pub connections: Family<RouteLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
+    pub errors: Family<SideLabels, Counter>,
+    pub tunnel_failures: Family<TunnelFailureLabels, Counter>,
     pub active: Gauge,
     pub enabled_cgroups: Gauge,
     pub listeners: Gauge,
@@ -63,6 +77,8 @@ impl Metrics {
         r.register("connections", "Finished connections by route and result", self.connections.clone());
         r.register("refused", "Connections refused before relaying, by reason", self.refused.clone());
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
+        r.register("errors", "Failed connections by side (downstream, upstream, internal)", self.errors.clone());
+        r.register("tunnel_failures", "Tunnel setup failures by hop and kind", self.tunnel_failures.clone());
         r.register("active_connections", "Connections being relayed now", self.active.clone());
         r.register("enabled_cgroups", "Cgroups enabled in the eBPF map", self.enabled_cgroups.clone());
         r.register("listeners", "Network namespaces with a proxy listener", self.listeners.clone());

@@ -66,12 +66,17 @@ pub fn client_config(
         let certs = read_certs(path)?;
         let count = certs.len();
         for cert in certs {
-            roots.add(cert).map_err(|source| TlsError::BadCa { path: path.to_owned(), source })?;
+            roots.add(cert).map_err(|source| TlsError::BadCa {
+                path: path.to_owned(),
+                source,
+            })?;
         }
         debug!(path = %path.display(), count, "trusting extra CA certificates");
     }
     if roots.is_empty() {
-        warn!("no trusted root certificates: every tls handshake will fail until a CA bundle is given");
+        warn!(
+            "no trusted root certificates: every tls handshake will fail until a CA bundle is given"
+        );
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -82,11 +87,13 @@ pub fn client_config(
         Some((cert, key)) => {
             let chain = read_certs(cert)?;
             let key_der = read_key(key)?;
-            builder.with_client_auth_cert(chain, key_der).map_err(|source| TlsError::ClientCert {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
-                source,
-            })?
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|source| TlsError::ClientCert {
+                    cert: cert.to_owned(),
+                    key: key.to_owned(),
+                    source,
+                })?
         }
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -107,16 +114,24 @@ fn system_roots() -> RootCertStore {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+    fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_pem(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem { path: path.to_owned(), source })?;
+        .map_err(|source| TlsError::Pem {
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_owned() });
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -124,8 +139,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_pem(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|source| match source {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey { path: path.to_owned() },
-        source => TlsError::Pem { path: path.to_owned(), source },
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: path.to_owned(),
+        },
+        source => TlsError::Pem {
+            path: path.to_owned(),
+            source,
+        },
     })
 }
 
@@ -140,7 +160,9 @@ mod tests {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         params.self_signed(&key).expect("self-signed").pem()
     }
 
@@ -148,7 +170,11 @@ mod tests {
     fn extra_ca_bundle_and_alpn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = dir.path().join("bundle.pem");
-        fs::write(&bundle, format!("{}\n{}", ca_pem("ca one"), ca_pem("ca two"))).expect("write");
+        fs::write(
+            &bundle,
+            format!("{}\n{}", ca_pem("ca one"), ca_pem("ca two")),
+        )
+        .expect("write");
         let config = client_config(Some(&bundle), None, &[b"http/1.1"]).expect("config");
         assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
         assert!(!config.client_auth_cert_resolver.has_certs());
@@ -160,7 +186,11 @@ mod tests {
         let missing = dir.path().join("missing.pem");
         let e = client_config(Some(&missing), None, &[]).unwrap_err();
         assert!(matches!(e, TlsError::Read { .. }));
-        assert!(error_chain(&e).contains("missing.pem"), "{}", error_chain(&e));
+        assert!(
+            error_chain(&e).contains("missing.pem"),
+            "{}",
+            error_chain(&e)
+        );
 
         let empty = dir.path().join("empty.pem");
         fs::write(&empty, "not pem at all\n").expect("write");
@@ -169,7 +199,11 @@ mod tests {
         assert!(e.to_string().contains("empty.pem"));
 
         let broken = dir.path().join("broken.pem");
-        fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").expect("write");
+        fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
         let e = client_config(Some(&broken), None, &[]).unwrap_err();
         assert!(e.to_string().contains("broken.pem"), "{e}");
     }
@@ -182,11 +216,18 @@ mod tests {
             .expect("params")
             .self_signed(&key)
             .expect("cert");
-        let (cert_path, key_path, other_key) =
-            (dir.path().join("c.pem"), dir.path().join("k.pem"), dir.path().join("o.pem"));
+        let (cert_path, key_path, other_key) = (
+            dir.path().join("c.pem"),
+            dir.path().join("k.pem"),
+            dir.path().join("o.pem"),
+        );
         fs::write(&cert_path, cert.pem()).expect("write");
         fs::write(&key_path, key.serialize_pem()).expect("write");
-        fs::write(&other_key, KeyPair::generate().expect("key").serialize_pem()).expect("write");
+        fs::write(
+            &other_key,
+            KeyPair::generate().expect("key").serialize_pem(),
+        )
+        .expect("write");
 
         let config = client_config(None, Some((&cert_path, &key_path)), &[]).expect("config");
         assert!(config.client_auth_cert_resolver.has_certs());

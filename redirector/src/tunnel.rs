@@ -1,4 +1,4 @@
-//! Upstream tunnels: direct TCP, enterprise-proxy CONNECT, and nested CONNECT inside TLS to the gateway.
+//! Upstream tunnels: direct TCP, enterprise-proxy CONNECT, nested CONNECT in TLS to the gateway.
 use std::{
     fmt, io,
     net::SocketAddr,
@@ -145,7 +145,9 @@ struct UrlParts<'a> {
 
 fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlError> {
     let err = |reason| UrlError { what, reason };
-    let (scheme, rest) = s.split_once("://").ok_or(err("missing scheme (http:// or https://)"))?;
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or(err("missing scheme (http:// or https://)"))?;
     let https = match scheme.to_ascii_lowercase().as_str() {
         "http" => false,
         "https" => true,
@@ -163,10 +165,12 @@ fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlErro
     let (host, port) = if hostport.starts_with('[') {
         let close = hostport.find(']').ok_or(err("unclosed '[' in the host"))?;
         let (host, after) = hostport.split_at(close + 1);
-        match after {
-            "" => (host, None),
-            _ => (host, Some(after.strip_prefix(':').ok_or(err("unexpected text after ']'"))?)),
-        }
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(err("unexpected text after ']'")),
+        };
+        (host, port)
     } else {
         match hostport.split_once(':') {
             Some((h, p)) => (h, Some(p)),
@@ -187,13 +191,21 @@ fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlErro
             .filter(|n| *n != 0 && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
             .ok_or(err("the port must be a number from 1 to 65535"))?,
     };
-    Ok(UrlParts { https, userinfo, host, port })
+    Ok(UrlParts {
+        https,
+        userinfo,
+        host,
+        port,
+    })
 }
 
 impl FromStr for ProxyUrl {
     type Err = UrlError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| UrlError { what: "proxy", reason };
+        let err = |reason| UrlError {
+            what: "proxy",
+            reason,
+        };
         let parts = split_url("proxy", s.trim())?;
         let credentials = match parts.userinfo {
             None => None,
@@ -203,7 +215,9 @@ impl FromStr for ProxyUrl {
                     percent_encoding::percent_decode_str(x)
                         .decode_utf8()
                         .map(|c| c.into_owned())
-                        .map_err(|_| err("the credentials are not valid UTF-8 after percent-decoding"))
+                        .map_err(|_| {
+                            err("the credentials are not valid UTF-8 after percent-decoding")
+                        })
                 };
                 let user = decode(user)?;
                 if user.is_empty() {
@@ -215,8 +229,17 @@ impl FromStr for ProxyUrl {
                 Some((user, Secret(decode(pass)?)))
             }
         };
-        let scheme = if parts.https { ProxyScheme::Https } else { ProxyScheme::Http };
-        Ok(ProxyUrl { scheme, host: parts.host, port: parts.port, credentials })
+        let scheme = if parts.https {
+            ProxyScheme::Https
+        } else {
+            ProxyScheme::Http
+        };
+        Ok(ProxyUrl {
+            scheme,
+            host: parts.host,
+            port: parts.port,
+            credentials,
+        })
     }
 }
 
@@ -235,9 +258,14 @@ pub enum CredentialsError {
 
 /// Reads proxy credentials from a file holding a single `user:pass` line.
 pub fn load_credentials_file(path: &Path) -> Result<(String, Secret), CredentialsError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CredentialsError::Read { path: path.to_owned(), source })?;
-    parse_credentials(&text).map_err(|reason| CredentialsError::Format { path: path.to_owned(), reason })
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_credentials(&text).map_err(|reason| CredentialsError::Format {
+        path: path.to_owned(),
+        reason,
+    })
 }
 
 fn parse_credentials(text: &str) -> Result<(String, Secret), &'static str> {
@@ -251,7 +279,9 @@ fn parse_credentials(text: &str) -> Result<(String, Secret), &'static str> {
     if line.chars().any(char::is_control) {
         return Err("contains control characters");
     }
-    let (user, pass) = line.split_once(':').ok_or("must hold user:pass (no ':' found)")?;
+    let (user, pass) = line
+        .split_once(':')
+        .ok_or("must hold user:pass (no ':' found)")?;
     if user.is_empty() {
         return Err("has an empty user name");
     }
@@ -262,9 +292,15 @@ fn parse_credentials(text: &str) -> Result<(String, Secret), &'static str> {
 async fn read_token(path: &Path) -> Result<Secret, CredentialsError> {
     let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|source| CredentialsError::Read { path: path.to_owned(), source })?;
+        .map_err(|source| CredentialsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
     let token = text.trim();
-    let format = |reason| CredentialsError::Format { path: path.to_owned(), reason };
+    let format = |reason| CredentialsError::Format {
+        path: path.to_owned(),
+        reason,
+    };
     if token.is_empty() {
         return Err(format("is empty"));
     }
@@ -293,12 +329,17 @@ impl GatewayConfig {
     /// From `--gateway-url https://name[:port]`: SNI is the URL's host.
     pub fn from_url(url: &str, tls: Arc<ClientConfig>) -> Result<Self, UrlError> {
         let parts = split_url("gateway", url.trim())?;
-        let err = |reason| UrlError { what: "gateway", reason };
+        let err = |reason| UrlError {
+            what: "gateway",
+            reason,
+        };
         if !parts.https {
             return Err(err("the gateway is reached over TLS: use https://"));
         }
         if parts.userinfo.is_some() {
-            return Err(err("credentials in the URL are not supported (use a bearer token file)"));
+            return Err(err(
+                "credentials in the URL are not supported (use a bearer token file)",
+            ));
         }
         Ok(GatewayConfig {
             server_name: parts.host.clone(),
@@ -334,18 +375,32 @@ pub fn parse_header(s: &str) -> Result<(String, String), HeaderError> {
 }
 
 fn check_header(name: &str, value: &str) -> Result<(), HeaderError> {
-    let err = |reason| HeaderError { name: name.chars().take(64).collect(), reason };
+    let err = |reason| HeaderError {
+        name: name.chars().take(64).collect(),
+        reason,
+    };
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(tchar) {
         return Err(err("the name must be an HTTP token"));
     }
-    if ["host", "content-length", "transfer-encoding", "proxy-authorization", "connection"]
-        .iter()
-        .any(|n| name.eq_ignore_ascii_case(n))
+    if [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "proxy-authorization",
+        "connection",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
     {
-        return Err(err("this header is set by the redirector or not allowed on CONNECT"));
+        return Err(err(
+            "this header is set by the redirector or not allowed on CONNECT",
+        ));
     }
-    if !value.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80) {
+    if !value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+    {
         return Err(err("the value contains control characters"));
     }
     Ok(())
@@ -365,7 +420,11 @@ pub struct ProxyConfig {
 impl ProxyConfig {
     pub fn new(url: ProxyUrl, tls: Option<Arc<ClientConfig>>) -> Self {
         let credentials = url.credentials.clone();
-        Self { url, tls, credentials }
+        Self {
+            url,
+            tls,
+            credentials,
+        }
     }
 }
 
@@ -444,7 +503,10 @@ mod redacted {
 }
 
 fn alpn_of(tls: &ClientConfig) -> Vec<String> {
-    tls.alpn_protocols.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()
+    tls.alpn_protocols
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect()
 }
 
 impl GatewayConfig {
@@ -453,7 +515,11 @@ impl GatewayConfig {
             addr_host: &self.addr_host,
             port: self.port,
             server_name: &self.server_name,
-            extra_headers: self.extra_headers.iter().map(|(n, _)| (n.as_str(), Secret::new(""))).collect(),
+            extra_headers: self
+                .extra_headers
+                .iter()
+                .map(|(n, _)| (n.as_str(), Secret::new("")))
+                .collect(),
             bearer_token_file: self.bearer_token_file.as_deref(),
             alpn: alpn_of(&self.tls),
         }
@@ -527,11 +593,18 @@ pub enum TunnelError {
     #[error("timed out in the tls handshake with the {hop}")]
     TlsTimeout { hop: &'static str },
     #[error("the {hop} refused the CONNECT: {status} {reason}")]
-    Refused { hop: &'static str, status: u16, reason: String },
+    Refused {
+        hop: &'static str,
+        status: u16,
+        reason: String,
+    },
     #[error("timed out waiting for the {hop} to answer the CONNECT")]
     ResponseTimeout { hop: &'static str },
     #[error("malformed CONNECT response from the {hop}: {detail}")]
-    Malformed { hop: &'static str, detail: &'static str },
+    Malformed {
+        hop: &'static str,
+        detail: &'static str,
+    },
     #[error("the {hop} closed the connection before answering the CONNECT")]
     Closed { hop: &'static str },
     #[error("connection to the {hop} failed during the CONNECT")]
@@ -547,7 +620,10 @@ pub enum TunnelError {
         source: CredentialsError,
     },
     #[error("cannot build the CONNECT to the {hop}: {detail}")]
-    Request { hop: &'static str, detail: &'static str },
+    Request {
+        hop: &'static str,
+        detail: &'static str,
+    },
     #[error("route {route} is used but no {hop} is configured")]
     NotConfigured { route: Route, hop: &'static str },
 }
@@ -622,18 +698,28 @@ pub struct Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream").field("hops", &self.hops).finish_non_exhaustive()
+        f.debug_struct("Upstream")
+            .field("hops", &self.hops)
+            .finish_non_exhaustive()
     }
 }
 
 impl AsyncRead for Upstream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Upstream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -663,12 +749,20 @@ struct Replay<S> {
 
 impl<S> Replay<S> {
     fn new(pending: Vec<u8>, inner: S) -> Self {
-        Self { pending, pos: 0, inner }
+        Self {
+            pending,
+            pos: 0,
+            inner,
+        }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pos < this.pending.len() {
             let n = buf.remaining().min(this.pending.len() - this.pos);
@@ -685,7 +779,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -719,31 +817,48 @@ pub async fn open(
     match route {
         Route::Direct => {
             let tcp = tcp_connect(HOP_TARGET, target_addr, target_addr.to_string(), t).await?;
-            Ok(Upstream { io: Box::new(tcp), hops: Vec::new() })
+            Ok(Upstream {
+                io: Box::new(tcp),
+                hops: Vec::new(),
+            })
         }
         Route::Proxy => {
-            let proxy = cfg.proxy.as_ref().ok_or(TunnelError::NotConfigured { route, hop: HOP_PROXY })?;
+            let proxy = cfg.proxy.as_ref().ok_or(TunnelError::NotConfigured {
+                route,
+                hop: HOP_PROXY,
+            })?;
             check_authority(HOP_PROXY, target_authority)?;
             let mut hops = Vec::with_capacity(1);
             let io = through_proxy(proxy, target_authority, t, &mut hops).await?;
             Ok(Upstream { io, hops })
         }
         Route::Gateway => {
-            let gw = cfg.gateway.as_ref().ok_or(TunnelError::NotConfigured { route, hop: HOP_GATEWAY })?;
+            let gw = cfg.gateway.as_ref().ok_or(TunnelError::NotConfigured {
+                route,
+                hop: HOP_GATEWAY,
+            })?;
             check_authority(HOP_GATEWAY, target_authority)?;
             let server_name = server_name(HOP_GATEWAY, &gw.server_name)?;
             // Everything local that can fail does so before we touch the network.
             let mut headers = Vec::with_capacity(gw.extra_headers.len() + 1);
             for (name, value) in &gw.extra_headers {
-                check_header(name, value)
-                    .map_err(|_| TunnelError::Request { hop: HOP_GATEWAY, detail: "invalid extra header" })?;
+                check_header(name, value).map_err(|_| TunnelError::Request {
+                    hop: HOP_GATEWAY,
+                    detail: "invalid extra header",
+                })?;
                 headers.push((name.as_str(), Secret::new(value.as_str())));
             }
             if let Some(path) = &gw.bearer_token_file {
                 let token = read_token(path)
                     .await
-                    .map_err(|source| TunnelError::Credentials { hop: HOP_GATEWAY, source })?;
-                headers.push(("Authorization", Secret(format!("Bearer {}", token.expose()))));
+                    .map_err(|source| TunnelError::Credentials {
+                        hop: HOP_GATEWAY,
+                        source,
+                    })?;
+                headers.push((
+                    "Authorization",
+                    Secret(format!("Bearer {}", token.expose())),
+                ));
             }
 
             let mut hops = Vec::with_capacity(2);
@@ -751,12 +866,30 @@ pub async fn open(
                 Some(proxy) => through_proxy(proxy, &gw.authority(), t, &mut hops).await?,
                 None => {
                     let addr = gw.authority();
-                    Box::new(tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?)
+                    Box::new(
+                        tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?,
+                    )
                 }
             };
             let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, io, t).await?;
+            // Only HTTP/1.1 CONNECT is spoken inside; a config offering `h2` must not be
+            // answered with bytes the gateway would misread.
+            if tls
+                .get_ref()
+                .1
+                .alpn_protocol()
+                .is_some_and(|p| p != b"http/1.1")
+            {
+                return Err(TunnelError::Request {
+                    hop: HOP_GATEWAY,
+                    detail: "the gateway chose an ALPN protocol other than http/1.1",
+                });
+            }
             let (io, status) = connect_hop(HOP_GATEWAY, tls, target_authority, &headers, t).await?;
-            hops.push(HopStatus { hop: HOP_GATEWAY, status });
+            hops.push(HopStatus {
+                hop: HOP_GATEWAY,
+                status,
+            });
             Ok(Upstream { io, hops })
         }
     }
@@ -781,7 +914,8 @@ async fn through_proxy(
     };
     let mut headers = Vec::with_capacity(1);
     if let Some((user, pass)) = &proxy.credentials {
-        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()));
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()));
         headers.push(("Proxy-Authorization", Secret(format!("Basic {basic}"))));
     }
     let addr = (proxy.url.host.as_str(), proxy.url.port);
@@ -791,7 +925,10 @@ async fn through_proxy(
         Some((config, name)) => Box::new(tls_connect(HOP_PROXY, config, name, tcp, t).await?),
     };
     let (io, status) = connect_hop(HOP_PROXY, stream, authority, &headers, t).await?;
-    hops.push(HopStatus { hop: HOP_PROXY, status });
+    hops.push(HopStatus {
+        hop: HOP_PROXY,
+        status,
+    });
     Ok(io)
 }
 
@@ -800,13 +937,24 @@ async fn through_proxy(
 fn check_authority(hop: &'static str, authority: &str) -> Result<(), TunnelError> {
     let ok = !authority.is_empty()
         && authority.len() <= 260
-        && authority.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
-    if ok { Ok(()) } else { Err(TunnelError::Request { hop, detail: "invalid target authority" }) }
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(TunnelError::Request {
+            hop,
+            detail: "invalid target authority",
+        })
+    }
 }
 
 fn server_name(hop: &'static str, name: &str) -> Result<ServerName<'static>, TunnelError> {
-    ServerName::try_from(name.to_owned())
-        .map_err(|_| TunnelError::Request { hop, detail: "invalid tls server name" })
+    ServerName::try_from(name.to_owned()).map_err(|_| TunnelError::Request {
+        hop,
+        detail: "invalid tls server name",
+    })
 }
 
 async fn tcp_connect<A: ToSocketAddrs>(
@@ -817,7 +965,13 @@ async fn tcp_connect<A: ToSocketAddrs>(
 ) -> Result<TcpStream, TunnelError> {
     let stream = match timeout(t.connect, TcpStream::connect(addr)).await {
         Err(_elapsed) => return Err(TunnelError::ConnectTimeout { hop, addr: shown }),
-        Ok(Err(source)) => return Err(TunnelError::Connect { hop, addr: shown, source }),
+        Ok(Err(source)) => {
+            return Err(TunnelError::Connect {
+                hop,
+                addr: shown,
+                source,
+            });
+        }
         Ok(Ok(s)) => s,
     };
     // Tunnels carry interactive traffic (TLS handshakes, websockets): no Nagle delay.
@@ -861,13 +1015,25 @@ async fn connect_hop<S: Io + 'static>(
 ) -> Result<(Box<dyn Io>, u16), TunnelError> {
     let request = connect_request(authority, headers);
     let exchange = async {
-        stream.write_all(&request).await.map_err(|source| TunnelError::Io { hop, source })?;
-        stream.flush().await.map_err(|source| TunnelError::Io { hop, source })?;
+        stream
+            .write_all(&request)
+            .await
+            .map_err(|source| TunnelError::Io { hop, source })?;
+        stream
+            .flush()
+            .await
+            .map_err(|source| TunnelError::Io { hop, source })?;
         read_connect_response(hop, &mut stream).await
     };
-    let (status, leftover) =
-        timeout(t.connect_response, exchange).await.map_err(|_| TunnelError::ResponseTimeout { hop })??;
-    debug!(hop, status, leftover = leftover.len(), "CONNECT established");
+    let (status, leftover) = timeout(t.connect_response, exchange)
+        .await
+        .map_err(|_| TunnelError::ResponseTimeout { hop })??;
+    debug!(
+        hop,
+        status,
+        leftover = leftover.len(),
+        "CONNECT established"
+    );
     Ok((Box::new(Replay::new(leftover, stream)), status))
 }
 
@@ -901,12 +1067,19 @@ async fn read_connect_response<S: AsyncRead + Unpin>(
                 return Ok((head.status, buf.split_off(head.len)));
             }
             Some(head) => {
-                return Err(TunnelError::Refused { hop, status: head.status, reason: head.reason });
+                return Err(TunnelError::Refused {
+                    hop,
+                    status: head.status,
+                    reason: head.reason,
+                });
             }
             None => {}
         }
         if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(TunnelError::Malformed { hop, detail: "response head larger than 16 KiB" });
+            return Err(TunnelError::Malformed {
+                hop,
+                detail: "response head larger than 16 KiB",
+            });
         }
         let start = buf.len();
         buf.resize(MAX_RESPONSE_HEAD, 0);
@@ -945,10 +1118,15 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str>
                 .reason
                 .unwrap_or("")
                 .chars()
+                .map(|c| if c == '\t' { ' ' } else { c })
                 .filter(|c| c.is_ascii_graphic() || *c == ' ')
                 .take(80)
                 .collect();
-            Ok(Some(ResponseHead { len, status, reason }))
+            Ok(Some(ResponseHead {
+                len,
+                status,
+                reason,
+            }))
         }
         Err(httparse::Error::Version) => Err("not an HTTP/1.x status line"),
         Err(httparse::Error::TooManyHeaders) => Err("more than 64 headers"),
@@ -958,4 +1136,979 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str>
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use std::sync::Mutex;
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::{
+        ServerConfig,
+        pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
+    };
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+    use crate::error_chain;
+
+    const PASSWORD: &str = "s3cr3t-p@ss:word";
+
+    /// A test CA whose certificate is written to a PEM file for `tls::client_config`.
+    struct Pki {
+        _dir: tempfile::TempDir,
+        ca_path: PathBuf,
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        fn new(name: &str) -> Self {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
+                .expect("ca");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ca_path = dir.path().join("ca.pem");
+            std::fs::write(&ca_path, issuer.pem()).expect("write ca");
+            Self {
+                _dir: dir,
+                ca_path,
+                issuer,
+            }
+        }
+
+        fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
+            let key = KeyPair::generate().expect("key");
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let cert = CertificateParams::new(names)
+                .expect("params")
+                .signed_by(&key, &self.issuer)
+                .expect("sign");
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key)
+                .expect("server config");
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(config)
+        }
+
+        fn client(&self) -> Arc<ClientConfig> {
+            crate::tls::client_config(Some(&self.ca_path), None, &[b"http/1.1"])
+                .expect("client config")
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Behavior {
+        /// 200, then relay to the requested target.
+        Allow,
+        /// 200 in the same write as the target's first bytes.
+        AllowWithLeftover,
+        Refuse(u16),
+        /// Reads the request, never answers.
+        Silent,
+        Garbage,
+        Hangup,
+    }
+
+    /// A CONNECT server (enterprise proxy or gateway stand-in) recording each request head.
+    struct StandIn {
+        addr: SocketAddr,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl StandIn {
+        fn seen(&self) -> Vec<String> {
+            self.seen.lock().expect("seen lock").clone()
+        }
+    }
+
+    async fn spawn_connect_server(
+        tls: Option<Arc<ServerConfig>>,
+        behavior: Behavior,
+        required_auth: Option<String>,
+    ) -> StandIn {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (tls, seen, auth) = (tls.clone(), Arc::clone(&seen2), required_auth.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => serve_connect(tcp, behavior, auth, seen).await,
+                        Some(config) => {
+                            if let Ok(s) = TlsAcceptor::from(config).accept(tcp).await {
+                                serve_connect(s, behavior, auth, seen).await;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        StandIn { addr, seen }
+    }
+
+    /// Reads up to and including the blank line, one byte at a time so nothing past it is lost.
+    async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await.unwrap_or(0) == 0 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
+
+    async fn serve_connect<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        behavior: Behavior,
+        required_auth: Option<String>,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) {
+        let head = read_head(&mut s).await;
+        seen.lock().expect("seen lock").push(head.clone());
+        let authorized =
+            |auth: &String| head.contains(&format!("\r\nProxy-Authorization: {auth}\r\n"));
+        if required_auth.as_ref().is_some_and(|auth| !authorized(auth)) {
+            let reply = b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                Proxy-Authenticate: Basic realm=\"t\"\r\nContent-Length: 0\r\n\r\n";
+            let _ = s.write_all(reply).await;
+            let _ = s.shutdown().await;
+            return;
+        }
+        match behavior {
+            Behavior::Refuse(code) => {
+                let _ = s
+                    .write_all(
+                        format!("HTTP/1.1 {code} Not\tallowed here\r\nContent-Length: 0\r\n\r\n")
+                            .as_bytes(),
+                    )
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            Behavior::Silent => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(s);
+            }
+            Behavior::Garbage => {
+                let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
+            }
+            Behavior::Hangup => drop(s),
+            Behavior::Allow | Behavior::AllowWithLeftover => {
+                let target = head
+                    .split_whitespace()
+                    .nth(1)
+                    .expect("request target")
+                    .to_owned();
+                let mut upstream = TcpStream::connect(&target)
+                    .await
+                    .expect("stand-in connects to target");
+                let mut reply =
+                    b"HTTP/1.1 200 Connection established\r\nContent-Length: 5\r\n\r\n".to_vec();
+                if behavior == Behavior::AllowWithLeftover {
+                    let mut banner = [0u8; 64];
+                    let n = upstream.read(&mut banner).await.expect("banner");
+                    reply.extend_from_slice(&banner[..n]);
+                }
+                s.write_all(&reply).await.expect("reply");
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut upstream).await;
+            }
+        }
+    }
+
+    /// A target that optionally greets first, then answers `got:<everything read>` once the
+    /// client half-closes, then closes.
+    async fn spawn_target(banner: Option<&'static [u8]>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    if let Some(b) = banner {
+                        s.write_all(b).await.expect("banner");
+                    }
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.expect("read to eof");
+                    let mut reply = b"got:".to_vec();
+                    reply.extend_from_slice(&got);
+                    s.write_all(&reply).await.expect("reply");
+                    s.shutdown().await.expect("shutdown");
+                });
+            }
+        });
+        addr
+    }
+
+    /// Accepts TCP and never says anything.
+    async fn spawn_silent_tcp() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            tls_handshake: Duration::from_secs(5),
+            connect_response: Duration::from_secs(5),
+            ..Timeouts::default()
+        }
+    }
+
+    fn gateway(addr: SocketAddr, server_name: &str, tls: Arc<ClientConfig>) -> GatewayConfig {
+        let mut gw = GatewayConfig::from_url(&format!("https://{addr}"), tls).expect("gateway url");
+        gw.server_name = server_name.to_owned();
+        gw
+    }
+
+    fn plain_proxy(addr: SocketAddr, credentials: Option<(&str, &str)>) -> ProxyConfig {
+        let mut p = ProxyConfig::new(format!("http://{addr}").parse().expect("proxy url"), None);
+        p.credentials = credentials.map(|(u, pw)| (u.to_owned(), Secret::new(pw)));
+        p
+    }
+
+    fn basic(user: &str, pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    }
+
+    /// Writes `msg`, half-closes, and reads the reply to EOF.
+    async fn exchange(up: &mut Upstream, msg: &[u8]) -> Vec<u8> {
+        up.write_all(msg).await.expect("write");
+        up.shutdown().await.expect("half-close");
+        let mut reply = Vec::new();
+        up.read_to_end(&mut reply).await.expect("read reply");
+        reply
+    }
+
+    fn unreachable_addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    #[tokio::test]
+    async fn gateway_through_proxy_relays_both_ways_with_half_close() {
+        let pki = Pki::new("test ca");
+        let target = spawn_target(None).await;
+        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Allow, None).await;
+        let proxy =
+            spawn_connect_server(None, Behavior::Allow, Some(basic("alice", PASSWORD))).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "tok-123\n").expect("write token");
+
+        let mut gw_cfg = gateway(gw.addr, "gw.test", pki.client());
+        gw_cfg.extra_headers = vec![("X-Arc-Test".into(), "yes".into())];
+        gw_cfg.bearer_token_file = Some(token_file);
+        let cfg = TunnelConfig {
+            gateway: Some(gw_cfg),
+            proxy: Some(plain_proxy(proxy.addr, Some(("alice", PASSWORD)))),
+            timeouts: timeouts(),
+        };
+        let authority = sniff::authority("127.0.0.1", target.port());
+        let mut up = open(&cfg, Route::Gateway, &authority, unreachable_addr())
+            .await
+            .expect("open");
+        assert_eq!(
+            up.hops,
+            vec![
+                HopStatus {
+                    hop: HOP_PROXY,
+                    status: 200
+                },
+                HopStatus {
+                    hop: HOP_GATEWAY,
+                    status: 200
+                }
+            ]
+        );
+        assert_eq!(exchange(&mut up, b"hello").await, b"got:hello");
+
+        let proxy_seen = proxy.seen().join("");
+        let gw_authority = gw.addr.to_string();
+        assert!(
+            proxy_seen.starts_with(&format!(
+                "CONNECT {gw_authority} HTTP/1.1\r\nHost: {gw_authority}\r\n"
+            )),
+            "{proxy_seen}"
+        );
+        assert!(
+            proxy_seen.contains(&basic("alice", PASSWORD)),
+            "{proxy_seen}"
+        );
+        assert!(
+            !proxy_seen.contains("tok-123"),
+            "the bearer token goes to the gateway only"
+        );
+
+        let gw_seen = gw.seen().join("");
+        assert!(
+            gw_seen.starts_with(&format!(
+                "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+            )),
+            "{gw_seen}"
+        );
+        assert!(gw_seen.contains("\r\nX-Arc-Test: yes\r\n"), "{gw_seen}");
+        assert!(
+            gw_seen.contains("\r\nAuthorization: Bearer tok-123\r\n"),
+            "{gw_seen}"
+        );
+        assert!(
+            !gw_seen.to_ascii_lowercase().contains("proxy-authorization"),
+            "{gw_seen}"
+        );
+        assert!(
+            !gw_seen.contains(PASSWORD) && !gw_seen.contains(&basic("alice", PASSWORD)),
+            "{gw_seen}"
+        );
+    }
+
+    #[tokio::test]
+    async fn gateway_through_https_proxy_nests_tls_in_tls() {
+        let pki = Pki::new("test ca");
+        let target = spawn_target(None).await;
+        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Allow, None).await;
+        let proxy =
+            spawn_connect_server(Some(pki.server(&["127.0.0.1"])), Behavior::Allow, None).await;
+        let url: ProxyUrl = format!("https://{}", proxy.addr)
+            .parse()
+            .expect("proxy url");
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+            proxy: Some(ProxyConfig::new(url, Some(pki.client()))),
+            timeouts: timeouts(),
+        };
+        let authority = sniff::authority("127.0.0.1", target.port());
+        let mut up = open(&cfg, Route::Gateway, &authority, unreachable_addr())
+            .await
+            .expect("open");
+        assert_eq!(up.hops.len(), 2);
+        assert_eq!(exchange(&mut up, b"nested").await, b"got:nested");
+    }
+
+    #[tokio::test]
+    async fn proxy_and_direct_routes() {
+        let target = spawn_target(None).await;
+        let proxy = spawn_connect_server(None, Behavior::Allow, None).await;
+        let cfg = TunnelConfig {
+            gateway: None,
+            proxy: Some(plain_proxy(proxy.addr, None)),
+            timeouts: timeouts(),
+        };
+        let authority = target.to_string();
+
+        let mut up = open(&cfg, Route::Proxy, &authority, unreachable_addr())
+            .await
+            .expect("proxy route");
+        assert_eq!(
+            up.hops,
+            vec![HopStatus {
+                hop: HOP_PROXY,
+                status: 200
+            }]
+        );
+        assert_eq!(exchange(&mut up, b"via proxy").await, b"got:via proxy");
+        let seen = proxy.seen().join("");
+        assert_eq!(
+            seen,
+            format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n")
+        );
+
+        let mut up = open(&cfg, Route::Direct, "ignored:1", target)
+            .await
+            .expect("direct route");
+        assert!(up.hops.is_empty());
+        assert_eq!(exchange(&mut up, b"direct").await, b"got:direct");
+
+        let e = open(&cfg, Route::Gateway, &authority, target)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TunnelError::NotConfigured {
+                    route: Route::Gateway,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn leftover_bytes_after_the_200_are_delivered_first() {
+        let pki = Pki::new("test ca");
+        let target = spawn_target(Some(b"SSH-2.0-banner\r\n")).await;
+        let gw = spawn_connect_server(
+            Some(pki.server(&["gw.test"])),
+            Behavior::AllowWithLeftover,
+            None,
+        )
+        .await;
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let mut up = open(&cfg, Route::Gateway, &target.to_string(), target)
+            .await
+            .expect("open");
+        assert_eq!(
+            up.hops,
+            vec![HopStatus {
+                hop: HOP_GATEWAY,
+                status: 200
+            }]
+        );
+        // The 200 carried `Content-Length: 5`, which a CONNECT 2xx must not honour.
+        assert_eq!(exchange(&mut up, b"x").await, b"SSH-2.0-banner\r\ngot:x");
+    }
+
+    #[tokio::test]
+    async fn proxy_407_is_refused_without_leaking_credentials() {
+        let proxy =
+            spawn_connect_server(None, Behavior::Allow, Some(basic("alice", "right"))).await;
+        for creds in [None, Some(("alice", PASSWORD))] {
+            let cfg = TunnelConfig {
+                gateway: None,
+                proxy: Some(plain_proxy(proxy.addr, creds)),
+                timeouts: timeouts(),
+            };
+            let e = open(&cfg, Route::Proxy, "example.com:443", unreachable_addr())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TunnelError::Refused {
+                        hop: "proxy",
+                        status: 407,
+                        ..
+                    }
+                ),
+                "{e:?}"
+            );
+            assert_eq!(
+                (e.hop(), e.kind(), e.status(), e.side()),
+                ("proxy", "refused", Some(407), "upstream")
+            );
+            let shown = format!("{} {e:?}", error_chain(&e));
+            assert!(
+                !shown.contains(PASSWORD) && !shown.contains(&basic("alice", PASSWORD)),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("407 Proxy Authentication Required"),
+                "{shown}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn gateway_403_is_refused_with_a_clean_reason() {
+        let pki = Pki::new("test ca");
+        let gw =
+            spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Refuse(403), None).await;
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let e = open(
+            &cfg,
+            Route::Gateway,
+            "not-allowed.example:443",
+            unreachable_addr(),
+        )
+        .await
+        .unwrap_err();
+        let TunnelError::Refused {
+            hop,
+            status,
+            reason,
+        } = &e
+        else {
+            panic!("want refused, got {e:?}")
+        };
+        assert_eq!(
+            (*hop, *status, reason.as_str()),
+            ("gateway", 403, "Not allowed here")
+        );
+        assert_eq!(
+            e.to_string(),
+            "the gateway refused the CONNECT: 403 Not allowed here"
+        );
+    }
+
+    fn rustls_error(e: &TunnelError) -> &rustls::Error {
+        let TunnelError::Tls { source, .. } = e else {
+            panic!("want a tls error, got {e:?}")
+        };
+        source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .expect("rustls error inside")
+    }
+
+    #[tokio::test]
+    async fn gateway_certificate_is_verified() {
+        let pki = Pki::new("gateway ca");
+        let stranger = Pki::new("some other ca");
+        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Allow, None).await;
+
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", stranger.client())),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                rustls_error(&e),
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{e:?}"
+        );
+        assert_eq!((e.hop(), e.kind()), ("gateway", "tls"));
+
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "other.test", pki.client())),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                rustls_error(&e),
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{e:?}"
+        );
+        assert!(
+            gw.seen().is_empty(),
+            "no CONNECT may be sent over an unverified session"
+        );
+    }
+
+    #[tokio::test]
+    async fn gateway_choosing_h2_gets_no_http1_bytes() {
+        let pki = Pki::new("test ca");
+        let mut h2_only = (*pki.server(&["gw.test"])).clone();
+        h2_only.alpn_protocols = vec![b"h2".to_vec()];
+        let gw = spawn_connect_server(Some(Arc::new(h2_only)), Behavior::Allow, None).await;
+        let tls = crate::tls::client_config(Some(&pki.ca_path), None, &[b"h2", b"http/1.1"])
+            .expect("client config");
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", tls)),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert_eq!((e.hop(), e.kind()), ("gateway", "bad_request"), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn silent_peers_hit_their_own_timeouts() {
+        let pki = Pki::new("test ca");
+        let short = Timeouts {
+            tls_handshake: Duration::from_millis(300),
+            connect_response: Duration::from_millis(300),
+            ..timeouts()
+        };
+        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Silent, None).await;
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+            proxy: None,
+            timeouts: short,
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, TunnelError::ResponseTimeout { hop: "gateway" }),
+            "{e:?}"
+        );
+
+        let silent = spawn_silent_tcp().await;
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(silent, "gw.test", pki.client())),
+            proxy: None,
+            timeouts: short,
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, TunnelError::TlsTimeout { hop: "gateway" }),
+            "{e:?}"
+        );
+
+        let proxy = spawn_connect_server(None, Behavior::Silent, None).await;
+        let cfg = TunnelConfig {
+            gateway: None,
+            proxy: Some(plain_proxy(proxy.addr, None)),
+            timeouts: short,
+        };
+        let e = open(&cfg, Route::Proxy, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, TunnelError::ResponseTimeout { hop: "proxy" }),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_peers_are_named() {
+        for (behavior, want) in [
+            (Behavior::Garbage, "malformed_response"),
+            (Behavior::Hangup, "closed"),
+        ] {
+            let proxy = spawn_connect_server(None, behavior, None).await;
+            let cfg = TunnelConfig {
+                gateway: None,
+                proxy: Some(plain_proxy(proxy.addr, None)),
+                timeouts: timeouts(),
+            };
+            let e = open(&cfg, Route::Proxy, "example.com:443", unreachable_addr())
+                .await
+                .unwrap_err();
+            assert_eq!((e.hop(), e.kind()), ("proxy", want), "{e:?}");
+        }
+
+        // Nothing listens on a port we just released.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let pki = Pki::new("test ca");
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(
+                SocketAddr::from(([127, 0, 0, 1], port)),
+                "gw.test",
+                pki.client(),
+            )),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        let TunnelError::Connect { hop, addr, .. } = &e else {
+            panic!("want connect error: {e:?}")
+        };
+        assert_eq!(
+            (*hop, addr.as_str()),
+            ("gateway", format!("127.0.0.1:{port}").as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn local_problems_fail_before_any_connection() {
+        let pki = Pki::new("test ca");
+        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Allow, None).await;
+        let mut gw_cfg = gateway(gw.addr, "gw.test", pki.client());
+        gw_cfg.bearer_token_file = Some(PathBuf::from("/nonexistent/redirector-token"));
+        let cfg = TunnelConfig {
+            gateway: Some(gw_cfg.clone()),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert_eq!((e.kind(), e.side()), ("credentials", "internal"));
+        assert!(
+            error_chain(&e).contains("/nonexistent/redirector-token"),
+            "{}",
+            error_chain(&e)
+        );
+
+        gw_cfg.bearer_token_file = None;
+        let cfg = TunnelConfig {
+            gateway: Some(gw_cfg),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        for bad in ["example.com:443\r\nX-Evil: 1", "a b:1", ""] {
+            let e = open(&cfg, Route::Gateway, bad, unreachable_addr())
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), "bad_request", "{bad:?}");
+        }
+        assert!(gw.seen().is_empty());
+    }
+
+    #[test]
+    fn debug_and_serialize_redact_secrets() {
+        let pki = Pki::new("test ca");
+        let url: ProxyUrl = "http://alice:s3cr3t-p%40ss%3Aword@proxy.corp:3128"
+            .parse()
+            .expect("url");
+        assert_eq!(
+            url.credentials.as_ref().map(|(_, p)| p.expose()),
+            Some(PASSWORD)
+        );
+        let mut gw = gateway(
+            SocketAddr::from(([127, 0, 0, 1], 443)),
+            "gw.test",
+            pki.client(),
+        );
+        gw.extra_headers = vec![("X-Api-Key".into(), "key-material-42".into())];
+        let cfg = TunnelConfig {
+            gateway: Some(gw),
+            proxy: Some(ProxyConfig::new(url.clone(), None)),
+            timeouts: timeouts(),
+        };
+        let debug = format!("{cfg:?} {:?} {url} {url:?}", cfg.proxy);
+        let json = serde_json::to_string(&cfg).expect("json");
+        for shown in [&debug, &json] {
+            assert!(
+                !shown.contains("s3cr3t") && !shown.contains("key-material-42"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("<redacted>") && shown.contains("X-Api-Key"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains("alice") && shown.contains("proxy.corp"),
+                "{shown}"
+            );
+        }
+        assert_eq!(url.to_string(), "http://proxy.corp:3128");
+        assert_eq!(
+            serde_json::to_string(&Route::Gateway).expect("json"),
+            r#""gateway""#
+        );
+    }
+
+    #[test]
+    fn proxy_urls() {
+        let ok = [
+            ("http://proxy:3128", ProxyScheme::Http, "proxy", 3128, None),
+            (
+                "HTTP://Proxy.Corp/",
+                ProxyScheme::Http,
+                "proxy.corp",
+                80,
+                None,
+            ),
+            (
+                "https://proxy.corp",
+                ProxyScheme::Https,
+                "proxy.corp",
+                443,
+                None,
+            ),
+            (
+                "http://[2001:db8::1]:8080",
+                ProxyScheme::Http,
+                "2001:db8::1",
+                8080,
+                None,
+            ),
+            (
+                "http://u%40corp:p%3A%2F@10.0.0.1:3128",
+                ProxyScheme::Http,
+                "10.0.0.1",
+                3128,
+                Some(("u@corp", "p:/")),
+            ),
+            (
+                "http://user:pa@ss@proxy:1",
+                ProxyScheme::Http,
+                "proxy",
+                1,
+                Some(("user", "pa@ss")),
+            ),
+            (
+                "http://user@proxy:1",
+                ProxyScheme::Http,
+                "proxy",
+                1,
+                Some(("user", "")),
+            ),
+        ];
+        for (input, scheme, host, port, creds) in ok {
+            let u: ProxyUrl = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(
+                (u.scheme, u.host.as_str(), u.port),
+                (scheme, host, port),
+                "{input}"
+            );
+            let got = u
+                .credentials
+                .as_ref()
+                .map(|(user, p)| (user.as_str(), p.expose()));
+            assert_eq!(got, creds, "{input}");
+        }
+        let bad = [
+            "proxy:3128",
+            "ftp://proxy",
+            "http://",
+            "http://:80",
+            "http://proxy:0",
+            "http://proxy:99999",
+            "http://proxy:+80",
+            "http://proxy:",
+            "http://proxy/path",
+            "http://proxy?x",
+            "http://a b:1",
+            "http://[2001:db8::1",
+            "http://[2001:db8::1]x",
+            "http://:secret-pw@proxy",
+            "http://%ff:x@proxy",
+        ];
+        for input in bad {
+            let e = input.parse::<ProxyUrl>().expect_err(input);
+            assert!(!e.to_string().contains("secret-pw"), "{e}");
+        }
+        let e = "http://user:secret-pw@bad host:1"
+            .parse::<ProxyUrl>()
+            .unwrap_err();
+        assert!(!e.to_string().contains("secret-pw"), "{e}");
+    }
+
+    #[test]
+    fn gateway_urls() {
+        let pki = Pki::new("test ca");
+        let gw =
+            GatewayConfig::from_url("https://Prefix.GW.arc.azure.com", pki.client()).expect("url");
+        assert_eq!(
+            (gw.addr_host.as_str(), gw.port, gw.server_name.as_str()),
+            ("prefix.gw.arc.azure.com", 443, "prefix.gw.arc.azure.com")
+        );
+        assert_eq!(gw.authority(), "prefix.gw.arc.azure.com:443");
+        let gw = GatewayConfig::from_url("https://[2001:db8::5]:8443/", pki.client()).expect("url");
+        assert_eq!(gw.authority(), "[2001:db8::5]:8443");
+        for bad in [
+            "http://gw.example",
+            "https://u:p@gw.example",
+            "https://gw.example/path",
+            "gw.example",
+        ] {
+            assert!(GatewayConfig::from_url(bad, pki.client()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn credentials_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("creds");
+        std::fs::write(&path, "  alice:pa:ss word \n").expect("write");
+        let (user, pass) = load_credentials_file(&path).expect("load");
+        assert_eq!((user.as_str(), pass.expose()), ("alice", "pa:ss word"));
+        for (content, reason) in [
+            ("", "is empty"),
+            ("alice\n", "no ':'"),
+            (":pw", "empty user"),
+            ("alice:pw\nbob:pw2\n", "single"),
+            ("alice:p\x07w", "control"),
+        ] {
+            std::fs::write(&path, content).expect("write");
+            let e = load_credentials_file(&path).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains(reason) && msg.contains("creds"),
+                "{content:?}: {msg}"
+            );
+            assert!(!msg.contains("pw"), "content must not leak: {msg}");
+        }
+        let e = load_credentials_file(&dir.path().join("missing")).unwrap_err();
+        assert!(matches!(e, CredentialsError::Read { .. }));
+    }
+
+    #[test]
+    fn extra_headers() {
+        assert_eq!(
+            parse_header("X-Tenant:  abc "),
+            Ok(("X-Tenant".into(), "abc".into()))
+        );
+        for bad in [
+            "Host: evil",
+            "proxy-authorization: x",
+            "Bad Name: x",
+            ": x",
+            "X-A: a\r\nX-B: b",
+            "X-A: a\0",
+        ] {
+            assert!(parse_header(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    async fn response_of(bytes: &[u8]) -> Result<(u16, Vec<u8>), TunnelError> {
+        let mut reader = bytes;
+        read_connect_response("proxy", &mut reader).await
+    }
+
+    #[tokio::test]
+    async fn connect_response_parsing() {
+        let ok = response_of(b"HTTP/1.0 200 OK\r\nVia: squid\r\n\r\n\x16\x03\x03")
+            .await
+            .expect("200");
+        assert_eq!(ok, (200, b"\x16\x03\x03".to_vec()));
+        let ok = response_of(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\ntail")
+            .await
+            .expect("1xx skipped");
+        assert_eq!(ok, (204, b"tail".to_vec()));
+
+        let kind = |r: Result<(u16, Vec<u8>), TunnelError>| r.expect_err("must fail").kind();
+        assert_eq!(
+            kind(response_of(b"HTTP/2 200\r\n\r\n").await),
+            "malformed_response"
+        );
+        assert_eq!(
+            kind(response_of(b"HTTP/1.1 999 What\r\n\r\n").await),
+            "malformed_response"
+        );
+        assert_eq!(
+            kind(response_of(b"HTTP/1.1 200 OK\r\nVia: x").await),
+            "closed"
+        );
+        assert_eq!(kind(response_of(b"").await), "closed");
+        assert_eq!(
+            kind(response_of(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await),
+            "refused"
+        );
+        let many: String = std::iter::once("HTTP/1.1 200 OK\r\n".to_owned())
+            .chain((0..65).map(|i| format!("X-{i}: v\r\n")))
+            .chain(std::iter::once("\r\n".to_owned()))
+            .collect();
+        assert_eq!(
+            kind(response_of(many.as_bytes()).await),
+            "malformed_response"
+        );
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_RESPONSE_HEAD)
+        );
+        let e = response_of(huge.as_bytes()).await.unwrap_err();
+        assert!(e.to_string().contains("16 KiB"), "{e}");
+    }
+}

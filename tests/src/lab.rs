@@ -278,6 +278,21 @@ impl Lab {
         self.pods.len() - 1
     }
 
+    /// Gives every pod an `/etc/hosts` with `entries` (name, address): the DNS stand-in.
+    /// `ip netns exec` bind-mounts `/etc/netns/<netns>/hosts` over `/etc/hosts`, so curl and
+    /// python in the pod resolve these names and nothing else changes.
+    pub fn set_pod_hosts(&mut self, entries: &[(&str, IpAddr)]) {
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (name, ip) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        for p in &self.pods {
+            let dir = PathBuf::from(format!("/etc/netns/{}", p.netns));
+            fs::create_dir_all(&dir).expect("/etc/netns dir");
+            fs::write(dir.join("hosts"), &text).expect("write pod hosts");
+        }
+    }
+
     /// A cgroup next to the pods that is never enabled.
     pub fn add_plain_cgroup(&mut self, name: &str) -> PathBuf {
         let p = self.cg_root.join(name);
@@ -465,9 +480,10 @@ impl Drop for Lab {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        // 4. Namespaces (deleting a netns also deletes its veth ends).
+        // 4. Namespaces (deleting a netns also deletes its veth ends) and their /etc/netns.
         for ns in self.netns.iter().rev() {
             let _ = sh_ok(&format!("ip netns del {ns}"));
+            let _ = fs::remove_dir_all(format!("/etc/netns/{ns}"));
         }
         // 5. The private cgroup2 mount and the scratch directory (logs kept on failure).
         let _ = sh_ok(&format!("umount {}", self.cg_mount.display()));

@@ -6,6 +6,7 @@
 //! `banner`: same, but the first line is `220 banner local=<addr>` (server-first protocol).
 //! `http`: HTTP/1.1; answers every request with `200` and the body
 //! `local=<addr> peer=<addr> host=<Host header> path=<path>\n`, then closes.
+//! `https --cert PEM --key PEM`: the same over TLS (rustls); the body adds `sni=<name>`.
 //! `udp --listen ADDR`: answers each datagram with `peer=<addr>`.
 //! Every accepted connection is logged to stdout: `accept local=<addr> peer=<addr>`.
 use std::{
@@ -15,7 +16,7 @@ use std::{
 };
 
 fn usage() -> ! {
-    eprintln!("usage: rdr-testsrv whoami|banner|http|udp --listen ADDR [--listen ADDR]...");
+    eprintln!("usage: rdr-testsrv whoami|banner|http|https|udp --listen ADDR [--listen ADDR]...");
     std::process::exit(2)
 }
 
@@ -23,9 +24,12 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(mode) = args.first().cloned() else { usage() };
     let mut listens: Vec<SocketAddr> = Vec::new();
+    let (mut cert, mut key) = (None, None);
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
+            "--cert" => cert = Some(it.next().unwrap_or_else(|| usage()).clone()),
+            "--key" => key = Some(it.next().unwrap_or_else(|| usage()).clone()),
             "--listen" => {
                 let v = it.next().unwrap_or_else(|| usage());
                 listens.push(v.parse().unwrap_or_else(|e| {
@@ -39,10 +43,20 @@ fn main() {
     if listens.is_empty() {
         usage();
     }
+    let tls = match (mode.as_str(), cert, key) {
+        ("https", Some(c), Some(k)) => Some(tls_config(&c, &k)),
+        ("https", _, _) => usage(),
+        _ => None,
+    };
     let mut handles = Vec::new();
     for addr in listens {
         let mode = mode.clone();
         handles.push(match mode.as_str() {
+            "https" => {
+                let l = bind_tcp(addr);
+                let tls = tls.clone().expect("tls config");
+                thread::spawn(move || https(l, tls))
+            }
             "udp" => thread::spawn(move || udp(addr)),
             "whoami" | "banner" | "http" => {
                 let l = bind_tcp(addr);
@@ -98,10 +112,59 @@ fn tcp(l: TcpListener, mode: String) {
     }
 }
 
+fn tls_config(cert: &str, key: &str) -> std::sync::Arc<rustls::ServerConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap_or_else(|e| panic!("read {cert}: {e}"))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("parse {cert}: {e}"));
+    let key = PrivateKeyDer::from_pem_file(key).unwrap_or_else(|e| panic!("read {key}: {e}"));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(cfg)
+}
+
+fn https(l: TcpListener, tls: std::sync::Arc<rustls::ServerConfig>) {
+    for conn in l.incoming() {
+        let Ok(s) = conn else { continue };
+        let tls = tls.clone();
+        thread::spawn(move || {
+            let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else { return };
+            println!("accept local={local} peer={peer}");
+            std::io::stdout().flush().ok();
+            let Ok(conn) = rustls::ServerConnection::new(tls) else { return };
+            let mut stream = rustls::StreamOwned::new(conn, s);
+            // Drive the handshake so the SNI is known before we answer.
+            while stream.conn.is_handshaking() {
+                if stream.conn.complete_io(&mut stream.sock).is_err() {
+                    println!("tls handshake failed peer={peer}");
+                    return;
+                }
+            }
+            let sni = stream.conn.server_name().unwrap_or("").to_owned();
+            answer_http(&mut stream, local, peer, &format!(" sni={sni}"));
+            stream.conn.send_close_notify();
+            let _ = stream.flush();
+        });
+    }
+}
+
 fn serve_http(mut s: TcpStream) {
     let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else { return };
     println!("accept local={local} peer={peer}");
     std::io::stdout().flush().ok();
+    answer_http(&mut s, local, peer, "");
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// Reads one HTTP/1.x request head and answers it with what this server observed.
+fn answer_http<S: Read + Write>(s: &mut S, local: SocketAddr, peer: SocketAddr, extra: &str) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
@@ -118,13 +181,13 @@ fn serve_http(mut s: TcpStream) {
         .unwrap_or_default();
     println!("request local={local} host={host} path={path}");
     std::io::stdout().flush().ok();
-    let body = format!("local={local} peer={peer} host={host} path={path}\n");
+    let body = format!("local={local} peer={peer} host={host} path={path}{extra}\n");
     let resp = format!(
         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = s.write_all(resp.as_bytes());
-    let _ = s.shutdown(Shutdown::Write);
+    let _ = s.flush();
 }
 
 fn serve(mut s: TcpStream, banner: bool) {
