@@ -6,3 +6,5 @@
 pub mod lab;
 pub mod priv_check;
 pub mod pki;
+pub mod squid;
+pub mod chain;

@@ -1,0 +1,321 @@
+//! Privileged end-to-end tests of the gateway tunnel (issue: gateway tunnel): real Squid,
+//! the gateway simulator, real TLS with a test CA, real clients in pods with no proxy
+//! variables. See `tests::chain` for the network.
+use std::{path::Path, process::Output};
+
+use tests::{
+    chain::{BANNER, Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER},
+    priv_check::privileged,
+};
+
+fn out(o: &Output) -> String {
+    format!(
+        "status={} stdout={} stderr={}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn script(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
+}
+
+fn ready(test: &str) -> bool {
+    privileged(test) && tests::squid::available(test, &[])
+}
+
+/// Squid with auth + a normal gateway + the daemon.
+fn full_chain() -> Chain {
+    let mut c = Chain::new(1);
+    c.start_squid(true);
+    c.start_gateway(Gateway::Normal);
+    c.start_daemon(&[], "info");
+    c
+}
+
+fn curl(c: &Chain, url: &str) -> Output {
+    let ca = c.ca_pem.display().to_string();
+    c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, url]).output().expect("curl")
+}
+
+#[test]
+fn https_and_http_by_name_go_through_squid_and_gateway() {
+    if !ready("https_and_http_by_name_go_through_squid_and_gateway") {
+        return;
+    }
+    let c = full_chain();
+    let o = curl(&c, "https://portal.azure.test/ok");
+    assert!(o.status.success(), "{}", out(&o));
+    let body = String::from_utf8_lossy(&o.stdout);
+    assert!(body.contains("local=203.0.113.10:443") && body.contains("sni=portal.azure.test"), "{body}");
+
+    let o = curl(&c, "http://web.azure.test/plain");
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("host=web.azure.test path=/plain"), "{}", out(&o));
+
+    // The gateway tunneled by name, not by IP.
+    let gw = c.gateway_log();
+    assert!(gw.contains("tunnel CONNECT portal.azure.test:443 -> 200"), "{gw}");
+    assert!(gw.contains("tunnel CONNECT web.azure.test:80 -> 200"), "{gw}");
+    // Squid saw only the gateway, and only after authenticating us.
+    let squid = c.squid.as_ref().unwrap();
+    let log = squid.wait_access_log(&format!("{GATEWAY_NAME}:443"), std::time::Duration::from_secs(5));
+    assert!(log.contains("CONNECT") && log.contains("200"), "{log}");
+    assert!(!squid.access_log().contains("portal.azure.test"), "{}", squid.access_log());
+    // Proxy-Authorization went to Squid (it requires it and said 200) and never further.
+    for line in gw.lines().filter(|l| l.starts_with("headers ")) {
+        assert!(!line.to_ascii_lowercase().contains("proxy-authorization"), "{line}");
+    }
+    // The audit line tells the whole story.
+    let d = c.daemon_log();
+    let audit = d.lines().find(|l| l.contains("audit") && l.contains("host=portal.azure.test")).unwrap_or_else(|| panic!("{d}"));
+    for needle in ["host_source=sni", "route=gateway", "hops=proxy=200,gateway=200", "orig_dst=203.0.113.10:443", "rule=default"] {
+        assert!(audit.contains(needle), "{needle} missing: {audit}");
+    }
+    assert!(d.contains("host=web.azure.test host_source=host"), "{d}");
+}
+
+#[test]
+fn server_first_protocol_is_tunneled_by_ip_after_the_deadline() {
+    if !ready("server_first_protocol_is_tunneled_by_ip_after_the_deadline") {
+        return;
+    }
+    let c = full_chain();
+    let code = format!(
+        "import socket; s=socket.create_connection(('{}', {}), 10); print(s.makefile().readline().strip())",
+        BANNER.ip(),
+        BANNER.port()
+    );
+    let o = c.lab.pods[0].cmd("python3").args(["-c", &code]).output().unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("220 banner local=203.0.113.12:2525"), "{}", out(&o));
+    assert!(c.gateway_log().contains("tunnel CONNECT 203.0.113.12:2525 -> 200"), "{}", c.gateway_log());
+    assert!(c.daemon_log().contains("host_source=ip"), "{}", c.daemon_log());
+}
+
+#[test]
+fn bulk_64_mib_each_way_arrives_byte_identical() {
+    if !ready("bulk_64_mib_each_way_arrives_byte_identical") {
+        return;
+    }
+    let c = full_chain();
+    let o = c.lab.pods[0].cmd("python3").args([&script("bulk.py"), "bulk.azure.test", "8080", "64"]).output().unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    let get = |k: &str| s.lines().find(|l| l.starts_with(k)).unwrap_or_else(|| panic!("{s}")).to_owned();
+    let sent = get("sent=");
+    let recv = get("recv=");
+    assert!(sent.ends_with(&format!("bytes={}", 64 << 20)), "{sent}");
+    assert_eq!(sent.replace("sent=", ""), recv.replace("recv=", ""), "payload changed in transit");
+    // A server-first echo: no SNI/Host, so it is tunneled by IP.
+    assert!(c.gateway_log().contains("tunnel CONNECT 203.0.113.14:8080 -> 200"), "{}", c.gateway_log());
+}
+
+/// Runs one refusal scenario: the pod's curl must end with an error before its own
+/// timeout (exit 28 would mean we left it hanging) and the daemon must log `expect`.
+fn refusal(test: &str, setup: impl FnOnce(&mut Chain), url: &str, expect: &[&str]) {
+    if !ready(test) {
+        return;
+    }
+    let mut c = Chain::new(1);
+    setup(&mut c);
+    let o = curl(&c, url);
+    let code = o.status.code();
+    assert!(code != Some(0) && code != Some(28), "{test}: expected a prompt failure: {}", out(&o));
+    let d = c.daemon_log();
+    let line = d.lines().find(|l| l.contains("audit: connection refused")).unwrap_or_else(|| panic!("{test}: no refusal line:\n{d}"));
+    assert!(line.contains("WARN"), "{line}");
+    for e in expect {
+        assert!(line.contains(e), "{test}: {e:?} missing from: {line}");
+    }
+    assert!(!c.target_log().contains("request "), "{test}: a request reached a target:\n{}", c.target_log());
+}
+
+#[test]
+fn refusal_squid_407_wrong_password() {
+    refusal(
+        "refusal_squid_407_wrong_password",
+        |c| {
+            c.start_squid(true);
+            c.start_gateway(Gateway::Normal);
+            let flags = c.daemon_flags("wrong-password");
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            c.lab.start_daemon(&flags);
+        },
+        "https://portal.azure.test/",
+        &["hop=proxy", "kind=refused", "status=407"],
+    );
+}
+
+#[test]
+fn refusal_gateway_403_name_not_allowed() {
+    refusal(
+        "refusal_gateway_403_name_not_allowed",
+        |c| {
+            c.start_squid(true);
+            c.start_gateway(Gateway::Normal);
+            c.start_daemon(&[], "info");
+        },
+        "https://denied.example.test/",
+        &["hop=gateway", "kind=refused", "status=403", "host=denied.example.test"],
+    );
+}
+
+#[test]
+fn refusal_gateway_certificate_from_untrusted_ca() {
+    refusal(
+        "refusal_gateway_certificate_from_untrusted_ca",
+        |c| {
+            c.start_squid(true);
+            c.start_gateway(Gateway::Untrusted);
+            c.start_daemon(&[], "info");
+        },
+        "https://portal.azure.test/",
+        &["hop=gateway", "kind=tls"],
+    );
+}
+
+#[test]
+fn refusal_wrong_gateway_name() {
+    refusal(
+        "refusal_wrong_gateway_name",
+        |c| {
+            c.start_gateway(Gateway::Normal);
+            // Dial the real gateway but expect another name: the certificate must not match.
+            let ca = c.ca_pem.display().to_string();
+            c.lab.start_daemon(&[
+                "--gateway-url", "https://wrong.arc.test:443", "--gateway-connect-to", "203.0.113.60",
+                "--proxy-cert", &ca, "--sniff-timeout", "0.3", "--tls-timeout", "2",
+            ]);
+        },
+        "https://portal.azure.test/",
+        &["hop=gateway", "kind=tls", "not valid for name"],
+    );
+}
+
+#[test]
+fn refusal_gateway_down() {
+    refusal(
+        "refusal_gateway_down",
+        |c| {
+            c.start_gateway(Gateway::Down);
+            c.start_daemon(&[], "info");
+        },
+        "https://portal.azure.test/",
+        &["hop=gateway", "kind=connect"],
+    );
+}
+
+#[test]
+fn refusal_gateway_accepts_tcp_then_silent() {
+    refusal(
+        "refusal_gateway_accepts_tcp_then_silent",
+        |c| {
+            c.start_gateway(Gateway::Silent);
+            c.start_daemon(&[], "info");
+        },
+        "https://portal.azure.test/",
+        &["hop=gateway", "kind=tls_timeout"],
+    );
+}
+
+#[test]
+fn early_request_while_proxy_says_407_gets_nothing_through() {
+    if !ready("early_request_while_proxy_says_407_gets_nothing_through") {
+        return;
+    }
+    let mut c = Chain::new(1);
+    c.start_squid(true);
+    c.start_gateway(Gateway::Normal);
+    let flags = c.daemon_flags("wrong-password");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    c.lab.start_daemon(&flags);
+    // The request goes out in the same write as the connect completes, before any answer.
+    let code = "import socket\n\
+        s = socket.create_connection(('portal.azure.test', 80), 10)\n\
+        s.sendall(b'GET /admin HTTP/1.1\\r\\nHost: portal.azure.test\\r\\n\\r\\n')\n\
+        data = b''\n\
+        try:\n\
+        \x20   while True:\n\
+        \x20       b = s.recv(4096)\n\
+        \x20       if not b: break\n\
+        \x20       data += b\n\
+        except ConnectionResetError:\n\
+        \x20   pass\n\
+        print('got', len(data))";
+    let o = c.lab.pods[0].cmd("python3").args(["-c", code]).output().unwrap();
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "got 0", "{}", out(&o));
+    let squid = c.squid.as_ref().unwrap();
+    squid.wait_access_log("407", std::time::Duration::from_secs(5));
+    assert!(!squid.access_log().contains("/admin"), "{}", squid.access_log());
+    assert!(!c.gateway_log().contains("/admin") && !c.gateway_log().contains("tunnel CONNECT"), "{}", c.gateway_log());
+    assert!(!c.target_log().contains("/admin"), "{}", c.target_log());
+}
+
+#[test]
+fn hostile_sni_values_never_reach_a_connect_line() {
+    if !ready("hostile_sni_values_never_reach_a_connect_line") {
+        return;
+    }
+    let c = full_chain();
+    let hostile = [
+        "evil\\r\\nX-Injected: 1.azure.test",
+        "a b.azure.test",
+        "x@y.azure.test",
+        "a/b.azure.test",
+        "nul\\x00.azure.test",
+        "ok.azure.test trailing",
+        &"a".repeat(300),
+    ];
+    for sni in hostile {
+        let o = c.lab.pods[0].cmd("python3").args([&script("client_hello.py"), "203.0.113.10", "443", sni]).output().unwrap();
+        assert!(o.status.success(), "{sni}: {}", out(&o));
+    }
+    let gw = c.gateway_log();
+    // Every one fell back to the IP; nothing of the hostile names reached the gateway.
+    assert_eq!(gw.matches("tunnel CONNECT 203.0.113.10:443 -> 200").count(), hostile.len(), "{gw}");
+    for bad in ["evil", "X-Injected", "a b", "x@y", "a/b", "nul", "trailing", "aaaaaaaa"] {
+        assert!(!gw.contains(bad), "{bad} reached the gateway:\n{gw}");
+    }
+}
+
+#[test]
+fn trace_logs_and_config_dump_never_contain_the_proxy_password() {
+    if !ready("trace_logs_and_config_dump_never_contain_the_proxy_password") {
+        return;
+    }
+    let mut c = Chain::new(1);
+    c.start_squid(true);
+    c.start_gateway(Gateway::Normal);
+    c.start_daemon(&[], "trace");
+    assert!(curl(&c, "https://portal.azure.test/").status.success());
+    let _ = curl(&c, "https://denied.example.test/");
+    let (_, dump) = c.lab.node_http_get("/config_dump").expect("config_dump");
+    let basic = base64_encode(format!("{PROXY_USER}:{PROXY_PASSWORD}").as_bytes());
+    let log = c.daemon_log();
+    assert!(log.lines().count() > 50, "expected trace output, got:\n{log}");
+    for (what, text) in [("trace log", &log), ("/config_dump", &dump)] {
+        assert!(!text.contains(PROXY_PASSWORD), "{what} contains the proxy password");
+        assert!(!text.contains(&basic), "{what} contains the Basic credentials");
+    }
+    assert!(dump.contains("redacted"), "{dump}");
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
