@@ -97,7 +97,7 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let status = if admin.readiness.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             text(status, admin.readiness.describe())
         }
-        "/config_dump" => match serde_json::to_string_pretty(&*admin.shared.config) {
+        "/config_dump" => match serde_json::to_string_pretty(&**admin.shared.config.load()) {
             Ok(s) => text(StatusCode::OK, s + "\n"),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
@@ -106,7 +106,6 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 if let Ok(c) = maps.counters() {
                     admin.shared.metrics.set_ebpf(&c);
                 }
-                admin.shared.metrics.enabled_cgroups.set(maps.enabled_ids().len() as i64);
             }
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &admin.registry) {

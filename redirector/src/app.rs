@@ -1,23 +1,31 @@
 //! The wiring diagram of `redirector run`: one comment per step.
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use prometheus_client::registry::Registry;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Admin, Readiness},
     bpf::{self, Origin, PinLayout},
-    config::Config,
+    cli::RunArgs,
+    config::{Config, ConfigError},
+    k8s,
     netns::{self, NetnsId},
     preflight,
     proxy::{self, ListenerSet, Shared},
     telemetry::Metrics,
+    workloads::{DesiredSet, Workload},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,14 +38,24 @@ pub enum RunError {
     Bpf(#[from] bpf::BpfError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)")]
+    NodeName,
+    #[error("cannot reach the Kubernetes API")]
+    Kube(#[source] k8s::K8sError),
 }
 
-pub async fn run(config: Config) -> Result<(), RunError> {
+pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // 1. Refuse bad input before touching the kernel.
     preflight::check_run(&config.pin_root, &config.cgroup_root, &config.cgroups)?;
+    let node_name = if config.kubernetes {
+        Some(std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()).ok_or(RunError::NodeName)?)
+    } else {
+        None
+    };
     let admin_listener = admin::bind(config.admin_addr).await.map_err(RunError::Admin)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
     info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
 
     // 2. Load or adopt the programs and maps under the pin root.
@@ -52,12 +70,12 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     maps.set_skip_ranges(&config.skip_cidrs())?;
     maps.set_config(config.proxy_port, std::process::id())?;
 
-    let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let shared = Arc::new(Shared {
-        config: Arc::clone(&config),
+        config: arc_swap::ArcSwap::from_pointee(config.clone()),
+        node_addrs: arc_swap::ArcSwap::from_pointee(node_addresses()),
         maps: Mutex::new(maps),
         metrics: Arc::clone(&metrics),
         shutdown: CancellationToken::new(),
@@ -71,18 +89,60 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let admin = Arc::new(Admin { shared: Arc::clone(&shared), registry, readiness: Arc::clone(&readiness) });
     tokio::spawn(admin::serve(admin_listener, admin, shared.shutdown.clone()));
 
-    // 5. Enablement: listeners in each cgroup's netns, then the cgroup id into the map.
-    let enabler = tokio::spawn(static_enablement(Arc::clone(&shared), Arc::clone(&readiness)));
+    // 5. The desired set of workloads: fixed (--cgroup) or followed from the API server.
+    let (tx, rx) = watch::channel(DesiredSet::new());
+    let initial_known = match &node_name {
+        None => {
+            let set = config
+                .cgroups
+                .iter()
+                .map(|p| {
+                    let key = p.display().to_string();
+                    (key.clone(), Workload { key: key.clone(), label: key, cgroup_candidates: vec![p.clone()] })
+                })
+                .collect();
+            tx.send_replace(set);
+            true
+        }
+        Some(node) => {
+            let client = k8s::client(config.kubeconfig.as_deref()).await.map_err(RunError::Kube)?;
+            let (node, root) = (node.clone(), config.cgroup_root.clone());
+            info!(node = %node, "following pods of labeled namespaces on this node");
+            tokio::spawn(async move {
+                if let Err(e) = k8s::run(client, node, root, tx).await {
+                    error!(error = %crate::error_chain(&e), "kubernetes watcher stopped");
+                }
+            });
+            false
+        }
+    };
 
-    // 6. Run until SIGTERM/SIGINT, then drain.
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM received, draining"),
-        _ = sigint.recv() => info!("SIGINT received, draining"),
+    // 6. Enablement: listeners in each workload's netns, then its cgroup id into the map.
+    let reconciler = tokio::spawn(reconcile(Arc::clone(&shared), Arc::clone(&readiness), rx, initial_known));
+
+    // 7. Reload on SIGHUP and when the config file changes; run until SIGTERM/SIGINT.
+    let mut last_stamp = args.config.as_ref().map(|p| file_stamp(p));
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM received, draining"); break; }
+            _ = sigint.recv() => { info!("SIGINT received, draining"); break; }
+            _ = sighup.recv() => reload(&shared, &args, "SIGHUP"),
+            _ = poll.tick() => {
+                if let Some(p) = &args.config {
+                    let now = file_stamp(p);
+                    if last_stamp.as_ref() != Some(&now) {
+                        last_stamp = Some(now);
+                        reload(&shared, &args, "config file changed");
+                    }
+                }
+            }
+        }
     }
     shared.shutdown.cancel();
-    let _ = enabler.await;
+    let _ = reconciler.await;
     shared.tracker.close();
-    let drain = config.drain_timeout + std::time::Duration::from_millis(500);
+    let drain = shared.config.load().drain_timeout + Duration::from_millis(500);
     if tokio::time::timeout(drain, shared.tracker.wait()).await.is_err() {
         warn!(open = shared.tracker.len(), "drain timeout: closing remaining connections");
     }
@@ -92,91 +152,212 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     Ok(())
 }
 
-/// `--cgroup` mode: follow the processes of each configured cgroup, keep one listener per
-/// network namespace they use, and enable a cgroup once every netns it uses has a listener.
-async fn static_enablement(shared: Arc<Shared>, readiness: Arc<Readiness>) {
-    let cgroups: Vec<(PathBuf, u64)> = shared
-        .config
-        .cgroups
-        .iter()
-        .filter_map(|p| match netns::cgroup_id(p) {
-            Ok(id) => Some((p.clone(), id)),
-            Err(e) => {
-                warn!(cgroup = %p.display(), error = %e, "cannot read cgroup id");
-                None
+/// Content fingerprint of the config file (ConfigMap mounts swap symlinks, so mtime alone
+/// is not trustworthy; the content is small).
+fn file_stamp(p: &std::path::Path) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let bytes = std::fs::read(p).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+/// Re-reads the configuration; a bad one is rejected and the running one stays in force.
+fn reload(shared: &Shared, args: &RunArgs, why: &str) {
+    let old = shared.config.load_full();
+    let mut new = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.reloads.get_or_create(&crate::telemetry::ResultLabels { result: "rejected" }).inc();
+            error!(reason = why, error = %crate::error_chain(&e as &ConfigError), "config reload rejected; the previous configuration stays in force");
+            return;
+        }
+    };
+    let restart_only = old.restart_only_changes(&new);
+    if !restart_only.is_empty() {
+        warn!(settings = ?restart_only, "these settings change only on restart; keeping the running values");
+        new.pin_root = old.pin_root.clone();
+        new.cgroup_root = old.cgroup_root.clone();
+        new.cgroups = old.cgroups.clone();
+        new.kubernetes = old.kubernetes;
+        new.proxy_port = old.proxy_port;
+        new.admin_addr = old.admin_addr;
+    }
+    // Kernel skip ranges: new entries go in before stale ones come out (no gap).
+    if let Err(e) = shared.maps.lock().expect("maps lock poisoned").set_skip_ranges(&new.skip_cidrs()) {
+        shared.metrics.reloads.get_or_create(&crate::telemetry::ResultLabels { result: "rejected" }).inc();
+        error!(reason = why, error = %crate::error_chain(&e), "config reload failed updating the skip ranges; keeping the previous configuration");
+        let _ = shared.maps.lock().expect("maps lock poisoned").set_skip_ranges(&old.skip_cidrs());
+        return;
+    }
+    shared.node_addrs.store(Arc::new(node_addresses()));
+    info!(reason = why, config = %serde_json::to_string(&new).unwrap_or_default(), "configuration reloaded");
+    shared.config.store(Arc::new(new));
+    shared.metrics.reloads.get_or_create(&crate::telemetry::ResultLabels { result: "applied" }).inc();
+}
+
+/// Addresses of the daemon's network namespace (the node's, in a DaemonSet with
+/// hostNetwork; the pod's otherwise).
+pub fn node_addresses() -> Vec<IpAddr> {
+    let mut v = Vec::new();
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address else { continue };
+            if let Some(s) = sa.as_sockaddr_in() {
+                v.push(IpAddr::V4(s.ip()));
+            } else if let Some(s) = sa.as_sockaddr_in6() {
+                v.push(IpAddr::V6(s.ip()));
             }
-        })
-        .collect();
-    let wanted: BTreeSet<u64> = cgroups.iter().map(|(_, id)| *id).collect();
-    // Forget cgroups a previous run enabled that are no longer configured.
-    {
-        let mut maps = shared.maps.lock().expect("maps lock poisoned");
-        for stale in maps.enabled_ids().difference(&wanted) {
-            info!(cgroup_id = stale, "disabling cgroup left enabled by an earlier run");
-            let _ = maps.disable(*stale);
         }
     }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// What the reconciler knows about one enabled workload.
+struct Enabled {
+    cgroup: PathBuf,
+    id: u64,
+}
+
+/// Turns the desired set into listeners and `rdr_enabled` entries: a workload is enabled
+/// once its cgroup exists and every network namespace its processes use has a listener; it
+/// is disabled (and its listeners closed when no one else uses them) when it leaves the set.
+async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch::Receiver<DesiredSet>, mut known: bool) {
     let mut listeners = ListenerSet::default();
-    let mut enabled: HashSet<u64> = HashSet::new();
-    let mut waiting_logged: HashSet<u64> = HashSet::new();
+    let mut enabled: HashMap<String, Enabled> = HashMap::new();
+    let mut waiting_logged: HashSet<String> = HashSet::new();
+    let mut stale_checked = false;
+    let mut last_full = Instant::now() - Duration::from_secs(10);
     loop {
+        let desired = rx.borrow_and_update().clone();
+        // Full passes look for new netns of enabled workloads too; quick passes only handle
+        // workloads still waiting for their cgroup or first process.
+        let full = last_full.elapsed() >= Duration::from_secs(1);
+        if full {
+            last_full = Instant::now();
+        }
         let mut live: HashMap<NetnsId, u32> = HashMap::new();
-        let mut per_cgroup: Vec<(&PathBuf, u64, Vec<NetnsId>)> = Vec::new();
-        for (path, id) in &cgroups {
+        let mut all_ready = known;
+        for w in desired.values() {
+            let Some(cg) = w.cgroup_candidates.iter().find(|p| p.is_dir()).cloned() else {
+                if waiting_logged.insert(w.key.clone()) {
+                    info!(workload = %w.label, "waiting for the workload's cgroup to appear");
+                }
+                all_ready = false;
+                continue;
+            };
+            let Ok(id) = netns::cgroup_id(&cg) else { continue };
+            let already = enabled.get(&w.key).is_some_and(|e| e.id == id);
+            if already && !full {
+                continue;
+            }
             let mut nss = Vec::new();
-            for pid in netns::cgroup_pids(path) {
+            for pid in netns::cgroup_pids(&cg) {
                 if let Ok(ns) = netns::netns_of(pid) {
                     live.entry(ns).or_insert(pid);
-                    nss.push(ns);
+                    nss.push((ns, pid));
                 }
             }
-            per_cgroup.push((path, *id, nss));
-        }
-        for (ns, pid) in &live {
-            if listeners.contains(ns) {
-                continue;
-            }
-            let workload: Arc<str> = per_cgroup
-                .iter()
-                .filter(|(_, _, nss)| nss.contains(ns))
-                .map(|(p, _, _)| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-                .into();
-            match proxy::spawn_listener(&shared, *pid, workload) {
-                Ok(l) => listeners.insert(l),
-                Err(e) => warn!(pid, error = %crate::error_chain(&e), "cannot start listener in pod netns"),
-            }
-        }
-        listeners.retain(&live.keys().copied().collect());
-        let mut all_ready = true;
-        for (path, id, nss) in &per_cgroup {
             if nss.is_empty() {
-                if waiting_logged.insert(*id) && !enabled.contains(id) {
-                    info!(cgroup = %path.display(), "cgroup has no process yet; enabling it once its network namespace is known");
+                if !already {
+                    if waiting_logged.insert(w.key.clone()) {
+                        info!(workload = %w.label, cgroup = %cg.display(), "cgroup has no process yet; enabling it once its network namespace is known");
+                    }
+                    all_ready = false;
                 }
-                all_ready &= enabled.contains(id);
                 continue;
             }
-            if nss.iter().all(|ns| listeners.contains(ns)) {
-                if enabled.insert(*id) {
-                    match shared.maps.lock().expect("maps lock poisoned").enable(*id) {
-                        Ok(()) => info!(cgroup = %path.display(), cgroup_id = id, "cgroup enabled"),
-                        Err(e) => {
-                            enabled.remove(id);
-                            warn!(cgroup = %path.display(), error = %crate::error_chain(&e), "cannot enable cgroup");
-                        }
+            let mut ok = true;
+            for (ns, pid) in &nss {
+                if listeners.contains(ns) {
+                    continue;
+                }
+                match proxy::spawn_listener(&shared, *pid, Arc::from(w.label.as_str())) {
+                    Ok(l) => listeners.insert(l),
+                    Err(e) => {
+                        ok = false;
+                        warn!(workload = %w.label, pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns");
                     }
                 }
-            } else {
+            }
+            if !ok {
                 all_ready = false;
+                continue;
+            }
+            if !already {
+                let mut maps = shared.maps.lock().expect("maps lock poisoned");
+                if let Some(old) = enabled.remove(&w.key) {
+                    let _ = maps.disable(old.id);
+                }
+                match maps.enable(id) {
+                    Ok(()) => {
+                        info!(workload = %w.label, cgroup = %cg.display(), cgroup_id = id, "workload enabled");
+                        enabled.insert(w.key.clone(), Enabled { cgroup: cg.clone(), id });
+                        waiting_logged.remove(&w.key);
+                    }
+                    Err(e) => {
+                        all_ready = false;
+                        warn!(workload = %w.label, error = %crate::error_chain(&e), "cannot enable cgroup");
+                    }
+                }
+            }
+        }
+        // Workloads that left the set: out of the map first, then their listeners go.
+        let gone: Vec<String> = enabled.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+        if !gone.is_empty() {
+            let mut maps = shared.maps.lock().expect("maps lock poisoned");
+            for k in gone {
+                if let Some(e) = enabled.remove(&k) {
+                    let _ = maps.disable(e.id);
+                    info!(workload = %k, cgroup = %e.cgroup.display(), "workload disabled");
+                }
+            }
+        }
+        waiting_logged.retain(|k| desired.contains_key(k));
+        if full {
+            // Keep listeners of namespaces still used by an enabled workload.
+            let mut keep: HashSet<NetnsId> = live.keys().copied().collect();
+            for e in enabled.values() {
+                for pid in netns::cgroup_pids(&e.cgroup) {
+                    if let Ok(ns) = netns::netns_of(pid) {
+                        keep.insert(ns);
+                    }
+                }
+            }
+            listeners.retain(&keep);
+        }
+        // Once the desired set is known, forget cgroups an earlier run enabled that are no
+        // longer wanted.
+        if known && !stale_checked {
+            stale_checked = true;
+            let wanted: BTreeSet<u64> = enabled.values().map(|e| e.id).collect();
+            let mut maps = shared.maps.lock().expect("maps lock poisoned");
+            for stale in maps.enabled_ids().difference(&wanted) {
+                let still_desired = desired.values().any(|w| {
+                    w.cgroup_candidates.iter().any(|p| netns::cgroup_id(p).ok() == Some(*stale))
+                });
+                if !still_desired {
+                    info!(cgroup_id = stale, "disabling a cgroup left enabled by an earlier run");
+                    let _ = maps.disable(*stale);
+                }
             }
         }
         shared.metrics.listeners.set(listeners.len() as i64);
+        shared.metrics.enabled_cgroups.set(enabled.len() as i64);
         readiness.listeners_ready.store(all_ready, Ordering::Relaxed);
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            _ = tokio::time::sleep(shared.config.rescan_interval) => {}
+            r = rx.changed() => {
+                if r.is_err() {
+                    // The watcher is gone; keep the last set and rescan on the timer.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                } else {
+                    known = true;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
     drop(listeners);

@@ -1,55 +1,389 @@
-//! The daemon's typed configuration, built from the command line (and `REDIRECTOR_*` env).
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+//! Configuration: one set of [`Settings`] read from a config file (YAML or TOML), the
+//! `REDIRECTOR_*` environment and flags — in rising precedence — validated into one typed
+//! [`Config`].
+//!
+//! The file uses the long flag names as keys (`gateway-url: https://…`), plus `routes`,
+//! `route-presets` and `allow-dial`, which exist only in the file.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
+use clap::Args;
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    policy::SkipRanges,
-    tunnel::{Route, TunnelConfig},
+    bpf::DEFAULT_PIN_ROOT,
+    policy::{self, RouteRule, RouteTable, SkipRanges},
+    tunnel::{self, GatewayConfig, ProxyConfig, ProxyScheme, ProxyUrl, Route, Timeouts, TunnelConfig},
 };
+
+/// Every setting of `redirector run`, each optional, as given by one source (flags+env via
+/// clap, or the file via serde). Unknown keys in the file are errors.
+#[derive(Args, Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Settings {
+    /// bpffs directory of our pins [default: /sys/fs/bpf/redirector].
+    #[arg(long, env = "REDIRECTOR_PIN_ROOT")]
+    pub pin_root: Option<PathBuf>,
+    /// cgroup v2 directory the hooks attach to; enabled cgroups must be below it
+    /// [default: /sys/fs/cgroup].
+    #[arg(long, env = "REDIRECTOR_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Enable a cgroup (and everything below it); repeatable. The non-Kubernetes mode.
+    #[arg(long = "cgroup", env = "REDIRECTOR_CGROUPS", value_delimiter = ',')]
+    #[serde(alias = "cgroups")]
+    pub cgroup: Option<Vec<PathBuf>>,
+    /// Follow pods of namespaces labeled egress-redirector.io/enabled=true on this node
+    /// (node name from NODE_NAME).
+    #[arg(long, env = "REDIRECTOR_KUBERNETES")]
+    pub kubernetes: Option<bool>,
+    /// Kubeconfig for --kubernetes (default: in-cluster service account).
+    #[arg(long, env = "REDIRECTOR_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Port of the per-pod-netns listener on 127.0.0.1 and ::1 [default: 15001].
+    #[arg(long, env = "REDIRECTOR_PROXY_PORT")]
+    pub proxy_port: Option<u16>,
+    /// Admin endpoint, loopback only [default: 127.0.0.1:15000].
+    #[arg(long, env = "REDIRECTOR_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Destinations that never go through the proxy, `az connectedk8s` / NO_PROXY syntax:
+    /// comma-separated IPs, CIDRs, names, `.suffix`, `*.suffix`, optional `:port`.
+    #[arg(long, env = "REDIRECTOR_PROXY_SKIP_RANGE")]
+    pub proxy_skip_range: Option<String>,
+    /// The gateway, `https://<name>[:port]`. When set, `gateway` is the default route.
+    #[arg(long, env = "REDIRECTOR_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
+    /// Dial this host instead of the gateway URL's host (SNI and certificate name stay the
+    /// URL's); like curl's --connect-to.
+    #[arg(long, env = "REDIRECTOR_GATEWAY_CONNECT_TO")]
+    pub gateway_connect_to: Option<String>,
+    /// Extra header on the gateway CONNECT, `Name: value`; repeatable.
+    #[arg(long = "gateway-header", env = "REDIRECTOR_GATEWAY_HEADERS", value_delimiter = '\n')]
+    #[serde(alias = "gateway-headers")]
+    pub gateway_header: Option<Vec<String>>,
+    /// File holding a bearer token for the gateway CONNECT (re-read for every tunnel).
+    #[arg(long, env = "REDIRECTOR_GATEWAY_TOKEN_FILE")]
+    pub gateway_token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for the gateway TLS session.
+    #[arg(long, env = "REDIRECTOR_GATEWAY_CLIENT_CERT")]
+    pub gateway_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --gateway-client-cert.
+    #[arg(long, env = "REDIRECTOR_GATEWAY_CLIENT_KEY")]
+    pub gateway_client_key: Option<PathBuf>,
+    /// Enterprise proxy for HTTPS traffic and the gateway hop, `http://[user:pass@]host:port`
+    /// or `https://…`.
+    #[arg(long, env = "REDIRECTOR_PROXY_HTTPS")]
+    pub proxy_https: Option<String>,
+    /// Enterprise proxy for plain-HTTP traffic on the `proxy` route (and for everything when
+    /// --proxy-https is not set).
+    #[arg(long, env = "REDIRECTOR_PROXY_HTTP")]
+    pub proxy_http: Option<String>,
+    /// File with `user:password` for the enterprise proxy (e.g. a mounted Secret); replaces
+    /// credentials in the proxy URLs.
+    #[arg(long, env = "REDIRECTOR_PROXY_CREDENTIALS_FILE")]
+    pub proxy_credentials_file: Option<PathBuf>,
+    /// Extra CA bundle (PEM) trusted for the gateway and an https:// proxy.
+    #[arg(long, env = "REDIRECTOR_PROXY_CERT")]
+    pub proxy_cert: Option<PathBuf>,
+    /// Seconds to wait for a ClientHello / HTTP request head before tunneling by IP [0.5].
+    #[arg(long, env = "REDIRECTOR_SNIFF_TIMEOUT")]
+    pub sniff_timeout: Option<f64>,
+    /// Seconds allowed for each TCP connect, per hop [5].
+    #[arg(long, env = "REDIRECTOR_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<f64>,
+    /// Seconds allowed for each TLS handshake, per hop [10].
+    #[arg(long, env = "REDIRECTOR_TLS_TIMEOUT")]
+    pub tls_timeout: Option<f64>,
+    /// Seconds allowed for each CONNECT response, per hop [10].
+    #[arg(long, env = "REDIRECTOR_CONNECT_RESPONSE_TIMEOUT")]
+    pub connect_response_timeout: Option<f64>,
+    /// Seconds SIGTERM waits for open connections [5].
+    #[arg(long, env = "REDIRECTOR_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<f64>,
+    /// Route table (file only): first match wins.
+    #[arg(skip)]
+    pub routes: Option<Vec<RawRoute>>,
+    /// Built-in route tables to append after `routes` (file only), e.g. `arc-not-covered`.
+    #[arg(skip)]
+    pub route_presets: Option<Vec<String>>,
+    /// Addresses the proxy may dial directly even though they are link-local, metadata or
+    /// the node's own (file only); CIDRs or IPs.
+    #[arg(skip)]
+    pub allow_dial: Option<Vec<String>>,
+}
+
+/// One route table entry as written in the file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RawRoute {
+    /// Host pattern: `name`, `*.suffix`, `.suffix`, optional `:port`.
+    pub host: Option<String>,
+    /// Address range (`10.0.0.0/8`, `2001:db8::/32`, or one IP).
+    pub cidr: Option<String>,
+    /// Port restriction (also expressible as `host: name:443`).
+    pub port: Option<u16>,
+    /// `direct`, `proxy` or `gateway`.
+    pub route: String,
+}
+
+impl Settings {
+    /// Field by field, `higher`'s values win.
+    pub fn overlay(self, higher: Settings) -> Settings {
+        macro_rules! pick {
+            ($($f:ident),* $(,)?) => { Settings { $($f: higher.$f.or(self.$f),)* } };
+        }
+        pick!(
+            pin_root, cgroup_root, cgroup, kubernetes, kubeconfig, proxy_port, admin_addr,
+            proxy_skip_range, gateway_url, gateway_connect_to, gateway_header, gateway_token_file,
+            gateway_client_cert, gateway_client_key, proxy_https, proxy_http,
+            proxy_credentials_file, proxy_cert, sniff_timeout, connect_timeout, tls_timeout,
+            connect_response_timeout, drain_timeout, routes, route_presets, allow_dial,
+        )
+    }
+
+    /// Reads a YAML (`.yaml`, `.yml`) or TOML (`.toml`) file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::ReadFile { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+        let bad = |detail: String| ConfigError::ParseFile { path: path.to_owned(), detail };
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => toml::from_str(text).map_err(|e| bad(e.to_string())),
+            Some("yaml" | "yml") => {
+                if text.trim().is_empty() {
+                    return Ok(Settings::default());
+                }
+                serde_norway::from_str(text).map_err(|e| bad(e.to_string()))
+            }
+            _ => Err(bad("unknown format: use a .yaml, .yml or .toml file".into())),
+        }
+    }
+}
 
 /// Everything `redirector run` needs, validated. Logged once at start and served at
 /// `/config_dump`; secrets (proxy password, gateway header values) serialize redacted.
 #[derive(Clone, Debug, Serialize)]
 pub struct Config {
-    /// bpffs directory for our pins (one per daemon instance).
     pub pin_root: PathBuf,
-    /// cgroup v2 directory the hooks attach to; enabled cgroups must be below it.
     pub cgroup_root: PathBuf,
-    /// Statically enabled cgroups (`--cgroup`), the non-Kubernetes mode.
+    /// Statically enabled cgroups (`--cgroup`).
     pub cgroups: Vec<PathBuf>,
-    /// Port of the per-netns listener on 127.0.0.1 and ::1.
+    /// Kubernetes mode (`--kubernetes`).
+    pub kubernetes: bool,
+    pub kubeconfig: Option<PathBuf>,
     pub proxy_port: u16,
-    /// Admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/config_dump`); loopback only.
     pub admin_addr: SocketAddr,
-    /// Skip ranges (`--proxy-skip-range`).
     pub skip: SkipRanges,
+    pub routes: RouteTable,
     /// Route for everything no rule matches: `gateway` when a gateway is configured, else
     /// `proxy` when an enterprise proxy is, else `direct`.
     pub default_route: Route,
+    /// Addresses explicitly allowed for direct dialing despite the safety rules.
+    pub allow_dial: Vec<IpNet>,
     /// Tunnel settings; its proxy is `--proxy-https` (falling back to `--proxy-http`).
     pub tunnel: TunnelConfig,
     /// The same with `--proxy-http` as the proxy: used for plain-HTTP connections on the
     /// `proxy` route when both proxies are set.
     pub tunnel_http: Option<TunnelConfig>,
-    /// How long to wait for a ClientHello / HTTP request head before tunneling by IP.
     #[serde(with = "secs")]
     pub sniff_timeout: Duration,
-    /// Most bytes read while looking for a host name.
     pub sniff_cap: usize,
-    /// How long SIGTERM waits for open connections before exiting.
     #[serde(with = "secs")]
     pub drain_timeout: Duration,
-    /// How often the static mode rescans `--cgroup` directories for new network namespaces.
     #[serde(with = "secs")]
     pub rescan_interval: Duration,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {detail}")]
+    ParseFile { path: PathBuf, detail: String },
+    #[error("invalid proxy-skip-range")]
+    SkipRange(#[source] policy::SkipParseError),
+    #[error("invalid routes[{index}]: {reason}")]
+    Route { index: usize, reason: String },
+    #[error("unknown route preset {0:?} (known: {known})", known = policy::PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", "))]
+    Preset(String),
+    #[error("invalid allow-dial entry {0:?}: expected an IP or CIDR")]
+    AllowDial(String),
+    #[error("invalid {field}")]
+    Url {
+        field: &'static str,
+        #[source]
+        source: tunnel::UrlError,
+    },
+    #[error("invalid gateway-header")]
+    Header(#[source] tunnel::HeaderError),
+    #[error("cannot load proxy-credentials-file")]
+    Credentials(#[source] tunnel::CredentialsError),
+    #[error("cannot build the TLS settings")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("invalid gateway-connect-to {0:?}: expected a host name or IP address")]
+    ConnectTo(String),
+    #[error("invalid {field} {value}: must be a positive number of seconds")]
+    Duration { field: &'static str, value: f64 },
+    #[error("invalid proxy-port 0: pick a free port")]
+    Port,
+    #[error("gateway-client-cert and gateway-client-key must be given together")]
+    ClientCertPair,
+}
+
+fn secs_of(field: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(default);
+    if value.is_finite() && value > 0.0 && value < 86_400.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::Duration { field, value })
+    }
+}
+
 impl Config {
+    /// Applies defaults and validates. Errors name the setting and the bad value.
+    pub fn build(s: Settings) -> Result<Config, ConfigError> {
+        let proxy_port = s.proxy_port.unwrap_or(redirector_common::DEFAULT_PROXY_PORT);
+        if proxy_port == 0 {
+            return Err(ConfigError::Port);
+        }
+        let skip: SkipRanges =
+            s.proxy_skip_range.as_deref().unwrap_or("").parse().map_err(ConfigError::SkipRange)?;
+        let mut rules = Vec::new();
+        for (index, r) in s.routes.iter().flatten().enumerate() {
+            rules.push(RouteRule::from_raw(r).map_err(|reason| ConfigError::Route { index, reason })?);
+        }
+        for name in s.route_presets.iter().flatten() {
+            let preset = policy::preset(name).ok_or_else(|| ConfigError::Preset(name.clone()))?;
+            rules.extend(preset);
+        }
+        let mut allow_dial = Vec::new();
+        for a in s.allow_dial.iter().flatten() {
+            let net = a
+                .parse::<IpNet>()
+                .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| ConfigError::AllowDial(a.clone()))?;
+            allow_dial.push(policy::canonical_net(net));
+        }
+        let timeouts = Timeouts {
+            connect: secs_of("connect-timeout", s.connect_timeout, 5.0)?,
+            tls_handshake: secs_of("tls-timeout", s.tls_timeout, 10.0)?,
+            connect_response: secs_of("connect-response-timeout", s.connect_response_timeout, 10.0)?,
+            ..Timeouts::default()
+        };
+        let extra_ca = s.proxy_cert.as_deref();
+        let http11: &[&[u8]] = &[b"http/1.1"];
+        let client_cert = match (&s.gateway_client_cert, &s.gateway_client_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => return Err(ConfigError::ClientCertPair),
+        };
+        let gateway = match &s.gateway_url {
+            None => None,
+            Some(url) => {
+                let tls = crate::tls::client_config(extra_ca, client_cert, http11).map_err(ConfigError::Tls)?;
+                let mut g = GatewayConfig::from_url(url, tls)
+                    .map_err(|source| ConfigError::Url { field: "gateway-url", source })?;
+                if let Some(host) = &s.gateway_connect_to {
+                    crate::sniff::validate_host(host).map_err(|_| ConfigError::ConnectTo(host.clone()))?;
+                    g.addr_host = host.clone();
+                }
+                for h in s.gateway_header.iter().flatten() {
+                    if !h.trim().is_empty() {
+                        g.extra_headers.push(tunnel::parse_header(h).map_err(ConfigError::Header)?);
+                    }
+                }
+                g.bearer_token_file = s.gateway_token_file.clone();
+                Some(g)
+            }
+        };
+        let credentials = match &s.proxy_credentials_file {
+            Some(p) => Some(tunnel::load_credentials_file(p).map_err(ConfigError::Credentials)?),
+            None => None,
+        };
+        let make_proxy = |field: &'static str, url: &str| -> Result<ProxyConfig, ConfigError> {
+            let url: ProxyUrl = url.parse().map_err(|source| ConfigError::Url { field, source })?;
+            let tls = match url.scheme {
+                ProxyScheme::Https => Some(crate::tls::client_config(extra_ca, None, http11).map_err(ConfigError::Tls)?),
+                ProxyScheme::Http => None,
+            };
+            let mut p = ProxyConfig::new(url, tls);
+            if credentials.is_some() {
+                p.credentials = credentials.clone();
+            }
+            Ok(p)
+        };
+        let https_proxy = s.proxy_https.as_deref().filter(|u| !u.is_empty()).map(|u| make_proxy("proxy-https", u)).transpose()?;
+        let http_proxy = s.proxy_http.as_deref().filter(|u| !u.is_empty()).map(|u| make_proxy("proxy-http", u)).transpose()?;
+        let default_route = if gateway.is_some() {
+            Route::Gateway
+        } else if https_proxy.is_some() || http_proxy.is_some() {
+            Route::Proxy
+        } else {
+            Route::Direct
+        };
+        let tunnel = TunnelConfig { gateway: gateway.clone(), proxy: https_proxy.clone().or_else(|| http_proxy.clone()), timeouts };
+        let tunnel_http = match (&https_proxy, http_proxy) {
+            (Some(_), Some(h)) => Some(TunnelConfig { gateway, proxy: Some(h), timeouts }),
+            _ => None,
+        };
+        Ok(Config {
+            pin_root: s.pin_root.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
+            cgroup_root: s.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
+            cgroups: s.cgroup.unwrap_or_default(),
+            kubernetes: s.kubernetes.unwrap_or(false),
+            kubeconfig: s.kubeconfig,
+            proxy_port,
+            admin_addr: s.admin_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000))),
+            skip,
+            routes: RouteTable { rules },
+            default_route,
+            allow_dial,
+            tunnel,
+            tunnel_http,
+            sniff_timeout: secs_of("sniff-timeout", s.sniff_timeout, 0.5)?,
+            sniff_cap: 16 * 1024,
+            drain_timeout: secs_of("drain-timeout", s.drain_timeout, 5.0)?,
+            rescan_interval: Duration::from_millis(250),
+        })
+    }
+
     /// The CIDR part of the skip ranges, which goes into the kernel LPM maps.
     pub fn skip_cidrs(&self) -> Vec<IpNet> {
         self.skip.cidrs()
+    }
+
+    /// Settings a reload cannot change (they need a restart); named for the warning.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.pin_root != new.pin_root {
+            v.push("pin-root");
+        }
+        if self.cgroup_root != new.cgroup_root {
+            v.push("cgroup-root");
+        }
+        if self.cgroups != new.cgroups {
+            v.push("cgroup");
+        }
+        if self.kubernetes != new.kubernetes {
+            v.push("kubernetes");
+        }
+        if self.proxy_port != new.proxy_port {
+            v.push("proxy-port");
+        }
+        if self.admin_addr != new.admin_addr {
+            v.push("admin-addr");
+        }
+        v
     }
 }
 
@@ -58,5 +392,72 @@ mod secs {
     use std::time::Duration;
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> Result<Settings, ConfigError> {
+        Settings::parse(Path::new("c.yaml"), text)
+    }
+
+    #[test]
+    fn yaml_and_toml_read_the_same_keys() {
+        let y = yaml("gateway-url: https://gw.example\nproxy-skip-range: 10.0.0.0/8,.svc\nroutes:\n  - host: '*.vault.azure.net'\n    route: proxy\n").unwrap();
+        let t = Settings::parse(
+            Path::new("c.toml"),
+            "gateway-url = \"https://gw.example\"\nproxy-skip-range = \"10.0.0.0/8,.svc\"\n[[routes]]\nhost = \"*.vault.azure.net\"\nroute = \"proxy\"\n",
+        )
+        .unwrap();
+        assert_eq!(y, t);
+        let c = Config::build(y).unwrap();
+        assert_eq!(c.default_route, Route::Gateway);
+        assert_eq!(c.routes.rules.len(), 1);
+    }
+
+    #[test]
+    fn precedence_file_then_env_then_flags() {
+        let file = Settings { proxy_port: Some(1), gateway_url: Some("https://file".into()), sniff_timeout: Some(1.0), ..Default::default() };
+        let env = Settings { proxy_port: Some(2), gateway_url: Some("https://env".into()), ..Default::default() };
+        let flags = Settings { proxy_port: Some(3), ..Default::default() };
+        let s = file.overlay(env).overlay(flags);
+        assert_eq!(s.proxy_port, Some(3));
+        assert_eq!(s.gateway_url.as_deref(), Some("https://env"));
+        assert_eq!(s.sniff_timeout, Some(1.0));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases: &[(&str, &[&str])] = &[
+            ("gateway-url: http://gw.example", &["gateway-url"]),
+            ("proxy-skip-range: 10.0.0.0/33", &["proxy-skip-range", "10.0.0.0/33"]),
+            ("routes:\n  - host: a.example\n    route: sideways\n", &["routes[0]", "sideways"]),
+            ("routes:\n  - route: proxy\n", &["routes[0]", "host or cidr"]),
+            ("route-presets: [nope]", &["nope"]),
+            ("connect-timeout: -1", &["connect-timeout", "-1"]),
+            ("allow-dial: [banana]", &["allow-dial", "banana"]),
+            ("gateway-urll: https://x", &["gateway-urll"]),
+            ("proxy-port: nope", &["proxy-port"]),
+        ];
+        for (text, needles) in cases {
+            let err = yaml(text).and_then(Config::build).map(|_| ()).unwrap_err();
+            let msg = crate::error_chain(&err);
+            for n in *needles {
+                assert!(msg.contains(n), "{text:?}: {n:?} not in {msg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_or_the_dump() {
+        let s = Settings { proxy_https: Some("http://u:hunter2@proxy.example:3128".into()), gateway_url: Some("https://gw.example".into()), gateway_header: Some(vec!["X-Key: sekrit".into()]), ..Default::default() };
+        let c = Config::build(s).unwrap();
+        let dump = serde_json::to_string(&c).unwrap();
+        for leak in ["hunter2", "sekrit"] {
+            assert!(!dump.contains(leak), "dump leaks {leak}: {dump}");
+            assert!(!format!("{c:?}").contains(leak), "Debug leaks {leak}");
+        }
     }
 }

@@ -8,11 +8,15 @@ pub mod netns;
 pub mod policy;
 pub mod preflight;
 pub mod proxy;
+pub mod relay;
 pub mod sniff;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
+pub mod workloads;
+pub mod k8s;
+pub mod kubelet;
 
 /// Renders an error and its sources on one line: `outer: inner: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -17,12 +17,12 @@ fn main() -> std::process::ExitCode {
 fn dispatch(cmd: cli::Command) -> Result<(), String> {
     match cmd {
         cli::Command::Run(args) => {
-            let config = args.into_config().map_err(|e| error_chain(&e))?;
+            let config = args.load().map_err(|e| error_chain(&e))?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-            rt.block_on(app::run(config)).map_err(|e| error_chain(&e))
+            rt.block_on(app::run(config, args)).map_err(|e| error_chain(&e))
         }
         cli::Command::Status(a) => {
             let s = status::collect(&a.pins.pin_root, a.admin_addr, &a.cgroup_root)

@@ -1,54 +1,116 @@
-//! Routing policy: pure decisions, no I/O. Skip ranges (`--proxy-skip-range`) and the route
-//! of a connection.
-use std::{fmt, net::IpAddr, str::FromStr};
+//! Routing policy: pure decisions, no I/O. Parses skip ranges (`--proxy-skip-range`) and
+//! route tables, and decides per connection: skipped (direct), a route-table route, or the
+//! default route — with the safety rules applied last.
+//!
+//! Name matching (skip ranges and routes, case-insensitive, trailing dot ignored):
+//!
+//! | pattern            | matches                                   | does not match     |
+//! |--------------------|-------------------------------------------|--------------------|
+//! | `svc`              | `svc`, `a.svc`, `a.b.svc`                  | `notsvc`           |
+//! | `.svc`             | `a.svc`, `a.b.svc`                         | `svc`              |
+//! | `*.svc`            | `a.svc`, `a.b.svc`                         | `svc`              |
+//! | `name:443`         | `name` on port 443 only                    | `name` on port 80  |
+//!
+//! A bare name in a *route* (`host: data.policy.core.windows.net`) matches exactly that
+//! name; in a *skip range* it also matches names below it, as `NO_PROXY` does in Go and
+//! curl. `*` alone in a skip range skips everything. Internationalized names are matched in
+//! their punycode (`xn--`) form, which is what SNI and Host carry.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    str::FromStr,
+};
 
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::tunnel::Route;
+use crate::{config::RawRoute, tunnel::Route};
 
-/// What the policy decided for one connection, and why (for the audit line).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Decision {
-    pub route: Route,
-    /// The rule that matched, e.g. `skip:.svc.cluster.local`, or `default`.
-    pub rule: String,
-    /// True when the route depends on the host name only: `direct` is then allowed only if
-    /// the name resolves to the original destination IP (checked by the caller).
-    pub by_name: bool,
+/// How a name pattern matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
+pub enum NamePattern {
+    /// Exactly this name.
+    Exact(String),
+    /// Names strictly below this suffix (`.svc`, `*.svc`).
+    Below(String),
+    /// This name and everything below it (a bare name in a skip range).
+    SelfAndBelow(String),
 }
 
-/// Decides the route of a connection to `dst` whose client named `host` (SNI / Host).
-/// CIDR skips never get here (the kernel sends them direct); they are re-checked for
-/// connections that reached the proxy anyway (e.g. a skip range added after connect).
-pub fn decide(skip: &SkipRanges, default: Route, dst: IpAddr, host: Option<&str>) -> Decision {
-    let dst = canonical_ip(dst);
-    for e in &skip.entries {
-        match e {
-            SkipEntry::Cidr(n) if n.contains(&dst) => {
-                return Decision { route: Route::Direct, rule: format!("skip:{n}"), by_name: false };
-            }
-            SkipEntry::Name { .. } => {
-                if let Some(h) = host {
-                    if e.matches_name(h) {
-                        return Decision { route: Route::Direct, rule: format!("skip:{e}"), by_name: true };
-                    }
-                }
-            }
-            SkipEntry::Cidr(_) => {}
+impl NamePattern {
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let below = |suffix: &str| {
+            host.len() > suffix.len()
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        };
+        match self {
+            NamePattern::Exact(n) => host == *n,
+            NamePattern::Below(n) => below(n),
+            NamePattern::SelfAndBelow(n) => host == *n || below(n),
         }
     }
-    Decision { route: default, rule: "default".into(), by_name: false }
 }
 
-/// One entry of a `--proxy-skip-range` value.
+impl fmt::Display for NamePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NamePattern::Exact(n) | NamePattern::SelfAndBelow(n) => write!(f, "{n}"),
+            NamePattern::Below(n) => write!(f, "*.{n}"),
+        }
+    }
+}
+
+/// What a rule matches on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
-pub enum SkipEntry {
-    /// An address range; a single IP is a /32 or /128. Enforced in the kernel.
+#[serde(rename_all = "snake_case")]
+pub enum Matcher {
+    Name(NamePattern),
     Cidr(IpNet),
-    /// A host name (lower case, no trailing dot). `suffix` = leading dot in the input.
-    Name { name: String, suffix: bool },
+    /// `*` in a skip range.
+    Everything,
+}
+
+/// One skip-range entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SkipEntry {
+    pub matcher: Matcher,
+    pub port: Option<u16>,
+}
+
+impl SkipEntry {
+    fn matches(&self, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        match &self.matcher {
+            Matcher::Everything => true,
+            Matcher::Cidr(n) => n.contains(&dst),
+            Matcher::Name(p) => host.is_some_and(|h| p.matches(h)),
+        }
+    }
+
+    /// Kept for callers that only have a name.
+    pub fn matches_name(&self, host: &str) -> bool {
+        matches!(&self.matcher, Matcher::Name(p) if p.matches(host))
+    }
+}
+
+impl fmt::Display for SkipEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.matcher {
+            Matcher::Everything => write!(f, "*")?,
+            Matcher::Cidr(n) => write!(f, "{n}")?,
+            Matcher::Name(NamePattern::Below(n)) => write!(f, ".{n}")?,
+            Matcher::Name(p) => write!(f, "{p}")?,
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
 }
 
 /// A parsed `--proxy-skip-range`.
@@ -58,33 +120,292 @@ pub struct SkipRanges {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid skip range entry {entry:?}: {reason}")]
+#[error("invalid entry {entry:?}: {reason}")]
 pub struct SkipParseError {
     pub entry: String,
     pub reason: &'static str,
 }
 
 impl SkipRanges {
+    /// Port-less address ranges: these go into the kernel LPM maps, so such connections
+    /// never reach the proxy. (`*` becomes 0.0.0.0/0 and ::/0.)
     pub fn cidrs(&self) -> Vec<IpNet> {
-        self.entries
-            .iter()
-            .filter_map(|e| match e {
-                SkipEntry::Cidr(n) => Some(canonical_net(*n)),
-                SkipEntry::Name { .. } => None,
-            })
-            .collect()
+        let mut out = Vec::new();
+        for e in self.entries.iter().filter(|e| e.port.is_none()) {
+            match &e.matcher {
+                Matcher::Cidr(n) => out.push(*n),
+                Matcher::Everything => {
+                    out.push("0.0.0.0/0".parse().expect("literal"));
+                    out.push("::/0".parse().expect("literal"));
+                }
+                Matcher::Name(_) => {}
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
-    /// Are there name rules (which need the host name from SNI / Host)?
+    /// Are there entries only userspace can decide (names, ports)?
     pub fn has_names(&self) -> bool {
-        self.entries.iter().any(|e| matches!(e, SkipEntry::Name { .. }))
+        self.entries.iter().any(|e| matches!(e.matcher, Matcher::Name(_)) || e.port.is_some())
     }
 
-    /// Does `ip` fall into a skip CIDR? (IPv4-mapped IPv6 is judged as IPv4.)
+    /// Does `ip` fall into a port-less skip CIDR? (IPv4-mapped IPv6 is judged as IPv4.)
     pub fn contains_ip(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.cidrs().iter().any(|n| n.contains(&ip))
     }
+}
+
+impl FromStr for SkipRanges {
+    type Err = SkipParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut entries = Vec::new();
+        // NO_PROXY values are sometimes space-separated too.
+        for item in s.split([',', ' ', '\t', '\n']).map(str::trim).filter(|i| !i.is_empty()) {
+            entries.push(parse_skip_entry(item)?);
+        }
+        Ok(Self { entries })
+    }
+}
+
+/// Splits an optional `:port` off an entry; IPv6 needs brackets for a port (`[::1]:80`).
+fn split_port(item: &str) -> Result<(&str, Option<u16>), &'static str> {
+    if let Some(rest) = item.strip_prefix('[') {
+        let (addr, tail) = rest.split_once(']').ok_or("unclosed '['")?;
+        return match tail {
+            "" => Ok((addr, None)),
+            t => {
+                let p = t.strip_prefix(':').ok_or("expected ':port' after ']'")?;
+                Ok((addr, Some(parse_port(p)?)))
+            }
+        };
+    }
+    if item.matches(':').count() == 1 {
+        let (h, p) = item.split_once(':').expect("one colon");
+        return Ok((h, Some(parse_port(p)?)));
+    }
+    Ok((item, None))
+}
+
+fn parse_port(p: &str) -> Result<u16, &'static str> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err("port must be 1-65535"),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn parse_skip_entry(item: &str) -> Result<SkipEntry, SkipParseError> {
+    let err = |reason| SkipParseError { entry: item.to_owned(), reason };
+    if item == "*" {
+        return Ok(SkipEntry { matcher: Matcher::Everything, port: None });
+    }
+    // A bare IPv6 address or CIDR has several colons and no port.
+    if let Ok(net) = item.parse::<IpNet>() {
+        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(net)), port: None });
+    }
+    if let Ok(ip) = item.parse::<IpAddr>() {
+        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(IpNet::from(ip))), port: None });
+    }
+    let (body, port) = split_port(item).map_err(err)?;
+    if let Ok(net) = body.parse::<IpNet>() {
+        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(net)), port });
+    }
+    if let Ok(ip) = body.parse::<IpAddr>() {
+        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(IpNet::from(ip))), port });
+    }
+    if body.contains('/') {
+        return Err(err("not a valid CIDR (address/prefix-length)"));
+    }
+    let pattern = if let Some(rest) = body.strip_prefix("*.") {
+        NamePattern::Below(canonical_name(rest).map_err(err)?)
+    } else if let Some(rest) = body.strip_prefix('.') {
+        NamePattern::Below(canonical_name(rest).map_err(err)?)
+    } else {
+        NamePattern::SelfAndBelow(canonical_name(body).map_err(err)?)
+    };
+    Ok(SkipEntry { matcher: Matcher::Name(pattern), port })
+}
+
+/// Lower-cased, trailing dot removed, LDH labels (plus `_`), punycode allowed.
+fn canonical_name(name: &str) -> Result<String, &'static str> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() || name.len() > 253 {
+        return Err("host name is empty or longer than 253 bytes");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !name.split('.').all(label_ok) {
+        return Err("not an IP, CIDR or DNS name (non-ASCII names must be given in punycode, xn--…)");
+    }
+    Ok(name)
+}
+
+/// One route-table rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteRule {
+    pub matcher: Matcher,
+    pub port: Option<u16>,
+    pub route: Route,
+}
+
+impl RouteRule {
+    pub fn from_raw(r: &RawRoute) -> Result<RouteRule, String> {
+        let route = match r.route.to_ascii_lowercase().as_str() {
+            "direct" => Route::Direct,
+            "proxy" => Route::Proxy,
+            "gateway" => Route::Gateway,
+            other => return Err(format!("route {other:?} is not one of direct, proxy, gateway")),
+        };
+        let (matcher, port) = match (&r.host, &r.cidr) {
+            (Some(h), None) => {
+                let (body, port) = split_port(h.trim()).map_err(|e| format!("host {h:?}: {e}"))?;
+                let pattern = if let Some(rest) = body.strip_prefix("*.").or_else(|| body.strip_prefix('.')) {
+                    NamePattern::Below(canonical_name(rest).map_err(|e| format!("host {h:?}: {e}"))?)
+                } else {
+                    NamePattern::Exact(canonical_name(body).map_err(|e| format!("host {h:?}: {e}"))?)
+                };
+                (Matcher::Name(pattern), port)
+            }
+            (None, Some(c)) => {
+                let net = c
+                    .trim()
+                    .parse::<IpNet>()
+                    .or_else(|_| c.trim().parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("cidr {c:?} is not an IP or CIDR"))?;
+                (Matcher::Cidr(canonical_net(net)), None)
+            }
+            (Some(_), Some(_)) => return Err("give either host or cidr, not both".into()),
+            (None, None) => return Err("needs a host or cidr".into()),
+        };
+        let port = match (port, r.port) {
+            (Some(a), Some(b)) if a != b => return Err(format!("port {a} in host and port {b} disagree")),
+            (Some(0), _) | (_, Some(0)) => return Err("port must be 1-65535".into()),
+            (a, b) => a.or(b),
+        };
+        Ok(RouteRule { matcher, port, route })
+    }
+
+    fn matches(&self, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
+        if self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        match &self.matcher {
+            Matcher::Cidr(n) => n.contains(&dst),
+            Matcher::Name(p) => host.is_some_and(|h| p.matches(h)),
+            Matcher::Everything => true,
+        }
+    }
+}
+
+impl fmt::Display for RouteRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.matcher {
+            Matcher::Name(p) => write!(f, "{p}")?,
+            Matcher::Cidr(n) => write!(f, "{n}")?,
+            Matcher::Everything => write!(f, "*")?,
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        write!(f, "->{}", self.route)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RouteTable {
+    pub rules: Vec<RouteRule>,
+}
+
+/// Built-in route tables. `arc-not-covered`: services the Arc gateway does not forward, which
+/// must go through the enterprise proxy directly (DESIGN.md §1).
+pub const PRESETS: &[(&str, &[&str])] = &[(
+    "arc-not-covered",
+    &[
+        "*.ods.opinsights.azure.com",
+        "*.oms.opinsights.azure.com",
+        "*.monitoring.azure.com",
+        "*.vault.azure.net",
+        "data.policy.core.windows.net",
+        "store.policy.core.windows.net",
+    ],
+)];
+
+pub fn preset(name: &str) -> Option<Vec<RouteRule>> {
+    let (_, hosts) = PRESETS.iter().find(|(n, _)| *n == name)?;
+    hosts
+        .iter()
+        .map(|h| RouteRule::from_raw(&RawRoute { host: Some((*h).into()), route: "proxy".into(), ..Default::default() }).ok())
+        .collect()
+}
+
+/// What the policy decided for one connection, and why (for the audit line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// `None`: refuse the connection (safety rule).
+    pub route: Option<Route>,
+    /// The rule that matched: `skip:.svc`, `route:*.vault.azure.net->proxy`, `default`,
+    /// `safety:metadata` …
+    pub rule: String,
+    /// True when `direct` was chosen by a host-name rule: the caller must then check that
+    /// the name resolves to the original destination.
+    pub by_name: bool,
+}
+
+/// Everything `decide` needs besides the connection.
+pub struct PolicyInput<'a> {
+    pub skip: &'a SkipRanges,
+    pub routes: &'a RouteTable,
+    pub default: Route,
+    /// The node's own addresses (never dialed direct on a pod's behalf).
+    pub node_addrs: &'a [IpAddr],
+    /// Explicit exceptions to the safety rules.
+    pub allow_dial: &'a [IpNet],
+}
+
+/// Decides the route of a connection to `dst:port` whose client named `host` (SNI / Host).
+pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -> Decision {
+    let dst = canonical_ip(dst);
+    let mut d = Decision { route: Some(p.default), rule: "default".into(), by_name: false };
+    if let Some(e) = p.skip.entries.iter().find(|e| e.matches(dst, port, host)) {
+        d = Decision { route: Some(Route::Direct), rule: format!("skip:{e}"), by_name: matches!(e.matcher, Matcher::Name(_)) };
+    } else if let Some(r) = p.routes.rules.iter().find(|r| r.matches(dst, port, host)) {
+        d = Decision { route: Some(r.route), rule: format!("route:{r}"), by_name: matches!(r.matcher, Matcher::Name(_)) };
+    }
+    // Safety: the proxy never dials link-local / metadata / loopback / the node itself on a
+    // pod's behalf (that would lend the pod the node's identity), unless explicitly allowed.
+    if d.route == Some(Route::Direct) {
+        if let Some(why) = forbidden_direct(dst, p.node_addrs) {
+            if !p.allow_dial.iter().any(|n| n.contains(&dst)) {
+                return Decision { route: None, rule: format!("safety:{why} ({})", d.rule), by_name: false };
+            }
+        }
+    }
+    d
+}
+
+/// Why `ip` may not be dialed directly by the proxy, if it may not.
+pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static str> {
+    let ip = canonical_ip(ip);
+    let metadata_v6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    match ip {
+        IpAddr::V4(v4) if v4.is_link_local() => return Some("link-local/metadata"),
+        IpAddr::V4(v4) if v4.is_loopback() || v4.is_unspecified() => return Some("loopback"),
+        IpAddr::V6(v6) if v6 == metadata_v6 => return Some("link-local/metadata"),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => return Some("link-local/metadata"),
+        IpAddr::V6(v6) if v6.is_loopback() || v6.is_unspecified() => return Some("loopback"),
+        _ => {}
+    }
+    if node_addrs.iter().any(|a| canonical_ip(*a) == ip) {
+        return Some("node-address");
+    }
+    None
 }
 
 /// IPv4-mapped IPv6 addresses in their IPv4 form.
@@ -107,132 +428,196 @@ pub fn canonical_net(n: IpNet) -> IpNet {
     n.trunc()
 }
 
-impl FromStr for SkipRanges {
-    type Err = SkipParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut entries = Vec::new();
-        for raw in s.split(',') {
-            let item = raw.trim();
-            if item.is_empty() {
-                continue;
-            }
-            entries.push(parse_entry(item)?);
-        }
-        Ok(Self { entries })
-    }
-}
-
-fn parse_entry(item: &str) -> Result<SkipEntry, SkipParseError> {
-    let err = |reason| SkipParseError { entry: item.to_owned(), reason };
-    if let Ok(net) = item.parse::<IpNet>() {
-        return Ok(SkipEntry::Cidr(canonical_net(net)));
-    }
-    if let Ok(ip) = item.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-        return Ok(SkipEntry::Cidr(canonical_net(IpNet::from(ip))));
-    }
-    if item.contains('/') {
-        return Err(err("not a valid CIDR (address/prefix-length)"));
-    }
-    let (suffix, name) = match item.strip_prefix('.') {
-        Some(rest) => (true, rest),
-        None => (false, item),
-    };
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if name.is_empty() || name.len() > 253 {
-        return Err(err("host name is empty or longer than 253 bytes"));
-    }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !name.split('.').all(label_ok) {
-        return Err(err("not an IP, CIDR or DNS name"));
-    }
-    Ok(SkipEntry::Name { name, suffix })
-}
-
-impl SkipEntry {
-    /// Name matching, as Go's and curl's `NO_PROXY`: `example.com` matches `example.com` and
-    /// every name below it; `.example.com` matches only names below it. Case-insensitive,
-    /// a trailing dot on the host is ignored.
-    pub fn matches_name(&self, host: &str) -> bool {
-        let SkipEntry::Name { name, suffix } = self else { return false };
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let below = host.len() > name.len()
-            && host.ends_with(name.as_str())
-            && host.as_bytes()[host.len() - name.len() - 1] == b'.';
-        below || (!suffix && host == *name)
-    }
-}
-
-impl fmt::Display for SkipEntry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SkipEntry::Cidr(n) => write!(f, "{n}"),
-            SkipEntry::Name { name, suffix: true } => write!(f, ".{name}"),
-            SkipEntry::Name { name, suffix: false } => write!(f, "{name}"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn parses_az_connectedk8s_example() {
-        let s: SkipRanges =
-            "10.0.0.0/16,kubernetes.default.svc,.svc.cluster.local,.svc".parse().unwrap();
+        let s: SkipRanges = "10.0.0.0/16,kubernetes.default.svc,.svc.cluster.local,.svc".parse().unwrap();
         assert_eq!(s.cidrs(), vec!["10.0.0.0/16".parse::<IpNet>().unwrap()]);
         assert_eq!(s.entries.len(), 4);
-        assert_eq!(s.entries[2], SkipEntry::Name { name: "svc.cluster.local".into(), suffix: true });
+        assert_eq!(s.entries[2].matcher, Matcher::Name(NamePattern::Below("svc.cluster.local".into())));
+        assert_eq!(s.entries[2].to_string(), ".svc.cluster.local");
     }
 
     #[test]
     fn single_ips_and_mapped_forms_are_canonical() {
         let s: SkipRanges = "203.0.113.7, ::ffff:198.51.100.0/120 ,2001:db8::1".parse().unwrap();
-        let want: Vec<IpNet> = ["203.0.113.7/32", "198.51.100.0/24", "2001:db8::1/128"]
-            .iter()
-            .map(|x| x.parse().unwrap())
-            .collect();
+        let mut want: Vec<IpNet> = ["203.0.113.7/32", "198.51.100.0/24", "2001:db8::1/128"].iter().map(|x| x.parse().unwrap()).collect();
+        want.sort();
         assert_eq!(s.cidrs(), want);
-        assert!(s.contains_ip("::ffff:198.51.100.9".parse().unwrap()));
-        assert!(s.contains_ip("198.51.100.9".parse().unwrap()));
-        assert!(!s.contains_ip("198.51.101.9".parse().unwrap()));
+        assert!(s.contains_ip(ip("::ffff:198.51.100.9")));
+        assert!(s.contains_ip(ip("198.51.100.9")));
+        assert!(!s.contains_ip(ip("198.51.101.9")));
     }
 
     #[test]
-    fn name_matching_follows_no_proxy_conventions() {
-        let s: SkipRanges = "kubernetes.default.svc,.svc.cluster.local,svc".parse().unwrap();
-        let m = |h: &str| s.entries.iter().any(|e| e.matches_name(h));
-        assert!(m("kubernetes.default.svc"));
-        assert!(m("KUBERNETES.default.svc."));
-        assert!(m("api.ns.svc.cluster.local"));
-        assert!(!m("svc.cluster.local"), "leading dot: subdomains only");
-        assert!(m("svc") && m("foo.svc"), "no dot: the name and below");
-        assert!(!m("notsvc") && !m("svc.example.com"));
+    fn no_proxy_style_values() {
+        let s: SkipRanges = "localhost 127.0.0.1:8080 [2001:db8::5]:443 *.corp.example .internal example.org:80 *".parse().unwrap();
+        let strs: Vec<String> = s.entries.iter().map(ToString::to_string).collect();
+        assert_eq!(strs, ["localhost", "127.0.0.1/32:8080", "2001:db8::5/128:443", ".corp.example", ".internal", "example.org:80", "*"]);
+        // Ported CIDRs are decided in userspace; only port-less ones go to the kernel.
+        assert!(s.cidrs().contains(&"0.0.0.0/0".parse().unwrap()));
+        assert!(!s.cidrs().contains(&"127.0.0.1/32".parse().unwrap()));
+    }
+
+    /// Matcher table: (pattern list, host, port, expected).
+    #[test]
+    fn matcher_table() {
+        let table: &[(&str, &str, u16, bool)] = &[
+            ("svc", "svc", 443, true),
+            ("svc", "a.svc", 443, true),
+            ("svc", "notsvc", 443, false),
+            (".svc", "svc", 443, false),
+            (".svc", "a.b.svc", 443, true),
+            ("*.svc", "svc", 443, false),
+            ("*.svc", "a.svc", 443, true),
+            ("Example.COM", "example.com", 443, true),
+            ("example.com", "EXAMPLE.com.", 443, true),
+            ("example.com.", "a.example.com", 443, true),
+            ("example.com:443", "example.com", 443, true),
+            ("example.com:443", "example.com", 80, false),
+            ("*.update.microsoft.com:80", "a.update.microsoft.com", 80, true),
+            ("*.update.microsoft.com:80", "a.update.microsoft.com", 443, false),
+            ("xn--bcher-kva.example", "xn--bcher-kva.example", 443, true),
+            ("xn--bcher-kva.example", "bücher.example", 443, false),
+        ];
+        for (pat, host, port, want) in table {
+            let s: SkipRanges = pat.parse().unwrap();
+            let got = s.entries[0].matches(ip("203.0.113.1"), *port, Some(host));
+            assert_eq!(got, *want, "{pat} vs {host}:{port}");
+        }
     }
 
     #[test]
-    fn decide_prefers_skips_then_default() {
-        let s: SkipRanges = "10.0.0.0/8,.svc".parse().unwrap();
-        let ip = |x: &str| x.parse::<IpAddr>().unwrap();
-        let d = decide(&s, Route::Gateway, ip("10.1.2.3"), None);
-        assert_eq!((d.route, d.by_name), (Route::Direct, false));
-        let d = decide(&s, Route::Gateway, ip("::ffff:10.1.2.3"), None);
-        assert_eq!(d.route, Route::Direct, "v4-mapped gets the v4 decision");
-        let d = decide(&s, Route::Gateway, ip("203.0.113.9"), Some("a.svc"));
-        assert_eq!((d.route, d.by_name, d.rule.as_str()), (Route::Direct, true, "skip:.svc"));
-        let d = decide(&s, Route::Gateway, ip("203.0.113.9"), Some("portal.azure.com"));
-        assert_eq!((d.route, d.rule.as_str()), (Route::Gateway, "default"));
+    fn cidr_table_v4_v6_mapped() {
+        let table: &[(&str, &str, bool)] = &[
+            ("10.0.0.0/8", "10.1.2.3", true),
+            ("10.0.0.0/8", "::ffff:10.1.2.3", true),
+            ("::ffff:10.0.0.0/104", "10.1.2.3", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("2001:db8::/32", "2001:db8:1::1", true),
+            ("2001:db8::/32", "2001:db9::1", false),
+            ("203.0.113.5", "203.0.113.5", true),
+            ("203.0.113.5:443", "203.0.113.5", true),
+        ];
+        for (pat, addr, want) in table {
+            let s: SkipRanges = pat.parse().unwrap();
+            let got = s.entries[0].matches(canonical_ip(ip(addr)), 443, None);
+            assert_eq!(got, *want, "{pat} vs {addr}");
+        }
     }
 
     #[test]
     fn rejects_garbage_with_the_entry_named() {
-        for bad in ["10.0.0.0/33", "a b", "exa@mple.com", "http://x", "..", "10.0.0.0/x"] {
+        for bad in ["10.0.0.0/33", "exa@mple.com", "http://x", "..", "10.0.0.0/x", "a:0", "a:99999", "[::1", "-bad.example", "bücher.example"] {
             let e = bad.parse::<SkipRanges>().unwrap_err();
             assert_eq!(e.entry, bad, "error must name the entry");
+        }
+    }
+
+    fn input<'a>(skip: &'a SkipRanges, routes: &'a RouteTable, node: &'a [IpAddr], allow: &'a [IpNet]) -> PolicyInput<'a> {
+        PolicyInput { skip, routes, default: Route::Gateway, node_addrs: node, allow_dial: allow }
+    }
+
+    #[test]
+    fn decide_skips_then_routes_then_default() {
+        let skip: SkipRanges = "10.0.0.0/8,.svc".parse().unwrap();
+        let mut rules = preset("arc-not-covered").unwrap();
+        rules.push(RouteRule::from_raw(&RawRoute { cidr: Some("198.51.100.0/24".into()), route: "direct".into(), ..Default::default() }).unwrap());
+        let routes = RouteTable { rules };
+        let p = input(&skip, &routes, &[], &[]);
+        let d = decide(&p, ip("10.1.2.3"), 443, None);
+        assert_eq!((d.route, d.by_name), (Some(Route::Direct), false));
+        assert_eq!(decide(&p, ip("::ffff:10.1.2.3"), 443, None).route, Some(Route::Direct), "v4-mapped gets the v4 decision");
+        let d = decide(&p, ip("203.0.113.9"), 443, Some("a.svc"));
+        assert_eq!((d.route, d.by_name, d.rule.as_str()), (Some(Route::Direct), true, "skip:.svc"));
+        let d = decide(&p, ip("203.0.113.9"), 443, Some("kv1.vault.azure.net"));
+        assert_eq!((d.route, d.rule.as_str()), (Some(Route::Proxy), "route:*.vault.azure.net->proxy"));
+        let d = decide(&p, ip("198.51.100.7"), 443, None);
+        assert_eq!((d.route, d.by_name), (Some(Route::Direct), false));
+        let d = decide(&p, ip("203.0.113.9"), 443, Some("portal.azure.com"));
+        assert_eq!((d.route, d.rule.as_str()), (Some(Route::Gateway), "default"));
+    }
+
+    #[test]
+    fn safety_rules_refuse_direct_to_metadata_loopback_and_node() {
+        let skip: SkipRanges = "169.254.0.0/16,*".parse().unwrap();
+        let routes = RouteTable::default();
+        let node = [ip("203.0.113.1")];
+        let p = input(&skip, &routes, &node, &[]);
+        for addr in ["169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254", "127.0.0.1", "203.0.113.1", "::ffff:203.0.113.1", "fe80::1"] {
+            let d = decide(&p, ip(addr), 80, None);
+            assert_eq!(d.route, None, "{addr} must be refused: {d:?}");
+            assert!(d.rule.starts_with("safety:"), "{d:?}");
+        }
+        assert_eq!(decide(&p, ip("203.0.113.9"), 80, None).route, Some(Route::Direct));
+        let allow = ["169.254.169.254/32".parse().unwrap()];
+        let p = input(&skip, &routes, &node, &allow);
+        assert_eq!(decide(&p, ip("169.254.169.254"), 80, None).route, Some(Route::Direct), "explicitly allowed");
+        // Through the gateway the proxy never dials the address itself: allowed.
+        let skip = SkipRanges::default();
+        let p = input(&skip, &routes, &node, &[]);
+        assert_eq!(decide(&p, ip("169.254.169.254"), 80, None).route, Some(Route::Gateway));
+    }
+
+    #[test]
+    fn route_rules_validate() {
+        let bad = [
+            RawRoute { route: "proxy".into(), ..Default::default() },
+            RawRoute { host: Some("a.example".into()), cidr: Some("10.0.0.0/8".into()), route: "proxy".into(), ..Default::default() },
+            RawRoute { host: Some("a.example:80".into()), port: Some(443), route: "proxy".into(), ..Default::default() },
+            RawRoute { host: Some("a b".into()), route: "proxy".into(), ..Default::default() },
+            RawRoute { cidr: Some("10.0.0.0/40".into()), route: "proxy".into(), ..Default::default() },
+        ];
+        for r in bad {
+            assert!(RouteRule::from_raw(&r).is_err(), "{r:?}");
+        }
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use std::net::Ipv4Addr;
+
+        proptest! {
+            #[test]
+            fn skip_parser_never_panics(s in "\\PC{0,80}") {
+                let _ = s.parse::<SkipRanges>();
+            }
+
+            #[test]
+            fn skip_parser_never_panics_on_plausible_input(s in "[a-z0-9.*:/\\[\\], -]{0,60}") {
+                if let Ok(r) = s.parse::<SkipRanges>() {
+                    // Whatever parsed must print back into something that parses the same.
+                    let printed: Vec<String> = r.entries.iter().map(ToString::to_string).collect();
+                    let again: SkipRanges = printed.join(",").parse().unwrap();
+                    prop_assert_eq!(again.entries.len(), r.entries.len());
+                }
+            }
+
+            #[test]
+            fn route_parser_never_panics(h in "\\PC{0,40}", c in "\\PC{0,40}", r in "[a-z]{0,8}") {
+                let _ = RouteRule::from_raw(&RawRoute { host: Some(h.clone()), route: r.clone(), ..Default::default() });
+                let _ = RouteRule::from_raw(&RawRoute { cidr: Some(c), route: r, ..Default::default() });
+            }
+
+            #[test]
+            fn v4_and_mapped_always_agree(a in any::<u32>(), port in 1u16..) {
+                let skip: SkipRanges = "10.0.0.0/8,192.168.0.0/16".parse().unwrap();
+                let routes = RouteTable { rules: preset("arc-not-covered").unwrap() };
+                let node = [IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))];
+                let p = PolicyInput { skip: &skip, routes: &routes, default: Route::Gateway, node_addrs: &node, allow_dial: &[] };
+                let v4 = Ipv4Addr::from(a);
+                let d4 = decide(&p, IpAddr::V4(v4), port, None);
+                let d6 = decide(&p, IpAddr::V6(v4.to_ipv6_mapped()), port, None);
+                prop_assert_eq!(d4, d6);
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::{
     bpf::{self, Maps},
     config::Config,
     netns::{self, NetnsError, NetnsId},
-    policy,
+    policy, relay,
     sniff::{self, HostSource},
     telemetry::{DirectionLabels, Metrics, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels},
     tunnel::{self, HopStatus, Route},
@@ -26,7 +26,10 @@ use crate::{
 
 /// State shared by every listener and connection task.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// Swapped whole on reload; each connection works with the snapshot it started with.
+    pub config: arc_swap::ArcSwap<Config>,
+    /// The node's own addresses (refreshed on reload), for the safety rules.
+    pub node_addrs: arc_swap::ArcSwap<Vec<std::net::IpAddr>>,
     pub maps: Mutex<Maps>,
     pub metrics: Arc<Metrics>,
     /// Cancelled on SIGTERM: listeners stop accepting, relays get the drain timeout.
@@ -51,7 +54,7 @@ impl Drop for NetnsListener {
 /// Binds the proxy port inside the netns of `pid` and starts accepting.
 /// `workload` names what uses this netns in the audit log (pod, or cgroup path).
 pub fn spawn_listener(shared: &Arc<Shared>, pid: u32, workload: Arc<str>) -> Result<NetnsListener, NetnsError> {
-    let port = shared.config.proxy_port;
+    let port = shared.config.load().proxy_port;
     let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
     let addrs = vec![
         SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
@@ -153,7 +156,7 @@ impl Audit {
 }
 
 async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, orig: SocketAddr, workload: Arc<str>) {
-    let cfg = &shared.config;
+    let cfg = shared.config.load_full();
     shared.metrics.active.inc();
     let _active = scopeguard(|| {
         shared.metrics.active.dec();
@@ -175,7 +178,7 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     //    are kept and replayed to the target unchanged once the tunnel is up.
     // Skipped when no decision could depend on it (everything goes direct, no name rules):
     // server-first protocols would otherwise wait out the deadline for nothing.
-    let needs_host = cfg.default_route != Route::Direct || cfg.skip.has_names();
+    let needs_host = cfg.default_route != Route::Direct || cfg.skip.has_names() || !cfg.routes.rules.is_empty();
     let peeked = if !needs_host {
         Ok(sniff::Peeked { bytes: Vec::new(), host: None, source: HostSource::Ip })
     } else {
@@ -192,10 +195,24 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     audit.host_source = peeked.source;
 
     // 2. The route.
-    let decision = policy::decide(&cfg.skip, cfg.default_route, orig.ip(), audit.host.as_deref());
-    audit.route = decision.route;
+    let node_addrs = shared.node_addrs.load();
+    let input = policy::PolicyInput {
+        skip: &cfg.skip,
+        routes: &cfg.routes,
+        default: cfg.default_route,
+        node_addrs: &node_addrs,
+        allow_dial: &cfg.allow_dial,
+    };
+    let decision = policy::decide(&input, orig.ip(), orig.port(), audit.host.as_deref());
     audit.rule = decision.rule;
-    if decision.by_name && decision.route == Route::Direct {
+    let Some(route) = decision.route else {
+        warn!(orig_dst = %orig, rule = %audit.rule, "security: refusing to dial this address directly on a pod's behalf (allow it with allow-dial)");
+        reset(client);
+        refuse(&shared, &audit, "internal", "safety", "destination may not be dialed directly");
+        return;
+    };
+    audit.route = route;
+    if decision.by_name && route == Route::Direct {
         // A name rule may send a connection direct only to an address of that name: the
         // client chose the IP; the name is only what it claims.
         let host = audit.host.clone().unwrap_or_default();
@@ -238,21 +255,16 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     audit.tx = peeked.bytes.len() as u64;
     let _ = client.set_nodelay(true);
 
-    // 4. Relay. copy_bidirectional propagates half-close: EOF from one side becomes a
-    //    shutdown of the write half towards the other (for a tunnel: through every layer).
-    let result = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
-        _ = drain_deadline(&shared) => Err(std::io::Error::other("daemon shutting down")),
+    // 4. Relay, half-close propagated: EOF from one side becomes a shutdown of the write
+    //    half towards the other (for a tunnel: through every layer).
+    let relayed = tokio::select! {
+        r = relay::relay(&mut client, &mut upstream) => r,
+        _ = drain_deadline(&shared) => relay::Relayed { tx: 0, rx: 0, close: "daemon shutting down".into(), ok: false },
     };
-    let close = match &result {
-        Ok((tx, rx)) => {
-            audit.tx += tx;
-            audit.rx += rx;
-            "eof".to_owned()
-        }
-        Err(e) => format!("error: {e}"),
-    };
-    let result_label = if result.is_ok() { "ok" } else { "relay_error" };
+    audit.tx += relayed.tx;
+    audit.rx += relayed.rx;
+    let close = relayed.close;
+    let result_label = if relayed.ok { "ok" } else { "relay_error" };
     let m = &shared.metrics;
     m.connections.get_or_create(&RouteLabels { route: audit.route.as_str(), result: result_label }).inc();
     m.bytes.get_or_create(&DirectionLabels { direction: "tx" }).inc_by(audit.tx);
@@ -307,7 +319,7 @@ fn refuse(shared: &Shared, a: &Audit, side: &'static str, kind: &'static str, ca
 /// Resolves `drain_timeout` after shutdown starts.
 async fn drain_deadline(shared: &Shared) {
     shared.shutdown.cancelled().await;
-    tokio::time::sleep(shared.config.drain_timeout).await;
+    tokio::time::sleep(shared.config.load().drain_timeout).await;
 }
 
 struct Guard<F: FnMut()>(F);

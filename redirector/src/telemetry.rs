@@ -53,6 +53,11 @@ pub struct TunnelFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabels {
     pub name: &'static str,
 }
@@ -68,6 +73,7 @@ pub struct Metrics {
     pub active: Gauge,
     pub enabled_cgroups: Gauge,
     pub listeners: Gauge,
+    pub reloads: Family<ResultLabels, Counter>,
     pub ebpf: Family<NameLabels, Gauge>,
 }
 
@@ -81,6 +87,7 @@ impl Metrics {
         r.register("tunnel_failures", "Tunnel setup failures by hop and kind", self.tunnel_failures.clone());
         r.register("active_connections", "Connections being relayed now", self.active.clone());
         r.register("enabled_cgroups", "Cgroups enabled in the eBPF map", self.enabled_cgroups.clone());
+        r.register("config_reloads", "Configuration reloads by result (applied, rejected)", self.reloads.clone());
         r.register("listeners", "Network namespaces with a proxy listener", self.listeners.clone());
         r.register(
             "ebpf_events",

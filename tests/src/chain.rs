@@ -8,6 +8,7 @@
 //! - `web.azure.test` 203.0.113.11: HTTP on 80 (allowed);
 //! - 203.0.113.12:2525: a server-first banner protocol, no name (allowed by IP);
 //! - `denied.example.test` 203.0.113.13: HTTPS on 443 (NOT allowed: 403);
+//! - `kv1.vault.azure.test` 203.0.113.10: HTTPS on 443 (a "Key Vault" for `proxy` routes);
 //! - `bulk.azure.test` 203.0.113.14: server-first echo on 8080 (allowed by IP).
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -28,8 +29,9 @@ pub const PROXY_USER: &str = "agent";
 /// Distinctive so a test can grep every log for it.
 pub const PROXY_PASSWORD: &str = "Pw-7c1f9e-never-log-me";
 
-pub const TARGETS: [(&str, Ipv4Addr); 4] = [
+pub const TARGETS: [(&str, Ipv4Addr); 5] = [
     ("portal.azure.test", Ipv4Addr::new(203, 0, 113, 10)),
+    ("kv1.vault.azure.test", Ipv4Addr::new(203, 0, 113, 10)),
     ("web.azure.test", Ipv4Addr::new(203, 0, 113, 11)),
     ("denied.example.test", Ipv4Addr::new(203, 0, 113, 13)),
     ("bulk.azure.test", Ipv4Addr::new(203, 0, 113, 14)),
@@ -109,6 +111,8 @@ impl Chain {
             o.basic_auth = Some((PROXY_USER.into(), PROXY_PASSWORD.into()));
         }
         o.hosts = vec![(GATEWAY_NAME.into(), IpAddr::V4(GATEWAY_V4))];
+        // For `proxy` routes Squid dials targets itself.
+        o.hosts.extend(TARGETS.iter().map(|(n, ip)| (n.to_string(), IpAddr::V4(*ip))));
         self.squid = Some(Squid::start(o));
     }
 

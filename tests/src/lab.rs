@@ -167,6 +167,7 @@ pub struct Lab {
     netns: Vec<String>,
     extra_cgroups: Vec<PathBuf>,
     hosts: u32,
+    node_hosts: Option<PathBuf>,
 }
 
 impl Lab {
@@ -191,6 +192,7 @@ impl Lab {
             netns: Vec::new(),
             extra_cgroups: Vec::new(),
             hosts: 0,
+            node_hosts: None,
         };
         sh(&format!("mount -t cgroup2 none {}", lab.cg_mount.display()));
         fs::create_dir_all(&lab.cg_root).expect("cgroup root");
@@ -293,6 +295,18 @@ impl Lab {
         }
     }
 
+    /// Makes the daemon (started after this call) resolve names through `entries` — the
+    /// node's DNS stand-in.
+    pub fn set_node_hosts(&mut self, entries: &[(&str, IpAddr)]) {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (name, ip) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        let p = self.dir.join("node-hosts");
+        fs::write(&p, text).expect("write node hosts");
+        self.node_hosts = Some(p);
+    }
+
     /// A cgroup next to the pods that is never enabled.
     pub fn add_plain_cgroup(&mut self, name: &str) -> PathBuf {
         let p = self.cg_root.join(name);
@@ -366,9 +380,30 @@ impl Lab {
         let bin = workspace_bin("redirector");
         let mut args = self.daemon_args();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let node = self.node.clone();
-        let i = self.spawn_in_env(&node, "redirector", &bin, &args, env);
+        let i = match self.node_hosts.clone() {
+            None => {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                self.spawn_in_env(&node, "redirector", &bin, &args, env)
+            }
+            Some(hosts) => {
+                // The node's resolver sees `hosts` as /etc/hosts: a private mount namespace
+                // with a bind mount, so the host's own /etc/hosts is untouched.
+                let mut full = vec![
+                    "--mount".to_owned(),
+                    "--propagation".into(),
+                    "private".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    "mount --bind \"$0\" /etc/hosts && exec \"$@\"".into(),
+                    hosts.display().to_string(),
+                    bin.display().to_string(),
+                ];
+                full.extend(args);
+                let full: Vec<&str> = full.iter().map(String::as_str).collect();
+                self.spawn_in_env(&node, "redirector", Path::new("unshare"), &full, env)
+            }
+        };
         let end = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some((200, _)) = self.node_http_get("/readyz") {

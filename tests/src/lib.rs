@@ -8,3 +8,4 @@ pub mod priv_check;
 pub mod pki;
 pub mod squid;
 pub mod chain;
+pub mod kube_api;

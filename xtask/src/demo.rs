@@ -1,13 +1,22 @@
-//! `cargo xtask demo`: the product in one minute, on a closed network built for the purpose.
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
+//! `cargo xtask demo`: the product in one minute, on a closed network built for the purpose:
+//! pod `curl https://portal.azure.test` with no proxy variables → redirector → Squid →
+//! gateway simulator → target.
 use anyhow::bail;
-use tests::lab::Lab;
+use tests::chain::{Chain, Gateway};
 
 use crate::{exec, setup};
 
 fn step(s: &str) {
     println!("\n==> {s}");
+}
+
+fn show(title: &str, o: &std::process::Output) {
+    println!(
+        "{title}: exit {}\n{}{}",
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 pub fn run() -> anyhow::Result<()> {
@@ -16,41 +25,52 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and attaches eBPF programs: run it as root");
     }
     setup::run()?;
-    step("building the redirector (with its embedded eBPF programs) and the demo servers");
+    step("building the redirector (with its embedded eBPF programs), the gateway simulator and the demo servers");
     exec::build_all()?;
 
-    step("laying out a closed network: node, pod (netns + cgroup), internet host 203.0.113.10");
-    let mut lab = Lab::new();
-    lab.add_pod();
-    let plain = lab.add_plain_cgroup("not-enabled");
-    let inet = lab.add_host("inet", &[Lab::inet_v4(0)], &[]);
-    lab.start_testsrv(&inet, "http", &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)]);
-    let pod = &lab.pods[0];
+    step("laying out a closed network: node, pod, internet targets, Squid (203.0.113.50), gateway simulator gw.arc.test (203.0.113.60)");
+    let mut c = Chain::new(1);
+    let plain = c.lab.add_plain_cgroup("not-enabled");
+    c.start_squid(true);
+    c.start_gateway(Gateway::Normal);
+    let pod = &c.lab.pods[0];
     println!("pod netns {} cgroup {}", pod.netns, pod.cgroup.display());
-    let routes = tests::lab::sh(&format!("ip -n {} route", pod.netns));
-    println!("pod routes (no default route, nothing to 203.0.113.10):\n{routes}");
+    println!("pod routes (no default route):\n{}", tests::lab::sh(&format!("ip -n {} route", pod.netns)));
 
-    step("starting `redirector run --cgroup <pod cgroup>` in the node namespace");
-    let d = lab.start_daemon(&[]);
+    step("starting `redirector run --gateway-url https://gw.arc.test --proxy-https http://agent:***@203.0.113.50:3128 --cgroup <pod>`");
+    c.start_daemon(&[], "info");
 
-    step("pod: curl http://203.0.113.10/ with no proxy variables");
-    let env = lab.pods[0].cmd("sh").args(["-c", "env | grep -i _proxy || echo '(no proxy variables)'"]).output()?;
+    step("pod: env has no proxy variables");
+    let env = c.lab.pods[0].cmd("sh").args(["-c", "env | grep -i _proxy || echo '(none)'"]).output()?;
     print!("{}", String::from_utf8_lossy(&env.stdout));
-    let o = lab.pods[0].cmd("curl").args(["-sS", "--max-time", "10", "http://203.0.113.10/demo"]).output()?;
-    println!("curl exit {}: {}{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
 
-    step("same pod netns, but a cgroup that is not enabled: untouched, so no route");
-    let o = lab.pods[0].cmd_in_cgroup(&plain, "curl").args(["-sS", "--max-time", "5", "http://203.0.113.10/demo"]).output()?;
-    println!("curl exit {}: {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
+    let ca = c.ca_pem.display().to_string();
+    step("pod: curl https://portal.azure.test/hello  (end-to-end TLS with the target)");
+    let o = c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, "https://portal.azure.test/hello"]).output()?;
+    show("curl", &o);
+    step("pod: curl http://web.azure.test/plain");
+    let o = c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "http://web.azure.test/plain"]).output()?;
+    show("curl", &o);
+    step("pod: curl https://denied.example.test/  (not on the gateway's allowlist)");
+    let o = c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, "https://denied.example.test/"]).output()?;
+    show("curl", &o);
+    step("same pod netns, a cgroup that is not enabled: untouched, so no route");
+    let o = c.lab.pods[0].cmd_in_cgroup(&plain, "curl").args(["-sS", "--max-time", "5", "https://portal.azure.test/"]).output()?;
+    show("curl", &o);
 
-    step("what the redirector logged");
-    print!("{}", lab.procs[d].log());
-
+    step("Squid access log (the enterprise proxy sees only the gateway)");
+    print!("{}", c.squid.as_ref().map(|s| s.access_log()).unwrap_or_default());
+    step("gateway simulator log (tunnels by host name)");
+    print!("{}", c.gateway_log());
+    step("redirector audit lines");
+    for l in c.daemon_log().lines().filter(|l| l.contains("audit")) {
+        println!("{l}");
+    }
     step("redirector status (from the pins)");
-    print!("{}", String::from_utf8_lossy(&lab.status().stdout));
+    print!("{}", String::from_utf8_lossy(&c.lab.status().stdout));
 
-    step("cleaning up (namespaces, cgroups, pins)");
-    drop(lab);
+    step("cleaning up (processes, namespaces, cgroups, pins)");
+    drop(c);
     println!("done");
     Ok(())
 }

@@ -106,7 +106,7 @@ struct Args {
     /// Accept TCP connections and never answer (no TLS either): for timeout tests.
     #[arg(long)]
     silent: bool,
-    /// Seconds allowed for the TLS handshake plus the request head.
+    /// Seconds allowed for the TLS handshake, and again for the request head.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     header_timeout: u64,
     /// Seconds allowed for connecting to the target.
@@ -631,7 +631,7 @@ impl fmt::Display for Host {
 fn parse_authority(s: &str) -> Result<(Host, u16), &'static str> {
     let (host, port) = split_host_port(s)?;
     let port = port.ok_or("missing port")?;
-    Ok((parse_host(host, port_was_bracketed(s))?, port))
+    Ok((parse_host(host, is_bracketed(s))?, port))
 }
 
 /// Splits `host[:port]` / `[v6][:port]`. A bare IPv6 address (several colons, no brackets)
@@ -659,7 +659,7 @@ fn split_host_port(s: &str) -> Result<(&str, Option<u16>), &'static str> {
     }
 }
 
-fn port_was_bracketed(s: &str) -> bool {
+fn is_bracketed(s: &str) -> bool {
     s.starts_with('[')
 }
 
@@ -773,7 +773,7 @@ struct Pattern {
 impl Pattern {
     fn parse(s: &str) -> Result<Pattern, String> {
         let (host, port) = split_host_port(s).map_err(|e| format!("{s:?}: {e}"))?;
-        let host = HostPattern::parse(host, port_was_bracketed(s) || host.contains(':'))?;
+        let host = HostPattern::parse(host, is_bracketed(s) || host.contains(':'))?;
         Ok(Pattern { host, port })
     }
 
@@ -1099,10 +1099,10 @@ mod tests {
                     break;
                 }
             }
-            a
+            // Dropping `a` here is the client's EOF.
         });
         let head = read_head(&mut b).await;
-        drop(writer.await);
+        writer.await.expect("writer task");
         head
     }
 

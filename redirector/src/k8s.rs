@@ -1,0 +1,745 @@
+//! Kubernetes control plane: watches labeled namespaces and this node's pods and publishes the pods to redirect.
+//!
+//! Two kube-runtime watchers feed one model: Namespaces labeled
+//! `egress-redirector.io/enabled=true` (label selector) and Pods with `spec.nodeName=<node>`
+//! (field selector). After every event the model recomputes the desired set and sends it
+//! when it changed. A pod is in the set when all of these hold:
+//!
+//! - it runs on this node and its namespace is enabled;
+//! - its own `egress-redirector.io/enabled` label is not `false` (the per-pod opt-out);
+//! - it has not finished (`status.phase` is not `Succeeded` or `Failed`). A pod being
+//!   deleted (`metadata.deletionTimestamp` set) stays in: its containers are still running
+//!   their graceful shutdown and may still connect out (flushing telemetry, deregistering),
+//!   and on a locked-down network a connection that suddenly went direct would just fail.
+//!   It leaves when the API deletes it or it reaches a final phase;
+//! - it does not use `hostNetwork`: such a pod shares the node's network namespace, so a
+//!   listener "inside the pod" would be a listener on the node, and its cgroup holds node
+//!   daemons (CNI agents, kube-proxy) that must keep their direct path. They are skipped;
+//!   a host service that needs the redirect is enabled with `--cgroup` instead.
+//!
+//! Pending pods are included: the API knows a pod before the kubelet creates its cgroup, and
+//! listing the pod early lets the reconciler enable the cgroup as soon as it appears, before
+//! the first container runs.
+//!
+//! Watch failures never empty the set. `kube::runtime::watcher` resumes a dropped watch from
+//! the last resource version it saw (no re-list); after a `410 Gone` it re-lists, emitting
+//! `Init`, `InitApply` per object and `InitDone`. The model builds the re-listed state aside
+//! and swaps it in only at `InitDone`, so until then the last complete view stays in force,
+//! and pods that vanished while the watch was down drop out at the swap. Errors are logged
+//! and retried with kube-runtime's default backoff (0.8 s doubling to 30 s, jittered). The
+//! first set is sent only once both watchers have completed their initial list, so a
+//! restarted daemon never briefly publishes a half-known set.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    Api, Client,
+    config::{KubeConfigOptions, Kubeconfig, KubeconfigError},
+    runtime::{WatchStreamExt, watcher},
+};
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{
+    error_chain,
+    kubelet::{QosClass, pod_cgroup_candidates},
+    workloads::{DesiredSet, Workload},
+};
+
+/// Namespace label that enables a namespace (`true`) and pod label that opts a pod out (`false`).
+pub const ENABLED_LABEL: &str = "egress-redirector.io/enabled";
+/// Annotation on a static pod's mirror pod holding the UID the kubelet names its cgroup after.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+#[derive(Debug, Error)]
+pub enum K8sError {
+    #[error("cannot read kubeconfig {}", path.display())]
+    ReadKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    #[error("cannot load kubeconfig {}", path.display())]
+    LoadKubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
+    #[error(
+        "cannot find a kubernetes client configuration (KUBECONFIG, ~/.kube/config or in-cluster)"
+    )]
+    InferConfig(#[source] kube::Error),
+    #[error("cannot build the kubernetes client")]
+    BuildClient(#[source] kube::Error),
+    #[error("kubernetes {resource} watch ended")]
+    WatchEnded { resource: &'static str },
+}
+
+/// Builds the API client: from `kubeconfig` when given (its current context), else kube's
+/// inference (`KUBECONFIG` or `~/.kube/config` if present, then the in-cluster service
+/// account, which is what the DaemonSet uses).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
+    let Some(path) = kubeconfig else {
+        return Client::try_default().await.map_err(K8sError::InferConfig);
+    };
+    let file = Kubeconfig::read_from(path).map_err(|source| K8sError::ReadKubeconfig {
+        path: path.to_owned(),
+        source,
+    })?;
+    let config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+        .await
+        .map_err(|source| K8sError::LoadKubeconfig {
+            path: path.to_owned(),
+            source,
+        })?;
+    Client::try_from(config).map_err(K8sError::BuildClient)
+}
+
+/// Watches namespaces and this node's pods and keeps `tx` holding the pods to redirect,
+/// keyed by pod UID. Returns `Ok` once every receiver is dropped; API errors are retried,
+/// never returned.
+pub async fn run(
+    client: Client,
+    node_name: String,
+    cgroup_root: PathBuf,
+    tx: watch::Sender<DesiredSet>,
+) -> Result<(), K8sError> {
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{ENABLED_LABEL}=true")),
+    )
+    .default_backoff()
+    .map(|e| Input::Namespace(Box::new(e)))
+    .boxed();
+    let pods = watcher(
+        Api::<Pod>::all(client),
+        watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+    )
+    .default_backoff()
+    .map(|e| Input::Pod(Box::new(e)))
+    .boxed();
+    let mut inputs = futures::stream::select(namespaces, pods);
+
+    info!(node = %node_name, label = ENABLED_LABEL, "watching namespaces and pods");
+    let mut model = Model::new(node_name, cgroup_root);
+    loop {
+        let input = tokio::select! {
+            () = tx.closed() => {
+                info!("desired set no longer read, stopping the kubernetes watch");
+                return Ok(());
+            }
+            input = inputs.next() => input,
+        };
+        match input {
+            Some(Input::Namespace(item)) => match *item {
+                Ok(event) => model.on_namespace(event),
+                Err(e) => watch_failed("namespaces", &e),
+            },
+            Some(Input::Pod(item)) => match *item {
+                Ok(event) => model.on_pod(event),
+                Err(e) => watch_failed("pods", &e),
+            },
+            // The watcher stream is endless by construction; the select only ends when both do.
+            None => {
+                return Err(K8sError::WatchEnded {
+                    resource: "namespaces and pods",
+                });
+            }
+        }
+        let Some(desired) = model.desired() else {
+            continue;
+        };
+        tx.send_if_modified(|current| {
+            if *current == desired {
+                return false;
+            }
+            model.log_changes(current, &desired);
+            *current = desired;
+            true
+        });
+    }
+}
+
+/// One item from either watcher (boxed: a Pod is large and the stream moves every item).
+enum Input {
+    Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
+    Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
+}
+
+fn watch_failed(resource: &'static str, e: &watcher::Error) {
+    // A 410 is routine (the watch fell behind the API server's history) and is followed by a
+    // re-list; everything else (API down, RBAC, network) is worth an operator's attention.
+    let gone = matches!(e, watcher::Error::WatchError(status) if status.code == 410);
+    if gone {
+        info!(resource, error = %error_chain(e), "kubernetes watch expired, re-listing");
+    } else {
+        warn!(resource, error = %error_chain(e), "kubernetes watch failed, retrying");
+    }
+}
+
+/// One watched collection: the committed view, plus the fresh one a re-list is building.
+#[derive(Debug)]
+struct Synced<T> {
+    committed: BTreeMap<String, T>,
+    relisting: Option<BTreeMap<String, T>>,
+    /// Whether one list has completed, i.e. `committed` is a whole view.
+    synced: bool,
+}
+
+impl<T> Default for Synced<T> {
+    fn default() -> Self {
+        Synced {
+            committed: BTreeMap::new(),
+            relisting: None,
+            synced: false,
+        }
+    }
+}
+
+impl<T> Synced<T> {
+    /// Applies one watcher event, `decode` turning an object into its key and, if it is of
+    /// interest, its value (`None` value: the object exists but is not of interest).
+    fn apply<K>(
+        &mut self,
+        event: watcher::Event<K>,
+        decode: impl Fn(&K) -> Option<(String, Option<T>)>,
+    ) {
+        match event {
+            watcher::Event::Init => self.relisting = Some(BTreeMap::new()),
+            watcher::Event::InitApply(obj) => {
+                let Some((key, value)) = decode(&obj) else {
+                    return;
+                };
+                // `InitApply` only follows `Init`; the fallback keeps a stray one from being lost.
+                let target = self.relisting.as_mut().unwrap_or(&mut self.committed);
+                match value {
+                    Some(v) => target.insert(key, v),
+                    None => target.remove(&key),
+                };
+            }
+            watcher::Event::InitDone => {
+                if let Some(fresh) = self.relisting.take() {
+                    self.committed = fresh;
+                }
+                self.synced = true;
+            }
+            watcher::Event::Apply(obj) => {
+                let Some((key, value)) = decode(&obj) else {
+                    return;
+                };
+                match value {
+                    Some(v) => self.committed.insert(key, v),
+                    None => self.committed.remove(&key),
+                };
+            }
+            watcher::Event::Delete(obj) => {
+                if let Some((key, _)) = decode(&obj) {
+                    self.committed.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// What the model keeps of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodInfo {
+    namespace: String,
+    name: String,
+    node: Option<String>,
+    opted_out: bool,
+    qos: QosClass,
+    phase: Option<String>,
+    host_network: bool,
+    terminating: bool,
+    /// The UID in the pod's cgroup name: `metadata.uid`, or the mirror annotation.
+    cgroup_uid: String,
+}
+
+impl PodInfo {
+    fn decode(pod: &Pod) -> Option<(String, Option<PodInfo>)> {
+        let meta = &pod.metadata;
+        let Some(uid) = meta.uid.clone().filter(|u| !u.is_empty()) else {
+            warn!(pod = ?meta.name, namespace = ?meta.namespace, "pod without metadata.uid ignored");
+            return None;
+        };
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let label = |key: &str| {
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get(key))
+                .map(String::as_str)
+        };
+        let cgroup_uid = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(MIRROR_ANNOTATION))
+            .filter(|hash| !hash.is_empty())
+            .cloned()
+            .unwrap_or_else(|| uid.clone());
+        let info = PodInfo {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            node: spec.and_then(|s| s.node_name.clone()),
+            opted_out: label(ENABLED_LABEL) == Some("false"),
+            qos: QosClass::from_status(status.and_then(|s| s.qos_class.as_deref())),
+            phase: status.and_then(|s| s.phase.clone()),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            terminating: meta.deletion_timestamp.is_some(),
+            cgroup_uid,
+        };
+        Some((uid, Some(info)))
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+fn decode_namespace(ns: &Namespace) -> Option<(String, Option<()>)> {
+    let name = ns.metadata.name.clone()?;
+    let enabled = ns
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ENABLED_LABEL))
+        .map(String::as_str)
+        == Some("true");
+    // The label selector already filters; checking again keeps a namespace whose label was
+    // just changed (or a server that ignores selectors) from enabling anything.
+    Some((name, enabled.then_some(())))
+}
+
+/// Enabled namespaces and this node's pods, and the desired set derived from them.
+#[derive(Debug)]
+struct Model {
+    node: String,
+    cgroup_root: PathBuf,
+    namespaces: Synced<()>,
+    pods: Synced<PodInfo>,
+}
+
+impl Model {
+    fn new(node: String, cgroup_root: PathBuf) -> Self {
+        Model {
+            node,
+            cgroup_root,
+            namespaces: Synced::default(),
+            pods: Synced::default(),
+        }
+    }
+
+    fn on_namespace(&mut self, event: watcher::Event<Namespace>) {
+        let before: BTreeSet<String> = self.namespaces.committed.keys().cloned().collect();
+        let done = matches!(event, watcher::Event::InitDone);
+        self.namespaces.apply(event, decode_namespace);
+        if done {
+            info!(
+                resource = "namespaces",
+                enabled = self.namespaces.committed.len(),
+                "kubernetes list complete"
+            );
+        }
+        let after = &self.namespaces.committed;
+        for ns in after.keys().filter(|ns| !before.contains(*ns)) {
+            info!(namespace = %ns, "namespace enabled");
+        }
+        for ns in before.iter().filter(|ns| !after.contains_key(*ns)) {
+            info!(namespace = %ns, "namespace disabled");
+        }
+    }
+
+    fn on_pod(&mut self, event: watcher::Event<Pod>) {
+        let done = matches!(event, watcher::Event::InitDone);
+        if let watcher::Event::Apply(pod) | watcher::Event::Delete(pod) = &event {
+            debug!(pod = ?pod.metadata.name, namespace = ?pod.metadata.namespace, uid = ?pod.metadata.uid, "pod event");
+        }
+        self.pods.apply(event, PodInfo::decode);
+        if done {
+            info!(resource = "pods", node = %self.node, pods = self.pods.committed.len(), "kubernetes list complete");
+        }
+    }
+
+    /// Why `pod` is not redirected, or `None` when it is.
+    fn excluded(&self, pod: &PodInfo) -> Option<&'static str> {
+        if pod.node.as_deref() != Some(self.node.as_str()) {
+            Some("runs on another node")
+        } else if !self.namespaces.committed.contains_key(&pod.namespace) {
+            Some("namespace not enabled")
+        } else if pod.opted_out {
+            Some("opted out by pod label")
+        } else if pod.host_network {
+            Some("uses the host network")
+        } else if matches!(pod.phase.as_deref(), Some("Succeeded" | "Failed")) {
+            Some("finished")
+        } else {
+            None
+        }
+    }
+
+    /// The pods to redirect, or `None` until both watchers have listed once.
+    fn desired(&self) -> Option<DesiredSet> {
+        if !(self.namespaces.synced && self.pods.synced) {
+            return None;
+        }
+        let set = self
+            .pods
+            .committed
+            .iter()
+            .filter(|(_, pod)| self.excluded(pod).is_none())
+            .map(|(uid, pod)| {
+                let workload = Workload {
+                    key: uid.clone(),
+                    label: pod.label(),
+                    cgroup_candidates: pod_cgroup_candidates(
+                        &self.cgroup_root,
+                        &pod.cgroup_uid,
+                        pod.qos,
+                    ),
+                };
+                (uid.clone(), workload)
+            })
+            .collect();
+        Some(set)
+    }
+
+    fn log_changes(&self, old: &DesiredSet, new: &DesiredSet) {
+        for (uid, w) in new.iter().filter(|(uid, _)| !old.contains_key(*uid)) {
+            let pod = self.pods.committed.get(uid);
+            info!(
+                pod = %w.label,
+                %uid,
+                qos = %pod.map(|p| p.qos).unwrap_or(QosClass::Burstable),
+                terminating = pod.is_some_and(|p| p.terminating),
+                "pod enabled"
+            );
+        }
+        for (uid, w) in old.iter().filter(|(uid, _)| !new.contains_key(*uid)) {
+            let reason = match self.pods.committed.get(uid) {
+                None => "deleted",
+                Some(pod) => self.excluded(pod).unwrap_or("changed"),
+            };
+            info!(pod = %w.label, %uid, reason, "pod disabled");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use watcher::Event;
+
+    const NODE: &str = "node-1";
+    const UID_A: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+    const UID_B: &str = "bbbbbbbb-0000-4000-8000-000000000002";
+
+    fn namespace(name: &str, enabled: Option<&str>) -> Namespace {
+        let mut labels = serde_json::json!({ "kubernetes.io/metadata.name": name });
+        if let Some(v) = enabled {
+            labels[ENABLED_LABEL] = v.into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": name, "uid": format!("ns-{name}"), "labels": labels },
+        }))
+        .expect("namespace json")
+    }
+
+    fn pod(ns: &str, name: &str, uid: &str, extra: serde_json::Value) -> Pod {
+        let mut v = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": ns, "uid": uid, "labels": {} },
+            "spec": { "nodeName": NODE, "containers": [{ "name": "app" }] },
+            "status": { "phase": "Running", "qosClass": "Burstable" },
+        });
+        merge(&mut v, extra);
+        serde_json::from_value(v).expect("pod json")
+    }
+
+    fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+        match (into, from) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (slot, v) => *slot = v,
+        }
+    }
+
+    fn model() -> Model {
+        Model::new(NODE.into(), PathBuf::from("/cg"))
+    }
+
+    /// A model whose watchers have listed `namespaces` and `pods`.
+    fn listed(namespaces: Vec<Namespace>, pods: Vec<Pod>) -> Model {
+        let mut m = model();
+        m.on_namespace(Event::Init);
+        for ns in namespaces {
+            m.on_namespace(Event::InitApply(ns));
+        }
+        m.on_namespace(Event::InitDone);
+        m.on_pod(Event::Init);
+        for p in pods {
+            m.on_pod(Event::InitApply(p));
+        }
+        m.on_pod(Event::InitDone);
+        m
+    }
+
+    fn keys(m: &Model) -> Vec<String> {
+        m.desired().expect("synced").into_keys().collect()
+    }
+
+    #[test]
+    fn nothing_published_before_both_lists_complete() {
+        let mut m = model();
+        assert_eq!(m.desired(), None);
+        m.on_namespace(Event::Init);
+        m.on_namespace(Event::InitApply(namespace("apps", Some("true"))));
+        m.on_namespace(Event::InitDone);
+        assert_eq!(m.desired(), None, "pods not listed yet");
+        m.on_pod(Event::Init);
+        m.on_pod(Event::InitApply(pod(
+            "apps",
+            "a",
+            UID_A,
+            serde_json::json!({}),
+        )));
+        assert_eq!(m.desired(), None, "pod list not complete");
+        m.on_pod(Event::InitDone);
+        assert_eq!(keys(&m), vec![UID_A]);
+    }
+
+    #[test]
+    fn workload_fields() {
+        let m = listed(
+            vec![namespace("apps", Some("true"))],
+            vec![pod(
+                "apps",
+                "a",
+                UID_A,
+                serde_json::json!({ "status": { "qosClass": "Guaranteed" } }),
+            )],
+        );
+        let set = m.desired().expect("synced");
+        assert_eq!(
+            set[UID_A],
+            Workload {
+                key: UID_A.into(),
+                label: "apps/a".into(),
+                cgroup_candidates: pod_cgroup_candidates(
+                    Path::new("/cg"),
+                    UID_A,
+                    QosClass::Guaranteed
+                ),
+            }
+        );
+    }
+
+    #[test]
+    fn eligibility() {
+        let cases: Vec<(&str, serde_json::Value, bool)> = vec![
+            ("plain running pod", serde_json::json!({}), true),
+            (
+                "pending pod",
+                serde_json::json!({ "status": { "phase": "Pending" } }),
+                true,
+            ),
+            (
+                "no status at all",
+                serde_json::json!({ "status": null }),
+                true,
+            ),
+            (
+                "enabled label true is fine",
+                serde_json::json!({ "metadata": { "labels": { ENABLED_LABEL: "true" } } }),
+                true,
+            ),
+            (
+                "opted out",
+                serde_json::json!({ "metadata": { "labels": { ENABLED_LABEL: "false" } } }),
+                false,
+            ),
+            (
+                "succeeded",
+                serde_json::json!({ "status": { "phase": "Succeeded" } }),
+                false,
+            ),
+            (
+                "failed",
+                serde_json::json!({ "status": { "phase": "Failed" } }),
+                false,
+            ),
+            (
+                "being deleted stays until gone",
+                serde_json::json!({ "metadata": { "deletionTimestamp": "2025-01-01T00:00:00Z" } }),
+                true,
+            ),
+            (
+                "host network",
+                serde_json::json!({ "spec": { "hostNetwork": true } }),
+                false,
+            ),
+            (
+                "host network false",
+                serde_json::json!({ "spec": { "hostNetwork": false } }),
+                true,
+            ),
+            (
+                "other node",
+                serde_json::json!({ "spec": { "nodeName": "node-2" } }),
+                false,
+            ),
+            (
+                "unscheduled",
+                serde_json::json!({ "spec": { "nodeName": null } }),
+                false,
+            ),
+        ];
+        for (what, extra, want) in cases {
+            let m = listed(
+                vec![namespace("apps", Some("true"))],
+                vec![pod("apps", "a", UID_A, extra)],
+            );
+            assert_eq!(!keys(&m).is_empty(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn namespace_label_must_be_true() {
+        for (value, want) in [
+            (Some("true"), true),
+            (Some("false"), false),
+            (Some("TRUE"), false),
+            (None, false),
+        ] {
+            let m = listed(
+                vec![namespace("apps", value)],
+                vec![pod("apps", "a", UID_A, serde_json::json!({}))],
+            );
+            assert_eq!(!keys(&m).is_empty(), want, "namespace label {value:?}");
+        }
+    }
+
+    #[test]
+    fn namespace_and_pod_transitions() {
+        let mut m = listed(vec![], vec![pod("apps", "a", UID_A, serde_json::json!({}))]);
+        assert!(keys(&m).is_empty());
+        m.on_namespace(Event::Apply(namespace("apps", Some("true"))));
+        assert_eq!(keys(&m), vec![UID_A]);
+        m.on_pod(Event::Apply(pod("apps", "b", UID_B, serde_json::json!({}))));
+        assert_eq!(keys(&m), vec![UID_A, UID_B]);
+        let opted_out = serde_json::json!({ "metadata": { "labels": { ENABLED_LABEL: "false" } } });
+        m.on_pod(Event::Apply(pod("apps", "b", UID_B, opted_out)));
+        assert_eq!(keys(&m), vec![UID_A]);
+        // An unlabeled namespace arriving as a modification (not a selector DELETED) disables it.
+        m.on_namespace(Event::Apply(namespace("apps", None)));
+        assert!(keys(&m).is_empty());
+        m.on_namespace(Event::Apply(namespace("apps", Some("true"))));
+        m.on_pod(Event::Delete(pod(
+            "apps",
+            "a",
+            UID_A,
+            serde_json::json!({}),
+        )));
+        assert!(keys(&m).is_empty());
+        m.on_pod(Event::Apply(pod("apps", "a", UID_A, serde_json::json!({}))));
+        m.on_namespace(Event::Delete(namespace("apps", Some("true"))));
+        assert!(keys(&m).is_empty());
+    }
+
+    #[test]
+    fn relist_keeps_the_old_view_until_init_done() {
+        let mut m = listed(
+            vec![namespace("apps", Some("true"))],
+            vec![
+                pod("apps", "a", UID_A, serde_json::json!({})),
+                pod("apps", "b", UID_B, serde_json::json!({})),
+            ],
+        );
+        let before = m.desired();
+        // Both watchers restart (410 Gone) and re-list. Until each `InitDone` the old view holds,
+        // even when the watcher restarts again in the middle of a list.
+        m.on_namespace(Event::Init);
+        m.on_pod(Event::Init);
+        assert_eq!(m.desired(), before);
+        m.on_pod(Event::InitApply(pod(
+            "apps",
+            "a",
+            UID_A,
+            serde_json::json!({}),
+        )));
+        assert_eq!(m.desired(), before);
+        m.on_pod(Event::Init);
+        assert_eq!(m.desired(), before);
+        m.on_namespace(Event::InitApply(namespace("apps", Some("true"))));
+        m.on_namespace(Event::InitDone);
+        assert_eq!(m.desired(), before);
+        // The fresh pod list lacks b (deleted while the watch was down) and has a new pod.
+        m.on_pod(Event::InitApply(pod(
+            "apps",
+            "a",
+            UID_A,
+            serde_json::json!({}),
+        )));
+        m.on_pod(Event::InitApply(pod(
+            "apps",
+            "c",
+            "cccccccc-0000-4000-8000-000000000003",
+            serde_json::json!({}),
+        )));
+        assert_eq!(m.desired(), before);
+        m.on_pod(Event::InitDone);
+        assert_eq!(
+            keys(&m),
+            vec![
+                UID_A.to_string(),
+                "cccccccc-0000-4000-8000-000000000003".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn relist_drops_namespaces_missing_from_the_new_list() {
+        let mut m = listed(
+            vec![namespace("apps", Some("true"))],
+            vec![pod("apps", "a", UID_A, serde_json::json!({}))],
+        );
+        m.on_namespace(Event::Init);
+        assert_eq!(keys(&m), vec![UID_A]);
+        m.on_namespace(Event::InitDone);
+        assert!(keys(&m).is_empty());
+    }
+
+    #[test]
+    fn mirror_pod_uses_the_kubelet_uid_for_cgroups() {
+        let hash = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
+        let extra =
+            serde_json::json!({ "metadata": { "annotations": { MIRROR_ANNOTATION: hash } } });
+        let m = listed(
+            vec![namespace("apps", Some("true"))],
+            vec![pod("apps", "etcd", UID_A, extra)],
+        );
+        let set = m.desired().expect("synced");
+        assert_eq!(set[UID_A].key, UID_A, "keyed by the API object's uid");
+        assert_eq!(
+            set[UID_A].cgroup_candidates,
+            pod_cgroup_candidates(Path::new("/cg"), hash, QosClass::Burstable)
+        );
+    }
+
+    #[test]
+    fn pod_without_uid_is_ignored() {
+        let mut p = pod("apps", "a", UID_A, serde_json::json!({}));
+        p.metadata.uid = None;
+        let m = listed(vec![namespace("apps", Some("true"))], vec![p]);
+        assert!(keys(&m).is_empty());
+    }
+}

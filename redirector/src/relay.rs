@@ -1,0 +1,157 @@
+//! Byte relay between the pod and the upstream, with half-close and per-direction counts.
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Starts small (most connections are short request/response exchanges) and grows to this
+/// once a direction has moved a full buffer: bulk transfers get large reads, idle tunnels
+/// keep little memory.
+const INITIAL_BUF: usize = 4 * 1024;
+const MAX_BUF: usize = 64 * 1024;
+
+/// How one direction ended.
+#[derive(Debug)]
+pub enum DirEnd {
+    /// Read EOF and propagated it with a write shutdown.
+    Eof,
+    /// A read or write failed.
+    Error(io::Error),
+}
+
+/// Result of a whole relay.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes pod → upstream.
+    pub tx: u64,
+    /// Bytes upstream → pod.
+    pub rx: u64,
+    /// Human-readable close reason for the audit line: `eof`, or which direction failed.
+    pub close: String,
+    pub ok: bool,
+}
+
+/// Copies `r` into `w` until EOF (then shuts `w` down: half-close) or an error.
+pub async fn pump<R, W>(mut r: R, mut w: W, count: &mut u64) -> DirEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; INITIAL_BUF];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => {
+                return match w.shutdown().await {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) => DirEnd::Error(e),
+                };
+            }
+            Ok(n) => n,
+            Err(e) => return DirEnd::Error(e),
+        };
+        if let Err(e) = w.write_all(&buf[..n]).await {
+            return DirEnd::Error(e);
+        }
+        *count += n as u64;
+        if n == buf.len() && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+/// Relays both directions. A clean EOF in one direction is a half-close: the other keeps
+/// going until it ends too. An error in one direction ends both.
+pub async fn relay<A, B>(pod: A, upstream: B) -> Relayed
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (pr, pw) = tokio::io::split(pod);
+    let (ur, uw) = tokio::io::split(upstream);
+    let (mut tx, mut rx) = (0u64, 0u64);
+    let (mut up_end, mut down_end) = (None, None);
+    {
+        // The futures borrow the counters; this block ends them before the totals are read.
+        let up = pump(pr, uw, &mut tx);
+        let down = pump(ur, pw, &mut rx);
+        tokio::pin!(up, down);
+        while up_end.is_none() || down_end.is_none() {
+            tokio::select! {
+                e = &mut up, if up_end.is_none() => {
+                    let failed = matches!(e, DirEnd::Error(_));
+                    up_end = Some(e);
+                    if failed { break; }
+                }
+                e = &mut down, if down_end.is_none() => {
+                    let failed = matches!(e, DirEnd::Error(_));
+                    down_end = Some(e);
+                    if failed { break; }
+                }
+            }
+        }
+    }
+    let describe = |dir: &str, e: &Option<DirEnd>| match e {
+        Some(DirEnd::Error(err)) => Some(format!("{dir}: {err}")),
+        _ => None,
+    };
+    let errors: Vec<String> =
+        [describe("pod->upstream", &up_end), describe("upstream->pod", &down_end)].into_iter().flatten().collect();
+    let ok = errors.is_empty();
+    Relayed { tx, rx, close: if ok { "eof".into() } else { errors.join("; ") }, ok }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn counts_both_ways_and_propagates_half_close() {
+        let (pod_app, pod_proxy) = duplex(1024);
+        let (up_proxy, up_far) = duplex(1024);
+        let relay = tokio::spawn(relay(pod_proxy, up_proxy));
+        let (mut app_r, mut app_w) = tokio::io::split(pod_app);
+        let (mut far_r, mut far_w) = tokio::io::split(up_far);
+        app_w.write_all(b"hello").await.unwrap();
+        app_w.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        far_r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello", "far end sees the bytes, then EOF");
+        // After the pod's half-close the other direction still flows (written concurrently:
+        // the duplex buffers are smaller than the payload).
+        let writer = tokio::spawn(async move {
+            far_w.write_all(&vec![7u8; 100_000]).await.unwrap();
+            far_w.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        app_r.read_to_end(&mut back).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(back.len(), 100_000);
+        let r = relay.await.unwrap();
+        assert_eq!((r.tx, r.rx, r.ok, r.close.as_str()), (5, 100_000, true, "eof"));
+    }
+
+    #[tokio::test]
+    async fn an_error_in_one_direction_ends_the_relay_and_is_named() {
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, _: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+                std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")))
+            }
+        }
+        impl AsyncWrite for Broken {
+            fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, b: &[u8]) -> std::task::Poll<io::Result<usize>> {
+                std::task::Poll::Ready(Ok(b.len()))
+            }
+            fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        let (_app, pod_proxy) = duplex(1024);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), relay(pod_proxy, Broken)).await.expect("relay must end");
+        assert!(!r.ok);
+        assert!(r.close.contains("upstream->pod") && r.close.contains("reset"), "{}", r.close);
+    }
+}

@@ -1,0 +1,159 @@
+//! Privileged end-to-end tests of routing policy and configuration (issue: routing policy):
+//! kernel skip ranges, `proxy` and `direct` routes from a config file, the name/IP check
+//! for `direct`, the metadata safety rule, and live reload.
+use std::{net::IpAddr, path::PathBuf, process::Output, time::Duration};
+
+use tests::{
+    chain::{Chain, Gateway, TARGETS},
+    priv_check::privileged,
+};
+
+fn out(o: &Output) -> String {
+    format!("status={} stdout={} stderr={}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn ready(test: &str) -> bool {
+    privileged(test) && tests::squid::available(test, &[])
+}
+
+fn curl(c: &Chain, args: &[&str]) -> Output {
+    let ca = c.ca_pem.display().to_string();
+    c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca]).args(args).output().expect("curl")
+}
+
+fn write_config(c: &Chain, text: &str) -> PathBuf {
+    let p = c.lab.dir.join("config.yaml");
+    // Write-then-rename so the daemon never reads half a file.
+    let tmp = c.lab.dir.join("config.yaml.tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+    p
+}
+
+fn wait_log(c: &Chain, needle: &str, count: usize) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let log = c.daemon_log();
+        if log.matches(needle).count() >= count {
+            return log;
+        }
+        assert!(std::time::Instant::now() < end, "{needle:?} (x{count}) not logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const ROUTES: &str = "proxy-skip-range: 203.0.113.200/32\nroutes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n";
+
+/// Squid (auth) + gateway + daemon with `config` as its config file, and a node resolver
+/// that knows the target names.
+fn chain_with_config(config: &str) -> (Chain, PathBuf) {
+    let mut c = Chain::new(1);
+    c.start_squid(true);
+    c.start_gateway(Gateway::Normal);
+    let hosts: Vec<(&str, IpAddr)> = TARGETS.iter().map(|(n, ip)| (*n, IpAddr::V4(*ip))).collect();
+    c.lab.set_node_hosts(&hosts);
+    let path = write_config(&c, config);
+    let p = path.display().to_string();
+    c.start_daemon(&["--config", &p], "info");
+    (c, path)
+}
+
+#[test]
+fn skip_cidr_never_reaches_the_proxy() {
+    if !ready("skip_cidr_never_reaches_the_proxy") {
+        return;
+    }
+    let (c, _) = chain_with_config("proxy-skip-range: 203.0.113.200/32\n");
+    let series = |n: &str| format!("redirector_ebpf_events{{name=\"{n}\"}}");
+    let (skip0, est0) = (c.lab.metric(&series("skip_cidr")), c.lab.metric(&series("established")));
+    // 203.0.113.200 is the pod's directly routed service address (nothing listens there on
+    // 443, so the connect is refused by the host itself — never by us).
+    let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ntry:\n  socket.create_connection(('203.0.113.200', 443), 5)\nexcept OSError as e:\n  print(type(e).__name__)"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ConnectionRefusedError", "{}", out(&o));
+    assert_eq!(c.lab.metric(&series("skip_cidr")), skip0 + 1.0);
+    assert_eq!(c.lab.metric(&series("established")), est0, "a skipped connection reached the proxy path");
+    assert!(!c.daemon_log().contains("orig_dst=203.0.113.200"), "{}", c.daemon_log());
+}
+
+#[test]
+fn proxy_route_goes_through_squid_without_the_gateway() {
+    if !ready("proxy_route_goes_through_squid_without_the_gateway") {
+        return;
+    }
+    let (c, _) = chain_with_config(ROUTES);
+    let o = curl(&c, &["https://kv1.vault.azure.test/secret"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("sni=kv1.vault.azure.test"), "{}", out(&o));
+    let squid = c.squid.as_ref().unwrap();
+    let line = squid.wait_access_log("kv1.vault.azure.test:443", Duration::from_secs(5));
+    assert!(line.contains("CONNECT") && line.contains(" 200 "), "{line}");
+    assert!(!c.gateway_log().contains("kv1"), "the gateway saw a proxy-route connection:\n{}", c.gateway_log());
+    let log = c.daemon_log();
+    let audit = log.lines().find(|l| l.contains("audit") && l.contains("host=kv1.vault.azure.test")).unwrap_or_else(|| panic!("{log}"));
+    for n in ["route=proxy", "rule=route:*.vault.azure.test->proxy", "hops=proxy=200"] {
+        assert!(audit.contains(n), "{n}: {audit}");
+    }
+    // Everything else still goes through the gateway.
+    assert!(curl(&c, &["http://web.azure.test/"]).status.success());
+    assert!(c.gateway_log().contains("tunnel CONNECT web.azure.test:80 -> 200"), "{}", c.gateway_log());
+}
+
+#[test]
+fn direct_by_name_only_when_the_ip_belongs_to_the_name() {
+    if !ready("direct_by_name_only_when_the_ip_belongs_to_the_name") {
+        return;
+    }
+    let (c, _) = chain_with_config(ROUTES);
+    // portal.azure.test resolves (from the node) to 203.0.113.10: direct, dialed by the node.
+    let o = curl(&c, &["https://portal.azure.test/d"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("peer=203.0.113.1:"), "not dialed by the node: {}", out(&o));
+    assert!(!c.gateway_log().contains("portal.azure.test"), "{}", c.gateway_log());
+    // The same name claimed for 203.0.113.11: not its address, so no direct dial — the
+    // default route (gateway) takes it, and the log says why.
+    let o = curl(&c, &["--resolve", "portal.azure.test:443:203.0.113.11", "https://portal.azure.test/m"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let log = c.daemon_log();
+    assert!(log.contains("security: host name does not resolve to the original destination"), "{log}");
+    let audit = log.lines().find(|l| l.contains("audit") && l.contains("orig_dst=203.0.113.11:443")).unwrap_or_else(|| panic!("{log}"));
+    assert!(audit.contains("route=gateway") && audit.contains("name/ip mismatch"), "{audit}");
+    assert!(c.gateway_log().contains("tunnel CONNECT portal.azure.test:443 -> 200"), "{}", c.gateway_log());
+    // A route that would dial the metadata address directly is refused, not followed.
+    let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ns = socket.create_connection(('169.254.169.254', 80), 5)\ns.settimeout(5)\ntry:\n  print('data' if s.recv(10) else 'eof')\nexcept ConnectionResetError:\n  print('reset')"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "reset", "{}", out(&o));
+    let log = c.daemon_log();
+    assert!(log.contains("security: refusing to dial this address directly"), "{log}");
+    assert!(log.contains("rule=safety:link-local/metadata"), "{log}");
+}
+
+#[test]
+fn reload_keeps_old_config_on_error_and_applies_a_good_one() {
+    if !ready("reload_keeps_old_config_on_error_and_applies_a_good_one") {
+        return;
+    }
+    let (c, _) = chain_with_config(ROUTES);
+    let pid = c.lab.procs.iter().find(|p| p.name == "redirector").unwrap().pid();
+    // 1. A broken file: rejected with the reason; the old routes stay.
+    write_config(&c, "routes:\n  - host: '*.vault.azure.test'\n    route: sideways\n");
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    let log = wait_log(&c, "config reload rejected", 1);
+    let line = log.lines().find(|l| l.contains("config reload rejected")).unwrap();
+    assert!(line.contains("routes[0]") && line.contains("sideways"), "{line}");
+    assert!(curl(&c, &["https://kv1.vault.azure.test/"]).status.success());
+    assert!(!c.gateway_log().contains("kv1"), "old proxy route no longer in force");
+
+    // 2. A good file, no signal: the file watch picks it up. The vault route is gone (so
+    //    it goes to the gateway now) and a new kernel skip range appears.
+    write_config(&c, "proxy-skip-range: 203.0.113.200/32,203.0.113.192/29\n");
+    wait_log(&c, "configuration reloaded", 1);
+    assert!(curl(&c, &["https://kv1.vault.azure.test/"]).status.success());
+    assert!(c.gateway_log().contains("tunnel CONNECT kv1.vault.azure.test:443 -> 200"), "{}", c.gateway_log());
+    // The new kernel skip range is in the LPM map next to the old one.
+    let s = c.lab.status();
+    let text = String::from_utf8_lossy(&s.stdout);
+    assert!(text.contains("203.0.113.192/29") && text.contains("203.0.113.200/32"), "{text}");
+    let (_, metrics) = c.lab.node_http_get("/metrics").unwrap();
+    assert!(metrics.contains("redirector_config_reloads_total{result=\"rejected\"}"), "{metrics}");
+    assert!(metrics.contains("redirector_config_reloads_total{result=\"applied\"}"), "{metrics}");
+}
