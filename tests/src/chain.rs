@@ -76,6 +76,8 @@ impl Chain {
         let ca_pem = ca.write_ca(&pki_dir);
         let mut v4: Vec<Ipv4Addr> = TARGETS.iter().map(|(_, ip)| *ip).collect();
         v4.push(Ipv4Addr::new(203, 0, 113, 12));
+        v4.sort();
+        v4.dedup();
         let inet = lab.add_host("inet", &v4, &[]);
         let names: Vec<&str> = TARGETS.iter().map(|(n, _)| *n).collect();
         let leaf = ca.issue(&names);
