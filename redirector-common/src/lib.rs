@@ -43,6 +43,9 @@ pub mod names {
     pub const LINK_CONNECT6: &str = "rdr_link_c6";
     /// Pin file name of the sockops link.
     pub const LINK_SOCKOPS: &str = "rdr_link_so";
+    /// Pin file name of aya-log's ring buffer (kernel object name `AYA_LOGS`, set by
+    /// aya-log-ebpf): debug messages of the programs.
+    pub const PIN_LOGS: &str = "rdr_logs";
 
     /// All maps, in a stable order.
     pub const MAPS: [&str; 7] =
@@ -202,6 +205,7 @@ mod tests {
             .iter()
             .chain(names::PROGRAMS.iter())
             .chain(names::LINKS.iter())
+            .chain([names::PIN_LOGS].iter())
             .copied()
             .collect();
         let mut seen = HashSet::new();

@@ -30,6 +30,7 @@ mod prog {
         macros::{btf_map, cgroup_sock_addr, sock_ops},
         programs::{SockAddrContext, SockOpsContext},
     };
+    use aya_log_ebpf::debug;
     use redirector_common::{
         CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, v4_mapped,
     };
@@ -186,6 +187,7 @@ mod prog {
                     cookie: 0,
                 };
                 if remember(&ctx, dst) {
+                    debug!(&ctx, "redirect {:i}:{} to proxy port {}", u32::from_be_bytes(octets), dst.port, port);
                     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
                     sa.user_port = u32::from(port.to_be());
                     bump(counter::REDIRECTED4);
@@ -230,6 +232,7 @@ mod prog {
                     cookie: 0,
                 };
                 if remember(&ctx, dst) {
+                    debug!(&ctx, "redirect {:i}:{} to proxy port {}", v6, dst.port, port);
                     if is_mapped {
                         // ::ffff:127.0.0.1 reaches the IPv4 listener.
                         sa.user_ip6 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])];

@@ -90,8 +90,69 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         .expect("static response")
 }
 
+fn json<T: serde::Serialize>(v: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(s + "\n")))
+            .expect("static response"),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `?filter=<RUST_LOG directives>` from the query string (percent-decoding `%2C` etc.).
+fn query_filter(q: Option<&str>) -> Option<String> {
+    let q = q?;
+    let v = q.split('&').find_map(|kv| kv.strip_prefix("filter=").or_else(|| kv.strip_prefix("level=")))?;
+    let mut out = Vec::new();
+    let b = v.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
+        "/workloads" => json(&*admin.shared.workloads.lock().expect("workloads lock poisoned")),
+        "/connections" => {
+            let mut v: Vec<crate::proxy::ConnView> = admin.shared.conns.lock().expect("conns lock poisoned").values().cloned().collect();
+            for c in &mut v {
+                c.since_ms = c.started.elapsed().as_millis() as u64;
+            }
+            v.sort_by_key(|c| std::cmp::Reverse(c.since_ms));
+            json(&v)
+        }
+        "/logging" => {
+            if req.method() == hyper::Method::GET {
+                return text(StatusCode::OK, crate::telemetry::log_filter() + "\n");
+            }
+            match query_filter(req.uri().query()) {
+                None => text(StatusCode::BAD_REQUEST, "use POST /logging?filter=<RUST_LOG directives>, e.g. ?filter=debug\n".into()),
+                Some(f) => match crate::telemetry::set_log_filter(&f) {
+                    Ok(()) => {
+                        tracing::info!(filter = %f, "log filter changed");
+                        text(StatusCode::OK, format!("log filter set to {f}\n"))
+                    }
+                    Err(e) => text(StatusCode::BAD_REQUEST, e + "\n"),
+                },
+            }
+        }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             let status = if admin.readiness.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -117,5 +178,19 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_filter;
+
+    #[test]
+    fn filter_query_is_decoded() {
+        assert_eq!(query_filter(Some("filter=debug")).as_deref(), Some("debug"));
+        assert_eq!(query_filter(Some("x=1&filter=info%2Credirector%3Dtrace")).as_deref(), Some("info,redirector=trace"));
+        assert_eq!(query_filter(Some("level=warn")).as_deref(), Some("warn"));
+        assert_eq!(query_filter(Some("nothing=here")), None);
+        assert_eq!(query_filter(None), None);
     }
 }

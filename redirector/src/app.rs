@@ -60,7 +60,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
 
     // 2. Load or adopt the programs and maps under the pin root.
     let pins = PinLayout::new(&config.pin_root);
-    let (mut maps, origin) = bpf::load_and_attach(&pins, &config.cgroup_root)?;
+    let (mut maps, origin, program_logger) = bpf::load_and_attach(&pins, &config.cgroup_root)?;
+    if let Some(logger) = program_logger {
+        tokio::spawn(forward_program_logs(logger));
+    }
     match origin {
         Origin::Attached => info!(pin_root = %pins.root.display(), cgroup_root = %config.cgroup_root.display(), "attached eBPF programs"),
         Origin::Adopted => info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run"),
@@ -80,6 +83,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         metrics: Arc::clone(&metrics),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        workloads: Mutex::new(Vec::new()),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: std::sync::atomic::AtomicU64::new(0),
     });
     let readiness = Arc::new(Readiness::default());
     readiness.hooks_attached.store(bpf::link_alive(&pins, redirector_common::names::LINK_CONNECT4), Ordering::Relaxed);
@@ -150,6 +156,20 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // connects fail fast (nobody listens on the proxy port) and nothing leaks direct.
     info!("stopped; eBPF programs stay pinned (`redirector uninstall` removes them)");
     Ok(())
+}
+
+/// Forwards the eBPF programs' aya-log records (debug level) into the daemon's log.
+async fn forward_program_logs(logger: bpf::ProgramLogger) {
+    // SAFETY: the logger owns its ring buffer's fd for its whole life and always returns the
+    // same fd from as_raw_fd; the AsyncFd owns the logger.
+    let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 /// Content fingerprint of the config file (ConfigMap mounts swap symlinks, so mtime alone
@@ -346,6 +366,20 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
         }
         shared.metrics.listeners.set(listeners.len() as i64);
         shared.metrics.enabled_cgroups.set(enabled.len() as i64);
+        let views = desired
+            .values()
+            .map(|w| {
+                let e = enabled.get(&w.key);
+                proxy::WorkloadView {
+                    key: w.key.clone(),
+                    label: w.label.clone(),
+                    cgroup: e.map(|e| e.cgroup.display().to_string()),
+                    cgroup_id: e.map(|e| e.id),
+                    listening: e.is_some(),
+                }
+            })
+            .collect();
+        *shared.workloads.lock().expect("workloads lock poisoned") = views;
         readiness.listeners_ready.store(all_ready, Ordering::Relaxed);
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,

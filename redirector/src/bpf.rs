@@ -110,7 +110,10 @@ pub enum Origin {
 ///
 /// Adoption: when all link pins exist, the programs are already attached; attaching again
 /// would stack a second copy on the hook, so only the maps are reopened.
-pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Origin), BpfError> {
+/// The eBPF programs' own log records (aya-log), forwarded to the daemon's log.
+pub type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Origin, Option<ProgramLogger>), BpfError> {
     fs::create_dir_all(&pins.root)
         .map_err(|source| BpfError::PinDir { path: pins.root.clone(), source })?;
     let mut loader = EbpfLoader::new();
@@ -120,6 +123,13 @@ pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Or
         // Reuses the pinned map when it exists, creates and pins it otherwise.
         loader.map_pin_path(name, path.as_path());
     }
+    // The programs' debug messages cost a ring-buffer write per redirect; they are compiled
+    // in but enabled in the kernel only when the daemon starts with debug logging (aya-log
+    // levels: 2 = warn, 4 = debug).
+    let level: u8 = if tracing::enabled!(tracing::Level::DEBUG) { 4 } else { 2 };
+    loader.override_global("AYA_LOG_LEVEL", &level, false);
+    let logs_pin = pins.path(names::PIN_LOGS);
+    loader.map_pin_path("AYA_LOGS", logs_pin.as_path());
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
 
     let origin = if pins.links_pinned() {
@@ -136,8 +146,15 @@ pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Or
         attach_all(&mut ebpf, pins, cgroup_root)?;
         Origin::Attached
     };
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(error = %e, "eBPF program logs unavailable");
+            None
+        }
+    };
     drop(ebpf);
-    Ok((Maps::open(pins)?, origin))
+    Ok((Maps::open(pins)?, origin, logger))
 }
 
 fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup_root: &Path) -> Result<(), BpfError> {
@@ -192,7 +209,7 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup_root: &Path) -> Result<(
 /// Only our own objects are touched; other programs on the same hooks stay attached.
 pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for name in names::LINKS.iter().chain(names::PROGRAMS.iter()).chain(names::MAPS.iter()) {
+    for name in names::LINKS.iter().chain(names::PROGRAMS.iter()).chain(names::MAPS.iter()).chain([names::PIN_LOGS].iter()) {
         let p = pins.path(name);
         match fs::remove_file(&p) {
             Ok(()) => removed.push(p),

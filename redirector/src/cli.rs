@@ -21,6 +21,12 @@ pub enum Command {
     Run(RunArgs),
     /// Show what is attached and enabled, counters and the daemon's state (reads the pins).
     Status(StatusArgs),
+    /// Why a destination from a cgroup or pod would be skipped in the kernel or routed, and
+    /// the exact CONNECT lines each hop would get (secrets redacted).
+    Explain(ExplainArgs),
+    /// Preflight: kernel, cgroup v2, bpffs, BTF, other programs on our hooks, enterprise
+    /// proxy and gateway reachability and TLS; a fix for every failure. Exit 1 on any FAIL.
+    Check(CheckArgs),
     /// Detach our programs and remove our pins (other programs on the same hooks stay).
     Uninstall(PinArgs),
 }
@@ -45,6 +51,49 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `redirector explain`: the same configuration sources as `run`, plus what to explain.
+///
+/// `--cgroup` here names the cgroup whose connection is explained (not a cgroup to enable),
+/// so it is read from the command line only, never from REDIRECTOR_CGROUPS.
+#[derive(Debug, Args)]
+#[command(mut_arg("cgroup", |a| a
+    .env(None)
+    .value_delimiter(None)
+    .value_name("PATH")
+    .help("cgroup v2 directory the connecting process runs in (it and its ancestors are looked up in rdr_enabled)")
+    .conflicts_with("pod")))]
+pub struct ExplainArgs {
+    /// Original destination, `IP:PORT` (`[v6]:port` for IPv6).
+    #[arg(long, value_name = "IP:PORT")]
+    pub dst: SocketAddr,
+    /// Host name the client would send (TLS SNI or HTTP Host); without it the connection is
+    /// judged as one that names no host (tunneled by IP).
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// The host name comes from a plain-HTTP `Host` header (selects --proxy-http for the
+    /// `proxy` route when both proxies are set), not from TLS SNI.
+    #[arg(long, requires = "host")]
+    pub http: bool,
+    /// Kubernetes pod `NAMESPACE/NAME`; resolved to its cgroup by asking the running daemon.
+    #[arg(long, value_name = "NS/NAME")]
+    pub pod: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `redirector check`: the same configuration sources as `run`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +158,32 @@ mod tests {
             let msg = crate::error_chain(&run_args(&[flag, value]).load().unwrap_err());
             assert!(msg.contains(needle), "{flag} {value}: {msg}");
         }
+    }
+
+    #[test]
+    fn explain_takes_run_flags_and_its_own_cgroup() {
+        let cli = Cli::try_parse_from([
+            "redirector", "explain", "--dst", "203.0.113.10:443", "--host", "portal.example",
+            "--cgroup", "/sys/fs/cgroup/a,b", "--proxy-skip-range", "10.0.0.0/8",
+            "--gateway-url", "https://gw.example",
+        ])
+        .unwrap();
+        let Command::Explain(e) = cli.command else { panic!("not explain") };
+        assert_eq!(e.dst, "203.0.113.10:443".parse().unwrap());
+        // One path, commas and all: this is not the run flag's comma-separated list.
+        assert_eq!(e.run.settings.cgroup, Some(vec![PathBuf::from("/sys/fs/cgroup/a,b")]));
+        assert_eq!(e.run.load().unwrap().skip_cidrs().len(), 1);
+        let both = Cli::try_parse_from(["redirector", "explain", "--dst", "1.2.3.4:1", "--cgroup", "/a", "--pod", "ns/p"]);
+        assert!(both.is_err(), "--cgroup and --pod together must be refused");
+    }
+
+    #[test]
+    fn check_takes_run_flags() {
+        let cli = Cli::try_parse_from(["redirector", "check", "--pin-root", "/tmp/x/pins", "--proxy-https", "http://203.0.113.50:3128"]).unwrap();
+        let Command::Check(c) = cli.command else { panic!("not check") };
+        let config = c.run.load().unwrap();
+        assert_eq!(config.pin_root, PathBuf::from("/tmp/x/pins"));
+        assert!(config.tunnel.proxy.is_some());
     }
 
     #[test]

@@ -36,6 +36,50 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every relay task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// What the reconciler has enabled (admin `/workloads`, `redirector status`).
+    pub workloads: Mutex<Vec<WorkloadView>>,
+    /// Connections being relayed now (admin `/connections`).
+    pub conns: Mutex<HashMap<u64, ConnView>>,
+    pub next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// One enabled (or waiting) workload, as `/workloads` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkloadView {
+    pub key: String,
+    pub label: String,
+    pub cgroup: Option<String>,
+    pub cgroup_id: Option<u64>,
+    /// Enabled in the kernel with a listener in every netns it uses.
+    pub listening: bool,
+}
+
+/// One live connection, as `/connections` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ConnView {
+    pub workload: String,
+    pub src: String,
+    pub orig_dst: String,
+    pub host: Option<String>,
+    pub route: String,
+    #[serde(skip)]
+    pub started: Instant,
+    /// Filled in when served.
+    pub since_ms: u64,
+}
+
+/// Removes a connection from the live registry when the relay ends, however it ends.
+struct ConnGuard<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.shared.conns.lock() {
+            c.remove(&self.id);
+        }
+    }
 }
 
 /// A listener pair (127.0.0.1 and ::1) inside one network namespace.
@@ -246,6 +290,25 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
         }
     };
     audit.hops = upstream.hops.clone();
+    for (hop, took) in &upstream.setup {
+        shared.metrics.tunnel_setup.get_or_create(&crate::telemetry::HopLabels { hop }).observe(took.as_secs_f64());
+    }
+    let id = shared.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut c) = shared.conns.lock() {
+        c.insert(
+            id,
+            ConnView {
+                workload: audit.workload.to_string(),
+                src: audit.peer.to_string(),
+                orig_dst: audit.orig.to_string(),
+                host: audit.host.clone(),
+                route: audit.route.to_string(),
+                started: audit.started,
+                since_ms: 0,
+            },
+        );
+    }
+    let _conn = ConnGuard { shared: &shared, id };
     if !peeked.bytes.is_empty() {
         if let Err(e) = upstream.write_all(&peeked.bytes).await {
             refuse(&shared, &audit, "upstream", "write_error", &e.to_string());

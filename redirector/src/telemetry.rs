@@ -1,26 +1,43 @@
 //! Logging setup and Prometheus metrics.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
-/// `LOG_FORMAT=json|plain` (default plain) and `RUST_LOG` (default `info`).
+/// Handle to change the log filter at runtime (admin `/logging`).
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// `LOG_FORMAT=json|plain` (default plain) and `RUST_LOG` (default `info`). Records of the
+/// `log` crate (aya, aya-log's eBPF messages) are bridged into tracing.
 pub fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").map(|v| v.eq_ignore_ascii_case("json")).unwrap_or(false);
     use std::io::IsTerminal;
-    let builder = fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
+    use tracing_subscriber::{EnvFilter, fmt, prelude::*, reload};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let json = std::env::var("LOG_FORMAT").map(|v| v.eq_ignore_ascii_case("json")).unwrap_or(false);
+    let ansi = std::io::stderr().is_terminal();
+    let json_layer = json.then(|| fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).with_target(false));
+    let plain_layer = (!json).then(|| fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false));
+    tracing_subscriber::registry().with(filter).with(json_layer).with(plain_layer).init();
+    let _ = LOG_FILTER.set(handle);
+}
+
+/// The current log filter, as `RUST_LOG` syntax.
+pub fn log_filter() -> String {
+    LOG_FILTER
+        .get()
+        .and_then(|h| h.with_current(|f| f.to_string()).ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Replaces the log filter (`RUST_LOG` syntax, e.g. `debug` or `info,redirector=trace`).
+pub fn set_log_filter(directives: &str) -> Result<(), String> {
+    let f = tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| format!("invalid filter {directives:?}: {e}"))?;
+    let h = LOG_FILTER.get().ok_or("logging is not initialized")?;
+    h.reload(f).map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +70,12 @@ pub struct TunnelFailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopLabels {
+    /// `target` (direct), `proxy` or `gateway`.
+    pub hop: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -62,9 +85,14 @@ pub struct NameLabels {
     pub name: &'static str,
 }
 
+fn setup_histogram() -> Histogram {
+    // 1 ms .. ~16 s: loopback hops are sub-millisecond, intercontinental TLS is seconds.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15))
+}
+
 /// Every metric the daemon exports. Labels are bounded: no per-destination or per-pod labels.
-#[derive(Default)]
 pub struct Metrics {
+    pub tunnel_setup: Family<HopLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<RouteLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
@@ -77,12 +105,31 @@ pub struct Metrics {
     pub ebpf: Family<NameLabels, Gauge>,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            tunnel_setup: Family::new_with_constructor(setup_histogram as fn() -> Histogram),
+            connections: Default::default(),
+            refused: Default::default(),
+            bytes: Default::default(),
+            errors: Default::default(),
+            tunnel_failures: Default::default(),
+            active: Default::default(),
+            enabled_cgroups: Default::default(),
+            listeners: Default::default(),
+            reloads: Default::default(),
+            ebpf: Default::default(),
+        }
+    }
+}
+
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("redirector");
         r.register("connections", "Finished connections by route and result", self.connections.clone());
         r.register("refused", "Connections refused before relaying, by reason", self.refused.clone());
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
+        r.register("tunnel_setup_seconds", "Time to set up each hop (TCP, TLS, CONNECT answered)", self.tunnel_setup.clone());
         r.register("errors", "Failed connections by side (downstream, upstream, internal)", self.errors.clone());
         r.register("tunnel_failures", "Tunnel setup failures by hop and kind", self.tunnel_failures.clone());
         r.register("active_connections", "Connections being relayed now", self.active.clone());

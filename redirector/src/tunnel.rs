@@ -694,6 +694,8 @@ pub struct Upstream {
     io: Box<dyn Io>,
     /// The CONNECT status of each hop, in order (empty for `direct`).
     pub hops: Vec<HopStatus>,
+    /// How long each hop took to set up (TCP, TLS, CONNECT), in order; `target` for direct.
+    pub setup: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl fmt::Debug for Upstream {
@@ -858,10 +860,12 @@ pub async fn open(
     let t = &cfg.timeouts;
     match route {
         Route::Direct => {
+            let started = std::time::Instant::now();
             let tcp = tcp_connect(HOP_TARGET, target_addr, target_addr.to_string(), t).await?;
             Ok(Upstream {
                 io: Box::new(tcp),
                 hops: Vec::new(),
+                setup: vec![(HOP_TARGET, started.elapsed())],
             })
         }
         Route::Proxy => {
@@ -871,8 +875,9 @@ pub async fn open(
             })?;
             check_authority(HOP_PROXY, target_authority)?;
             let mut hops = Vec::with_capacity(1);
-            let io = through_proxy(proxy, target_authority, t, &mut hops).await?;
-            Ok(Upstream { io, hops })
+            let mut setup = Vec::with_capacity(1);
+            let io = through_proxy(proxy, target_authority, t, &mut hops, &mut setup).await?;
+            Ok(Upstream { io, hops, setup })
         }
         Route::Gateway => {
             let gw = cfg.gateway.as_ref().ok_or(TunnelError::NotConfigured {
@@ -904,8 +909,9 @@ pub async fn open(
             }
 
             let mut hops = Vec::with_capacity(2);
+            let mut setup = Vec::with_capacity(2);
             let io: Box<dyn Io> = match &cfg.proxy {
-                Some(proxy) => through_proxy(proxy, &gw.authority(), t, &mut hops).await?,
+                Some(proxy) => through_proxy(proxy, &gw.authority(), t, &mut hops, &mut setup).await?,
                 None => {
                     let addr = gw.authority();
                     Box::new(
@@ -913,6 +919,7 @@ pub async fn open(
                     )
                 }
             };
+            let gw_started = std::time::Instant::now();
             let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, io, t).await?;
             // Only HTTP/1.1 CONNECT is spoken inside; a config offering `h2` must not be
             // answered with bytes the gateway would misread.
@@ -937,7 +944,8 @@ pub async fn open(
                 hop: HOP_GATEWAY,
                 status,
             });
-            Ok(Upstream { io, hops })
+            setup.push((HOP_GATEWAY, gw_started.elapsed()));
+            Ok(Upstream { io, hops, setup })
         }
     }
 }
@@ -948,7 +956,9 @@ async fn through_proxy(
     authority: &str,
     t: &Timeouts,
     hops: &mut Vec<HopStatus>,
+    setup: &mut Vec<(&'static str, std::time::Duration)>,
 ) -> Result<Box<dyn Io>, TunnelError> {
+    let started = std::time::Instant::now();
     let tls = match proxy.url.scheme {
         ProxyScheme::Http => None,
         ProxyScheme::Https => {
@@ -976,6 +986,7 @@ async fn through_proxy(
         hop: HOP_PROXY,
         status,
     });
+    setup.push((HOP_PROXY, started.elapsed()));
     Ok(io)
 }
 

@@ -390,6 +390,32 @@ impl KubeApi {
         }
     }
 
+    /// Starts the stand-in on a listener the caller bound, e.g. one bound inside another
+    /// network namespace (a socket stays in the namespace it was created in), so that a
+    /// daemon running there can reach it. [`KubeApi::url`] and [`KubeApi::kubeconfig`] use
+    /// the listener's address. Must be called within a tokio runtime.
+    pub async fn start_on(listener: std::net::TcpListener) -> KubeApi {
+        listener
+            .set_nonblocking(true)
+            .expect("kube api stand-in listener: set_nonblocking");
+        let addr = listener.local_addr().expect("kube api stand-in address");
+        let listener =
+            TcpListener::from_std(listener).expect("kube api stand-in listener into tokio");
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store {
+                rv: 1,
+                ..Store::default()
+            }),
+            stats: watch::Sender::new(ApiStats::default()),
+        });
+        let server = tokio::spawn(serve(listener, shared.clone()));
+        KubeApi {
+            addr,
+            shared,
+            server,
+        }
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
