@@ -96,7 +96,7 @@ pub struct CheckArgs {
     pub run: RunArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct RunArgs {
     /// Config file (YAML or TOML) with the same settings under their long flag names, plus
     /// `routes`, `route-presets` and `allow-dial`. Flags and REDIRECTOR_* env override it.
@@ -110,11 +110,16 @@ pub struct RunArgs {
 impl RunArgs {
     /// File (if any), overlaid by env and flags (clap already merged those two), validated.
     pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::build(self.merged()?)
+    }
+
+    /// The settings `load` validates: the file (if any) overlaid by env and flags.
+    pub fn merged(&self) -> Result<Settings, ConfigError> {
         let file = match &self.config {
             Some(p) => Settings::from_file(p)?,
             None => Settings::default(),
         };
-        Config::build(file.overlay(self.settings.clone()))
+        Ok(file.overlay(self.settings.clone()))
     }
 }
 

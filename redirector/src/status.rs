@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::bpf::{self, Maps, PinLayout};
 use redirector_common::{Counters, names};
@@ -22,12 +22,110 @@ pub struct Status {
     pub skip_ranges: Vec<String>,
     pub pending_original_destinations: usize,
     pub counters: Option<CountersView>,
+    /// What the daemon wants enabled (`GET /workloads`); `None` when it could not say.
+    pub workloads: Option<Vec<WorkloadInfo>>,
+    /// Connections being relayed right now (`GET /connections`); `None` when unknown.
+    pub connections: Option<Vec<ConnectionInfo>>,
+    /// Why `workloads` / `connections` are missing, in words.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct EnabledCgroup {
     pub id: u64,
     pub path: Option<PathBuf>,
+    /// `namespace/pod` (or the configured cgroup path) when the daemon knows the workload.
+    pub workload: Option<String>,
+}
+
+/// One entry of the daemon's `GET /workloads`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct WorkloadInfo {
+    pub key: String,
+    /// `namespace/pod` in Kubernetes mode, the cgroup path otherwise.
+    pub label: String,
+    pub cgroup: Option<PathBuf>,
+    pub cgroup_id: Option<u64>,
+    pub listening: bool,
+}
+
+/// One entry of the daemon's `GET /connections`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ConnectionInfo {
+    pub workload: String,
+    pub src: String,
+    pub orig_dst: String,
+    pub host: Option<String>,
+    pub route: String,
+    pub since_ms: u64,
+}
+
+/// What one admin request brought back.
+#[derive(Debug)]
+pub enum Fetch<T> {
+    Ok(T),
+    /// 404: a daemon from before this endpoint existed.
+    Missing,
+    /// Nothing answers on the admin address.
+    Down,
+    /// It answered, but not with what we expected.
+    Bad(String),
+}
+
+/// `GET path` on the admin endpoint, HTTP/1.1 with `connection: close`. Returns the status
+/// and the body (chunked bodies decoded).
+pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response from the admin endpoint"))
+}
+
+fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(len) = resp.parse(raw).ok()? else { return None };
+    let status = resp.code?;
+    let chunked = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            && String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked")
+    });
+    let body = &raw[len..];
+    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
+    }
+}
+
+/// `GET path` and parse the JSON body as `T`.
+pub fn fetch_json<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Fetch<T> {
+    match admin_get(addr, path) {
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) => Fetch::Down,
+        Err(e) => Fetch::Bad(e.to_string()),
+        Ok((404, _)) => Fetch::Missing,
+        Ok((200, body)) => match serde_json::from_str(&body) {
+            Ok(v) => Fetch::Ok(v),
+            Err(e) => Fetch::Bad(format!("unexpected JSON from {path}: {e}")),
+        },
+        Ok((status, _)) => Fetch::Bad(format!("{path} answered {status}")),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -69,14 +167,12 @@ impl From<Counters> for CountersView {
 
 /// Asks `/readyz` on the admin address; a refused connection means the daemon is down.
 pub fn probe_daemon(addr: SocketAddr) -> DaemonState {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return DaemonState::NotRunning;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    if buf.starts_with("HTTP/1.1 200") { DaemonState::Ready } else { DaemonState::NotReady }
+    match admin_get(addr, "/readyz") {
+        Ok((200, _)) => DaemonState::Ready,
+        Ok(_) => DaemonState::NotReady,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => DaemonState::NotReady,
+        Err(_) => DaemonState::NotRunning,
+    }
 }
 
 fn find_cgroup_paths(root: &Path, ids: &[u64]) -> BTreeMap<u64, PathBuf> {
@@ -104,17 +200,91 @@ pub fn collect(pin_root: &Path, admin: SocketAddr, cgroup_root: &Path) -> Result
     let links = names::LINKS.iter().map(|l| (*l, bpf::link_alive(&pins, l))).collect();
     let maps = Maps::open(&pins)?;
     let ids: Vec<u64> = maps.enabled_ids().into_iter().collect();
-    let paths = find_cgroup_paths(cgroup_root, &ids);
+    let mut paths = find_cgroup_paths(cgroup_root, &ids);
+    let daemon = probe_daemon(admin);
+    let mut notes = Vec::new();
+    let (workloads, connections) = match daemon {
+        DaemonState::NotRunning => {
+            notes.push(format!("the daemon is not running (nothing answers on {admin}): pod names and live connections are unknown"));
+            (None, None)
+        }
+        _ => (
+            take(fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads"), "/workloads", "pod names", &mut notes),
+            take(fetch_json::<Vec<ConnectionInfo>>(admin, "/connections"), "/connections", "live connections", &mut notes),
+        ),
+    };
+    // The daemon knows where each workload's cgroup is even when it is outside --cgroup-root.
+    for w in workloads.iter().flatten() {
+        if let (Some(id), Some(p)) = (w.cgroup_id, &w.cgroup) {
+            paths.entry(id).or_insert_with(|| p.clone());
+        }
+    }
+    let enabled_cgroups = ids
+        .iter()
+        .map(|id| {
+            let path = paths.get(id).cloned();
+            let workload = workloads.iter().flatten().find(|w| workload_is(w, *id, path.as_deref())).map(|w| w.label.clone());
+            EnabledCgroup { id: *id, path, workload }
+        })
+        .collect();
     Ok(Status {
         pin_root: pin_root.to_owned(),
         links,
-        daemon: probe_daemon(admin),
+        daemon,
         proxy_port: maps.config().ok().filter(|c| c.ready != 0).map(|c| c.proxy_port),
-        enabled_cgroups: ids.iter().map(|id| EnabledCgroup { id: *id, path: paths.get(id).cloned() }).collect(),
+        enabled_cgroups,
         skip_ranges: maps.skip_ranges().iter().map(|n| n.to_string()).collect(),
         pending_original_destinations: maps.orig_len(),
         counters: maps.counters().ok().map(Into::into),
+        workloads,
+        connections,
+        notes,
     })
+}
+
+fn workload_is(w: &WorkloadInfo, id: u64, path: Option<&Path>) -> bool {
+    match w.cgroup_id {
+        Some(wid) => wid == id,
+        None => path.is_some() && w.cgroup.as_deref() == path,
+    }
+}
+
+fn take<T>(f: Fetch<T>, path: &str, what: &str, notes: &mut Vec<String>) -> Option<T> {
+    match f {
+        Fetch::Ok(v) => Some(v),
+        Fetch::Missing => {
+            notes.push(format!("this daemon does not serve {path} (an older version): {what} unknown"));
+            None
+        }
+        Fetch::Down => {
+            notes.push(format!("the daemon stopped answering: {what} unknown"));
+            None
+        }
+        Fetch::Bad(why) => {
+            notes.push(format!("{what} unknown: {why}"));
+            None
+        }
+    }
+}
+
+/// A label that is a cgroup path adds nothing next to the path; `ns/pod` does.
+fn pod_label(label: &str, path: Option<&Path>) -> Option<String> {
+    if label.is_empty() || path.is_some_and(|p| p == Path::new(label)) {
+        None
+    } else if label.starts_with('/') {
+        Some(format!("({label})"))
+    } else {
+        Some(format!("pod {label}"))
+    }
+}
+
+fn age(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m{:02}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
 }
 
 pub fn render_text(s: &Status) -> String {
@@ -139,7 +309,29 @@ pub fn render_text(s: &Status) -> String {
     out += &format!("enabled cgroups ({}):\n", s.enabled_cgroups.len());
     for c in &s.enabled_cgroups {
         let path = c.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(path not found under cgroup root)".into());
-        out += &format!("  {:>10}  {path}\n", c.id);
+        let label = c.workload.as_deref().and_then(|l| pod_label(l, c.path.as_deref()));
+        match label {
+            Some(l) => out += &format!("  {:>10}  {path}  {l}\n", c.id),
+            None => out += &format!("  {:>10}  {path}\n", c.id),
+        }
+    }
+    // Workloads the daemon wants but has not (yet) put into the kernel map.
+    let waiting: Vec<&WorkloadInfo> = s
+        .workloads
+        .iter()
+        .flatten()
+        .filter(|w| !s.enabled_cgroups.iter().any(|c| workload_is(w, c.id, c.path.as_deref())))
+        .collect();
+    if !waiting.is_empty() {
+        out += &format!("waiting workloads ({}):\n", waiting.len());
+        for w in waiting {
+            let why = match (&w.cgroup, w.listening) {
+                (None, _) => "cgroup not created yet".to_owned(),
+                (Some(p), false) => format!("{}: no listener in its netns yet", p.display()),
+                (Some(p), true) => format!("{}: listening, not yet enabled", p.display()),
+            };
+            out += &format!("  {}  {why}\n", w.label);
+        }
     }
     out += &format!("skip ranges: {}\n", if s.skip_ranges.is_empty() { "(none)".into() } else { s.skip_ranges.join(", ") });
     out += &format!("awaiting accept: {}\n", s.pending_original_destinations);
@@ -149,5 +341,130 @@ pub fn render_text(s: &Status) -> String {
             c.redirected4, c.redirected6, c.established, c.skip_cidr, c.skip_loopback, c.skip_not_tcp, c.skip_self, c.skip_disabled, c.errors
         );
     }
+    match &s.connections {
+        Some(conns) => {
+            out += &format!("live connections ({}):\n", conns.len());
+            for c in conns {
+                let host = c.host.as_deref().unwrap_or("-");
+                out += &format!("  {}  {} -> {} host={host} route={} age={}\n", c.workload, c.src, c.orig_dst, c.route, age(c.since_ms));
+            }
+        }
+        None => out += "live connections: unknown\n",
+    }
+    for n in &s.notes {
+        out += &format!("note: {n}\n");
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(daemon: DaemonState) -> Status {
+        Status {
+            pin_root: "/sys/fs/bpf/redirector".into(),
+            links: names::LINKS.iter().map(|l| (*l, true)).collect(),
+            daemon,
+            proxy_port: Some(15001),
+            enabled_cgroups: vec![
+                EnabledCgroup { id: 842, path: Some("/sys/fs/cgroup/kubepods/pod-a".into()), workload: Some("default/agent-1".into()) },
+                EnabledCgroup { id: 900, path: Some("/sys/fs/cgroup/agent.service".into()), workload: Some("/sys/fs/cgroup/agent.service".into()) },
+            ],
+            skip_ranges: vec!["10.96.0.0/12".into()],
+            pending_original_destinations: 0,
+            counters: Some(Counters { redirected4: 3, ..Default::default() }.into()),
+            workloads: None,
+            connections: None,
+            notes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn text_names_pods_and_connections() {
+        let mut s = status(DaemonState::Ready);
+        s.workloads = Some(vec![WorkloadInfo { key: "uid-2".into(), label: "default/agent-2".into(), cgroup: None, cgroup_id: None, listening: false }]);
+        s.connections = Some(vec![ConnectionInfo {
+            workload: "default/agent-1".into(),
+            src: "10.1.0.7:40000".into(),
+            orig_dst: "203.0.113.10:443".into(),
+            host: Some("portal.azure.test".into()),
+            route: "gateway".into(),
+            since_ms: 61_500,
+        }]);
+        let t = render_text(&s);
+        assert!(t.contains("daemon:      running, ready"), "{t}");
+        assert!(t.contains("link rdr_link_c4  attached"), "{t}");
+        assert!(t.contains("842  /sys/fs/cgroup/kubepods/pod-a  pod default/agent-1"), "{t}");
+        assert!(t.contains("900  /sys/fs/cgroup/agent.service\n"), "a path label is not repeated: {t}");
+        assert!(t.contains("default/agent-2  cgroup not created yet"), "{t}");
+        assert!(t.contains("live connections (1):"), "{t}");
+        assert!(t.contains("10.1.0.7:40000 -> 203.0.113.10:443 host=portal.azure.test route=gateway age=1m01s"), "{t}");
+    }
+
+    #[test]
+    fn text_when_the_daemon_is_down() {
+        let mut s = status(DaemonState::NotRunning);
+        s.notes.push("the daemon is not running".into());
+        let t = render_text(&s);
+        assert!(t.contains("NOT RUNNING"), "{t}");
+        assert!(t.contains("live connections: unknown"), "{t}");
+        assert!(t.contains("note: the daemon is not running"), "{t}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["daemon"], "not_running");
+        assert_eq!(json["enabled_cgroups"][0]["workload"], "default/agent-1");
+        assert!(json["connections"].is_null());
+    }
+
+    #[test]
+    fn admin_json_shapes_parse_and_tolerate_extras() {
+        let w: Vec<WorkloadInfo> = serde_json::from_str(
+            r#"[{"key":"k","label":"ns/p","cgroup":"/sys/fs/cgroup/x","cgroup_id":12,"listening":true,"future":1},
+                {"key":"k2","label":"ns/q","cgroup":null,"cgroup_id":null,"listening":false}]"#,
+        )
+        .unwrap();
+        assert_eq!(w[0].cgroup_id, Some(12));
+        assert!(w[0].listening && w[1].cgroup.is_none());
+        let c: Vec<ConnectionInfo> = serde_json::from_str(
+            r#"[{"workload":"ns/p","src":"10.0.0.1:1","orig_dst":"1.2.3.4:443","host":null,"route":"proxy","since_ms":5}]"#,
+        )
+        .unwrap();
+        assert_eq!(c[0].route, "proxy");
+        assert_eq!(c[0].host, None);
+    }
+
+    #[test]
+    fn http_responses_plain_and_chunked() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
+        assert_eq!(parse_response(plain), Some((200, "[]".into())));
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[{}\r\n1\r\n]\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked), Some((200, "[{}]".into())));
+        assert_eq!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").map(|r| r.0), Some(404));
+        assert_eq!(parse_response(b"garbage"), None);
+    }
+
+    #[test]
+    fn fetch_from_a_live_endpoint_and_a_closed_port() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            for (i, s) in l.incoming().take(2).enumerate() {
+                let mut s = s.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let resp: &[u8] = if i == 0 {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]"
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                };
+                s.write_all(resp).unwrap();
+            }
+        });
+        assert!(matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty()));
+        assert!(matches!(fetch_json::<Vec<ConnectionInfo>>(addr, "/connections"), Fetch::Missing));
+        server.join().unwrap();
+        // The listener is gone now: nothing answers.
+        assert!(matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Down));
+        assert!(matches!(probe_daemon(addr), DaemonState::NotRunning));
+    }
 }

@@ -418,7 +418,12 @@ impl Lab {
 
     /// GET on the daemon's admin endpoint inside the node namespace.
     pub fn node_http_get(&self, path: &str) -> Option<(u16, String)> {
-        let req = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+        self.node_http("GET", path)
+    }
+
+    /// A request with no body to the daemon's admin endpoint inside the node namespace.
+    pub fn node_http(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        let req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
         let resp = self.in_netns(&self.node, move || -> Option<String> {
             let mut s = TcpStream::connect_timeout(&ADMIN.parse().ok()?, Duration::from_secs(1)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

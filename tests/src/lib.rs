@@ -9,3 +9,4 @@ pub mod pki;
 pub mod squid;
 pub mod chain;
 pub mod kube_api;
+pub mod kube_node;

@@ -130,6 +130,12 @@ fn refusal(test: &str, setup: impl FnOnce(&mut Chain), url: &str, expect: &[&str
         assert!(line.contains(e), "{test}: {e:?} missing from: {line}");
     }
     assert!(!c.target_log().contains("request "), "{test}: a request reached a target:\n{}", c.target_log());
+    // The refusal is counted once, by route and result, and by hop and kind.
+    assert_eq!(c.lab.metric("redirector_connections_total{route=\"gateway\",result=\"refused\"}"), 1.0, "{test}");
+    let hop = expect.iter().find_map(|e| e.strip_prefix("hop=")).expect("hop");
+    let kind = expect.iter().find_map(|e| e.strip_prefix("kind=")).expect("kind");
+    let series = format!("redirector_tunnel_failures_total{{hop=\"{hop}\",kind=\"{kind}\"}}");
+    assert_eq!(c.lab.metric(&series), 1.0, "{test}: {series}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the one entry point for building, demoing and testing.
 mod demo;
 mod exec;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -24,6 +25,8 @@ enum Cmd {
     Demo,
     /// Everything: unit, in-process and privileged end-to-end tests, clippy.
     Test(test::TestArgs),
+    /// Run the fuzz targets (skip ranges, routes/config, SNI/Host sniffing) for a bounded time.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Demo => demo::run(),
         Cmd::Test(a) => test::run(a),
+        Cmd::Fuzz(a) => fuzz::run(a),
     }
 }

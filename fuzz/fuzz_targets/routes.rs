@@ -1,0 +1,16 @@
+//! Route-table entries and whole config files: the parsers never panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use redirector::{
+    config::{RawRoute, Settings},
+    policy::RouteRule,
+};
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let (a, b) = text.split_at(text.len() / 2);
+    let _ = RouteRule::from_raw(&RawRoute { host: Some(a.to_owned()), route: b.to_owned(), ..Default::default() });
+    let _ = RouteRule::from_raw(&RawRoute { cidr: Some(a.to_owned()), port: Some(443), route: "proxy".into(), ..Default::default() });
+    let _ = Settings::parse(std::path::Path::new("fuzz.yaml"), &text);
+    let _ = Settings::parse(std::path::Path::new("fuzz.toml"), &text);
+});

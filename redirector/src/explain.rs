@@ -1,0 +1,698 @@
+//! `redirector explain`: what would happen to one connection — enabled cgroup? skipped in
+//! the kernel? which rule and route? — and the exact CONNECT lines each hop would get, with
+//! every secret redacted. Reads the pins for the kernel's view, the config for the rest.
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    bpf::{self, Maps, PinLayout},
+    cli::ExplainArgs,
+    config::{Config, ConfigError},
+    netns, policy,
+    sniff::{self, HostSource},
+    status::{self, Fetch, WorkloadInfo},
+    tunnel::{ProxyConfig, ProxyScheme, Route, TunnelConfig},
+};
+use redirector_common::{MAX_CGROUP_DEPTH, names};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("give one --cgroup (got {0})")]
+    ManyCgroups(usize),
+    #[error("invalid --host {host:?}: {reason}")]
+    Host { host: String, reason: &'static str },
+    #[error("invalid --pod {0:?}: expected NAMESPACE/NAME")]
+    PodSyntax(String),
+    #[error(
+        "cannot resolve pod {pod}: the daemon is not running at {admin} (pods are resolved by \
+         asking it); pass the pod's cgroup with --cgroup instead"
+    )]
+    PodNoDaemon { pod: String, admin: SocketAddr },
+    #[error(
+        "cannot resolve pod {pod}: the daemon at {admin} does not serve /workloads (an older \
+         version); pass the pod's cgroup with --cgroup instead"
+    )]
+    PodOldDaemon { pod: String, admin: SocketAddr },
+    #[error("cannot resolve pod {pod}: {detail}")]
+    PodLookup { pod: String, detail: String },
+    #[error("cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// The whole answer; `render_text` prints it, `--json` serializes it.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub dst: SocketAddr,
+    pub host: Option<String>,
+    /// Where the proxy would learn the host: `sni`, `host` (plain HTTP), or `ip` (none).
+    pub host_source: HostSource,
+    pub cgroup: Option<CgroupView>,
+    pub kernel: KernelView,
+    /// `None` when the kernel never hands the connection to the proxy.
+    pub policy: Option<PolicyView>,
+    /// The hops the proxy would open, in order.
+    pub hops: Vec<Hop>,
+    /// One line: what happens.
+    pub verdict: String,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CgroupView {
+    pub path: PathBuf,
+    pub pod: Option<String>,
+    pub id: u64,
+    /// `None`: unknown (no pins to read and no configuration that says).
+    pub enabled: Option<bool>,
+    /// The cgroup (itself or an ancestor) whose `rdr_enabled` entry applies.
+    pub enabled_by: Option<PathBuf>,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelState {
+    /// The connect is rewritten to the local proxy listener.
+    Redirected,
+    /// Skipped by the hook (loopback or a skip range): the connect goes out unchanged.
+    Skipped,
+    /// The hook does not apply (cgroup not enabled, programs not attached, not ready).
+    NotRedirected,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KernelView {
+    pub state: KernelState,
+    pub reason: String,
+    /// `pins` when read from the pinned maps, `config` when judged from the configuration.
+    pub source: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyView {
+    /// `None`: refused by a safety rule.
+    pub route: Option<Route>,
+    pub rule: String,
+    /// For a name-based `direct`: does the name resolve to the destination IP?
+    pub name_check: Option<NameCheck>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NameCheck {
+    pub resolved: Vec<IpAddr>,
+    pub matches: bool,
+    pub error: Option<String>,
+}
+
+/// One upstream hop: where the proxy connects and what it sends there.
+#[derive(Debug, Serialize)]
+pub struct Hop {
+    pub hop: &'static str,
+    pub connect: String,
+    /// The request head, one header per line; secrets as `<redacted>`.
+    pub request: Vec<String>,
+}
+
+/// The kernel's state as read from the pins.
+#[derive(Clone, Debug, Default)]
+pub struct PinnedState {
+    pub enabled: BTreeSet<u64>,
+    pub skip: Vec<IpNet>,
+    pub ready: bool,
+    pub proxy_port: u16,
+    pub attached: bool,
+}
+
+/// The connecting cgroup and its ancestors (hierarchy root first), with their ids.
+#[derive(Clone, Debug)]
+pub struct CgroupChain {
+    pub path: PathBuf,
+    pub pod: Option<String>,
+    pub chain: Vec<(PathBuf, u64)>,
+    /// Is the cgroup at or below the attach point (`--cgroup-root`)?
+    pub below_attach: bool,
+}
+
+/// What to explain, validated.
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub dst: SocketAddr,
+    pub host: Option<String>,
+    pub http: bool,
+    pub cgroup: Option<CgroupChain>,
+}
+
+/// Reads everything (config, pins, daemon, resolver) and explains.
+pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
+    let mut run = args.run.clone();
+    // `--cgroup` names the connecting cgroup here; the config's own list stays the file's.
+    let cgroup_flag = run.settings.cgroup.take().unwrap_or_default();
+    if cgroup_flag.len() > 1 {
+        return Err(ExplainError::ManyCgroups(cgroup_flag.len()));
+    }
+    let config = run.load()?;
+    let host = match &args.host {
+        None => None,
+        Some(h) => Some(sniff::validate_host(h).map_err(|e| ExplainError::Host { host: h.clone(), reason: e.reason })?),
+    };
+    let mut notes = Vec::new();
+    let pins = PinLayout::new(&config.pin_root);
+    let pinned = match Maps::open(&pins) {
+        Ok(maps) => {
+            let cfg = maps.config().ok();
+            Some(PinnedState {
+                enabled: maps.enabled_ids(),
+                skip: maps.skip_ranges(),
+                ready: cfg.is_some_and(|c| c.ready != 0),
+                proxy_port: cfg.map(|c| c.proxy_port).unwrap_or(config.proxy_port),
+                attached: names::LINKS.iter().all(|l| bpf::link_alive(&pins, l)),
+            })
+        }
+        Err(e) => {
+            notes.push(format!(
+                "cannot read the pinned maps under {} ({}): the kernel's view is judged from the configuration",
+                config.pin_root.display(),
+                crate::error_chain(&e)
+            ));
+            None
+        }
+    };
+    let (path, pod) = match (cgroup_flag.into_iter().next(), &args.pod) {
+        (Some(p), _) => (Some(p), None),
+        (None, Some(pod)) => (Some(resolve_pod(pod, config.admin_addr)?), Some(pod.clone())),
+        (None, None) => (None, None),
+    };
+    let cgroup = match path {
+        None => {
+            notes.push("no --cgroup or --pod: assuming the connection comes from an enabled cgroup".into());
+            None
+        }
+        Some(path) => Some(cgroup_chain(&path, pod, &config.cgroup_root)?),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ExplainError::Runtime)?;
+    let resolve = |name: &str, port: u16| -> Result<Vec<IpAddr>, String> {
+        rt.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((name, port))).await {
+                Err(_) => Err("lookup timed out after 2s".to_owned()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(addrs)) => Ok(addrs.map(|a| policy::canonical_ip(a.ip())).collect()),
+            }
+        })
+    };
+    let query = Query { dst: args.dst, host, http: args.http, cgroup };
+    let mut e = analyze(&config, &query, pinned.as_ref(), &crate::app::node_addresses(), &resolve);
+    notes.append(&mut e.notes);
+    e.notes = notes;
+    Ok(e)
+}
+
+/// `namespace/name` → its cgroup, from the daemon's `/workloads`.
+fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
+    if pod.split('/').count() != 2 || pod.split('/').any(str::is_empty) {
+        return Err(ExplainError::PodSyntax(pod.to_owned()));
+    }
+    let owned = || pod.to_owned();
+    match status::fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads") {
+        Fetch::Down => Err(ExplainError::PodNoDaemon { pod: owned(), admin }),
+        Fetch::Missing => Err(ExplainError::PodOldDaemon { pod: owned(), admin }),
+        Fetch::Bad(detail) => Err(ExplainError::PodLookup { pod: owned(), detail }),
+        Fetch::Ok(list) => match list.iter().find(|w| w.label == pod) {
+            Some(WorkloadInfo { cgroup: Some(c), .. }) => Ok(c.clone()),
+            Some(_) => Err(ExplainError::PodLookup { pod: owned(), detail: "the daemon knows it, but its cgroup does not exist yet".into() }),
+            None => {
+                let known: Vec<&str> = list.iter().map(|w| w.label.as_str()).take(20).collect();
+                let detail = if known.is_empty() {
+                    "the daemon follows no workloads on this node".to_owned()
+                } else {
+                    format!("not among the daemon's workloads on this node ({})", known.join(", "))
+                };
+                Err(ExplainError::PodLookup { pod: owned(), detail })
+            }
+        },
+    }
+}
+
+/// The cgroup and its ancestors up to the cgroup2 mount, root first, as the hook walks them
+/// (`bpf_get_current_ancestor_cgroup_id(level)`; ids are directory inode numbers).
+pub fn cgroup_chain(path: &Path, pod: Option<String>, attach_root: &Path) -> Result<CgroupChain, ExplainError> {
+    let err = |source| ExplainError::Cgroup { path: path.to_owned(), source };
+    let path = path.canonicalize().map_err(err)?;
+    if !netns::is_cgroup2(&path).map_err(err)? {
+        return Err(err(std::io::Error::other("is not a cgroup v2 directory")));
+    }
+    let mut chain = Vec::new();
+    let mut cur = Some(path.as_path());
+    while let Some(dir) = cur {
+        if !netns::is_cgroup2(dir).unwrap_or(false) {
+            break;
+        }
+        chain.push((dir.to_owned(), netns::cgroup_id(dir).map_err(err)?));
+        cur = dir.parent();
+    }
+    chain.reverse();
+    let below_attach = attach_root.canonicalize().is_ok_and(|r| path.starts_with(r));
+    Ok(CgroupChain { path, pod, chain, below_attach })
+}
+
+/// The pure part: every decision, no I/O except through `resolve` (name → addresses).
+pub fn analyze(
+    config: &Config,
+    q: &Query,
+    pinned: Option<&PinnedState>,
+    node_addrs: &[IpAddr],
+    resolve: &dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>,
+) -> Explanation {
+    let host_source = match (&q.host, q.http) {
+        (None, _) => HostSource::Ip,
+        (Some(_), false) => HostSource::Sni,
+        (Some(_), true) => HostSource::Host,
+    };
+    let mut e = Explanation {
+        dst: q.dst,
+        host: q.host.clone(),
+        host_source,
+        cgroup: None,
+        kernel: KernelView { state: KernelState::Redirected, reason: String::new(), source: if pinned.is_some() { "pins" } else { "config" } },
+        policy: None,
+        hops: Vec::new(),
+        verdict: String::new(),
+        notes: Vec::new(),
+    };
+
+    // 1. Is the hook in force for this cgroup at all?
+    if let Some(p) = pinned {
+        if !p.attached {
+            return not_redirected(e, format!("our programs are not attached (link pins under {} missing or dead): no connect is redirected", config.pin_root.display()));
+        }
+        if !p.ready {
+            return not_redirected(e, "rdr_config.ready is 0: no daemon has configured the hooks yet, they redirect nothing".into());
+        }
+    }
+    if let Some(c) = &q.cgroup {
+        let view = cgroup_view(config, c, pinned);
+        let enabled = view.enabled;
+        e.cgroup = Some(view);
+        if !c.below_attach {
+            return not_redirected(e, format!("{} is not below the attach point {}: the hooks never see its connects", c.path.display(), config.cgroup_root.display()));
+        }
+        match enabled {
+            Some(false) => return not_redirected(e, "neither the cgroup nor an ancestor is enabled: its connects go out unchanged".into()),
+            None => e.notes.push("whether the cgroup is enabled is unknown (no pins, Kubernetes mode): assuming it is".into()),
+            Some(true) => {}
+        }
+    }
+
+    // 2. The hook's own skips: loopback, then the skip ranges in the LPM maps.
+    let ip = policy::canonical_ip(q.dst.ip());
+    let loopback = match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 127 || v4.is_unspecified(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified(),
+    };
+    if loopback {
+        e.kernel = KernelView { state: KernelState::Skipped, reason: format!("{ip} is loopback: never redirected"), source: e.kernel.source };
+        e.verdict = format!("skipped in the kernel: {ip} is loopback; the connect goes to {} unchanged", q.dst);
+        return e;
+    }
+    let config_skip = config.skip_cidrs();
+    let kernel_skip: &[IpNet] = pinned.map(|p| p.skip.as_slice()).unwrap_or(&config_skip);
+    if let Some(p) = pinned {
+        let a: BTreeSet<IpNet> = p.skip.iter().map(|n| n.trunc()).collect();
+        let b: BTreeSet<IpNet> = config_skip.iter().map(|n| n.trunc()).collect();
+        if a != b {
+            e.notes.push(format!(
+                "the kernel's skip ranges ({}) differ from this configuration's ({}): is the daemon running with another config?",
+                join(&a), join(&b)
+            ));
+        }
+    }
+    if let Some(net) = kernel_skip.iter().filter(|n| n.contains(&ip)).max_by_key(|n| n.prefix_len()) {
+        e.kernel = KernelView {
+            state: KernelState::Skipped,
+            reason: format!("{ip} is in skip range {net} ({})", if pinned.is_some() { "rdr_skip4/rdr_skip6" } else { "from the configuration" }),
+            source: e.kernel.source,
+        };
+        e.verdict = format!("skipped in the kernel by skip range {net}: the connect goes direct to {} and the proxy never sees it", q.dst);
+        return e;
+    }
+    let port = pinned.map(|p| p.proxy_port).unwrap_or(config.proxy_port);
+    let listener = if ip.is_ipv4() { format!("127.0.0.1:{port}") } else { format!("[::1]:{port}") };
+    e.kernel.reason = format!("not loopback, in no skip range: rewritten to the proxy listener {listener} in the pod's netns");
+
+    // 3. The proxy's policy.
+    let input = policy::PolicyInput {
+        skip: &config.skip,
+        routes: &config.routes,
+        default: config.default_route,
+        node_addrs,
+        allow_dial: &config.allow_dial,
+    };
+    let d = policy::decide(&input, ip, q.dst.port(), q.host.as_deref());
+    let Some(mut route) = d.route else {
+        e.policy = Some(PolicyView { route: None, rule: d.rule.clone(), name_check: None });
+        e.verdict = format!(
+            "refused by the proxy ({}): it never dials {ip} directly on a pod's behalf; allow it with allow-dial in the config file",
+            d.rule
+        );
+        return e;
+    };
+    let mut rule = d.rule.clone();
+    let mut name_check = None;
+    if d.by_name && route == Route::Direct {
+        let host = q.host.clone().unwrap_or_default();
+        let check = match resolve(&host, q.dst.port()) {
+            Ok(addrs) => NameCheck { matches: addrs.contains(&ip), resolved: addrs, error: None },
+            Err(err) => NameCheck { resolved: Vec::new(), matches: false, error: Some(err) },
+        };
+        e.notes.push(format!(
+            "a name rule chose direct: the daemon only goes direct when {host} resolves to {ip}; resolved here: {}",
+            match &check.error {
+                Some(err) => format!("failed ({err})"),
+                None => check.resolved.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+            }
+        ));
+        if !check.matches {
+            route = config.default_route;
+            rule = format!("{rule} (name/ip mismatch)");
+        }
+        name_check = Some(check);
+    }
+    e.policy = Some(PolicyView { route: Some(route), rule: rule.clone(), name_check });
+
+    // 4. The hops and their request heads.
+    let target = sniff::authority(q.host.as_deref().unwrap_or(&ip.to_string()), q.dst.port());
+    let tunnel = match (&config.tunnel_http, route, host_source) {
+        (Some(t), Route::Proxy, HostSource::Host) => t,
+        _ => &config.tunnel,
+    };
+    match hops(tunnel, route, &target, SocketAddr::new(ip, q.dst.port())) {
+        Ok(h) => {
+            e.hops = h;
+            let via = match (route, &tunnel.proxy) {
+                (Route::Gateway, Some(p)) => format!(" via the enterprise proxy {}", p.url),
+                _ => String::new(),
+            };
+            e.verdict = format!("redirected; route {route}{via} (rule {rule})");
+        }
+        Err(why) => e.verdict = format!("redirected, but the connection fails: {why}"),
+    }
+    e
+}
+
+fn join(s: &BTreeSet<IpNet>) -> String {
+    if s.is_empty() { "none".into() } else { s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") }
+}
+
+fn not_redirected(mut e: Explanation, reason: String) -> Explanation {
+    e.verdict = format!("not redirected: {reason}");
+    e.kernel = KernelView { state: KernelState::NotRedirected, reason, source: e.kernel.source };
+    e
+}
+
+fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -> CgroupView {
+    let id = c.chain.last().map(|(_, id)| *id).unwrap_or(0);
+    let mut v = CgroupView { path: c.path.clone(), pod: c.pod.clone(), id, enabled: None, enabled_by: None, detail: String::new() };
+    match pinned {
+        Some(p) => {
+            // The hook looks at levels 0..MAX_CGROUP_DEPTH only.
+            let hit = c.chain.iter().take(MAX_CGROUP_DEPTH as usize).find(|(_, id)| p.enabled.contains(id));
+            v.enabled = Some(hit.is_some());
+            v.enabled_by = hit.map(|(p, _)| p.clone());
+            v.detail = match hit {
+                Some((p, hid)) if *hid == id => format!("enabled in the kernel (rdr_enabled has its id {hid})"),
+                Some((p, hid)) => format!("enabled in the kernel through its ancestor {} (id {hid})", p.display()),
+                None if c.chain.len() > MAX_CGROUP_DEPTH as usize => format!(
+                    "not enabled: no entry in rdr_enabled for its first {MAX_CGROUP_DEPTH} levels (it is {} levels deep)",
+                    c.chain.len()
+                ),
+                None => "not enabled: neither it nor an ancestor is in rdr_enabled".into(),
+            };
+        }
+        None if config.kubernetes => v.detail = "unknown: Kubernetes mode decides per pod at run time and no pins could be read".into(),
+        None => {
+            let hit = config
+                .cgroups
+                .iter()
+                .filter_map(|p| p.canonicalize().ok())
+                .find(|p| c.path.starts_with(p));
+            v.enabled = Some(hit.is_some());
+            v.detail = match &hit {
+                Some(p) => format!("the configuration enables it (--cgroup {})", p.display()),
+                None => "not enabled by the configuration (no --cgroup at or above it)".into(),
+            };
+            v.enabled_by = hit;
+        }
+    }
+    v
+}
+
+/// The hops `tunnel::open` would take for `route`, with the request heads it would send.
+pub fn hops(tunnel: &TunnelConfig, route: Route, target: &str, dst: SocketAddr) -> Result<Vec<Hop>, String> {
+    match route {
+        Route::Direct => Ok(vec![Hop { hop: "target", connect: format!("TCP to {dst} directly (no CONNECT)"), request: Vec::new() }]),
+        Route::Proxy => {
+            let p = tunnel.proxy.as_ref().ok_or("route proxy is used but no enterprise proxy is configured (--proxy-https / --proxy-http)")?;
+            Ok(vec![proxy_hop(p, target)])
+        }
+        Route::Gateway => {
+            let g = tunnel.gateway.as_ref().ok_or("route gateway is used but no --gateway-url is configured")?;
+            let mut out = Vec::new();
+            let through = match &tunnel.proxy {
+                Some(p) => {
+                    out.push(proxy_hop(p, &g.authority()));
+                    "inside that tunnel".to_owned()
+                }
+                None => format!("over TCP to {}", g.authority()),
+            };
+            let alpn: Vec<String> = g.tls.alpn_protocols.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let client_cert = if g.tls.client_auth_cert_resolver.has_certs() { ", client certificate" } else { "" };
+            let mut request = vec![format!("CONNECT {target} HTTP/1.1"), format!("Host: {target}")];
+            for (name, _) in &g.extra_headers {
+                request.push(format!("{name}: <redacted>"));
+            }
+            if g.bearer_token_file.is_some() {
+                request.push("Authorization: Bearer <redacted>".into());
+            }
+            out.push(Hop {
+                hop: "gateway",
+                connect: format!(
+                    "TLS to the gateway {} (SNI {}, ALPN {}{client_cert}) {through}",
+                    g.authority(),
+                    g.server_name,
+                    if alpn.is_empty() { "none".into() } else { alpn.join(",") }
+                ),
+                request,
+            });
+            Ok(out)
+        }
+    }
+}
+
+fn proxy_hop(p: &ProxyConfig, authority: &str) -> Hop {
+    let tls = match p.url.scheme {
+        ProxyScheme::Https => format!(", then TLS (SNI {})", p.url.host),
+        ProxyScheme::Http => String::new(),
+    };
+    let mut request = vec![format!("CONNECT {authority} HTTP/1.1"), format!("Host: {authority}")];
+    if p.credentials.is_some() {
+        request.push("Proxy-Authorization: Basic <redacted>".into());
+    }
+    Hop { hop: "proxy", connect: format!("TCP to the enterprise proxy {}{tls}", p.url.authority()), request }
+}
+
+pub fn render_text(e: &Explanation) -> String {
+    let mut out = String::new();
+    let host = match (&e.host, e.host_source) {
+        (Some(h), HostSource::Host) => format!("host {h} (HTTP Host header)"),
+        (Some(h), _) => format!("host {h} (TLS SNI)"),
+        (None, _) => "no host name (the proxy tunnels by IP)".into(),
+    };
+    out += &format!("destination: {} — {host}\n", e.dst);
+    if let Some(c) = &e.cgroup {
+        let pod = c.pod.as_ref().map(|p| format!(" (pod {p})")).unwrap_or_default();
+        out += &format!("cgroup:      {}{pod}, id {}: {}\n", c.path.display(), c.id, c.detail);
+    }
+    let state = match e.kernel.state {
+        KernelState::Redirected => "redirected",
+        KernelState::Skipped => "SKIPPED",
+        KernelState::NotRedirected => "NOT redirected",
+    };
+    out += &format!("kernel:      {state} ({}) [from {}]\n", e.kernel.reason, e.kernel.source);
+    if let Some(p) = &e.policy {
+        match p.route {
+            Some(r) => out += &format!("policy:      route {r}, rule {}\n", p.rule),
+            None => out += &format!("policy:      REFUSED by safety rule {}\n", p.rule),
+        }
+    }
+    if !e.hops.is_empty() {
+        out += "hops:\n";
+        for (i, h) in e.hops.iter().enumerate() {
+            out += &format!("  {}. {}: {}\n", i + 1, h.hop, h.connect);
+            for l in &h.request {
+                out += &format!("       {l}\n");
+            }
+        }
+        if e.hops.iter().any(|h| !h.request.is_empty()) {
+            out += &format!("  then the client's own bytes, end to end with {}\n", e.host.as_deref().map(str::to_owned).unwrap_or_else(|| e.dst.to_string()));
+        }
+    }
+    out += &format!("verdict:     {}\n", e.verdict);
+    for n in &e.notes {
+        out += &format!("note: {n}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RawRoute, Settings};
+
+    const PASSWORD: &str = "hunter2-never-printed";
+
+    fn config(extra: Settings) -> Config {
+        let base = Settings {
+            gateway_url: Some("https://gw.arc.test:443".into()),
+            proxy_https: Some(format!("http://agent:{PASSWORD}@203.0.113.50:3128")),
+            proxy_skip_range: Some("203.0.113.200/32,10.0.0.0/8,.svc".into()),
+            ..Default::default()
+        };
+        Config::build(base.overlay(extra)).unwrap()
+    }
+
+    fn chain(ids: &[u64]) -> CgroupChain {
+        let mut path = PathBuf::from("/cg");
+        let mut chain = vec![(path.clone(), 1)];
+        for id in ids {
+            path = path.join(format!("c{id}"));
+            chain.push((path.clone(), *id));
+        }
+        CgroupChain { path, pod: None, chain, below_attach: true }
+    }
+
+    fn pinned(enabled: &[u64], skip: &[&str]) -> PinnedState {
+        PinnedState {
+            enabled: enabled.iter().copied().collect(),
+            skip: skip.iter().map(|s| s.parse().unwrap()).collect(),
+            ready: true,
+            proxy_port: 15001,
+            attached: true,
+        }
+    }
+
+    fn no_dns(_: &str, _: u16) -> Result<Vec<IpAddr>, String> {
+        Err("no resolver in unit tests".into())
+    }
+
+    fn q(dst: &str, host: Option<&str>, cgroup: Option<CgroupChain>) -> Query {
+        Query { dst: dst.parse().unwrap(), host: host.map(str::to_owned), http: false, cgroup }
+    }
+
+    #[test]
+    fn gateway_through_proxy_shows_both_connect_lines_redacted() {
+        let c = config(Settings { gateway_header: Some(vec!["X-Tenant: secret-tenant".into()]), ..Default::default() });
+        let p = pinned(&[20], &["203.0.113.200/32", "10.0.0.0/8"]);
+        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), Some(chain(&[10, 20, 30]))), Some(&p), &[], &no_dns);
+        let t = render_text(&e);
+        assert!(matches!(e.kernel.state, KernelState::Redirected), "{t}");
+        assert!(t.contains("enabled in the kernel through its ancestor /cg/c10/c20 (id 20)"), "{t}");
+        assert!(t.contains("policy:      route gateway, rule default"), "{t}");
+        let lines: Vec<&str> = t.lines().map(str::trim).collect();
+        let at = |l: &str| lines.iter().position(|x| *x == l).unwrap_or_else(|| panic!("{l:?} missing:\n{t}"));
+        assert!(at("CONNECT gw.arc.test:443 HTTP/1.1") < at("Proxy-Authorization: Basic <redacted>"));
+        assert!(at("Proxy-Authorization: Basic <redacted>") < at("CONNECT portal.azure.test:443 HTTP/1.1"));
+        assert!(at("CONNECT portal.azure.test:443 HTTP/1.1") < at("X-Tenant: <redacted>"));
+        assert!(t.contains("TLS to the gateway gw.arc.test:443 (SNI gw.arc.test, ALPN http/1.1) inside that tunnel"), "{t}");
+        let json = serde_json::to_string(&e).unwrap();
+        for leak in [PASSWORD, "secret-tenant"] {
+            assert!(!t.contains(leak) && !json.contains(leak), "{leak} leaked:\n{t}\n{json}");
+        }
+    }
+
+    #[test]
+    fn kernel_skips_loopback_and_skip_ranges_from_pins_or_config() {
+        let c = config(Settings::default());
+        let p = pinned(&[1], &["203.0.113.0/24"]);
+        let e = analyze(&c, &q("203.0.113.10:443", None, Some(chain(&[5]))), Some(&p), &[], &no_dns);
+        assert!(matches!(e.kernel.state, KernelState::Skipped), "{e:?}");
+        assert!(e.verdict.contains("skipped in the kernel by skip range 203.0.113.0/24"), "{}", e.verdict);
+        assert!(e.notes.iter().any(|n| n.contains("differ")), "pins and config disagree: {:?}", e.notes);
+        // Without pins the configuration's CIDRs decide; IPv4-mapped IPv6 is judged as IPv4.
+        let e = analyze(&c, &q("[::ffff:10.1.2.3]:80", None, None), None, &[], &no_dns);
+        assert!(e.verdict.contains("10.0.0.0/8"), "{}", e.verdict);
+        let e = analyze(&c, &q("127.0.0.53:53", None, None), None, &[], &no_dns);
+        assert!(matches!(e.kernel.state, KernelState::Skipped) && e.verdict.contains("loopback"), "{}", e.verdict);
+    }
+
+    #[test]
+    fn disabled_cgroup_is_not_redirected() {
+        let c = config(Settings::default());
+        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), Some(chain(&[7, 8]))), Some(&pinned(&[9], &[])), &[], &no_dns);
+        assert!(matches!(e.kernel.state, KernelState::NotRedirected));
+        assert!(e.verdict.starts_with("not redirected"), "{}", e.verdict);
+        assert!(e.hops.is_empty() && e.policy.is_none());
+        // Hooks configured by no daemon: nothing is redirected anywhere.
+        let mut p = pinned(&[8], &[]);
+        p.ready = false;
+        let e = analyze(&c, &q("203.0.113.10:443", None, Some(chain(&[7, 8]))), Some(&p), &[], &no_dns);
+        assert!(e.verdict.contains("ready is 0"), "{}", e.verdict);
+    }
+
+    #[test]
+    fn name_direct_is_checked_against_dns_and_safety_refusals_are_named() {
+        let c = config(Settings { proxy_skip_range: Some("portal.azure.test".into()), ..Default::default() });
+        let good = |_: &str, _: u16| Ok(vec!["203.0.113.10".parse().unwrap()]);
+        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), None), None, &[], &good);
+        let p = e.policy.as_ref().unwrap();
+        assert_eq!(p.route, Some(Route::Direct));
+        assert!(p.name_check.as_ref().unwrap().matches);
+        assert!(render_text(&e).contains("TCP to 203.0.113.10:443 directly"), "{}", render_text(&e));
+        let bad = |_: &str, _: u16| Ok(vec!["198.51.100.1".parse().unwrap()]);
+        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), None), None, &[], &bad);
+        let p = e.policy.as_ref().unwrap();
+        assert_eq!(p.route, Some(Route::Gateway), "mismatch falls back to the default route");
+        assert!(p.rule.contains("name/ip mismatch"), "{}", p.rule);
+
+        let c = config(Settings { proxy_skip_range: Some("169.254.169.254:80".into()), ..Default::default() });
+        let e = analyze(&c, &q("169.254.169.254:80", None, None), None, &[], &no_dns);
+        assert!(e.policy.as_ref().unwrap().route.is_none());
+        assert!(e.verdict.contains("refused") && e.verdict.contains("allow-dial"), "{}", e.verdict);
+    }
+
+    #[test]
+    fn proxy_route_and_token_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok-123").unwrap();
+        let c = config(Settings {
+            routes: Some(vec![RawRoute { host: Some("*.vault.azure.test".into()), route: "proxy".into(), ..Default::default() }]),
+            gateway_token_file: Some(token),
+            ..Default::default()
+        });
+        let e = analyze(&c, &q("203.0.113.10:443", Some("kv1.vault.azure.test"), None), None, &[], &no_dns);
+        let t = render_text(&e);
+        assert!(t.contains("rule route:*.vault.azure.test->proxy"), "{t}");
+        assert_eq!(e.hops.len(), 1);
+        assert_eq!(e.hops[0].request[0], "CONNECT kv1.vault.azure.test:443 HTTP/1.1");
+        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), None), None, &[], &no_dns);
+        assert!(e.hops[1].request.contains(&"Authorization: Bearer <redacted>".to_owned()), "{:?}", e.hops);
+        assert!(!render_text(&e).contains("tok-123"));
+        // Nothing but a target IP: tunneled by IP.
+        let e = analyze(&c, &q("[2001:db8::5]:8443", None, None), None, &[], &no_dns);
+        assert_eq!(e.hops[1].request[0], "CONNECT [2001:db8::5]:8443 HTTP/1.1");
+    }
+}
