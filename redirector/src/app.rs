@@ -335,10 +335,10 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
         let mut all_ready = known;
         for w in desired.values() {
             let Some(cg) = w.cgroup_candidates.iter().find(|p| p.is_dir()).cloned() else {
+                // Not created by the kubelet yet: nothing to listen for, not a readiness issue.
                 if waiting_logged.insert(w.key.clone()) {
                     info!(workload = %w.label, "waiting for the workload's cgroup to appear");
                 }
-                all_ready = false;
                 continue;
             };
             let Ok(id) = netns::cgroup_id(&cg) else { continue };
@@ -358,7 +358,6 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
                     if waiting_logged.insert(w.key.clone()) {
                         info!(workload = %w.label, cgroup = %cg.display(), "cgroup has no process yet; enabling it once its network namespace is known");
                     }
-                    all_ready = false;
                 }
                 continue;
             }

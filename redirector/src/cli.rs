@@ -19,7 +19,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: attach the hooks, enable cgroups, proxy their connections.
     Run(RunArgs),
-    /// Show what is attached and enabled, counters and the daemon's state (reads the pins).
+    /// Show what is attached, the enabled cgroups (with pod names), counters, live connections
+    /// and the daemon's state. Reads the pins, so it works while the daemon is down.
     Status(StatusArgs),
     /// Why a destination from a cgroup or pod would be skipped in the kernel or routed, and
     /// the exact CONNECT lines each hop would get (secrets redacted).

@@ -38,7 +38,7 @@ pub struct Settings {
     pub cgroup: Option<Vec<PathBuf>>,
     /// Follow pods of namespaces labeled egress-redirector.io/enabled=true on this node
     /// (node name from NODE_NAME).
-    #[arg(long, env = "REDIRECTOR_KUBERNETES")]
+    #[arg(long, env = "REDIRECTOR_KUBERNETES", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub kubernetes: Option<bool>,
     /// Kubeconfig for --kubernetes (default: in-cluster service account).
     #[arg(long, env = "REDIRECTOR_KUBECONFIG")]

@@ -168,7 +168,10 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
     let config = run.load()?;
     let host = match &args.host {
         None => None,
-        Some(h) => Some(sniff::validate_host(h).map_err(|e| ExplainError::Host { host: h.clone(), reason: e.reason })?),
+        Some(h) => Some(sniff::validate_host(h).map_err(|e| ExplainError::Host {
+            host: h.clone(),
+            reason: e.reason,
+        })?),
     };
     let mut notes = Vec::new();
     let pins = PinLayout::new(&config.pin_root);
@@ -194,28 +197,52 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
     };
     let (path, pod) = match (cgroup_flag.into_iter().next(), &args.pod) {
         (Some(p), _) => (Some(p), None),
-        (None, Some(pod)) => (Some(resolve_pod(pod, config.admin_addr)?), Some(pod.clone())),
+        (None, Some(pod)) => (
+            Some(resolve_pod(pod, config.admin_addr)?),
+            Some(pod.clone()),
+        ),
         (None, None) => (None, None),
     };
     let cgroup = match path {
         None => {
-            notes.push("no --cgroup or --pod: assuming the connection comes from an enabled cgroup".into());
+            notes.push(
+                "no --cgroup or --pod: assuming the connection comes from an enabled cgroup".into(),
+            );
             None
         }
         Some(path) => Some(cgroup_chain(&path, pod, &config.cgroup_root)?),
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ExplainError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ExplainError::Runtime)?;
     let resolve = |name: &str, port: u16| -> Result<Vec<IpAddr>, String> {
         rt.block_on(async {
-            match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((name, port))).await {
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::lookup_host((name, port)),
+            )
+            .await
+            {
                 Err(_) => Err("lookup timed out after 2s".to_owned()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Ok(Ok(addrs)) => Ok(addrs.map(|a| policy::canonical_ip(a.ip())).collect()),
             }
         })
     };
-    let query = Query { dst: args.dst, host, http: args.http, cgroup };
-    let mut e = analyze(&config, &query, pinned.as_ref(), &crate::app::node_addresses(), &resolve);
+    let query = Query {
+        dst: args.dst,
+        host,
+        http: args.http,
+        cgroup,
+    };
+    let mut e = analyze(
+        &config,
+        &query,
+        pinned.as_ref(),
+        &crate::app::node_addresses(),
+        &resolve,
+    );
     notes.append(&mut e.notes);
     e.notes = notes;
     Ok(e)
@@ -228,20 +255,40 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
     }
     let owned = || pod.to_owned();
     match status::fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads") {
-        Fetch::Down => Err(ExplainError::PodNoDaemon { pod: owned(), admin }),
-        Fetch::Missing => Err(ExplainError::PodOldDaemon { pod: owned(), admin }),
-        Fetch::Bad(detail) => Err(ExplainError::PodLookup { pod: owned(), detail }),
+        Fetch::Down => Err(ExplainError::PodNoDaemon {
+            pod: owned(),
+            admin,
+        }),
+        Fetch::Missing => Err(ExplainError::PodOldDaemon {
+            pod: owned(),
+            admin,
+        }),
+        Fetch::Bad(detail) => Err(ExplainError::PodLookup {
+            pod: owned(),
+            detail,
+        }),
         Fetch::Ok(list) => match list.iter().find(|w| w.label == pod) {
-            Some(WorkloadInfo { cgroup: Some(c), .. }) => Ok(c.clone()),
-            Some(_) => Err(ExplainError::PodLookup { pod: owned(), detail: "the daemon knows it, but its cgroup does not exist yet".into() }),
+            Some(WorkloadInfo {
+                cgroup: Some(c), ..
+            }) => Ok(c.clone()),
+            Some(_) => Err(ExplainError::PodLookup {
+                pod: owned(),
+                detail: "the daemon knows it, but its cgroup does not exist yet".into(),
+            }),
             None => {
                 let known: Vec<&str> = list.iter().map(|w| w.label.as_str()).take(20).collect();
                 let detail = if known.is_empty() {
                     "the daemon follows no workloads on this node".to_owned()
                 } else {
-                    format!("not among the daemon's workloads on this node ({})", known.join(", "))
+                    format!(
+                        "not among the daemon's workloads on this node ({})",
+                        known.join(", ")
+                    )
                 };
-                Err(ExplainError::PodLookup { pod: owned(), detail })
+                Err(ExplainError::PodLookup {
+                    pod: owned(),
+                    detail,
+                })
             }
         },
     }
@@ -249,8 +296,15 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
 
 /// The cgroup and its ancestors up to the cgroup2 mount, root first, as the hook walks them
 /// (`bpf_get_current_ancestor_cgroup_id(level)`; ids are directory inode numbers).
-pub fn cgroup_chain(path: &Path, pod: Option<String>, attach_root: &Path) -> Result<CgroupChain, ExplainError> {
-    let err = |source| ExplainError::Cgroup { path: path.to_owned(), source };
+pub fn cgroup_chain(
+    path: &Path,
+    pod: Option<String>,
+    attach_root: &Path,
+) -> Result<CgroupChain, ExplainError> {
+    let err = |source| ExplainError::Cgroup {
+        path: path.to_owned(),
+        source,
+    };
     let path = path.canonicalize().map_err(err)?;
     if !netns::is_cgroup2(&path).map_err(err)? {
         return Err(err(std::io::Error::other("is not a cgroup v2 directory")));
@@ -265,9 +319,19 @@ pub fn cgroup_chain(path: &Path, pod: Option<String>, attach_root: &Path) -> Res
         cur = dir.parent();
     }
     chain.reverse();
-    let below_attach = attach_root.canonicalize().is_ok_and(|r| path.starts_with(r));
-    Ok(CgroupChain { path, pod, chain, below_attach })
+    let below_attach = attach_root
+        .canonicalize()
+        .is_ok_and(|r| path.starts_with(r));
+    Ok(CgroupChain {
+        path,
+        pod,
+        chain,
+        below_attach,
+    })
 }
+
+/// Name → addresses (or why not), as the daemon's resolver would answer.
+pub type Resolver<'a> = dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String> + 'a;
 
 /// The pure part: every decision, no I/O except through `resolve` (name → addresses).
 pub fn analyze(
@@ -275,7 +339,7 @@ pub fn analyze(
     q: &Query,
     pinned: Option<&PinnedState>,
     node_addrs: &[IpAddr],
-    resolve: &dyn Fn(&str, u16) -> Result<Vec<IpAddr>, String>,
+    resolve: &Resolver<'_>,
 ) -> Explanation {
     let host_source = match (&q.host, q.http) {
         (None, _) => HostSource::Ip,
@@ -287,7 +351,11 @@ pub fn analyze(
         host: q.host.clone(),
         host_source,
         cgroup: None,
-        kernel: KernelView { state: KernelState::Redirected, reason: String::new(), source: if pinned.is_some() { "pins" } else { "config" } },
+        kernel: KernelView {
+            state: KernelState::Redirected,
+            reason: String::new(),
+            source: if pinned.is_some() { "pins" } else { "config" },
+        },
         policy: None,
         hops: Vec::new(),
         verdict: String::new(),
@@ -297,7 +365,13 @@ pub fn analyze(
     // 1. Is the hook in force for this cgroup at all?
     if let Some(p) = pinned {
         if !p.attached {
-            return not_redirected(e, format!("our programs are not attached (link pins under {} missing or dead): no connect is redirected", config.pin_root.display()));
+            return not_redirected(
+                e,
+                format!(
+                    "our programs are not attached (link pins under {} missing or dead): no connect is redirected",
+                    config.pin_root.display()
+                ),
+            );
         }
         if !p.ready {
             return not_redirected(e, "rdr_config.ready is 0: no daemon has configured the hooks yet, they redirect nothing".into());
@@ -308,7 +382,14 @@ pub fn analyze(
         let enabled = view.enabled;
         e.cgroup = Some(view);
         if !c.below_attach {
-            return not_redirected(e, format!("{} is not below the attach point {}: the hooks never see its connects", c.path.display(), config.cgroup_root.display()));
+            return not_redirected(
+                e,
+                format!(
+                    "{} is not below the attach point {}: the hooks never see its connects",
+                    c.path.display(),
+                    config.cgroup_root.display()
+                ),
+            );
         }
         match enabled {
             Some(false) => return not_redirected(e, "neither the cgroup nor an ancestor is enabled: its connects go out unchanged".into()),
@@ -324,34 +405,69 @@ pub fn analyze(
         IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified(),
     };
     if loopback {
-        e.kernel = KernelView { state: KernelState::Skipped, reason: format!("{ip} is loopback: never redirected"), source: e.kernel.source };
-        e.verdict = format!("skipped in the kernel: {ip} is loopback; the connect goes to {} unchanged", q.dst);
+        e.kernel = KernelView {
+            state: KernelState::Skipped,
+            reason: format!("{ip} is loopback: never redirected"),
+            source: e.kernel.source,
+        };
+        e.verdict = format!(
+            "skipped in the kernel: {ip} is loopback; the connect goes to {} unchanged",
+            q.dst
+        );
         return e;
     }
+    // The pinned LPM maps are what the kernel does now; this configuration's ranges are what
+    // it does once a daemon runs with it. Either one skips; the reason says which.
     let config_skip = config.skip_cidrs();
-    let kernel_skip: &[IpNet] = pinned.map(|p| p.skip.as_slice()).unwrap_or(&config_skip);
+    let longest = |nets: &[IpNet]| {
+        nets.iter()
+            .filter(|n| n.contains(&ip))
+            .max_by_key(|n| n.prefix_len())
+            .copied()
+    };
+    let in_config = longest(&config_skip);
+    let in_pins = pinned.and_then(|p| longest(&p.skip));
     if let Some(p) = pinned {
         let a: BTreeSet<IpNet> = p.skip.iter().map(|n| n.trunc()).collect();
         let b: BTreeSet<IpNet> = config_skip.iter().map(|n| n.trunc()).collect();
         if a != b {
             e.notes.push(format!(
-                "the kernel's skip ranges ({}) differ from this configuration's ({}): is the daemon running with another config?",
-                join(&a), join(&b)
+                "the kernel's skip ranges ({}) differ from this configuration's ({}): the daemon runs with another configuration, or has not reloaded yet",
+                join(&a),
+                join(&b)
             ));
         }
     }
-    if let Some(net) = kernel_skip.iter().filter(|n| n.contains(&ip)).max_by_key(|n| n.prefix_len()) {
+    let skip = match (in_pins, in_config) {
+        (Some(net), _) => Some((net, "in rdr_skip4/rdr_skip6 now".to_owned())),
+        (None, Some(net)) if pinned.is_some() => Some((
+            net,
+            "from this configuration; the pinned maps do not have it yet, so it applies once the daemon runs with this configuration".to_owned(),
+        )),
+        (None, Some(net)) => Some((net, "from the configuration".to_owned())),
+        (None, None) => None,
+    };
+    if let Some((net, source)) = skip {
         e.kernel = KernelView {
             state: KernelState::Skipped,
-            reason: format!("{ip} is in skip range {net} ({})", if pinned.is_some() { "rdr_skip4/rdr_skip6" } else { "from the configuration" }),
+            reason: format!("{ip} is in skip range {net} ({source})"),
             source: e.kernel.source,
         };
-        e.verdict = format!("skipped in the kernel by skip range {net}: the connect goes direct to {} and the proxy never sees it", q.dst);
+        e.verdict = format!(
+            "skipped in the kernel by skip range {net}: the connect goes direct to {} and the proxy never sees it",
+            q.dst
+        );
         return e;
     }
     let port = pinned.map(|p| p.proxy_port).unwrap_or(config.proxy_port);
-    let listener = if ip.is_ipv4() { format!("127.0.0.1:{port}") } else { format!("[::1]:{port}") };
-    e.kernel.reason = format!("not loopback, in no skip range: rewritten to the proxy listener {listener} in the pod's netns");
+    let listener = if ip.is_ipv4() {
+        format!("127.0.0.1:{port}")
+    } else {
+        format!("[::1]:{port}")
+    };
+    e.kernel.reason = format!(
+        "not loopback, in no skip range: rewritten to the proxy listener {listener} in the pod's netns"
+    );
 
     // 3. The proxy's policy.
     let input = policy::PolicyInput {
@@ -363,7 +479,11 @@ pub fn analyze(
     };
     let d = policy::decide(&input, ip, q.dst.port(), q.host.as_deref());
     let Some(mut route) = d.route else {
-        e.policy = Some(PolicyView { route: None, rule: d.rule.clone(), name_check: None });
+        e.policy = Some(PolicyView {
+            route: None,
+            rule: d.rule.clone(),
+            name_check: None,
+        });
         e.verdict = format!(
             "refused by the proxy ({}): it never dials {ip} directly on a pod's behalf; allow it with allow-dial in the config file",
             d.rule
@@ -375,8 +495,16 @@ pub fn analyze(
     if d.by_name && route == Route::Direct {
         let host = q.host.clone().unwrap_or_default();
         let check = match resolve(&host, q.dst.port()) {
-            Ok(addrs) => NameCheck { matches: addrs.contains(&ip), resolved: addrs, error: None },
-            Err(err) => NameCheck { resolved: Vec::new(), matches: false, error: Some(err) },
+            Ok(addrs) => NameCheck {
+                matches: addrs.contains(&ip),
+                resolved: addrs,
+                error: None,
+            },
+            Err(err) => NameCheck {
+                resolved: Vec::new(),
+                matches: false,
+                error: Some(err),
+            },
         };
         e.notes.push(format!(
             "a name rule chose direct: the daemon only goes direct when {host} resolves to {ip}; resolved here: {}",
@@ -391,7 +519,11 @@ pub fn analyze(
         }
         name_check = Some(check);
     }
-    e.policy = Some(PolicyView { route: Some(route), rule: rule.clone(), name_check });
+    e.policy = Some(PolicyView {
+        route: Some(route),
+        rule: rule.clone(),
+        name_check,
+    });
 
     // 4. The hops and their request heads.
     let target = sniff::authority(q.host.as_deref().unwrap_or(&ip.to_string()), q.dst.port());
@@ -414,27 +546,54 @@ pub fn analyze(
 }
 
 fn join(s: &BTreeSet<IpNet>) -> String {
-    if s.is_empty() { "none".into() } else { s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") }
+    if s.is_empty() {
+        "none".into()
+    } else {
+        s.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 fn not_redirected(mut e: Explanation, reason: String) -> Explanation {
     e.verdict = format!("not redirected: {reason}");
-    e.kernel = KernelView { state: KernelState::NotRedirected, reason, source: e.kernel.source };
+    e.kernel = KernelView {
+        state: KernelState::NotRedirected,
+        reason,
+        source: e.kernel.source,
+    };
     e
 }
 
 fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -> CgroupView {
     let id = c.chain.last().map(|(_, id)| *id).unwrap_or(0);
-    let mut v = CgroupView { path: c.path.clone(), pod: c.pod.clone(), id, enabled: None, enabled_by: None, detail: String::new() };
+    let mut v = CgroupView {
+        path: c.path.clone(),
+        pod: c.pod.clone(),
+        id,
+        enabled: None,
+        enabled_by: None,
+        detail: String::new(),
+    };
     match pinned {
         Some(p) => {
             // The hook looks at levels 0..MAX_CGROUP_DEPTH only.
-            let hit = c.chain.iter().take(MAX_CGROUP_DEPTH as usize).find(|(_, id)| p.enabled.contains(id));
+            let hit = c
+                .chain
+                .iter()
+                .take(MAX_CGROUP_DEPTH as usize)
+                .find(|(_, id)| p.enabled.contains(id));
             v.enabled = Some(hit.is_some());
             v.enabled_by = hit.map(|(p, _)| p.clone());
             v.detail = match hit {
-                Some((p, hid)) if *hid == id => format!("enabled in the kernel (rdr_enabled has its id {hid})"),
-                Some((p, hid)) => format!("enabled in the kernel through its ancestor {} (id {hid})", p.display()),
+                Some((p, hid)) if *hid == id => {
+                    format!("enabled in the kernel (rdr_enabled has its id {hid})")
+                }
+                Some((p, hid)) => format!(
+                    "enabled in the kernel through its ancestor {} (id {hid})",
+                    p.display()
+                ),
                 None if c.chain.len() > MAX_CGROUP_DEPTH as usize => format!(
                     "not enabled: no entry in rdr_enabled for its first {MAX_CGROUP_DEPTH} levels (it is {} levels deep)",
                     c.chain.len()
@@ -442,7 +601,11 @@ fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -
                 None => "not enabled: neither it nor an ancestor is in rdr_enabled".into(),
             };
         }
-        None if config.kubernetes => v.detail = "unknown: Kubernetes mode decides per pod at run time and no pins could be read".into(),
+        None if config.kubernetes => {
+            v.detail =
+                "unknown: Kubernetes mode decides per pod at run time and no pins could be read"
+                    .into()
+        }
         None => {
             let hit = config
                 .cgroups
@@ -461,15 +624,27 @@ fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -
 }
 
 /// The hops `tunnel::open` would take for `route`, with the request heads it would send.
-pub fn hops(tunnel: &TunnelConfig, route: Route, target: &str, dst: SocketAddr) -> Result<Vec<Hop>, String> {
+pub fn hops(
+    tunnel: &TunnelConfig,
+    route: Route,
+    target: &str,
+    dst: SocketAddr,
+) -> Result<Vec<Hop>, String> {
     match route {
-        Route::Direct => Ok(vec![Hop { hop: "target", connect: format!("TCP to {dst} directly (no CONNECT)"), request: Vec::new() }]),
+        Route::Direct => Ok(vec![Hop {
+            hop: "target",
+            connect: format!("TCP to {dst} directly (no CONNECT)"),
+            request: Vec::new(),
+        }]),
         Route::Proxy => {
             let p = tunnel.proxy.as_ref().ok_or("route proxy is used but no enterprise proxy is configured (--proxy-https / --proxy-http)")?;
             Ok(vec![proxy_hop(p, target)])
         }
         Route::Gateway => {
-            let g = tunnel.gateway.as_ref().ok_or("route gateway is used but no --gateway-url is configured")?;
+            let g = tunnel
+                .gateway
+                .as_ref()
+                .ok_or("route gateway is used but no --gateway-url is configured")?;
             let mut out = Vec::new();
             let through = match &tunnel.proxy {
                 Some(p) => {
@@ -478,9 +653,21 @@ pub fn hops(tunnel: &TunnelConfig, route: Route, target: &str, dst: SocketAddr) 
                 }
                 None => format!("over TCP to {}", g.authority()),
             };
-            let alpn: Vec<String> = g.tls.alpn_protocols.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            let client_cert = if g.tls.client_auth_cert_resolver.has_certs() { ", client certificate" } else { "" };
-            let mut request = vec![format!("CONNECT {target} HTTP/1.1"), format!("Host: {target}")];
+            let alpn: Vec<String> = g
+                .tls
+                .alpn_protocols
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let client_cert = if g.tls.client_auth_cert_resolver.has_certs() {
+                ", client certificate"
+            } else {
+                ""
+            };
+            let mut request = vec![
+                format!("CONNECT {target} HTTP/1.1"),
+                format!("Host: {target}"),
+            ];
             for (name, _) in &g.extra_headers {
                 request.push(format!("{name}: <redacted>"));
             }
@@ -493,7 +680,11 @@ pub fn hops(tunnel: &TunnelConfig, route: Route, target: &str, dst: SocketAddr) 
                     "TLS to the gateway {} (SNI {}, ALPN {}{client_cert}) {through}",
                     g.authority(),
                     g.server_name,
-                    if alpn.is_empty() { "none".into() } else { alpn.join(",") }
+                    if alpn.is_empty() {
+                        "none".into()
+                    } else {
+                        alpn.join(",")
+                    }
                 ),
                 request,
             });
@@ -507,11 +698,18 @@ fn proxy_hop(p: &ProxyConfig, authority: &str) -> Hop {
         ProxyScheme::Https => format!(", then TLS (SNI {})", p.url.host),
         ProxyScheme::Http => String::new(),
     };
-    let mut request = vec![format!("CONNECT {authority} HTTP/1.1"), format!("Host: {authority}")];
+    let mut request = vec![
+        format!("CONNECT {authority} HTTP/1.1"),
+        format!("Host: {authority}"),
+    ];
     if p.credentials.is_some() {
         request.push("Proxy-Authorization: Basic <redacted>".into());
     }
-    Hop { hop: "proxy", connect: format!("TCP to the enterprise proxy {}{tls}", p.url.authority()), request }
+    Hop {
+        hop: "proxy",
+        connect: format!("TCP to the enterprise proxy {}{tls}", p.url.authority()),
+        request,
+    }
 }
 
 pub fn render_text(e: &Explanation) -> String {
@@ -523,15 +721,27 @@ pub fn render_text(e: &Explanation) -> String {
     };
     out += &format!("destination: {} — {host}\n", e.dst);
     if let Some(c) = &e.cgroup {
-        let pod = c.pod.as_ref().map(|p| format!(" (pod {p})")).unwrap_or_default();
-        out += &format!("cgroup:      {}{pod}, id {}: {}\n", c.path.display(), c.id, c.detail);
+        let pod = c
+            .pod
+            .as_ref()
+            .map(|p| format!(" (pod {p})"))
+            .unwrap_or_default();
+        out += &format!(
+            "cgroup:      {}{pod}, id {}: {}\n",
+            c.path.display(),
+            c.id,
+            c.detail
+        );
     }
     let state = match e.kernel.state {
         KernelState::Redirected => "redirected",
         KernelState::Skipped => "SKIPPED",
         KernelState::NotRedirected => "NOT redirected",
     };
-    out += &format!("kernel:      {state} ({}) [from {}]\n", e.kernel.reason, e.kernel.source);
+    out += &format!(
+        "kernel:      {state}: {} [from {}]\n",
+        e.kernel.reason, e.kernel.source
+    );
     if let Some(p) = &e.policy {
         match p.route {
             Some(r) => out += &format!("policy:      route {r}, rule {}\n", p.rule),
@@ -547,7 +757,13 @@ pub fn render_text(e: &Explanation) -> String {
             }
         }
         if e.hops.iter().any(|h| !h.request.is_empty()) {
-            out += &format!("  then the client's own bytes, end to end with {}\n", e.host.as_deref().map(str::to_owned).unwrap_or_else(|| e.dst.to_string()));
+            out += &format!(
+                "  then the client's own bytes, end to end with {}\n",
+                e.host
+                    .as_deref()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| e.dst.to_string())
+            );
         }
     }
     out += &format!("verdict:     {}\n", e.verdict);
@@ -581,7 +797,12 @@ mod tests {
             path = path.join(format!("c{id}"));
             chain.push((path.clone(), *id));
         }
-        CgroupChain { path, pod: None, chain, below_attach: true }
+        CgroupChain {
+            path,
+            pod: None,
+            chain,
+            below_attach: true,
+        }
     }
 
     fn pinned(enabled: &[u64], skip: &[&str]) -> PinnedState {
@@ -599,27 +820,64 @@ mod tests {
     }
 
     fn q(dst: &str, host: Option<&str>, cgroup: Option<CgroupChain>) -> Query {
-        Query { dst: dst.parse().unwrap(), host: host.map(str::to_owned), http: false, cgroup }
+        Query {
+            dst: dst.parse().unwrap(),
+            host: host.map(str::to_owned),
+            http: false,
+            cgroup,
+        }
     }
 
     #[test]
     fn gateway_through_proxy_shows_both_connect_lines_redacted() {
-        let c = config(Settings { gateway_header: Some(vec!["X-Tenant: secret-tenant".into()]), ..Default::default() });
+        let c = config(Settings {
+            gateway_header: Some(vec!["X-Tenant: secret-tenant".into()]),
+            ..Default::default()
+        });
         let p = pinned(&[20], &["203.0.113.200/32", "10.0.0.0/8"]);
-        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), Some(chain(&[10, 20, 30]))), Some(&p), &[], &no_dns);
+        let e = analyze(
+            &c,
+            &q(
+                "203.0.113.10:443",
+                Some("portal.azure.test"),
+                Some(chain(&[10, 20, 30])),
+            ),
+            Some(&p),
+            &[],
+            &no_dns,
+        );
         let t = render_text(&e);
         assert!(matches!(e.kernel.state, KernelState::Redirected), "{t}");
-        assert!(t.contains("enabled in the kernel through its ancestor /cg/c10/c20 (id 20)"), "{t}");
-        assert!(t.contains("policy:      route gateway, rule default"), "{t}");
+        assert!(
+            t.contains("enabled in the kernel through its ancestor /cg/c10/c20 (id 20)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("policy:      route gateway, rule default"),
+            "{t}"
+        );
         let lines: Vec<&str> = t.lines().map(str::trim).collect();
-        let at = |l: &str| lines.iter().position(|x| *x == l).unwrap_or_else(|| panic!("{l:?} missing:\n{t}"));
-        assert!(at("CONNECT gw.arc.test:443 HTTP/1.1") < at("Proxy-Authorization: Basic <redacted>"));
-        assert!(at("Proxy-Authorization: Basic <redacted>") < at("CONNECT portal.azure.test:443 HTTP/1.1"));
+        let at = |l: &str| {
+            lines
+                .iter()
+                .position(|x| *x == l)
+                .unwrap_or_else(|| panic!("{l:?} missing:\n{t}"))
+        };
+        assert!(
+            at("CONNECT gw.arc.test:443 HTTP/1.1") < at("Proxy-Authorization: Basic <redacted>")
+        );
+        assert!(
+            at("Proxy-Authorization: Basic <redacted>")
+                < at("CONNECT portal.azure.test:443 HTTP/1.1")
+        );
         assert!(at("CONNECT portal.azure.test:443 HTTP/1.1") < at("X-Tenant: <redacted>"));
         assert!(t.contains("TLS to the gateway gw.arc.test:443 (SNI gw.arc.test, ALPN http/1.1) inside that tunnel"), "{t}");
         let json = serde_json::to_string(&e).unwrap();
         for leak in [PASSWORD, "secret-tenant"] {
-            assert!(!t.contains(leak) && !json.contains(leak), "{leak} leaked:\n{t}\n{json}");
+            assert!(
+                !t.contains(leak) && !json.contains(leak),
+                "{leak} leaked:\n{t}\n{json}"
+            );
         }
     }
 
@@ -627,50 +885,183 @@ mod tests {
     fn kernel_skips_loopback_and_skip_ranges_from_pins_or_config() {
         let c = config(Settings::default());
         let p = pinned(&[1], &["203.0.113.0/24"]);
-        let e = analyze(&c, &q("203.0.113.10:443", None, Some(chain(&[5]))), Some(&p), &[], &no_dns);
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", None, Some(chain(&[5]))),
+            Some(&p),
+            &[],
+            &no_dns,
+        );
         assert!(matches!(e.kernel.state, KernelState::Skipped), "{e:?}");
-        assert!(e.verdict.contains("skipped in the kernel by skip range 203.0.113.0/24"), "{}", e.verdict);
-        assert!(e.notes.iter().any(|n| n.contains("differ")), "pins and config disagree: {:?}", e.notes);
+        assert!(
+            e.verdict
+                .contains("skipped in the kernel by skip range 203.0.113.0/24"),
+            "{}",
+            e.verdict
+        );
+        assert!(e.kernel.reason.contains("rdr_skip4"), "{}", e.kernel.reason);
+        assert!(
+            e.notes.iter().any(|n| n.contains("differ")),
+            "pins and config disagree: {:?}",
+            e.notes
+        );
+        // A range only this configuration has: skipped once a daemon runs with it.
+        let e = analyze(
+            &c,
+            &q("10.9.9.9:443", None, Some(chain(&[5]))),
+            Some(&p),
+            &[],
+            &no_dns,
+        );
+        assert!(
+            e.verdict.contains("10.0.0.0/8") && e.kernel.reason.contains("once the daemon runs"),
+            "{e:?}"
+        );
         // Without pins the configuration's CIDRs decide; IPv4-mapped IPv6 is judged as IPv4.
-        let e = analyze(&c, &q("[::ffff:10.1.2.3]:80", None, None), None, &[], &no_dns);
+        let e = analyze(
+            &c,
+            &q("[::ffff:10.1.2.3]:80", None, None),
+            None,
+            &[],
+            &no_dns,
+        );
         assert!(e.verdict.contains("10.0.0.0/8"), "{}", e.verdict);
         let e = analyze(&c, &q("127.0.0.53:53", None, None), None, &[], &no_dns);
-        assert!(matches!(e.kernel.state, KernelState::Skipped) && e.verdict.contains("loopback"), "{}", e.verdict);
+        assert!(
+            matches!(e.kernel.state, KernelState::Skipped) && e.verdict.contains("loopback"),
+            "{}",
+            e.verdict
+        );
     }
 
     #[test]
     fn disabled_cgroup_is_not_redirected() {
         let c = config(Settings::default());
-        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), Some(chain(&[7, 8]))), Some(&pinned(&[9], &[])), &[], &no_dns);
+        let e = analyze(
+            &c,
+            &q(
+                "203.0.113.10:443",
+                Some("portal.azure.test"),
+                Some(chain(&[7, 8])),
+            ),
+            Some(&pinned(&[9], &[])),
+            &[],
+            &no_dns,
+        );
         assert!(matches!(e.kernel.state, KernelState::NotRedirected));
         assert!(e.verdict.starts_with("not redirected"), "{}", e.verdict);
         assert!(e.hops.is_empty() && e.policy.is_none());
         // Hooks configured by no daemon: nothing is redirected anywhere.
         let mut p = pinned(&[8], &[]);
         p.ready = false;
-        let e = analyze(&c, &q("203.0.113.10:443", None, Some(chain(&[7, 8]))), Some(&p), &[], &no_dns);
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", None, Some(chain(&[7, 8]))),
+            Some(&p),
+            &[],
+            &no_dns,
+        );
         assert!(e.verdict.contains("ready is 0"), "{}", e.verdict);
     }
 
     #[test]
     fn name_direct_is_checked_against_dns_and_safety_refusals_are_named() {
-        let c = config(Settings { proxy_skip_range: Some("portal.azure.test".into()), ..Default::default() });
+        let c = config(Settings {
+            proxy_skip_range: Some("portal.azure.test".into()),
+            ..Default::default()
+        });
         let good = |_: &str, _: u16| Ok(vec!["203.0.113.10".parse().unwrap()]);
-        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), None), None, &[], &good);
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", Some("portal.azure.test"), None),
+            None,
+            &[],
+            &good,
+        );
         let p = e.policy.as_ref().unwrap();
         assert_eq!(p.route, Some(Route::Direct));
         assert!(p.name_check.as_ref().unwrap().matches);
-        assert!(render_text(&e).contains("TCP to 203.0.113.10:443 directly"), "{}", render_text(&e));
+        assert!(
+            render_text(&e).contains("TCP to 203.0.113.10:443 directly"),
+            "{}",
+            render_text(&e)
+        );
         let bad = |_: &str, _: u16| Ok(vec!["198.51.100.1".parse().unwrap()]);
-        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), None), None, &[], &bad);
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", Some("portal.azure.test"), None),
+            None,
+            &[],
+            &bad,
+        );
         let p = e.policy.as_ref().unwrap();
-        assert_eq!(p.route, Some(Route::Gateway), "mismatch falls back to the default route");
+        assert_eq!(
+            p.route,
+            Some(Route::Gateway),
+            "mismatch falls back to the default route"
+        );
         assert!(p.rule.contains("name/ip mismatch"), "{}", p.rule);
 
-        let c = config(Settings { proxy_skip_range: Some("169.254.169.254:80".into()), ..Default::default() });
+        let c = config(Settings {
+            proxy_skip_range: Some("169.254.169.254:80".into()),
+            ..Default::default()
+        });
         let e = analyze(&c, &q("169.254.169.254:80", None, None), None, &[], &no_dns);
         assert!(e.policy.as_ref().unwrap().route.is_none());
-        assert!(e.verdict.contains("refused") && e.verdict.contains("allow-dial"), "{}", e.verdict);
+        assert!(
+            e.verdict.contains("refused") && e.verdict.contains("allow-dial"),
+            "{}",
+            e.verdict
+        );
+    }
+
+    /// Serves `body` for `/workloads` (or 404 when `None`) to every request.
+    fn admin(body: Option<&'static str>) -> SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let mut s = s.unwrap();
+                let _ = s.read(&mut [0u8; 1024]);
+                let resp = match body {
+                    Some(b) => format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{b}", b.len()),
+                    None => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".into(),
+                };
+                let _ = s.write_all(resp.as_bytes());
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn pods_resolve_through_the_daemon() {
+        let a = admin(Some(
+            r#"[{"key":"u1","label":"agents/arc-1","cgroup":"/sys/fs/cgroup/kubepods/pod-u1","cgroup_id":77,"listening":true}]"#,
+        ));
+        assert_eq!(
+            resolve_pod("agents/arc-1", a).unwrap(),
+            PathBuf::from("/sys/fs/cgroup/kubepods/pod-u1")
+        );
+        let msg = resolve_pod("agents/other", a).unwrap_err().to_string();
+        assert!(msg.contains("agents/arc-1"), "lists the known pods: {msg}");
+        assert!(matches!(
+            resolve_pod("no-slash", a),
+            Err(ExplainError::PodSyntax(_))
+        ));
+        assert!(matches!(
+            resolve_pod("a/b", admin(None)),
+            Err(ExplainError::PodOldDaemon { .. })
+        ));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let msg = resolve_pod("a/b", closed).unwrap_err().to_string();
+        assert!(
+            msg.contains("not running") && msg.contains("--cgroup"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -679,17 +1070,42 @@ mod tests {
         let token = dir.path().join("token");
         std::fs::write(&token, "tok-123").unwrap();
         let c = config(Settings {
-            routes: Some(vec![RawRoute { host: Some("*.vault.azure.test".into()), route: "proxy".into(), ..Default::default() }]),
+            routes: Some(vec![RawRoute {
+                host: Some("*.vault.azure.test".into()),
+                route: "proxy".into(),
+                ..Default::default()
+            }]),
             gateway_token_file: Some(token),
             ..Default::default()
         });
-        let e = analyze(&c, &q("203.0.113.10:443", Some("kv1.vault.azure.test"), None), None, &[], &no_dns);
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", Some("kv1.vault.azure.test"), None),
+            None,
+            &[],
+            &no_dns,
+        );
         let t = render_text(&e);
         assert!(t.contains("rule route:*.vault.azure.test->proxy"), "{t}");
         assert_eq!(e.hops.len(), 1);
-        assert_eq!(e.hops[0].request[0], "CONNECT kv1.vault.azure.test:443 HTTP/1.1");
-        let e = analyze(&c, &q("203.0.113.10:443", Some("portal.azure.test"), None), None, &[], &no_dns);
-        assert!(e.hops[1].request.contains(&"Authorization: Bearer <redacted>".to_owned()), "{:?}", e.hops);
+        assert_eq!(
+            e.hops[0].request[0],
+            "CONNECT kv1.vault.azure.test:443 HTTP/1.1"
+        );
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", Some("portal.azure.test"), None),
+            None,
+            &[],
+            &no_dns,
+        );
+        assert!(
+            e.hops[1]
+                .request
+                .contains(&"Authorization: Bearer <redacted>".to_owned()),
+            "{:?}",
+            e.hops
+        );
         assert!(!render_text(&e).contains("tok-123"));
         // Nothing but a target IP: tunneled by IP.
         let e = analyze(&c, &q("[2001:db8::5]:8443", None, None), None, &[], &no_dns);

@@ -127,6 +127,10 @@ pub async fn run(
 
     info!(node = %node_name, label = ENABLED_LABEL, "watching namespaces and pods");
     let mut model = Model::new(node_name, cgroup_root);
+    // The first complete set is always published, even when empty: it tells the reconciler
+    // the API has been read, so it can clean up what an earlier run left enabled and report
+    // ready on a node with nothing to enable.
+    let mut published = false;
     loop {
         let input = tokio::select! {
             () = tx.closed() => {
@@ -154,8 +158,10 @@ pub async fn run(
         let Some(desired) = model.desired() else {
             continue;
         };
+        let first = !published;
+        published = true;
         tx.send_if_modified(|current| {
-            if *current == desired {
+            if *current == desired && !first {
                 return false;
             }
             model.log_changes(current, &desired);

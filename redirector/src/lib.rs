@@ -17,6 +17,8 @@ pub mod tunnel;
 pub mod workloads;
 pub mod k8s;
 pub mod kubelet;
+pub mod explain;
+pub mod check;
 
 /// Renders an error and its sources on one line: `outer: inner: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

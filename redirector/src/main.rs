@@ -1,38 +1,61 @@
 //! `redirector` binary: parse, dispatch, map errors to exit codes.
-use clap::Parser;
-use redirector::{app, cli, error_chain, status, telemetry};
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
+use clap::Parser;
+use redirector::{app, check, cli, error_chain, explain, status, telemetry};
+
+fn main() -> ExitCode {
     let args = cli::Cli::parse();
     telemetry::init_logging();
     match dispatch(args.command) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(msg) => {
             eprintln!("error: {msg}");
-            std::process::ExitCode::from(2)
+            ExitCode::from(2)
         }
     }
 }
 
-fn dispatch(cmd: cli::Command) -> Result<(), String> {
+fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = if multi_thread { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
+    b.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn json(v: &impl serde::Serialize) -> Result<(), String> {
+    println!("{}", serde_json::to_string_pretty(v).map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
     match cmd {
         cli::Command::Run(args) => {
             let config = args.load().map_err(|e| error_chain(&e))?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-            rt.block_on(app::run(config, args)).map_err(|e| error_chain(&e))
+            runtime(true)?.block_on(app::run(config, args)).map_err(|e| error_chain(&e))?;
+            Ok(ExitCode::SUCCESS)
         }
         cli::Command::Status(a) => {
             let s = status::collect(&a.pins.pin_root, a.admin_addr, &a.cgroup_root)
                 .map_err(|e| format!("{}; is the redirector installed with this --pin-root?", error_chain(&e)))?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
-            } else {
-                print!("{}", status::render_text(&s));
-            }
-            Ok(())
+            if a.json { json(&s)? } else { print!("{}", status::render_text(&s)) }
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::Explain(a) => {
+            let e = explain::explain(&a).map_err(|e| error_chain(&e))?;
+            if a.json { json(&e)? } else { print!("{}", explain::render_text(&e)) }
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::Check(a) => {
+            // A broken configuration is one of the failures check reports, not an error.
+            let (settings, config) = match a.run.merged() {
+                Ok(s) => {
+                    let c = redirector::config::Config::build(s.clone());
+                    (s, c)
+                }
+                Err(e) => (a.run.settings.clone(), Err(e)),
+            };
+            let report = runtime(false)?.block_on(check::run(&settings, config));
+            if a.json { json(&report)? } else { print!("{}", check::render_text(&report)) }
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         cli::Command::Uninstall(a) => {
             let removed = redirector::bpf::uninstall(&redirector::bpf::PinLayout::new(&a.pin_root))
@@ -41,7 +64,7 @@ fn dispatch(cmd: cli::Command) -> Result<(), String> {
                 println!("removed {}", p.display());
             }
             println!("uninstalled: {} pinned objects removed", removed.len());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -179,10 +179,10 @@ fn find_cgroup_paths(root: &Path, ids: &[u64]) -> BTreeMap<u64, PathBuf> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        if let Ok(id) = crate::netns::cgroup_id(&dir) {
-            if ids.contains(&id) {
-                out.insert(id, dir.clone());
-            }
+        if let Ok(id) = crate::netns::cgroup_id(&dir)
+            && ids.contains(&id)
+        {
+            out.insert(id, dir.clone());
         }
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.flatten() {
@@ -327,8 +327,8 @@ pub fn render_text(s: &Status) -> String {
         for w in waiting {
             let why = match (&w.cgroup, w.listening) {
                 (None, _) => "cgroup not created yet".to_owned(),
-                (Some(p), false) => format!("{}: no listener in its netns yet", p.display()),
-                (Some(p), true) => format!("{}: listening, not yet enabled", p.display()),
+                (Some(p), false) => format!("{}: not enabled yet (waiting for its first process or its listener)", p.display()),
+                (Some(p), true) => format!("{}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)", p.display()),
             };
             out += &format!("  {}  {why}\n", w.label);
         }

@@ -74,9 +74,10 @@ impl Qos {
 /// The pod cgroup relative to the kubelet's cgroup root, as the kubelet names it.
 pub fn pod_cgroup_rel(driver: Driver, qos: Qos, uid: &str) -> PathBuf {
     match (driver, qos) {
-        (Driver::Systemd, Qos::Guaranteed) => {
-            PathBuf::from(format!("kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_")))
-        }
+        (Driver::Systemd, Qos::Guaranteed) => PathBuf::from(format!(
+            "kubepods.slice/kubepods-pod{}.slice",
+            uid.replace('-', "_")
+        )),
         (Driver::Systemd, Qos::Burstable) => PathBuf::from(format!(
             "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
             uid.replace('-', "_")
@@ -87,7 +88,9 @@ pub fn pod_cgroup_rel(driver: Driver, qos: Qos, uid: &str) -> PathBuf {
         )),
         (Driver::Cgroupfs, Qos::Guaranteed) => PathBuf::from(format!("kubepods/pod{uid}")),
         (Driver::Cgroupfs, Qos::Burstable) => PathBuf::from(format!("kubepods/burstable/pod{uid}")),
-        (Driver::Cgroupfs, Qos::BestEffort) => PathBuf::from(format!("kubepods/besteffort/pod{uid}")),
+        (Driver::Cgroupfs, Qos::BestEffort) => {
+            PathBuf::from(format!("kubepods/besteffort/pod{uid}"))
+        }
     }
 }
 
@@ -101,7 +104,14 @@ pub fn container_cgroup_name(driver: Driver, id: &str) -> String {
 
 /// A made-up pod UID in the API server's format (a version-4 UUID), unique per `n`.
 pub fn pod_uid(n: u64) -> String {
-    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", n & 0xffff_ffff, (n >> 32) & 0xffff, n & 0xfff, (n >> 12) & 0xfff, n & 0xffff_ffff_ffff)
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        n & 0xffff_ffff,
+        (n >> 32) & 0xffff,
+        n & 0xfff,
+        (n >> 12) & 0xfff,
+        n & 0xffff_ffff_ffff
+    )
 }
 
 /// A fresh 64-hex-digit container id, as containerd makes them.
@@ -111,13 +121,31 @@ fn container_id() -> String {
 }
 
 /// Proxy variables removed from every process started in a pod.
-const PROXY_VARS: [&str; 8] = ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"];
+const PROXY_VARS: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
 
 /// `program` run inside netns `netns` and cgroup `cgroup` (joined before `program` runs),
 /// with every proxy variable removed.
 fn cmd_in(netns: &str, cgroup: &Path, program: &str) -> Command {
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", netns, "sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""]).arg(cgroup).arg(program);
+    c.args([
+        "netns",
+        "exec",
+        netns,
+        "sh",
+        "-c",
+        "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+    ])
+    .arg(cgroup)
+    .arg(program);
     for v in PROXY_VARS {
         c.env_remove(v);
     }
@@ -147,7 +175,9 @@ pub struct KubePod {
 impl KubePod {
     /// The pod cgroup's id (its inode number, what the daemon puts into `rdr_enabled`).
     pub fn cgroup_id(&self) -> u64 {
-        fs::metadata(&self.cgroup).map(|m| m.ino()).unwrap_or_else(|e| panic!("stat {}: {e}", self.cgroup.display()))
+        fs::metadata(&self.cgroup)
+            .map(|m| m.ino())
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.cgroup.display()))
     }
 
     pub fn pause_pid(&self) -> u32 {
@@ -165,15 +195,21 @@ impl KubePod {
     /// Like `kubectl exec`: `program` in existing app container number `container` (in the
     /// order [`KubePod::container_cmd`] created them), in the pod's netns.
     pub fn exec_cmd(&self, container: usize, program: &str) -> Command {
-        let dir = self.containers.get(container).unwrap_or_else(|| panic!("pod {} has no container {container}", self.uid));
+        let dir = self
+            .containers
+            .get(container)
+            .unwrap_or_else(|| panic!("pod {} has no container {container}", self.uid));
         cmd_in(&self.netns, dir, program)
     }
 
     /// Creates an app container cgroup with no process yet (the runtime's CreateContainer);
     /// returns its index for [`KubePod::exec_cmd`].
     pub fn create_container(&mut self) -> usize {
-        let dir = self.cgroup.join(container_cgroup_name(self.driver, &container_id()));
-        fs::create_dir(&dir).unwrap_or_else(|e| panic!("create container cgroup {}: {e}", dir.display()));
+        let dir = self
+            .cgroup
+            .join(container_cgroup_name(self.driver, &container_id()));
+        fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("create container cgroup {}: {e}", dir.display()));
         self.containers.push(dir);
         self.containers.len() - 1
     }
@@ -196,15 +232,25 @@ pub struct KubeNode {
 
 impl KubeNode {
     pub fn new(lab: Lab) -> KubeNode {
-        KubeNode { lab, pods: BTreeMap::new(), free_slots: (0..POD_SLOTS).rev().collect(), next: 0, levels: Vec::new() }
+        KubeNode {
+            lab,
+            pods: BTreeMap::new(),
+            free_slots: (0..POD_SLOTS).rev().collect(),
+            next: 0,
+            levels: Vec::new(),
+        }
     }
 
     pub fn pod(&self, uid: &str) -> &KubePod {
-        self.pods.get(uid).unwrap_or_else(|| panic!("no pod {uid} on the node"))
+        self.pods
+            .get(uid)
+            .unwrap_or_else(|| panic!("no pod {uid} on the node"))
     }
 
     pub fn pod_mut(&mut self, uid: &str) -> &mut KubePod {
-        self.pods.get_mut(uid).unwrap_or_else(|| panic!("no pod {uid} on the node"))
+        self.pods
+            .get_mut(uid)
+            .unwrap_or_else(|| panic!("no pod {uid} on the node"))
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &KubePod> {
@@ -215,7 +261,9 @@ impl KubeNode {
     /// (not `leaf`) for removal at drop.
     fn create_levels(&mut self, leaf: &Path) {
         let root = self.lab.cg_root.clone();
-        let rel = leaf.strip_prefix(&root).expect("pod cgroup below the cgroup root");
+        let rel = leaf
+            .strip_prefix(&root)
+            .expect("pod cgroup below the cgroup root");
         let mut dir = root;
         let parts: Vec<_> = rel.components().collect();
         for (i, part) in parts.iter().enumerate() {
@@ -233,8 +281,14 @@ impl KubeNode {
     /// Sets up pod `uid` as the kubelet and the runtime would (module docs: cgroup, network,
     /// pause process) and returns it. Returns once the pause process is in its cgroup.
     pub fn add_pod(&mut self, uid: &str, qos: Qos, driver: Driver) -> &mut KubePod {
-        assert!(!self.pods.contains_key(uid), "pod {uid} already on the node");
-        let slot = self.free_slots.pop().expect("no free pod address slot (at most 32 kube pods at once)");
+        assert!(
+            !self.pods.contains_key(uid),
+            "pod {uid} already on the node"
+        );
+        let slot = self
+            .free_slots
+            .pop()
+            .expect("no free pod address slot (at most 32 kube pods at once)");
         self.next += 1;
         let n = self.next;
         let (id, node) = (self.lab.id.clone(), self.lab.node.clone());
@@ -278,7 +332,8 @@ impl KubeNode {
         let pod = self.pods.get_mut(uid).expect("just inserted");
 
         // 3. The sandbox container with its pause process.
-        fs::create_dir(&pod.sandbox_cgroup).unwrap_or_else(|e| panic!("create sandbox cgroup: {e}"));
+        fs::create_dir(&pod.sandbox_cgroup)
+            .unwrap_or_else(|e| panic!("create sandbox cgroup: {e}"));
         let log = self.lab.dir.join(format!("kpause{n}.log"));
         let child = cmd_in(&pod.netns, &pod.sandbox_cgroup, "sleep")
             .arg("1000000")
@@ -287,12 +342,24 @@ impl KubeNode {
             .stderr(fs::File::create(&log).expect("pause log"))
             .spawn()
             .expect("spawn pause");
-        pod.pause = Some(Proc { name: format!("kpause{n}"), child, log });
+        pod.pause = Some(Proc {
+            name: format!("kpause{n}"),
+            child,
+            log,
+        });
         let pid = pod.pause_pid().to_string();
         let procs = pod.sandbox_cgroup.join("cgroup.procs");
         let end = Instant::now() + Duration::from_secs(5);
-        while !fs::read_to_string(&procs).unwrap_or_default().lines().any(|l| l == pid) {
-            assert!(Instant::now() < end, "pause process {pid} never joined {}", procs.display());
+        while !fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == pid)
+        {
+            assert!(
+                Instant::now() < end,
+                "pause process {pid} never joined {}",
+                procs.display()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         self.pods.get_mut(uid).expect("just inserted")
@@ -301,7 +368,10 @@ impl KubeNode {
     /// Tears pod `uid` down as the kubelet does: kills its processes, removes its cgroups,
     /// then its network (veth and netns). Panics if something is left behind.
     pub fn delete_pod(&mut self, uid: &str) {
-        let pod = self.pods.remove(uid).unwrap_or_else(|| panic!("no pod {uid} on the node"));
+        let pod = self
+            .pods
+            .remove(uid)
+            .unwrap_or_else(|| panic!("no pod {uid} on the node"));
         if let Err(e) = self.teardown(pod) {
             panic!("deleting pod {uid}: {e}");
         }
@@ -312,7 +382,11 @@ impl KubeNode {
         // 1. Processes: the pause process (ours: killed and reaped), then whatever else runs
         //    in the pod's cgroups, by pid.
         pod.pause = None;
-        let rel = pod.cgroup.strip_prefix(&self.lab.cg_mount).map(|r| Path::new("/").join(r)).ok();
+        let rel = pod
+            .cgroup
+            .strip_prefix(&self.lab.cg_mount)
+            .map(|r| Path::new("/").join(r))
+            .ok();
         let end = Instant::now() + Duration::from_secs(5);
         loop {
             let pids = pids_below(&pod.cgroup);
@@ -320,7 +394,10 @@ impl KubeNode {
                 break;
             }
             if Instant::now() > end {
-                problems.push(format!("processes {pids:?} did not leave {}", pod.cgroup.display()));
+                problems.push(format!(
+                    "processes {pids:?} did not leave {}",
+                    pod.cgroup.display()
+                ));
                 break;
             }
             if let Some(rel) = &rel {
@@ -347,7 +424,11 @@ impl KubeNode {
             problems.push(e);
         }
         self.free_slots.push(pod.slot);
-        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
     }
 }
 
@@ -372,7 +453,10 @@ impl Drop for KubeNode {
 
 /// Runs a shell command; `Err` carries its status and output.
 fn sh_status(cmd: &str) -> Result<(), String> {
-    let out = Command::new("sh").args(["-c", cmd]).output().map_err(|e| format!("spawn sh: {e}"))?;
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map_err(|e| format!("spawn sh: {e}"))?;
     if out.status.success() {
         return Ok(());
     }
@@ -393,7 +477,11 @@ fn pids_below(cgroup: &Path) -> Vec<u32> {
             out.extend(s.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
         if let Ok(rd) = fs::read_dir(&dir) {
-            stack.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
         }
     }
     out
@@ -408,10 +496,21 @@ fn kill_if_in(pid: u32, rel: &Path) {
         return;
     }
     let line = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    let inside = line.lines().filter_map(|l| l.strip_prefix("0::")).any(|p| Path::new(p.trim()).starts_with(rel));
+    let inside = line
+        .lines()
+        .filter_map(|l| l.strip_prefix("0::"))
+        .any(|p| Path::new(p.trim()).starts_with(rel));
     if inside {
         // SAFETY: pidfd_send_signal(2) on the fd we own, no siginfo, no flags.
-        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
     }
     // SAFETY: closing the fd we opened.
     unsafe { libc::close(fd) };
@@ -438,7 +537,11 @@ mod tests {
     fn layout_matches_the_kubelet() {
         let uid = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
         let cases = [
-            (Driver::Systemd, Qos::Guaranteed, "kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice"),
+            (
+                Driver::Systemd,
+                Qos::Guaranteed,
+                "kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice",
+            ),
             (
                 Driver::Systemd,
                 Qos::Burstable,
@@ -449,14 +552,33 @@ mod tests {
                 Qos::BestEffort,
                 "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice",
             ),
-            (Driver::Cgroupfs, Qos::Guaranteed, "kubepods/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
-            (Driver::Cgroupfs, Qos::Burstable, "kubepods/burstable/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
-            (Driver::Cgroupfs, Qos::BestEffort, "kubepods/besteffort/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+            (
+                Driver::Cgroupfs,
+                Qos::Guaranteed,
+                "kubepods/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+            ),
+            (
+                Driver::Cgroupfs,
+                Qos::Burstable,
+                "kubepods/burstable/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+            ),
+            (
+                Driver::Cgroupfs,
+                Qos::BestEffort,
+                "kubepods/besteffort/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+            ),
         ];
         for (driver, qos, want) in cases {
-            assert_eq!(pod_cgroup_rel(driver, qos, uid), PathBuf::from(want), "{driver:?} {qos:?}");
+            assert_eq!(
+                pod_cgroup_rel(driver, qos, uid),
+                PathBuf::from(want),
+                "{driver:?} {qos:?}"
+            );
         }
-        assert_eq!(container_cgroup_name(Driver::Systemd, "ab12"), "cri-containerd-ab12.scope");
+        assert_eq!(
+            container_cgroup_name(Driver::Systemd, "ab12"),
+            "cri-containerd-ab12.scope"
+        );
         assert_eq!(container_cgroup_name(Driver::Cgroupfs, "ab12"), "ab12");
     }
 

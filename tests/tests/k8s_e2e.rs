@@ -50,7 +50,12 @@ enum Outcome {
 }
 
 fn out(o: &Output) -> String {
-    format!("status={} stdout={} stderr={}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status={} stdout={} stderr={}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// A closed lab + kubelet stand-in + API stand-in (+ the daemon once started).
@@ -62,6 +67,8 @@ struct K8s {
     rt: tokio::runtime::Runtime,
     kubeconfig: PathBuf,
     daemon: Option<usize>,
+    /// Logs of daemons stopped earlier in the test.
+    old_logs: Vec<String>,
     /// "ns/name" → uid of every pod created through [`K8s::add_pod`].
     uids: BTreeMap<String, String>,
     next_uid: u64,
@@ -74,10 +81,21 @@ impl K8s {
     fn new(test_no: u64) -> K8s {
         let mut lab = Lab::new();
         let (inet, _) = lab.add_internet(1, 8080);
-        lab.start_testsrv(&inet, "http", &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)]);
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime");
+        lab.start_testsrv(
+            &inet,
+            "http",
+            &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)],
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
         // The socket is created by a thread inside the node netns and stays there.
-        let listener = lab.in_netns(&lab.node, || std::net::TcpListener::bind("127.0.0.1:0").expect("bind the API stand-in in the node netns"));
+        let listener = lab.in_netns(&lab.node, || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("bind the API stand-in in the node netns")
+        });
         let api = rt.block_on(KubeApi::start_on(listener));
         let kubeconfig = api.kubeconfig(&lab.dir);
         K8s {
@@ -86,6 +104,7 @@ impl K8s {
             rt,
             kubeconfig,
             daemon: None,
+            old_logs: Vec::new(),
             uids: BTreeMap::new(),
             next_uid: test_no << 24,
             target: Lab::inet_v4(0),
@@ -99,29 +118,85 @@ impl K8s {
     /// `redirector run --kubernetes` in the node netns (no `--cgroup`), `NODE_NAME` set; returns
     /// once the admin endpoint answers and both watches are open, i.e. both initial lists
     /// were applied (kube-runtime opens a watch only after handing over the list's end).
+    ///
+    /// The mode is switched on with `--kubernetes=true`: the bare `--kubernetes` the DaemonSet
+    /// and README use is refused by the CLI today (see `bare_kubernetes_flag_starts_the_daemon`).
     fn start_daemon(&mut self) {
+        self.start_daemon_with("--kubernetes=true");
+    }
+
+    fn start_daemon_with(&mut self, mode_flag: &str) {
         let mut args = self.lab().daemon_args();
-        assert!(!args.iter().any(|a| a == "--cgroup"), "kubernetes mode gets no --cgroup: {args:?}");
-        args.extend(["--kubernetes".into(), "--kubeconfig".into(), self.kubeconfig.display().to_string()]);
+        assert!(
+            !args.iter().any(|a| a == "--cgroup"),
+            "kubernetes mode gets no --cgroup: {args:?}"
+        );
+        args.extend([
+            mode_flag.into(),
+            "--kubeconfig".into(),
+            self.kubeconfig.display().to_string(),
+        ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let bin = workspace_bin("redirector");
         let ns = self.lab().node.clone();
-        let i = self.node.lab.spawn_in_env(&ns, "redirector", &bin, &args, &[("RUST_LOG", "info"), ("NODE_NAME", NODE)]);
+        let s0 = self.api.stats();
+        let i = self.node.lab.spawn_in_env(
+            &ns,
+            "redirector",
+            &bin,
+            &args,
+            &[("RUST_LOG", "info"), ("NODE_NAME", NODE)],
+        );
         self.daemon = Some(i);
         let end = Instant::now() + WAIT;
         while !matches!(self.lab().node_http_get("/healthz"), Some((200, _))) {
-            assert!(self.node.lab.procs[i].alive() && Instant::now() < end, "daemon did not come up:\n{}", self.log());
+            assert!(
+                self.node.lab.procs[i].alive() && Instant::now() < end,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.rt.block_on(self.api.wait_stats("both watches open", |s| s.open(Resource::Namespaces) >= 1 && s.open(Resource::Pods) >= 1));
+        self.rt
+            .block_on(self.api.wait_stats("both watches open", |s| {
+                s.watches(Resource::Namespaces) > s0.watches(Resource::Namespaces)
+                    && s.watches(Resource::Pods) > s0.watches(Resource::Pods)
+                    && s.open(Resource::Namespaces) >= 1
+                    && s.open(Resource::Pods) >= 1
+            }));
+    }
+
+    /// Stops the daemon with SIGTERM (as the kubelet does) and waits for it to exit. The
+    /// programs and maps stay pinned (fail closed).
+    fn stop_daemon(&mut self) {
+        let i = self.daemon.take().expect("daemon started");
+        let p = &mut self.node.lab.procs[i];
+        p.signal(libc::SIGTERM);
+        let status = p
+            .wait_timeout(WAIT)
+            .unwrap_or_else(|| panic!("daemon did not stop on SIGTERM:\n{}", p.log()));
+        eprintln!("daemon stopped: {status}");
+        self.old_logs.push(p.log());
+    }
+
+    fn readyz(&self) -> Option<(u16, String)> {
+        self.lab().node_http_get("/readyz")
     }
 
     fn daemon_pid(&self) -> u32 {
         self.lab().procs[self.daemon.expect("daemon started")].pid()
     }
 
+    /// The running daemon's log, after those of earlier runs.
     fn log(&self) -> String {
-        self.daemon.map(|i| self.lab().procs[i].log()).unwrap_or_default()
+        let mut all = self.old_logs.join("\n");
+        all.push_str(
+            &self
+                .daemon
+                .map(|i| self.lab().procs[i].log())
+                .unwrap_or_default(),
+        );
+        all
     }
 
     fn fresh_uid(&mut self) -> String {
@@ -131,9 +206,17 @@ impl K8s {
 
     /// The pod in the API (`labels`, `qos`, on this node unless `node` says otherwise), then
     /// on the node (cgroup, sandbox, pause), as the kubelet does after seeing it.
-    fn add_pod(&mut self, ns: &str, name: &str, labels: &[(&str, &str)], qos: Qos, driver: Driver) -> String {
+    fn add_pod(
+        &mut self,
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        qos: Qos,
+        driver: Driver,
+    ) -> String {
         let uid = self.fresh_uid();
-        self.api.create_pod(ns, name, &uid, NODE, labels, qos.as_str());
+        self.api
+            .create_pod(ns, name, &uid, NODE, labels, qos.as_str());
         self.node.add_pod(&uid, qos, driver);
         self.node.pod_mut(&uid).create_container();
         self.uids.insert(format!("{ns}/{name}"), uid.clone());
@@ -141,13 +224,19 @@ impl K8s {
     }
 
     fn uid(&self, pod: &str) -> String {
-        self.uids.get(pod).unwrap_or_else(|| panic!("no pod {pod}")).clone()
+        self.uids
+            .get(pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"))
+            .clone()
     }
 
     /// Deletes a pod as it happens on a cluster: the kubelet stops it and removes its cgroup
     /// and sandbox, then the API object goes.
     fn delete_pod(&mut self, pod: &str) {
-        let uid = self.uids.remove(pod).unwrap_or_else(|| panic!("no pod {pod}"));
+        let uid = self
+            .uids
+            .remove(pod)
+            .unwrap_or_else(|| panic!("no pod {pod}"));
         self.node.delete_pod(&uid);
         let (ns, name) = pod.split_once('/').expect("ns/name");
         self.api.delete_pod(ns, name);
@@ -156,8 +245,11 @@ impl K8s {
     /// Cgroup ids in `rdr_enabled`, read with bpftool from the pinned map.
     fn enabled_ids(&self) -> BTreeSet<u64> {
         let pin = self.lab().pin_root.join("rdr_enabled");
-        let json = self.lab().bpftool(&format!("map dump pinned {} -j", pin.display()));
-        let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("bpftool json: {e}: {json}"));
+        let json = self
+            .lab()
+            .bpftool(&format!("map dump pinned {} -j", pin.display()));
+        let v: Value =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("bpftool json: {e}: {json}"));
         v.as_array()
             .expect("bpftool map dump is an array")
             .iter()
@@ -165,7 +257,12 @@ impl K8s {
                 Value::Number(n) => n.as_u64().expect("u64 key"),
                 // Without BTF bpftool prints the key as little-endian hex bytes.
                 Value::Array(bytes) => bytes.iter().rev().fold(0u64, |acc, b| {
-                    (acc << 8) | u64::from_str_radix(b.as_str().unwrap_or("0").trim_start_matches("0x"), 16).expect("hex byte")
+                    (acc << 8)
+                        | u64::from_str_radix(
+                            b.as_str().unwrap_or("0").trim_start_matches("0x"),
+                            16,
+                        )
+                        .expect("hex byte")
                 }),
                 other => panic!("unexpected rdr_enabled key {other}"),
             })
@@ -185,20 +282,31 @@ impl K8s {
                 return start.elapsed();
             }
             if start.elapsed() > WAIT {
-                panic!("timed out after {WAIT:?} waiting for {what}; enabled={:?}\ndaemon log:\n{}", self.enabled_ids(), self.log());
+                panic!(
+                    "timed out after {WAIT:?} waiting for {what}; enabled={:?}\ndaemon log:\n{}",
+                    self.enabled_ids(),
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     fn wait_enabled(&self, pod: &str, want: bool) -> Duration {
-        self.wait(&format!("{pod} {}", if want { "enabled" } else { "disabled" }), |k| k.is_enabled(pod) == want)
+        self.wait(
+            &format!("{pod} {}", if want { "enabled" } else { "disabled" }),
+            |k| k.is_enabled(pod) == want,
+        )
     }
 
     /// One `curl` to the target from app container 0 of `pod` (like `kubectl exec`).
     fn curl(&self, pod: &str) -> Outcome {
         let p = self.node.pod(&self.uid(pod));
-        let o = p.exec_cmd(0, "curl").args(curl_args(self.target)).output().expect("curl");
+        let o = p
+            .exec_cmd(0, "curl")
+            .args(curl_args(self.target))
+            .output()
+            .expect("curl");
         classify(&o, self.target)
     }
 
@@ -206,14 +314,38 @@ impl K8s {
         self.lab().metric(series)
     }
 
+    /// Waits (bounded) for a gauge to reach `want` (the daemon updates its gauges at the end
+    /// of a reconcile pass, just after the map).
+    fn wait_metric(&self, series: &str, want: f64) {
+        self.wait(&format!("{series} == {want}"), |k| k.metric(series) == want);
+    }
+
     /// Audit lines of redirected connections from `workload` (`ns/name`) to the target.
     fn audit_lines(&self, workload: &str) -> Vec<String> {
         let dst = format!("orig_dst={}:80", self.target);
         self.log()
             .lines()
-            .filter(|l| l.contains(" audit ") && l.contains(&format!("workload={workload} ")) && l.contains(&dst))
+            .filter(|l| {
+                l.contains(" audit ")
+                    && l.contains(&format!("workload={workload} "))
+                    && l.contains(&dst)
+            })
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Listening sockets on the proxy port (15001) inside `pod`'s netns.
+    fn proxy_sockets(&self, pod: &str) -> usize {
+        let p = self.node.pod(&self.uid(pod));
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &p.netns, "ss", "-Hltn", "sport = :15001"])
+            .output()
+            .expect("ss");
+        assert!(o.status.success(), "ss: {}", out(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
     }
 
     /// The daemon's open file descriptors (their link targets).
@@ -221,7 +353,11 @@ impl K8s {
         let mut v: Vec<String> = fs::read_dir(format!("/proc/{}/fd", self.daemon_pid()))
             .expect("daemon fd dir")
             .flatten()
-            .map(|e| fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into()))
+            .map(|e| {
+                fs::read_link(e.path())
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "?".into())
+            })
             .collect();
         v.sort();
         v
@@ -229,7 +365,11 @@ impl K8s {
 }
 
 fn curl_args(target: Ipv4Addr) -> Vec<String> {
-    ["-sS", "-v", "--max-time", "5"].iter().map(|s| s.to_string()).chain([format!("http://{target}/")]).collect()
+    ["-sS", "-v", "--max-time", "5"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("http://{target}/")])
+        .collect()
 }
 
 fn classify(o: &Output, target: Ipv4Addr) -> Outcome {
@@ -267,9 +407,19 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
     let took = k.wait_enabled("apps/web", true);
     eprintln!("namespace labeled -> pod cgroup enabled after {took:?}");
     assert_eq!(k.curl("apps/web"), Outcome::Redirected, "log:\n{}", k.log());
-    assert_eq!(k.audit_lines("apps/web").len(), 1, "one audit line naming the pod:\n{}", k.log());
-    assert_eq!(k.metric("redirector_listeners"), 1.0);
-    assert_eq!(k.metric("redirector_enabled_cgroups"), 1.0);
+    assert_eq!(
+        k.audit_lines("apps/web").len(),
+        1,
+        "one audit line naming the pod:\n{}",
+        k.log()
+    );
+    k.wait_metric("redirector_listeners", 1.0);
+    k.wait_metric("redirector_enabled_cgroups", 1.0);
+    assert_eq!(
+        k.proxy_sockets("apps/web"),
+        2,
+        "127.0.0.1:15001 and [::1]:15001 listen in the pod netns"
+    );
     // The id in the map is the pod cgroup's, not a container's.
     let id = k.node.pod(&k.uid("apps/web")).cgroup_id();
     assert_eq!(k.enabled_ids(), BTreeSet::from([id]));
@@ -277,10 +427,23 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
     k.api.label_namespace("apps", LABEL, None);
     k.wait_enabled("apps/web", false);
     assert!(k.enabled_ids().is_empty(), "{:?}", k.enabled_ids());
-    assert_eq!(k.curl("apps/web"), Outcome::NoRoute, "unlabeled namespace: direct again");
-    k.wait("the pod's listener to close", |k| k.metric("redirector_listeners") == 0.0);
-    assert_eq!(k.metric("redirector_enabled_cgroups"), 0.0);
-    assert_eq!(k.audit_lines("apps/web").len(), 1, "nothing more went through the proxy");
+    assert_eq!(
+        k.curl("apps/web"),
+        Outcome::NoRoute,
+        "unlabeled namespace: direct again"
+    );
+    k.wait("the pod's listener to close", |k| {
+        k.metric("redirector_listeners") == 0.0
+    });
+    k.wait("no proxy socket left in the pod netns", |k| {
+        k.proxy_sockets("apps/web") == 0
+    });
+    k.wait_metric("redirector_enabled_cgroups", 0.0);
+    assert_eq!(
+        k.audit_lines("apps/web").len(),
+        1,
+        "nothing more went through the proxy"
+    );
 
     // And back: label again, redirected again, without restarting anything.
     k.api.label_namespace("apps", LABEL, Some("true"));
@@ -300,9 +463,9 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
 ///
 /// The same sequence with no gap at all (app started the moment the pause process is in its
 /// cgroup) is measured and printed, not asserted: whether it wins the race against the
-/// daemon's cgroup polling is timing. What is asserted there is the safety property: the
-/// first connection is either redirected or fails with no route, never refused by a
-/// half-set-up redirect and never anything else.
+/// daemon's cgroup watch (inotify wake-up, listener bind, map update) is timing. What is
+/// asserted there is the safety property: the first connection is either redirected or fails
+/// with no route, never refused by a half-set-up redirect and never anything else.
 #[test]
 fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
     if !privileged("pod_created_in_labeled_namespace_has_first_connection_redirected") {
@@ -328,24 +491,42 @@ fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
         let gap = sandbox_up.elapsed();
         // StartContainer: a new container cgroup; the app connects immediately.
         let target = k.target;
-        let o = k.node.pod_mut(&uid).container_cmd("curl").args(curl_args(target)).output().expect("curl");
+        let o = k
+            .node
+            .pod_mut(&uid)
+            .container_cmd("curl")
+            .args(curl_args(target))
+            .output()
+            .expect("curl");
         k.api.set_pod_phase("apps", name, "Running");
         (classify(&o, target), gap)
     };
 
     let (first, gap) = run(&mut k, "first", true);
     eprintln!("sandbox up -> pod enabled by the daemon after {gap:?}");
-    assert_eq!(first, Outcome::Redirected, "the first connection of the first container; log:\n{}", k.log());
+    assert_eq!(
+        first,
+        Outcome::Redirected,
+        "the first connection of the first container; log:\n{}",
+        k.log()
+    );
     assert_eq!(k.audit_lines("apps/first").len(), 1, "{}", k.log());
 
     // No gap at all: measured, reported, safety asserted.
     let mut results = Vec::new();
     for i in 0..5 {
         let (o, _) = run(&mut k, &format!("eager{i}"), false);
-        assert!(matches!(o, Outcome::Redirected | Outcome::NoRoute), "eager{i}: {o:?}\nlog:\n{}", k.log());
+        assert!(
+            matches!(o, Outcome::Redirected | Outcome::NoRoute),
+            "eager{i}: {o:?}\nlog:\n{}",
+            k.log()
+        );
         results.push(o);
     }
-    let won = results.iter().filter(|o| **o == Outcome::Redirected).count();
+    let won = results
+        .iter()
+        .filter(|o| **o == Outcome::Redirected)
+        .count();
     eprintln!(
         "FINDING(timing): app container started with no gap after the pause process: {won}/5 first connections redirected \
          (the rest went direct and failed with no route): {results:?}"
@@ -373,7 +554,8 @@ fn unlabeled_namespace_opted_out_and_foreign_pods_are_untouched() {
     // A pod scheduled to another node whose UID-named cgroup exists here anyway: the daemon
     // follows only pods with spec.nodeName = NODE_NAME.
     let foreign = k.fresh_uid();
-    k.api.create_pod("apps", "foreign", &foreign, "worker-2", &[], "Burstable");
+    k.api
+        .create_pod("apps", "foreign", &foreign, "worker-2", &[], "Burstable");
     k.node.add_pod(&foreign, Qos::Burstable, Driver::Systemd);
     k.node.pod_mut(&foreign).create_container();
     k.uids.insert("apps/foreign".into(), foreign);
@@ -385,11 +567,18 @@ fn unlabeled_namespace_opted_out_and_foreign_pods_are_untouched() {
     for pod in ["plain/u", "apps/out", "apps/foreign"] {
         assert!(!k.is_enabled(pod), "{pod} enabled");
         assert_eq!(k.curl(pod), Outcome::NoRoute, "{pod}");
-        assert!(k.audit_lines(pod).is_empty(), "{pod} went through the proxy");
-        assert!(!k.log().contains(&format!("pod={pod} ")), "daemon enabled {pod}:\n{}", k.log());
+        assert!(
+            k.audit_lines(pod).is_empty(),
+            "{pod} went through the proxy"
+        );
+        assert!(
+            !k.log().contains(&format!("pod={pod} ")),
+            "daemon enabled {pod}:\n{}",
+            k.log()
+        );
     }
     assert_eq!(k.enabled_ids().len(), 1);
-    assert_eq!(k.metric("redirector_listeners"), 1.0);
+    k.wait_metric("redirector_listeners", 1.0);
 
     // Opting the running control pod out takes it out; removing the opt-out brings it back.
     k.api.label_pod("apps", "control", LABEL, Some("false"));
@@ -440,18 +629,35 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn the connection loop");
-    let mut looper = Proc { name: "steady-loop".into(), child, log: loop_log.clone() };
-    let attempts = |log: &PathBuf| -> Vec<String> {
-        fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.starts_with("attempt:")).map(str::to_owned).collect()
+    let mut looper = Proc {
+        name: "steady-loop".into(),
+        child,
+        log: loop_log.clone(),
     };
-    k.wait("the connection loop to get going", |_| attempts(&loop_log).len() >= 3);
+    let attempts = |log: &PathBuf| -> Vec<String> {
+        fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("attempt:"))
+            .map(str::to_owned)
+            .collect()
+    };
+    k.wait("the connection loop to get going", |_| {
+        attempts(&loop_log).len() >= 3
+    });
     let mut steady_missing = 0;
 
     // Fault 1: every watch stream ends (API server restart, idle LB timeout). The watcher
     // resumes from its last resource version; a pod created right away is picked up.
     let s0 = k.api.stats();
     k.api.drop_watches();
-    k.add_pod("apps", "born-during-drop", &[], Qos::Burstable, Driver::Systemd);
+    k.add_pod(
+        "apps",
+        "born-during-drop",
+        &[],
+        Qos::Burstable,
+        Driver::Systemd,
+    );
     k.rt.block_on(k.api.wait_stats("watches re-opened", |s| {
         s.watches(Resource::Pods) > s0.watches(Resource::Pods)
             && s.watches(Resource::Namespaces) > s0.watches(Resource::Namespaces)
@@ -467,8 +673,19 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
     let s1 = k.api.stats();
     k.api.set_unavailable(true);
     k.api.drop_watches();
-    k.rt.block_on(k.api.wait_stats("the daemon to hit the unavailable API", |s| s.refused >= s1.refused + 2));
-    k.add_pod("apps", "born-while-down", &[], Qos::BestEffort, Driver::Cgroupfs);
+    k.rt.block_on(
+        k.api
+            .wait_stats("the daemon to hit the unavailable API", |s| {
+                s.refused >= s1.refused + 2
+            }),
+    );
+    k.add_pod(
+        "apps",
+        "born-while-down",
+        &[],
+        Qos::BestEffort,
+        Driver::Cgroupfs,
+    );
     k.api.label_namespace("more", LABEL, Some("true"));
     k.api.label_pod("apps", "optout", LABEL, Some("false"));
     let leaving_id = k.node.pod(&k.uid("apps/leaving")).cgroup_id();
@@ -476,7 +693,10 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
     k.api.expire_resource_versions();
     // Nothing was lost while the API was away.
     steady_missing += usize::from(!k.enabled_ids().contains(&steady_id));
-    assert!(k.is_enabled("apps/optout"), "a change the daemon cannot have seen yet took effect");
+    assert!(
+        k.is_enabled("apps/optout"),
+        "a change the daemon cannot have seen yet took effect"
+    );
     k.api.set_unavailable(false);
     k.rt.block_on(k.api.wait_stats("410 and re-list", |s| {
         s.gone > s1.gone
@@ -488,9 +708,16 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
     k.wait_enabled("apps/born-while-down", true);
     k.wait_enabled("more/late", true);
     k.wait_enabled("apps/optout", false);
-    k.wait("the pod deleted while the API was away to leave rdr_enabled", |k| !k.enabled_ids().contains(&leaving_id));
+    k.wait(
+        "the pod deleted while the API was away to leave rdr_enabled",
+        |k| !k.enabled_ids().contains(&leaving_id),
+    );
     steady_missing += usize::from(!k.enabled_ids().contains(&steady_id));
-    assert!(k.log().contains("kubernetes watch expired, re-listing"), "{}", k.log());
+    assert!(
+        k.log().contains("kubernetes watch expired, re-listing"),
+        "{}",
+        k.log()
+    );
     for p in ["apps/born-while-down", "more/late"] {
         assert_eq!(k.curl(p), Outcome::Redirected, "{p}");
     }
@@ -498,15 +725,37 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
 
     // Stop the loop and judge every attempt.
     let before = attempts(&loop_log).len();
-    k.wait("two more loop attempts after recovery", |_| attempts(&loop_log).len() >= before + 2);
+    k.wait("two more loop attempts after recovery", |_| {
+        attempts(&loop_log).len() >= before + 2
+    });
     fs::write(&stop, "").expect("stop file");
-    looper.wait_timeout(Duration::from_secs(10)).expect("connection loop stopped");
+    looper
+        .wait_timeout(Duration::from_secs(10))
+        .expect("connection loop stopped");
     let all = attempts(&loop_log);
-    let bad: Vec<&String> = all.iter().filter(|l| !l.contains(&format!("local={}:80 peer={NODE_V4}:", k.target))).collect();
-    eprintln!("steady pod: {} attempts during the faults, {} not redirected", all.len(), bad.len());
-    assert!(bad.is_empty(), "the steady pod lost its redirect during the faults: {bad:?}\nlog:\n{}", k.log());
-    assert_eq!(steady_missing, 0, "the steady pod's cgroup id left rdr_enabled during a fault");
-    assert_eq!(k.audit_lines("apps/steady").len(), all.len(), "one audit line per attempt");
+    let bad: Vec<&String> = all
+        .iter()
+        .filter(|l| !l.contains(&format!("local={}:80 peer={NODE_V4}:", k.target)))
+        .collect();
+    eprintln!(
+        "steady pod: {} attempts during the faults, {} not redirected",
+        all.len(),
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "the steady pod lost its redirect during the faults: {bad:?}\nlog:\n{}",
+        k.log()
+    );
+    assert_eq!(
+        steady_missing, 0,
+        "the steady pod's cgroup id left rdr_enabled during a fault"
+    );
+    assert_eq!(
+        k.audit_lines("apps/steady").len(),
+        all.len(),
+        "one audit line per attempt"
+    );
 }
 
 /// 5. Both cgroup drivers and every QoS class are found (one pod each).
@@ -536,21 +785,28 @@ fn both_cgroup_drivers_and_all_qos_classes_are_found() {
     for (driver, qos, name) in table {
         let pod = format!("apps/{name}");
         k.wait_enabled(&pod, true);
-        assert_eq!(k.curl(&pod), Outcome::Redirected, "{driver:?} {qos:?}\nlog:\n{}", k.log());
+        assert_eq!(
+            k.curl(&pod),
+            Outcome::Redirected,
+            "{driver:?} {qos:?}\nlog:\n{}",
+            k.log()
+        );
         assert_eq!(k.audit_lines(&pod).len(), 1, "{pod}");
         let p = k.node.pod(&k.uid(&pod));
         ids.insert(p.cgroup_id());
         // The daemon names the cgroup it found: the pod cgroup in the kubelet's layout.
         assert!(
-            k.log().lines().any(|l| l.contains("workload enabled") && l.contains(&format!("workload={pod} ")) && l.contains(&format!("cgroup={} ", p.cgroup.display()))),
+            k.log().lines().any(|l| l.contains("workload enabled")
+                && l.contains(&format!("workload={pod} "))
+                && l.contains(&format!("cgroup={} ", p.cgroup.display()))),
             "{pod}: no 'workload enabled' line for {}\n{}",
             p.cgroup.display(),
             k.log()
         );
     }
     assert_eq!(k.enabled_ids(), ids, "exactly the six pod cgroups");
-    assert_eq!(k.metric("redirector_listeners"), 6.0);
-    assert_eq!(k.metric("redirector_enabled_cgroups"), 6.0);
+    k.wait_metric("redirector_listeners", 6.0);
+    k.wait_metric("redirector_enabled_cgroups", 6.0);
 }
 
 /// 6. A deleted pod leaves `rdr_enabled` and its listener closes; 200 create/delete cycles
@@ -573,9 +829,13 @@ fn pod_deletion_cleans_up_and_200_cycles_leak_nothing() {
     k.wait("two listeners", |k| k.metric("redirector_listeners") == 2.0);
     let once_id = k.node.pod(&k.uid("apps/once")).cgroup_id();
     k.delete_pod("apps/once");
-    k.wait("the deleted pod's cgroup id to leave rdr_enabled", |k| !k.enabled_ids().contains(&once_id));
-    k.wait("its listener to close", |k| k.metric("redirector_listeners") == 1.0);
-    assert_eq!(k.metric("redirector_enabled_cgroups"), 1.0);
+    k.wait("the deleted pod's cgroup id to leave rdr_enabled", |k| {
+        !k.enabled_ids().contains(&once_id)
+    });
+    k.wait("its listener to close", |k| {
+        k.metric("redirector_listeners") == 1.0
+    });
+    k.wait_metric("redirector_enabled_cgroups", 1.0);
 
     // Baseline once the daemon is quiet: same descriptors twice in a row, 300 ms apart.
     let quiet_fds = |k: &K8s| -> Vec<String> {
@@ -592,7 +852,11 @@ fn pod_deletion_cleans_up_and_200_cycles_leak_nothing() {
     };
     let base_ids = k.enabled_ids();
     let base_fds = quiet_fds(&k);
-    eprintln!("baseline: {} map entries, {} daemon fds", base_ids.len(), base_fds.len());
+    eprintln!(
+        "baseline: {} map entries, {} daemon fds",
+        base_ids.len(),
+        base_fds.len()
+    );
 
     // 200 cycles, 10 pods at a time: create (API, cgroup, sandbox), wait until enabled,
     // delete (node, then API). Every 50th pod also makes a connection.
@@ -619,15 +883,106 @@ fn pod_deletion_cleans_up_and_200_cycles_leak_nothing() {
     }
     eprintln!("{cycles} create/delete cycles took {:?}", started.elapsed());
 
-    k.wait("rdr_enabled back to the baseline", |k| k.enabled_ids() == base_ids);
-    k.wait("listeners back to one", |k| k.metric("redirector_listeners") == 1.0);
-    assert_eq!(k.metric("redirector_enabled_cgroups"), 1.0);
+    k.wait("rdr_enabled back to the baseline", |k| {
+        k.enabled_ids() == base_ids
+    });
+    k.wait("listeners back to one", |k| {
+        k.metric("redirector_listeners") == 1.0
+    });
+    k.wait_metric("redirector_enabled_cgroups", 1.0);
     let end = Instant::now() + WAIT;
     let mut fds = k.daemon_fds();
     while fds != base_fds && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(100));
         fds = k.daemon_fds();
     }
-    assert_eq!(fds.len(), base_fds.len(), "daemon fds changed after {cycles} cycles:\nbefore: {base_fds:?}\nafter: {fds:?}");
-    assert_eq!(k.curl("apps/steady"), Outcome::Redirected, "the steady pod still works");
+    assert_eq!(
+        fds.len(),
+        base_fds.len(),
+        "daemon fds changed after {cycles} cycles:\nbefore: {base_fds:?}\nafter: {fds:?}"
+    );
+    assert_eq!(
+        k.curl("apps/steady"),
+        Outcome::Redirected,
+        "the steady pod still works"
+    );
+}
+
+/// The daemon started exactly as `deploy/base/daemonset.yaml` and README.md start it: a bare
+/// `--kubernetes` flag (DESIGN.md §4), no value.
+#[test]
+fn bare_kubernetes_flag_starts_the_daemon() {
+    if !privileged("bare_kubernetes_flag_starts_the_daemon") {
+        return;
+    }
+    let mut k = K8s::new(7);
+    k.api.create_namespace("apps", ON);
+    k.add_pod("apps", "web", &[], Qos::Burstable, Driver::Systemd);
+    k.start_daemon_with("--kubernetes");
+    k.wait_enabled("apps/web", true);
+    assert_eq!(k.curl("apps/web"), Outcome::Redirected);
+}
+
+/// A node with nothing to enable (no labeled namespace with pods here) is a healthy node:
+/// `/readyz` must say ready once the daemon has listed the API, or a DaemonSet rollout with
+/// `maxUnavailable: 0` stalls on the first such node.
+#[test]
+fn daemon_with_nothing_to_enable_is_ready() {
+    if !privileged("daemon_with_nothing_to_enable_is_ready") {
+        return;
+    }
+    let mut k = K8s::new(8);
+    k.api.create_namespace("apps", &[]);
+    k.add_pod("apps", "web", &[], Qos::Burstable, Driver::Systemd);
+    k.start_daemon();
+    // Both lists are in (start_daemon waited for the watches); nothing is to be enabled.
+    let waited = Instant::now();
+    while !matches!(k.readyz(), Some((200, _))) && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        k.readyz().map(|r| r.0),
+        Some(200),
+        "not ready 10 s after the initial lists with an empty desired set: {:?}\nlog:\n{}",
+        k.readyz(),
+        k.log()
+    );
+}
+
+/// The namespace is unlabeled while the daemon is down (rolling update, crash); the restarted
+/// daemon adopts the pinned maps and must take the pod out, not leave it enabled with no
+/// listener (its connections would be refused: neither redirected nor direct).
+#[test]
+fn restarted_daemon_drops_pods_unlabeled_while_it_was_down() {
+    if !privileged("restarted_daemon_drops_pods_unlabeled_while_it_was_down") {
+        return;
+    }
+    let mut k = K8s::new(9);
+    k.api.create_namespace("apps", ON);
+    k.add_pod("apps", "web", &[], Qos::Burstable, Driver::Systemd);
+    k.start_daemon();
+    k.wait_enabled("apps/web", true);
+    assert_eq!(k.curl("apps/web"), Outcome::Redirected);
+
+    k.stop_daemon();
+    assert!(
+        k.is_enabled("apps/web"),
+        "pins keep the pod enabled while the daemon is down (fail closed)"
+    );
+    k.api.label_namespace("apps", LABEL, None);
+    k.start_daemon();
+    let waited = Instant::now();
+    while k.is_enabled("apps/web") && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let outcome = k.curl("apps/web");
+    assert!(
+        !k.is_enabled("apps/web"),
+        "the restarted daemon left the unlabeled pod enabled 10 s after listing the API \
+         (listeners={}, readyz={:?}); the pod's connections now get: {outcome:?}\nlog:\n{}",
+        k.metric("redirector_listeners"),
+        k.readyz(),
+        k.log()
+    );
+    assert_eq!(outcome, Outcome::NoRoute);
 }
