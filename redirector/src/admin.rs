@@ -163,11 +163,10 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
         "/metrics" => {
-            if let Ok(maps) = admin.shared.maps.lock() {
-                if let Ok(c) = maps.counters() {
+            if let Ok(maps) = admin.shared.maps.lock()
+                && let Ok(c) = maps.counters() {
                     admin.shared.metrics.set_ebpf(&c);
                 }
-            }
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &admin.registry) {
                 Ok(()) => Response::builder()

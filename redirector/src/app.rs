@@ -354,11 +354,10 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
                 }
             }
             if nss.is_empty() {
-                if !already {
-                    if waiting_logged.insert(w.key.clone()) {
+                if !already
+                    && waiting_logged.insert(w.key.clone()) {
                         info!(workload = %w.label, cgroup = %cg.display(), "cgroup has no process yet; enabling it once its network namespace is known");
                     }
-                }
                 continue;
             }
             let mut ok = true;

@@ -380,13 +380,11 @@ pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -
     }
     // Safety: the proxy never dials link-local / metadata / loopback / the node itself on a
     // pod's behalf (that would lend the pod the node's identity), unless explicitly allowed.
-    if d.route == Some(Route::Direct) {
-        if let Some(why) = forbidden_direct(dst, p.node_addrs) {
-            if !p.allow_dial.iter().any(|n| n.contains(&dst)) {
+    if d.route == Some(Route::Direct)
+        && let Some(why) = forbidden_direct(dst, p.node_addrs)
+            && !p.allow_dial.iter().any(|n| n.contains(&dst)) {
                 return Decision { route: None, rule: format!("safety:{why} ({})", d.rule), by_name: false };
             }
-        }
-    }
     d
 }
 
@@ -418,13 +416,11 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 /// `::ffff:a.b.c.d/(96+n)` becomes `a.b.c.d/n`, so v4 and v4-mapped rules are one rule.
 pub fn canonical_net(n: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = n {
-        if let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96) {
-            if let Ok(net) = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96) {
+    if let IpNet::V6(v6) = n
+        && let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96)
+            && let Ok(net) = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96) {
                 return net;
             }
-        }
-    }
     n.trunc()
 }
 

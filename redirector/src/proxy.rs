@@ -309,12 +309,11 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
         );
     }
     let _conn = ConnGuard { shared: &shared, id };
-    if !peeked.bytes.is_empty() {
-        if let Err(e) = upstream.write_all(&peeked.bytes).await {
+    if !peeked.bytes.is_empty()
+        && let Err(e) = upstream.write_all(&peeked.bytes).await {
             refuse(&shared, &audit, "upstream", "write_error", &e.to_string());
             return;
         }
-    }
     audit.tx = peeked.bytes.len() as u64;
     let _ = client.set_nodelay(true);
 

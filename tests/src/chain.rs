@@ -173,12 +173,14 @@ impl Chain {
             self.ca_pem.display().to_string(),
             "--sniff-timeout".into(),
             "0.3".into(),
+            // Generous enough for a loaded 2-core CI machine running tests in parallel;
+            // the timeout tests still finish well inside curl's own --max-time.
             "--connect-timeout".into(),
-            "2".into(),
+            "5".into(),
             "--tls-timeout".into(),
-            "2".into(),
+            "5".into(),
             "--connect-response-timeout".into(),
-            "2".into(),
+            "5".into(),
         ];
         match &self.squid {
             Some(s) => f.extend(["--proxy-https".into(), format!("http://{PROXY_USER}:{password}@{}", s.addr())]),

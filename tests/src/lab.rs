@@ -172,6 +172,7 @@ pub struct Lab {
 
 impl Lab {
     /// Creates the node namespace, the bridge, a private cgroup2 mount and a pin directory.
+    #[expect(clippy::new_without_default, reason = "creating a lab has side effects (namespaces, mounts); Default would hide them")]
     pub fn new() -> Lab {
         ensure_bpffs();
         let id = format!("r{:x}{}", std::process::id() & 0xfff, COUNTER.fetch_add(1, Ordering::SeqCst));

@@ -91,7 +91,7 @@ fn every_route_and_refusal_has_an_audit_line_and_metric_delta() {
         assert!(!gw[f].is_null(), "audit record lacks {f}: {gw}");
     }
     assert_eq!(gw["hops"], "proxy=200,gateway=200");
-    assert!(gw["bytes_rx"].as_u64().unwrap() > 0 && gw["close"] == "eof", "{gw}");
+    assert!(gw["bytes_rx"].as_u64().unwrap() > 0 && gw["close"] == "eof", "plain HTTP closes cleanly: {gw}");
     assert!(gw["workload"].as_str().unwrap().ends_with("/pod1"), "{gw}");
     let px = find(&|v| v["host"] == "kv1.vault.azure.test");
     assert_eq!((px["route"].as_str(), px["hops"].as_str()), (Some("proxy"), Some("proxy=200")), "{px}");
@@ -104,9 +104,11 @@ fn every_route_and_refusal_has_an_audit_line_and_metric_delta() {
     assert_eq!((safety["kind"].as_str(), safety["level"].as_str()), (Some("safety"), Some("WARN")), "{safety}");
 
     // Metric deltas (from zero at start).
-    assert_eq!(m(&conn("gateway", "ok")), 2.0);
-    assert_eq!(m(&conn("proxy", "ok")), 1.0);
-    assert_eq!(m(&conn("direct", "ok")), 1.0);
+    // A TLS client may close with unread bytes in flight (a reset on the way back): that
+    // connection is counted as relay_error, not ok. Either way both were relayed.
+    assert_eq!(m(&conn("gateway", "ok")) + m(&conn("gateway", "relay_error")), 2.0);
+    assert_eq!(m(&conn("proxy", "ok")) + m(&conn("proxy", "relay_error")), 1.0);
+    assert_eq!(m(&conn("direct", "ok")) + m(&conn("direct", "relay_error")), 1.0);
     assert_eq!(m(&conn("gateway", "refused")), 1.0);
     assert_eq!(m(&conn("direct", "refused")), 1.0);
     assert_eq!(m("redirector_tunnel_failures_total{hop=\"gateway\",kind=\"refused\"}"), 1.0);

@@ -20,7 +20,7 @@ const TARGETS: [&str; 3] = ["skip_ranges", "routes", "sniff"];
 
 pub fn run(a: FuzzArgs) -> anyhow::Result<()> {
     setup::run()?;
-    if !exec::output(Command::new("cargo").args(["fuzz", "--version"])).is_ok() {
+    if exec::output(Command::new("cargo").args(["fuzz", "--version"])).is_err() {
         println!("fuzz: installing cargo-fuzz (runs libFuzzer targets)");
         exec::run(exec::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }

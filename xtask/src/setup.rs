@@ -55,11 +55,10 @@ fn bpf_linker() -> anyhow::Result<()> {
     // bpf-linker links the toolchain's libLLVM dynamically; rustc provides the library path
     // when it runs the linker, so the version check does the same.
     let have = Command::new("bpf-linker").arg("--version").env("LD_LIBRARY_PATH", &lib).output().ok().filter(|o| o.status.success());
-    if let Some(o) = have {
-        if String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION) {
+    if let Some(o) = have
+        && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION) {
             return Ok(());
         }
-    }
     println!("setup: building bpf-linker {BPF_LINKER_VERSION} against {EBPF_TOOLCHAIN}'s own LLVM {major} (links the eBPF object; takes a few minutes once)");
     let llvm = std::fs::read_dir(&lib)
         .with_context(|| format!("reading {}", lib.display()))?
