@@ -250,6 +250,8 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     let decision = policy::decide(&input, orig.ip(), orig.port(), audit.host.as_deref());
     audit.rule = decision.rule;
     let Some(route) = decision.route else {
+        // The safety rules only ever refuse a direct dial.
+        audit.route = Route::Direct;
         warn!(orig_dst = %orig, rule = %audit.rule, "security: refusing to dial this address directly on a pod's behalf (allow it with allow-dial)");
         reset(client);
         refuse(&shared, &audit, "internal", "safety", "destination may not be dialed directly");

@@ -79,9 +79,10 @@ fn every_route_and_refusal_has_an_audit_line_and_metric_delta() {
     assert!(curl(&c, "https://portal.azure.test/d").status.success());
     // Refusals: the gateway says 403; a safety rule; a connection with no record.
     assert!(!curl(&c, "https://denied.example.test/").status.success());
-    let o = py(&c, "import socket\ns=socket.create_connection(('169.254.169.254', 80), 5)\ntry:\n  s.recv(1)\nexcept OSError:\n  pass");
+    // (On loopback the reset may arrive before connect() returns: both are fine.)
+    let o = py(&c, "import socket\ntry:\n  s=socket.create_connection(('169.254.169.254', 80), 5)\n  s.recv(1)\nexcept OSError:\n  pass");
     assert!(o.status.success(), "{}", out(&o));
-    let o = py(&c, "import socket\ns=socket.create_connection(('127.0.0.1', 15001), 5)\ntry:\n  s.recv(1)\nexcept OSError:\n  pass");
+    let o = py(&c, "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', 15001), 5)\n  s.recv(1)\nexcept OSError:\n  pass");
     assert!(o.status.success(), "{}", out(&o));
 
     let a = wait_audits(&c, 6);

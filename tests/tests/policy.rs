@@ -120,7 +120,7 @@ fn direct_by_name_only_when_the_ip_belongs_to_the_name() {
     assert!(audit.contains("route=gateway") && audit.contains("name/ip mismatch"), "{audit}");
     assert!(c.gateway_log().contains("tunnel CONNECT portal.azure.test:443 -> 200"), "{}", c.gateway_log());
     // A route that would dial the metadata address directly is refused, not followed.
-    let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ns = socket.create_connection(('169.254.169.254', 80), 5)\ns.settimeout(5)\ntry:\n  print('data' if s.recv(10) else 'eof')\nexcept ConnectionResetError:\n  print('reset')"]).output().unwrap();
+    let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ntry:\n  s = socket.create_connection(('169.254.169.254', 80), 5)\n  s.settimeout(5)\n  print('data' if s.recv(10) else 'eof')\nexcept ConnectionResetError:\n  print('reset')"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "reset", "{}", out(&o));
     let log = c.daemon_log();
     assert!(log.contains("security: refusing to dial this address directly"), "{log}");
