@@ -106,6 +106,9 @@ fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     // A restarted daemon must be able to bind while old connections sit in TIME_WAIT.
     set(libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
+    // During a rolling update (maxSurge) the new daemon binds next to the old one; both
+    // serve from the same pinned maps, so whichever accepts finds the original destination.
+    set(libc::SOL_SOCKET, libc::SO_REUSEPORT)?;
     if addr.is_ipv6() {
         set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
     }
