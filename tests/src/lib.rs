@@ -4,6 +4,21 @@
 //! hierarchy, a bpffs pin directory, processes) is owned by a guard and torn down in `Drop`,
 //! which also runs when the test panics.
 pub mod lab;
+
+/// One-line description of a finished command for assertion messages.
+pub fn describe(o: &std::process::Output) -> String {
+    format!(
+        "status={} stdout={} stderr={}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Privileged and Squid prerequisites both present (see [`priv_check::privileged`]).
+pub fn ready_with_squid(test: &str) -> bool {
+    priv_check::privileged(test) && squid::available(test, &[])
+}
 pub mod priv_check;
 pub mod pki;
 pub mod squid;

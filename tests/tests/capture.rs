@@ -3,6 +3,7 @@
 //! Each test builds its own closed network (see `tests::lab`), runs the real redirector
 //! binary in the node namespace, and drives real clients (curl, python3) inside pods that
 //! have no route to the internet hosts. No proxy variable is set anywhere.
+use tests::describe as out;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
@@ -14,14 +15,6 @@ use tests::{
     priv_check::privileged,
 };
 
-fn out(o: &Output) -> String {
-    format!(
-        "status={} stdout={} stderr={}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -1,6 +1,8 @@
 //! Privileged end-to-end tests of the operator commands (issue 6, item 4): `redirector
 //! status`, `redirector check` and `redirector explain`, run in the lab's node namespace
 //! against a real chain (Squid with Basic auth, the gateway simulator, the daemon).
+use tests::describe as out;
+use tests::ready_with_squid as ready;
 use std::{
     path::Path,
     process::{Command, Output},
@@ -10,21 +12,9 @@ use std::{
 use tests::{
     chain::{Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD},
     lab::{ADMIN, workspace_bin},
-    priv_check::privileged,
 };
 
-fn ready(test: &str) -> bool {
-    privileged(test) && tests::squid::available(test, &[])
-}
 
-fn out(o: &Output) -> String {
-    format!(
-        "status={} stdout={} stderr={}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

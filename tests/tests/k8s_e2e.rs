@@ -12,6 +12,7 @@
 //! through the redirector (the target reports the node, 203.0.113.1, as its peer) or fails at
 //! once with "Network is unreachable". Clients are real `curl` processes in the pod's netns
 //! and in an app container cgroup, with no proxy variable.
+use tests::describe as out;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -49,14 +50,6 @@ enum Outcome {
     Failed(String),
 }
 
-fn out(o: &Output) -> String {
-    format!(
-        "status={} stdout={} stderr={}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A closed lab + kubelet stand-in + API stand-in (+ the daemon once started).
 /// Field order is drop order: pods and the lab (daemon included) first, then the API, then

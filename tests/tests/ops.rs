@@ -1,20 +1,13 @@
 //! Privileged end-to-end tests of operations (issue: operations): audit lines and metric
 //! deltas for every route and refusal kind, JSON logs, the eBPF programs' debug messages,
 //! runtime log-level change and the live connection list.
+use tests::describe as out;
+use tests::ready_with_squid as ready;
 use std::{net::IpAddr, process::Output, time::Duration};
 
-use tests::{
-    chain::{Chain, Gateway, TARGETS},
-    priv_check::privileged,
-};
+use tests::chain::{Chain, Gateway, TARGETS};
 
-fn out(o: &Output) -> String {
-    format!("status={} stdout={} stderr={}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
-fn ready(test: &str) -> bool {
-    privileged(test) && tests::squid::available(test, &[])
-}
 
 const CONFIG: &str = "routes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n";
 

@@ -1,20 +1,13 @@
 //! Privileged end-to-end tests of routing policy and configuration (issue: routing policy):
 //! kernel skip ranges, `proxy` and `direct` routes from a config file, the name/IP check
 //! for `direct`, the metadata safety rule, and live reload.
+use tests::describe as out;
+use tests::ready_with_squid as ready;
 use std::{net::IpAddr, path::PathBuf, process::Output, time::Duration};
 
-use tests::{
-    chain::{Chain, Gateway, TARGETS},
-    priv_check::privileged,
-};
+use tests::chain::{Chain, Gateway, TARGETS};
 
-fn out(o: &Output) -> String {
-    format!("status={} stdout={} stderr={}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
 
-fn ready(test: &str) -> bool {
-    privileged(test) && tests::squid::available(test, &[])
-}
 
 fn curl(c: &Chain, args: &[&str]) -> Output {
     let ca = c.ca_pem.display().to_string();

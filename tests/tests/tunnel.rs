@@ -1,29 +1,17 @@
 //! Privileged end-to-end tests of the gateway tunnel (issue: gateway tunnel): real Squid,
 //! the gateway simulator, real TLS with a test CA, real clients in pods with no proxy
 //! variables. See `tests::chain` for the network.
+use tests::describe as out;
+use tests::ready_with_squid as ready;
 use std::{path::Path, process::Output};
 
-use tests::{
-    chain::{BANNER, Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER},
-    priv_check::privileged,
-};
+use tests::chain::{BANNER, Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER};
 
-fn out(o: &Output) -> String {
-    format!(
-        "status={} stdout={} stderr={}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn script(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
 }
 
-fn ready(test: &str) -> bool {
-    privileged(test) && tests::squid::available(test, &[])
-}
 
 /// Squid with auth + a normal gateway + the daemon.
 fn full_chain() -> Chain {
