@@ -11,7 +11,11 @@ fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(&manifest_dir).join("../redirector-ebpf");
     let root = root.to_str().context("non-UTF-8 path to redirector-ebpf")?;
     println!("cargo:rerun-if-changed=../redirector-common/src");
-    let pkg = aya_build::Package { name: "redirector-ebpf", root_dir: root, ..Default::default() };
+    let pkg = aya_build::Package {
+        name: "redirector-ebpf",
+        root_dir: root,
+        ..Default::default()
+    };
     aya_build::build_ebpf([pkg], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN)).context(
         "building the eBPF programs failed; run `cargo xtask setup` to install the pinned \
          nightly with rust-src and bpf-linker",

@@ -48,8 +48,15 @@ pub mod names {
     pub const PIN_LOGS: &str = "rdr_logs";
 
     /// All maps, in a stable order.
-    pub const MAPS: [&str; 7] =
-        [MAP_ENABLED, MAP_SKIP4, MAP_SKIP6, MAP_PENDING, MAP_ORIG, MAP_STATS, MAP_CONFIG];
+    pub const MAPS: [&str; 7] = [
+        MAP_ENABLED,
+        MAP_SKIP4,
+        MAP_SKIP6,
+        MAP_PENDING,
+        MAP_ORIG,
+        MAP_STATS,
+        MAP_CONFIG,
+    ];
     /// All programs, in a stable order.
     pub const PROGRAMS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS];
     /// All link pins, matching [`PROGRAMS`] by index.
@@ -179,7 +186,9 @@ impl Counters {
 
 /// Converts an IPv4 address (network-order octets) to the IPv4-mapped form used in maps.
 pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
 }
 
 #[cfg(feature = "user")]
@@ -210,7 +219,10 @@ mod tests {
             .collect();
         let mut seen = HashSet::new();
         for n in &all {
-            assert!(n.len() <= 15, "{n} is longer than the kernel's 15-byte object name");
+            assert!(
+                n.len() <= 15,
+                "{n} is longer than the kernel's 15-byte object name"
+            );
             assert!(n.starts_with("rdr_"), "{n} must start with rdr_");
             assert!(seen.insert(*n), "{n} is used twice");
         }
@@ -222,7 +234,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<RdrConfig>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 32);
         assert_eq!(core::mem::size_of::<SockKey>(), 32);
-        assert_eq!(core::mem::size_of::<Counters>(), 8 * counter::COUNT as usize);
+        assert_eq!(
+            core::mem::size_of::<Counters>(),
+            8 * counter::COUNT as usize
+        );
     }
 
     #[test]

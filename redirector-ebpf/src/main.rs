@@ -19,8 +19,8 @@
 mod prog {
     use aya_ebpf::{
         bindings::{
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
+            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+            BPF_TCP_CLOSE, bpf_sock_addr,
         },
         btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
         helpers::{
@@ -74,7 +74,9 @@ mod prog {
 
     #[inline(always)]
     fn bump(which: u32) {
-        let Some(c) = rdr_stats.get_ptr_mut(0) else { return };
+        let Some(c) = rdr_stats.get_ptr_mut(0) else {
+            return;
+        };
         // SAFETY: per-CPU slot of a preallocated array; only this CPU touches it while the
         // program runs (programs are not preempted on the same CPU).
         let c = unsafe { &mut *c };
@@ -130,7 +132,9 @@ mod prog {
         if !cgroup_enabled() {
             return Verdict::Pass(counter::SKIP_DISABLED);
         }
-        let Some(cfg) = rdr_config.get(0) else { return Verdict::Pass(counter::ERRORS) };
+        let Some(cfg) = rdr_config.get(0) else {
+            return Verdict::Pass(counter::ERRORS);
+        };
         if cfg.ready == 0 {
             return Verdict::Pass(counter::SKIP_DISABLED);
         }
@@ -158,7 +162,9 @@ mod prog {
                 }
             }
         }
-        Verdict::Redirect { port: cfg.proxy_port }
+        Verdict::Redirect {
+            port: cfg.proxy_port,
+        }
     }
 
     #[inline(always)]
@@ -187,7 +193,13 @@ mod prog {
                     cookie: 0,
                 };
                 if remember(&ctx, dst) {
-                    debug!(&ctx, "redirect {:i}:{} to proxy port {}", u32::from_be_bytes(octets), dst.port, port);
+                    debug!(
+                        &ctx,
+                        "redirect {:i}:{} to proxy port {}",
+                        u32::from_be_bytes(octets),
+                        dst.port,
+                        port
+                    );
                     sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
                     sa.user_port = u32::from(port.to_be());
                     bump(counter::REDIRECTED4);
@@ -220,7 +232,11 @@ mod prog {
             i += 1;
         }
         let is_mapped = v6[..10].iter().all(|b| *b == 0) && v6[10] == 0xff && v6[11] == 0xff;
-        let v4 = if is_mapped { Some([v6[12], v6[13], v6[14], v6[15]]) } else { None };
+        let v4 = if is_mapped {
+            Some([v6[12], v6[13], v6[14], v6[15]])
+        } else {
+            None
+        };
         match decide(sa, v4, &v6) {
             Verdict::Pass(why) => bump(why),
             Verdict::Redirect { port } => {
@@ -232,10 +248,18 @@ mod prog {
                     cookie: 0,
                 };
                 if remember(&ctx, dst) {
-                    debug!(&ctx, "redirect {:i}:{} to proxy port {}", v6, dst.port, port);
+                    debug!(
+                        &ctx,
+                        "redirect {:i}:{} to proxy port {}", v6, dst.port, port
+                    );
                     if is_mapped {
                         // ::ffff:127.0.0.1 reaches the IPv4 listener.
-                        sa.user_ip6 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])];
+                        sa.user_ip6 = [
+                            0,
+                            0,
+                            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                            u32::from_ne_bytes([127, 0, 0, 1]),
+                        ];
                         bump(counter::REDIRECTED4);
                     } else {
                         sa.user_ip6 = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
@@ -310,7 +334,12 @@ mod prog {
         };
         // SAFETY: helper call on the program's own context.
         let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
-        Some(SockKey { netns, addr, port: f.local_port as u16, reserved: [0; 6] })
+        Some(SockKey {
+            netns,
+            addr,
+            port: f.local_port as u16,
+            reserved: [0; 6],
+        })
     }
 
     /// `sockops`: re-keys a redirected connection's original destination once it is
@@ -323,9 +352,13 @@ mod prog {
                 // SAFETY: helper call on the program's own context.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
                 // SAFETY: copied out before any further map operation.
-                let Some(dst) = (unsafe { rdr_pending.get(cookie) }).copied() else { return 1 };
+                let Some(dst) = (unsafe { rdr_pending.get(cookie) }).copied() else {
+                    return 1;
+                };
                 let _ = rdr_pending.remove(cookie);
-                let Some(key) = sock_key(&ctx, &f) else { return 1 };
+                let Some(key) = sock_key(&ctx, &f) else {
+                    return 1;
+                };
                 if rdr_orig.insert(key, dst, ANY).is_ok() {
                     bump(counter::ESTABLISHED);
                     // Ask for state callbacks on this socket so the entry dies with it.
@@ -337,7 +370,9 @@ mod prog {
             BPF_SOCK_OPS_STATE_CB if f.new_state == BPF_TCP_CLOSE => {
                 // SAFETY: helper call on the program's own context.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                let Some(key) = sock_key(&ctx, &f) else { return 1 };
+                let Some(key) = sock_key(&ctx, &f) else {
+                    return 1;
+                };
                 // SAFETY: the cookie is copied out before the remove.
                 let owned = unsafe { rdr_orig.get(key) }.map(|d| d.cookie == cookie);
                 if owned == Some(true) {

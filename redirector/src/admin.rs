@@ -103,7 +103,10 @@ fn json<T: serde::Serialize>(v: &T) -> Response<Full<Bytes>> {
 /// `?filter=<RUST_LOG directives>` from the query string (percent-decoding `%2C` etc.).
 fn query_filter(q: Option<&str>) -> Option<String> {
     let q = q?;
-    let v = q.split('&').find_map(|kv| kv.strip_prefix("filter=").or_else(|| kv.strip_prefix("level=")))?;
+    let v = q.split('&').find_map(|kv| {
+        kv.strip_prefix("filter=")
+            .or_else(|| kv.strip_prefix("level="))
+    })?;
     let mut out = Vec::new();
     let b = v.as_bytes();
     let mut i = 0;
@@ -129,9 +132,22 @@ fn query_filter(q: Option<&str>) -> Option<String> {
 
 fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/workloads" => json(&*admin.shared.workloads.lock().expect("workloads lock poisoned")),
+        "/workloads" => json(
+            &*admin
+                .shared
+                .workloads
+                .lock()
+                .expect("workloads lock poisoned"),
+        ),
         "/connections" => {
-            let mut v: Vec<crate::proxy::ConnView> = admin.shared.conns.lock().expect("conns lock poisoned").values().cloned().collect();
+            let mut v: Vec<crate::proxy::ConnView> = admin
+                .shared
+                .conns
+                .lock()
+                .expect("conns lock poisoned")
+                .values()
+                .cloned()
+                .collect();
             for c in &mut v {
                 c.since_ms = c.started.elapsed().as_millis() as u64;
             }
@@ -143,7 +159,10 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 return text(StatusCode::OK, crate::telemetry::log_filter() + "\n");
             }
             match query_filter(req.uri().query()) {
-                None => text(StatusCode::BAD_REQUEST, "use POST /logging?filter=<RUST_LOG directives>, e.g. ?filter=debug\n".into()),
+                None => text(
+                    StatusCode::BAD_REQUEST,
+                    "use POST /logging?filter=<RUST_LOG directives>, e.g. ?filter=debug\n".into(),
+                ),
                 Some(f) => match crate::telemetry::set_log_filter(&f) {
                     Ok(()) => {
                         tracing::info!(filter = %f, "log filter changed");
@@ -155,7 +174,11 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
-            let status = if admin.readiness.ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if admin.readiness.ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             text(status, admin.readiness.describe())
         }
         "/config_dump" => match serde_json::to_string_pretty(&**admin.shared.config.load()) {
@@ -164,13 +187,17 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         },
         "/metrics" => {
             if let Ok(maps) = admin.shared.maps.lock()
-                && let Ok(c) = maps.counters() {
-                    admin.shared.metrics.set_ebpf(&c);
-                }
+                && let Ok(c) = maps.counters()
+            {
+                admin.shared.metrics.set_ebpf(&c);
+            }
             let mut out = String::new();
             match prometheus_client::encoding::text::encode(&mut out, &admin.registry) {
                 Ok(()) => Response::builder()
-                    .header("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                    .header(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )
                     .body(Full::new(Bytes::from(out)))
                     .expect("static response"),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -187,7 +214,10 @@ mod tests {
     #[test]
     fn filter_query_is_decoded() {
         assert_eq!(query_filter(Some("filter=debug")).as_deref(), Some("debug"));
-        assert_eq!(query_filter(Some("x=1&filter=info%2Credirector%3Dtrace")).as_deref(), Some("info,redirector=trace"));
+        assert_eq!(
+            query_filter(Some("x=1&filter=info%2Credirector%3Dtrace")).as_deref(),
+            Some("info,redirector=trace")
+        );
         assert_eq!(query_filter(Some("level=warn")).as_deref(), Some("warn"));
         assert_eq!(query_filter(Some("nothing=here")), None);
         assert_eq!(query_filter(None), None);

@@ -48,11 +48,18 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // 1. Refuse bad input before touching the kernel.
     preflight::check_run(&config.pin_root, &config.cgroup_root, &config.cgroups)?;
     let node_name = if config.kubernetes {
-        Some(std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()).ok_or(RunError::NodeName)?)
+        Some(
+            std::env::var("NODE_NAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .ok_or(RunError::NodeName)?,
+        )
     } else {
         None
     };
-    let admin_listener = admin::bind(config.admin_addr).await.map_err(RunError::Admin)?;
+    let admin_listener = admin::bind(config.admin_addr)
+        .await
+        .map_err(RunError::Admin)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Signals)?;
@@ -65,8 +72,12 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         tokio::spawn(forward_program_logs(logger));
     }
     match origin {
-        Origin::Attached => info!(pin_root = %pins.root.display(), cgroup_root = %config.cgroup_root.display(), "attached eBPF programs"),
-        Origin::Adopted => info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run"),
+        Origin::Attached => {
+            info!(pin_root = %pins.root.display(), cgroup_root = %config.cgroup_root.display(), "attached eBPF programs")
+        }
+        Origin::Adopted => {
+            info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run")
+        }
     }
 
     // 3. Skip ranges first, then our port and pid: only now may the hooks redirect.
@@ -88,11 +99,18 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         next_conn: std::sync::atomic::AtomicU64::new(0),
     });
     let readiness = Arc::new(Readiness::default());
-    readiness.hooks_attached.store(bpf::link_alive(&pins, redirector_common::names::LINK_CONNECT4), Ordering::Relaxed);
+    readiness.hooks_attached.store(
+        bpf::link_alive(&pins, redirector_common::names::LINK_CONNECT4),
+        Ordering::Relaxed,
+    );
     readiness.config_loaded.store(true, Ordering::Relaxed);
 
     // 4. Admin endpoint.
-    let admin = Arc::new(Admin { shared: Arc::clone(&shared), registry, readiness: Arc::clone(&readiness) });
+    let admin = Arc::new(Admin {
+        shared: Arc::clone(&shared),
+        registry,
+        readiness: Arc::clone(&readiness),
+    });
     tokio::spawn(admin::serve(admin_listener, admin, shared.shutdown.clone()));
 
     // 5. The desired set of workloads: fixed (--cgroup) or followed from the API server.
@@ -104,14 +122,23 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
                 .iter()
                 .map(|p| {
                     let key = p.display().to_string();
-                    (key.clone(), Workload { key: key.clone(), label: key, cgroup_candidates: vec![p.clone()] })
+                    (
+                        key.clone(),
+                        Workload {
+                            key: key.clone(),
+                            label: key,
+                            cgroup_candidates: vec![p.clone()],
+                        },
+                    )
                 })
                 .collect();
             tx.send_replace(set);
             true
         }
         Some(node) => {
-            let client = k8s::client(config.kubeconfig.as_deref()).await.map_err(RunError::Kube)?;
+            let client = k8s::client(config.kubeconfig.as_deref())
+                .await
+                .map_err(RunError::Kube)?;
             let (node, root) = (node.clone(), config.cgroup_root.clone());
             info!(node = %node, "following pods of labeled namespaces on this node");
             tokio::spawn(async move {
@@ -124,7 +151,12 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     };
 
     // 6. Enablement: listeners in each workload's netns, then its cgroup id into the map.
-    let reconciler = tokio::spawn(reconcile(Arc::clone(&shared), Arc::clone(&readiness), rx, initial_known));
+    let reconciler = tokio::spawn(reconcile(
+        Arc::clone(&shared),
+        Arc::clone(&readiness),
+        rx,
+        initial_known,
+    ));
 
     // 7. Reload on SIGHUP and when the config file changes; run until SIGTERM/SIGINT.
     let mut last_stamp = args.config.as_ref().map(|p| file_stamp(p));
@@ -149,8 +181,14 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     let _ = reconciler.await;
     shared.tracker.close();
     let drain = shared.config.load().drain_timeout + Duration::from_millis(500);
-    if tokio::time::timeout(drain, shared.tracker.wait()).await.is_err() {
-        warn!(open = shared.tracker.len(), "drain timeout: closing remaining connections");
+    if tokio::time::timeout(drain, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = shared.tracker.len(),
+            "drain timeout: closing remaining connections"
+        );
     }
     // Programs stay attached and pinned on purpose: until a daemon comes back, redirected
     // connects fail fast (nobody listens on the proxy port) and nothing leaks direct.
@@ -166,7 +204,9 @@ async fn forward_program_logs(logger: bpf::ProgramLogger) {
         return;
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         guard.get_inner_mut().flush();
         guard.clear_ready();
     }
@@ -188,7 +228,11 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     let mut new = match args.load() {
         Ok(c) => c,
         Err(e) => {
-            shared.metrics.reloads.get_or_create(&crate::telemetry::ResultLabels { result: "rejected" }).inc();
+            shared
+                .metrics
+                .reloads
+                .get_or_create(&crate::telemetry::ResultLabels { result: "rejected" })
+                .inc();
             error!(reason = why, error = %crate::error_chain(&e as &ConfigError), "config reload rejected; the previous configuration stays in force");
             return;
         }
@@ -204,16 +248,33 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
         new.admin_addr = old.admin_addr;
     }
     // Kernel skip ranges: new entries go in before stale ones come out (no gap).
-    if let Err(e) = shared.maps.lock().expect("maps lock poisoned").set_skip_ranges(&new.skip_cidrs()) {
-        shared.metrics.reloads.get_or_create(&crate::telemetry::ResultLabels { result: "rejected" }).inc();
+    if let Err(e) = shared
+        .maps
+        .lock()
+        .expect("maps lock poisoned")
+        .set_skip_ranges(&new.skip_cidrs())
+    {
+        shared
+            .metrics
+            .reloads
+            .get_or_create(&crate::telemetry::ResultLabels { result: "rejected" })
+            .inc();
         error!(reason = why, error = %crate::error_chain(&e), "config reload failed updating the skip ranges; keeping the previous configuration");
-        let _ = shared.maps.lock().expect("maps lock poisoned").set_skip_ranges(&old.skip_cidrs());
+        let _ = shared
+            .maps
+            .lock()
+            .expect("maps lock poisoned")
+            .set_skip_ranges(&old.skip_cidrs());
         return;
     }
     shared.node_addrs.store(Arc::new(node_addresses()));
     info!(reason = why, config = %serde_json::to_string(&new).unwrap_or_default(), "configuration reloaded");
     shared.config.store(Arc::new(new));
-    shared.metrics.reloads.get_or_create(&crate::telemetry::ResultLabels { result: "applied" }).inc();
+    shared
+        .metrics
+        .reloads
+        .get_or_create(&crate::telemetry::ResultLabels { result: "applied" })
+        .inc();
 }
 
 /// Addresses of the daemon's network namespace (the node's, in a DaemonSet with
@@ -255,8 +316,15 @@ impl CgroupWatch {
         // SAFETY: `dup` is a fresh, owned, open fd.
         let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup.into_raw_fd()) };
         // SAFETY: the AsyncFd owns `owned`, an open fd that stays the same for its lifetime.
-        let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()?;
-        Some(CgroupWatch { fd, inotify, watched: HashMap::new() })
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
+        }
+        .ok()?;
+        Some(CgroupWatch {
+            fd,
+            inotify,
+            watched: HashMap::new(),
+        })
     }
 
     /// Watches exactly `paths` (adding new ones, dropping the rest).
@@ -316,7 +384,12 @@ struct Enabled {
 /// Turns the desired set into listeners and `rdr_enabled` entries: a workload is enabled
 /// once its cgroup exists and every network namespace its processes use has a listener; it
 /// is disabled (and its listeners closed when no one else uses them) when it leaves the set.
-async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch::Receiver<DesiredSet>, mut known: bool) {
+async fn reconcile(
+    shared: Arc<Shared>,
+    readiness: Arc<Readiness>,
+    mut rx: watch::Receiver<DesiredSet>,
+    mut known: bool,
+) {
     let mut listeners = ListenerSet::default();
     let mut enabled: HashMap<String, Enabled> = HashMap::new();
     let mut waiting_logged: HashSet<String> = HashSet::new();
@@ -341,7 +414,9 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
                 }
                 continue;
             };
-            let Ok(id) = netns::cgroup_id(&cg) else { continue };
+            let Ok(id) = netns::cgroup_id(&cg) else {
+                continue;
+            };
             let already = enabled.get(&w.key).is_some_and(|e| e.id == id);
             if already && !full {
                 continue;
@@ -354,10 +429,9 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
                 }
             }
             if nss.is_empty() {
-                if !already
-                    && waiting_logged.insert(w.key.clone()) {
-                        info!(workload = %w.label, cgroup = %cg.display(), "cgroup has no process yet; enabling it once its network namespace is known");
-                    }
+                if !already && waiting_logged.insert(w.key.clone()) {
+                    info!(workload = %w.label, cgroup = %cg.display(), "cgroup has no process yet; enabling it once its network namespace is known");
+                }
                 continue;
             }
             let mut ok = true;
@@ -385,7 +459,13 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
                 match maps.enable(id) {
                     Ok(()) => {
                         info!(workload = %w.label, cgroup = %cg.display(), cgroup_id = id, "workload enabled");
-                        enabled.insert(w.key.clone(), Enabled { cgroup: cg.clone(), id });
+                        enabled.insert(
+                            w.key.clone(),
+                            Enabled {
+                                cgroup: cg.clone(),
+                                id,
+                            },
+                        );
                         waiting_logged.remove(&w.key);
                     }
                     Err(e) => {
@@ -396,7 +476,11 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
             }
         }
         // Workloads that left the set: out of the map first, then their listeners go.
-        let gone: Vec<String> = enabled.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+        let gone: Vec<String> = enabled
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
         if !gone.is_empty() {
             let mut maps = shared.maps.lock().expect("maps lock poisoned");
             for k in gone {
@@ -427,10 +511,15 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
             let mut maps = shared.maps.lock().expect("maps lock poisoned");
             for stale in maps.enabled_ids().difference(&wanted) {
                 let still_desired = desired.values().any(|w| {
-                    w.cgroup_candidates.iter().any(|p| netns::cgroup_id(p).ok() == Some(*stale))
+                    w.cgroup_candidates
+                        .iter()
+                        .any(|p| netns::cgroup_id(p).ok() == Some(*stale))
                 });
                 if !still_desired {
-                    info!(cgroup_id = stale, "disabling a cgroup left enabled by an earlier run");
+                    info!(
+                        cgroup_id = stale,
+                        "disabling a cgroup left enabled by an earlier run"
+                    );
                     let _ = maps.disable(*stale);
                 }
             }
@@ -451,7 +540,9 @@ async fn reconcile(shared: Arc<Shared>, readiness: Arc<Readiness>, mut rx: watch
             })
             .collect();
         *shared.workloads.lock().expect("workloads lock poisoned") = views;
-        readiness.listeners_ready.store(all_ready, Ordering::Relaxed);
+        readiness
+            .listeners_ready
+            .store(all_ready, Ordering::Relaxed);
         let mut pending_paths = HashSet::new();
         for w in desired.values().filter(|w| !enabled.contains_key(&w.key)) {
             watch_paths(w, &mut pending_paths);

@@ -15,9 +15,7 @@ use aya::{
     },
 };
 use ipnet::IpNet;
-use redirector_common::{
-    CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, names,
-};
+use redirector_common::{CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, names};
 
 /// The compiled programs, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rdr-ebpf"));
@@ -113,9 +111,14 @@ pub enum Origin {
 /// The eBPF programs' own log records (aya-log), forwarded to the daemon's log.
 pub type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Origin, Option<ProgramLogger>), BpfError> {
-    fs::create_dir_all(&pins.root)
-        .map_err(|source| BpfError::PinDir { path: pins.root.clone(), source })?;
+pub fn load_and_attach(
+    pins: &PinLayout,
+    cgroup_root: &Path,
+) -> Result<(Maps, Origin, Option<ProgramLogger>), BpfError> {
+    fs::create_dir_all(&pins.root).map_err(|source| BpfError::PinDir {
+        path: pins.root.clone(),
+        source,
+    })?;
     let mut loader = EbpfLoader::new();
     let map_paths: Vec<(&'static str, PathBuf)> =
         names::MAPS.iter().map(|m| (*m, pins.path(m))).collect();
@@ -126,7 +129,11 @@ pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Or
     // The programs' debug messages cost a ring-buffer write per redirect; they are compiled
     // in but enabled in the kernel only when the daemon starts with debug logging (aya-log
     // levels: 2 = warn, 4 = debug).
-    let level: u8 = if tracing::enabled!(tracing::Level::DEBUG) { 4 } else { 2 };
+    let level: u8 = if tracing::enabled!(tracing::Level::DEBUG) {
+        4
+    } else {
+        2
+    };
     loader.override_global("AYA_LOG_LEVEL", &level, false);
     let logs_pin = pins.path(names::PIN_LOGS);
     loader.map_pin_path("AYA_LOGS", logs_pin.as_path());
@@ -158,15 +165,23 @@ pub fn load_and_attach(pins: &PinLayout, cgroup_root: &Path) -> Result<(Maps, Or
 }
 
 fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup_root: &Path) -> Result<(), BpfError> {
-    let cgroup = fs::File::open(cgroup_root)
-        .map_err(|source| BpfError::Cgroup { path: cgroup_root.to_owned(), source })?;
+    let cgroup = fs::File::open(cgroup_root).map_err(|source| BpfError::Cgroup {
+        path: cgroup_root.to_owned(),
+        source,
+    })?;
     // Attachment goes through bpf_link_create (kernel >= 5.7), which rejects any attach flag
     // (EINVAL) and always attaches in multi mode: other tools' programs on the same hooks keep
     // running next to ours. Hence the "Single" (= no flags) mode here.
     let mode = CgroupAttachMode::Single;
     for (i, name) in names::PROGRAMS.iter().copied().enumerate() {
-        let prog = ebpf.program_mut(name).ok_or(BpfError::MissingProgram { name })?;
-        let attach_err = |source| BpfError::Attach { name, cgroup: cgroup_root.to_owned(), source };
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::MissingProgram { name })?;
+        let attach_err = |source| BpfError::Attach {
+            name,
+            cgroup: cgroup_root.to_owned(),
+            source,
+        };
         let load_err = |source| BpfError::ProgramLoad { name, source };
         let fd_link: FdLink = if name == names::PROG_SOCKOPS {
             let p: &mut SockOps = prog.try_into().map_err(load_err)?;
@@ -209,7 +224,12 @@ fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup_root: &Path) -> Result<(
 /// Only our own objects are touched; other programs on the same hooks stay attached.
 pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for name in names::LINKS.iter().chain(names::PROGRAMS.iter()).chain(names::MAPS.iter()).chain([names::PIN_LOGS].iter()) {
+    for name in names::LINKS
+        .iter()
+        .chain(names::PROGRAMS.iter())
+        .chain(names::MAPS.iter())
+        .chain([names::PIN_LOGS].iter())
+    {
         let p = pins.path(name);
         match fs::remove_file(&p) {
             Ok(()) => removed.push(p),
@@ -238,8 +258,10 @@ pub struct Maps {
 
 fn open_map(pins: &PinLayout, name: &'static str) -> Result<Map, BpfError> {
     let path = pins.path(name);
-    let data = MapData::from_pin(&path)
-        .map_err(|source| BpfError::OpenMap { path: path.clone(), source })?;
+    let data = MapData::from_pin(&path).map_err(|source| BpfError::OpenMap {
+        path: path.clone(),
+        source,
+    })?;
     Map::from_map_data(data).map_err(|source| BpfError::OpenMap { path, source })
 }
 
@@ -266,26 +288,49 @@ impl Maps {
 
     /// Writes the daemon's settings; the hooks redirect nothing until this has happened.
     pub fn set_config(&mut self, proxy_port: u16, proxy_tgid: u32) -> Result<(), BpfError> {
-        let cfg = RdrConfig { proxy_port, reserved0: 0, proxy_tgid, ready: 1, reserved1: 0 };
-        self.config
-            .set(0, cfg, 0)
-            .map_err(|source| BpfError::Map { map: names::MAP_CONFIG, source })
+        let cfg = RdrConfig {
+            proxy_port,
+            reserved0: 0,
+            proxy_tgid,
+            ready: 1,
+            reserved1: 0,
+        };
+        self.config.set(0, cfg, 0).map_err(|source| BpfError::Map {
+            map: names::MAP_CONFIG,
+            source,
+        })
     }
 
     pub fn config(&self) -> Result<RdrConfig, BpfError> {
-        self.config.get(&0, 0).map_err(|source| BpfError::Map { map: names::MAP_CONFIG, source })
+        self.config.get(&0, 0).map_err(|source| BpfError::Map {
+            map: names::MAP_CONFIG,
+            source,
+        })
     }
 
     pub fn enable(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         self.enabled
-            .insert(cgroup_id, CgroupEntry { enabled: 1, reserved: 0 }, 0)
-            .map_err(|source| BpfError::Map { map: names::MAP_ENABLED, source })
+            .insert(
+                cgroup_id,
+                CgroupEntry {
+                    enabled: 1,
+                    reserved: 0,
+                },
+                0,
+            )
+            .map_err(|source| BpfError::Map {
+                map: names::MAP_ENABLED,
+                source,
+            })
     }
 
     pub fn disable(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
         match self.enabled.remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map { map: names::MAP_ENABLED, source }),
+            Err(source) => Err(BpfError::Map {
+                map: names::MAP_ENABLED,
+                source,
+            }),
         }
     }
 
@@ -310,8 +355,14 @@ impl Maps {
                 }
             }
         }
-        let e4 = |source| BpfError::Map { map: names::MAP_SKIP4, source };
-        let e6 = |source| BpfError::Map { map: names::MAP_SKIP6, source };
+        let e4 = |source| BpfError::Map {
+            map: names::MAP_SKIP4,
+            source,
+        };
+        let e6 = |source| BpfError::Map {
+            map: names::MAP_SKIP6,
+            source,
+        };
         for (len, a) in &want4 {
             self.skip4.insert(&Key::new(*len, *a), 1, 0).map_err(e4)?;
         }
@@ -361,7 +412,10 @@ impl Maps {
                 Ok(Some(v))
             }
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(BpfError::Map { map: names::MAP_ORIG, source }),
+            Err(source) => Err(BpfError::Map {
+                map: names::MAP_ORIG,
+                source,
+            }),
         }
     }
 
@@ -372,8 +426,10 @@ impl Maps {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters, BpfError> {
-        let per_cpu =
-            self.stats.get(&0, 0).map_err(|source| BpfError::Map { map: names::MAP_STATS, source })?;
+        let per_cpu = self.stats.get(&0, 0).map_err(|source| BpfError::Map {
+            map: names::MAP_STATS,
+            source,
+        })?;
         let mut total = Counters::default();
         for c in per_cpu.iter() {
             total.add(c);
@@ -398,7 +454,12 @@ pub fn sock_key(netns_cookie: u64, peer: SocketAddr) -> SockKey {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
-    SockKey { netns: netns_cookie, addr, port: peer.port(), reserved: [0; 6] }
+    SockKey {
+        netns: netns_cookie,
+        addr,
+        port: peer.port(),
+        reserved: [0; 6],
+    }
 }
 
 /// Is a pinned link still there and attached? Used by readiness and `status`.
@@ -426,7 +487,13 @@ mod tests {
                 IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
                 IpAddr::V6(v6) => v6.octets(),
             };
-            let d = OrigDst { addr, port: sa.port(), family: 4, reserved: 0, cookie: 1 };
+            let d = OrigDst {
+                addr,
+                port: sa.port(),
+                family: 4,
+                reserved: 0,
+                cookie: 1,
+            };
             assert_eq!(orig_to_socket_addr(&d), sa);
         }
     }

@@ -9,7 +9,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "redirector", version, about = "Transparent egress redirector (cgroup eBPF + tunneling proxy)")]
+#[command(
+    name = "redirector",
+    version,
+    about = "Transparent egress redirector (cgroup eBPF + tunneling proxy)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -129,14 +133,26 @@ mod tests {
     use super::*;
 
     fn run_args(args: &[&str]) -> RunArgs {
-        let cli = Cli::try_parse_from(["redirector", "run"].iter().chain(args.iter()).copied()).unwrap();
-        let Command::Run(r) = cli.command else { panic!("not run") };
+        let cli =
+            Cli::try_parse_from(["redirector", "run"].iter().chain(args.iter()).copied()).unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!("not run")
+        };
         r
     }
 
     #[test]
     fn run_flags_build_a_config() {
-        let c = run_args(&["--cgroup", "/a", "--cgroup", "/b", "--proxy-skip-range", "10.0.0.0/8,.svc"]).load().unwrap();
+        let c = run_args(&[
+            "--cgroup",
+            "/a",
+            "--cgroup",
+            "/b",
+            "--proxy-skip-range",
+            "10.0.0.0/8,.svc",
+        ])
+        .load()
+        .unwrap();
         assert_eq!(c.cgroups.len(), 2);
         assert_eq!(c.skip_cidrs().len(), 1);
     }
@@ -145,11 +161,27 @@ mod tests {
     fn routes_default_to_what_is_configured() {
         use crate::tunnel::Route;
         assert_eq!(run_args(&[]).load().unwrap().default_route, Route::Direct);
-        assert_eq!(run_args(&["--proxy-http", "http://203.0.113.50:3128"]).load().unwrap().default_route, Route::Proxy);
-        let c = run_args(&["--proxy-https", "http://u:hunter2@203.0.113.50:3128", "--gateway-url", "https://gw.example:443"]).load().unwrap();
+        assert_eq!(
+            run_args(&["--proxy-http", "http://203.0.113.50:3128"])
+                .load()
+                .unwrap()
+                .default_route,
+            Route::Proxy
+        );
+        let c = run_args(&[
+            "--proxy-https",
+            "http://u:hunter2@203.0.113.50:3128",
+            "--gateway-url",
+            "https://gw.example:443",
+        ])
+        .load()
+        .unwrap();
         assert_eq!(c.default_route, Route::Gateway);
         let dump = serde_json::to_string(&c).unwrap();
-        assert!(!dump.contains("hunter2"), "config dump leaks the proxy password: {dump}");
+        assert!(
+            !dump.contains("hunter2"),
+            "config dump leaks the proxy password: {dump}"
+        );
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
@@ -169,24 +201,57 @@ mod tests {
     #[test]
     fn explain_takes_run_flags_and_its_own_cgroup() {
         let cli = Cli::try_parse_from([
-            "redirector", "explain", "--dst", "203.0.113.10:443", "--host", "portal.example",
-            "--cgroup", "/sys/fs/cgroup/a,b", "--proxy-skip-range", "10.0.0.0/8",
-            "--gateway-url", "https://gw.example",
+            "redirector",
+            "explain",
+            "--dst",
+            "203.0.113.10:443",
+            "--host",
+            "portal.example",
+            "--cgroup",
+            "/sys/fs/cgroup/a,b",
+            "--proxy-skip-range",
+            "10.0.0.0/8",
+            "--gateway-url",
+            "https://gw.example",
         ])
         .unwrap();
-        let Command::Explain(e) = cli.command else { panic!("not explain") };
+        let Command::Explain(e) = cli.command else {
+            panic!("not explain")
+        };
         assert_eq!(e.dst, "203.0.113.10:443".parse().unwrap());
         // One path, commas and all: this is not the run flag's comma-separated list.
-        assert_eq!(e.run.settings.cgroup, Some(vec![PathBuf::from("/sys/fs/cgroup/a,b")]));
+        assert_eq!(
+            e.run.settings.cgroup,
+            Some(vec![PathBuf::from("/sys/fs/cgroup/a,b")])
+        );
         assert_eq!(e.run.load().unwrap().skip_cidrs().len(), 1);
-        let both = Cli::try_parse_from(["redirector", "explain", "--dst", "1.2.3.4:1", "--cgroup", "/a", "--pod", "ns/p"]);
+        let both = Cli::try_parse_from([
+            "redirector",
+            "explain",
+            "--dst",
+            "1.2.3.4:1",
+            "--cgroup",
+            "/a",
+            "--pod",
+            "ns/p",
+        ]);
         assert!(both.is_err(), "--cgroup and --pod together must be refused");
     }
 
     #[test]
     fn check_takes_run_flags() {
-        let cli = Cli::try_parse_from(["redirector", "check", "--pin-root", "/tmp/x/pins", "--proxy-https", "http://203.0.113.50:3128"]).unwrap();
-        let Command::Check(c) = cli.command else { panic!("not check") };
+        let cli = Cli::try_parse_from([
+            "redirector",
+            "check",
+            "--pin-root",
+            "/tmp/x/pins",
+            "--proxy-https",
+            "http://203.0.113.50:3128",
+        ])
+        .unwrap();
+        let Command::Check(c) = cli.command else {
+            panic!("not check")
+        };
         let config = c.run.load().unwrap();
         assert_eq!(config.pin_root, PathBuf::from("/tmp/x/pins"));
         assert!(config.tunnel.proxy.is_some());
@@ -198,7 +263,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("c.yaml");
         std::fs::write(&f, "proxy-port: 16001\nsniff-timeout: 2\n").unwrap();
-        let c = run_args(&["--config", f.to_str().unwrap(), "--proxy-port", "17001"]).load().unwrap();
+        let c = run_args(&["--config", f.to_str().unwrap(), "--proxy-port", "17001"])
+            .load()
+            .unwrap();
         assert_eq!(c.proxy_port, 17001);
         assert_eq!(c.sniff_timeout, std::time::Duration::from_secs(2));
         std::fs::remove_dir_all(&dir).unwrap();

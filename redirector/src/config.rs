@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpf::DEFAULT_PIN_ROOT,
     policy::{self, RouteRule, RouteTable, SkipRanges},
-    tunnel::{self, GatewayConfig, ProxyConfig, ProxyScheme, ProxyUrl, Route, Timeouts, TunnelConfig},
+    tunnel::{
+        self, GatewayConfig, ProxyConfig, ProxyScheme, ProxyUrl, Route, Timeouts, TunnelConfig,
+    },
 };
 
 /// Every setting of `redirector run`, each optional, as given by one source (flags+env via
@@ -61,7 +63,11 @@ pub struct Settings {
     #[arg(long, env = "REDIRECTOR_GATEWAY_CONNECT_TO")]
     pub gateway_connect_to: Option<String>,
     /// Extra header on the gateway CONNECT, `Name: value`; repeatable.
-    #[arg(long = "gateway-header", env = "REDIRECTOR_GATEWAY_HEADERS", value_delimiter = '\n')]
+    #[arg(
+        long = "gateway-header",
+        env = "REDIRECTOR_GATEWAY_HEADERS",
+        value_delimiter = '\n'
+    )]
     #[serde(alias = "gateway-headers")]
     pub gateway_header: Option<Vec<String>>,
     /// File holding a bearer token for the gateway CONNECT (re-read for every tunnel).
@@ -136,23 +142,49 @@ impl Settings {
             ($($f:ident),* $(,)?) => { Settings { $($f: higher.$f.or(self.$f),)* } };
         }
         pick!(
-            pin_root, cgroup_root, cgroup, kubernetes, kubeconfig, proxy_port, admin_addr,
-            proxy_skip_range, gateway_url, gateway_connect_to, gateway_header, gateway_token_file,
-            gateway_client_cert, gateway_client_key, proxy_https, proxy_http,
-            proxy_credentials_file, proxy_cert, sniff_timeout, connect_timeout, tls_timeout,
-            connect_response_timeout, drain_timeout, routes, route_presets, allow_dial,
+            pin_root,
+            cgroup_root,
+            cgroup,
+            kubernetes,
+            kubeconfig,
+            proxy_port,
+            admin_addr,
+            proxy_skip_range,
+            gateway_url,
+            gateway_connect_to,
+            gateway_header,
+            gateway_token_file,
+            gateway_client_cert,
+            gateway_client_key,
+            proxy_https,
+            proxy_http,
+            proxy_credentials_file,
+            proxy_cert,
+            sniff_timeout,
+            connect_timeout,
+            tls_timeout,
+            connect_response_timeout,
+            drain_timeout,
+            routes,
+            route_presets,
+            allow_dial,
         )
     }
 
     /// Reads a YAML (`.yaml`, `.yml`) or TOML (`.toml`) file.
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::ReadFile { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
-        let bad = |detail: String| ConfigError::ParseFile { path: path.to_owned(), detail };
+        let bad = |detail: String| ConfigError::ParseFile {
+            path: path.to_owned(),
+            detail,
+        };
         match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => toml::from_str(text).map_err(|e| bad(e.to_string())),
             Some("yaml" | "yml") => {
@@ -252,15 +284,23 @@ fn secs_of(field: &'static str, value: Option<f64>, default: f64) -> Result<Dura
 impl Config {
     /// Applies defaults and validates. Errors name the setting and the bad value.
     pub fn build(s: Settings) -> Result<Config, ConfigError> {
-        let proxy_port = s.proxy_port.unwrap_or(redirector_common::DEFAULT_PROXY_PORT);
+        let proxy_port = s
+            .proxy_port
+            .unwrap_or(redirector_common::DEFAULT_PROXY_PORT);
         if proxy_port == 0 {
             return Err(ConfigError::Port);
         }
-        let skip: SkipRanges =
-            s.proxy_skip_range.as_deref().unwrap_or("").parse().map_err(ConfigError::SkipRange)?;
+        let skip: SkipRanges = s
+            .proxy_skip_range
+            .as_deref()
+            .unwrap_or("")
+            .parse()
+            .map_err(ConfigError::SkipRange)?;
         let mut rules = Vec::new();
         for (index, r) in s.routes.iter().flatten().enumerate() {
-            rules.push(RouteRule::from_raw(r).map_err(|reason| ConfigError::Route { index, reason })?);
+            rules.push(
+                RouteRule::from_raw(r).map_err(|reason| ConfigError::Route { index, reason })?,
+            );
         }
         for name in s.route_presets.iter().flatten() {
             let preset = policy::preset(name).ok_or_else(|| ConfigError::Preset(name.clone()))?;
@@ -277,7 +317,11 @@ impl Config {
         let timeouts = Timeouts {
             connect: secs_of("connect-timeout", s.connect_timeout, 5.0)?,
             tls_handshake: secs_of("tls-timeout", s.tls_timeout, 10.0)?,
-            connect_response: secs_of("connect-response-timeout", s.connect_response_timeout, 10.0)?,
+            connect_response: secs_of(
+                "connect-response-timeout",
+                s.connect_response_timeout,
+                10.0,
+            )?,
             ..Timeouts::default()
         };
         let extra_ca = s.proxy_cert.as_deref();
@@ -290,16 +334,22 @@ impl Config {
         let gateway = match &s.gateway_url {
             None => None,
             Some(url) => {
-                let tls = crate::tls::client_config(extra_ca, client_cert, http11).map_err(ConfigError::Tls)?;
-                let mut g = GatewayConfig::from_url(url, tls)
-                    .map_err(|source| ConfigError::Url { field: "gateway-url", source })?;
+                let tls = crate::tls::client_config(extra_ca, client_cert, http11)
+                    .map_err(ConfigError::Tls)?;
+                let mut g =
+                    GatewayConfig::from_url(url, tls).map_err(|source| ConfigError::Url {
+                        field: "gateway-url",
+                        source,
+                    })?;
                 if let Some(host) = &s.gateway_connect_to {
-                    crate::sniff::validate_host(host).map_err(|_| ConfigError::ConnectTo(host.clone()))?;
+                    crate::sniff::validate_host(host)
+                        .map_err(|_| ConfigError::ConnectTo(host.clone()))?;
                     g.addr_host = host.clone();
                 }
                 for h in s.gateway_header.iter().flatten() {
                     if !h.trim().is_empty() {
-                        g.extra_headers.push(tunnel::parse_header(h).map_err(ConfigError::Header)?);
+                        g.extra_headers
+                            .push(tunnel::parse_header(h).map_err(ConfigError::Header)?);
                     }
                 }
                 g.bearer_token_file = s.gateway_token_file.clone();
@@ -311,9 +361,13 @@ impl Config {
             None => None,
         };
         let make_proxy = |field: &'static str, url: &str| -> Result<ProxyConfig, ConfigError> {
-            let url: ProxyUrl = url.parse().map_err(|source| ConfigError::Url { field, source })?;
+            let url: ProxyUrl = url
+                .parse()
+                .map_err(|source| ConfigError::Url { field, source })?;
             let tls = match url.scheme {
-                ProxyScheme::Https => Some(crate::tls::client_config(extra_ca, None, http11).map_err(ConfigError::Tls)?),
+                ProxyScheme::Https => Some(
+                    crate::tls::client_config(extra_ca, None, http11).map_err(ConfigError::Tls)?,
+                ),
                 ProxyScheme::Http => None,
             };
             let mut p = ProxyConfig::new(url, tls);
@@ -322,8 +376,18 @@ impl Config {
             }
             Ok(p)
         };
-        let https_proxy = s.proxy_https.as_deref().filter(|u| !u.is_empty()).map(|u| make_proxy("proxy-https", u)).transpose()?;
-        let http_proxy = s.proxy_http.as_deref().filter(|u| !u.is_empty()).map(|u| make_proxy("proxy-http", u)).transpose()?;
+        let https_proxy = s
+            .proxy_https
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .map(|u| make_proxy("proxy-https", u))
+            .transpose()?;
+        let http_proxy = s
+            .proxy_http
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .map(|u| make_proxy("proxy-http", u))
+            .transpose()?;
         let default_route = if gateway.is_some() {
             Route::Gateway
         } else if https_proxy.is_some() || http_proxy.is_some() {
@@ -331,19 +395,33 @@ impl Config {
         } else {
             Route::Direct
         };
-        let tunnel = TunnelConfig { gateway: gateway.clone(), proxy: https_proxy.clone().or_else(|| http_proxy.clone()), timeouts };
+        let tunnel = TunnelConfig {
+            gateway: gateway.clone(),
+            proxy: https_proxy.clone().or_else(|| http_proxy.clone()),
+            timeouts,
+        };
         let tunnel_http = match (&https_proxy, http_proxy) {
-            (Some(_), Some(h)) => Some(TunnelConfig { gateway, proxy: Some(h), timeouts }),
+            (Some(_), Some(h)) => Some(TunnelConfig {
+                gateway,
+                proxy: Some(h),
+                timeouts,
+            }),
             _ => None,
         };
         Ok(Config {
-            pin_root: s.pin_root.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
-            cgroup_root: s.cgroup_root.unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
+            pin_root: s
+                .pin_root
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_ROOT)),
+            cgroup_root: s
+                .cgroup_root
+                .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
             cgroups: s.cgroup.unwrap_or_default(),
             kubernetes: s.kubernetes.unwrap_or(false),
             kubeconfig: s.kubeconfig,
             proxy_port,
-            admin_addr: s.admin_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000))),
+            admin_addr: s
+                .admin_addr
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000))),
             skip,
             routes: RouteTable { rules },
             default_route,
@@ -419,9 +497,21 @@ mod tests {
 
     #[test]
     fn precedence_file_then_env_then_flags() {
-        let file = Settings { proxy_port: Some(1), gateway_url: Some("https://file".into()), sniff_timeout: Some(1.0), ..Default::default() };
-        let env = Settings { proxy_port: Some(2), gateway_url: Some("https://env".into()), ..Default::default() };
-        let flags = Settings { proxy_port: Some(3), ..Default::default() };
+        let file = Settings {
+            proxy_port: Some(1),
+            gateway_url: Some("https://file".into()),
+            sniff_timeout: Some(1.0),
+            ..Default::default()
+        };
+        let env = Settings {
+            proxy_port: Some(2),
+            gateway_url: Some("https://env".into()),
+            ..Default::default()
+        };
+        let flags = Settings {
+            proxy_port: Some(3),
+            ..Default::default()
+        };
         let s = file.overlay(env).overlay(flags);
         assert_eq!(s.proxy_port, Some(3));
         assert_eq!(s.gateway_url.as_deref(), Some("https://env"));
@@ -432,9 +522,18 @@ mod tests {
     fn errors_name_the_field_and_value() {
         let cases: &[(&str, &[&str])] = &[
             ("gateway-url: http://gw.example", &["gateway-url"]),
-            ("proxy-skip-range: 10.0.0.0/33", &["proxy-skip-range", "10.0.0.0/33"]),
-            ("routes:\n  - host: a.example\n    route: sideways\n", &["routes[0]", "sideways"]),
-            ("routes:\n  - route: proxy\n", &["routes[0]", "host or cidr"]),
+            (
+                "proxy-skip-range: 10.0.0.0/33",
+                &["proxy-skip-range", "10.0.0.0/33"],
+            ),
+            (
+                "routes:\n  - host: a.example\n    route: sideways\n",
+                &["routes[0]", "sideways"],
+            ),
+            (
+                "routes:\n  - route: proxy\n",
+                &["routes[0]", "host or cidr"],
+            ),
             ("route-presets: [nope]", &["nope"]),
             ("connect-timeout: -1", &["connect-timeout", "-1"]),
             ("allow-dial: [banana]", &["allow-dial", "banana"]),
@@ -452,7 +551,12 @@ mod tests {
 
     #[test]
     fn secrets_never_reach_debug_or_the_dump() {
-        let s = Settings { proxy_https: Some("http://u:hunter2@proxy.example:3128".into()), gateway_url: Some("https://gw.example".into()), gateway_header: Some(vec!["X-Key: sekrit".into()]), ..Default::default() };
+        let s = Settings {
+            proxy_https: Some("http://u:hunter2@proxy.example:3128".into()),
+            gateway_url: Some("https://gw.example".into()),
+            gateway_header: Some(vec!["X-Key: sekrit".into()]),
+            ..Default::default()
+        };
         let c = Config::build(s).unwrap();
         let dump = serde_json::to_string(&c).unwrap();
         for leak in ["hunter2", "sekrit"] {

@@ -2,8 +2,12 @@
 pub mod admin;
 pub mod app;
 pub mod bpf;
+pub mod check;
 pub mod cli;
 pub mod config;
+pub mod explain;
+pub mod k8s;
+pub mod kubelet;
 pub mod netns;
 pub mod policy;
 pub mod preflight;
@@ -15,10 +19,6 @@ pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
 pub mod workloads;
-pub mod k8s;
-pub mod kubelet;
-pub mod explain;
-pub mod check;
 
 /// Renders an error and its sources on one line: `outer: inner: root cause`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -17,12 +17,21 @@ fn main() -> ExitCode {
 }
 
 fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, String> {
-    let mut b = if multi_thread { tokio::runtime::Builder::new_multi_thread() } else { tokio::runtime::Builder::new_current_thread() };
-    b.enable_all().build().map_err(|e| format!("cannot start the async runtime: {e}"))
+    let mut b = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
 fn json(v: &impl serde::Serialize) -> Result<(), String> {
-    println!("{}", serde_json::to_string_pretty(v).map_err(|e| e.to_string())?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
     Ok(())
 }
 
@@ -30,18 +39,33 @@ fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
     match cmd {
         cli::Command::Run(args) => {
             let config = args.load().map_err(|e| error_chain(&e))?;
-            runtime(true)?.block_on(app::run(config, args)).map_err(|e| error_chain(&e))?;
+            runtime(true)?
+                .block_on(app::run(config, args))
+                .map_err(|e| error_chain(&e))?;
             Ok(ExitCode::SUCCESS)
         }
         cli::Command::Status(a) => {
-            let s = status::collect(&a.pins.pin_root, a.admin_addr, &a.cgroup_root)
-                .map_err(|e| format!("{}; is the redirector installed with this --pin-root?", error_chain(&e)))?;
-            if a.json { json(&s)? } else { print!("{}", status::render_text(&s)) }
+            let s =
+                status::collect(&a.pins.pin_root, a.admin_addr, &a.cgroup_root).map_err(|e| {
+                    format!(
+                        "{}; is the redirector installed with this --pin-root?",
+                        error_chain(&e)
+                    )
+                })?;
+            if a.json {
+                json(&s)?
+            } else {
+                print!("{}", status::render_text(&s))
+            }
             Ok(ExitCode::SUCCESS)
         }
         cli::Command::Explain(a) => {
             let e = explain::explain(&a).map_err(|e| error_chain(&e))?;
-            if a.json { json(&e)? } else { print!("{}", explain::render_text(&e)) }
+            if a.json {
+                json(&e)?
+            } else {
+                print!("{}", explain::render_text(&e))
+            }
             Ok(ExitCode::SUCCESS)
         }
         cli::Command::Check(a) => {
@@ -54,8 +78,16 @@ fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
                 Err(e) => (a.run.settings.clone(), Err(e)),
             };
             let report = runtime(false)?.block_on(check::run(&settings, config));
-            if a.json { json(&report)? } else { print!("{}", check::render_text(&report)) }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            if a.json {
+                json(&report)?
+            } else {
+                print!("{}", check::render_text(&report))
+            }
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         cli::Command::Uninstall(a) => {
             let removed = redirector::bpf::uninstall(&redirector::bpf::PinLayout::new(&a.pin_root))

@@ -50,7 +50,10 @@ pub struct NetnsId {
 
 pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
     let m = fs::metadata(format!("/proc/{pid}/ns/net"))?;
-    Ok(NetnsId { dev: m.dev(), ino: m.ino() })
+    Ok(NetnsId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
 /// Binds TCP listeners on `addrs` inside the network namespace of `pid`.
@@ -82,7 +85,11 @@ pub fn bind_in_netns(pid: u32, addrs: Vec<SocketAddr>) -> Result<Vec<TcpListener
 }
 
 fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket(2) call; the fd is owned by the TcpListener below.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -102,7 +109,11 @@ fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
                 size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     };
     // A restarted daemon must be able to bind while old connections sit in TIME_WAIT.
     set(libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
@@ -114,7 +125,13 @@ fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
     let sa = nix::sys::socket::SockaddrStorage::from(addr);
     // SAFETY: sa is a valid sockaddr of the right length.
-    let rc = unsafe { libc::bind(fd, nix::sys::socket::SockaddrLike::as_ptr(&sa), nix::sys::socket::SockaddrLike::len(&sa)) };
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            nix::sys::socket::SockaddrLike::as_ptr(&sa),
+            nix::sys::socket::SockaddrLike::len(&sa),
+        )
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -148,7 +148,9 @@ impl SkipRanges {
 
     /// Are there entries only userspace can decide (names, ports)?
     pub fn has_names(&self) -> bool {
-        self.entries.iter().any(|e| matches!(e.matcher, Matcher::Name(_)) || e.port.is_some())
+        self.entries
+            .iter()
+            .any(|e| matches!(e.matcher, Matcher::Name(_)) || e.port.is_some())
     }
 
     /// Does `ip` fall into a port-less skip CIDR? (IPv4-mapped IPv6 is judged as IPv4.)
@@ -163,7 +165,11 @@ impl FromStr for SkipRanges {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut entries = Vec::new();
         // NO_PROXY values are sometimes space-separated too.
-        for item in s.split([',', ' ', '\t', '\n']).map(str::trim).filter(|i| !i.is_empty()) {
+        for item in s
+            .split([',', ' ', '\t', '\n'])
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
             entries.push(parse_skip_entry(item)?);
         }
         Ok(Self { entries })
@@ -197,23 +203,41 @@ fn parse_port(p: &str) -> Result<u16, &'static str> {
 }
 
 fn parse_skip_entry(item: &str) -> Result<SkipEntry, SkipParseError> {
-    let err = |reason| SkipParseError { entry: item.to_owned(), reason };
+    let err = |reason| SkipParseError {
+        entry: item.to_owned(),
+        reason,
+    };
     if item == "*" {
-        return Ok(SkipEntry { matcher: Matcher::Everything, port: None });
+        return Ok(SkipEntry {
+            matcher: Matcher::Everything,
+            port: None,
+        });
     }
     // A bare IPv6 address or CIDR has several colons and no port.
     if let Ok(net) = item.parse::<IpNet>() {
-        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(net)), port: None });
+        return Ok(SkipEntry {
+            matcher: Matcher::Cidr(canonical_net(net)),
+            port: None,
+        });
     }
     if let Ok(ip) = item.parse::<IpAddr>() {
-        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(IpNet::from(ip))), port: None });
+        return Ok(SkipEntry {
+            matcher: Matcher::Cidr(canonical_net(IpNet::from(ip))),
+            port: None,
+        });
     }
     let (body, port) = split_port(item).map_err(err)?;
     if let Ok(net) = body.parse::<IpNet>() {
-        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(net)), port });
+        return Ok(SkipEntry {
+            matcher: Matcher::Cidr(canonical_net(net)),
+            port,
+        });
     }
     if let Ok(ip) = body.parse::<IpAddr>() {
-        return Ok(SkipEntry { matcher: Matcher::Cidr(canonical_net(IpNet::from(ip))), port });
+        return Ok(SkipEntry {
+            matcher: Matcher::Cidr(canonical_net(IpNet::from(ip))),
+            port,
+        });
     }
     if body.contains('/') {
         return Err(err("not a valid CIDR (address/prefix-length)"));
@@ -225,7 +249,10 @@ fn parse_skip_entry(item: &str) -> Result<SkipEntry, SkipParseError> {
     } else {
         NamePattern::SelfAndBelow(canonical_name(body).map_err(err)?)
     };
-    Ok(SkipEntry { matcher: Matcher::Name(pattern), port })
+    Ok(SkipEntry {
+        matcher: Matcher::Name(pattern),
+        port,
+    })
 }
 
 /// Lower-cased, trailing dot removed, LDH labels (plus `_`), punycode allowed.
@@ -239,10 +266,13 @@ fn canonical_name(name: &str) -> Result<String, &'static str> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if !name.split('.').all(label_ok) {
-        return Err("not an IP, CIDR or DNS name (non-ASCII names must be given in punycode, xn--…)");
+        return Err(
+            "not an IP, CIDR or DNS name (non-ASCII names must be given in punycode, xn--…)",
+        );
     }
     Ok(name)
 }
@@ -261,15 +291,25 @@ impl RouteRule {
             "direct" => Route::Direct,
             "proxy" => Route::Proxy,
             "gateway" => Route::Gateway,
-            other => return Err(format!("route {other:?} is not one of direct, proxy, gateway")),
+            other => {
+                return Err(format!(
+                    "route {other:?} is not one of direct, proxy, gateway"
+                ));
+            }
         };
         let (matcher, port) = match (&r.host, &r.cidr) {
             (Some(h), None) => {
                 let (body, port) = split_port(h.trim()).map_err(|e| format!("host {h:?}: {e}"))?;
-                let pattern = if let Some(rest) = body.strip_prefix("*.").or_else(|| body.strip_prefix('.')) {
-                    NamePattern::Below(canonical_name(rest).map_err(|e| format!("host {h:?}: {e}"))?)
+                let pattern = if let Some(rest) =
+                    body.strip_prefix("*.").or_else(|| body.strip_prefix('.'))
+                {
+                    NamePattern::Below(
+                        canonical_name(rest).map_err(|e| format!("host {h:?}: {e}"))?,
+                    )
                 } else {
-                    NamePattern::Exact(canonical_name(body).map_err(|e| format!("host {h:?}: {e}"))?)
+                    NamePattern::Exact(
+                        canonical_name(body).map_err(|e| format!("host {h:?}: {e}"))?,
+                    )
                 };
                 (Matcher::Name(pattern), port)
             }
@@ -285,11 +325,17 @@ impl RouteRule {
             (None, None) => return Err("needs a host or cidr".into()),
         };
         let port = match (port, r.port) {
-            (Some(a), Some(b)) if a != b => return Err(format!("port {a} in host and port {b} disagree")),
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!("port {a} in host and port {b} disagree"));
+            }
             (Some(0), _) | (_, Some(0)) => return Err("port must be 1-65535".into()),
             (a, b) => a.or(b),
         };
-        Ok(RouteRule { matcher, port, route })
+        Ok(RouteRule {
+            matcher,
+            port,
+            route,
+        })
     }
 
     fn matches(&self, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
@@ -341,7 +387,14 @@ pub fn preset(name: &str) -> Option<Vec<RouteRule>> {
     let (_, hosts) = PRESETS.iter().find(|(n, _)| *n == name)?;
     hosts
         .iter()
-        .map(|h| RouteRule::from_raw(&RawRoute { host: Some((*h).into()), route: "proxy".into(), ..Default::default() }).ok())
+        .map(|h| {
+            RouteRule::from_raw(&RawRoute {
+                host: Some((*h).into()),
+                route: "proxy".into(),
+                ..Default::default()
+            })
+            .ok()
+        })
         .collect()
 }
 
@@ -372,19 +425,36 @@ pub struct PolicyInput<'a> {
 /// Decides the route of a connection to `dst:port` whose client named `host` (SNI / Host).
 pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -> Decision {
     let dst = canonical_ip(dst);
-    let mut d = Decision { route: Some(p.default), rule: "default".into(), by_name: false };
+    let mut d = Decision {
+        route: Some(p.default),
+        rule: "default".into(),
+        by_name: false,
+    };
     if let Some(e) = p.skip.entries.iter().find(|e| e.matches(dst, port, host)) {
-        d = Decision { route: Some(Route::Direct), rule: format!("skip:{e}"), by_name: matches!(e.matcher, Matcher::Name(_)) };
+        d = Decision {
+            route: Some(Route::Direct),
+            rule: format!("skip:{e}"),
+            by_name: matches!(e.matcher, Matcher::Name(_)),
+        };
     } else if let Some(r) = p.routes.rules.iter().find(|r| r.matches(dst, port, host)) {
-        d = Decision { route: Some(r.route), rule: format!("route:{r}"), by_name: matches!(r.matcher, Matcher::Name(_)) };
+        d = Decision {
+            route: Some(r.route),
+            rule: format!("route:{r}"),
+            by_name: matches!(r.matcher, Matcher::Name(_)),
+        };
     }
     // Safety: the proxy never dials link-local / metadata / loopback / the node itself on a
     // pod's behalf (that would lend the pod the node's identity), unless explicitly allowed.
     if d.route == Some(Route::Direct)
         && let Some(why) = forbidden_direct(dst, p.node_addrs)
-            && !p.allow_dial.iter().any(|n| n.contains(&dst)) {
-                return Decision { route: None, rule: format!("safety:{why} ({})", d.rule), by_name: false };
-            }
+        && !p.allow_dial.iter().any(|n| n.contains(&dst))
+    {
+        return Decision {
+            route: None,
+            rule: format!("safety:{why} ({})", d.rule),
+            by_name: false,
+        };
+    }
     d
 }
 
@@ -396,7 +466,9 @@ pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static st
         IpAddr::V4(v4) if v4.is_link_local() => return Some("link-local/metadata"),
         IpAddr::V4(v4) if v4.is_loopback() || v4.is_unspecified() => return Some("loopback"),
         IpAddr::V6(v6) if v6 == metadata_v6 => return Some("link-local/metadata"),
-        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => return Some("link-local/metadata"),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => {
+            return Some("link-local/metadata");
+        }
         IpAddr::V6(v6) if v6.is_loopback() || v6.is_unspecified() => return Some("loopback"),
         _ => {}
     }
@@ -418,9 +490,10 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 pub fn canonical_net(n: IpNet) -> IpNet {
     if let IpNet::V6(v6) = n
         && let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96)
-            && let Ok(net) = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96) {
-                return net;
-            }
+        && let Ok(net) = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96)
+    {
+        return net;
+    }
     n.trunc()
 }
 
@@ -434,17 +507,27 @@ mod tests {
 
     #[test]
     fn parses_az_connectedk8s_example() {
-        let s: SkipRanges = "10.0.0.0/16,kubernetes.default.svc,.svc.cluster.local,.svc".parse().unwrap();
+        let s: SkipRanges = "10.0.0.0/16,kubernetes.default.svc,.svc.cluster.local,.svc"
+            .parse()
+            .unwrap();
         assert_eq!(s.cidrs(), vec!["10.0.0.0/16".parse::<IpNet>().unwrap()]);
         assert_eq!(s.entries.len(), 4);
-        assert_eq!(s.entries[2].matcher, Matcher::Name(NamePattern::Below("svc.cluster.local".into())));
+        assert_eq!(
+            s.entries[2].matcher,
+            Matcher::Name(NamePattern::Below("svc.cluster.local".into()))
+        );
         assert_eq!(s.entries[2].to_string(), ".svc.cluster.local");
     }
 
     #[test]
     fn single_ips_and_mapped_forms_are_canonical() {
-        let s: SkipRanges = "203.0.113.7, ::ffff:198.51.100.0/120 ,2001:db8::1".parse().unwrap();
-        let mut want: Vec<IpNet> = ["203.0.113.7/32", "198.51.100.0/24", "2001:db8::1/128"].iter().map(|x| x.parse().unwrap()).collect();
+        let s: SkipRanges = "203.0.113.7, ::ffff:198.51.100.0/120 ,2001:db8::1"
+            .parse()
+            .unwrap();
+        let mut want: Vec<IpNet> = ["203.0.113.7/32", "198.51.100.0/24", "2001:db8::1/128"]
+            .iter()
+            .map(|x| x.parse().unwrap())
+            .collect();
         want.sort();
         assert_eq!(s.cidrs(), want);
         assert!(s.contains_ip(ip("::ffff:198.51.100.9")));
@@ -454,9 +537,23 @@ mod tests {
 
     #[test]
     fn no_proxy_style_values() {
-        let s: SkipRanges = "localhost 127.0.0.1:8080 [2001:db8::5]:443 *.corp.example .internal example.org:80 *".parse().unwrap();
+        let s: SkipRanges =
+            "localhost 127.0.0.1:8080 [2001:db8::5]:443 *.corp.example .internal example.org:80 *"
+                .parse()
+                .unwrap();
         let strs: Vec<String> = s.entries.iter().map(ToString::to_string).collect();
-        assert_eq!(strs, ["localhost", "127.0.0.1/32:8080", "2001:db8::5/128:443", ".corp.example", ".internal", "example.org:80", "*"]);
+        assert_eq!(
+            strs,
+            [
+                "localhost",
+                "127.0.0.1/32:8080",
+                "2001:db8::5/128:443",
+                ".corp.example",
+                ".internal",
+                "example.org:80",
+                "*"
+            ]
+        );
         // Ported CIDRs are decided in userspace; only port-less ones go to the kernel.
         assert!(s.cidrs().contains(&"0.0.0.0/0".parse().unwrap()));
         assert!(!s.cidrs().contains(&"127.0.0.1/32".parse().unwrap()));
@@ -478,8 +575,18 @@ mod tests {
             ("example.com.", "a.example.com", 443, true),
             ("example.com:443", "example.com", 443, true),
             ("example.com:443", "example.com", 80, false),
-            ("*.update.microsoft.com:80", "a.update.microsoft.com", 80, true),
-            ("*.update.microsoft.com:80", "a.update.microsoft.com", 443, false),
+            (
+                "*.update.microsoft.com:80",
+                "a.update.microsoft.com",
+                80,
+                true,
+            ),
+            (
+                "*.update.microsoft.com:80",
+                "a.update.microsoft.com",
+                443,
+                false,
+            ),
             ("xn--bcher-kva.example", "xn--bcher-kva.example", 443, true),
             ("xn--bcher-kva.example", "bücher.example", 443, false),
         ];
@@ -511,34 +618,76 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_the_entry_named() {
-        for bad in ["10.0.0.0/33", "exa@mple.com", "http://x", "..", "10.0.0.0/x", "a:0", "a:99999", "[::1", "-bad.example", "bücher.example"] {
+        for bad in [
+            "10.0.0.0/33",
+            "exa@mple.com",
+            "http://x",
+            "..",
+            "10.0.0.0/x",
+            "a:0",
+            "a:99999",
+            "[::1",
+            "-bad.example",
+            "bücher.example",
+        ] {
             let e = bad.parse::<SkipRanges>().unwrap_err();
             assert_eq!(e.entry, bad, "error must name the entry");
         }
     }
 
-    fn input<'a>(skip: &'a SkipRanges, routes: &'a RouteTable, node: &'a [IpAddr], allow: &'a [IpNet]) -> PolicyInput<'a> {
-        PolicyInput { skip, routes, default: Route::Gateway, node_addrs: node, allow_dial: allow }
+    fn input<'a>(
+        skip: &'a SkipRanges,
+        routes: &'a RouteTable,
+        node: &'a [IpAddr],
+        allow: &'a [IpNet],
+    ) -> PolicyInput<'a> {
+        PolicyInput {
+            skip,
+            routes,
+            default: Route::Gateway,
+            node_addrs: node,
+            allow_dial: allow,
+        }
     }
 
     #[test]
     fn decide_skips_then_routes_then_default() {
         let skip: SkipRanges = "10.0.0.0/8,.svc".parse().unwrap();
         let mut rules = preset("arc-not-covered").unwrap();
-        rules.push(RouteRule::from_raw(&RawRoute { cidr: Some("198.51.100.0/24".into()), route: "direct".into(), ..Default::default() }).unwrap());
+        rules.push(
+            RouteRule::from_raw(&RawRoute {
+                cidr: Some("198.51.100.0/24".into()),
+                route: "direct".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
         let routes = RouteTable { rules };
         let p = input(&skip, &routes, &[], &[]);
         let d = decide(&p, ip("10.1.2.3"), 443, None);
         assert_eq!((d.route, d.by_name), (Some(Route::Direct), false));
-        assert_eq!(decide(&p, ip("::ffff:10.1.2.3"), 443, None).route, Some(Route::Direct), "v4-mapped gets the v4 decision");
+        assert_eq!(
+            decide(&p, ip("::ffff:10.1.2.3"), 443, None).route,
+            Some(Route::Direct),
+            "v4-mapped gets the v4 decision"
+        );
         let d = decide(&p, ip("203.0.113.9"), 443, Some("a.svc"));
-        assert_eq!((d.route, d.by_name, d.rule.as_str()), (Some(Route::Direct), true, "skip:.svc"));
+        assert_eq!(
+            (d.route, d.by_name, d.rule.as_str()),
+            (Some(Route::Direct), true, "skip:.svc")
+        );
         let d = decide(&p, ip("203.0.113.9"), 443, Some("kv1.vault.azure.net"));
-        assert_eq!((d.route, d.rule.as_str()), (Some(Route::Proxy), "route:*.vault.azure.net->proxy"));
+        assert_eq!(
+            (d.route, d.rule.as_str()),
+            (Some(Route::Proxy), "route:*.vault.azure.net->proxy")
+        );
         let d = decide(&p, ip("198.51.100.7"), 443, None);
         assert_eq!((d.route, d.by_name), (Some(Route::Direct), false));
         let d = decide(&p, ip("203.0.113.9"), 443, Some("portal.azure.com"));
-        assert_eq!((d.route, d.rule.as_str()), (Some(Route::Gateway), "default"));
+        assert_eq!(
+            (d.route, d.rule.as_str()),
+            (Some(Route::Gateway), "default")
+        );
     }
 
     #[test]
@@ -547,29 +696,68 @@ mod tests {
         let routes = RouteTable::default();
         let node = [ip("203.0.113.1")];
         let p = input(&skip, &routes, &node, &[]);
-        for addr in ["169.254.169.254", "::ffff:169.254.169.254", "fd00:ec2::254", "127.0.0.1", "203.0.113.1", "::ffff:203.0.113.1", "fe80::1"] {
+        for addr in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "fd00:ec2::254",
+            "127.0.0.1",
+            "203.0.113.1",
+            "::ffff:203.0.113.1",
+            "fe80::1",
+        ] {
             let d = decide(&p, ip(addr), 80, None);
             assert_eq!(d.route, None, "{addr} must be refused: {d:?}");
             assert!(d.rule.starts_with("safety:"), "{d:?}");
         }
-        assert_eq!(decide(&p, ip("203.0.113.9"), 80, None).route, Some(Route::Direct));
+        assert_eq!(
+            decide(&p, ip("203.0.113.9"), 80, None).route,
+            Some(Route::Direct)
+        );
         let allow = ["169.254.169.254/32".parse().unwrap()];
         let p = input(&skip, &routes, &node, &allow);
-        assert_eq!(decide(&p, ip("169.254.169.254"), 80, None).route, Some(Route::Direct), "explicitly allowed");
+        assert_eq!(
+            decide(&p, ip("169.254.169.254"), 80, None).route,
+            Some(Route::Direct),
+            "explicitly allowed"
+        );
         // Through the gateway the proxy never dials the address itself: allowed.
         let skip = SkipRanges::default();
         let p = input(&skip, &routes, &node, &[]);
-        assert_eq!(decide(&p, ip("169.254.169.254"), 80, None).route, Some(Route::Gateway));
+        assert_eq!(
+            decide(&p, ip("169.254.169.254"), 80, None).route,
+            Some(Route::Gateway)
+        );
     }
 
     #[test]
     fn route_rules_validate() {
         let bad = [
-            RawRoute { route: "proxy".into(), ..Default::default() },
-            RawRoute { host: Some("a.example".into()), cidr: Some("10.0.0.0/8".into()), route: "proxy".into(), ..Default::default() },
-            RawRoute { host: Some("a.example:80".into()), port: Some(443), route: "proxy".into(), ..Default::default() },
-            RawRoute { host: Some("a b".into()), route: "proxy".into(), ..Default::default() },
-            RawRoute { cidr: Some("10.0.0.0/40".into()), route: "proxy".into(), ..Default::default() },
+            RawRoute {
+                route: "proxy".into(),
+                ..Default::default()
+            },
+            RawRoute {
+                host: Some("a.example".into()),
+                cidr: Some("10.0.0.0/8".into()),
+                route: "proxy".into(),
+                ..Default::default()
+            },
+            RawRoute {
+                host: Some("a.example:80".into()),
+                port: Some(443),
+                route: "proxy".into(),
+                ..Default::default()
+            },
+            RawRoute {
+                host: Some("a b".into()),
+                route: "proxy".into(),
+                ..Default::default()
+            },
+            RawRoute {
+                cidr: Some("10.0.0.0/40".into()),
+                route: "proxy".into(),
+                ..Default::default()
+            },
         ];
         for r in bad {
             assert!(RouteRule::from_raw(&r).is_err(), "{r:?}");

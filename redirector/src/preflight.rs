@@ -50,12 +50,22 @@ pub enum PreflightError {
 
 /// Parses `uname -r` style releases ("6.18.44-fc-v669") and checks the minimum.
 pub fn check_kernel_release(release: &str) -> Result<(u32, u32), PreflightError> {
-    let unparsable = || PreflightError::KernelUnparsable { release: release.to_owned() };
+    let unparsable = || PreflightError::KernelUnparsable {
+        release: release.to_owned(),
+    };
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(unparsable)?;
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(unparsable)?;
+    let major: u32 = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(unparsable)?;
+    let minor: u32 = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(unparsable)?;
     if (major, minor) < MIN_KERNEL {
-        return Err(PreflightError::KernelTooOld { release: release.to_owned() });
+        return Err(PreflightError::KernelTooOld {
+            release: release.to_owned(),
+        });
     }
     Ok((major, minor))
 }
@@ -68,11 +78,18 @@ pub fn kernel_release() -> String {
 
 /// The pin root (or, before it exists, its parent) must be on bpffs.
 pub fn check_bpffs(pin_root: &Path) -> Result<(), PreflightError> {
-    let probe = if pin_root.exists() { pin_root } else { pin_root.parent().unwrap_or(pin_root) };
+    let probe = if pin_root.exists() {
+        pin_root
+    } else {
+        pin_root.parent().unwrap_or(pin_root)
+    };
     let mount_hint = pin_root.parent().unwrap_or(pin_root).to_owned();
     match netns::is_bpffs(probe) {
         Ok(true) => Ok(()),
-        _ => Err(PreflightError::NoBpffs { path: probe.to_owned(), mount_hint }),
+        _ => Err(PreflightError::NoBpffs {
+            path: probe.to_owned(),
+            mount_hint,
+        }),
     }
 }
 
@@ -87,10 +104,17 @@ pub fn check_cgroup(path: &Path) -> Result<(), PreflightError> {
 }
 
 pub fn check_below(root: &Path, cgroup: &Path) -> Result<(), PreflightError> {
-    let outside = || PreflightError::OutsideRoot { cgroup: cgroup.to_owned(), root: root.to_owned() };
+    let outside = || PreflightError::OutsideRoot {
+        cgroup: cgroup.to_owned(),
+        root: root.to_owned(),
+    };
     let r = root.canonicalize().map_err(|_| outside())?;
     let c = cgroup.canonicalize().map_err(|_| outside())?;
-    if c.starts_with(&r) { Ok(()) } else { Err(outside()) }
+    if c.starts_with(&r) {
+        Ok(())
+    } else {
+        Err(outside())
+    }
 }
 
 /// Every check `redirector run` needs before it may attach anything.

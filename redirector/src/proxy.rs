@@ -20,7 +20,9 @@ use crate::{
     netns::{self, NetnsError, NetnsId},
     policy, relay,
     sniff::{self, HostSource},
-    telemetry::{DirectionLabels, Metrics, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels},
+    telemetry::{
+        DirectionLabels, Metrics, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels,
+    },
     tunnel::{self, HopStatus, Route},
 };
 
@@ -97,7 +99,11 @@ impl Drop for NetnsListener {
 
 /// Binds the proxy port inside the netns of `pid` and starts accepting.
 /// `workload` names what uses this netns in the audit log (pod, or cgroup path).
-pub fn spawn_listener(shared: &Arc<Shared>, pid: u32, workload: Arc<str>) -> Result<NetnsListener, NetnsError> {
+pub fn spawn_listener(
+    shared: &Arc<Shared>,
+    pid: u32,
+    workload: Arc<str>,
+) -> Result<NetnsListener, NetnsError> {
     let port = shared.config.load().proxy_port;
     let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
     let addrs = vec![
@@ -116,13 +122,29 @@ pub fn spawn_listener(shared: &Arc<Shared>, pid: u32, workload: Arc<str>) -> Res
         })?;
         let shared = Arc::clone(shared);
         let stop = stop.clone();
-        tokio::spawn(accept_loop(shared, listener, cookie, stop, Arc::clone(&workload)));
+        tokio::spawn(accept_loop(
+            shared,
+            listener,
+            cookie,
+            stop,
+            Arc::clone(&workload),
+        ));
     }
     info!(pid, netns_cookie = cookie, port, workload = %workload, "proxy listening in pod network namespace");
-    Ok(NetnsListener { netns, cookie, stop })
+    Ok(NetnsListener {
+        netns,
+        cookie,
+        stop,
+    })
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, stop: CancellationToken, workload: Arc<str>) {
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    cookie: u64,
+    stop: CancellationToken,
+    workload: Arc<str>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => break,
@@ -139,32 +161,63 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cookie: u64, st
     }
 }
 
-fn on_accept(shared: &Arc<Shared>, cookie: u64, stream: TcpStream, peer: SocketAddr, workload: &Arc<str>) {
+fn on_accept(
+    shared: &Arc<Shared>,
+    cookie: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    workload: &Arc<str>,
+) {
     let key = bpf::sock_key(cookie, peer);
-    let found = shared.maps.lock().expect("maps lock poisoned").take_orig(&key);
+    let found = shared
+        .maps
+        .lock()
+        .expect("maps lock poisoned")
+        .take_orig(&key);
     let orig = match found {
         Ok(Some(d)) => bpf::orig_to_socket_addr(&d),
         Ok(None) => {
             // Not a connection our hook redirected (or its record was evicted): never guess.
-            shared.metrics.refused.get_or_create(&ReasonLabels { reason: "no_original_destination" }).inc();
+            shared
+                .metrics
+                .refused
+                .get_or_create(&ReasonLabels {
+                    reason: "no_original_destination",
+                })
+                .inc();
             warn!(%peer, netns_cookie = cookie, workload = %workload, "refused connection with no recorded original destination");
             reset(stream);
             return;
         }
         Err(e) => {
-            shared.metrics.refused.get_or_create(&ReasonLabels { reason: "map_error" }).inc();
+            shared
+                .metrics
+                .refused
+                .get_or_create(&ReasonLabels {
+                    reason: "map_error",
+                })
+                .inc();
             warn!(%peer, error = %crate::error_chain(&e), "refused connection: original destination lookup failed");
             reset(stream);
             return;
         }
     };
     debug!(%peer, orig_dst = %orig, "redirected connection accepted");
-    shared.tracker.spawn(relay(Arc::clone(shared), stream, peer, orig, Arc::clone(workload)));
+    shared.tracker.spawn(relay(
+        Arc::clone(shared),
+        stream,
+        peer,
+        orig,
+        Arc::clone(workload),
+    ));
 }
 
 /// Close with RST so the client sees "connection reset" at once rather than a clean EOF.
 fn reset(stream: TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid fd and a correctly sized linger struct.
     unsafe {
         libc::setsockopt(
@@ -195,11 +248,21 @@ struct Audit {
 
 impl Audit {
     fn hops(&self) -> String {
-        self.hops.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        self.hops
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
-async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, orig: SocketAddr, workload: Arc<str>) {
+async fn relay(
+    shared: Arc<Shared>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    workload: Arc<str>,
+) {
     let cfg = shared.config.load_full();
     shared.metrics.active.inc();
     let _active = scopeguard(|| {
@@ -222,16 +285,27 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     //    are kept and replayed to the target unchanged once the tunnel is up.
     // Skipped when no decision could depend on it (everything goes direct, no name rules):
     // server-first protocols would otherwise wait out the deadline for nothing.
-    let needs_host = cfg.default_route != Route::Direct || cfg.skip.has_names() || !cfg.routes.rules.is_empty();
+    let needs_host =
+        cfg.default_route != Route::Direct || cfg.skip.has_names() || !cfg.routes.rules.is_empty();
     let peeked = if !needs_host {
-        Ok(sniff::Peeked { bytes: Vec::new(), host: None, source: HostSource::Ip })
+        Ok(sniff::Peeked {
+            bytes: Vec::new(),
+            host: None,
+            source: HostSource::Ip,
+        })
     } else {
         sniff::peek_host(&mut client, cfg.sniff_timeout, cfg.sniff_cap).await
     };
     let peeked = match peeked {
         Ok(p) => p,
         Err(e) => {
-            refuse(&shared, &audit, "downstream", "client_error", &e.to_string());
+            refuse(
+                &shared,
+                &audit,
+                "downstream",
+                "client_error",
+                &e.to_string(),
+            );
             return;
         }
     };
@@ -254,7 +328,13 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
         audit.route = Route::Direct;
         warn!(orig_dst = %orig, rule = %audit.rule, "security: refusing to dial this address directly on a pod's behalf (allow it with allow-dial)");
         reset(client);
-        refuse(&shared, &audit, "internal", "safety", "destination may not be dialed directly");
+        refuse(
+            &shared,
+            &audit,
+            "internal",
+            "safety",
+            "destination may not be dialed directly",
+        );
         return;
     };
     audit.route = route;
@@ -271,7 +351,10 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     }
 
     // 3. The tunnel: every hop must answer 2xx before one client byte moves.
-    let authority = sniff::authority(audit.host.as_deref().unwrap_or(&orig.ip().to_string()), orig.port());
+    let authority = sniff::authority(
+        audit.host.as_deref().unwrap_or(&orig.ip().to_string()),
+        orig.port(),
+    );
     let tunnel_cfg = match (&cfg.tunnel_http, audit.route, audit.host_source) {
         (Some(t), Route::Proxy, HostSource::Host) => t,
         _ => &cfg.tunnel,
@@ -279,13 +362,24 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     let mut upstream = match tunnel::open(tunnel_cfg, audit.route, &authority, orig).await {
         Ok(u) => u,
         Err(e) => {
-            let status = e.status().map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+            let status = e
+                .status()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "-".into());
             shared
                 .metrics
                 .tunnel_failures
-                .get_or_create(&TunnelFailureLabels { hop: e.hop(), kind: e.kind() })
+                .get_or_create(&TunnelFailureLabels {
+                    hop: e.hop(),
+                    kind: e.kind(),
+                })
                 .inc();
-            let cause = format!("{} (hop={} kind={} status={status})", crate::error_chain(&e), e.hop(), e.kind());
+            let cause = format!(
+                "{} (hop={} kind={} status={status})",
+                crate::error_chain(&e),
+                e.hop(),
+                e.kind()
+            );
             reset(client);
             refuse(&shared, &audit, e.side(), e.kind(), &cause);
             return;
@@ -293,9 +387,15 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     };
     audit.hops = upstream.hops.clone();
     for (hop, took) in &upstream.setup {
-        shared.metrics.tunnel_setup.get_or_create(&crate::telemetry::HopLabels { hop }).observe(took.as_secs_f64());
+        shared
+            .metrics
+            .tunnel_setup
+            .get_or_create(&crate::telemetry::HopLabels { hop })
+            .observe(took.as_secs_f64());
     }
-    let id = shared.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = shared
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Ok(mut c) = shared.conns.lock() {
         c.insert(
             id,
@@ -310,12 +410,16 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
             },
         );
     }
-    let _conn = ConnGuard { shared: &shared, id };
+    let _conn = ConnGuard {
+        shared: &shared,
+        id,
+    };
     if !peeked.bytes.is_empty()
-        && let Err(e) = upstream.write_all(&peeked.bytes).await {
-            refuse(&shared, &audit, "upstream", "write_error", &e.to_string());
-            return;
-        }
+        && let Err(e) = upstream.write_all(&peeked.bytes).await
+    {
+        refuse(&shared, &audit, "upstream", "write_error", &e.to_string());
+        return;
+    }
     audit.tx = peeked.bytes.len() as u64;
     let _ = client.set_nodelay(true);
 
@@ -330,9 +434,18 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
     let close = relayed.close;
     let result_label = if relayed.ok { "ok" } else { "relay_error" };
     let m = &shared.metrics;
-    m.connections.get_or_create(&RouteLabels { route: audit.route.as_str(), result: result_label }).inc();
-    m.bytes.get_or_create(&DirectionLabels { direction: "tx" }).inc_by(audit.tx);
-    m.bytes.get_or_create(&DirectionLabels { direction: "rx" }).inc_by(audit.rx);
+    m.connections
+        .get_or_create(&RouteLabels {
+            route: audit.route.as_str(),
+            result: result_label,
+        })
+        .inc();
+    m.bytes
+        .get_or_create(&DirectionLabels { direction: "tx" })
+        .inc_by(audit.tx);
+    m.bytes
+        .get_or_create(&DirectionLabels { direction: "rx" })
+        .inc_by(audit.rx);
     info!(
         workload = %audit.workload,
         src = %audit.peer,
@@ -353,8 +466,15 @@ async fn relay(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr, ori
 /// Does `host` resolve (from the node) to the original destination's IP?
 async fn resolves_to(host: &str, orig: SocketAddr) -> bool {
     let want = policy::canonical_ip(orig.ip());
-    match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((host, orig.port()))).await {
-        Ok(Ok(addrs)) => addrs.map(|a| policy::canonical_ip(a.ip())).any(|ip| ip == want),
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::lookup_host((host, orig.port())),
+    )
+    .await
+    {
+        Ok(Ok(addrs)) => addrs
+            .map(|a| policy::canonical_ip(a.ip()))
+            .any(|ip| ip == want),
         _ => false,
     }
 }
@@ -362,7 +482,12 @@ async fn resolves_to(host: &str, orig: SocketAddr) -> bool {
 /// A connection closed before relaying: one warn-level audit line naming the cause.
 fn refuse(shared: &Shared, a: &Audit, side: &'static str, kind: &'static str, cause: &str) {
     let m = &shared.metrics;
-    m.connections.get_or_create(&RouteLabels { route: a.route.as_str(), result: "refused" }).inc();
+    m.connections
+        .get_or_create(&RouteLabels {
+            route: a.route.as_str(),
+            result: "refused",
+        })
+        .inc();
     m.errors.get_or_create(&SideLabels { side }).inc();
     warn!(
         workload = %a.workload,
@@ -420,7 +545,10 @@ impl ListenerSet {
         self.by_netns.retain(|ns, _| {
             let keep = live.contains(ns);
             if !keep {
-                debug!(?ns, "closing listener of a network namespace no longer in use");
+                debug!(
+                    ?ns,
+                    "closing listener of a network namespace no longer in use"
+                );
             }
             keep
         });

@@ -93,10 +93,20 @@ where
         Some(DirEnd::Error(err)) => Some(format!("{dir}: {err}")),
         _ => None,
     };
-    let errors: Vec<String> =
-        [describe("pod->upstream", &up_end), describe("upstream->pod", &down_end)].into_iter().flatten().collect();
+    let errors: Vec<String> = [
+        describe("pod->upstream", &up_end),
+        describe("upstream->pod", &down_end),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let ok = errors.is_empty();
-    Relayed { tx, rx, close: if ok { "eof".into() } else { errors.join("; ") }, ok }
+    Relayed {
+        tx,
+        rx,
+        close: if ok { "eof".into() } else { errors.join("; ") },
+        ok,
+    }
 }
 
 #[cfg(test)]
@@ -127,31 +137,54 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(back.len(), 100_000);
         let r = relay.await.unwrap();
-        assert_eq!((r.tx, r.rx, r.ok, r.close.as_str()), (5, 100_000, true, "eof"));
+        assert_eq!(
+            (r.tx, r.rx, r.ok, r.close.as_str()),
+            (5, 100_000, true, "eof")
+        );
     }
 
     #[tokio::test]
     async fn an_error_in_one_direction_ends_the_relay_and_is_named() {
         struct Broken;
         impl AsyncRead for Broken {
-            fn poll_read(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, _: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>> {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
                 std::task::Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset")))
             }
         }
         impl AsyncWrite for Broken {
-            fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, b: &[u8]) -> std::task::Poll<io::Result<usize>> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                b: &[u8],
+            ) -> std::task::Poll<io::Result<usize>> {
                 std::task::Poll::Ready(Ok(b.len()))
             }
-            fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
                 std::task::Poll::Ready(Ok(()))
             }
-            fn poll_shutdown(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
                 std::task::Poll::Ready(Ok(()))
             }
         }
         let (_app, pod_proxy) = duplex(1024);
-        let r = tokio::time::timeout(std::time::Duration::from_secs(5), relay(pod_proxy, Broken)).await.expect("relay must end");
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), relay(pod_proxy, Broken))
+            .await
+            .expect("relay must end");
         assert!(!r.ok);
-        assert!(r.close.contains("upstream->pod") && r.close.contains("reset"), "{}", r.close);
+        assert!(
+            r.close.contains("upstream->pod") && r.close.contains("reset"),
+            "{}",
+            r.close
+        );
     }
 }

@@ -79,23 +79,38 @@ pub enum Fetch<T> {
 pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    parse_response(&raw).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response from the admin endpoint"))
+    parse_response(&raw).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "malformed HTTP response from the admin endpoint",
+        )
+    })
 }
 
 fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(len) = resp.parse(raw).ok()? else { return None };
+    let httparse::Status::Complete(len) = resp.parse(raw).ok()? else {
+        return None;
+    };
     let status = resp.code?;
     let chunked = resp.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked")
+            && String::from_utf8_lossy(h.value)
+                .to_ascii_lowercase()
+                .contains("chunked")
     });
     let body = &raw[len..];
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
@@ -117,7 +132,14 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 /// `GET path` and parse the JSON body as `T`.
 pub fn fetch_json<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Fetch<T> {
     match admin_get(addr, path) {
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut) => Fetch::Down,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Fetch::Down
+        }
         Err(e) => Fetch::Bad(e.to_string()),
         Ok((404, _)) => Fetch::Missing,
         Ok((200, body)) => match serde_json::from_str(&body) {
@@ -195,9 +217,16 @@ fn find_cgroup_paths(root: &Path, ids: &[u64]) -> BTreeMap<u64, PathBuf> {
     out
 }
 
-pub fn collect(pin_root: &Path, admin: SocketAddr, cgroup_root: &Path) -> Result<Status, bpf::BpfError> {
+pub fn collect(
+    pin_root: &Path,
+    admin: SocketAddr,
+    cgroup_root: &Path,
+) -> Result<Status, bpf::BpfError> {
     let pins = PinLayout::new(pin_root);
-    let links = names::LINKS.iter().map(|l| (*l, bpf::link_alive(&pins, l))).collect();
+    let links = names::LINKS
+        .iter()
+        .map(|l| (*l, bpf::link_alive(&pins, l)))
+        .collect();
     let maps = Maps::open(&pins)?;
     let ids: Vec<u64> = maps.enabled_ids().into_iter().collect();
     let mut paths = find_cgroup_paths(cgroup_root, &ids);
@@ -209,8 +238,18 @@ pub fn collect(pin_root: &Path, admin: SocketAddr, cgroup_root: &Path) -> Result
             (None, None)
         }
         _ => (
-            take(fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads"), "/workloads", "pod names", &mut notes),
-            take(fetch_json::<Vec<ConnectionInfo>>(admin, "/connections"), "/connections", "live connections", &mut notes),
+            take(
+                fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads"),
+                "/workloads",
+                "pod names",
+                &mut notes,
+            ),
+            take(
+                fetch_json::<Vec<ConnectionInfo>>(admin, "/connections"),
+                "/connections",
+                "live connections",
+                &mut notes,
+            ),
         ),
     };
     // The daemon knows where each workload's cgroup is even when it is outside --cgroup-root.
@@ -223,15 +262,27 @@ pub fn collect(pin_root: &Path, admin: SocketAddr, cgroup_root: &Path) -> Result
         .iter()
         .map(|id| {
             let path = paths.get(id).cloned();
-            let workload = workloads.iter().flatten().find(|w| workload_is(w, *id, path.as_deref())).map(|w| w.label.clone());
-            EnabledCgroup { id: *id, path, workload }
+            let workload = workloads
+                .iter()
+                .flatten()
+                .find(|w| workload_is(w, *id, path.as_deref()))
+                .map(|w| w.label.clone());
+            EnabledCgroup {
+                id: *id,
+                path,
+                workload,
+            }
         })
         .collect();
     Ok(Status {
         pin_root: pin_root.to_owned(),
         links,
         daemon,
-        proxy_port: maps.config().ok().filter(|c| c.ready != 0).map(|c| c.proxy_port),
+        proxy_port: maps
+            .config()
+            .ok()
+            .filter(|c| c.ready != 0)
+            .map(|c| c.proxy_port),
         enabled_cgroups,
         skip_ranges: maps.skip_ranges().iter().map(|n| n.to_string()).collect(),
         pending_original_destinations: maps.orig_len(),
@@ -253,7 +304,9 @@ fn take<T>(f: Fetch<T>, path: &str, what: &str, notes: &mut Vec<String>) -> Opti
     match f {
         Fetch::Ok(v) => Some(v),
         Fetch::Missing => {
-            notes.push(format!("this daemon does not serve {path} (an older version): {what} unknown"));
+            notes.push(format!(
+                "this daemon does not serve {path} (an older version): {what} unknown"
+            ));
             None
         }
         Fetch::Down => {
@@ -301,15 +354,25 @@ pub fn render_text(s: &Status) -> String {
     out += &format!("daemon:      {daemon}\n");
     out += &format!("pin root:    {}\n", s.pin_root.display());
     for (l, alive) in &s.links {
-        out += &format!("link {l:<12} {}\n", if *alive { "attached" } else { "MISSING" });
+        out += &format!(
+            "link {l:<12} {}\n",
+            if *alive { "attached" } else { "MISSING" }
+        );
     }
     if let Some(p) = s.proxy_port {
         out += &format!("proxy port:  {p}\n");
     }
     out += &format!("enabled cgroups ({}):\n", s.enabled_cgroups.len());
     for c in &s.enabled_cgroups {
-        let path = c.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(path not found under cgroup root)".into());
-        let label = c.workload.as_deref().and_then(|l| pod_label(l, c.path.as_deref()));
+        let path = c
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(path not found under cgroup root)".into());
+        let label = c
+            .workload
+            .as_deref()
+            .and_then(|l| pod_label(l, c.path.as_deref()));
         match label {
             Some(l) => out += &format!("  {:>10}  {path}  {l}\n", c.id),
             None => out += &format!("  {:>10}  {path}\n", c.id),
@@ -320,25 +383,50 @@ pub fn render_text(s: &Status) -> String {
         .workloads
         .iter()
         .flatten()
-        .filter(|w| !s.enabled_cgroups.iter().any(|c| workload_is(w, c.id, c.path.as_deref())))
+        .filter(|w| {
+            !s.enabled_cgroups
+                .iter()
+                .any(|c| workload_is(w, c.id, c.path.as_deref()))
+        })
         .collect();
     if !waiting.is_empty() {
         out += &format!("waiting workloads ({}):\n", waiting.len());
         for w in waiting {
             let why = match (&w.cgroup, w.listening) {
                 (None, _) => "cgroup not created yet".to_owned(),
-                (Some(p), false) => format!("{}: not enabled yet (waiting for its first process or its listener)", p.display()),
-                (Some(p), true) => format!("{}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)", p.display()),
+                (Some(p), false) => format!(
+                    "{}: not enabled yet (waiting for its first process or its listener)",
+                    p.display()
+                ),
+                (Some(p), true) => format!(
+                    "{}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)",
+                    p.display()
+                ),
             };
             out += &format!("  {}  {why}\n", w.label);
         }
     }
-    out += &format!("skip ranges: {}\n", if s.skip_ranges.is_empty() { "(none)".into() } else { s.skip_ranges.join(", ") });
+    out += &format!(
+        "skip ranges: {}\n",
+        if s.skip_ranges.is_empty() {
+            "(none)".into()
+        } else {
+            s.skip_ranges.join(", ")
+        }
+    );
     out += &format!("awaiting accept: {}\n", s.pending_original_destinations);
     if let Some(c) = &s.counters {
         out += &format!(
             "counters:    redirected4={} redirected6={} established={} skip_cidr={} skip_loopback={} skip_not_tcp={} skip_self={} skip_disabled={} errors={}\n",
-            c.redirected4, c.redirected6, c.established, c.skip_cidr, c.skip_loopback, c.skip_not_tcp, c.skip_self, c.skip_disabled, c.errors
+            c.redirected4,
+            c.redirected6,
+            c.established,
+            c.skip_cidr,
+            c.skip_loopback,
+            c.skip_not_tcp,
+            c.skip_self,
+            c.skip_disabled,
+            c.errors
         );
     }
     match &s.connections {
@@ -346,7 +434,14 @@ pub fn render_text(s: &Status) -> String {
             out += &format!("live connections ({}):\n", conns.len());
             for c in conns {
                 let host = c.host.as_deref().unwrap_or("-");
-                out += &format!("  {}  {} -> {} host={host} route={} age={}\n", c.workload, c.src, c.orig_dst, c.route, age(c.since_ms));
+                out += &format!(
+                    "  {}  {} -> {} host={host} route={} age={}\n",
+                    c.workload,
+                    c.src,
+                    c.orig_dst,
+                    c.route,
+                    age(c.since_ms)
+                );
             }
         }
         None => out += "live connections: unknown\n",
@@ -368,12 +463,26 @@ mod tests {
             daemon,
             proxy_port: Some(15001),
             enabled_cgroups: vec![
-                EnabledCgroup { id: 842, path: Some("/sys/fs/cgroup/kubepods/pod-a".into()), workload: Some("default/agent-1".into()) },
-                EnabledCgroup { id: 900, path: Some("/sys/fs/cgroup/agent.service".into()), workload: Some("/sys/fs/cgroup/agent.service".into()) },
+                EnabledCgroup {
+                    id: 842,
+                    path: Some("/sys/fs/cgroup/kubepods/pod-a".into()),
+                    workload: Some("default/agent-1".into()),
+                },
+                EnabledCgroup {
+                    id: 900,
+                    path: Some("/sys/fs/cgroup/agent.service".into()),
+                    workload: Some("/sys/fs/cgroup/agent.service".into()),
+                },
             ],
             skip_ranges: vec!["10.96.0.0/12".into()],
             pending_original_destinations: 0,
-            counters: Some(Counters { redirected4: 3, ..Default::default() }.into()),
+            counters: Some(
+                Counters {
+                    redirected4: 3,
+                    ..Default::default()
+                }
+                .into(),
+            ),
             workloads: None,
             connections: None,
             notes: Vec::new(),
@@ -383,7 +492,13 @@ mod tests {
     #[test]
     fn text_names_pods_and_connections() {
         let mut s = status(DaemonState::Ready);
-        s.workloads = Some(vec![WorkloadInfo { key: "uid-2".into(), label: "default/agent-2".into(), cgroup: None, cgroup_id: None, listening: false }]);
+        s.workloads = Some(vec![WorkloadInfo {
+            key: "uid-2".into(),
+            label: "default/agent-2".into(),
+            cgroup: None,
+            cgroup_id: None,
+            listening: false,
+        }]);
         s.connections = Some(vec![ConnectionInfo {
             workload: "default/agent-1".into(),
             src: "10.1.0.7:40000".into(),
@@ -395,11 +510,22 @@ mod tests {
         let t = render_text(&s);
         assert!(t.contains("daemon:      running, ready"), "{t}");
         assert!(t.contains("link rdr_link_c4  attached"), "{t}");
-        assert!(t.contains("842  /sys/fs/cgroup/kubepods/pod-a  pod default/agent-1"), "{t}");
-        assert!(t.contains("900  /sys/fs/cgroup/agent.service\n"), "a path label is not repeated: {t}");
+        assert!(
+            t.contains("842  /sys/fs/cgroup/kubepods/pod-a  pod default/agent-1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("900  /sys/fs/cgroup/agent.service\n"),
+            "a path label is not repeated: {t}"
+        );
         assert!(t.contains("default/agent-2  cgroup not created yet"), "{t}");
         assert!(t.contains("live connections (1):"), "{t}");
-        assert!(t.contains("10.1.0.7:40000 -> 203.0.113.10:443 host=portal.azure.test route=gateway age=1m01s"), "{t}");
+        assert!(
+            t.contains(
+                "10.1.0.7:40000 -> 203.0.113.10:443 host=portal.azure.test route=gateway age=1m01s"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
@@ -437,9 +563,13 @@ mod tests {
     fn http_responses_plain_and_chunked() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
         assert_eq!(parse_response(plain), Some((200, "[]".into())));
-        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[{}\r\n1\r\n]\r\n0\r\n\r\n";
+        let chunked =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[{}\r\n1\r\n]\r\n0\r\n\r\n";
         assert_eq!(parse_response(chunked), Some((200, "[{}]".into())));
-        assert_eq!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").map(|r| r.0), Some(404));
+        assert_eq!(
+            parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").map(|r| r.0),
+            Some(404)
+        );
         assert_eq!(parse_response(b"garbage"), None);
     }
 
@@ -460,11 +590,19 @@ mod tests {
                 s.write_all(resp).unwrap();
             }
         });
-        assert!(matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty()));
-        assert!(matches!(fetch_json::<Vec<ConnectionInfo>>(addr, "/connections"), Fetch::Missing));
+        assert!(
+            matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty())
+        );
+        assert!(matches!(
+            fetch_json::<Vec<ConnectionInfo>>(addr, "/connections"),
+            Fetch::Missing
+        ));
         server.join().unwrap();
         // The listener is gone now: nothing answers.
-        assert!(matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Down));
+        assert!(matches!(
+            fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"),
+            Fetch::Down
+        ));
         assert!(matches!(probe_daemon(addr), DaemonState::NotRunning));
     }
 }

@@ -17,11 +17,28 @@ pub fn init_logging() {
     use tracing_subscriber::{EnvFilter, fmt, prelude::*, reload};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let json = std::env::var("LOG_FORMAT").map(|v| v.eq_ignore_ascii_case("json")).unwrap_or(false);
+    let json = std::env::var("LOG_FORMAT")
+        .map(|v| v.eq_ignore_ascii_case("json"))
+        .unwrap_or(false);
     let ansi = std::io::stderr().is_terminal();
-    let json_layer = json.then(|| fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).with_target(false));
-    let plain_layer = (!json).then(|| fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false));
-    tracing_subscriber::registry().with(filter).with(json_layer).with(plain_layer).init();
+    let json_layer = json.then(|| {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+    });
+    let plain_layer = (!json).then(|| {
+        fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_target(false)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json_layer)
+        .with(plain_layer)
+        .init();
     let _ = LOG_FILTER.set(handle);
 }
 
@@ -35,7 +52,8 @@ pub fn log_filter() -> String {
 
 /// Replaces the log filter (`RUST_LOG` syntax, e.g. `debug` or `info,redirector=trace`).
 pub fn set_log_filter(directives: &str) -> Result<(), String> {
-    let f = tracing_subscriber::EnvFilter::try_new(directives).map_err(|e| format!("invalid filter {directives:?}: {e}"))?;
+    let f = tracing_subscriber::EnvFilter::try_new(directives)
+        .map_err(|e| format!("invalid filter {directives:?}: {e}"))?;
     let h = LOG_FILTER.get().ok_or("logging is not initialized")?;
     h.reload(f).map_err(|e| e.to_string())
 }
@@ -87,7 +105,9 @@ pub struct NameLabels {
 
 fn setup_histogram() -> Histogram {
     // 1 ms .. ~16 s: loopback hops are sub-millisecond, intercontinental TLS is seconds.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 15,
+    ))
 }
 
 /// Every metric the daemon exports. Labels are bounded: no per-destination or per-pod labels.
@@ -126,16 +146,52 @@ impl Default for Metrics {
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("redirector");
-        r.register("connections", "Finished connections by route and result", self.connections.clone());
-        r.register("refused", "Connections refused before relaying, by reason", self.refused.clone());
+        r.register(
+            "connections",
+            "Finished connections by route and result",
+            self.connections.clone(),
+        );
+        r.register(
+            "refused",
+            "Connections refused before relaying, by reason",
+            self.refused.clone(),
+        );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
-        r.register("tunnel_setup_seconds", "Time to set up each hop (TCP, TLS, CONNECT answered)", self.tunnel_setup.clone());
-        r.register("errors", "Failed connections by side (downstream, upstream, internal)", self.errors.clone());
-        r.register("tunnel_failures", "Tunnel setup failures by hop and kind", self.tunnel_failures.clone());
-        r.register("active_connections", "Connections being relayed now", self.active.clone());
-        r.register("enabled_cgroups", "Cgroups enabled in the eBPF map", self.enabled_cgroups.clone());
-        r.register("config_reloads", "Configuration reloads by result (applied, rejected)", self.reloads.clone());
-        r.register("listeners", "Network namespaces with a proxy listener", self.listeners.clone());
+        r.register(
+            "tunnel_setup_seconds",
+            "Time to set up each hop (TCP, TLS, CONNECT answered)",
+            self.tunnel_setup.clone(),
+        );
+        r.register(
+            "errors",
+            "Failed connections by side (downstream, upstream, internal)",
+            self.errors.clone(),
+        );
+        r.register(
+            "tunnel_failures",
+            "Tunnel setup failures by hop and kind",
+            self.tunnel_failures.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Connections being relayed now",
+            self.active.clone(),
+        );
+        r.register(
+            "enabled_cgroups",
+            "Cgroups enabled in the eBPF map",
+            self.enabled_cgroups.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Configuration reloads by result (applied, rejected)",
+            self.reloads.clone(),
+        );
+        r.register(
+            "listeners",
+            "Network namespaces with a proxy listener",
+            self.listeners.clone(),
+        );
         r.register(
             "ebpf_events",
             "eBPF per-CPU counters summed (rdr_stats), by counter name",

@@ -911,7 +911,9 @@ pub async fn open(
             let mut hops = Vec::with_capacity(2);
             let mut setup = Vec::with_capacity(2);
             let io: Box<dyn Io> = match &cfg.proxy {
-                Some(proxy) => through_proxy(proxy, &gw.authority(), t, &mut hops, &mut setup).await?,
+                Some(proxy) => {
+                    through_proxy(proxy, &gw.authority(), t, &mut hops, &mut setup).await?
+                }
                 None => {
                     let addr = gw.authority();
                     Box::new(
@@ -935,7 +937,10 @@ pub async fn open(
                 });
             }
             let (io, status) = if cfg.proxy.is_some() {
-                let tls = TlsHalfClose { inner: tls, close_notify_sent: false };
+                let tls = TlsHalfClose {
+                    inner: tls,
+                    close_notify_sent: false,
+                };
                 connect_hop(HOP_GATEWAY, tls, target_authority, &headers, t).await?
             } else {
                 connect_hop(HOP_GATEWAY, tls, target_authority, &headers, t).await?

@@ -97,24 +97,42 @@ impl Chain {
         lab.start_testsrv(&inet, "http", &[any(80)]);
         lab.start_testsrv(&inet, "banner", &[BANNER]);
         lab.start_testsrv(&inet, "whoami", &[any(8080)]);
-        let hosts: Vec<(&str, IpAddr)> = TARGETS.iter().map(|(n, ip)| (*n, IpAddr::V4(*ip))).collect();
+        let hosts: Vec<(&str, IpAddr)> = TARGETS
+            .iter()
+            .map(|(n, ip)| (*n, IpAddr::V4(*ip)))
+            .collect();
         lab.set_pod_hosts(&hosts);
         let gw_ns = lab.add_host("gw", &[GATEWAY_V4], &[]);
         let proxy_ns = lab.add_host("proxy", &[SQUID_V4], &[]);
-        Chain { lab, ca_pem, squid: None, gw_ns, proxy_ns, ca, untrusted }
+        Chain {
+            lab,
+            ca_pem,
+            squid: None,
+            gw_ns,
+            proxy_ns,
+            ca,
+            untrusted,
+        }
     }
 
     /// Starts Debian's Squid in the proxy namespace (Basic auth when `auth`), allowing
     /// CONNECT to 443 only.
     pub fn start_squid(&mut self, auth: bool) {
-        let mut o = SquidOptions::new(SocketAddr::new(IpAddr::V4(SQUID_V4), 3128), self.lab.dir.join("squid"));
+        let mut o = SquidOptions::new(
+            SocketAddr::new(IpAddr::V4(SQUID_V4), 3128),
+            self.lab.dir.join("squid"),
+        );
         o.netns = Some(self.proxy_ns.clone());
         if auth {
             o.basic_auth = Some((PROXY_USER.into(), PROXY_PASSWORD.into()));
         }
         o.hosts = vec![(GATEWAY_NAME.into(), IpAddr::V4(GATEWAY_V4))];
         // For `proxy` routes Squid dials targets itself.
-        o.hosts.extend(TARGETS.iter().map(|(n, ip)| (n.to_string(), IpAddr::V4(*ip))));
+        o.hosts.extend(
+            TARGETS
+                .iter()
+                .map(|(n, ip)| (n.to_string(), IpAddr::V4(*ip))),
+        );
         self.squid = Some(Squid::start(o));
     }
 
@@ -134,7 +152,15 @@ impl Chain {
             args.extend(["--cert".into(), leaf.cert_pem_path.display().to_string()]);
             args.extend(["--key".into(), leaf.key_pem_path.display().to_string()]);
         }
-        for pat in ["*.azure.test:443", "portal.azure.test:80", "web.azure.test:80", "bulk.azure.test:8080", "203.0.113.12:2525", "203.0.113.10:443", "203.0.113.14:8080"] {
+        for pat in [
+            "*.azure.test:443",
+            "portal.azure.test:80",
+            "web.azure.test:80",
+            "bulk.azure.test:8080",
+            "203.0.113.12:2525",
+            "203.0.113.10:443",
+            "203.0.113.14:8080",
+        ] {
             args.extend(["--allow".into(), pat.into()]);
         }
         for (name, ip) in TARGETS {
@@ -150,17 +176,33 @@ impl Chain {
 
     /// The gateway simulator's log (one line per tunnel event).
     pub fn gateway_log(&self) -> String {
-        self.lab.procs.iter().filter(|p| p.name == "gateway-sim").map(|p| p.log()).collect()
+        self.lab
+            .procs
+            .iter()
+            .filter(|p| p.name == "gateway-sim")
+            .map(|p| p.log())
+            .collect()
     }
 
     /// Everything the redirector wrote.
     pub fn daemon_log(&self) -> String {
-        self.lab.procs.iter().filter(|p| p.name == "redirector").map(|p| p.log()).collect::<Vec<_>>().join("\n")
+        self.lab
+            .procs
+            .iter()
+            .filter(|p| p.name == "redirector")
+            .map(|p| p.log())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Target servers' logs.
     pub fn target_log(&self) -> String {
-        self.lab.procs.iter().filter(|p| p.name.starts_with("testsrv")).map(|p| p.log()).collect()
+        self.lab
+            .procs
+            .iter()
+            .filter(|p| p.name.starts_with("testsrv"))
+            .map(|p| p.log())
+            .collect()
     }
 
     /// The standard daemon flags for this chain: gateway URL and CA, and the Squid URL (with
@@ -183,7 +225,10 @@ impl Chain {
             "5".into(),
         ];
         match &self.squid {
-            Some(s) => f.extend(["--proxy-https".into(), format!("http://{PROXY_USER}:{password}@{}", s.addr())]),
+            Some(s) => f.extend([
+                "--proxy-https".into(),
+                format!("http://{PROXY_USER}:{password}@{}", s.addr()),
+            ]),
             None => f.extend(["--gateway-connect-to".into(), GATEWAY_V4.to_string()]),
         }
         f

@@ -437,9 +437,10 @@ impl Drop for KubeNode {
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
             if let Some(pod) = self.pods.remove(&uid)
-                && let Err(e) = self.teardown(pod) {
-                    eprintln!("kube node cleanup: pod {uid}: {e}");
-                }
+                && let Err(e) = self.teardown(pod)
+            {
+                eprintln!("kube node cleanup: pod {uid}: {e}");
+            }
         }
         for dir in self.levels.drain(..).rev() {
             if let Err(e) = rmdir_retry(&dir) {

@@ -31,7 +31,10 @@ pub const ADMIN: &str = "127.0.0.1:15000";
 
 /// Runs a shell command and panics with its output if it fails.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").args(["-c", cmd]).output().expect("spawn sh");
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("spawn sh");
     if !out.status.success() {
         panic!(
             "command failed: {cmd}\nstatus: {}\nstdout: {}\nstderr: {}",
@@ -44,7 +47,13 @@ pub fn sh(cmd: &str) -> String {
 }
 
 fn sh_ok(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", cmd]).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", cmd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 /// Path of a workspace binary built by `cargo build` (xtask test builds them first).
@@ -52,16 +61,28 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     if let Ok(p) = std::env::var(format!("RDR_BIN_{}", name.to_uppercase().replace('-', "_"))) {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root.join("target"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("target"));
     let p = target.join("debug").join(name);
-    assert!(p.exists(), "{} not built; run `cargo build --workspace --bins` (cargo xtask test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --workspace --bins` (cargo xtask test does)",
+        p.display()
+    );
     p
 }
 
 fn ensure_bpffs() {
     let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         sh("mount -t bpf bpf /sys/fs/bpf");
     }
 }
@@ -107,7 +128,11 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!("{}: {needle:?} not in log after {t:?}:\n{}", self.name, self.log());
+        panic!(
+            "{}: {needle:?} not in log after {t:?}:\n{}",
+            self.name,
+            self.log()
+        );
     }
 }
 
@@ -139,10 +164,26 @@ impl Pod {
     /// Like [`Pod::cmd`] but joins another cgroup (e.g. a non-enabled one) in the same netns.
     pub fn cmd_in_cgroup(&self, cgroup: &Path, program: &str) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.netns, "sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\""])
-            .arg(cgroup)
-            .arg(program);
-        for v in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+        c.args([
+            "netns",
+            "exec",
+            &self.netns,
+            "sh",
+            "-c",
+            "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+        ])
+        .arg(cgroup)
+        .arg(program);
+        for v in [
+            "http_proxy",
+            "https_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "all_proxy",
+            "NO_PROXY",
+            "no_proxy",
+        ] {
             c.env_remove(v);
         }
         c
@@ -172,10 +213,17 @@ pub struct Lab {
 
 impl Lab {
     /// Creates the node namespace, the bridge, a private cgroup2 mount and a pin directory.
-    #[expect(clippy::new_without_default, reason = "creating a lab has side effects (namespaces, mounts); Default would hide them")]
+    #[expect(
+        clippy::new_without_default,
+        reason = "creating a lab has side effects (namespaces, mounts); Default would hide them"
+    )]
     pub fn new() -> Lab {
         ensure_bpffs();
-        let id = format!("r{:x}{}", std::process::id() & 0xfff, COUNTER.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "r{:x}{}",
+            std::process::id() & 0xfff,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let dir = PathBuf::from(format!("/tmp/rdr-lab-{id}"));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("lab dir");
@@ -211,7 +259,9 @@ impl Lab {
     }
 
     fn add_netns(&mut self, name: &str) {
-        sh(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
         self.netns.push(name.to_owned());
     }
 
@@ -232,9 +282,13 @@ impl Lab {
         for a in v6 {
             sh(&format!("ip -n {ns} addr add {a}/64 dev eth0 nodad"));
         }
-        sh(&format!("ip -n {ns} route add 198.51.100.0/24 via {NODE_V4}"));
+        sh(&format!(
+            "ip -n {ns} route add 198.51.100.0/24 via {NODE_V4}"
+        ));
         if !v6.is_empty() {
-            sh(&format!("ip -n {ns} -6 route add 2001:db8:198::/48 via 2001:db8:203::1"));
+            sh(&format!(
+                "ip -n {ns} -6 route add 2001:db8:198::/48 via 2001:db8:203::1"
+            ));
         }
         ns
     }
@@ -260,7 +314,13 @@ impl Lab {
         ));
         let cgroup = self.cg_root.join(format!("pod{k}"));
         fs::create_dir_all(&cgroup).expect("pod cgroup");
-        let mut pod = Pod { netns: ns, cgroup, v4: pod_v4, v6: pod_v6, pause: None };
+        let mut pod = Pod {
+            netns: ns,
+            cgroup,
+            v4: pod_v4,
+            v6: pod_v6,
+            pause: None,
+        };
         let log = self.dir.join(format!("pause{k}.log"));
         let child = pod
             .cmd("sleep")
@@ -269,12 +329,24 @@ impl Lab {
             .stderr(fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn pause");
-        pod.pause = Some(Proc { name: format!("pause{k}"), child, log });
+        pod.pause = Some(Proc {
+            name: format!("pause{k}"),
+            child,
+            log,
+        });
         // The pause process must be in the cgroup before anyone scans it.
         let end = Instant::now() + Duration::from_secs(5);
         let pid = pod.pause_pid().to_string();
-        while !fs::read_to_string(pod.cgroup.join("cgroup.procs")).unwrap_or_default().lines().any(|l| l == pid) {
-            assert!(Instant::now() < end, "pause process never joined {}", pod.cgroup.display());
+        while !fs::read_to_string(pod.cgroup.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == pid)
+        {
+            assert!(
+                Instant::now() < end,
+                "pause process never joined {}",
+                pod.cgroup.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         self.pods.push(pod);
@@ -322,11 +394,20 @@ impl Lab {
         self.spawn_in_env(ns, name, program, args, &[])
     }
 
-    pub fn spawn_in_env(&mut self, ns: &str, name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> usize {
+    pub fn spawn_in_env(
+        &mut self,
+        ns: &str,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
         let log = self.dir.join(format!("{name}-{}.log", self.procs.len()));
         let f = fs::File::create(&log).expect("log");
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{ns}")).arg(program).args(args);
+        c.arg(format!("--net=/run/netns/{ns}"))
+            .arg(program)
+            .args(args);
         for (k, v) in env {
             c.env(k, v);
         }
@@ -335,7 +416,11 @@ impl Lab {
             .stderr(f)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        self.procs.push(Proc { name: name.to_owned(), child, log });
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        });
         self.procs.len() - 1
     }
 
@@ -424,9 +509,12 @@ impl Lab {
 
     /// A request with no body to the daemon's admin endpoint inside the node namespace.
     pub fn node_http(&self, method: &str, path: &str) -> Option<(u16, String)> {
-        let req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
         let resp = self.in_netns(&self.node, move || -> Option<String> {
-            let mut s = TcpStream::connect_timeout(&ADMIN.parse().ok()?, Duration::from_secs(1)).ok()?;
+            let mut s =
+                TcpStream::connect_timeout(&ADMIN.parse().ok()?, Duration::from_secs(1)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             s.write_all(req.as_bytes()).ok()?;
             let mut out = String::new();
@@ -434,20 +522,33 @@ impl Lab {
             Some(out)
         })?;
         let status = resp.split_whitespace().nth(1)?.parse().ok()?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Some((status, body))
     }
 
     /// A metric value from `/metrics` (exact series text before the value), or 0 when absent.
     pub fn metric(&self, series: &str) -> f64 {
-        let (_, body) = self.node_http_get("/metrics").expect("metrics endpoint unreachable");
+        let (_, body) = self
+            .node_http_get("/metrics")
+            .expect("metrics endpoint unreachable");
         body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
     /// Runs `f` on a helper thread inside network namespace `ns`.
-    pub fn in_netns<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
         let file = fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
         std::thread::spawn(move || {
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -491,7 +592,10 @@ impl Lab {
         let srv = self.start_testsrv(
             &ns,
             "whoami",
-            &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port), SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)],
+            &[
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            ],
         );
         (ns, srv)
     }
@@ -531,7 +635,11 @@ impl Drop for Lab {
         if !std::thread::panicking() {
             let _ = fs::remove_dir_all(&self.dir);
         } else {
-            eprintln!("lab {} failed; logs kept in {}", self.id, self.dir.display());
+            eprintln!(
+                "lab {} failed; logs kept in {}",
+                self.id,
+                self.dir.display()
+            );
         }
     }
 }

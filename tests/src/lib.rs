@@ -19,9 +19,9 @@ pub fn describe(o: &std::process::Output) -> String {
 pub fn ready_with_squid(test: &str) -> bool {
     priv_check::privileged(test) && squid::available(test, &[])
 }
-pub mod priv_check;
-pub mod pki;
-pub mod squid;
 pub mod chain;
 pub mod kube_api;
 pub mod kube_node;
+pub mod pki;
+pub mod priv_check;
+pub mod squid;

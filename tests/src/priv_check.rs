@@ -29,7 +29,9 @@ fn missing_prerequisites() -> Vec<String> {
             .map(|o| o.status.success())
             .unwrap_or(false);
         if !ok {
-            out.push(format!("{tool} not installed (cargo xtask setup installs it)"));
+            out.push(format!(
+                "{tool} not installed (cargo xtask setup installs it)"
+            ));
         }
     }
     out

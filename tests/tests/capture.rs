@@ -3,18 +3,17 @@
 //! Each test builds its own closed network (see `tests::lab`), runs the real redirector
 //! binary in the node namespace, and drives real clients (curl, python3) inside pods that
 //! have no route to the internet hosts. No proxy variable is set anywhere.
-use tests::describe as out;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::Output,
 };
+use tests::describe as out;
 
 use tests::{
     lab::{Lab, NODE_V4, SERVICE_V4, SERVICE_V6, sh},
     priv_check::privileged,
 };
-
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -41,15 +40,28 @@ fn standard_lab(pods: usize, extra: &[&str]) -> Lab {
 }
 
 fn daemon_log(lab: &Lab) -> String {
-    lab.procs.iter().filter(|p| p.name == "redirector").map(|p| p.log()).collect::<Vec<_>>().join("\n")
+    lab.procs
+        .iter()
+        .filter(|p| p.name == "redirector")
+        .map(|p| p.log())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn curl(lab: &Lab, pod: usize, url: &str) -> Output {
-    lab.pods[pod].cmd("curl").args(["-sS", "--max-time", "10", url]).output().expect("curl")
+    lab.pods[pod]
+        .cmd("curl")
+        .args(["-sS", "--max-time", "10", url])
+        .output()
+        .expect("curl")
 }
 
 fn python(lab: &Lab, pod: usize, code: &str) -> Output {
-    lab.pods[pod].cmd("python3").args(["-c", code]).output().expect("python3")
+    lab.pods[pod]
+        .cmd("python3")
+        .args(["-c", code])
+        .output()
+        .expect("python3")
 }
 
 const PY_CONNECT: &str = r#"
@@ -71,7 +83,11 @@ print("echo=" + rest.decode().strip() + " eof=yes")
 "#;
 
 fn py_connect(lab: &Lab, pod: usize, fam: &str, host: &str, port: u16) -> Output {
-    lab.pods[pod].cmd("python3").args(["-c", PY_CONNECT, fam, host, &port.to_string()]).output().expect("python3")
+    lab.pods[pod]
+        .cmd("python3")
+        .args(["-c", PY_CONNECT, fam, host, &port.to_string()])
+        .output()
+        .expect("python3")
 }
 
 #[test]
@@ -86,9 +102,16 @@ fn pod_reaches_unroutable_host_through_redirector() {
     // curl: the original destination is what the target reports as its local address; the
     // peer is the node (the redirector dialed it), not the pod.
     let o = curl(&lab, 0, &format!("http://{target}/hello"));
-    assert!(o.status.success(), "curl through redirector failed: {}", out(&o));
+    assert!(
+        o.status.success(),
+        "curl through redirector failed: {}",
+        out(&o)
+    );
     let body = stdout(&o);
-    assert!(body.contains(&format!("local={target}:80 peer={NODE_V4}:")), "{body}");
+    assert!(
+        body.contains(&format!("local={target}:80 peer={NODE_V4}:")),
+        "{body}"
+    );
     assert!(body.contains(&format!("host={target}")), "{body}");
 
     // Python client, raw TCP, half-close: our shutdown(SHUT_WR) reaches the target, whose
@@ -96,15 +119,32 @@ fn pod_reaches_unroutable_host_through_redirector() {
     let o = py_connect(&lab, 0, "4", &Lab::inet_v4(1).to_string(), 8080);
     assert!(o.status.success(), "python client failed: {}", out(&o));
     let s = stdout(&o);
-    assert!(s.contains(&format!("local={}:8080 peer={NODE_V4}", Lab::inet_v4(1))), "{s}");
-    assert!(s.contains("echo=ping eof=yes"), "half-close not propagated: {s}");
+    assert!(
+        s.contains(&format!("local={}:8080 peer={NODE_V4}", Lab::inet_v4(1))),
+        "{s}"
+    );
+    assert!(
+        s.contains("echo=ping eof=yes"),
+        "half-close not propagated: {s}"
+    );
 
     // The target saw the connections; the redirector logged the original destinations.
-    let srv_logs: String = lab.procs.iter().filter(|p| p.name.starts_with("testsrv")).map(|p| p.log()).collect();
-    assert!(srv_logs.contains(&format!("accept local={target}:80")), "{srv_logs}");
+    let srv_logs: String = lab
+        .procs
+        .iter()
+        .filter(|p| p.name.starts_with("testsrv"))
+        .map(|p| p.log())
+        .collect();
+    assert!(
+        srv_logs.contains(&format!("accept local={target}:80")),
+        "{srv_logs}"
+    );
     let log = daemon_log(&lab);
     assert!(log.contains(&format!("orig_dst={target}:80")), "{log}");
-    assert!(log.contains(&format!("orig_dst={}:8080", Lab::inet_v4(1))), "{log}");
+    assert!(
+        log.contains(&format!("orig_dst={}:8080", Lab::inet_v4(1))),
+        "{log}"
+    );
 }
 
 #[test]
@@ -116,16 +156,44 @@ fn non_enabled_cgroup_udp_and_skip_ranges_are_untouched() {
     lab.add_pod();
     let plain = lab.add_plain_cgroup("not-enabled");
     let (inet, _) = lab.add_internet(2, 8080);
-    lab.start_testsrv(&inet, "http", &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80), SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80)]);
+    lab.start_testsrv(
+        &inet,
+        "http",
+        &[
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80),
+        ],
+    );
     // Bound to the service address so replies come from the address the pod connected to.
     lab.start_testsrv(&inet, "udp", &[SocketAddr::new(IpAddr::V4(SERVICE_V4), 53)]);
-    lab.start_daemon(&["--proxy-skip-range", &format!("{SERVICE_V4}/32,{SERVICE_V6}/128,kubernetes.default.svc")]);
+    lab.start_daemon(&[
+        "--proxy-skip-range",
+        &format!("{SERVICE_V4}/32,{SERVICE_V6}/128,kubernetes.default.svc"),
+    ]);
     let pod = &lab.pods[0];
 
     // Same netns, non-enabled cgroup: no route, as it should be.
-    let o = pod.cmd_in_cgroup(&plain, "curl").args(["-sS", "--max-time", "5", &format!("http://{}/", Lab::inet_v4(0))]).output().unwrap();
-    assert_eq!(o.status.code(), Some(7), "expected 'couldn't connect' (no route): {}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("Couldn't connect"), "{}", out(&o));
+    let o = pod
+        .cmd_in_cgroup(&plain, "curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}/", Lab::inet_v4(0)),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "expected 'couldn't connect' (no route): {}",
+        out(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Couldn't connect"),
+        "{}",
+        out(&o)
+    );
 
     // UDP to port 53 from the enabled pod goes out untouched: the server sees the pod's
     // own address.
@@ -139,17 +207,32 @@ fn non_enabled_cgroup_udp_and_skip_ranges_are_untouched() {
         ),
     );
     assert!(o.status.success(), "udp: {}", out(&o));
-    assert!(stdout(&o).contains(&format!("peer={}:", lab.pods[0].v4)), "{}", out(&o));
+    assert!(
+        stdout(&o).contains(&format!("peer={}:", lab.pods[0].v4)),
+        "{}",
+        out(&o)
+    );
     let after = lab.metric("redirector_ebpf_events{name=\"skip_not_tcp\"}");
-    assert!(after > before, "UDP connect not counted as skip_not_tcp ({before} -> {after})");
+    assert!(
+        after > before,
+        "UDP connect not counted as skip_not_tcp ({before} -> {after})"
+    );
 
     // A skip CIDR goes direct (the service sees the pod's address, v4 and v6 and
     // v4-mapped v6), and is counted in the kernel.
     let before = lab.metric("redirector_ebpf_events{name=\"skip_cidr\"}");
     let o = curl(&lab, 0, &format!("http://{SERVICE_V4}/"));
-    assert!(stdout(&o).contains(&format!("peer={}:", lab.pods[0].v4)), "{}", out(&o));
+    assert!(
+        stdout(&o).contains(&format!("peer={}:", lab.pods[0].v4)),
+        "{}",
+        out(&o)
+    );
     let o = curl(&lab, 0, &format!("http://[{SERVICE_V6}]/"));
-    assert!(stdout(&o).contains(&format!("peer=[{}]:", lab.pods[0].v6)), "{}", out(&o));
+    assert!(
+        stdout(&o).contains(&format!("peer=[{}]:", lab.pods[0].v6)),
+        "{}",
+        out(&o)
+    );
     let o = python(
         &lab,
         0,
@@ -159,7 +242,11 @@ fn non_enabled_cgroup_udp_and_skip_ranges_are_untouched() {
              print(s.recv(4096).decode())"
         ),
     );
-    assert!(stdout(&o).contains(&format!("peer={}:", lab.pods[0].v4)), "v4-mapped skip: {}", out(&o));
+    assert!(
+        stdout(&o).contains(&format!("peer={}:", lab.pods[0].v4)),
+        "v4-mapped skip: {}",
+        out(&o)
+    );
     let after = lab.metric("redirector_ebpf_events{name=\"skip_cidr\"}");
     assert!(after >= before + 3.0, "skip_cidr {before} -> {after}");
 }
@@ -173,13 +260,21 @@ fn ipv6_and_v4_mapped_behave_like_ipv4() {
     let v6 = Lab::inet_v6(2);
     let o = curl(&lab, 0, &format!("http://[{v6}]/six"));
     assert!(o.status.success(), "{}", out(&o));
-    assert!(stdout(&o).contains(&format!("local=[{v6}]:80 peer=[2001:db8:203::1]:")), "{}", out(&o));
+    assert!(
+        stdout(&o).contains(&format!("local=[{v6}]:80 peer=[2001:db8:203::1]:")),
+        "{}",
+        out(&o)
+    );
 
     // AF_INET6 socket to an IPv4-mapped address: judged, recorded and relayed as IPv4.
     let v4 = Lab::inet_v4(3);
     let o = py_connect(&lab, 0, "6", &format!("::ffff:{v4}"), 8080);
     assert!(o.status.success(), "{}", out(&o));
-    assert!(stdout(&o).contains(&format!("local={v4}:8080 peer={NODE_V4}")), "{}", out(&o));
+    assert!(
+        stdout(&o).contains(&format!("local={v4}:8080 peer={NODE_V4}")),
+        "{}",
+        out(&o)
+    );
     let log = daemon_log(&lab);
     assert!(log.contains(&format!("orig_dst={v4}:8080")), "{log}");
     assert!(log.contains(&format!("orig_dst=[{v6}]:80")), "{log}");
@@ -192,7 +287,9 @@ fn thousand_parallel_connections_each_reach_their_own_destination() {
         return;
     }
     let lab = standard_lab(2, &[]);
-    let mut targets: Vec<String> = (0..20).map(|i| format!("{}:8080", Lab::inet_v4(i))).collect();
+    let mut targets: Vec<String> = (0..20)
+        .map(|i| format!("{}:8080", Lab::inet_v4(i)))
+        .collect();
     targets.extend((0..6).map(|i| format!("[{}]:8080", Lab::inet_v6(i))));
     let targets = targets.join(",");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fanout.py");
@@ -200,7 +297,18 @@ fn thousand_parallel_connections_each_reach_their_own_destination() {
         lab.pods[pod]
             .cmd("python3")
             .arg(&script)
-            .args(["--targets", &targets, "--n", "500", "--concurrency", "64", "--reuse-port", "40", "--source-port", port])
+            .args([
+                "--targets",
+                &targets,
+                "--n",
+                "500",
+                "--concurrency",
+                "64",
+                "--reuse-port",
+                "40",
+                "--source-port",
+                port,
+            ])
             .output()
     };
     // Both pods at once, on two threads.
@@ -215,7 +323,10 @@ fn thousand_parallel_connections_each_reach_their_own_destination() {
         assert_eq!(v["results"]["ok"], 540, "{name}: {v}");
         assert_eq!(v["results"]["mismatch"], 0, "{name}: {v}");
     }
-    assert_eq!(lab.metric("redirector_refused_total{reason=\"no_original_destination\"}"), 0.0);
+    assert_eq!(
+        lab.metric("redirector_refused_total{reason=\"no_original_destination\"}"),
+        0.0
+    );
 }
 
 #[test]
@@ -249,18 +360,50 @@ fn killed_daemon_fails_closed_and_restart_adopts_pins() {
     let mut lab = standard_lab(1, &[]);
     let url = format!("http://{}/", Lab::inet_v4(4));
     assert!(curl(&lab, 0, &url).status.success());
-    let d = lab.procs.iter().position(|p| p.name == "redirector").unwrap();
+    let d = lab
+        .procs
+        .iter()
+        .position(|p| p.name == "redirector")
+        .unwrap();
     lab.procs[d].signal(libc::SIGKILL);
-    lab.procs[d].wait_timeout(std::time::Duration::from_secs(5)).expect("daemon did not die");
+    lab.procs[d]
+        .wait_timeout(std::time::Duration::from_secs(5))
+        .expect("daemon did not die");
 
     // Redirected connects are refused at once (curl exit 7), never a hang (exit 28) and
     // never direct (the pod has no route anyway; the target sees nothing new).
-    let accepted_before = lab.procs.iter().filter(|p| p.name == "testsrv-http").map(|p| p.log().matches("accept").count()).sum::<usize>();
-    let o = lab.pods[0].cmd("curl").args(["-sS", "--max-time", "5", &url]).output().unwrap();
-    assert_eq!(o.status.code(), Some(7), "expected connection refused: {}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("Couldn't connect"), "{}", out(&o));
-    let accepted_after = lab.procs.iter().filter(|p| p.name == "testsrv-http").map(|p| p.log().matches("accept").count()).sum::<usize>();
-    assert_eq!(accepted_before, accepted_after, "a connection leaked while the daemon was down");
+    let accepted_before = lab
+        .procs
+        .iter()
+        .filter(|p| p.name == "testsrv-http")
+        .map(|p| p.log().matches("accept").count())
+        .sum::<usize>();
+    let o = lab.pods[0]
+        .cmd("curl")
+        .args(["-sS", "--max-time", "5", &url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "expected connection refused: {}",
+        out(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Couldn't connect"),
+        "{}",
+        out(&o)
+    );
+    let accepted_after = lab
+        .procs
+        .iter()
+        .filter(|p| p.name == "testsrv-http")
+        .map(|p| p.log().matches("accept").count())
+        .sum::<usize>();
+    assert_eq!(
+        accepted_before, accepted_after,
+        "a connection leaked while the daemon was down"
+    );
 
     // status works from the pins and says the daemon is down.
     let s = lab.status();
@@ -275,7 +418,11 @@ fn killed_daemon_fails_closed_and_restart_adopts_pins() {
     assert!(log.contains("adopted pinned eBPF programs"), "{log}");
     let tree = lab.bpftool(&format!("cgroup tree {}", lab.cg_root.display()));
     for prog in ["rdr_connect4", "rdr_connect6", "rdr_sockops"] {
-        assert_eq!(tree.matches(prog).count(), 1, "{prog} attached more than once:\n{tree}");
+        assert_eq!(
+            tree.matches(prog).count(),
+            1,
+            "{prog} attached more than once:\n{tree}"
+        );
     }
     let o = curl(&lab, 0, &url);
     assert!(o.status.success(), "after restart: {}", out(&o));
@@ -287,14 +434,28 @@ fn bpftool_shows_our_objects_by_name() {
         return;
     }
     let lab = standard_lab(1, &["--proxy-skip-range", "203.0.113.192/26"]);
-    assert!(curl(&lab, 0, &format!("http://{}/", Lab::inet_v4(0))).status.success());
+    assert!(
+        curl(&lab, 0, &format!("http://{}/", Lab::inet_v4(0)))
+            .status
+            .success()
+    );
     let progs = lab.bpftool("prog show");
     for p in ["rdr_connect4", "rdr_connect6", "rdr_sockops"] {
-        assert!(progs.contains(p), "{p} missing from bpftool prog show:\n{progs}");
+        assert!(
+            progs.contains(p),
+            "{p} missing from bpftool prog show:\n{progs}"
+        );
     }
     let tree = lab.bpftool(&format!("cgroup tree {}", lab.cg_root.display()));
-    for (prog, hook) in [("rdr_connect4", "cgroup_inet4_connect"), ("rdr_connect6", "cgroup_inet6_connect"), ("rdr_sockops", "sock_ops")] {
-        assert!(tree.contains(prog) && tree.contains(hook), "{prog}/{hook} missing:\n{tree}");
+    for (prog, hook) in [
+        ("rdr_connect4", "cgroup_inet4_connect"),
+        ("rdr_connect6", "cgroup_inet6_connect"),
+        ("rdr_sockops", "sock_ops"),
+    ] {
+        assert!(
+            tree.contains(prog) && tree.contains(hook),
+            "{prog}/{hook} missing:\n{tree}"
+        );
     }
     let pin = |m: &str| lab.pin_root.join(m).display().to_string();
     let stats = lab.bpftool(&format!("map dump pinned {}", pin("rdr_stats")));
@@ -312,7 +473,15 @@ fn bpftool_shows_our_objects_by_name() {
 }
 
 fn redirector_names() -> [&'static str; 7] {
-    ["rdr_enabled", "rdr_skip4", "rdr_skip6", "rdr_pending", "rdr_orig", "rdr_stats", "rdr_config"]
+    [
+        "rdr_enabled",
+        "rdr_skip4",
+        "rdr_skip6",
+        "rdr_pending",
+        "rdr_orig",
+        "rdr_stats",
+        "rdr_config",
+    ]
 }
 
 #[test]
@@ -322,23 +491,71 @@ fn bad_input_is_one_clear_line_and_attaches_nothing() {
     }
     let lab = Lab::new();
     let bin = tests::lab::workspace_bin("redirector");
-    let run = |args: &[&str]| std::process::Command::new(&bin).arg("run").args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .arg("run")
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let pin = lab.pin_root.display().to_string();
     let root = lab.cg_root.display().to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--pin-root".into(), pin.clone(), "--cgroup-root".into(), root.clone(), "--cgroup".into(), format!("{root}/does-not-exist")], "does not exist"),
-        (vec!["--pin-root".into(), pin.clone(), "--cgroup-root".into(), "/tmp".into()], "not on a cgroup v2 filesystem"),
-        (vec!["--pin-root".into(), "/tmp/rdr-no-bpffs/redirector".into(), "--cgroup-root".into(), root.clone()], "mount -t bpf"),
-        (vec!["--pin-root".into(), pin.clone(), "--cgroup-root".into(), root.clone(), "--proxy-skip-range".into(), "10.0.0.0/40".into()], "10.0.0.0/40"),
+        (
+            vec![
+                "--pin-root".into(),
+                pin.clone(),
+                "--cgroup-root".into(),
+                root.clone(),
+                "--cgroup".into(),
+                format!("{root}/does-not-exist"),
+            ],
+            "does not exist",
+        ),
+        (
+            vec![
+                "--pin-root".into(),
+                pin.clone(),
+                "--cgroup-root".into(),
+                "/tmp".into(),
+            ],
+            "not on a cgroup v2 filesystem",
+        ),
+        (
+            vec![
+                "--pin-root".into(),
+                "/tmp/rdr-no-bpffs/redirector".into(),
+                "--cgroup-root".into(),
+                root.clone(),
+            ],
+            "mount -t bpf",
+        ),
+        (
+            vec![
+                "--pin-root".into(),
+                pin.clone(),
+                "--cgroup-root".into(),
+                root.clone(),
+                "--proxy-skip-range".into(),
+                "10.0.0.0/40".into(),
+            ],
+            "10.0.0.0/40",
+        ),
     ];
     for (args, needle) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = run(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", out(&o));
-        let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line: {err}"));
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line: {err}"));
         assert!(line.contains(needle), "{args:?}: {line}");
-        assert!(!lab.pin_root.exists(), "{args:?} created pins before failing");
+        assert!(
+            !lab.pin_root.exists(),
+            "{args:?} created pins before failing"
+        );
     }
     let tree = sh(&format!("bpftool cgroup tree {root}"));
     assert!(!tree.contains("rdr_"), "something got attached:\n{tree}");

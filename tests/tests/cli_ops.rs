@@ -1,20 +1,18 @@
 //! Privileged end-to-end tests of the operator commands (issue 6, item 4): `redirector
 //! status`, `redirector check` and `redirector explain`, run in the lab's node namespace
 //! against a real chain (Squid with Basic auth, the gateway simulator, the daemon).
-use tests::describe as out;
-use tests::ready_with_squid as ready;
 use std::{
     path::Path,
     process::{Command, Output},
     time::Duration,
 };
+use tests::describe as out;
+use tests::ready_with_squid as ready;
 
 use tests::{
     chain::{Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD},
     lab::{ADMIN, workspace_bin},
 };
-
-
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

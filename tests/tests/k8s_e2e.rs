@@ -12,7 +12,6 @@
 //! through the redirector (the target reports the node, 203.0.113.1, as its peer) or fails at
 //! once with "Network is unreachable". Clients are real `curl` processes in the pod's netns
 //! and in an app container cgroup, with no proxy variable.
-use tests::describe as out;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -21,6 +20,7 @@ use std::{
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
+use tests::describe as out;
 
 use serde_json::Value;
 use tests::{
@@ -49,7 +49,6 @@ enum Outcome {
     NoRoute,
     Failed(String),
 }
-
 
 /// A closed lab + kubelet stand-in + API stand-in (+ the daemon once started).
 /// Field order is drop order: pods and the lab (daemon included) first, then the API, then

@@ -1,13 +1,11 @@
 //! Privileged end-to-end tests of operations (issue: operations): audit lines and metric
 //! deltas for every route and refusal kind, JSON logs, the eBPF programs' debug messages,
 //! runtime log-level change and the live connection list.
+use std::{net::IpAddr, process::Output, time::Duration};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
-use std::{net::IpAddr, process::Output, time::Duration};
 
 use tests::chain::{Chain, Gateway, TARGETS};
-
-
 
 const CONFIG: &str = "routes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n";
 
@@ -15,7 +13,10 @@ fn chain(env: &[(&str, &str)]) -> Chain {
     let mut c = Chain::new(1);
     c.start_squid(true);
     c.start_gateway(Gateway::Normal);
-    let hosts: Vec<(&str, IpAddr)> = TARGETS.iter().map(|(n, ip)| (*n, IpAddr::V4(*ip))).collect();
+    let hosts: Vec<(&str, IpAddr)> = TARGETS
+        .iter()
+        .map(|(n, ip)| (*n, IpAddr::V4(*ip)))
+        .collect();
     c.lab.set_node_hosts(&hosts);
     let cfg = c.lab.dir.join("config.yaml");
     std::fs::write(&cfg, CONFIG).unwrap();
@@ -28,11 +29,19 @@ fn chain(env: &[(&str, &str)]) -> Chain {
 
 fn curl(c: &Chain, url: &str) -> Output {
     let ca = c.ca_pem.display().to_string();
-    c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, url]).output().expect("curl")
+    c.lab.pods[0]
+        .cmd("curl")
+        .args(["-sS", "--max-time", "15", "--cacert", &ca, url])
+        .output()
+        .expect("curl")
 }
 
 fn py(c: &Chain, code: &str) -> Output {
-    c.lab.pods[0].cmd("python3").args(["-c", code]).output().expect("python3")
+    c.lab.pods[0]
+        .cmd("python3")
+        .args(["-c", code])
+        .output()
+        .expect("python3")
 }
 
 /// JSON audit records from the daemon's log (`LOG_FORMAT=json`).
@@ -40,7 +49,11 @@ fn audits(c: &Chain) -> Vec<serde_json::Value> {
     c.daemon_log()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("audit")))
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("audit"))
+        })
         .collect()
 }
 
@@ -62,7 +75,9 @@ fn every_route_and_refusal_has_an_audit_line_and_metric_delta() {
     }
     let c = chain(&[("RUST_LOG", "info"), ("LOG_FORMAT", "json")]);
     let m = |s: &str| c.lab.metric(s);
-    let conn = |route: &str, result: &str| format!("redirector_connections_total{{route=\"{route}\",result=\"{result}\"}}");
+    let conn = |route: &str, result: &str| {
+        format!("redirector_connections_total{{route=\"{route}\",result=\"{result}\"}}")
+    };
     assert_eq!(m(&conn("gateway", "ok")), 0.0);
 
     // gateway, proxy and direct routes.
@@ -73,45 +88,113 @@ fn every_route_and_refusal_has_an_audit_line_and_metric_delta() {
     // Refusals: the gateway says 403; a safety rule; a connection with no record.
     assert!(!curl(&c, "https://denied.example.test/").status.success());
     // (On loopback the reset may arrive before connect() returns: both are fine.)
-    let o = py(&c, "import socket\ntry:\n  s=socket.create_connection(('169.254.169.254', 80), 5)\n  s.recv(1)\nexcept OSError:\n  pass");
+    let o = py(
+        &c,
+        "import socket\ntry:\n  s=socket.create_connection(('169.254.169.254', 80), 5)\n  s.recv(1)\nexcept OSError:\n  pass",
+    );
     assert!(o.status.success(), "{}", out(&o));
-    let o = py(&c, "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', 15001), 5)\n  s.recv(1)\nexcept OSError:\n  pass");
+    let o = py(
+        &c,
+        "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', 15001), 5)\n  s.recv(1)\nexcept OSError:\n  pass",
+    );
     assert!(o.status.success(), "{}", out(&o));
 
     let a = wait_audits(&c, 6);
-    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| a.iter().find(|v| pred(v)).cloned().unwrap_or_else(|| panic!("no such audit record in {a:#?}"));
-    let gw = find(&|v| v["host"] == "web.azure.test" && v["route"] == "gateway" && v["host_source"] == "host");
-    for f in ["workload", "src", "orig_dst", "host", "host_source", "rule", "route", "hops", "bytes_tx", "bytes_rx", "duration_ms", "close"] {
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        a.iter()
+            .find(|v| pred(v))
+            .cloned()
+            .unwrap_or_else(|| panic!("no such audit record in {a:#?}"))
+    };
+    let gw = find(&|v| {
+        v["host"] == "web.azure.test" && v["route"] == "gateway" && v["host_source"] == "host"
+    });
+    for f in [
+        "workload",
+        "src",
+        "orig_dst",
+        "host",
+        "host_source",
+        "rule",
+        "route",
+        "hops",
+        "bytes_tx",
+        "bytes_rx",
+        "duration_ms",
+        "close",
+    ] {
         assert!(!gw[f].is_null(), "audit record lacks {f}: {gw}");
     }
     assert_eq!(gw["hops"], "proxy=200,gateway=200");
-    assert!(gw["bytes_rx"].as_u64().unwrap() > 0 && gw["close"] == "eof", "plain HTTP closes cleanly: {gw}");
+    assert!(
+        gw["bytes_rx"].as_u64().unwrap() > 0 && gw["close"] == "eof",
+        "plain HTTP closes cleanly: {gw}"
+    );
     assert!(gw["workload"].as_str().unwrap().ends_with("/pod1"), "{gw}");
     let px = find(&|v| v["host"] == "kv1.vault.azure.test");
-    assert_eq!((px["route"].as_str(), px["hops"].as_str()), (Some("proxy"), Some("proxy=200")), "{px}");
+    assert_eq!(
+        (px["route"].as_str(), px["hops"].as_str()),
+        (Some("proxy"), Some("proxy=200")),
+        "{px}"
+    );
     let dr = find(&|v| v["host"] == "portal.azure.test");
-    assert_eq!((dr["route"].as_str(), dr["rule"].as_str()), (Some("direct"), Some("route:portal.azure.test->direct")), "{dr}");
+    assert_eq!(
+        (dr["route"].as_str(), dr["rule"].as_str()),
+        (Some("direct"), Some("route:portal.azure.test->direct")),
+        "{dr}"
+    );
     let denied = find(&|v| v["host"] == "denied.example.test");
     assert_eq!(denied["level"], "WARN", "{denied}");
-    assert!(denied["cause"].as_str().unwrap().contains("403"), "{denied}");
+    assert!(
+        denied["cause"].as_str().unwrap().contains("403"),
+        "{denied}"
+    );
     let safety = find(&|v| v["orig_dst"] == "169.254.169.254:80");
-    assert_eq!((safety["kind"].as_str(), safety["level"].as_str()), (Some("safety"), Some("WARN")), "{safety}");
+    assert_eq!(
+        (safety["kind"].as_str(), safety["level"].as_str()),
+        (Some("safety"), Some("WARN")),
+        "{safety}"
+    );
 
     // Metric deltas (from zero at start).
     // A TLS client may close with unread bytes in flight (a reset on the way back): that
     // connection is counted as relay_error, not ok. Either way both were relayed.
-    assert_eq!(m(&conn("gateway", "ok")) + m(&conn("gateway", "relay_error")), 2.0);
-    assert_eq!(m(&conn("proxy", "ok")) + m(&conn("proxy", "relay_error")), 1.0);
-    assert_eq!(m(&conn("direct", "ok")) + m(&conn("direct", "relay_error")), 1.0);
+    assert_eq!(
+        m(&conn("gateway", "ok")) + m(&conn("gateway", "relay_error")),
+        2.0
+    );
+    assert_eq!(
+        m(&conn("proxy", "ok")) + m(&conn("proxy", "relay_error")),
+        1.0
+    );
+    assert_eq!(
+        m(&conn("direct", "ok")) + m(&conn("direct", "relay_error")),
+        1.0
+    );
     assert_eq!(m(&conn("gateway", "refused")), 1.0);
     assert_eq!(m(&conn("direct", "refused")), 1.0);
-    assert_eq!(m("redirector_tunnel_failures_total{hop=\"gateway\",kind=\"refused\"}"), 1.0);
-    assert_eq!(m("redirector_refused_total{reason=\"no_original_destination\"}"), 1.0);
+    assert_eq!(
+        m("redirector_tunnel_failures_total{hop=\"gateway\",kind=\"refused\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("redirector_refused_total{reason=\"no_original_destination\"}"),
+        1.0
+    );
     assert_eq!(m("redirector_errors_total{side=\"upstream\"}"), 1.0);
     assert_eq!(m("redirector_errors_total{side=\"internal\"}"), 1.0);
-    assert_eq!(m("redirector_tunnel_setup_seconds_count{hop=\"gateway\"}"), 2.0);
-    assert_eq!(m("redirector_tunnel_setup_seconds_count{hop=\"proxy\"}"), 3.0);
-    assert_eq!(m("redirector_tunnel_setup_seconds_count{hop=\"target\"}"), 1.0);
+    assert_eq!(
+        m("redirector_tunnel_setup_seconds_count{hop=\"gateway\"}"),
+        2.0
+    );
+    assert_eq!(
+        m("redirector_tunnel_setup_seconds_count{hop=\"proxy\"}"),
+        3.0
+    );
+    assert_eq!(
+        m("redirector_tunnel_setup_seconds_count{hop=\"target\"}"),
+        1.0
+    );
     assert!(m("redirector_bytes_total{direction=\"rx\"}") > 0.0);
     assert!(m("redirector_ebpf_events{name=\"redirected4\"}") >= 6.0);
     assert_eq!(m("redirector_enabled_cgroups"), 1.0);
@@ -127,19 +210,38 @@ fn program_debug_messages_log_level_change_and_live_connections() {
     assert!(curl(&c, "http://web.azure.test/").status.success());
     // aya-log records from the connect hook reach the daemon's log.
     let end = std::time::Instant::now() + Duration::from_secs(5);
-    while !c.daemon_log().contains("redirect 203.0.113.11:80 to proxy port 15001") {
-        assert!(std::time::Instant::now() < end, "no eBPF debug message:\n{}", c.daemon_log());
+    while !c
+        .daemon_log()
+        .contains("redirect 203.0.113.11:80 to proxy port 15001")
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "no eBPF debug message:\n{}",
+            c.daemon_log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Runtime log filter change: to warn, then debug lines stop.
     let (status, body) = c.lab.node_http("POST", "/logging?filter=warn").unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(c.lab.node_http_get("/logging").unwrap().1.trim(), "warn");
-    let before = c.daemon_log().matches("redirected connection accepted").count();
+    let before = c
+        .daemon_log()
+        .matches("redirected connection accepted")
+        .count();
     assert!(curl(&c, "http://web.azure.test/").status.success());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(c.daemon_log().matches("redirected connection accepted").count(), before, "debug lines after switching to warn");
-    let (status, _) = c.lab.node_http("POST", "/logging?filter=not%20a%20filter%3D%3D").unwrap();
+    assert_eq!(
+        c.daemon_log()
+            .matches("redirected connection accepted")
+            .count(),
+        before,
+        "debug lines after switching to warn"
+    );
+    let (status, _) = c
+        .lab
+        .node_http("POST", "/logging?filter=not%20a%20filter%3D%3D")
+        .unwrap();
     assert_eq!(status, 400);
 
     // A held-open connection is listed under /connections while it lives.
@@ -150,11 +252,21 @@ fn program_debug_messages_log_level_change_and_live_connections() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(hold.stdout.as_mut().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hold.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert!(line.contains("220 banner"), "{line}");
     let (_, conns) = c.lab.node_http_get("/connections").unwrap();
     let v: serde_json::Value = serde_json::from_str(&conns).unwrap();
-    assert!(v.as_array().unwrap().iter().any(|c| c["orig_dst"] == "203.0.113.12:2525" && c["route"] == "gateway"), "{conns}");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["orig_dst"] == "203.0.113.12:2525" && c["route"] == "gateway"),
+        "{conns}"
+    );
     let _ = hold.kill();
     let _ = hold.wait();
     let (_, workloads) = c.lab.node_http_get("/workloads").unwrap();

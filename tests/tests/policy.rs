@@ -1,17 +1,20 @@
 //! Privileged end-to-end tests of routing policy and configuration (issue: routing policy):
 //! kernel skip ranges, `proxy` and `direct` routes from a config file, the name/IP check
 //! for `direct`, the metadata safety rule, and live reload.
+use std::{net::IpAddr, path::PathBuf, process::Output, time::Duration};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
-use std::{net::IpAddr, path::PathBuf, process::Output, time::Duration};
 
 use tests::chain::{Chain, Gateway, TARGETS};
 
-
-
 fn curl(c: &Chain, args: &[&str]) -> Output {
     let ca = c.ca_pem.display().to_string();
-    c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca]).args(args).output().expect("curl")
+    c.lab.pods[0]
+        .cmd("curl")
+        .args(["-sS", "--max-time", "15", "--cacert", &ca])
+        .args(args)
+        .output()
+        .expect("curl")
 }
 
 fn write_config(c: &Chain, text: &str) -> PathBuf {
@@ -30,7 +33,10 @@ fn wait_log(c: &Chain, needle: &str, count: usize) -> String {
         if log.matches(needle).count() >= count {
             return log;
         }
-        assert!(std::time::Instant::now() < end, "{needle:?} (x{count}) not logged:\n{log}");
+        assert!(
+            std::time::Instant::now() < end,
+            "{needle:?} (x{count}) not logged:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -43,7 +49,10 @@ fn chain_with_config(config: &str) -> (Chain, PathBuf) {
     let mut c = Chain::new(1);
     c.start_squid(true);
     c.start_gateway(Gateway::Normal);
-    let hosts: Vec<(&str, IpAddr)> = TARGETS.iter().map(|(n, ip)| (*n, IpAddr::V4(*ip))).collect();
+    let hosts: Vec<(&str, IpAddr)> = TARGETS
+        .iter()
+        .map(|(n, ip)| (*n, IpAddr::V4(*ip)))
+        .collect();
     c.lab.set_node_hosts(&hosts);
     let path = write_config(&c, config);
     let p = path.display().to_string();
@@ -58,15 +67,30 @@ fn skip_cidr_never_reaches_the_proxy() {
     }
     let (c, _) = chain_with_config("proxy-skip-range: 203.0.113.200/32\n");
     let series = |n: &str| format!("redirector_ebpf_events{{name=\"{n}\"}}");
-    let (skip0, est0) = (c.lab.metric(&series("skip_cidr")), c.lab.metric(&series("established")));
+    let (skip0, est0) = (
+        c.lab.metric(&series("skip_cidr")),
+        c.lab.metric(&series("established")),
+    );
     // 203.0.113.200 is the pod's directly routed service address; in this network nobody
     // answers there, so a direct connect fails at once (a redirected one would connect to
     // the proxy listener first).
     let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ntry:\n  socket.create_connection(('203.0.113.200', 443), 5)\n  print('connected')\nexcept OSError as e:\n  print('failed', e.errno)"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).starts_with("failed"), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("failed"),
+        "{}",
+        out(&o)
+    );
     assert_eq!(c.lab.metric(&series("skip_cidr")), skip0 + 1.0);
-    assert_eq!(c.lab.metric(&series("established")), est0, "a skipped connection reached the proxy path");
-    assert!(!c.daemon_log().contains("orig_dst=203.0.113.200"), "{}", c.daemon_log());
+    assert_eq!(
+        c.lab.metric(&series("established")),
+        est0,
+        "a skipped connection reached the proxy path"
+    );
+    assert!(
+        !c.daemon_log().contains("orig_dst=203.0.113.200"),
+        "{}",
+        c.daemon_log()
+    );
 }
 
 #[test]
@@ -77,19 +101,39 @@ fn proxy_route_goes_through_squid_without_the_gateway() {
     let (c, _) = chain_with_config(ROUTES);
     let o = curl(&c, &["https://kv1.vault.azure.test/secret"]);
     assert!(o.status.success(), "{}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("sni=kv1.vault.azure.test"), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("sni=kv1.vault.azure.test"),
+        "{}",
+        out(&o)
+    );
     let squid = c.squid.as_ref().unwrap();
     let line = squid.wait_access_log("kv1.vault.azure.test:443", Duration::from_secs(5));
     assert!(line.contains("CONNECT") && line.contains(" 200 "), "{line}");
-    assert!(!c.gateway_log().contains("kv1"), "the gateway saw a proxy-route connection:\n{}", c.gateway_log());
+    assert!(
+        !c.gateway_log().contains("kv1"),
+        "the gateway saw a proxy-route connection:\n{}",
+        c.gateway_log()
+    );
     let log = c.daemon_log();
-    let audit = log.lines().find(|l| l.contains("audit") && l.contains("host=kv1.vault.azure.test")).unwrap_or_else(|| panic!("{log}"));
-    for n in ["route=proxy", "rule=route:*.vault.azure.test->proxy", "hops=proxy=200"] {
+    let audit = log
+        .lines()
+        .find(|l| l.contains("audit") && l.contains("host=kv1.vault.azure.test"))
+        .unwrap_or_else(|| panic!("{log}"));
+    for n in [
+        "route=proxy",
+        "rule=route:*.vault.azure.test->proxy",
+        "hops=proxy=200",
+    ] {
         assert!(audit.contains(n), "{n}: {audit}");
     }
     // Everything else still goes through the gateway.
     assert!(curl(&c, &["http://web.azure.test/"]).status.success());
-    assert!(c.gateway_log().contains("tunnel CONNECT web.azure.test:80 -> 200"), "{}", c.gateway_log());
+    assert!(
+        c.gateway_log()
+            .contains("tunnel CONNECT web.azure.test:80 -> 200"),
+        "{}",
+        c.gateway_log()
+    );
 }
 
 #[test]
@@ -101,22 +145,59 @@ fn direct_by_name_only_when_the_ip_belongs_to_the_name() {
     // portal.azure.test resolves (from the node) to 203.0.113.10: direct, dialed by the node.
     let o = curl(&c, &["https://portal.azure.test/d"]);
     assert!(o.status.success(), "{}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("peer=203.0.113.1:"), "not dialed by the node: {}", out(&o));
-    assert!(!c.gateway_log().contains("portal.azure.test"), "{}", c.gateway_log());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("peer=203.0.113.1:"),
+        "not dialed by the node: {}",
+        out(&o)
+    );
+    assert!(
+        !c.gateway_log().contains("portal.azure.test"),
+        "{}",
+        c.gateway_log()
+    );
     // The same name claimed for 203.0.113.11: not its address, so no direct dial — the
     // default route (gateway) takes it, and the log says why.
-    let o = curl(&c, &["--resolve", "portal.azure.test:443:203.0.113.11", "https://portal.azure.test/m"]);
+    let o = curl(
+        &c,
+        &[
+            "--resolve",
+            "portal.azure.test:443:203.0.113.11",
+            "https://portal.azure.test/m",
+        ],
+    );
     assert!(o.status.success(), "{}", out(&o));
     let log = c.daemon_log();
-    assert!(log.contains("security: host name does not resolve to the original destination"), "{log}");
-    let audit = log.lines().find(|l| l.contains("audit") && l.contains("orig_dst=203.0.113.11:443")).unwrap_or_else(|| panic!("{log}"));
-    assert!(audit.contains("route=gateway") && audit.contains("name/ip mismatch"), "{audit}");
-    assert!(c.gateway_log().contains("tunnel CONNECT portal.azure.test:443 -> 200"), "{}", c.gateway_log());
+    assert!(
+        log.contains("security: host name does not resolve to the original destination"),
+        "{log}"
+    );
+    let audit = log
+        .lines()
+        .find(|l| l.contains("audit") && l.contains("orig_dst=203.0.113.11:443"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        audit.contains("route=gateway") && audit.contains("name/ip mismatch"),
+        "{audit}"
+    );
+    assert!(
+        c.gateway_log()
+            .contains("tunnel CONNECT portal.azure.test:443 -> 200"),
+        "{}",
+        c.gateway_log()
+    );
     // A route that would dial the metadata address directly is refused, not followed.
     let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ntry:\n  s = socket.create_connection(('169.254.169.254', 80), 5)\n  s.settimeout(5)\n  print('data' if s.recv(10) else 'eof')\nexcept ConnectionResetError:\n  print('reset')"]).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "reset", "{}", out(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "reset",
+        "{}",
+        out(&o)
+    );
     let log = c.daemon_log();
-    assert!(log.contains("security: refusing to dial this address directly"), "{log}");
+    assert!(
+        log.contains("security: refusing to dial this address directly"),
+        "{log}"
+    );
     assert!(log.contains("rule=safety:link-local/metadata"), "{log}");
 }
 
@@ -126,28 +207,68 @@ fn reload_keeps_old_config_on_error_and_applies_a_good_one() {
         return;
     }
     let (c, _) = chain_with_config(ROUTES);
-    let pid = c.lab.procs.iter().find(|p| p.name == "redirector").unwrap().pid();
+    let pid = c
+        .lab
+        .procs
+        .iter()
+        .find(|p| p.name == "redirector")
+        .unwrap()
+        .pid();
     // 1. A broken file: rejected with the reason; the old routes stay.
-    write_config(&c, "routes:\n  - host: '*.vault.azure.test'\n    route: sideways\n");
+    write_config(
+        &c,
+        "routes:\n  - host: '*.vault.azure.test'\n    route: sideways\n",
+    );
     // SAFETY: signalling the daemon this test started.
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
     let log = wait_log(&c, "config reload rejected", 1);
-    let line = log.lines().find(|l| l.contains("config reload rejected")).unwrap();
-    assert!(line.contains("routes[0]") && line.contains("sideways"), "{line}");
-    assert!(curl(&c, &["https://kv1.vault.azure.test/"]).status.success());
-    assert!(!c.gateway_log().contains("kv1"), "old proxy route no longer in force");
+    let line = log
+        .lines()
+        .find(|l| l.contains("config reload rejected"))
+        .unwrap();
+    assert!(
+        line.contains("routes[0]") && line.contains("sideways"),
+        "{line}"
+    );
+    assert!(
+        curl(&c, &["https://kv1.vault.azure.test/"])
+            .status
+            .success()
+    );
+    assert!(
+        !c.gateway_log().contains("kv1"),
+        "old proxy route no longer in force"
+    );
 
     // 2. A good file, no signal: the file watch picks it up. The vault route is gone (so
     //    it goes to the gateway now) and a new kernel skip range appears.
     write_config(&c, "proxy-skip-range: 203.0.113.200/32,203.0.113.192/29\n");
     wait_log(&c, "configuration reloaded", 1);
-    assert!(curl(&c, &["https://kv1.vault.azure.test/"]).status.success());
-    assert!(c.gateway_log().contains("tunnel CONNECT kv1.vault.azure.test:443 -> 200"), "{}", c.gateway_log());
+    assert!(
+        curl(&c, &["https://kv1.vault.azure.test/"])
+            .status
+            .success()
+    );
+    assert!(
+        c.gateway_log()
+            .contains("tunnel CONNECT kv1.vault.azure.test:443 -> 200"),
+        "{}",
+        c.gateway_log()
+    );
     // The new kernel skip range is in the LPM map next to the old one.
     let s = c.lab.status();
     let text = String::from_utf8_lossy(&s.stdout);
-    assert!(text.contains("203.0.113.192/29") && text.contains("203.0.113.200/32"), "{text}");
+    assert!(
+        text.contains("203.0.113.192/29") && text.contains("203.0.113.200/32"),
+        "{text}"
+    );
     let (_, metrics) = c.lab.node_http_get("/metrics").unwrap();
-    assert!(metrics.contains("redirector_config_reloads_total{result=\"rejected\"}"), "{metrics}");
-    assert!(metrics.contains("redirector_config_reloads_total{result=\"applied\"}"), "{metrics}");
+    assert!(
+        metrics.contains("redirector_config_reloads_total{result=\"rejected\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("redirector_config_reloads_total{result=\"applied\"}"),
+        "{metrics}"
+    );
 }

@@ -1,17 +1,19 @@
 //! Privileged end-to-end tests of the gateway tunnel (issue: gateway tunnel): real Squid,
 //! the gateway simulator, real TLS with a test CA, real clients in pods with no proxy
 //! variables. See `tests::chain` for the network.
+use std::{path::Path, process::Output};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
-use std::{path::Path, process::Output};
 
 use tests::chain::{BANNER, Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER};
 
-
 fn script(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+        .display()
+        .to_string()
 }
-
 
 /// Squid with auth + a normal gateway + the daemon.
 fn full_chain() -> Chain {
@@ -24,7 +26,11 @@ fn full_chain() -> Chain {
 
 fn curl(c: &Chain, url: &str) -> Output {
     let ca = c.ca_pem.display().to_string();
-    c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, url]).output().expect("curl")
+    c.lab.pods[0]
+        .cmd("curl")
+        .args(["-sS", "--max-time", "15", "--cacert", &ca, url])
+        .output()
+        .expect("curl")
 }
 
 #[test]
@@ -36,29 +42,61 @@ fn https_and_http_by_name_go_through_squid_and_gateway() {
     let o = curl(&c, "https://portal.azure.test/ok");
     assert!(o.status.success(), "{}", out(&o));
     let body = String::from_utf8_lossy(&o.stdout);
-    assert!(body.contains("local=203.0.113.10:443") && body.contains("sni=portal.azure.test"), "{body}");
+    assert!(
+        body.contains("local=203.0.113.10:443") && body.contains("sni=portal.azure.test"),
+        "{body}"
+    );
 
     let o = curl(&c, "http://web.azure.test/plain");
     assert!(o.status.success(), "{}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("host=web.azure.test path=/plain"), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("host=web.azure.test path=/plain"),
+        "{}",
+        out(&o)
+    );
 
     // The gateway tunneled by name, not by IP.
     let gw = c.gateway_log();
-    assert!(gw.contains("tunnel CONNECT portal.azure.test:443 -> 200"), "{gw}");
-    assert!(gw.contains("tunnel CONNECT web.azure.test:80 -> 200"), "{gw}");
+    assert!(
+        gw.contains("tunnel CONNECT portal.azure.test:443 -> 200"),
+        "{gw}"
+    );
+    assert!(
+        gw.contains("tunnel CONNECT web.azure.test:80 -> 200"),
+        "{gw}"
+    );
     // Squid saw only the gateway, and only after authenticating us.
     let squid = c.squid.as_ref().unwrap();
-    let log = squid.wait_access_log(&format!("{GATEWAY_NAME}:443"), std::time::Duration::from_secs(5));
+    let log = squid.wait_access_log(
+        &format!("{GATEWAY_NAME}:443"),
+        std::time::Duration::from_secs(5),
+    );
     assert!(log.contains("CONNECT") && log.contains("200"), "{log}");
-    assert!(!squid.access_log().contains("portal.azure.test"), "{}", squid.access_log());
+    assert!(
+        !squid.access_log().contains("portal.azure.test"),
+        "{}",
+        squid.access_log()
+    );
     // Proxy-Authorization went to Squid (it requires it and said 200) and never further.
     for line in gw.lines().filter(|l| l.starts_with("headers ")) {
-        assert!(!line.to_ascii_lowercase().contains("proxy-authorization"), "{line}");
+        assert!(
+            !line.to_ascii_lowercase().contains("proxy-authorization"),
+            "{line}"
+        );
     }
     // The audit line tells the whole story.
     let d = c.daemon_log();
-    let audit = d.lines().find(|l| l.contains("audit") && l.contains("host=portal.azure.test")).unwrap_or_else(|| panic!("{d}"));
-    for needle in ["host_source=sni", "route=gateway", "hops=proxy=200,gateway=200", "orig_dst=203.0.113.10:443", "rule=default"] {
+    let audit = d
+        .lines()
+        .find(|l| l.contains("audit") && l.contains("host=portal.azure.test"))
+        .unwrap_or_else(|| panic!("{d}"));
+    for needle in [
+        "host_source=sni",
+        "route=gateway",
+        "hops=proxy=200,gateway=200",
+        "orig_dst=203.0.113.10:443",
+        "rule=default",
+    ] {
         assert!(audit.contains(needle), "{needle} missing: {audit}");
     }
     assert!(d.contains("host=web.azure.test host_source=host"), "{d}");
@@ -75,11 +113,28 @@ fn server_first_protocol_is_tunneled_by_ip_after_the_deadline() {
         BANNER.ip(),
         BANNER.port()
     );
-    let o = c.lab.pods[0].cmd("python3").args(["-c", &code]).output().unwrap();
+    let o = c.lab.pods[0]
+        .cmd("python3")
+        .args(["-c", &code])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", out(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("220 banner local=203.0.113.12:2525"), "{}", out(&o));
-    assert!(c.gateway_log().contains("tunnel CONNECT 203.0.113.12:2525 -> 200"), "{}", c.gateway_log());
-    assert!(c.daemon_log().contains("host_source=ip"), "{}", c.daemon_log());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("220 banner local=203.0.113.12:2525"),
+        "{}",
+        out(&o)
+    );
+    assert!(
+        c.gateway_log()
+            .contains("tunnel CONNECT 203.0.113.12:2525 -> 200"),
+        "{}",
+        c.gateway_log()
+    );
+    assert!(
+        c.daemon_log().contains("host_source=ip"),
+        "{}",
+        c.daemon_log()
+    );
 }
 
 #[test]
@@ -88,16 +143,34 @@ fn bulk_64_mib_each_way_arrives_byte_identical() {
         return;
     }
     let c = full_chain();
-    let o = c.lab.pods[0].cmd("python3").args([&script("bulk.py"), "bulk.azure.test", "8080", "64"]).output().unwrap();
+    let o = c.lab.pods[0]
+        .cmd("python3")
+        .args([&script("bulk.py"), "bulk.azure.test", "8080", "64"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", out(&o));
     let s = String::from_utf8_lossy(&o.stdout);
-    let get = |k: &str| s.lines().find(|l| l.starts_with(k)).unwrap_or_else(|| panic!("{s}")).to_owned();
+    let get = |k: &str| {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or_else(|| panic!("{s}"))
+            .to_owned()
+    };
     let sent = get("sent=");
     let recv = get("recv=");
     assert!(sent.ends_with(&format!("bytes={}", 64 << 20)), "{sent}");
-    assert_eq!(sent.replace("sent=", ""), recv.replace("recv=", ""), "payload changed in transit");
+    assert_eq!(
+        sent.replace("sent=", ""),
+        recv.replace("recv=", ""),
+        "payload changed in transit"
+    );
     // A server-first echo: no SNI/Host, so it is tunneled by IP.
-    assert!(c.gateway_log().contains("tunnel CONNECT 203.0.113.14:8080 -> 200"), "{}", c.gateway_log());
+    assert!(
+        c.gateway_log()
+            .contains("tunnel CONNECT 203.0.113.14:8080 -> 200"),
+        "{}",
+        c.gateway_log()
+    );
 }
 
 /// Runs one refusal scenario: the pod's curl must end with an error before its own
@@ -110,18 +183,40 @@ fn refusal(test: &str, setup: impl FnOnce(&mut Chain), url: &str, expect: &[&str
     setup(&mut c);
     let o = curl(&c, url);
     let code = o.status.code();
-    assert!(code != Some(0) && code != Some(28), "{test}: expected a prompt failure: {}", out(&o));
+    assert!(
+        code != Some(0) && code != Some(28),
+        "{test}: expected a prompt failure: {}",
+        out(&o)
+    );
     let d = c.daemon_log();
-    let line = d.lines().find(|l| l.contains("audit: connection refused")).unwrap_or_else(|| panic!("{test}: no refusal line:\n{d}"));
+    let line = d
+        .lines()
+        .find(|l| l.contains("audit: connection refused"))
+        .unwrap_or_else(|| panic!("{test}: no refusal line:\n{d}"));
     assert!(line.contains("WARN"), "{line}");
     for e in expect {
         assert!(line.contains(e), "{test}: {e:?} missing from: {line}");
     }
-    assert!(!c.target_log().contains("request "), "{test}: a request reached a target:\n{}", c.target_log());
+    assert!(
+        !c.target_log().contains("request "),
+        "{test}: a request reached a target:\n{}",
+        c.target_log()
+    );
     // The refusal is counted once, by route and result, and by hop and kind.
-    assert_eq!(c.lab.metric("redirector_connections_total{route=\"gateway\",result=\"refused\"}"), 1.0, "{test}");
-    let hop = expect.iter().find_map(|e| e.strip_prefix("hop=")).expect("hop");
-    let kind = expect.iter().find_map(|e| e.strip_prefix("kind=")).expect("kind");
+    assert_eq!(
+        c.lab
+            .metric("redirector_connections_total{route=\"gateway\",result=\"refused\"}"),
+        1.0,
+        "{test}"
+    );
+    let hop = expect
+        .iter()
+        .find_map(|e| e.strip_prefix("hop="))
+        .expect("hop");
+    let kind = expect
+        .iter()
+        .find_map(|e| e.strip_prefix("kind="))
+        .expect("kind");
     let series = format!("redirector_tunnel_failures_total{{hop=\"{hop}\",kind=\"{kind}\"}}");
     assert_eq!(c.lab.metric(&series), 1.0, "{test}: {series}");
 }
@@ -152,7 +247,12 @@ fn refusal_gateway_403_name_not_allowed() {
             c.start_daemon(&[], "info");
         },
         "https://denied.example.test/",
-        &["hop=gateway", "kind=refused", "status=403", "host=denied.example.test"],
+        &[
+            "hop=gateway",
+            "kind=refused",
+            "status=403",
+            "host=denied.example.test",
+        ],
     );
 }
 
@@ -179,8 +279,16 @@ fn refusal_wrong_gateway_name() {
             // Dial the real gateway but expect another name: the certificate must not match.
             let ca = c.ca_pem.display().to_string();
             c.lab.start_daemon(&[
-                "--gateway-url", "https://wrong.arc.test:443", "--gateway-connect-to", "203.0.113.60",
-                "--proxy-cert", &ca, "--sniff-timeout", "0.3", "--tls-timeout", "2",
+                "--gateway-url",
+                "https://wrong.arc.test:443",
+                "--gateway-connect-to",
+                "203.0.113.60",
+                "--proxy-cert",
+                &ca,
+                "--sniff-timeout",
+                "0.3",
+                "--tls-timeout",
+                "2",
             ]);
         },
         "https://portal.azure.test/",
@@ -238,13 +346,30 @@ fn early_request_while_proxy_says_407_gets_nothing_through() {
         except ConnectionResetError:\n\
         \x20   pass\n\
         print('got', len(data))";
-    let o = c.lab.pods[0].cmd("python3").args(["-c", code]).output().unwrap();
+    let o = c.lab.pods[0]
+        .cmd("python3")
+        .args(["-c", code])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", out(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "got 0", "{}", out(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "got 0",
+        "{}",
+        out(&o)
+    );
     let squid = c.squid.as_ref().unwrap();
     squid.wait_access_log("407", std::time::Duration::from_secs(5));
-    assert!(!squid.access_log().contains("/admin"), "{}", squid.access_log());
-    assert!(!c.gateway_log().contains("/admin") && !c.gateway_log().contains("tunnel CONNECT"), "{}", c.gateway_log());
+    assert!(
+        !squid.access_log().contains("/admin"),
+        "{}",
+        squid.access_log()
+    );
+    assert!(
+        !c.gateway_log().contains("/admin") && !c.gateway_log().contains("tunnel CONNECT"),
+        "{}",
+        c.gateway_log()
+    );
     assert!(!c.target_log().contains("/admin"), "{}", c.target_log());
 }
 
@@ -264,13 +389,30 @@ fn hostile_sni_values_never_reach_a_connect_line() {
         &"a".repeat(300),
     ];
     for sni in hostile {
-        let o = c.lab.pods[0].cmd("python3").args([&script("client_hello.py"), "203.0.113.10", "443", sni]).output().unwrap();
+        let o = c.lab.pods[0]
+            .cmd("python3")
+            .args([&script("client_hello.py"), "203.0.113.10", "443", sni])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{sni}: {}", out(&o));
     }
     let gw = c.gateway_log();
     // Every one fell back to the IP; nothing of the hostile names reached the gateway.
-    assert_eq!(gw.matches("tunnel CONNECT 203.0.113.10:443 -> 200").count(), hostile.len(), "{gw}");
-    for bad in ["evil", "X-Injected", "a b", "x@y", "a/b", "nul", "trailing", "aaaaaaaa"] {
+    assert_eq!(
+        gw.matches("tunnel CONNECT 203.0.113.10:443 -> 200").count(),
+        hostile.len(),
+        "{gw}"
+    );
+    for bad in [
+        "evil",
+        "X-Injected",
+        "a b",
+        "x@y",
+        "a/b",
+        "nul",
+        "trailing",
+        "aaaaaaaa",
+    ] {
         assert!(!gw.contains(bad), "{bad} reached the gateway:\n{gw}");
     }
 }
@@ -289,10 +431,19 @@ fn trace_logs_and_config_dump_never_contain_the_proxy_password() {
     let (_, dump) = c.lab.node_http_get("/config_dump").expect("config_dump");
     let basic = base64_encode(format!("{PROXY_USER}:{PROXY_PASSWORD}").as_bytes());
     let log = c.daemon_log();
-    assert!(log.lines().count() > 50, "expected trace output, got:\n{log}");
+    assert!(
+        log.lines().count() > 50,
+        "expected trace output, got:\n{log}"
+    );
     for (what, text) in [("trace log", &log), ("/config_dump", &dump)] {
-        assert!(!text.contains(PROXY_PASSWORD), "{what} contains the proxy password");
-        assert!(!text.contains(&basic), "{what} contains the Basic credentials");
+        assert!(
+            !text.contains(PROXY_PASSWORD),
+            "{what} contains the proxy password"
+        );
+        assert!(
+            !text.contains(&basic),
+            "{what} contains the Basic credentials"
+        );
     }
     assert!(dump.contains("redacted"), "{dump}");
 }
@@ -301,7 +452,9 @@ fn base64_encode(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for i in 0..4 {
             if i <= c.len() {
                 s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -312,4 +465,3 @@ fn base64_encode(b: &[u8]) -> String {
     }
     s
 }
-

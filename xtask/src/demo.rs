@@ -25,41 +25,82 @@ pub fn run() -> anyhow::Result<()> {
         bail!("the demo creates network namespaces and attaches eBPF programs: run it as root");
     }
     setup::run()?;
-    step("building the redirector (with its embedded eBPF programs), the gateway simulator and the demo servers");
+    step(
+        "building the redirector (with its embedded eBPF programs), the gateway simulator and the demo servers",
+    );
     exec::build_all()?;
 
-    step("laying out a closed network: node, pod, internet targets, Squid (203.0.113.50), gateway simulator gw.arc.test (203.0.113.60)");
+    step(
+        "laying out a closed network: node, pod, internet targets, Squid (203.0.113.50), gateway simulator gw.arc.test (203.0.113.60)",
+    );
     let mut c = Chain::new(1);
     let plain = c.lab.add_plain_cgroup("not-enabled");
     c.start_squid(true);
     c.start_gateway(Gateway::Normal);
     let pod = &c.lab.pods[0];
     println!("pod netns {} cgroup {}", pod.netns, pod.cgroup.display());
-    println!("pod routes (no default route):\n{}", tests::lab::sh(&format!("ip -n {} route", pod.netns)));
+    println!(
+        "pod routes (no default route):\n{}",
+        tests::lab::sh(&format!("ip -n {} route", pod.netns))
+    );
 
-    step("starting `redirector run --gateway-url https://gw.arc.test --proxy-https http://agent:***@203.0.113.50:3128 --cgroup <pod>`");
+    step(
+        "starting `redirector run --gateway-url https://gw.arc.test --proxy-https http://agent:***@203.0.113.50:3128 --cgroup <pod>`",
+    );
     c.start_daemon(&[], "info");
 
     step("pod: env has no proxy variables");
-    let env = c.lab.pods[0].cmd("sh").args(["-c", "env | grep -i _proxy || echo '(none)'"]).output()?;
+    let env = c.lab.pods[0]
+        .cmd("sh")
+        .args(["-c", "env | grep -i _proxy || echo '(none)'"])
+        .output()?;
     print!("{}", String::from_utf8_lossy(&env.stdout));
 
     let ca = c.ca_pem.display().to_string();
     step("pod: curl https://portal.azure.test/hello  (end-to-end TLS with the target)");
-    let o = c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, "https://portal.azure.test/hello"]).output()?;
+    let o = c.lab.pods[0]
+        .cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "15",
+            "--cacert",
+            &ca,
+            "https://portal.azure.test/hello",
+        ])
+        .output()?;
     show("curl", &o);
     step("pod: curl http://web.azure.test/plain");
-    let o = c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "http://web.azure.test/plain"]).output()?;
+    let o = c.lab.pods[0]
+        .cmd("curl")
+        .args(["-sS", "--max-time", "15", "http://web.azure.test/plain"])
+        .output()?;
     show("curl", &o);
     step("pod: curl https://denied.example.test/  (not on the gateway's allowlist)");
-    let o = c.lab.pods[0].cmd("curl").args(["-sS", "--max-time", "15", "--cacert", &ca, "https://denied.example.test/"]).output()?;
+    let o = c.lab.pods[0]
+        .cmd("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "15",
+            "--cacert",
+            &ca,
+            "https://denied.example.test/",
+        ])
+        .output()?;
     show("curl", &o);
     step("same pod netns, a cgroup that is not enabled: untouched, so no route");
-    let o = c.lab.pods[0].cmd_in_cgroup(&plain, "curl").args(["-sS", "--max-time", "5", "https://portal.azure.test/"]).output()?;
+    let o = c.lab.pods[0]
+        .cmd_in_cgroup(&plain, "curl")
+        .args(["-sS", "--max-time", "5", "https://portal.azure.test/"])
+        .output()?;
     show("curl", &o);
 
     step("Squid access log (the enterprise proxy sees only the gateway)");
-    print!("{}", c.squid.as_ref().map(|s| s.access_log()).unwrap_or_default());
+    print!(
+        "{}",
+        c.squid.as_ref().map(|s| s.access_log()).unwrap_or_default()
+    );
     step("gateway simulator log (tunnels by host name)");
     print!("{}", c.gateway_log());
     step("redirector audit lines");

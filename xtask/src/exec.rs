@@ -15,20 +15,27 @@ pub fn describe(c: &Command) -> String {
 /// Runs `c` with inherited stdio; fails with the command line on a non-zero exit.
 pub fn run(c: &mut Command) -> anyhow::Result<()> {
     let line = describe(c);
-    let status = c.status().with_context(|| format!("cannot start `{line}`"))?;
+    let status = c
+        .status()
+        .with_context(|| format!("cannot start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed with {status}");
     }
     Ok(())
 }
 
-
 /// Runs `c` and returns its stdout.
 pub fn output(c: &mut Command) -> anyhow::Result<String> {
     let line = describe(c);
-    let o = c.output().with_context(|| format!("cannot start `{line}`"))?;
+    let o = c
+        .output()
+        .with_context(|| format!("cannot start `{line}`"))?;
     if !o.status.success() {
-        bail!("`{line}` failed with {}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "`{line}` failed with {}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&o.stdout).into_owned())
 }

@@ -25,7 +25,10 @@ pub fn run(a: FuzzArgs) -> anyhow::Result<()> {
         exec::run(exec::cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for t in TARGETS.iter().filter(|t| a.target.as_deref().is_none_or(|only| only == **t)) {
+    for t in TARGETS
+        .iter()
+        .filter(|t| a.target.as_deref().is_none_or(|only| only == **t))
+    {
         println!("fuzz: {t} for {} s", a.seconds);
         exec::run(
             Command::new("cargo")

@@ -21,7 +21,14 @@ pub fn run(a: TestArgs) -> anyhow::Result<()> {
     // (CI=true, root) a privileged test that cannot run fails instead of skipping.
     exec::run(exec::cargo().args(["test", "--workspace"]).args(&a.rest))?;
     if !a.no_clippy {
-        exec::run(exec::cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        exec::run(exec::cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     println!("xtask test: all green");
     Ok(())

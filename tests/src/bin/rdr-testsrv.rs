@@ -22,7 +22,9 @@ fn usage() -> ! {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(mode) = args.first().cloned() else { usage() };
+    let Some(mode) = args.first().cloned() else {
+        usage()
+    };
     let mut listens: Vec<SocketAddr> = Vec::new();
     let (mut cert, mut key) = (None, None);
     let mut it = args.iter().skip(1);
@@ -89,15 +91,24 @@ fn bind_v6only(addr: SocketAddr) -> TcpListener {
         let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
         let one: libc::c_int = 1;
-        for opt in [(libc::SOL_SOCKET, libc::SO_REUSEADDR), (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)] {
+        for opt in [
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+        ] {
             libc::setsockopt(fd, opt.0, opt.1, (&one as *const libc::c_int).cast(), 4);
         }
-        let SocketAddr::V6(v6) = addr else { unreachable!() };
+        let SocketAddr::V6(v6) = addr else {
+            unreachable!()
+        };
         let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
         sa.sin6_family = libc::AF_INET6 as u16;
         sa.sin6_port = v6.port().to_be();
         sa.sin6_addr.s6_addr = v6.ip().octets();
-        let rc = libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32);
+        let rc = libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in6).cast(),
+            size_of::<libc::sockaddr_in6>() as u32,
+        );
         assert!(rc == 0, "bind {addr}: {}", std::io::Error::last_os_error());
         assert!(libc::listen(fd, 4096) == 0, "listen {addr}");
         TcpListener::from_raw_fd(fd)
@@ -108,7 +119,13 @@ fn tcp(l: TcpListener, mode: String) {
     for conn in l.incoming() {
         let Ok(s) = conn else { continue };
         let mode = mode.clone();
-        thread::spawn(move || if mode == "http" { serve_http(s) } else { serve(s, mode == "banner") });
+        thread::spawn(move || {
+            if mode == "http" {
+                serve_http(s)
+            } else {
+                serve(s, mode == "banner")
+            }
+        });
     }
 }
 
@@ -135,10 +152,14 @@ fn https(l: TcpListener, tls: std::sync::Arc<rustls::ServerConfig>) {
         let Ok(s) = conn else { continue };
         let tls = tls.clone();
         thread::spawn(move || {
-            let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else { return };
+            let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else {
+                return;
+            };
             println!("accept local={local} peer={peer}");
             std::io::stdout().flush().ok();
-            let Ok(conn) = rustls::ServerConnection::new(tls) else { return };
+            let Ok(conn) = rustls::ServerConnection::new(tls) else {
+                return;
+            };
             let mut stream = rustls::StreamOwned::new(conn, s);
             // Drive the handshake so the SNI is known before we answer.
             while stream.conn.is_handshaking() {
@@ -156,7 +177,9 @@ fn https(l: TcpListener, tls: std::sync::Arc<rustls::ServerConfig>) {
 }
 
 fn serve_http(mut s: TcpStream) {
-    let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else { return };
+    let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else {
+        return;
+    };
     println!("accept local={local} peer={peer}");
     std::io::stdout().flush().ok();
     answer_http(&mut s, local, peer, "");
@@ -177,7 +200,11 @@ fn answer_http<S: Read + Write>(s: &mut S, local: SocketAddr, peer: SocketAddr, 
     let path = text.split_whitespace().nth(1).unwrap_or("").to_owned();
     let host = text
         .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("host")).map(|(_, v)| v.trim().to_owned()))
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
         .unwrap_or_default();
     println!("request local={local} host={host} path={path}");
     std::io::stdout().flush().ok();
@@ -191,7 +218,9 @@ fn answer_http<S: Read + Write>(s: &mut S, local: SocketAddr, peer: SocketAddr, 
 }
 
 fn serve(mut s: TcpStream, banner: bool) {
-    let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else { return };
+    let (Ok(local), Ok(peer)) = (s.local_addr(), s.peer_addr()) else {
+        return;
+    };
     println!("accept local={local} peer={peer}");
     std::io::stdout().flush().ok();
     let first = if banner {
@@ -222,7 +251,9 @@ fn udp(addr: SocketAddr) {
     let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
     let mut buf = [0u8; 2048];
     loop {
-        let Ok((_, peer)) = s.recv_from(&mut buf) else { continue };
+        let Ok((_, peer)) = s.recv_from(&mut buf) else {
+            continue;
+        };
         println!("udp peer={peer}");
         std::io::stdout().flush().ok();
         let _ = s.send_to(format!("peer={peer}\n").as_bytes(), peer);
