@@ -5,7 +5,7 @@ use crate::{exec, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
-    /// Skip `cargo clippy -D warnings`.
+    /// Skip `cargo fmt --check` and `cargo clippy -D warnings`.
     #[arg(long)]
     no_clippy: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -21,6 +21,7 @@ pub fn run(a: TestArgs) -> anyhow::Result<()> {
     // (CI=true, root) a privileged test that cannot run fails instead of skipping.
     exec::run(exec::cargo().args(["test", "--workspace"]).args(&a.rest))?;
     if !a.no_clippy {
+        exec::run(exec::cargo().args(["fmt", "--all", "--check"]))?;
         exec::run(exec::cargo().args([
             "clippy",
             "--workspace",
