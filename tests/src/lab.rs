@@ -502,6 +502,29 @@ impl Lab {
         }
     }
 
+    /// Waits (bounded) until the daemon's log contains `needle`; returns the whole log. Audit
+    /// lines are written when a relay ends, which can be just after the client is done.
+    pub fn wait_daemon_log(&self, needle: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log: String = self
+                .procs
+                .iter()
+                .filter(|p| p.name == "redirector")
+                .map(|p| p.log())
+                .collect::<Vec<_>>()
+                .join("\n");
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < end,
+                "{needle:?} not in the daemon log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET on the daemon's admin endpoint inside the node namespace.
     pub fn node_http_get(&self, path: &str) -> Option<(u16, String)> {
         self.node_http("GET", path)

@@ -139,7 +139,8 @@ fn pod_reaches_unroutable_host_through_redirector() {
         srv_logs.contains(&format!("accept local={target}:80")),
         "{srv_logs}"
     );
-    let log = daemon_log(&lab);
+    lab.wait_daemon_log(&format!("orig_dst={target}:80"));
+    let log = lab.wait_daemon_log(&format!("orig_dst={}:8080", Lab::inet_v4(1)));
     assert!(log.contains(&format!("orig_dst={target}:80")), "{log}");
     assert!(
         log.contains(&format!("orig_dst={}:8080", Lab::inet_v4(1))),
@@ -275,7 +276,8 @@ fn ipv6_and_v4_mapped_behave_like_ipv4() {
         "{}",
         out(&o)
     );
-    let log = daemon_log(&lab);
+    lab.wait_daemon_log(&format!("orig_dst={v4}:8080"));
+    let log = lab.wait_daemon_log(&format!("orig_dst=[{v6}]:80"));
     assert!(log.contains(&format!("orig_dst={v4}:8080")), "{log}");
     assert!(log.contains(&format!("orig_dst=[{v6}]:80")), "{log}");
     assert!(lab.metric("redirector_ebpf_events{name=\"redirected6\"}") >= 1.0);

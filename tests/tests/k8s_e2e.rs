@@ -313,6 +313,15 @@ impl K8s {
     }
 
     /// Audit lines of redirected connections from `workload` (`ns/name`) to the target.
+    /// Audit lines for `workload` once there are at least `n` (an audit line is written when
+    /// the relay ends, which can be just after the client saw its answer).
+    fn audit_lines_at_least(&self, workload: &str, n: usize) -> Vec<String> {
+        self.wait(&format!("{n} audit line(s) for {workload}"), |k| {
+            k.audit_lines(workload).len() >= n
+        });
+        self.audit_lines(workload)
+    }
+
     fn audit_lines(&self, workload: &str) -> Vec<String> {
         let dst = format!("orig_dst={}:80", self.target);
         self.log()
@@ -400,7 +409,7 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
     eprintln!("namespace labeled -> pod cgroup enabled after {took:?}");
     assert_eq!(k.curl("apps/web"), Outcome::Redirected, "log:\n{}", k.log());
     assert_eq!(
-        k.audit_lines("apps/web").len(),
+        k.audit_lines_at_least("apps/web", 1).len(),
         1,
         "one audit line naming the pod:\n{}",
         k.log()
@@ -502,7 +511,12 @@ fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
         "the first connection of the first container; log:\n{}",
         k.log()
     );
-    assert_eq!(k.audit_lines("apps/first").len(), 1, "{}", k.log());
+    assert_eq!(
+        k.audit_lines_at_least("apps/first", 1).len(),
+        1,
+        "{}",
+        k.log()
+    );
 
     // No gap at all: measured, reported, safety asserted.
     let mut results = Vec::new();
@@ -744,7 +758,7 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
         "the steady pod's cgroup id left rdr_enabled during a fault"
     );
     assert_eq!(
-        k.audit_lines("apps/steady").len(),
+        k.audit_lines_at_least("apps/steady", all.len()).len(),
         all.len(),
         "one audit line per attempt"
     );
@@ -783,7 +797,7 @@ fn both_cgroup_drivers_and_all_qos_classes_are_found() {
             "{driver:?} {qos:?}\nlog:\n{}",
             k.log()
         );
-        assert_eq!(k.audit_lines(&pod).len(), 1, "{pod}");
+        assert_eq!(k.audit_lines_at_least(&pod, 1).len(), 1, "{pod}");
         let p = k.node.pod(&k.uid(&pod));
         ids.insert(p.cgroup_id());
         // The daemon names the cgroup it found: the pod cgroup in the kubelet's layout.

@@ -114,7 +114,7 @@ fn proxy_route_goes_through_squid_without_the_gateway() {
         "the gateway saw a proxy-route connection:\n{}",
         c.gateway_log()
     );
-    let log = c.daemon_log();
+    let log = wait_log(&c, "host=kv1.vault.azure.test host_source", 1);
     let audit = log
         .lines()
         .find(|l| l.contains("audit") && l.contains("host=kv1.vault.azure.test"))
@@ -166,7 +166,7 @@ fn direct_by_name_only_when_the_ip_belongs_to_the_name() {
         ],
     );
     assert!(o.status.success(), "{}", out(&o));
-    let log = c.daemon_log();
+    let log = wait_log(&c, "name/ip mismatch", 1);
     assert!(
         log.contains("security: host name does not resolve to the original destination"),
         "{log}"
@@ -193,7 +193,7 @@ fn direct_by_name_only_when_the_ip_belongs_to_the_name() {
         "{}",
         out(&o)
     );
-    let log = c.daemon_log();
+    let log = wait_log(&c, "rule=safety:link-local/metadata", 2);
     assert!(
         log.contains("security: refusing to dial this address directly"),
         "{log}"

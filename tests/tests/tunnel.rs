@@ -85,7 +85,11 @@ fn https_and_http_by_name_go_through_squid_and_gateway() {
         );
     }
     // The audit line tells the whole story.
-    let d = c.daemon_log();
+    c.lab
+        .wait_daemon_log("host=web.azure.test host_source=host");
+    let d = c
+        .lab
+        .wait_daemon_log("host=portal.azure.test host_source=sni");
     let audit = d
         .lines()
         .find(|l| l.contains("audit") && l.contains("host=portal.azure.test"))
