@@ -89,6 +89,20 @@ where
             }
         }
     }
+    // One side finished cleanly and the other then found its peer gone (EPIPE/ECONNRESET
+    // while forwarding the last bytes, e.g. a TLS close_notify after the server already
+    // closed): an ordinary close, not a failure.
+    let peer_gone = |e: &Option<DirEnd>| matches!(e, Some(DirEnd::Error(err)) if matches!(err.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset));
+    let clean = |e: &Option<DirEnd>| matches!(e, Some(DirEnd::Eof));
+    if (clean(&up_end) && peer_gone(&down_end)) || (clean(&down_end) && peer_gone(&up_end)) {
+        let who = if clean(&down_end) { "upstream" } else { "pod" };
+        return Relayed {
+            tx,
+            rx,
+            close: format!("eof ({who} closed first)"),
+            ok: true,
+        };
+    }
     let describe = |dir: &str, e: &Option<DirEnd>| match e {
         Some(DirEnd::Error(err)) => Some(format!("{dir}: {err}")),
         _ => None,

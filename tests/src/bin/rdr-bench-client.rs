@@ -28,7 +28,10 @@ use clap::{Args, Parser, Subcommand};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
 use serde_json::json;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader},
+    io::{
+        AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _,
+        BufReader,
+    },
     net::{TcpSocket, TcpStream},
     sync::Semaphore,
 };
@@ -136,9 +139,14 @@ impl Dialer {
         let env = match opts.env_gateway {
             None => None,
             Some(gateway) => {
-                let ca = opts.env_ca.as_ref().context("--env-gateway needs --env-ca")?;
+                let ca = opts
+                    .env_ca
+                    .as_ref()
+                    .context("--env-gateway needs --env-ca")?;
                 let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("read {}", ca.display()))? {
+                for c in CertificateDer::pem_file_iter(ca)
+                    .with_context(|| format!("read {}", ca.display()))?
+                {
                     roots.add(c?)?;
                 }
                 let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -147,7 +155,9 @@ impl Dialer {
                     .with_root_certificates(roots)
                     .with_no_client_auth();
                 cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-                let auth = std::env::var("BENCH_PROXY_AUTH").ok().map(|a| base64_encode(a.as_bytes()));
+                let auth = std::env::var("BENCH_PROXY_AUTH")
+                    .ok()
+                    .map(|a| base64_encode(a.as_bytes()));
                 Some(Env {
                     gateway,
                     name: ServerName::try_from(opts.env_gateway_name.clone())?,
@@ -167,14 +177,23 @@ impl Dialer {
                     None => tcp(env.gateway).await?,
                     Some((proxy, auth)) => {
                         let mut s = tcp(*proxy).await?;
-                        let authority = format!("{}:{}", self.opts.env_gateway_name, env.gateway.port());
-                        connect_request(&mut s, &authority, auth.as_deref()).await.context("CONNECT via the proxy")?;
+                        let authority =
+                            format!("{}:{}", self.opts.env_gateway_name, env.gateway.port());
+                        connect_request(&mut s, &authority, auth.as_deref())
+                            .await
+                            .context("CONNECT via the proxy")?;
                         s
                     }
                 };
                 s.set_nodelay(true)?;
-                let mut tls = env.tls.connect(env.name.clone(), s).await.context("TLS to the gateway")?;
-                connect_request(&mut tls, &self.opts.host, None).await.context("CONNECT via the gateway")?;
+                let mut tls = env
+                    .tls
+                    .connect(env.name.clone(), s)
+                    .await
+                    .context("TLS to the gateway")?;
+                connect_request(&mut tls, &self.opts.host, None)
+                    .await
+                    .context("CONNECT via the gateway")?;
                 Box::new(tls)
             }
         };
@@ -183,13 +202,19 @@ impl Dialer {
 }
 
 async fn tcp(addr: SocketAddr) -> anyhow::Result<TcpStream> {
-    let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    let s = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
     s.set_nodelay(true)?;
     Ok(s)
 }
 
 /// Sends `CONNECT authority` and reads the answer; anything but 2xx is an error.
-async fn connect_request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, authority: &str, basic: Option<&str>) -> anyhow::Result<()> {
+async fn connect_request<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    authority: &str,
+    basic: Option<&str>,
+) -> anyhow::Result<()> {
     let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
     if let Some(b) = basic {
         req.push_str(&format!("Proxy-Authorization: Basic {b}\r\n"));
@@ -233,7 +258,9 @@ fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
@@ -246,7 +273,10 @@ fn base64_encode(data: &[u8]) -> String {
 }
 
 /// Reads a response (or request) head: the first line and the content length.
-async fn read_head<R: AsyncRead + Unpin>(r: &mut BufReader<R>, line: &mut String) -> anyhow::Result<Option<(String, u64)>> {
+async fn read_head<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    line: &mut String,
+) -> anyhow::Result<Option<(String, u64)>> {
     line.clear();
     if r.read_line(line).await? == 0 {
         return Ok(None);
@@ -273,13 +303,27 @@ async fn read_head<R: AsyncRead + Unpin>(r: &mut BufReader<R>, line: &mut String
 
 /// Sends one request and reads the whole answer; returns the body length. The body lands in
 /// `body` when `keep` (else it is read through `body` as scratch space and dropped).
-async fn request(c: &mut Conn, host: &str, method: &str, path: &str, payload: &[u8], body: &mut Vec<u8>, keep: bool) -> anyhow::Result<u64> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n", payload.len()).into_bytes();
+async fn request(
+    c: &mut Conn,
+    host: &str,
+    method: &str,
+    path: &str,
+    payload: &[u8],
+    body: &mut Vec<u8>,
+    keep: bool,
+) -> anyhow::Result<u64> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    )
+    .into_bytes();
     req.extend_from_slice(payload);
     c.get_mut().write_all(&req).await?;
     c.get_mut().flush().await?;
     let mut line = String::new();
-    let (first, len) = read_head(c, &mut line).await?.context("closed before the answer")?;
+    let (first, len) = read_head(c, &mut line)
+        .await?
+        .context("closed before the answer")?;
     if !first.starts_with("HTTP/1.1 200") {
         bail!("answer: {first}");
     }
@@ -331,7 +375,9 @@ fn raise_nofile() {
 fn main() -> anyhow::Result<()> {
     raise_nofile();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.mode {
             Mode::Serve { listen } => serve(listen).await,
@@ -341,13 +387,27 @@ fn main() -> anyhow::Result<()> {
                 let mut c = d.open().await?;
                 let seen = small(&mut c, &d.opts.host).await?;
                 let peer = seen.strip_prefix("peer=").unwrap_or(&seen).to_owned();
-                print_json(json!({"mode": "probe", "peer": peer, "ms": t.elapsed().as_secs_f64() * 1e3}));
+                print_json(
+                    json!({"mode": "probe", "peer": peer, "ms": t.elapsed().as_secs_f64() * 1e3}),
+                );
                 Ok(())
             }
             Mode::Bulk { path, conns, bytes } => bulk(Dialer::new(path)?, conns, bytes).await,
-            Mode::Rr { path, seconds, size } => rr(Dialer::new(path)?, seconds, size).await,
-            Mode::Connect { path, seconds, concurrency } => connect(Arc::new(Dialer::new(path)?), seconds, concurrency).await,
-            Mode::Idle { path, conns, parallel } => idle(Arc::new(Dialer::new(path)?), conns, parallel).await,
+            Mode::Rr {
+                path,
+                seconds,
+                size,
+            } => rr(Dialer::new(path)?, seconds, size).await,
+            Mode::Connect {
+                path,
+                seconds,
+                concurrency,
+            } => connect(Arc::new(Dialer::new(path)?), seconds, concurrency).await,
+            Mode::Idle {
+                path,
+                conns,
+                parallel,
+            } => idle(Arc::new(Dialer::new(path)?), conns, parallel).await,
         }
     })
 }
@@ -372,7 +432,16 @@ async fn bulk(d: Dialer, conns: usize, bytes: u64) -> anyhow::Result<()> {
         let host = host.clone();
         tasks.push(tokio::spawn(async move {
             let mut scratch = Vec::new();
-            request(&mut c, &host, "GET", &format!("/down/{each}"), &[], &mut scratch, false).await
+            request(
+                &mut c,
+                &host,
+                "GET",
+                &format!("/down/{each}"),
+                &[],
+                &mut scratch,
+                false,
+            )
+            .await
         }));
     }
     let mut total = 0;
@@ -380,7 +449,9 @@ async fn bulk(d: Dialer, conns: usize, bytes: u64) -> anyhow::Result<()> {
         total += t.await??;
     }
     let secs = start.elapsed().as_secs_f64();
-    print_json(json!({"mode": "bulk", "conns": conns, "bytes": total, "seconds": secs, "mb_per_s": total as f64 / secs / 1e6}));
+    print_json(
+        json!({"mode": "bulk", "conns": conns, "bytes": total, "seconds": secs, "mb_per_s": total as f64 / secs / 1e6}),
+    );
     Ok(())
 }
 
@@ -389,14 +460,32 @@ async fn rr(d: Dialer, seconds: f64, size: usize) -> anyhow::Result<()> {
     let payload: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
     let mut body = Vec::new();
     for _ in 0..20 {
-        request(&mut c, &d.opts.host, "POST", "/echo", &payload, &mut body, true).await?;
+        request(
+            &mut c,
+            &d.opts.host,
+            "POST",
+            "/echo",
+            &payload,
+            &mut body,
+            true,
+        )
+        .await?;
     }
     let mut lat = Vec::new();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(seconds);
     while Instant::now() < end {
         let t = Instant::now();
-        request(&mut c, &d.opts.host, "POST", "/echo", &payload, &mut body, true).await?;
+        request(
+            &mut c,
+            &d.opts.host,
+            "POST",
+            "/echo",
+            &payload,
+            &mut body,
+            true,
+        )
+        .await?;
         if body != payload {
             bail!("echo mismatch");
         }
@@ -404,8 +493,10 @@ async fn rr(d: Dialer, seconds: f64, size: usize) -> anyhow::Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
-    print_json(json!({"mode": "rr", "ops": lat.len(), "seconds": secs, "ops_per_s": lat.len() as f64 / secs,
-        "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99)}));
+    print_json(
+        json!({"mode": "rr", "ops": lat.len(), "seconds": secs, "ops_per_s": lat.len() as f64 / secs,
+        "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99)}),
+    );
     Ok(())
 }
 
@@ -449,11 +540,16 @@ async fn connect(d: Arc<Dialer>, seconds: f64, concurrency: usize) -> anyhow::Re
     lat.sort_by(f64::total_cmp);
     let errors = errors.load(Ordering::Relaxed);
     if lat.is_empty() {
-        bail!("no connection succeeded ({errors} errors; last: {})", last_err.unwrap_or_default());
+        bail!(
+            "no connection succeeded ({errors} errors; last: {})",
+            last_err.unwrap_or_default()
+        );
     }
-    print_json(json!({"mode": "connect", "count": lat.len(), "errors": errors, "last_error": last_err,
+    print_json(
+        json!({"mode": "connect", "count": lat.len(), "errors": errors, "last_error": last_err,
         "seconds": secs, "per_s": lat.len() as f64 / secs,
-        "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99), "mean_ms": lat.iter().sum::<f64>() / lat.len() as f64}));
+        "p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99), "mean_ms": lat.iter().sum::<f64>() / lat.len() as f64}),
+    );
     Ok(())
 }
 
@@ -482,7 +578,9 @@ async fn idle(d: Arc<Dialer>, conns: usize, parallel: usize) -> anyhow::Result<(
             }
         }
     }
-    print_json(json!({"mode": "idle", "open": held.len(), "errors": errors, "last_error": last_err, "seconds": start.elapsed().as_secs_f64()}));
+    print_json(
+        json!({"mode": "idle", "open": held.len(), "errors": errors, "last_error": last_err, "seconds": start.elapsed().as_secs_f64()}),
+    );
     // Hold until the caller closes our stdin.
     let mut sink = Vec::new();
     let _ = tokio::io::stdin().read_to_end(&mut sink).await;
@@ -494,9 +592,14 @@ async fn idle(d: Arc<Dialer>, conns: usize, parallel: usize) -> anyhow::Result<(
 // Server.
 
 async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    let sock = if listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let sock = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     sock.set_reuseaddr(true)?;
-    sock.bind(listen).with_context(|| format!("bind {listen}"))?;
+    sock.bind(listen)
+        .with_context(|| format!("bind {listen}"))?;
     let l = sock.listen(4096)?;
     // 256 KiB of non-repeating-looking bytes, sent over and over for /down.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -543,16 +646,21 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, data: &[u8]) -> anyhow::Resu
         match (method, path) {
             ("GET", "/small") => {
                 let b = format!("peer={peer}\n");
-                w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{b}", b.len()).as_bytes()).await?;
+                w.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{b}", b.len()).as_bytes(),
+                )
+                .await?;
             }
             ("POST", "/echo") => {
-                let mut out = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+                let mut out =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").into_bytes();
                 out.extend_from_slice(&body);
                 w.write_all(&out).await?;
             }
             ("GET", p) if p.starts_with("/down/") => {
                 let n: u64 = p["/down/".len()..].parse().context("size")?;
-                w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes()).await?;
+                w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes())
+                    .await?;
                 let mut left = n;
                 while left > 0 {
                     let k = left.min(data.len() as u64) as usize;
@@ -561,7 +669,8 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, data: &[u8]) -> anyhow::Resu
                 }
             }
             _ => {
-                w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await?;
+                w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    .await?;
             }
         }
     }
@@ -574,7 +683,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64_encode(i.as_bytes()), o);
         }
     }

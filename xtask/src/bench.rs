@@ -1,0 +1,828 @@
+//! `cargo xtask bench`: the redirector against the classic alternatives, side by side, in the
+//! closed test network (DESIGN.md §6). It never fails on a number; it reports.
+//!
+//! Two labs:
+//! - **A** (`tests::chain::Chain`): pod1 (enabled) → redirector (gateway route via Squid) →
+//!   gateway simulator → target; pod2 (added after the daemon started, so never enabled,
+//!   with a route to 203.0.113.0/24) hosts `direct` and `env`; pod3 (same) hosts `classic`
+//!   (iptables REDIRECT + redsocks + stunnel through the same Squid and gateway).
+//! - **B** (`tests::lab::Lab`): pod1 (enabled) → a redirector without a gateway or proxy
+//!   (default route `direct`) → target: `relay`, the capture + relay cost alone.
+//!
+//! The target is `rdr-bench-client serve` at 203.0.113.14:8080 (`bulk.azure.test:8080`) in
+//! each lab's `inet` namespace; the load generator is `rdr-bench-client` in the pods.
+mod classic;
+mod report;
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader, Read as _},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde_json::Value;
+use tests::{
+    chain::{self, Chain, Gateway, GATEWAY_NAME, GATEWAY_V4, PROXY_PASSWORD, PROXY_USER, SQUID_V4},
+    lab::{Lab, Pod},
+};
+
+use crate::{exec, setup};
+
+pub use report::{Report, Results};
+
+/// The bench target: `bulk.azure.test:8080` (allowed by the gateway simulator by name and IP).
+const TARGET_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 14);
+const TARGET_PORT: u16 = 8080;
+const TARGET_HOST: &str = "bulk.azure.test:8080";
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Rounds of every scenario; medians and spread are over rounds [5; --quick: 1].
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per timed scenario (request/response, new connections) [10; --quick: 2].
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// One short round of everything: a smoke check of the whole suite (~1-2 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// MiB per bulk download [256; --quick: 64].
+    #[arg(long)]
+    bulk_mib: Option<u64>,
+    /// Idle tunneled connections for the memory scenario [10000].
+    #[arg(long)]
+    idle_conns: Option<usize>,
+    /// Do not run `cargo build --release`; use the release binaries already built.
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// The ways a pod's connection can reach the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PathId {
+    Direct,
+    Relay,
+    Gateway,
+    Classic,
+    Env,
+}
+
+pub const PATHS: [PathId; 5] = [PathId::Direct, PathId::Relay, PathId::Gateway, PathId::Classic, PathId::Env];
+
+impl PathId {
+    pub fn name(self) -> &'static str {
+        match self {
+            PathId::Direct => "direct",
+            PathId::Relay => "relay",
+            PathId::Gateway => "gateway",
+            PathId::Classic => "classic",
+            PathId::Env => "env",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            PathId::Direct => "pod netns with a route to the target via the node, cgroup not enabled: no capture, no proxy (the floor)",
+            PathId::Relay => "second lab: redirector without --gateway-url/--proxy-* (default route `direct`): connect hook + listener in the pod netns + relay from the node",
+            PathId::Gateway => "redirector → Squid (CONNECT gw.arc.test:443, Basic auth) → TLS to the gateway simulator → CONNECT bulk.azure.test:8080 inside",
+            PathId::Classic => "iptables REDIRECT in the pod netns → redsocks (http-connect) → local stunnel client (protocol=connect via Squid, Basic auth, TLS to the gateway) → redsocks' CONNECT 203.0.113.14:8080 inside TLS",
+            PathId::Env => "no capture; the client itself does CONNECT gw.arc.test:443 via Squid (Basic auth), TLS (rustls) to the gateway, CONNECT bulk.azure.test:8080 inside — what `https_proxy=https://gw…` does, plus the Squid hop curl cannot chain",
+        }
+    }
+}
+
+struct Cfg {
+    rounds: usize,
+    seconds: f64,
+    quick: bool,
+    bulk_bytes: u64,
+    idle_conns: usize,
+    curl_reps: usize,
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark creates network namespaces and attaches eBPF programs: run it as root");
+    }
+    let started = Instant::now();
+    let cfg = Cfg {
+        rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 5 }).max(1),
+        seconds: a.seconds.unwrap_or(if a.quick { 2.0 } else { 10.0 }),
+        quick: a.quick,
+        bulk_bytes: a.bulk_mib.unwrap_or(if a.quick { 64 } else { 256 }) << 20,
+        idle_conns: a.idle_conns.unwrap_or(10_000),
+        curl_reps: if a.quick { 10 } else { 30 },
+    };
+    let mut notes = Vec::new();
+    setup::run()?;
+    notes.extend(ensure_classic_packages()?);
+    let bins = release_bins(a.no_build)?;
+    raise_nofile(&mut notes);
+
+    let mut rep = Report::new(report::machine_info());
+    rep.config = vec![
+        ("rounds".into(), cfg.rounds.to_string()),
+        ("seconds per timed scenario".into(), format!("{}", cfg.seconds)),
+        ("bulk download".into(), format!("{} MiB per scenario (split over the connections)", cfg.bulk_bytes >> 20)),
+        ("idle connections".into(), cfg.idle_conns.to_string()),
+        ("curl repetitions".into(), cfg.curl_reps.to_string()),
+        ("quick".into(), cfg.quick.to_string()),
+        ("binaries".into(), "release profile (target/release)".into()),
+    ];
+    println!("bench: AES-128-GCM reference (openssl speed -evp aes-128-gcm, 16384-byte blocks)");
+    match openssl_aes_gcm() {
+        Ok(v) => rep.aes_gcm_bytes_per_s = Some(v),
+        Err(e) => notes.push(format!("openssl speed failed: {e:#}")),
+    }
+
+    println!("bench: building the closed networks (lab A: chain with Squid and the gateway simulator; lab B: relay)");
+    let mut bench = Bench::new(&bins, &cfg)?;
+    rep.configs = bench.configs.clone();
+    bench.probe_paths();
+    bench.idle_rss();
+    for round in 0..cfg.rounds {
+        println!("bench: round {}/{}", round + 1, cfg.rounds);
+        bench.round(round);
+    }
+    println!("bench: memory per idle connection ({} connections)", cfg.idle_conns);
+    bench.memory();
+    rep.results = std::mem::take(&mut bench.results);
+    rep.path_errors = bench.broken.iter().map(|(p, e)| (p.name().to_owned(), e.clone())).collect();
+    notes.extend(bench.notes.drain(..));
+    drop(bench);
+
+    rep.notes = notes;
+    rep.duration_s = started.elapsed().as_secs_f64();
+    let dir = report::out_dir();
+    let written = rep.write(&dir)?;
+    println!("\n{}", rep.summary());
+    for w in written {
+        println!("bench: wrote {}", w.display());
+    }
+    Ok(())
+}
+
+/// The classic path needs redsocks, stunnel and iptables from Debian.
+fn ensure_classic_packages() -> anyhow::Result<Vec<String>> {
+    let want = [("redsocks", &["redsocks"][..]), ("stunnel4", &["stunnel", "stunnel4"][..]), ("iptables", &["iptables"][..])];
+    let missing: Vec<&str> = want.iter().filter(|(_, bins)| classic::find_bin(bins).is_none()).map(|(p, _)| *p).collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list = missing.join(" ");
+    println!("bench: installing {list} with apt-get (the `classic` comparison path: iptables REDIRECT + redsocks + stunnel)");
+    exec::run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(vec![format!("installed with apt-get for the classic path: {list}")])
+}
+
+struct Bins {
+    client: PathBuf,
+}
+
+/// Builds the release binaries and points `tests::lab::workspace_bin` at them.
+fn release_bins(no_build: bool) -> anyhow::Result<Bins> {
+    if !no_build {
+        println!("bench: building release binaries (the daemon with its eBPF programs, simulator, bench client)");
+        exec::run(exec::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_owned();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root.join("target"));
+    let rel = target.join("release");
+    for (name, var) in [("redirector", "RDR_BIN_REDIRECTOR"), ("rdr-testsrv", "RDR_BIN_RDR_TESTSRV"), ("rdr-gateway-sim", "RDR_BIN_RDR_GATEWAY_SIM")] {
+        let p = rel.join(name);
+        if !p.exists() {
+            bail!("{} missing; run without --no-build", p.display());
+        }
+        // SAFETY: still single-threaded here; nothing reads the environment concurrently.
+        unsafe { std::env::set_var(var, &p) };
+    }
+    let client = rel.join("rdr-bench-client");
+    if !client.exists() {
+        bail!("{} missing; run without --no-build", client.display());
+    }
+    Ok(Bins { client })
+}
+
+/// 10,000 idle connections need ~3 descriptors each in the daemon and the simulator, which
+/// inherit this limit.
+fn raise_nofile(notes: &mut Vec<String>) {
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        let want: libc::rlim_t = 262_144;
+        let raised = libc::rlimit { rlim_cur: want.max(r.rlim_cur), rlim_max: want.max(r.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            notes.push(format!("could not raise RLIMIT_NOFILE to {want}; using {}", r.rlim_max));
+        }
+    }
+}
+
+/// `openssl speed -evp aes-128-gcm` on 16384-byte blocks, in bytes per second.
+fn openssl_aes_gcm() -> anyhow::Result<f64> {
+    let out = exec::output(Command::new("openssl").args(["speed", "-evp", "aes-128-gcm", "-seconds", "3", "-bytes", "16384", "-mr"]))?;
+    parse_openssl_mr(&out).context("no +F line for 16384 bytes in `openssl speed -mr` output")
+}
+
+/// Parses `openssl speed -mr`: `+H:<sizes…>` then `+F:<n>:<alg>:<bytes/s per size…>`.
+fn parse_openssl_mr(out: &str) -> Option<f64> {
+    let sizes: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("+H:"))?.split(':').collect();
+    let col = sizes.iter().position(|s| s.trim() == "16384")?;
+    let f = out.lines().find_map(|l| l.strip_prefix("+F:"))?;
+    f.split(':').nth(2 + col)?.trim().parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------
+
+struct Bench<'a> {
+    cfg: &'a Cfg,
+    client: String,
+    a: Chain,
+    b: Lab,
+    classic: Option<classic::Classic>,
+    broken: BTreeMap<PathId, String>,
+    results: Results,
+    notes: Vec<String>,
+    configs: Vec<(String, String)>,
+    ca: String,
+}
+
+impl<'a> Bench<'a> {
+    fn new(bins: &Bins, cfg: &'a Cfg) -> anyhow::Result<Bench<'a>> {
+        let client = bins.client.to_str().context("utf-8 path")?.to_owned();
+        let mut configs = Vec::new();
+
+        // Lab A: the chain. The bench server replaces the chain's whoami echo on 8080.
+        let mut a = Chain::new(1);
+        if let Some(i) = a.lab.procs.iter().position(|p| p.name == "testsrv-whoami") {
+            a.lab.procs.remove(i);
+        }
+        let inet_a = format!("{}-inet", a.lab.id);
+        start_server(&mut a.lab, &inet_a, &client);
+        a.start_squid(true);
+        a.start_gateway(Gateway::Normal);
+        a.start_daemon(&[], "info");
+        let mut flags = a.lab.daemon_args();
+        flags.extend(a.daemon_flags("***"));
+        configs.push(("gateway: redirector (lab A node netns)".into(), format!("redirector {}", flags.join(" "))));
+        // Pods 2 and 3 come after the daemon started, so its --cgroup list does not name them.
+        let p2 = a.lab.add_pod();
+        let p3 = a.lab.add_pod();
+        for p in [p2, p3] {
+            route_to_inet(&a.lab.pods[p]);
+        }
+        let mut hosts: Vec<(&str, IpAddr)> = chain::TARGETS.iter().map(|(n, ip)| (*n, IpAddr::V4(*ip))).collect();
+        hosts.push((GATEWAY_NAME, IpAddr::V4(GATEWAY_V4)));
+        a.lab.set_pod_hosts(&hosts);
+        let ca = a.ca_pem.display().to_string();
+
+        // Lab B: relay only.
+        let mut b = Lab::new();
+        b.add_pod();
+        let inet_b = b.add_host("inet", &[TARGET_V4], &[]);
+        start_server(&mut b, &inet_b, &client);
+        let bulk = [("bulk.azure.test", IpAddr::V4(TARGET_V4))];
+        b.set_node_hosts(&bulk);
+        b.set_pod_hosts(&bulk);
+        b.start_daemon(&[]);
+        configs.push(("relay: redirector (lab B node netns)".into(), format!("redirector {}", b.daemon_args().join(" "))));
+
+        // Many short connections: let TIME_WAIT ports be reused and widen the port range in
+        // every namespace of ours (per-netns sysctls; the host's are untouched).
+        let mut tuned = Vec::new();
+        for id in [&a.lab.id, &b.id] {
+            for ns in lab_netns(id) {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10240 65000"])
+                    .status();
+                tuned.push(ns);
+            }
+        }
+        configs.push((
+            "sysctls in every lab netns".into(),
+            format!("net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range=\"10240 65000\"\n({})", tuned.join(", ")),
+        ));
+
+        let mut bench = Bench { cfg, client, a, b, classic: None, broken: BTreeMap::new(), results: Results::default(), notes: Vec::new(), configs, ca };
+        let ns3 = bench.a.lab.pods[2].netns.clone();
+        let ca_path = bench.a.ca_pem.clone();
+        match classic::start(&mut bench.a.lab, &ns3, &ca_path, &TARGET_V4.to_string(), TARGET_PORT) {
+            Ok(c) => {
+                bench.configs.extend(c.configs.iter().cloned());
+                bench.classic = Some(c);
+            }
+            Err(e) => {
+                bench.broken.insert(PathId::Classic, format!("setup failed: {e:#}"));
+            }
+        }
+        bench.configs.push((
+            "env: client flags (pod2)".into(),
+            format!("rdr-bench-client … --target {TARGET_V4}:{TARGET_PORT} --host {TARGET_HOST} {}  (BENCH_PROXY_AUTH={PROXY_USER}:***)", bench.env_flags().join(" ")),
+        ));
+        Ok(bench)
+    }
+
+    fn env_flags(&self) -> Vec<String> {
+        vec![
+            "--env-gateway".into(),
+            format!("{GATEWAY_V4}:443"),
+            "--env-gateway-name".into(),
+            GATEWAY_NAME.into(),
+            "--env-ca".into(),
+            self.ca.clone(),
+            "--env-proxy".into(),
+            format!("{SQUID_V4}:3128"),
+        ]
+    }
+
+    fn pod(&self, p: PathId) -> &Pod {
+        match p {
+            PathId::Direct | PathId::Env => &self.a.lab.pods[1],
+            PathId::Relay => &self.b.pods[0],
+            PathId::Gateway => &self.a.lab.pods[0],
+            PathId::Classic => &self.a.lab.pods[2],
+        }
+    }
+
+    fn client(&self, p: PathId, mode: &str, args: &[String]) -> Command {
+        let mut c = self.pod(p).cmd(&self.client);
+        c.arg(mode).args(args).args(["--target", &format!("{TARGET_V4}:{TARGET_PORT}"), "--host", TARGET_HOST]);
+        if p == PathId::Env {
+            c.args(self.env_flags());
+            c.env("BENCH_PROXY_AUTH", format!("{PROXY_USER}:{PROXY_PASSWORD}"));
+        }
+        c
+    }
+
+    fn daemon_pid(lab: &Lab) -> Option<u32> {
+        lab.procs.iter().rev().find(|p| p.name == "redirector").map(|p| p.pid())
+    }
+
+    /// Processes whose CPU counts as "the proxy" of a path.
+    fn proxy_pids(&self, p: PathId) -> Vec<u32> {
+        match p {
+            PathId::Relay => Self::daemon_pid(&self.b).into_iter().collect(),
+            PathId::Gateway => Self::daemon_pid(&self.a.lab).into_iter().collect(),
+            PathId::Classic => self.classic.as_ref().map(|c| vec![self.a.lab.procs[c.redsocks].pid(), self.a.lab.procs[c.stunnel].pid()]).unwrap_or_default(),
+            PathId::Direct | PathId::Env => Vec::new(),
+        }
+    }
+
+    fn live_paths(&self, round: usize) -> Vec<PathId> {
+        // Rotate the order every round so no path always runs first (or last).
+        let mut v: Vec<PathId> = PATHS.iter().copied().filter(|p| !self.broken.contains_key(p)).collect();
+        if !v.is_empty() {
+            let k = round % v.len();
+            v.rotate_left(k);
+        }
+        v
+    }
+
+    /// One `GET /small` per path; the server's view of our address proves the way it came.
+    fn probe_paths(&mut self) {
+        let pod2 = self.a.lab.pods[1].v4.to_string();
+        for p in PATHS {
+            if self.broken.contains_key(&p) {
+                continue;
+            }
+            let want = match p {
+                PathId::Direct => pod2.clone(),
+                PathId::Relay => tests::lab::NODE_V4.to_string(),
+                _ => GATEWAY_V4.to_string(),
+            };
+            match run_json(self.client(p, "probe", &[]), Duration::from_secs(30)) {
+                Ok(v) => {
+                    let peer = v["peer"].as_str().unwrap_or("").to_owned();
+                    let ip = peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(&peer);
+                    if ip == want {
+                        println!("bench: path {:<8} ok: target saw {peer} ({:.1} ms)", p.name(), v["ms"].as_f64().unwrap_or(f64::NAN));
+                    } else {
+                        self.broken.insert(p, format!("probe reached the target from {peer}, expected {want}: the path is not what it claims"));
+                    }
+                }
+                Err(e) => {
+                    self.broken.insert(p, format!("probe failed: {e:#}"));
+                }
+            }
+            if let Some(e) = self.broken.get(&p) {
+                println!("bench: path {:<8} BROKEN: {e}", p.name());
+            }
+        }
+    }
+
+    /// RSS of each fresh daemon before any measured traffic.
+    fn idle_rss(&mut self) {
+        std::thread::sleep(Duration::from_secs(1));
+        for (p, pid) in [(PathId::Gateway, Self::daemon_pid(&self.a.lab)), (PathId::Relay, Self::daemon_pid(&self.b))] {
+            if let Some(kib) = pid.and_then(rss_kib) {
+                self.results.push("idle_rss", p, kib as f64 / 1024.0);
+            }
+        }
+    }
+
+    fn record(&mut self, metric: &str, p: PathId, r: anyhow::Result<f64>) {
+        match r {
+            Ok(v) if v.is_finite() => self.results.push(metric, p, v),
+            Ok(v) => self.results.error(metric, p, format!("not a number: {v}")),
+            Err(e) => {
+                println!("bench:   {metric} {}: {e:#}", p.name());
+                self.results.error(metric, p, format!("{e:#}"));
+            }
+        }
+    }
+
+    fn round(&mut self, round: usize) {
+        let paths = self.live_paths(round);
+        let secs = self.cfg.seconds;
+        let timed = Duration::from_secs_f64(secs + 90.0);
+
+        // Bulk download on 1 and 8 connections, with the proxy's CPU time around each.
+        let mut cpu: BTreeMap<PathId, (f64, u64)> = BTreeMap::new();
+        for (metric, conns) in [("bulk1", 1usize), ("bulk8", 8)] {
+            for &p in &paths {
+                let pids = self.proxy_pids(p);
+                let before = cpu_secs(&pids);
+                let args = ["--conns".to_owned(), conns.to_string(), "--bytes".into(), self.cfg.bulk_bytes.to_string()];
+                let r = run_json(self.client(p, "bulk", &args), Duration::from_secs(600));
+                let after = cpu_secs(&pids);
+                if let (Ok(v), Some(b), Some(a)) = (&r, before, after) {
+                    let e = cpu.entry(p).or_default();
+                    e.0 += a - b;
+                    e.1 += v["bytes"].as_u64().unwrap_or(0);
+                }
+                let mbps = r.and_then(|v| num(&v, "mb_per_s"));
+                if let Ok(m) = &mbps {
+                    println!("bench:   {metric:<6} {:<8} {m:>9.1} MB/s", p.name());
+                }
+                self.record(metric, p, mbps);
+            }
+        }
+        for (p, (s, bytes)) in cpu {
+            if bytes > 0 {
+                self.results.push("cpu_per_gib", p, s / (bytes as f64 / (1u64 << 30) as f64));
+            }
+        }
+
+        // Request/response on one open connection.
+        for &p in &paths {
+            let args = ["--seconds".to_owned(), secs.to_string(), "--size".into(), "1024".into()];
+            let r = run_json(self.client(p, "rr", &args), timed);
+            if let Ok(v) = &r {
+                println!("bench:   rr     {:<8} {:>9.0} ops/s  p50 {:.0} µs", p.name(), v["ops_per_s"].as_f64().unwrap_or(f64::NAN), v["p50_us"].as_f64().unwrap_or(f64::NAN));
+                self.record("rr_p50", p, num(v, "p50_us"));
+            }
+            self.record("rr", p, r.and_then(|v| num(&v, "ops_per_s")));
+        }
+
+        // New connections, with the kernel's BPF run-time statistics on.
+        let stats = BpfStats::enable();
+        if let Err(e) = &stats {
+            self.notes.push(format!("kernel.bpf_stats_enabled could not be set: {e:#}"));
+        }
+        let hooks_before = [prog_stats(&self.a.lab.pin_root), prog_stats(&self.b.pin_root)];
+        for &p in &paths {
+            let args = ["--seconds".to_owned(), secs.to_string(), "--concurrency".into(), "1".into()];
+            let r = run_json(self.client(p, "connect", &args), timed);
+            if let Ok(v) = &r {
+                println!(
+                    "bench:   conn   {:<8} p50 {:>7.2} ms  p99 {:>7.2} ms  ({} errors)",
+                    p.name(),
+                    v["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                    v["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                    v["errors"]
+                );
+                self.record("conn_p99", p, num(v, "p99_ms"));
+            }
+            self.record("conn_p50", p, r.and_then(|v| num(&v, "p50_ms")));
+        }
+        for &p in &paths {
+            let args = ["--seconds".to_owned(), secs.to_string(), "--concurrency".into(), "8".into()];
+            let r = run_json(self.client(p, "connect", &args), timed);
+            if let Ok(v) = &r {
+                println!("bench:   conn/s {:<8} {:>9.0} /s  ({} errors)", p.name(), v["per_s"].as_f64().unwrap_or(f64::NAN), v["errors"]);
+            }
+            self.record("conn_rate", p, r.and_then(|v| num(&v, "per_s")));
+        }
+        let hooks_after = [prog_stats(&self.a.lab.pin_root), prog_stats(&self.b.pin_root)];
+        drop(stats);
+        for (i, p) in [PathId::Gateway, PathId::Relay].into_iter().enumerate() {
+            for (prog, metric) in [("rdr_connect4", "hook_ns"), ("rdr_sockops", "sockops_ns")] {
+                let (Some(b), Some(a)) = (hooks_before[i].get(prog), hooks_after[i].get(prog)) else {
+                    self.results.error(metric, p, "bpftool prog show: no run-time statistics".into());
+                    continue;
+                };
+                let (dt, dn) = (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1));
+                if dn > 0 {
+                    self.results.push(metric, p, dt as f64 / dn as f64);
+                    self.results.push(&format!("{metric}_calls"), p, dn as f64);
+                }
+            }
+        }
+
+        // curl, the everyday client, on the paths where it applies.
+        for p in [PathId::Direct, PathId::Relay, PathId::Gateway, PathId::Env] {
+            if self.broken.contains_key(&p) && p != PathId::Env {
+                continue;
+            }
+            let r = self.curl_bulk(p);
+            if let Ok(m) = &r {
+                println!("bench:   curl   {:<8} {m:>9.1} MB/s", p.name());
+            }
+            self.record("curl_bulk1", p, r);
+            let r = self.curl_latency(p);
+            if let Ok(m) = &r {
+                println!("bench:   curl   {:<8} p50 {m:>7.2} ms", p.name());
+            }
+            self.record("curl_conn_p50", p, r);
+        }
+    }
+
+    fn curl(&self, p: PathId, path: &str) -> Command {
+        let mut c = self.pod(p).cmd("curl");
+        c.args(["-sS", "-o", "/dev/null", "--max-time", "300", "-w", "%{http_code} %{speed_download} %{time_total}\\n"]);
+        if p == PathId::Env {
+            // curl chains no HTTP proxy in front of an HTTPS proxy: straight to the gateway.
+            c.args(["--proxy", &format!("https://{GATEWAY_NAME}:443"), "--proxy-cacert", &self.ca, "--proxytunnel"]);
+        }
+        c.arg(format!("http://{TARGET_HOST}{path}"));
+        c
+    }
+
+    fn curl_bulk(&self, p: PathId) -> anyhow::Result<f64> {
+        let line = run_text(self.curl(p, &format!("/down/{}", self.cfg.bulk_bytes)), Duration::from_secs(600))?;
+        let (code, speed, _) = parse_curl_w(&line)?;
+        if code != 200 {
+            bail!("HTTP {code}");
+        }
+        Ok(speed / 1e6)
+    }
+
+    fn curl_latency(&self, p: PathId) -> anyhow::Result<f64> {
+        let mut t = Vec::new();
+        for _ in 0..self.cfg.curl_reps {
+            let line = run_text(self.curl(p, "/small"), Duration::from_secs(60))?;
+            let (code, _, total) = parse_curl_w(&line)?;
+            if code != 200 {
+                bail!("HTTP {code}");
+            }
+            t.push(total * 1e3);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
+    /// RSS of a daemon holding N idle tunneled connections: relay (lab B) and gateway (lab A,
+    /// restarted without Squid, whose configuration caps it at 1024 descriptors).
+    fn memory(&mut self) {
+        let n = self.cfg.idle_conns;
+        if !self.broken.contains_key(&PathId::Relay) {
+            let pid = Self::daemon_pid(&self.b);
+            self.idle_conns(PathId::Relay, pid, n);
+        }
+        if !self.broken.contains_key(&PathId::Gateway) {
+            // Squid goes (classic and env are done), the daemon restarts dialing the gateway
+            // directly; it adopts its pins.
+            self.a.squid = None;
+            if let Some(i) = self.a.lab.procs.iter().position(|p| p.name == "redirector") {
+                self.a.lab.procs.remove(i);
+            }
+            self.a.start_daemon(&[], "info");
+            let pid = Self::daemon_pid(&self.a.lab);
+            std::thread::sleep(Duration::from_secs(1));
+            if let Some(kib) = pid.and_then(rss_kib) {
+                self.results.push("idle_rss_direct_gw", PathId::Gateway, kib as f64 / 1024.0);
+            }
+            self.idle_conns(PathId::Gateway, pid, n);
+        }
+    }
+
+    fn idle_conns(&mut self, p: PathId, pid: Option<u32>, n: usize) {
+        let r = (|| -> anyhow::Result<(f64, f64, usize)> {
+            let pid = pid.context("no daemon pid")?;
+            std::thread::sleep(Duration::from_secs(1));
+            let base = rss_kib(pid).context("daemon RSS")?;
+            let mut child = self
+                .client(p, "idle", &["--conns".to_owned(), n.to_string(), "--parallel".into(), "128".into()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let guard = KillOnDrop(&mut child);
+            let (tx, rx) = mpsc::channel();
+            let stdout = guard.0.stdout.take().context("stdout")?;
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let line = rx.recv_timeout(Duration::from_secs(600)).context("idle client never reported its connections")?;
+            let v: Value = serde_json::from_str(&line).with_context(|| format!("client output {line:?}"))?;
+            let open = v["open"].as_u64().unwrap_or(0) as usize;
+            if open == 0 {
+                bail!("no connection opened: {}", v["last_error"]);
+            }
+            if v["errors"].as_u64().unwrap_or(0) > 0 {
+                self.notes.push(format!("{}: {} of {n} idle connections failed (last: {})", p.name(), v["errors"], v["last_error"]));
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            let loaded = rss_kib(pid).context("daemon RSS")?;
+            drop(guard.0.stdin.take());
+            let end = Instant::now() + Duration::from_secs(60);
+            while guard.0.try_wait()?.is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            drop(guard);
+            std::thread::sleep(Duration::from_secs(2));
+            let after = rss_kib(pid).unwrap_or(0);
+            println!(
+                "bench:   idle   {:<8} {open} connections: RSS {:.1} → {:.1} MiB, {:.0} B/connection; {:.1} MiB after closing",
+                p.name(),
+                base as f64 / 1024.0,
+                loaded as f64 / 1024.0,
+                (loaded.saturating_sub(base) * 1024) as f64 / open as f64,
+                after as f64 / 1024.0
+            );
+            Ok(((loaded.saturating_sub(base) * 1024) as f64 / open as f64, after as f64 / 1024.0, open))
+        })();
+        match r {
+            Ok((per, after, open)) => {
+                self.results.push("idle_conn_bytes", p, per);
+                self.results.push("rss_after_close", p, after);
+                self.results.push("idle_conns_open", p, open as f64);
+            }
+            Err(e) => self.results.error("idle_conn_bytes", p, format!("{e:#}")),
+        }
+    }
+}
+
+fn start_server(lab: &mut Lab, ns: &str, client: &str) {
+    let i = lab.spawn_in(ns, "bench-server", Path::new(client), &["serve", "--listen", &format!("0.0.0.0:{TARGET_PORT}")]);
+    lab.procs[i].wait_for_log("ready", Duration::from_secs(10));
+}
+
+/// A route from a (never enabled) pod to the hosts' network via its node-side veth address.
+fn route_to_inet(pod: &Pod) {
+    let o = pod.v4.octets();
+    let node_side = Ipv4Addr::new(o[0], o[1], o[2], o[3] - 1);
+    tests::lab::sh(&format!("ip -n {} route add 203.0.113.0/24 via {node_side}", pod.netns));
+}
+
+/// Every network namespace of the lab with this id (`<id>-…`).
+fn lab_netns(id: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    out.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&format!("{id}-"))).map(str::to_owned).collect()
+}
+
+struct KillOnDrop<'a>(&'a mut Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `c` (with a deadline; killed by pid when over) and returns its stdout.
+fn run_text(mut c: Command, timeout: Duration) -> anyhow::Result<String> {
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().with_context(|| format!("spawn {}", exec::describe(&c)))?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let ho = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let he = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let end = Instant::now() + timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = ho.join().unwrap_or_default();
+    let stderr = he.join().unwrap_or_default();
+    if !status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        bail!("{status}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+    }
+    Ok(stdout)
+}
+
+/// Runs a client mode and parses the JSON object it prints last.
+fn run_json(c: Command, timeout: Duration) -> anyhow::Result<Value> {
+    let out = run_text(c, timeout)?;
+    let line = out.lines().rev().find(|l| !l.trim().is_empty()).context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("client output {line:?}"))
+}
+
+fn num(v: &Value, key: &str) -> anyhow::Result<f64> {
+    v[key].as_f64().with_context(|| format!("no {key} in {v}"))
+}
+
+fn parse_curl_w(out: &str) -> anyhow::Result<(u16, f64, f64)> {
+    let line = out.lines().rev().find(|l| !l.trim().is_empty()).context("no curl output")?;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() != 3 {
+        bail!("unexpected curl -w output {line:?}");
+    }
+    Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?))
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// utime+stime of all `pids`, in seconds (None when any is gone).
+fn cpu_secs(pids: &[u32]) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0u64;
+    for pid in pids {
+        let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the parenthesized name: state is field 3, utime 14, stime 15.
+        let rest: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+        total += rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    }
+    Some(total as f64 / tck)
+}
+
+/// run_time_ns and run_cnt per pinned program of one lab.
+fn prog_stats(pin_root: &Path) -> BTreeMap<&'static str, (u64, u64)> {
+    let mut m = BTreeMap::new();
+    for prog in ["rdr_connect4", "rdr_sockops"] {
+        let out = Command::new("bpftool").args(["prog", "show", "pinned"]).arg(pin_root.join(prog)).arg("-j").output();
+        let Ok(out) = out else { continue };
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else { continue };
+        m.insert(prog, (v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)));
+    }
+    m
+}
+
+/// `kernel.bpf_stats_enabled=1` while alive; the previous value comes back on drop.
+struct BpfStats {
+    prev: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<BpfStats> {
+        let prev = fs::read_to_string(BPF_STATS).with_context(|| format!("read {BPF_STATS}"))?.trim().to_owned();
+        fs::write(BPF_STATS, "1").with_context(|| format!("write {BPF_STATS}"))?;
+        Ok(BpfStats { prev })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, &self.prev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openssl_machine_readable_output() {
+        let out = "+DT:AES-128-GCM:1:16384\n+R:271813:AES-128-GCM:1.000000\n+H:16384\n+F:25:AES-128-GCM:4453384192.00\n";
+        assert_eq!(parse_openssl_mr(out), Some(4453384192.0));
+        let all = "+H:16:64:256:1024:8192:16384\n+F:22:AES-128-GCM:1.0:2.0:3.0:4.0:5.0:6.5\n";
+        assert_eq!(parse_openssl_mr(all), Some(6.5));
+        assert_eq!(parse_openssl_mr("nothing"), None);
+    }
+
+    #[test]
+    fn curl_write_out() {
+        assert_eq!(parse_curl_w("200 1234.5 0.012\n").unwrap(), (200, 1234.5, 0.012));
+        assert!(parse_curl_w("").is_err());
+    }
+}
