@@ -25,13 +25,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ::tests::{
+    chain::{self, Chain, GATEWAY_NAME, GATEWAY_V4, Gateway, PROXY_PASSWORD, PROXY_USER, SQUID_V4},
+    lab::{Lab, Pod},
+};
 use anyhow::{Context as _, bail};
 use clap::Args;
 use serde_json::Value;
-use tests::{
-    chain::{self, Chain, Gateway, GATEWAY_NAME, GATEWAY_V4, PROXY_PASSWORD, PROXY_USER, SQUID_V4},
-    lab::{Lab, Pod},
-};
 
 use crate::{exec, setup};
 
@@ -74,7 +74,13 @@ pub enum PathId {
     Env,
 }
 
-pub const PATHS: [PathId; 5] = [PathId::Direct, PathId::Relay, PathId::Gateway, PathId::Classic, PathId::Env];
+pub const PATHS: [PathId; 5] = [
+    PathId::Direct,
+    PathId::Relay,
+    PathId::Gateway,
+    PathId::Classic,
+    PathId::Env,
+];
 
 impl PathId {
     pub fn name(self) -> &'static str {
@@ -89,11 +95,21 @@ impl PathId {
 
     pub fn description(self) -> &'static str {
         match self {
-            PathId::Direct => "pod netns with a route to the target via the node, cgroup not enabled: no capture, no proxy (the floor)",
-            PathId::Relay => "second lab: redirector without --gateway-url/--proxy-* (default route `direct`): connect hook + listener in the pod netns + relay from the node",
-            PathId::Gateway => "redirector → Squid (CONNECT gw.arc.test:443, Basic auth) → TLS to the gateway simulator → CONNECT bulk.azure.test:8080 inside",
-            PathId::Classic => "iptables REDIRECT in the pod netns → redsocks (http-connect) → local stunnel client (protocol=connect via Squid, Basic auth, TLS to the gateway) → redsocks' CONNECT 203.0.113.14:8080 inside TLS",
-            PathId::Env => "no capture; the client itself does CONNECT gw.arc.test:443 via Squid (Basic auth), TLS (rustls) to the gateway, CONNECT bulk.azure.test:8080 inside — what `https_proxy=https://gw…` does, plus the Squid hop curl cannot chain",
+            PathId::Direct => {
+                "pod netns with a route to the target via the node, cgroup not enabled: no capture, no proxy (the floor)"
+            }
+            PathId::Relay => {
+                "second lab: redirector without --gateway-url/--proxy-* (default route `direct`): connect hook + listener in the pod netns + relay from the node"
+            }
+            PathId::Gateway => {
+                "redirector → Squid (CONNECT gw.arc.test:443, Basic auth) → TLS to the gateway simulator → CONNECT bulk.azure.test:8080 inside"
+            }
+            PathId::Classic => {
+                "iptables REDIRECT in the pod netns → redsocks (http-connect) → local stunnel client (protocol=connect via Squid, Basic auth, TLS to the gateway) → redsocks' CONNECT 203.0.113.14:8080 inside TLS"
+            }
+            PathId::Env => {
+                "no capture; the client itself does CONNECT gw.arc.test:443 via Squid (Basic auth), TLS (rustls) to the gateway, CONNECT bulk.azure.test:8080 inside — what `https_proxy=https://gw…` does, plus the Squid hop curl cannot chain"
+            }
         }
     }
 }
@@ -110,10 +126,11 @@ struct Cfg {
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark creates network namespaces and attaches eBPF programs: run it as root");
+        bail!(
+            "the benchmark creates network namespaces and attaches eBPF programs: run it as root"
+        );
     }
-    let started = Instant::now();
-    let cfg = Cfg {
+    let mut cfg = Cfg {
         rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 5 }).max(1),
         seconds: a.seconds.unwrap_or(if a.quick { 2.0 } else { 10.0 }),
         quick: a.quick,
@@ -125,13 +142,32 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     setup::run()?;
     notes.extend(ensure_classic_packages()?);
     let bins = release_bins(a.no_build)?;
-    raise_nofile(&mut notes);
+    let nofile = raise_nofile(&mut notes);
+    let started = Instant::now();
+    // The daemon and the simulator each hold two descriptors per tunneled connection.
+    let fit = (nofile.saturating_sub(256) / 2) as usize;
+    if cfg.idle_conns > fit {
+        notes.push(format!(
+            "idle connections: {} requested, {fit} measured: RLIMIT_NOFILE is capped at {nofile} here (no CAP_SYS_RESOURCE to raise the hard limit) and the daemon needs two descriptors per tunneled connection",
+            cfg.idle_conns
+        ));
+        cfg.idle_conns = fit;
+    }
 
     let mut rep = Report::new(report::machine_info());
     rep.config = vec![
         ("rounds".into(), cfg.rounds.to_string()),
-        ("seconds per timed scenario".into(), format!("{}", cfg.seconds)),
-        ("bulk download".into(), format!("{} MiB per scenario (split over the connections)", cfg.bulk_bytes >> 20)),
+        (
+            "seconds per timed scenario".into(),
+            format!("{}", cfg.seconds),
+        ),
+        (
+            "bulk download".into(),
+            format!(
+                "{} MiB per scenario (split over the connections)",
+                cfg.bulk_bytes >> 20
+            ),
+        ),
         ("idle connections".into(), cfg.idle_conns.to_string()),
         ("curl repetitions".into(), cfg.curl_reps.to_string()),
         ("quick".into(), cfg.quick.to_string()),
@@ -143,7 +179,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Err(e) => notes.push(format!("openssl speed failed: {e:#}")),
     }
 
-    println!("bench: building the closed networks (lab A: chain with Squid and the gateway simulator; lab B: relay)");
+    println!(
+        "bench: building the closed networks (lab A: chain with Squid and the gateway simulator; lab B: relay)"
+    );
     let mut bench = Bench::new(&bins, &cfg)?;
     rep.configs = bench.configs.clone();
     bench.probe_paths();
@@ -152,11 +190,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         println!("bench: round {}/{}", round + 1, cfg.rounds);
         bench.round(round);
     }
-    println!("bench: memory per idle connection ({} connections)", cfg.idle_conns);
+    println!(
+        "bench: memory per idle connection ({} connections)",
+        cfg.idle_conns
+    );
     bench.memory();
     rep.results = std::mem::take(&mut bench.results);
-    rep.path_errors = bench.broken.iter().map(|(p, e)| (p.name().to_owned(), e.clone())).collect();
-    notes.extend(bench.notes.drain(..));
+    rep.path_errors = bench
+        .broken
+        .iter()
+        .map(|(p, e)| (p.name().to_owned(), e.clone()))
+        .collect();
+    notes.append(&mut bench.notes);
     drop(bench);
 
     rep.notes = notes;
@@ -172,15 +217,32 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
 
 /// The classic path needs redsocks, stunnel and iptables from Debian.
 fn ensure_classic_packages() -> anyhow::Result<Vec<String>> {
-    let want = [("redsocks", &["redsocks"][..]), ("stunnel4", &["stunnel", "stunnel4"][..]), ("iptables", &["iptables"][..])];
-    let missing: Vec<&str> = want.iter().filter(|(_, bins)| classic::find_bin(bins).is_none()).map(|(p, _)| *p).collect();
+    let want = [
+        ("redsocks", &["redsocks"][..]),
+        ("stunnel4", &["stunnel", "stunnel4"][..]),
+        ("iptables", &["iptables"][..]),
+    ];
+    let missing: Vec<&str> = want
+        .iter()
+        .filter(|(_, bins)| classic::find_bin(bins).is_none())
+        .map(|(p, _)| *p)
+        .collect();
     if missing.is_empty() {
         return Ok(Vec::new());
     }
     let list = missing.join(" ");
-    println!("bench: installing {list} with apt-get (the `classic` comparison path: iptables REDIRECT + redsocks + stunnel)");
-    exec::run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
-    Ok(vec![format!("installed with apt-get for the classic path: {list}")])
+    println!(
+        "bench: installing {list} with apt-get (the `classic` comparison path: iptables REDIRECT + redsocks + stunnel)"
+    );
+    exec::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(vec![format!(
+        "installed with apt-get for the classic path: {list}"
+    )])
 }
 
 struct Bins {
@@ -190,13 +252,24 @@ struct Bins {
 /// Builds the release binaries and points `tests::lab::workspace_bin` at them.
 fn release_bins(no_build: bool) -> anyhow::Result<Bins> {
     if !no_build {
-        println!("bench: building release binaries (the daemon with its eBPF programs, simulator, bench client)");
+        println!(
+            "bench: building release binaries (the daemon with its eBPF programs, simulator, bench client)"
+        );
         exec::run(exec::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?.to_owned();
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(root.join("target"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_owned();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("target"));
     let rel = target.join("release");
-    for (name, var) in [("redirector", "RDR_BIN_REDIRECTOR"), ("rdr-testsrv", "RDR_BIN_RDR_TESTSRV"), ("rdr-gateway-sim", "RDR_BIN_RDR_GATEWAY_SIM")] {
+    for (name, var) in [
+        ("redirector", "RDR_BIN_REDIRECTOR"),
+        ("rdr-testsrv", "RDR_BIN_RDR_TESTSRV"),
+        ("rdr-gateway-sim", "RDR_BIN_RDR_GATEWAY_SIM"),
+    ] {
         let p = rel.join(name);
         if !p.exists() {
             bail!("{} missing; run without --no-build", p.display());
@@ -211,34 +284,55 @@ fn release_bins(no_build: bool) -> anyhow::Result<Bins> {
     Ok(Bins { client })
 }
 
-/// 10,000 idle connections need ~3 descriptors each in the daemon and the simulator, which
-/// inherit this limit.
-fn raise_nofile(notes: &mut Vec<String>) {
+/// 10,000 idle connections need two descriptors each in the daemon and in the simulator,
+/// which inherit this limit. Returns the limit in force.
+fn raise_nofile(notes: &mut Vec<String>) -> u64 {
     // SAFETY: getrlimit/setrlimit on a local struct.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return;
+            return 1024;
         }
         let want: libc::rlim_t = 262_144;
-        let raised = libc::rlimit { rlim_cur: want.max(r.rlim_cur), rlim_max: want.max(r.rlim_max) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-            notes.push(format!("could not raise RLIMIT_NOFILE to {want}; using {}", r.rlim_max));
+        let raised = libc::rlimit {
+            rlim_cur: want.max(r.rlim_cur),
+            rlim_max: want.max(r.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return raised.rlim_cur;
         }
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        notes.push(format!(
+            "could not raise RLIMIT_NOFILE to {want}; using the hard limit {}",
+            r.rlim_max
+        ));
+        r.rlim_cur
     }
 }
 
 /// `openssl speed -evp aes-128-gcm` on 16384-byte blocks, in bytes per second.
 fn openssl_aes_gcm() -> anyhow::Result<f64> {
-    let out = exec::output(Command::new("openssl").args(["speed", "-evp", "aes-128-gcm", "-seconds", "3", "-bytes", "16384", "-mr"]))?;
+    let out = exec::output(Command::new("openssl").args([
+        "speed",
+        "-evp",
+        "aes-128-gcm",
+        "-seconds",
+        "3",
+        "-bytes",
+        "16384",
+        "-mr",
+    ]))?;
     parse_openssl_mr(&out).context("no +F line for 16384 bytes in `openssl speed -mr` output")
 }
 
 /// Parses `openssl speed -mr`: `+H:<sizes…>` then `+F:<n>:<alg>:<bytes/s per size…>`.
 fn parse_openssl_mr(out: &str) -> Option<f64> {
-    let sizes: Vec<&str> = out.lines().find_map(|l| l.strip_prefix("+H:"))?.split(':').collect();
+    let sizes: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("+H:"))?
+        .split(':')
+        .collect();
     let col = sizes.iter().position(|s| s.trim() == "16384")?;
     let f = out.lines().find_map(|l| l.strip_prefix("+F:"))?;
     f.split(':').nth(2 + col)?.trim().parse().ok()
@@ -276,14 +370,20 @@ impl<'a> Bench<'a> {
         a.start_daemon(&[], "info");
         let mut flags = a.lab.daemon_args();
         flags.extend(a.daemon_flags("***"));
-        configs.push(("gateway: redirector (lab A node netns)".into(), format!("redirector {}", flags.join(" "))));
+        configs.push((
+            "gateway: redirector (lab A node netns)".into(),
+            format!("redirector {}", flags.join(" ")),
+        ));
         // Pods 2 and 3 come after the daemon started, so its --cgroup list does not name them.
         let p2 = a.lab.add_pod();
         let p3 = a.lab.add_pod();
         for p in [p2, p3] {
             route_to_inet(&a.lab.pods[p]);
         }
-        let mut hosts: Vec<(&str, IpAddr)> = chain::TARGETS.iter().map(|(n, ip)| (*n, IpAddr::V4(*ip))).collect();
+        let mut hosts: Vec<(&str, IpAddr)> = chain::TARGETS
+            .iter()
+            .map(|(n, ip)| (*n, IpAddr::V4(*ip)))
+            .collect();
         hosts.push((GATEWAY_NAME, IpAddr::V4(GATEWAY_V4)));
         a.lab.set_pod_hosts(&hosts);
         let ca = a.ca_pem.display().to_string();
@@ -297,7 +397,10 @@ impl<'a> Bench<'a> {
         b.set_node_hosts(&bulk);
         b.set_pod_hosts(&bulk);
         b.start_daemon(&[]);
-        configs.push(("relay: redirector (lab B node netns)".into(), format!("redirector {}", b.daemon_args().join(" "))));
+        configs.push((
+            "relay: redirector (lab B node netns)".into(),
+            format!("redirector {}", b.daemon_args().join(" ")),
+        ));
 
         // Many short connections: let TIME_WAIT ports be reused and widen the port range in
         // every namespace of ours (per-netns sysctls; the host's are untouched).
@@ -305,26 +408,56 @@ impl<'a> Bench<'a> {
         for id in [&a.lab.id, &b.id] {
             for ns in lab_netns(id) {
                 let _ = Command::new("ip")
-                    .args(["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=10240 65000"])
+                    .args([
+                        "netns",
+                        "exec",
+                        &ns,
+                        "sysctl",
+                        "-qw",
+                        "net.ipv4.tcp_tw_reuse=1",
+                        "net.ipv4.ip_local_port_range=10240 65000",
+                    ])
                     .status();
                 tuned.push(ns);
             }
         }
         configs.push((
             "sysctls in every lab netns".into(),
-            format!("net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range=\"10240 65000\"\n({})", tuned.join(", ")),
+            format!(
+                "net.ipv4.tcp_tw_reuse=1 net.ipv4.ip_local_port_range=\"10240 65000\"\n({})",
+                tuned.join(", ")
+            ),
         ));
 
-        let mut bench = Bench { cfg, client, a, b, classic: None, broken: BTreeMap::new(), results: Results::default(), notes: Vec::new(), configs, ca };
+        let mut bench = Bench {
+            cfg,
+            client,
+            a,
+            b,
+            classic: None,
+            broken: BTreeMap::new(),
+            results: Results::default(),
+            notes: Vec::new(),
+            configs,
+            ca,
+        };
         let ns3 = bench.a.lab.pods[2].netns.clone();
         let ca_path = bench.a.ca_pem.clone();
-        match classic::start(&mut bench.a.lab, &ns3, &ca_path, &TARGET_V4.to_string(), TARGET_PORT) {
+        match classic::start(
+            &mut bench.a.lab,
+            &ns3,
+            &ca_path,
+            &TARGET_V4.to_string(),
+            TARGET_PORT,
+        ) {
             Ok(c) => {
                 bench.configs.extend(c.configs.iter().cloned());
                 bench.classic = Some(c);
             }
             Err(e) => {
-                bench.broken.insert(PathId::Classic, format!("setup failed: {e:#}"));
+                bench
+                    .broken
+                    .insert(PathId::Classic, format!("setup failed: {e:#}"));
             }
         }
         bench.configs.push((
@@ -358,7 +491,12 @@ impl<'a> Bench<'a> {
 
     fn client(&self, p: PathId, mode: &str, args: &[String]) -> Command {
         let mut c = self.pod(p).cmd(&self.client);
-        c.arg(mode).args(args).args(["--target", &format!("{TARGET_V4}:{TARGET_PORT}"), "--host", TARGET_HOST]);
+        c.arg(mode).args(args).args([
+            "--target",
+            &format!("{TARGET_V4}:{TARGET_PORT}"),
+            "--host",
+            TARGET_HOST,
+        ]);
         if p == PathId::Env {
             c.args(self.env_flags());
             c.env("BENCH_PROXY_AUTH", format!("{PROXY_USER}:{PROXY_PASSWORD}"));
@@ -367,7 +505,11 @@ impl<'a> Bench<'a> {
     }
 
     fn daemon_pid(lab: &Lab) -> Option<u32> {
-        lab.procs.iter().rev().find(|p| p.name == "redirector").map(|p| p.pid())
+        lab.procs
+            .iter()
+            .rev()
+            .find(|p| p.name == "redirector")
+            .map(|p| p.pid())
     }
 
     /// Processes whose CPU counts as "the proxy" of a path.
@@ -375,14 +517,27 @@ impl<'a> Bench<'a> {
         match p {
             PathId::Relay => Self::daemon_pid(&self.b).into_iter().collect(),
             PathId::Gateway => Self::daemon_pid(&self.a.lab).into_iter().collect(),
-            PathId::Classic => self.classic.as_ref().map(|c| vec![self.a.lab.procs[c.redsocks].pid(), self.a.lab.procs[c.stunnel].pid()]).unwrap_or_default(),
+            PathId::Classic => self
+                .classic
+                .as_ref()
+                .map(|c| {
+                    vec![
+                        self.a.lab.procs[c.redsocks].pid(),
+                        self.a.lab.procs[c.stunnel].pid(),
+                    ]
+                })
+                .unwrap_or_default(),
             PathId::Direct | PathId::Env => Vec::new(),
         }
     }
 
     fn live_paths(&self, round: usize) -> Vec<PathId> {
         // Rotate the order every round so no path always runs first (or last).
-        let mut v: Vec<PathId> = PATHS.iter().copied().filter(|p| !self.broken.contains_key(p)).collect();
+        let mut v: Vec<PathId> = PATHS
+            .iter()
+            .copied()
+            .filter(|p| !self.broken.contains_key(p))
+            .collect();
         if !v.is_empty() {
             let k = round % v.len();
             v.rotate_left(k);
@@ -399,7 +554,7 @@ impl<'a> Bench<'a> {
             }
             let want = match p {
                 PathId::Direct => pod2.clone(),
-                PathId::Relay => tests::lab::NODE_V4.to_string(),
+                PathId::Relay => ::tests::lab::NODE_V4.to_string(),
                 _ => GATEWAY_V4.to_string(),
             };
             match run_json(self.client(p, "probe", &[]), Duration::from_secs(30)) {
@@ -407,7 +562,11 @@ impl<'a> Bench<'a> {
                     let peer = v["peer"].as_str().unwrap_or("").to_owned();
                     let ip = peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(&peer);
                     if ip == want {
-                        println!("bench: path {:<8} ok: target saw {peer} ({:.1} ms)", p.name(), v["ms"].as_f64().unwrap_or(f64::NAN));
+                        println!(
+                            "bench: path {:<8} ok: target saw {peer} ({:.1} ms)",
+                            p.name(),
+                            v["ms"].as_f64().unwrap_or(f64::NAN)
+                        );
                     } else {
                         self.broken.insert(p, format!("probe reached the target from {peer}, expected {want}: the path is not what it claims"));
                     }
@@ -425,7 +584,10 @@ impl<'a> Bench<'a> {
     /// RSS of each fresh daemon before any measured traffic.
     fn idle_rss(&mut self) {
         std::thread::sleep(Duration::from_secs(1));
-        for (p, pid) in [(PathId::Gateway, Self::daemon_pid(&self.a.lab)), (PathId::Relay, Self::daemon_pid(&self.b))] {
+        for (p, pid) in [
+            (PathId::Gateway, Self::daemon_pid(&self.a.lab)),
+            (PathId::Relay, Self::daemon_pid(&self.b)),
+        ] {
             if let Some(kib) = pid.and_then(rss_kib) {
                 self.results.push("idle_rss", p, kib as f64 / 1024.0);
             }
@@ -453,8 +615,17 @@ impl<'a> Bench<'a> {
         for (metric, conns) in [("bulk1", 1usize), ("bulk8", 8)] {
             for &p in &paths {
                 let pids = self.proxy_pids(p);
-                let before = cpu_secs(&pids);
-                let args = ["--conns".to_owned(), conns.to_string(), "--bytes".into(), self.cfg.bulk_bytes.to_string()];
+                let before = if pids.is_empty() {
+                    None
+                } else {
+                    cpu_secs(&pids)
+                };
+                let args = [
+                    "--conns".to_owned(),
+                    conns.to_string(),
+                    "--bytes".into(),
+                    self.cfg.bulk_bytes.to_string(),
+                ];
                 let r = run_json(self.client(p, "bulk", &args), Duration::from_secs(600));
                 let after = cpu_secs(&pids);
                 if let (Ok(v), Some(b), Some(a)) = (&r, before, after) {
@@ -471,16 +642,27 @@ impl<'a> Bench<'a> {
         }
         for (p, (s, bytes)) in cpu {
             if bytes > 0 {
-                self.results.push("cpu_per_gib", p, s / (bytes as f64 / (1u64 << 30) as f64));
+                self.results
+                    .push("cpu_per_gib", p, s / (bytes as f64 / (1u64 << 30) as f64));
             }
         }
 
         // Request/response on one open connection.
         for &p in &paths {
-            let args = ["--seconds".to_owned(), secs.to_string(), "--size".into(), "1024".into()];
+            let args = [
+                "--seconds".to_owned(),
+                secs.to_string(),
+                "--size".into(),
+                "1024".into(),
+            ];
             let r = run_json(self.client(p, "rr", &args), timed);
             if let Ok(v) = &r {
-                println!("bench:   rr     {:<8} {:>9.0} ops/s  p50 {:.0} µs", p.name(), v["ops_per_s"].as_f64().unwrap_or(f64::NAN), v["p50_us"].as_f64().unwrap_or(f64::NAN));
+                println!(
+                    "bench:   rr     {:<8} {:>9.0} ops/s  p50 {:.0} µs",
+                    p.name(),
+                    v["ops_per_s"].as_f64().unwrap_or(f64::NAN),
+                    v["p50_us"].as_f64().unwrap_or(f64::NAN)
+                );
                 self.record("rr_p50", p, num(v, "p50_us"));
             }
             self.record("rr", p, r.and_then(|v| num(&v, "ops_per_s")));
@@ -489,11 +671,20 @@ impl<'a> Bench<'a> {
         // New connections, with the kernel's BPF run-time statistics on.
         let stats = BpfStats::enable();
         if let Err(e) = &stats {
-            self.notes.push(format!("kernel.bpf_stats_enabled could not be set: {e:#}"));
+            self.notes
+                .push(format!("kernel.bpf_stats_enabled could not be set: {e:#}"));
         }
-        let hooks_before = [prog_stats(&self.a.lab.pin_root), prog_stats(&self.b.pin_root)];
+        let hooks_before = [
+            prog_stats(&self.a.lab.pin_root),
+            prog_stats(&self.b.pin_root),
+        ];
         for &p in &paths {
-            let args = ["--seconds".to_owned(), secs.to_string(), "--concurrency".into(), "1".into()];
+            let args = [
+                "--seconds".to_owned(),
+                secs.to_string(),
+                "--concurrency".into(),
+                "1".into(),
+            ];
             let r = run_json(self.client(p, "connect", &args), timed);
             if let Ok(v) = &r {
                 println!(
@@ -508,19 +699,37 @@ impl<'a> Bench<'a> {
             self.record("conn_p50", p, r.and_then(|v| num(&v, "p50_ms")));
         }
         for &p in &paths {
-            let args = ["--seconds".to_owned(), secs.to_string(), "--concurrency".into(), "8".into()];
+            let args = [
+                "--seconds".to_owned(),
+                secs.to_string(),
+                "--concurrency".into(),
+                "8".into(),
+            ];
             let r = run_json(self.client(p, "connect", &args), timed);
             if let Ok(v) = &r {
-                println!("bench:   conn/s {:<8} {:>9.0} /s  ({} errors)", p.name(), v["per_s"].as_f64().unwrap_or(f64::NAN), v["errors"]);
+                println!(
+                    "bench:   conn/s {:<8} {:>9.0} /s  ({} errors)",
+                    p.name(),
+                    v["per_s"].as_f64().unwrap_or(f64::NAN),
+                    v["errors"]
+                );
             }
             self.record("conn_rate", p, r.and_then(|v| num(&v, "per_s")));
         }
-        let hooks_after = [prog_stats(&self.a.lab.pin_root), prog_stats(&self.b.pin_root)];
+        let hooks_after = [
+            prog_stats(&self.a.lab.pin_root),
+            prog_stats(&self.b.pin_root),
+        ];
         drop(stats);
         for (i, p) in [PathId::Gateway, PathId::Relay].into_iter().enumerate() {
             for (prog, metric) in [("rdr_connect4", "hook_ns"), ("rdr_sockops", "sockops_ns")] {
-                let (Some(b), Some(a)) = (hooks_before[i].get(prog), hooks_after[i].get(prog)) else {
-                    self.results.error(metric, p, "bpftool prog show: no run-time statistics".into());
+                let (Some(b), Some(a)) = (hooks_before[i].get(prog), hooks_after[i].get(prog))
+                else {
+                    self.results.error(
+                        metric,
+                        p,
+                        "bpftool prog show: no run-time statistics".into(),
+                    );
                     continue;
                 };
                 let (dt, dn) = (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1));
@@ -551,17 +760,34 @@ impl<'a> Bench<'a> {
 
     fn curl(&self, p: PathId, path: &str) -> Command {
         let mut c = self.pod(p).cmd("curl");
-        c.args(["-sS", "-o", "/dev/null", "--max-time", "300", "-w", "%{http_code} %{speed_download} %{time_total}\\n"]);
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "300",
+            "-w",
+            "%{http_code} %{speed_download} %{time_total}\\n",
+        ]);
         if p == PathId::Env {
             // curl chains no HTTP proxy in front of an HTTPS proxy: straight to the gateway.
-            c.args(["--proxy", &format!("https://{GATEWAY_NAME}:443"), "--proxy-cacert", &self.ca, "--proxytunnel"]);
+            c.args([
+                "--proxy",
+                &format!("https://{GATEWAY_NAME}:443"),
+                "--proxy-cacert",
+                &self.ca,
+                "--proxytunnel",
+            ]);
         }
         c.arg(format!("http://{TARGET_HOST}{path}"));
         c
     }
 
     fn curl_bulk(&self, p: PathId) -> anyhow::Result<f64> {
-        let line = run_text(self.curl(p, &format!("/down/{}", self.cfg.bulk_bytes)), Duration::from_secs(600))?;
+        let line = run_text(
+            self.curl(p, &format!("/down/{}", self.cfg.bulk_bytes)),
+            Duration::from_secs(600),
+        )?;
         let (code, speed, _) = parse_curl_w(&line)?;
         if code != 200 {
             bail!("HTTP {code}");
@@ -602,7 +828,8 @@ impl<'a> Bench<'a> {
             let pid = Self::daemon_pid(&self.a.lab);
             std::thread::sleep(Duration::from_secs(1));
             if let Some(kib) = pid.and_then(rss_kib) {
-                self.results.push("idle_rss_direct_gw", PathId::Gateway, kib as f64 / 1024.0);
+                self.results
+                    .push("idle_rss_direct_gw", PathId::Gateway, kib as f64 / 1024.0);
             }
             self.idle_conns(PathId::Gateway, pid, n);
         }
@@ -614,7 +841,16 @@ impl<'a> Bench<'a> {
             std::thread::sleep(Duration::from_secs(1));
             let base = rss_kib(pid).context("daemon RSS")?;
             let mut child = self
-                .client(p, "idle", &["--conns".to_owned(), n.to_string(), "--parallel".into(), "128".into()])
+                .client(
+                    p,
+                    "idle",
+                    &[
+                        "--conns".to_owned(),
+                        n.to_string(),
+                        "--parallel".into(),
+                        "128".into(),
+                    ],
+                )
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -629,14 +865,22 @@ impl<'a> Bench<'a> {
                     }
                 }
             });
-            let line = rx.recv_timeout(Duration::from_secs(600)).context("idle client never reported its connections")?;
-            let v: Value = serde_json::from_str(&line).with_context(|| format!("client output {line:?}"))?;
+            let line = rx
+                .recv_timeout(Duration::from_secs(600))
+                .context("idle client never reported its connections")?;
+            let v: Value =
+                serde_json::from_str(&line).with_context(|| format!("client output {line:?}"))?;
             let open = v["open"].as_u64().unwrap_or(0) as usize;
             if open == 0 {
                 bail!("no connection opened: {}", v["last_error"]);
             }
             if v["errors"].as_u64().unwrap_or(0) > 0 {
-                self.notes.push(format!("{}: {} of {n} idle connections failed (last: {})", p.name(), v["errors"], v["last_error"]));
+                self.notes.push(format!(
+                    "{}: {} of {n} idle connections failed (last: {})",
+                    p.name(),
+                    v["errors"],
+                    v["last_error"]
+                ));
             }
             std::thread::sleep(Duration::from_secs(2));
             let loaded = rss_kib(pid).context("daemon RSS")?;
@@ -656,7 +900,11 @@ impl<'a> Bench<'a> {
                 (loaded.saturating_sub(base) * 1024) as f64 / open as f64,
                 after as f64 / 1024.0
             );
-            Ok(((loaded.saturating_sub(base) * 1024) as f64 / open as f64, after as f64 / 1024.0, open))
+            Ok((
+                (loaded.saturating_sub(base) * 1024) as f64 / open as f64,
+                after as f64 / 1024.0,
+                open,
+            ))
         })();
         match r {
             Ok((per, after, open)) => {
@@ -670,7 +918,12 @@ impl<'a> Bench<'a> {
 }
 
 fn start_server(lab: &mut Lab, ns: &str, client: &str) {
-    let i = lab.spawn_in(ns, "bench-server", Path::new(client), &["serve", "--listen", &format!("0.0.0.0:{TARGET_PORT}")]);
+    let i = lab.spawn_in(
+        ns,
+        "bench-server",
+        Path::new(client),
+        &["serve", "--listen", &format!("0.0.0.0:{TARGET_PORT}")],
+    );
     lab.procs[i].wait_for_log("ready", Duration::from_secs(10));
 }
 
@@ -678,13 +931,24 @@ fn start_server(lab: &mut Lab, ns: &str, client: &str) {
 fn route_to_inet(pod: &Pod) {
     let o = pod.v4.octets();
     let node_side = Ipv4Addr::new(o[0], o[1], o[2], o[3] - 1);
-    tests::lab::sh(&format!("ip -n {} route add 203.0.113.0/24 via {node_side}", pod.netns));
+    ::tests::lab::sh(&format!(
+        "ip -n {} route add 203.0.113.0/24 via {node_side}",
+        pod.netns
+    ));
 }
 
 /// Every network namespace of the lab with this id (`<id>-…`).
 fn lab_netns(id: &str) -> Vec<String> {
-    let out = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    out.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&format!("{id}-"))).map(str::to_owned).collect()
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{id}-")))
+        .map(str::to_owned)
+        .collect()
 }
 
 struct KillOnDrop<'a>(&'a mut Child);
@@ -700,8 +964,12 @@ impl Drop for KillOnDrop<'_> {
 
 /// Runs `c` (with a deadline; killed by pid when over) and returns its stdout.
 fn run_text(mut c: Command, timeout: Duration) -> anyhow::Result<String> {
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = c.spawn().with_context(|| format!("spawn {}", exec::describe(&c)))?;
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .with_context(|| format!("spawn {}", exec::describe(&c)))?;
     let mut out = child.stdout.take().context("stdout")?;
     let mut err = child.stderr.take().context("stderr")?;
     let ho = std::thread::spawn(move || {
@@ -730,7 +998,10 @@ fn run_text(mut c: Command, timeout: Duration) -> anyhow::Result<String> {
     let stderr = he.join().unwrap_or_default();
     if !status.success() {
         let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        bail!("{status}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+        bail!(
+            "{status}: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        );
     }
     Ok(stdout)
 }
@@ -738,7 +1009,11 @@ fn run_text(mut c: Command, timeout: Duration) -> anyhow::Result<String> {
 /// Runs a client mode and parses the JSON object it prints last.
 fn run_json(c: Command, timeout: Duration) -> anyhow::Result<Value> {
     let out = run_text(c, timeout)?;
-    let line = out.lines().rev().find(|l| !l.trim().is_empty()).context("no output")?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("no output")?;
     serde_json::from_str(line).with_context(|| format!("client output {line:?}"))
 }
 
@@ -747,7 +1022,11 @@ fn num(v: &Value, key: &str) -> anyhow::Result<f64> {
 }
 
 fn parse_curl_w(out: &str) -> anyhow::Result<(u16, f64, f64)> {
-    let line = out.lines().rev().find(|l| !l.trim().is_empty()).context("no curl output")?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .context("no curl output")?;
     let f: Vec<&str> = line.split_whitespace().collect();
     if f.len() != 3 {
         bail!("unexpected curl -w output {line:?}");
@@ -757,7 +1036,12 @@ fn parse_curl_w(out: &str) -> anyhow::Result<(u16, f64, f64)> {
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// utime+stime of all `pids`, in seconds (None when any is gone).
@@ -778,10 +1062,22 @@ fn cpu_secs(pids: &[u32]) -> Option<f64> {
 fn prog_stats(pin_root: &Path) -> BTreeMap<&'static str, (u64, u64)> {
     let mut m = BTreeMap::new();
     for prog in ["rdr_connect4", "rdr_sockops"] {
-        let out = Command::new("bpftool").args(["prog", "show", "pinned"]).arg(pin_root.join(prog)).arg("-j").output();
+        let out = Command::new("bpftool")
+            .args(["prog", "show", "pinned"])
+            .arg(pin_root.join(prog))
+            .arg("-j")
+            .output();
         let Ok(out) = out else { continue };
-        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else { continue };
-        m.insert(prog, (v["run_time_ns"].as_u64().unwrap_or(0), v["run_cnt"].as_u64().unwrap_or(0)));
+        let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+            continue;
+        };
+        m.insert(
+            prog,
+            (
+                v["run_time_ns"].as_u64().unwrap_or(0),
+                v["run_cnt"].as_u64().unwrap_or(0),
+            ),
+        );
     }
     m
 }
@@ -795,7 +1091,10 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl BpfStats {
     fn enable() -> anyhow::Result<BpfStats> {
-        let prev = fs::read_to_string(BPF_STATS).with_context(|| format!("read {BPF_STATS}"))?.trim().to_owned();
+        let prev = fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("read {BPF_STATS}"))?
+            .trim()
+            .to_owned();
         fs::write(BPF_STATS, "1").with_context(|| format!("write {BPF_STATS}"))?;
         Ok(BpfStats { prev })
     }
@@ -822,7 +1121,10 @@ mod tests {
 
     #[test]
     fn curl_write_out() {
-        assert_eq!(parse_curl_w("200 1234.5 0.012\n").unwrap(), (200, 1234.5, 0.012));
+        assert_eq!(
+            parse_curl_w("200 1234.5 0.012\n").unwrap(),
+            (200, 1234.5, 0.012)
+        );
         assert!(parse_curl_w("").is_err());
     }
 }

@@ -1,4 +1,5 @@
 //! `cargo xtask <command>`: the one entry point for building, demoing and testing.
+mod bench;
 mod demo;
 mod exec;
 mod fuzz;
@@ -27,6 +28,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// Run the fuzz targets (skip ranges, routes/config, SNI/Host sniffing) for a bounded time.
     Fuzz(fuzz::FuzzArgs),
+    /// Benchmark every path side by side (direct, relay, gateway, classic redsocks+stunnel,
+    /// env proxy client) in the closed test network; reports under target/bench/.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo => demo::run(),
         Cmd::Test(a) => test::run(a),
         Cmd::Fuzz(a) => fuzz::run(a),
+        Cmd::Bench(a) => bench::run(a),
     }
 }

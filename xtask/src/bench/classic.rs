@@ -76,11 +76,19 @@ pub fn redsocks_conf() -> String {
 }
 
 pub fn iptables_rule(target: &str, port: u16) -> String {
-    format!("iptables -w -t nat -A OUTPUT -p tcp -d {target} --dport {port} -j REDIRECT --to-ports {REDSOCKS_PORT}")
+    format!(
+        "iptables -w -t nat -A OUTPUT -p tcp -d {target} --dport {port} -j REDIRECT --to-ports {REDSOCKS_PORT}"
+    )
 }
 
 /// Installs the rule and starts stunnel and redsocks in `ns`.
-pub fn start(lab: &mut Lab, ns: &str, ca: &Path, target: &str, port: u16) -> anyhow::Result<Classic> {
+pub fn start(
+    lab: &mut Lab,
+    ns: &str,
+    ca: &Path,
+    target: &str,
+    port: u16,
+) -> anyhow::Result<Classic> {
     let dir = lab.dir.join("classic");
     fs::create_dir_all(&dir)?;
     let stunnel_path = dir.join("stunnel.conf");
@@ -89,15 +97,30 @@ pub fn start(lab: &mut Lab, ns: &str, ca: &Path, target: &str, port: u16) -> any
     let redsocks_path = dir.join("redsocks.conf");
     fs::write(&redsocks_path, redsocks_conf())?;
     let rule = iptables_rule(target, port);
-    let out = Command::new("ip").args(["netns", "exec", ns, "sh", "-c", &rule]).output()?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c", &rule])
+        .output()?;
     if !out.status.success() {
-        bail!("`{rule}` in {ns} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "`{rule}` in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let stunnel_bin = find_bin(&["stunnel", "stunnel4"]).context("stunnel not installed")?;
-    let stunnel = lab.spawn_in(ns, "stunnel", Path::new(&stunnel_bin), &[stunnel_path.to_str().context("path")?]);
+    let stunnel = lab.spawn_in(
+        ns,
+        "stunnel",
+        Path::new(&stunnel_bin),
+        &[stunnel_path.to_str().context("path")?],
+    );
     wait_listen(lab, ns, stunnel, STUNNEL_PORT)?;
     let redsocks_bin = find_bin(&["redsocks"]).context("redsocks not installed")?;
-    let redsocks = lab.spawn_in(ns, "redsocks", Path::new(&redsocks_bin), &["-c", redsocks_path.to_str().context("path")?]);
+    let redsocks = lab.spawn_in(
+        ns,
+        "redsocks",
+        Path::new(&redsocks_bin),
+        &["-c", redsocks_path.to_str().context("path")?],
+    );
     wait_listen(lab, ns, redsocks, REDSOCKS_PORT)?;
     Ok(Classic {
         redsocks,
@@ -112,14 +135,24 @@ pub fn start(lab: &mut Lab, ns: &str, ca: &Path, target: &str, port: u16) -> any
 
 pub fn find_bin(names: &[&str]) -> Option<String> {
     let path = std::env::var("PATH").unwrap_or_default();
-    let dirs: Vec<&str> = path.split(':').chain(["/usr/sbin", "/usr/bin", "/sbin"]).collect();
-    names.iter().find_map(|n| dirs.iter().map(|d| format!("{d}/{n}")).find(|p| Path::new(p).is_file()))
+    let dirs: Vec<&str> = path
+        .split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/sbin"])
+        .collect();
+    names.iter().find_map(|n| {
+        dirs.iter()
+            .map(|d| format!("{d}/{n}"))
+            .find(|p| Path::new(p).is_file())
+    })
 }
 
 fn wait_listen(lab: &mut Lab, ns: &str, proc_index: usize, port: u16) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-Hltn"]).arg(format!("sport = :{port}")).output()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()?;
         if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
             return Ok(());
         }

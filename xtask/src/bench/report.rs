@@ -1,0 +1,989 @@
+//! The benchmark's results: Markdown, JSON, a hand-written SVG chart and the printed summary.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde_json::{Value, json};
+
+use super::{PATHS, PathId};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    Higher,
+    Lower,
+    Neither,
+}
+
+pub struct MetricDef {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub unit: &'static str,
+    pub better: Better,
+    pub chart: bool,
+}
+
+const fn m(
+    key: &'static str,
+    title: &'static str,
+    unit: &'static str,
+    better: Better,
+    chart: bool,
+) -> MetricDef {
+    MetricDef {
+        key,
+        title,
+        unit,
+        better,
+        chart,
+    }
+}
+
+pub const METRICS: &[MetricDef] = &[
+    m(
+        "bulk1",
+        "Bulk download, 1 connection",
+        "MB/s",
+        Better::Higher,
+        true,
+    ),
+    m(
+        "bulk8",
+        "Bulk download, 8 connections",
+        "MB/s",
+        Better::Higher,
+        true,
+    ),
+    m(
+        "rr",
+        "Request/response, 1 KiB each way, one open connection",
+        "ops/s",
+        Better::Higher,
+        true,
+    ),
+    m(
+        "rr_p50",
+        "Request/response latency p50",
+        "µs",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "conn_p50",
+        "New connection p50 (connect + GET + close, 1 worker)",
+        "ms",
+        Better::Lower,
+        true,
+    ),
+    m(
+        "conn_p99",
+        "New connection p99 (1 worker)",
+        "ms",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "conn_rate",
+        "New connections per second (8 workers)",
+        "conn/s",
+        Better::Higher,
+        true,
+    ),
+    m(
+        "cpu_per_gib",
+        "Proxy CPU per GiB moved in the bulk scenarios (redirector; redsocks+stunnel)",
+        "s/GiB",
+        Better::Lower,
+        true,
+    ),
+    m(
+        "curl_bulk1",
+        "curl: bulk download, 1 connection (env = curl --proxy https://gw, no Squid)",
+        "MB/s",
+        Better::Higher,
+        false,
+    ),
+    m(
+        "curl_conn_p50",
+        "curl: new connection p50 of time_total (env = curl --proxy https://gw, no Squid)",
+        "ms",
+        Better::Lower,
+        true,
+    ),
+    m(
+        "idle_rss",
+        "Idle daemon RSS (fresh, before any traffic)",
+        "MiB",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "idle_rss_direct_gw",
+        "Idle daemon RSS after restart without Squid (memory scenario)",
+        "MiB",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "idle_conn_bytes",
+        "Daemon memory per idle tunneled connection (VmRSS delta / N)",
+        "B",
+        Better::Lower,
+        true,
+    ),
+    m(
+        "idle_conns_open",
+        "Idle connections held for that measurement",
+        "",
+        Better::Neither,
+        false,
+    ),
+    m(
+        "rss_after_close",
+        "Daemon RSS 2 s after those connections closed",
+        "MiB",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "hook_ns",
+        "connect4 hook run time per call (kernel BPF stats)",
+        "ns",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "hook_ns_calls",
+        "connect4 hook calls in the new-connection scenarios",
+        "",
+        Better::Neither,
+        false,
+    ),
+    m(
+        "sockops_ns",
+        "sockops run time per call (kernel BPF stats)",
+        "ns",
+        Better::Lower,
+        false,
+    ),
+    m(
+        "sockops_ns_calls",
+        "sockops calls in the new-connection scenarios",
+        "",
+        Better::Neither,
+        false,
+    ),
+];
+
+/// Samples (one per round) and errors per metric and path.
+#[derive(Default)]
+pub struct Results {
+    pub samples: BTreeMap<String, BTreeMap<PathId, Vec<f64>>>,
+    pub errors: BTreeMap<String, BTreeMap<PathId, String>>,
+}
+
+impl Results {
+    pub fn push(&mut self, metric: &str, p: PathId, v: f64) {
+        self.samples
+            .entry(metric.to_owned())
+            .or_default()
+            .entry(p)
+            .or_default()
+            .push(v);
+    }
+
+    pub fn error(&mut self, metric: &str, p: PathId, e: String) {
+        self.errors
+            .entry(metric.to_owned())
+            .or_default()
+            .insert(p, e);
+    }
+
+    pub fn get(&self, metric: &str, p: PathId) -> Option<&[f64]> {
+        self.samples
+            .get(metric)?
+            .get(&p)
+            .map(Vec::as_slice)
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn median(&self, metric: &str, p: PathId) -> Option<f64> {
+        self.get(metric, p).map(|v| stats(v).median)
+    }
+}
+
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub fn stats(v: &[f64]) -> Stats {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Stats {
+        median,
+        min: s[0],
+        max: s[n - 1],
+    }
+}
+
+pub struct Ratio {
+    pub name: &'static str,
+    pub shown: String,
+    pub value: Option<f64>,
+    pub target: &'static str,
+    pub meets: Option<bool>,
+}
+
+pub struct Report {
+    pub date: String,
+    pub machine: Vec<(String, String)>,
+    pub config: Vec<(String, String)>,
+    pub results: Results,
+    pub aes_gcm_bytes_per_s: Option<f64>,
+    pub notes: Vec<String>,
+    pub configs: Vec<(String, String)>,
+    pub path_errors: BTreeMap<String, String>,
+    pub duration_s: f64,
+}
+
+impl Report {
+    pub fn new(machine: Vec<(String, String)>) -> Report {
+        Report {
+            date: cmd_line(Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]))
+                .unwrap_or_default(),
+            machine,
+            config: Vec::new(),
+            results: Results::default(),
+            aes_gcm_bytes_per_s: None,
+            notes: Vec::new(),
+            configs: Vec::new(),
+            path_errors: BTreeMap::new(),
+            duration_s: 0.0,
+        }
+    }
+
+    fn aes_s_per_gib(&self) -> Option<f64> {
+        self.aes_gcm_bytes_per_s.map(|b| (1u64 << 30) as f64 / b)
+    }
+
+    /// The issue's targets, computed from the medians.
+    pub fn ratios(&self) -> Vec<Ratio> {
+        let r = &self.results;
+        let med = |k: &str, p: PathId| r.median(k, p);
+        let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+            _ => None,
+        };
+        let ratio = |name, value: Option<f64>, target, ok: fn(f64) -> bool| Ratio {
+            name,
+            shown: value
+                .map(|v| format!("{v:.2}×"))
+                .unwrap_or_else(|| "n/a".into()),
+            value,
+            target,
+            meets: value.map(ok),
+        };
+        let mut out = vec![
+            ratio(
+                "bulk gateway / classic, 1 connection",
+                div(med("bulk1", PathId::Gateway), med("bulk1", PathId::Classic)),
+                "≥ 1.5×",
+                |v| v >= 1.5,
+            ),
+            ratio(
+                "bulk gateway / classic, 8 connections",
+                div(med("bulk8", PathId::Gateway), med("bulk8", PathId::Classic)),
+                "≥ 1.5×",
+                |v| v >= 1.5,
+            ),
+            ratio(
+                "bulk gateway / direct, 1 connection",
+                div(med("bulk1", PathId::Gateway), med("bulk1", PathId::Direct)),
+                "≥ 0.5×",
+                |v| v >= 0.5,
+            ),
+            ratio(
+                "bulk gateway / direct, 8 connections",
+                div(med("bulk8", PathId::Gateway), med("bulk8", PathId::Direct)),
+                "≥ 0.5×",
+                |v| v >= 0.5,
+            ),
+            ratio(
+                "proxy CPU per GiB (gateway) / AES-128-GCM per GiB",
+                div(med("cpu_per_gib", PathId::Gateway), self.aes_s_per_gib()),
+                "≤ 3×",
+                |v| v <= 3.0,
+            ),
+            ratio(
+                "request rate gateway / relay",
+                div(med("rr", PathId::Gateway), med("rr", PathId::Relay)),
+                "≥ 0.85×",
+                |v| v >= 0.85,
+            ),
+            ratio(
+                "new-connection p50 gateway / relay",
+                div(
+                    med("conn_p50", PathId::Gateway),
+                    med("conn_p50", PathId::Relay),
+                ),
+                "≤ 2×",
+                |v| v <= 2.0,
+            ),
+            ratio(
+                "new-connection p50 gateway / env",
+                div(
+                    med("conn_p50", PathId::Gateway),
+                    med("conn_p50", PathId::Env),
+                ),
+                "< 1× (below env)",
+                |v| v < 1.0,
+            ),
+            ratio(
+                "new-connection p50 gateway / env (curl, env without Squid)",
+                div(
+                    med("curl_conn_p50", PathId::Gateway),
+                    med("curl_conn_p50", PathId::Env),
+                ),
+                "< 1× (below env)",
+                |v| v < 1.0,
+            ),
+        ];
+        let abs =
+            |name, value: Option<f64>, shown: Option<String>, target, ok: fn(f64) -> bool| Ratio {
+                name,
+                shown: shown.unwrap_or_else(|| "n/a".into()),
+                value,
+                target,
+                meets: value.map(ok),
+            };
+        let b = med("idle_conn_bytes", PathId::Gateway);
+        out.push(abs(
+            "bytes per idle tunneled connection (gateway)",
+            b,
+            b.map(|v| format!("{:.1} KiB", v / 1024.0)),
+            "≤ 16 KiB",
+            |v| v <= 16384.0,
+        ));
+        let rss = med("idle_rss", PathId::Gateway);
+        out.push(abs(
+            "idle daemon RSS (gateway)",
+            rss,
+            rss.map(|v| format!("{v:.1} MiB")),
+            "≤ 15 MiB",
+            |v| v <= 15.0,
+        ));
+        let hook = med("hook_ns", PathId::Gateway).or(med("hook_ns", PathId::Relay));
+        out.push(abs(
+            "connect hook per call",
+            hook,
+            hook.map(|v| format!("{v:.0} ns")),
+            "≤ 1 µs",
+            |v| v <= 1000.0,
+        ));
+        out
+    }
+
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "=== cargo xtask bench: summary ({}, {} round(s), {:.0} s) ===",
+            self.date,
+            self.config_value("rounds"),
+            self.duration_s
+        );
+        let line = |s: &mut String, label: &str, value: String| {
+            let _ = writeln!(s, "  {label:<58} {value}");
+        };
+        for r in self.ratios() {
+            let verdict = match r.meets {
+                Some(true) => "meets",
+                Some(false) => "MISSES",
+                None => "n/a",
+            };
+            line(
+                &mut s,
+                r.name,
+                format!("{:<12} target {:<18} {verdict}", r.shown, r.target),
+            );
+        }
+        let _ = writeln!(s, "  medians (direct / relay / gateway / classic / env):");
+        for k in [
+            "bulk1",
+            "bulk8",
+            "rr",
+            "conn_p50",
+            "conn_rate",
+            "cpu_per_gib",
+        ] {
+            let def = METRICS.iter().find(|d| d.key == k).expect("metric");
+            let cells: Vec<String> = PATHS
+                .iter()
+                .map(|p| {
+                    self.results
+                        .median(k, *p)
+                        .map(fmt_num)
+                        .unwrap_or_else(|| "-".into())
+                })
+                .collect();
+            line(
+                &mut s,
+                &format!("    {k} ({})", def.unit),
+                cells.join(" / "),
+            );
+        }
+        if let Some(a) = self.aes_s_per_gib() {
+            line(
+                &mut s,
+                "    AES-128-GCM (openssl speed, 16 KiB)",
+                format!(
+                    "{:.0} MB/s = {a:.3} s/GiB",
+                    self.aes_gcm_bytes_per_s.unwrap_or(0.0) / 1e6
+                ),
+            );
+        }
+        for (p, e) in &self.path_errors {
+            let _ = writeln!(s, "  path {p} broken: {e}");
+        }
+        s
+    }
+
+    fn config_value(&self, k: &str) -> String {
+        self.config
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn markdown(&self, svg_name: &str) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# Egress redirector benchmark\n");
+        let _ = writeln!(
+            s,
+            "`cargo xtask bench` on {} (took {:.0} s). Every path runs in the same invocation, on the same machine, in the closed test network (DESIGN.md §6); the scenarios interleave the paths, rotating their order every round. Numbers are medians over rounds with [min–max] when there is more than one round. The benchmark reports; it never fails on a number.\n",
+            self.date, self.duration_s
+        );
+        let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");
+        for (k, v) in &self.machine {
+            let _ = writeln!(s, "| {k} | {} |", v.replace('|', "\\|"));
+        }
+        let _ = writeln!(s, "\n## Run\n\n| | |\n|---|---|");
+        for (k, v) in &self.config {
+            let _ = writeln!(s, "| {k} | {v} |");
+        }
+        if let Some(b) = self.aes_gcm_bytes_per_s {
+            let _ = writeln!(
+                s,
+                "| openssl speed -evp aes-128-gcm (16384-byte blocks) | {:.0} MB/s ({:.3} CPU s/GiB) |",
+                b / 1e6,
+                self.aes_s_per_gib().unwrap_or(0.0)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n## Against the targets of issue 7\n\n| | value | target | |\n|---|---|---|---|"
+        );
+        for r in self.ratios() {
+            let verdict = match r.meets {
+                Some(true) => "meets",
+                Some(false) => "**misses**",
+                None => "n/a",
+            };
+            let _ = writeln!(s, "| {} | {} | {} | {verdict} |", r.name, r.shown, r.target);
+        }
+        let _ = writeln!(s, "\n![paths side by side]({svg_name})\n");
+        let _ = writeln!(s, "## Results\n");
+        let _ = write!(s, "| metric | unit |");
+        for p in PATHS {
+            let _ = write!(s, " {} |", p.name());
+        }
+        let _ = write!(s, "\n|---|---|");
+        for _ in PATHS {
+            let _ = write!(s, "---|");
+        }
+        let _ = writeln!(s);
+        let mut errors = Vec::new();
+        for d in METRICS {
+            let has =
+                self.results.samples.contains_key(d.key) || self.results.errors.contains_key(d.key);
+            if !has {
+                continue;
+            }
+            let better = match d.better {
+                Better::Higher => " (higher is better)",
+                Better::Lower => " (lower is better)",
+                Better::Neither => "",
+            };
+            let _ = write!(s, "| {}{better} | {} |", d.title, d.unit);
+            for p in PATHS {
+                let cell = match (
+                    self.results.get(d.key, p),
+                    self.results.errors.get(d.key).and_then(|e| e.get(&p)),
+                ) {
+                    (Some(v), _) => {
+                        let st = stats(v);
+                        if v.len() > 1 {
+                            format!(
+                                "{} [{}–{}]",
+                                fmt_num(st.median),
+                                fmt_num(st.min),
+                                fmt_num(st.max)
+                            )
+                        } else {
+                            fmt_num(st.median)
+                        }
+                    }
+                    (None, Some(e)) => {
+                        errors.push(format!("{} / {}: {e}", d.key, p.name()));
+                        "error¹".into()
+                    }
+                    (None, None) => "–".into(),
+                };
+                let _ = write!(s, " {cell} |");
+            }
+            let _ = writeln!(s);
+        }
+        if !errors.is_empty() {
+            let _ = writeln!(s, "\n¹ Errors:\n");
+            for e in errors {
+                let _ = writeln!(s, "- {e}");
+            }
+        }
+        if !self.path_errors.is_empty() {
+            let _ = writeln!(s, "\nPaths that could not be measured:\n");
+            for (p, e) in &self.path_errors {
+                let _ = writeln!(s, "- `{p}`: {e}");
+            }
+        }
+        let _ = writeln!(s, "\n## Paths\n");
+        for p in PATHS {
+            let _ = writeln!(s, "- **{}**: {}", p.name(), p.description());
+        }
+        let _ = writeln!(
+            s,
+            "\nEvery client is `rdr-bench-client` (Rust, tokio) started in the pod's netns and cgroup with no proxy variables, \
+             against `rdr-bench-client serve` at 203.0.113.14:8080 (`bulk.azure.test:8080`), a keep-alive HTTP/1.1 server \
+             (`GET /down/<n>`, `POST /echo`, `GET /small`). The client speaks first, so the redirector reads the `Host` header \
+             at once and never waits for its sniff timeout. A probe before the rounds checks the address the target sees \
+             (pod, node, or gateway simulator) so that each path is the path it claims to be.\n\n\
+             Scenarios: **bulk** — the connections are opened and warmed first, then all download their share of the bytes \
+             at once; **request/response** — `POST /echo` of 1 KiB, answered with the same 1 KiB, back to back on one \
+             connection; **new connection** — connect, `GET /small`, close, back to back (1 worker: latency; 8 workers: \
+             rate); **CPU** — utime+stime from /proc/<pid>/stat of the redirector (or of redsocks and stunnel) around the \
+             two bulk scenarios, divided by the bytes moved; **hook** — `kernel.bpf_stats_enabled=1` during the \
+             new-connection scenarios only (previous value restored), then run_time_ns / run_cnt deltas of the lab's pinned \
+             `rdr_connect4` and `rdr_sockops` (`bpftool prog show pinned … -j`); the count includes the connects of the \
+             pods that are not enabled (they take the hook's early exit); **memory** — VmRSS of the daemon before and 2 s \
+             after N idle connections that each completed one request, delta / N; for `gateway` the daemon is restarted \
+             without Squid first (the test Squid is configured for 1024 descriptors), dialing the gateway directly \
+             (`--gateway-connect-to`); the per-connection state in the daemon is the same TLS session either way."
+        );
+        let _ = writeln!(s, "\n## Generated configuration\n");
+        for (name, text) in &self.configs {
+            let _ = writeln!(s, "**{name}**\n\n```\n{}\n```\n", text.trim_end());
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(s, "## Notes\n");
+            for n in &self.notes {
+                let _ = writeln!(s, "- {n}");
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(
+            s,
+            "## Known limitations\n\n\
+             - Everything (clients, proxies, Squid, the simulator, targets) shares the machine's cores, as on a real node; \
+             a path that burns more CPU elsewhere (Squid, the simulator) shows it as lower throughput.\n\
+             - `env` (Rust client) goes through Squid like `gateway` and `classic`; the curl rows measure `env` the way \
+             `curl --proxy https://gw.arc.test:443 --proxytunnel` does it, which cannot chain Squid in front, so curl's `env` has \
+             one hop less than curl's `gateway`.\n\
+             - The rustls client of `env` keeps TLS session tickets within one process (as curl does), so its new \
+             connections resume TLS sessions; the redirector's behaviour is whatever it does today.\n\
+             - CPU time comes from /proc/<pid>/stat in clock ticks (10 ms): with `--quick` (64 MiB per bulk scenario) \
+             the CPU-per-GiB figures carry roughly ±10 %; the full run moves 512 MiB per path per round.\n\
+             - Memory is user-space VmRSS only (kernel socket buffers are not counted); the gateway memory run has no Squid hop.\n\
+             - `kernel.bpf_stats_enabled` is a global switch: while it is on, every BPF program on the host pays for its \
+             accounting; it is restored after each new-connection scenario, but not if the benchmark is killed hard."
+        );
+        s
+    }
+
+    pub fn json(&self) -> Value {
+        let mut metrics = Vec::new();
+        for d in METRICS {
+            let mut per = serde_json::Map::new();
+            for p in PATHS {
+                if let Some(v) = self.results.get(d.key, p) {
+                    let st = stats(v);
+                    per.insert(
+                        p.name().into(),
+                        json!({"samples": v, "median": st.median, "min": st.min, "max": st.max}),
+                    );
+                } else if let Some(e) = self.results.errors.get(d.key).and_then(|e| e.get(&p)) {
+                    per.insert(p.name().into(), json!({"error": e}));
+                }
+            }
+            if per.is_empty() {
+                continue;
+            }
+            let better = match d.better {
+                Better::Higher => "higher",
+                Better::Lower => "lower",
+                Better::Neither => "",
+            };
+            metrics.push(json!({"key": d.key, "title": d.title, "unit": d.unit, "better": better, "paths": per}));
+        }
+        let ratios: Vec<Value> = self.ratios().into_iter().map(|r| json!({"name": r.name, "value": r.value, "shown": r.shown, "target": r.target, "meets": r.meets})).collect();
+        let kv = |v: &[(String, String)]| {
+            Value::Object(
+                v.iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            )
+        };
+        json!({
+            "date": self.date,
+            "duration_s": self.duration_s,
+            "machine": kv(&self.machine),
+            "run": kv(&self.config),
+            "aes_128_gcm_16k_bytes_per_s": self.aes_gcm_bytes_per_s,
+            "paths": Value::Object(PATHS.iter().map(|p| (p.name().to_owned(), Value::String(p.description().to_owned()))).collect()),
+            "path_errors": self.path_errors,
+            "metrics": metrics,
+            "targets": ratios,
+            "configs": kv(&self.configs),
+            "notes": self.notes,
+        })
+    }
+
+    /// Writes `bench-<stamp>.{md,json,svg}` and `latest.{md,json,svg}` into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        fs::create_dir_all(dir)?;
+        let stamp: String = self
+            .date
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let mut written = Vec::new();
+        for base in [format!("bench-{stamp}"), "latest".to_owned()] {
+            let svg_name = format!("{base}.svg");
+            let files = [
+                (format!("{base}.md"), self.markdown(&svg_name)),
+                (
+                    format!("{base}.json"),
+                    serde_json::to_string_pretty(&self.json())?,
+                ),
+                (svg_name.clone(), self.svg()),
+            ];
+            for (name, text) in files {
+                let p = dir.join(name);
+                fs::write(&p, text)?;
+                written.push(p);
+            }
+        }
+        Ok(written)
+    }
+
+    /// One panel per charted metric, one bar per path (median), a whisker for min–max.
+    pub fn svg(&self) -> String {
+        const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e"];
+        let panels: Vec<&MetricDef> = METRICS
+            .iter()
+            .filter(|d| d.chart && self.results.samples.contains_key(d.key))
+            .collect();
+        let (pw, ph, cols) = (300.0, 230.0, 3usize);
+        let rows = panels.len().div_ceil(cols).max(1);
+        let (w, h) = (pw * cols as f64 + 20.0, ph * rows as f64 + 70.0);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"#
+        );
+        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        let _ = writeln!(
+            s,
+            r#"<text x="10" y="20" font-size="14" font-weight="bold">cargo xtask bench — {} ({} round(s); bars: median, whiskers: min–max)</text>"#,
+            esc(&self.date),
+            esc(&self.config_value("rounds"))
+        );
+        for (i, p) in PATHS.iter().enumerate() {
+            let x = 10.0 + i as f64 * 95.0;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x}" y="32" width="12" height="12" fill="{}"/><text x="{}" y="42">{}</text>"#,
+                COLORS[i],
+                x + 16.0,
+                p.name()
+            );
+        }
+        for (k, d) in panels.iter().enumerate() {
+            let (px, py) = (10.0 + (k % cols) as f64 * pw, 60.0 + (k / cols) as f64 * ph);
+            let better = match d.better {
+                Better::Higher => "higher is better",
+                Better::Lower => "lower is better",
+                Better::Neither => "",
+            };
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" font-weight="bold">{}</text>"#,
+                px + 5.0,
+                py + 12.0,
+                esc(&short_title(d))
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{}" y="{}" fill="#555">{} — {better}</text>"##,
+                px + 5.0,
+                py + 26.0,
+                esc(d.unit)
+            );
+            let (top, base) = (py + 48.0, py + ph - 30.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{}" y1="{base}" x2="{}" y2="{base}" stroke="#333"/>"##,
+                px + 5.0,
+                px + pw - 15.0
+            );
+            // The CPU panel carries the raw AES-128-GCM cost (openssl speed) as a reference line.
+            let aes = if d.key == "cpu_per_gib" {
+                self.aes_s_per_gib()
+            } else {
+                None
+            };
+            let max = PATHS
+                .iter()
+                .filter_map(|p| self.results.get(d.key, *p).map(|v| stats(v).max))
+                .fold(aes.unwrap_or(0.0), f64::max);
+            let bw = (pw - 30.0) / PATHS.len() as f64;
+            // Drawn after the bars so that it stays visible; labelled on the left.
+            let mut reference = String::new();
+            if let Some(a) = aes.filter(|_| max > 0.0) {
+                let y = base - (base - top) * a / max;
+                let _ = writeln!(
+                    reference,
+                    r##"<line x1="{}" y1="{y}" x2="{}" y2="{y}" stroke="#000" stroke-dasharray="4 3"/>"##,
+                    px + 5.0,
+                    px + pw - 15.0
+                );
+                let _ = writeln!(
+                    reference,
+                    r#"<text x="{}" y="{}" font-size="10" paint-order="stroke" stroke="white" stroke-width="3">AES-GCM {}</text>"#,
+                    px + 8.0,
+                    y - 3.0,
+                    fmt_num(a)
+                );
+            }
+            for (i, p) in PATHS.iter().enumerate() {
+                let x = px + 10.0 + i as f64 * bw;
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                    x + bw / 2.0 - 4.0,
+                    base + 14.0,
+                    p.name()
+                );
+                let Some(v) = self.results.get(d.key, *p) else {
+                    let _ = writeln!(
+                        s,
+                        r##"<text x="{}" y="{}" text-anchor="middle" fill="#999">n/a</text>"##,
+                        x + bw / 2.0 - 4.0,
+                        base - 4.0
+                    );
+                    continue;
+                };
+                let st = stats(v);
+                let scale = |v: f64| {
+                    if max > 0.0 {
+                        (base - top) * v / max
+                    } else {
+                        0.0
+                    }
+                };
+                let bh = scale(st.median);
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x}" y="{}" width="{}" height="{bh}" fill="{}"/>"#,
+                    base - bh,
+                    bw - 8.0,
+                    COLORS[i]
+                );
+                if v.len() > 1 {
+                    let cx = x + bw / 2.0 - 4.0;
+                    let _ = writeln!(
+                        s,
+                        r##"<line x1="{cx}" y1="{}" x2="{cx}" y2="{}" stroke="#000"/>"##,
+                        base - scale(st.min),
+                        base - scale(st.max)
+                    );
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{}" text-anchor="middle" font-size="10">{}</text>"#,
+                    x + bw / 2.0 - 4.0,
+                    base - scale(st.max) - 4.0,
+                    fmt_num(st.median)
+                );
+            }
+            s.push_str(&reference);
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn short_title(d: &MetricDef) -> String {
+    match d.key {
+        "bulk1" => "Bulk download, 1 connection".into(),
+        "bulk8" => "Bulk download, 8 connections".into(),
+        "rr" => "Request/response 1 KiB, open conn".into(),
+        "conn_p50" => "New connection p50".into(),
+        "conn_rate" => "New connections/s (8 workers)".into(),
+        "cpu_per_gib" => "Proxy CPU per GiB".into(),
+        "curl_conn_p50" => "curl new connection p50 (env: no Squid)".into(),
+        "idle_conn_bytes" => "Memory per idle connection".into(),
+        _ => d.title.into(),
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+pub fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 0.1 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn cmd_line(c: &mut Command) -> Option<String> {
+    let o = c.output().ok()?;
+    let text = if o.stdout.is_empty() {
+        o.stderr
+    } else {
+        o.stdout
+    };
+    let text = String::from_utf8_lossy(&text);
+    // stunnel -version starts with chatter; prefer the line naming the program.
+    let name = c.get_program().to_string_lossy().into_owned();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.clone().next().map(str::to_owned);
+    lines
+        .find(|l| l.to_lowercase().starts_with(&name))
+        .map(str::to_owned)
+        .or(first)
+}
+
+/// Where reports go: `<target dir>/bench`.
+pub fn out_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(root.join("target"))
+        .join("bench")
+}
+
+pub fn machine_info() -> Vec<(String, String)> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_owned()))
+        .unwrap_or_default();
+    let mut m = vec![
+        (
+            "kernel".to_owned(),
+            cmd_line(Command::new("uname").args(["-srm"])).unwrap_or_default(),
+        ),
+        ("cpu".into(), format!("{model} × {cores}")),
+        ("memory".into(), mem),
+    ];
+    let tools: [(&str, &[&str]); 8] = [
+        ("rustc", &["rustc", "-V"]),
+        ("openssl", &["openssl", "version"]),
+        ("squid", &["squid", "-v"]),
+        ("redsocks", &["redsocks", "-v"]),
+        ("stunnel", &["stunnel", "-version"]),
+        ("iptables", &["iptables", "--version"]),
+        ("curl", &["curl", "--version"]),
+        ("commit", &["git", "rev-parse", "--short", "HEAD"]),
+    ];
+    for (name, argv) in tools {
+        let v = cmd_line(
+            Command::new(argv[0])
+                .args(&argv[1..])
+                .current_dir(env!("CARGO_MANIFEST_DIR")),
+        )
+        .unwrap_or_else(|| "not found".into());
+        m.push((name.into(), v));
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_and_formatting() {
+        let s = stats(&[3.0, 1.0, 2.0, 10.0]);
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
+        assert_eq!(stats(&[5.0]).median, 5.0);
+        assert_eq!(fmt_num(1234.4), "1234");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(1.234), "1.23");
+    }
+
+    #[test]
+    fn report_renders_with_missing_values() {
+        let mut r = Report::new(vec![("kernel".into(), "x".into())]);
+        r.results.push("bulk1", PathId::Gateway, 100.0);
+        r.results.push("bulk1", PathId::Classic, 50.0);
+        r.results.error("bulk1", PathId::Env, "boom".into());
+        let ratios = r.ratios();
+        assert_eq!(ratios[0].value, Some(2.0));
+        assert_eq!(ratios[0].meets, Some(true));
+        assert!(ratios.iter().any(|x| x.value.is_none()));
+        let md = r.markdown("x.svg");
+        assert!(md.contains("error¹") && md.contains("bulk1 / env: boom"));
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(r.json()["metrics"][0]["paths"]["gateway"]["median"] == 100.0);
+        assert!(r.summary().contains("2.00×"));
+    }
+}
