@@ -274,6 +274,15 @@ fn canonical_name(name: &str) -> Result<String, &'static str> {
             "not an IP, CIDR or DNS name (non-ASCII names must be given in punycode, xn--…)",
         );
     }
+    // A numeric last label is never a DNS name: resolvers read `1.2.3.4.` or `127.1` as an
+    // IPv4 address, so such an entry would match neither as a name nor as an address.
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("looks like an IPv4 address but is not one (no trailing dot, four octets)");
+    }
     Ok(name)
 }
 
@@ -629,6 +638,10 @@ mod tests {
             "[::1",
             "-bad.example",
             "bücher.example",
+            // Found by the fuzzer: printed back, these would parse as addresses.
+            "1.6.6.1.",
+            "127.1",
+            "1.2.3.4.5",
         ] {
             let e = bad.parse::<SkipRanges>().unwrap_err();
             assert_eq!(e.entry, bad, "error must name the entry");
