@@ -100,11 +100,13 @@ impl SkipEntry {
 
 impl fmt::Display for SkipEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.matcher {
-            Matcher::Everything => write!(f, "*")?,
-            Matcher::Cidr(n) => write!(f, "{n}")?,
-            Matcher::Name(NamePattern::Below(n)) => write!(f, ".{n}")?,
-            Matcher::Name(p) => write!(f, "{p}")?,
+        match (&self.matcher, self.port) {
+            // An IPv6 range with a port needs brackets to be read back: `[2001:db8::/32]:443`.
+            (Matcher::Cidr(n @ IpNet::V6(_)), Some(p)) => return write!(f, "[{n}]:{p}"),
+            (Matcher::Everything, _) => write!(f, "*")?,
+            (Matcher::Cidr(n), _) => write!(f, "{n}")?,
+            (Matcher::Name(NamePattern::Below(n)), _) => write!(f, ".{n}")?,
+            (Matcher::Name(p), _) => write!(f, "{p}")?,
         }
         if let Some(p) = self.port {
             write!(f, ":{p}")?;
@@ -556,7 +558,7 @@ mod tests {
             [
                 "localhost",
                 "127.0.0.1/32:8080",
-                "2001:db8::5/128:443",
+                "[2001:db8::5/128]:443",
                 ".corp.example",
                 ".internal",
                 "example.org:80",
@@ -566,6 +568,26 @@ mod tests {
         // Ported CIDRs are decided in userspace; only port-less ones go to the kernel.
         assert!(s.cidrs().contains(&"0.0.0.0/0".parse().unwrap()));
         assert!(!s.cidrs().contains(&"127.0.0.1/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn printed_entries_parse_back_the_same() {
+        // `[::]:2` printed as `::/128:2` did not parse back (found by the fuzzer).
+        for text in [
+            "[::]:2",
+            "[2001:db8::/32]:443",
+            "10.0.0.0/8:80",
+            ".svc:443",
+            "*",
+            "a.example",
+        ] {
+            let parsed: SkipRanges = text.parse().unwrap();
+            let printed = parsed.entries[0].to_string();
+            let again: SkipRanges = printed
+                .parse()
+                .unwrap_or_else(|e| panic!("{text} -> {printed}: {e}"));
+            assert_eq!(again, parsed, "{text} -> {printed}");
+        }
     }
 
     /// Matcher table: (pattern list, host, port, expected).
