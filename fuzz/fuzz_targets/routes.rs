@@ -8,7 +8,8 @@ use redirector::{
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    let (a, b) = text.split_at(text.len() / 2);
+    let mid = text.char_indices().map(|(i, _)| i).nth(text.chars().count() / 2).unwrap_or(text.len());
+    let (a, b) = text.split_at(mid);
     let _ = RouteRule::from_raw(&RawRoute { host: Some(a.to_owned()), route: b.to_owned(), ..Default::default() });
     let _ = RouteRule::from_raw(&RawRoute { cidr: Some(a.to_owned()), port: Some(443), route: "proxy".into(), ..Default::default() });
     let _ = Settings::parse(std::path::Path::new("fuzz.yaml"), &text);
