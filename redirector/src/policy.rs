@@ -80,21 +80,24 @@ pub struct SkipEntry {
     pub port: Option<u16>,
 }
 
-impl SkipEntry {
-    fn matches(&self, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
-        if self.port.is_some_and(|p| p != port) {
+impl Matcher {
+    /// Does a connection to `dst:port`, named `host`, match this matcher restricted to
+    /// `only_port`? (Shared by skip entries and route rules.)
+    fn matches(&self, only_port: Option<u16>, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
+        if only_port.is_some_and(|p| p != port) {
             return false;
         }
-        match &self.matcher {
+        match self {
             Matcher::Everything => true,
             Matcher::Cidr(n) => n.contains(&dst),
             Matcher::Name(p) => host.is_some_and(|h| p.matches(h)),
         }
     }
+}
 
-    /// Kept for callers that only have a name.
-    pub fn matches_name(&self, host: &str) -> bool {
-        matches!(&self.matcher, Matcher::Name(p) if p.matches(host))
+impl SkipEntry {
+    fn matches(&self, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
+        self.matcher.matches(self.port, dst, port, host)
     }
 }
 
@@ -350,14 +353,7 @@ impl RouteRule {
     }
 
     fn matches(&self, dst: IpAddr, port: u16, host: Option<&str>) -> bool {
-        if self.port.is_some_and(|p| p != port) {
-            return false;
-        }
-        match &self.matcher {
-            Matcher::Cidr(n) => n.contains(&dst),
-            Matcher::Name(p) => host.is_some_and(|h| p.matches(h)),
-            Matcher::Everything => true,
-        }
+        self.matcher.matches(self.port, dst, port, host)
     }
 }
 
