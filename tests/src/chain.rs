@@ -174,6 +174,17 @@ impl Chain {
         Some(i)
     }
 
+    /// `curl -sS --max-time 15 --cacert <test CA> <args>` in pod 0, no proxy variables.
+    pub fn curl(&self, args: &[&str]) -> std::process::Output {
+        let ca = self.ca_pem.display().to_string();
+        self.lab.pods[0]
+            .cmd("curl")
+            .args(["-sS", "--max-time", "15", "--cacert", &ca])
+            .args(args)
+            .output()
+            .expect("curl")
+    }
+
     /// The gateway simulator's log (one line per tunnel event).
     pub fn gateway_log(&self) -> String {
         self.lab

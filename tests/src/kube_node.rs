@@ -120,36 +120,9 @@ fn container_id() -> String {
     format!("{:016x}{:048x}", std::process::id(), n)
 }
 
-/// Proxy variables removed from every process started in a pod.
-const PROXY_VARS: [&str; 8] = [
-    "http_proxy",
-    "https_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "all_proxy",
-    "NO_PROXY",
-    "no_proxy",
-];
-
-/// `program` run inside netns `netns` and cgroup `cgroup` (joined before `program` runs),
-/// with every proxy variable removed.
+/// `program` run inside netns `netns` and cgroup `cgroup`, no proxy variables.
 fn cmd_in(netns: &str, cgroup: &Path, program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args([
-        "netns",
-        "exec",
-        netns,
-        "sh",
-        "-c",
-        "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
-    ])
-    .arg(cgroup)
-    .arg(program);
-    for v in PROXY_VARS {
-        c.env_remove(v);
-    }
-    c
+    crate::lab::in_pod_cmd(netns, cgroup, program)
 }
 
 /// One pod on the stand-in node.

@@ -87,6 +87,35 @@ fn ensure_bpffs() {
     }
 }
 
+/// `program` run inside network namespace `netns` and cgroup `cgroup` (joined before
+/// `program` starts), with every proxy variable removed from its environment.
+pub fn in_pod_cmd(netns: &str, cgroup: &Path, program: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        netns,
+        "sh",
+        "-c",
+        "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+    ])
+    .arg(cgroup)
+    .arg(program);
+    for v in [
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
 /// A process the lab started; killed (by pid) and reaped when dropped.
 pub struct Proc {
     pub name: String,
@@ -163,30 +192,7 @@ impl Pod {
 
     /// Like [`Pod::cmd`] but joins another cgroup (e.g. a non-enabled one) in the same netns.
     pub fn cmd_in_cgroup(&self, cgroup: &Path, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args([
-            "netns",
-            "exec",
-            &self.netns,
-            "sh",
-            "-c",
-            "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
-        ])
-        .arg(cgroup)
-        .arg(program);
-        for v in [
-            "http_proxy",
-            "https_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-            "all_proxy",
-            "NO_PROXY",
-            "no_proxy",
-        ] {
-            c.env_remove(v);
-        }
-        c
+        in_pod_cmd(&self.netns, cgroup, program)
     }
 
     pub fn pause_pid(&self) -> u32 {

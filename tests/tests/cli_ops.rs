@@ -86,19 +86,7 @@ fn status_while_running_and_after_the_daemon_is_killed() {
         return;
     }
     let mut c = chain(Gateway::Normal, true);
-    let ca = c.ca_pem.display().to_string();
-    let o = c.lab.pods[0]
-        .cmd("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "15",
-            "--cacert",
-            &ca,
-            "https://portal.azure.test/ok",
-        ])
-        .output()
-        .unwrap();
+    let o = c.curl(&["https://portal.azure.test/ok"]);
     assert!(o.status.success(), "{}", out(&o));
     // One connection held open while status runs (server-first echo, tunneled by IP).
     let mut held = c.lab.pods[0]

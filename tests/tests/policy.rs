@@ -8,13 +8,7 @@ use tests::ready_with_squid as ready;
 use tests::chain::{Chain, Gateway, TARGETS};
 
 fn curl(c: &Chain, args: &[&str]) -> Output {
-    let ca = c.ca_pem.display().to_string();
-    c.lab.pods[0]
-        .cmd("curl")
-        .args(["-sS", "--max-time", "15", "--cacert", &ca])
-        .args(args)
-        .output()
-        .expect("curl")
+    c.curl(args)
 }
 
 fn write_config(c: &Chain, text: &str) -> PathBuf {

@@ -25,12 +25,7 @@ fn full_chain() -> Chain {
 }
 
 fn curl(c: &Chain, url: &str) -> Output {
-    let ca = c.ca_pem.display().to_string();
-    c.lab.pods[0]
-        .cmd("curl")
-        .args(["-sS", "--max-time", "15", "--cacert", &ca, url])
-        .output()
-        .expect("curl")
+    c.curl(&[url])
 }
 
 #[test]

@@ -56,38 +56,14 @@ pub fn run() -> anyhow::Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&env.stdout));
 
-    let ca = c.ca_pem.display().to_string();
     step("pod: curl https://portal.azure.test/hello  (end-to-end TLS with the target)");
-    let o = c.lab.pods[0]
-        .cmd("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "15",
-            "--cacert",
-            &ca,
-            "https://portal.azure.test/hello",
-        ])
-        .output()?;
+    let o = c.curl(&["https://portal.azure.test/hello"]);
     show("curl", &o);
     step("pod: curl http://web.azure.test/plain");
-    let o = c.lab.pods[0]
-        .cmd("curl")
-        .args(["-sS", "--max-time", "15", "http://web.azure.test/plain"])
-        .output()?;
+    let o = c.curl(&["http://web.azure.test/plain"]);
     show("curl", &o);
     step("pod: curl https://denied.example.test/  (not on the gateway's allowlist)");
-    let o = c.lab.pods[0]
-        .cmd("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "15",
-            "--cacert",
-            &ca,
-            "https://denied.example.test/",
-        ])
-        .output()?;
+    let o = c.curl(&["https://denied.example.test/"]);
     show("curl", &o);
     step("same pod netns, a cgroup that is not enabled: untouched, so no route");
     let o = c.lab.pods[0]
