@@ -87,16 +87,24 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let shutdown = CancellationToken::new();
+    let pool = crate::pool::GatewayPool::start(
+        config.tunnel.clone(),
+        config.pool,
+        Arc::clone(&metrics),
+        &shutdown,
+    );
     let shared = Arc::new(Shared {
         config: arc_swap::ArcSwap::from_pointee(config.clone()),
         node_addrs: arc_swap::ArcSwap::from_pointee(node_addresses()),
         maps: Mutex::new(maps),
         metrics: Arc::clone(&metrics),
-        shutdown: CancellationToken::new(),
+        shutdown,
         tracker: TaskTracker::new(),
         workloads: Mutex::new(Vec::new()),
         conns: Mutex::new(HashMap::new()),
         next_conn: std::sync::atomic::AtomicU64::new(0),
+        gateway: arc_swap::ArcSwapOption::from(Some(pool)),
     });
     let readiness = Arc::new(Readiness::default());
     readiness.hooks_attached.store(
@@ -269,7 +277,18 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     }
     shared.node_addrs.store(Arc::new(node_addresses()));
     info!(reason = why, config = %serde_json::to_string(&new).unwrap_or_default(), "configuration reloaded");
+    // New tunnels use sessions made with the new settings; old sessions are let go (tunnels
+    // running on them are not affected).
+    let pool = crate::pool::GatewayPool::start(
+        new.tunnel.clone(),
+        new.pool,
+        Arc::clone(&shared.metrics),
+        &shared.shutdown,
+    );
     shared.config.store(Arc::new(new));
+    if let Some(old) = shared.gateway.swap(Some(pool)) {
+        old.retire();
+    }
     shared
         .metrics
         .reloads

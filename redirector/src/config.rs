@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpf::DEFAULT_PIN_ROOT,
     policy::{self, RouteRule, RouteTable, SkipRanges},
+    pool::PoolOptions,
     tunnel::{
         self, GatewayConfig, ProxyConfig, ProxyScheme, ProxyUrl, Route, Timeouts, TunnelConfig,
     },
@@ -109,6 +110,17 @@ pub struct Settings {
     /// Seconds SIGTERM waits for open connections [5].
     #[arg(long, env = "REDIRECTOR_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
+    /// Offer ALPN `h2` to the gateway and, when it accepts, carry tunnels as HTTP/2 CONNECT
+    /// streams on shared sessions [true].
+    #[arg(long, env = "REDIRECTOR_GATEWAY_HTTP2", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub gateway_http2: Option<bool>,
+    /// Gateway sessions (proxy hop and TLS done) kept ready ahead of demand; 0 turns
+    /// pre-established sessions off [2].
+    #[arg(long, env = "REDIRECTOR_GATEWAY_WARM")]
+    pub gateway_warm: Option<usize>,
+    /// Tunnels per HTTP/2 gateway session before another session is opened [100].
+    #[arg(long, env = "REDIRECTOR_GATEWAY_H2_STREAMS")]
+    pub gateway_h2_streams: Option<usize>,
     /// Route table (file only): first match wins.
     #[arg(skip)]
     pub routes: Option<Vec<RawRoute>>,
@@ -168,6 +180,9 @@ impl Settings {
             routes,
             route_presets,
             allow_dial,
+            gateway_http2,
+            gateway_warm,
+            gateway_h2_streams,
         )
     }
 
@@ -223,6 +238,8 @@ pub struct Config {
     /// The same with `--proxy-http` as the proxy: used for plain-HTTP connections on the
     /// `proxy` route when both proxies are set.
     pub tunnel_http: Option<TunnelConfig>,
+    /// Pre-established gateway sessions.
+    pub pool: PoolOptions,
     #[serde(with = "secs")]
     pub sniff_timeout: Duration,
     pub sniff_cap: usize,
@@ -270,6 +287,8 @@ pub enum ConfigError {
     Port,
     #[error("gateway-client-cert and gateway-client-key must be given together")]
     ClientCertPair,
+    #[error("invalid gateway-h2-streams 0: must be at least 1")]
+    H2Streams,
 }
 
 fn secs_of(field: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -326,6 +345,20 @@ impl Config {
         };
         let extra_ca = s.proxy_cert.as_deref();
         let http11: &[&[u8]] = &[b"http/1.1"];
+        let gateway_alpn: &[&[u8]] = if s.gateway_http2.unwrap_or(true) {
+            &[b"h2", b"http/1.1"]
+        } else {
+            http11
+        };
+        let pool = PoolOptions {
+            warm: s.gateway_warm.unwrap_or(PoolOptions::default().warm),
+            h2_streams: match s.gateway_h2_streams {
+                Some(0) => return Err(ConfigError::H2Streams),
+                Some(n) => n,
+                None => PoolOptions::default().h2_streams,
+            },
+            ..PoolOptions::default()
+        };
         let client_cert = match (&s.gateway_client_cert, &s.gateway_client_key) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             (None, None) => None,
@@ -334,7 +367,7 @@ impl Config {
         let gateway = match &s.gateway_url {
             None => None,
             Some(url) => {
-                let tls = crate::tls::client_config(extra_ca, client_cert, http11)
+                let tls = crate::tls::client_config(extra_ca, client_cert, gateway_alpn)
                     .map_err(ConfigError::Tls)?;
                 let mut g =
                     GatewayConfig::from_url(url, tls).map_err(|source| ConfigError::Url {
@@ -428,6 +461,7 @@ impl Config {
             allow_dial,
             tunnel,
             tunnel_http,
+            pool,
             sniff_timeout: secs_of("sniff-timeout", s.sniff_timeout, 0.5)?,
             sniff_cap: 16 * 1024,
             drain_timeout: secs_of("drain-timeout", s.drain_timeout, 5.0)?,

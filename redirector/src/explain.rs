@@ -674,6 +674,11 @@ pub fn hops(
             if g.bearer_token_file.is_some() {
                 request.push("Authorization: Bearer <redacted>".into());
             }
+            if alpn.iter().any(|a| a == "h2") {
+                request.push(format!(
+                    "(if the gateway picks h2: the same as a CONNECT stream, :authority {target}, on a shared session)"
+                ));
+            }
             out.push(Hop {
                 hop: "gateway",
                 connect: format!(
@@ -871,7 +876,11 @@ mod tests {
                 < at("CONNECT portal.azure.test:443 HTTP/1.1")
         );
         assert!(at("CONNECT portal.azure.test:443 HTTP/1.1") < at("X-Tenant: <redacted>"));
-        assert!(t.contains("TLS to the gateway gw.arc.test:443 (SNI gw.arc.test, ALPN http/1.1) inside that tunnel"), "{t}");
+        assert!(t.contains("TLS to the gateway gw.arc.test:443 (SNI gw.arc.test, ALPN h2,http/1.1) inside that tunnel"), "{t}");
+        assert!(
+            t.contains("(if the gateway picks h2: the same as a CONNECT stream, :authority portal.azure.test:443, on a shared session)"),
+            "{t}"
+        );
         let json = serde_json::to_string(&e).unwrap();
         for leak in [PASSWORD, "secret-tenant"] {
             assert!(

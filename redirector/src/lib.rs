@@ -10,6 +10,7 @@ pub mod k8s;
 pub mod kubelet;
 pub mod netns;
 pub mod policy;
+pub mod pool;
 pub mod preflight;
 pub mod proxy;
 pub mod relay;

@@ -43,6 +43,8 @@ pub struct Shared {
     /// Connections being relayed now (admin `/connections`).
     pub conns: Mutex<HashMap<u64, ConnView>>,
     pub next_conn: std::sync::atomic::AtomicU64,
+    /// Pre-established gateway sessions for `config.tunnel` (replaced on reload).
+    pub gateway: arc_swap::ArcSwapOption<crate::pool::GatewayPool>,
 }
 
 /// One enabled (or waiting) workload, as `/workloads` shows it.
@@ -241,12 +243,28 @@ struct Audit {
     rule: String,
     route: Route,
     hops: Vec<HopStatus>,
+    /// The gateway session the tunnel ran on (`gateway` route).
+    session: Option<tunnel::SessionInfo>,
     tx: u64,
     rx: u64,
     started: Instant,
 }
 
 impl Audit {
+    /// `warm/h1`, `fresh/h1`, `shared/h2`…, `-` off the gateway route; `+resumed` when the
+    /// gateway TLS handshake resumed a session.
+    fn session(&self) -> String {
+        match self.session {
+            None => "-".into(),
+            Some(s) => format!(
+                "{}/{}{}",
+                s.reuse.as_str(),
+                s.proto,
+                if s.resumed { "+resumed" } else { "" }
+            ),
+        }
+    }
+
     fn hops(&self) -> String {
         self.hops
             .iter()
@@ -277,6 +295,7 @@ async fn relay(
         rule: String::new(),
         route: cfg.default_route,
         hops: Vec::new(),
+        session: None,
         tx: 0,
         rx: 0,
         started: Instant::now(),
@@ -359,7 +378,11 @@ async fn relay(
         (Some(t), Route::Proxy, HostSource::Host) => t,
         _ => &cfg.tunnel,
     };
-    let mut upstream = match tunnel::open(tunnel_cfg, audit.route, &authority, orig).await {
+    let opened = match (audit.route, shared.gateway.load_full()) {
+        (Route::Gateway, Some(pool)) => pool.open(&authority).await,
+        _ => tunnel::open(tunnel_cfg, audit.route, &authority, orig).await,
+    };
+    let mut upstream = match opened {
         Ok(u) => u,
         Err(e) => {
             let status = e
@@ -386,6 +409,7 @@ async fn relay(
         }
     };
     audit.hops = upstream.hops.clone();
+    audit.session = upstream.session;
     for (hop, took) in &upstream.setup {
         shared
             .metrics
@@ -455,6 +479,7 @@ async fn relay(
         rule = %audit.rule,
         route = %audit.route,
         hops = %audit.hops(),
+        session = %audit.session(),
         bytes_tx = audit.tx,
         bytes_rx = audit.rx,
         duration_ms = audit.started.elapsed().as_millis() as u64,

@@ -103,6 +103,27 @@ pub struct NameLabels {
     pub name: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    /// `fresh`, `warm` (pre-established) or `shared` (an HTTP/2 stream).
+    pub reuse: &'static str,
+    /// `h1` or `h2`.
+    pub proto: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub hop: &'static str,
+    /// `full` or `resumed`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtoLabels {
+    /// `h1_idle` (warm, unused) or `h2` (shared).
+    pub proto: &'static str,
+}
+
 fn setup_histogram() -> Histogram {
     // 1 ms .. ~16 s: loopback hops are sub-millisecond, intercontinental TLS is seconds.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -123,6 +144,9 @@ pub struct Metrics {
     pub listeners: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
     pub ebpf: Family<NameLabels, Gauge>,
+    pub gateway_tunnels: Family<SessionLabels, Counter>,
+    pub gateway_sessions: Family<ProtoLabels, Gauge>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -139,6 +163,9 @@ impl Default for Metrics {
             listeners: Default::default(),
             reloads: Default::default(),
             ebpf: Default::default(),
+            gateway_tunnels: Default::default(),
+            gateway_sessions: Default::default(),
+            tls_handshakes: Default::default(),
         }
     }
 }
@@ -196,6 +223,21 @@ impl Metrics {
             "ebpf_events",
             "eBPF per-CPU counters summed (rdr_stats), by counter name",
             self.ebpf.clone(),
+        );
+        r.register(
+            "gateway_tunnels",
+            "Tunnels opened through the gateway, by session reuse and protocol",
+            self.gateway_tunnels.clone(),
+        );
+        r.register(
+            "gateway_sessions",
+            "Pre-established gateway sessions: idle HTTP/1.1 ones and shared HTTP/2 ones",
+            self.gateway_sessions.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes by hop and kind (full, resumed)",
+            self.tls_handshakes.clone(),
         );
     }
 

@@ -23,6 +23,9 @@ use tracing::debug;
 
 use crate::sniff;
 
+mod h2;
+pub use h2::H2Session;
+
 pub const HOP_TARGET: &str = "target";
 pub const HOP_PROXY: &str = "proxy";
 pub const HOP_GATEWAY: &str = "gateway";
@@ -460,7 +463,7 @@ impl Default for Timeouts {
     }
 }
 
-mod secs {
+pub(crate) mod secs {
     use serde::Serializer;
     use std::time::Duration;
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -696,12 +699,15 @@ pub struct Upstream {
     pub hops: Vec<HopStatus>,
     /// How long each hop took to set up (TCP, TLS, CONNECT), in order; `target` for direct.
     pub setup: Vec<(&'static str, std::time::Duration)>,
+    /// The gateway session it runs on (`gateway` route only).
+    pub session: Option<SessionInfo>,
 }
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("hops", &self.hops)
+            .field("session", &self.session)
             .finish_non_exhaustive()
     }
 }
@@ -866,6 +872,7 @@ pub async fn open(
                 io: Box::new(tcp),
                 hops: Vec::new(),
                 setup: vec![(HOP_TARGET, started.elapsed())],
+                session: None,
             })
         }
         Route::Proxy => {
@@ -877,81 +884,240 @@ pub async fn open(
             let mut hops = Vec::with_capacity(1);
             let mut setup = Vec::with_capacity(1);
             let io = through_proxy(proxy, target_authority, t, &mut hops, &mut setup).await?;
-            Ok(Upstream { io, hops, setup })
+            Ok(Upstream {
+                io,
+                hops,
+                setup,
+                session: None,
+            })
         }
         Route::Gateway => {
-            let gw = cfg.gateway.as_ref().ok_or(TunnelError::NotConfigured {
-                route,
-                hop: HOP_GATEWAY,
-            })?;
+            let gw = gateway_of(cfg)?;
             check_authority(HOP_GATEWAY, target_authority)?;
-            let server_name = server_name(HOP_GATEWAY, &gw.server_name)?;
             // Everything local that can fail does so before we touch the network.
-            let mut headers = Vec::with_capacity(gw.extra_headers.len() + 1);
-            for (name, value) in &gw.extra_headers {
-                check_header(name, value).map_err(|_| TunnelError::Request {
-                    hop: HOP_GATEWAY,
-                    detail: "invalid extra header",
-                })?;
-                headers.push((name.as_str(), Secret::new(value.as_str())));
+            let headers = gateway_headers(gw).await?;
+            let session = dial_gateway(cfg).await?;
+            let mut up = session.open_once(target_authority, &headers, t).await?;
+            if let Some(info) = &mut up.session {
+                info.reuse = Reuse::Fresh;
             }
-            if let Some(path) = &gw.bearer_token_file {
-                let token = read_token(path)
-                    .await
-                    .map_err(|source| TunnelError::Credentials {
-                        hop: HOP_GATEWAY,
-                        source,
-                    })?;
-                headers.push((
-                    "Authorization",
-                    Secret(format!("Bearer {}", token.expose())),
-                ));
-            }
-
-            let mut hops = Vec::with_capacity(2);
-            let mut setup = Vec::with_capacity(2);
-            let io: Box<dyn Io> = match &cfg.proxy {
-                Some(proxy) => {
-                    through_proxy(proxy, &gw.authority(), t, &mut hops, &mut setup).await?
-                }
-                None => {
-                    let addr = gw.authority();
-                    Box::new(
-                        tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?,
-                    )
-                }
-            };
-            let gw_started = std::time::Instant::now();
-            let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, io, t).await?;
-            // Only HTTP/1.1 CONNECT is spoken inside; a config offering `h2` must not be
-            // answered with bytes the gateway would misread.
-            if tls
-                .get_ref()
-                .1
-                .alpn_protocol()
-                .is_some_and(|p| p != b"http/1.1")
-            {
-                return Err(TunnelError::Request {
-                    hop: HOP_GATEWAY,
-                    detail: "the gateway chose an ALPN protocol other than http/1.1",
-                });
-            }
-            let (io, status) = if cfg.proxy.is_some() {
-                let tls = TlsHalfClose {
-                    inner: tls,
-                    close_notify_sent: false,
-                };
-                connect_hop(HOP_GATEWAY, tls, target_authority, &headers, t).await?
-            } else {
-                connect_hop(HOP_GATEWAY, tls, target_authority, &headers, t).await?
-            };
-            hops.push(HopStatus {
-                hop: HOP_GATEWAY,
-                status,
-            });
-            setup.push((HOP_GATEWAY, gw_started.elapsed()));
-            Ok(Upstream { io, hops, setup })
+            Ok(up)
         }
+    }
+}
+
+/// The configured gateway, or the error that names the missing hop.
+pub(crate) fn gateway_of(cfg: &TunnelConfig) -> Result<&GatewayConfig, TunnelError> {
+    cfg.gateway.as_ref().ok_or(TunnelError::NotConfigured {
+        route: Route::Gateway,
+        hop: HOP_GATEWAY,
+    })
+}
+
+/// The headers of the inner CONNECT: configured extras, then the bearer token (re-read
+/// from its file each time, so a rotated Secret applies to the next tunnel).
+pub(crate) async fn gateway_headers(
+    gw: &GatewayConfig,
+) -> Result<Vec<(&str, Secret)>, TunnelError> {
+    let mut headers = Vec::with_capacity(gw.extra_headers.len() + 1);
+    for (name, value) in &gw.extra_headers {
+        check_header(name, value).map_err(|_| TunnelError::Request {
+            hop: HOP_GATEWAY,
+            detail: "invalid extra header",
+        })?;
+        headers.push((name.as_str(), Secret::new(value.as_str())));
+    }
+    if let Some(path) = &gw.bearer_token_file {
+        let token = read_token(path)
+            .await
+            .map_err(|source| TunnelError::Credentials {
+                hop: HOP_GATEWAY,
+                source,
+            })?;
+        headers.push((
+            "Authorization",
+            Secret(format!("Bearer {}", token.expose())),
+        ));
+    }
+    Ok(headers)
+}
+
+/// How the gateway session of a tunnel came about, for the audit line and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// Dialed for this connection.
+    Fresh,
+    /// Dialed ahead of demand (TLS and the proxy hop already done), used once.
+    Warm,
+    /// A stream on an HTTP/2 session other tunnels share.
+    Shared,
+}
+
+impl Reuse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reuse::Fresh => "fresh",
+            Reuse::Warm => "warm",
+            Reuse::Shared => "shared",
+        }
+    }
+}
+
+/// The gateway session behind one tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    pub reuse: Reuse,
+    /// `h1` (one CONNECT per TLS session) or `h2` (CONNECT streams multiplexed).
+    pub proto: &'static str,
+    /// The gateway TLS handshake was a resumption (no certificate exchange).
+    pub resumed: bool,
+}
+
+/// A TLS session with the gateway (through the enterprise proxy when one is configured),
+/// ready for CONNECT requests.
+pub struct GatewaySession {
+    io: Box<dyn Io>,
+    /// The gateway chose ALPN `h2`: CONNECT requests are streams on this session.
+    pub h2: bool,
+    /// The TLS handshake resumed an earlier session.
+    pub resumed: bool,
+    /// The enterprise proxy's CONNECT status, when there is one.
+    pub hops: Vec<HopStatus>,
+    /// Set-up time of the proxy hop and of the gateway TLS handshake.
+    pub setup: Vec<(&'static str, Duration)>,
+}
+
+impl fmt::Debug for GatewaySession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewaySession")
+            .field("h2", &self.h2)
+            .field("resumed", &self.resumed)
+            .field("hops", &self.hops)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TCP (and the enterprise proxy's CONNECT) to the gateway, then TLS with it. No inner
+/// CONNECT yet: the session can be made ahead of demand.
+pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelError> {
+    let gw = gateway_of(cfg)?;
+    let t = &cfg.timeouts;
+    let server_name = server_name(HOP_GATEWAY, &gw.server_name)?;
+    let mut hops = Vec::with_capacity(2);
+    let mut setup = Vec::with_capacity(2);
+    let io: Box<dyn Io> = match &cfg.proxy {
+        Some(proxy) => through_proxy(proxy, &gw.authority(), t, &mut hops, &mut setup).await?,
+        None => {
+            let addr = gw.authority();
+            Box::new(tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?)
+        }
+    };
+    let started = std::time::Instant::now();
+    let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, io, t).await?;
+    let conn = tls.get_ref().1;
+    let h2 = match conn.alpn_protocol() {
+        None | Some(b"http/1.1") => false,
+        // Only offered when the configuration allows it (`gateway-http2`).
+        Some(b"h2") if gw.tls.alpn_protocols.iter().any(|p| p == b"h2") => true,
+        // A protocol we did not offer: the gateway must not get bytes it would misread.
+        Some(_) => {
+            return Err(TunnelError::Request {
+                hop: HOP_GATEWAY,
+                detail: "the gateway chose an ALPN protocol that was not offered",
+            });
+        }
+    };
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    setup.push((HOP_GATEWAY, started.elapsed()));
+    // Through a proxy, shutting down the write side must not send a FIN (see TlsHalfClose).
+    let io: Box<dyn Io> = if cfg.proxy.is_some() {
+        Box::new(TlsHalfClose {
+            inner: tls,
+            close_notify_sent: false,
+        })
+    } else {
+        Box::new(tls)
+    };
+    Ok(GatewaySession {
+        io,
+        h2,
+        resumed,
+        hops,
+        setup,
+    })
+}
+
+impl GatewaySession {
+    /// One tunnel on this session, which is used up either way (a session is never reused
+    /// after a refusal). HTTP/2 sessions get a private connection that ends with the stream.
+    pub async fn open_once(
+        self,
+        target_authority: &str,
+        headers: &[(&str, Secret)],
+        t: &Timeouts,
+    ) -> Result<Upstream, TunnelError> {
+        if self.h2 {
+            let shared = h2::H2Session::handshake(self, t).await?;
+            shared.connect(target_authority, headers, t).await
+        } else {
+            self.connect_h1(target_authority, headers, t).await
+        }
+    }
+
+    /// The HTTP/1.1 inner CONNECT; consumes the session.
+    pub async fn connect_h1(
+        self,
+        target_authority: &str,
+        headers: &[(&str, Secret)],
+        t: &Timeouts,
+    ) -> Result<Upstream, TunnelError> {
+        let started = std::time::Instant::now();
+        let GatewaySession {
+            io,
+            resumed,
+            mut hops,
+            mut setup,
+            ..
+        } = self;
+        let (io, status) = connect_hop(HOP_GATEWAY, io, target_authority, headers, t).await?;
+        hops.push(HopStatus {
+            hop: HOP_GATEWAY,
+            status,
+        });
+        add_setup(&mut setup, HOP_GATEWAY, started.elapsed());
+        Ok(Upstream {
+            io,
+            hops,
+            setup,
+            session: Some(SessionInfo {
+                reuse: Reuse::Warm,
+                proto: "h1",
+                resumed,
+            }),
+        })
+    }
+
+    /// Still usable: the gateway has not closed it and sent nothing unasked. Never blocks.
+    pub fn is_alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        // Pending = nothing to read: idle and open. Reading also processes TLS session
+        // tickets, which is what lets the next handshake resume.
+        matches!(
+            Pin::new(&mut *self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+}
+
+/// Adds `took` to the set-up time already recorded for `hop` (a session's TLS time plus the
+/// CONNECT on it), or records it.
+fn add_setup(setup: &mut Vec<(&'static str, Duration)>, hop: &'static str, took: Duration) {
+    match setup.iter_mut().find(|(h, _)| *h == hop) {
+        Some((_, d)) => *d += took,
+        None => setup.push((hop, took)),
     }
 }
 
@@ -997,7 +1163,7 @@ async fn through_proxy(
 
 /// Refuses anything but `name:port` / `ip:port` / `[v6]:port`, so a bad caller cannot
 /// inject request lines.
-fn check_authority(hop: &'static str, authority: &str) -> Result<(), TunnelError> {
+pub(crate) fn check_authority(hop: &'static str, authority: &str) -> Result<(), TunnelError> {
     let ok = !authority.is_empty()
         && authority.len() <= 260
         && authority
@@ -1199,7 +1365,7 @@ fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -1216,14 +1382,14 @@ mod tests {
     const PASSWORD: &str = "s3cr3t-p@ss:word";
 
     /// A test CA whose certificate is written to a PEM file for `tls::client_config`.
-    struct Pki {
+    pub(crate) struct Pki {
         _dir: tempfile::TempDir,
-        ca_path: PathBuf,
+        pub(crate) ca_path: PathBuf,
         issuer: CertifiedIssuer<'static, KeyPair>,
     }
 
     impl Pki {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params
@@ -1241,7 +1407,7 @@ mod tests {
             }
         }
 
-        fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
+        pub(crate) fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
             let key = KeyPair::generate().expect("key");
             let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
             let cert = CertificateParams::new(names)
@@ -1318,7 +1484,7 @@ mod tests {
     }
 
     /// Reads up to and including the blank line, one byte at a time so nothing past it is lost.
-    async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    pub(crate) async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> String {
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
             let mut b = [0u8; 1];
@@ -1423,7 +1589,7 @@ mod tests {
         addr
     }
 
-    fn timeouts() -> Timeouts {
+    pub(crate) fn timeouts() -> Timeouts {
         Timeouts {
             connect: Duration::from_secs(5),
             tls_handshake: Duration::from_secs(5),
@@ -1432,7 +1598,11 @@ mod tests {
         }
     }
 
-    fn gateway(addr: SocketAddr, server_name: &str, tls: Arc<ClientConfig>) -> GatewayConfig {
+    pub(crate) fn gateway(
+        addr: SocketAddr,
+        server_name: &str,
+        tls: Arc<ClientConfig>,
+    ) -> GatewayConfig {
         let mut gw = GatewayConfig::from_url(&format!("https://{addr}"), tls).expect("gateway url");
         gw.server_name = server_name.to_owned();
         gw
@@ -1776,10 +1946,12 @@ mod tests {
 
     #[tokio::test]
     async fn gateway_choosing_h2_gets_no_http1_bytes() {
+        // The stand-in speaks HTTP/1.1 only but negotiates h2: what it receives must be the
+        // HTTP/2 preface, never an HTTP/1.1 CONNECT line it could misread.
         let pki = Pki::new("test ca");
         let mut h2_only = (*pki.server(&["gw.test"])).clone();
         h2_only.alpn_protocols = vec![b"h2".to_vec()];
-        let gw = spawn_connect_server(Some(Arc::new(h2_only)), Behavior::Allow, None).await;
+        let gw = spawn_connect_server(Some(Arc::new(h2_only)), Behavior::Hangup, None).await;
         let tls = crate::tls::client_config(Some(&pki.ca_path), None, &[b"h2", b"http/1.1"])
             .expect("client config");
         let cfg = TunnelConfig {
@@ -1790,7 +1962,37 @@ mod tests {
         let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
             .await
             .unwrap_err();
-        assert_eq!((e.hop(), e.kind()), ("gateway", "bad_request"), "{e:?}");
+        assert_eq!(e.hop(), "gateway", "{e:?}");
+        let seen = gw.seen();
+        assert!(
+            seen.iter().all(|h| h.starts_with("PRI * HTTP/2.0\r\n")),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn gateway_without_h2_in_the_offer_stays_http1() {
+        let pki = Pki::new("test ca");
+        let mut both = (*pki.server(&["gw.test"])).clone();
+        both.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let target = spawn_target(None).await;
+        let gw = spawn_connect_server(Some(Arc::new(both)), Behavior::Allow, None).await;
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let up = open(
+            &cfg,
+            Route::Gateway,
+            &target.to_string(),
+            unreachable_addr(),
+        )
+        .await
+        .expect("tunnel");
+        let s = up.session.expect("session info");
+        assert_eq!((s.proto, s.reuse), ("h1", Reuse::Fresh));
+        assert!(gw.seen()[0].starts_with("CONNECT "), "{:?}", gw.seen());
     }
 
     #[tokio::test]

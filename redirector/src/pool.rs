@@ -1,0 +1,655 @@
+//! Gateway sessions made ahead of demand.
+//!
+//! A new tunnel through the gateway costs TCP, the enterprise proxy's CONNECT, a TLS
+//! handshake and the inner CONNECT: four round trips through two proxies before the pod's
+//! first byte moves. The pool does all but the last ahead of demand:
+//!
+//! - **HTTP/1.1 gateways**: up to `warm` idle sessions (TLS up, proxy hop done) wait for a
+//!   CONNECT. Each is used for exactly one tunnel: a refused CONNECT drops it (never reused
+//!   after a refusal). Idle sessions the gateway (or the proxy) closed are found by a
+//!   non-blocking read and replaced; sessions are also retired after `max_idle` so they
+//!   never meet an idle timer on the way.
+//! - **HTTP/2 gateways** (ALPN `h2`): tunnels are streams on a shared session, up to
+//!   `h2_streams` each; a session the gateway closed (GOAWAY, reset) is dropped and a new
+//!   one dialed.
+//!
+//! Sessions are made only while there is demand: from the first gateway tunnel until five
+//! minutes after the last one. Dial failures back off exponentially (1 s … 16 s) so a
+//! gateway outage is not hammered; a tunnel that finds no ready session dials its own,
+//! exactly as without the pool.
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    telemetry::{Metrics, SessionLabels},
+    tunnel::{
+        self, GatewaySession, H2Session, HOP_GATEWAY, Reuse, TunnelConfig, TunnelError, Upstream,
+    },
+};
+
+/// Pool sizing, from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PoolOptions {
+    /// Idle HTTP/1.1 sessions kept ready (0 turns the pool off).
+    pub warm: usize,
+    /// Streams per HTTP/2 session before another session is opened.
+    pub h2_streams: usize,
+    /// Idle sessions older than this are closed and replaced.
+    #[serde(with = "crate::tunnel::secs")]
+    pub max_idle: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            warm: 2,
+            h2_streams: 100,
+            max_idle: Duration::from_secs(50),
+        }
+    }
+}
+
+struct Idle {
+    session: GatewaySession,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    idle: VecDeque<Idle>,
+    h2: Vec<Arc<H2Session>>,
+    dialing: usize,
+    /// The last session the gateway gave us spoke h2: one session serves everyone.
+    speaks_h2: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// The last tunnel asked of the pool. Sessions are made ahead of demand only while
+    /// there is demand: not before the first gateway tunnel, and not after `COOL_DOWN`
+    /// without one (a node without enabled pods keeps no sessions to the gateway).
+    last_use: Option<Instant>,
+}
+
+/// How long after the last gateway tunnel the pool keeps sessions ready.
+const COOL_DOWN: Duration = Duration::from_secs(300);
+
+/// Ready gateway sessions for one tunnel configuration. Dropping the pool (on reload)
+/// stops its refill task and closes its idle sessions; tunnels in use are unaffected.
+pub struct GatewayPool {
+    cfg: Arc<TunnelConfig>,
+    opts: PoolOptions,
+    state: Mutex<State>,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for GatewayPool {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl GatewayPool {
+    /// A pool for `cfg`'s gateway, refilled by a background task until dropped or `stop`.
+    pub fn start(
+        cfg: TunnelConfig,
+        opts: PoolOptions,
+        metrics: Arc<Metrics>,
+        stop: &CancellationToken,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            cfg: Arc::new(cfg),
+            opts,
+            state: Mutex::new(State::default()),
+            wake: Arc::new(Notify::new()),
+            stop: stop.child_token(),
+            metrics,
+        });
+        if pool.cfg.gateway.is_some() && opts.warm > 0 {
+            tokio::spawn(refill(Arc::downgrade(&pool), pool.stop.clone()));
+        }
+        pool
+    }
+
+    /// Stops refilling and lets idle sessions go (on reload, before the pool is replaced).
+    pub fn retire(&self) {
+        self.stop.cancel();
+        if let Ok(mut st) = self.state.lock() {
+            st.idle.clear();
+            st.h2.clear();
+        }
+    }
+
+    /// The configuration the pool's sessions were made with.
+    pub fn config(&self) -> &TunnelConfig {
+        &self.cfg
+    }
+
+    /// A tunnel to `target_authority` through the gateway: on a shared HTTP/2 session, a
+    /// warm HTTP/1.1 session, or a fresh one, in that order of preference.
+    pub async fn open(&self, target_authority: &str) -> Result<Upstream, TunnelError> {
+        let gw = tunnel::gateway_of(&self.cfg)?;
+        let t = &self.cfg.timeouts;
+        tunnel::check_authority(HOP_GATEWAY, target_authority)?;
+        let headers = tunnel::gateway_headers(gw).await?;
+        if let Ok(mut st) = self.state.lock() {
+            st.last_use = Some(Instant::now());
+        }
+
+        if let Some(h2) = self.shared_h2() {
+            match h2.connect(target_authority, &headers, t).await {
+                Err(TunnelError::Closed { .. }) => {
+                    // The gateway ended that session between our check and the request
+                    // (GOAWAY): nothing of the pod's was sent; go on with a new session.
+                    debug!("gateway http/2 session closed under a new stream; redialing");
+                    self.forget_closed_h2();
+                }
+                r => return self.count(r),
+            }
+        }
+        let (session, reuse) = match self.take_idle() {
+            Some(s) => (s, Reuse::Warm),
+            None => (self.dial_counted().await?, Reuse::Fresh),
+        };
+        if session.h2 {
+            let h2 = Arc::new(H2Session::handshake(session, t).await?);
+            self.adopt_h2(Arc::clone(&h2), false);
+            self.wake.notify_one();
+            return self.count(h2.connect(target_authority, &headers, t).await);
+        }
+        self.wake.notify_one();
+        let r = match session.connect_h1(target_authority, &headers, t).await {
+            // A warm session can die in the instant between the liveness check and the
+            // CONNECT; that says nothing about the target. One fresh retry, no more.
+            Err(TunnelError::Closed { .. } | TunnelError::Io { .. }) if reuse == Reuse::Warm => {
+                debug!("warm gateway session was closed; dialing a fresh one");
+                let fresh = self.dial_counted().await?;
+                tunnel::GatewaySession::open_once(fresh, target_authority, &headers, t)
+                    .await
+                    .map(|u| with_reuse(u, Reuse::Fresh))
+            }
+            r => r.map(|u| with_reuse(u, reuse)),
+        };
+        self.count(r)
+    }
+
+    fn count(&self, r: Result<Upstream, TunnelError>) -> Result<Upstream, TunnelError> {
+        if let Ok(u) = &r
+            && let Some(s) = u.session
+        {
+            self.metrics
+                .gateway_tunnels
+                .get_or_create(&SessionLabels {
+                    reuse: s.reuse.as_str(),
+                    proto: s.proto,
+                })
+                .inc();
+        }
+        r
+    }
+
+    fn shared_h2(&self) -> Option<Arc<H2Session>> {
+        let st = self.state.lock().ok()?;
+        // The oldest session with room: tunnels pack onto as few sessions as possible.
+        st.h2
+            .iter()
+            .find(|s| !s.is_closed() && s.streams() < self.opts.h2_streams)
+            .cloned()
+    }
+
+    fn forget_closed_h2(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.h2.retain(|s| !s.is_closed());
+        }
+    }
+
+    /// The end of an h2 session's handshake started by the refill task.
+    fn h2_dialed(&self, r: Result<H2Session, TunnelError>) {
+        if let Ok(mut st) = self.state.lock() {
+            st.dialing -= 1;
+        }
+        match r {
+            Ok(s) => self.adopt_h2(Arc::new(s), true),
+            Err(e) => debug!(error = %e, "gateway http/2 handshake failed"),
+        }
+    }
+
+    /// Adds a session for shared use, unless `spare` and an open one still has room (then
+    /// the new one is closed: a single session serves everyone).
+    fn adopt_h2(&self, s: Arc<H2Session>, spare: bool) {
+        if let Ok(mut st) = self.state.lock() {
+            st.speaks_h2 = true;
+            st.h2.retain(|s| !s.is_closed());
+            let room = st.h2.iter().any(|s| s.streams() < self.opts.h2_streams);
+            if !(spare && room) {
+                st.h2.push(s);
+            }
+        }
+    }
+
+    /// The newest idle session still open (older ones are closer to an idle timeout).
+    fn take_idle(&self) -> Option<GatewaySession> {
+        let mut st = self.state.lock().ok()?;
+        while let Some(mut idle) = st.idle.pop_back() {
+            if idle.since.elapsed() < self.opts.max_idle && idle.session.is_alive() {
+                return Some(idle.session);
+            }
+        }
+        None
+    }
+
+    async fn dial_counted(&self) -> Result<GatewaySession, TunnelError> {
+        let s = tunnel::dial_gateway(&self.cfg).await?;
+        self.metrics
+            .tls_handshakes
+            .get_or_create(&crate::telemetry::HandshakeLabels {
+                hop: HOP_GATEWAY,
+                kind: if s.resumed { "resumed" } else { "full" },
+            })
+            .inc();
+        Ok(s)
+    }
+
+    /// Sessions to dial now so the pool is full again, and the bookkeeping for them.
+    fn plan(&self) -> usize {
+        let Ok(mut st) = self.state.lock() else {
+            return 0;
+        };
+        let max_idle = self.opts.max_idle;
+        st.idle
+            .retain_mut(|i| i.since.elapsed() < max_idle && i.session.is_alive());
+        st.h2.retain(|s| !s.is_closed());
+        let h2_open = st.h2.len();
+        let idle = st.idle.len();
+        self.metrics
+            .gateway_sessions
+            .get_or_create(&crate::telemetry::ProtoLabels { proto: "h1_idle" })
+            .set(idle as i64);
+        self.metrics
+            .gateway_sessions
+            .get_or_create(&crate::telemetry::ProtoLabels { proto: "h2" })
+            .set(h2_open as i64);
+        if st.retry_at.is_some_and(|at| Instant::now() < at)
+            || !st.last_use.is_some_and(|t| t.elapsed() < COOL_DOWN)
+        {
+            return 0;
+        }
+        let want = if st.speaks_h2 {
+            // One session with room for more streams is enough.
+            let room = st.h2.iter().any(|s| s.streams() < self.opts.h2_streams);
+            usize::from(!room)
+        } else {
+            self.opts.warm
+        };
+        let n = want.saturating_sub(idle + h2_open.min(want) + st.dialing);
+        st.dialing += n;
+        n
+    }
+
+    fn dialed(&self, r: Result<GatewaySession, TunnelError>) -> Option<GatewaySession> {
+        let mut st = self.state.lock().ok()?;
+        match r {
+            Ok(s) => {
+                if st.failures > 0 {
+                    info!(
+                        failures = st.failures,
+                        "gateway reachable again; pre-established sessions resume"
+                    );
+                }
+                st.failures = 0;
+                st.retry_at = None;
+                st.speaks_h2 = s.h2;
+                if s.h2 {
+                    // Still counted as dialing until its handshake is done.
+                    return Some(s);
+                }
+                st.dialing -= 1;
+                st.idle.push_back(Idle {
+                    session: s,
+                    since: Instant::now(),
+                });
+                None
+            }
+            Err(e) => {
+                st.dialing -= 1;
+                st.failures += 1;
+                let backoff = Duration::from_secs(1 << st.failures.min(5).saturating_sub(1));
+                st.retry_at = Some(Instant::now() + backoff);
+                if st.failures == 1 {
+                    warn!(error = %crate::error_chain(&e), hop = e.hop(), kind = e.kind(),
+                        "cannot pre-establish a gateway session; tunnels dial on demand, retrying with backoff");
+                } else {
+                    debug!(error = %crate::error_chain(&e), failures = st.failures, retry_in = ?backoff,
+                        "gateway session dial failed again");
+                }
+                None
+            }
+        }
+    }
+}
+
+fn with_reuse(mut u: Upstream, reuse: Reuse) -> Upstream {
+    if let Some(s) = &mut u.session
+        && s.proto == "h1"
+    {
+        s.reuse = reuse;
+    }
+    u
+}
+
+/// Keeps the pool full: on every use (notify) and once a second (to notice sessions the
+/// gateway closed and to retire old ones). Holds only a weak reference, so dropping the
+/// pool ends it.
+async fn refill(pool: std::sync::Weak<GatewayPool>, stop: CancellationToken) {
+    loop {
+        let Some(p) = pool.upgrade() else { return };
+        let n = p.plan();
+        for _ in 0..n {
+            let weak = std::sync::Weak::clone(&pool);
+            let stop = stop.clone();
+            let p = Arc::clone(&p);
+            tokio::spawn(async move {
+                let r = tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = p.dial_counted() => r,
+                };
+                if let Some(h2) = p.dialed(r) {
+                    let r = H2Session::handshake(h2, &p.cfg.timeouts).await;
+                    p.h2_dialed(r);
+                }
+                drop(p);
+                if let Some(p) = weak.upgrade() {
+                    p.wake.notify_one();
+                }
+            });
+        }
+        let wake = Arc::clone(&p.wake);
+        // No strong reference while waiting: dropping the pool must end this task.
+        drop(p);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::SocketAddr,
+        sync::{
+            Mutex,
+            atomic::{AtomicU64, Ordering},
+        },
+    };
+
+    use http_body_util::Empty;
+    use hyper::{Response, StatusCode, body::Bytes, service::service_fn};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::{
+        io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+        net::TcpListener,
+    };
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+    use crate::tunnel::tests::{Pki, gateway, read_head, timeouts};
+
+    /// What the stand-in gateway saw: (connection number, CONNECT authority, status).
+    type Log = Arc<Mutex<Vec<(u64, String, u16)>>>;
+
+    /// A gateway stand-in speaking HTTP/1.1 or h2 (by ALPN). CONNECT to `denied.*` gets
+    /// 403 (an HTTP/1.1 connection stays open, so reuse after a refusal would show); anything
+    /// else gets 200 and the stream echoes until the client half-closes. `kick` closes every
+    /// connection waiting for a CONNECT at that moment, as a gateway's idle timer would.
+    struct StandIn {
+        addr: SocketAddr,
+        log: Log,
+        accepted: Arc<AtomicU64>,
+        kick: Arc<Notify>,
+    }
+
+    impl StandIn {
+        fn log(&self) -> Vec<(u64, String, u16)> {
+            self.log.lock().expect("log").clone()
+        }
+    }
+
+    async fn echo<S: AsyncRead + AsyncWrite>(s: S) {
+        let (mut r, mut w) = tokio::io::split(s);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    }
+
+    fn status_for(authority: &str) -> u16 {
+        if authority.starts_with("denied.") {
+            403
+        } else {
+            200
+        }
+    }
+
+    async fn spawn_gateway(pki: &Pki, alpn: &[&[u8]]) -> StandIn {
+        let mut config = (*pki.server(&["gw.test"])).clone();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let s = StandIn {
+            addr: listener.local_addr().expect("addr"),
+            log: Log::default(),
+            accepted: Arc::new(AtomicU64::new(0)),
+            kick: Arc::new(Notify::new()),
+        };
+        let (log, accepted, kick) = (s.log.clone(), s.accepted.clone(), s.kick.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let id = accepted.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, log, kick) = (acceptor.clone(), log.clone(), kick.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        let service = service_fn(move |req: hyper::Request<_>| {
+                            let log = log.clone();
+                            async move {
+                                let authority = req
+                                    .uri()
+                                    .authority()
+                                    .map(|a| a.to_string())
+                                    .unwrap_or_default();
+                                let status = status_for(&authority);
+                                log.lock().expect("log").push((id, authority, status));
+                                if status == 200 {
+                                    tokio::spawn(async move {
+                                        if let Ok(up) = hyper::upgrade::on(req).await {
+                                            echo(TokioIo::new(up)).await;
+                                        }
+                                    });
+                                }
+                                let mut resp = Response::new(Empty::<Bytes>::new());
+                                *resp.status_mut() = StatusCode::from_u16(status).expect("status");
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), service)
+                            .await;
+                        return;
+                    }
+                    loop {
+                        let head = tokio::select! {
+                            () = kick.notified() => return,
+                            h = read_head(&mut tls) => h,
+                        };
+                        let Some(authority) = head.split_whitespace().nth(1) else {
+                            return;
+                        };
+                        let status = status_for(authority);
+                        log.lock()
+                            .expect("log")
+                            .push((id, authority.to_owned(), status));
+                        let reply = format!("HTTP/1.1 {status} X\r\n\r\n");
+                        if tls.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if status == 200 {
+                            echo(tls).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        s
+    }
+
+    fn pool_for(pki: &Pki, gw: &StandIn, alpn: &[&[u8]], warm: usize) -> Arc<GatewayPool> {
+        let tls = crate::tls::client_config(Some(&pki.ca_path), None, alpn).expect("tls");
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", tls)),
+            proxy: None,
+            timeouts: timeouts(),
+        };
+        let opts = PoolOptions {
+            warm,
+            ..PoolOptions::default()
+        };
+        GatewayPool::start(
+            cfg,
+            opts,
+            Arc::new(Metrics::default()),
+            &CancellationToken::new(),
+        )
+    }
+
+    /// Waits (bounded) until `f` holds; the pool refills in the background.
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn idle(p: &GatewayPool) -> usize {
+        p.state.lock().expect("state").idle.len()
+    }
+
+    async fn round_trip(up: &mut Upstream, msg: &[u8]) -> Vec<u8> {
+        up.write_all(msg).await.expect("write");
+        up.shutdown().await.expect("half-close");
+        let mut back = Vec::new();
+        up.read_to_end(&mut back).await.expect("read");
+        back
+    }
+
+    #[tokio::test]
+    async fn warm_sessions_follow_demand_and_serve_one_tunnel_each() {
+        let pki = Pki::new("pool ca");
+        let gw = spawn_gateway(&pki, &[b"http/1.1"]).await;
+        let pool = pool_for(&pki, &gw, &[b"h2", b"http/1.1"], 2);
+        // No demand yet: nothing dialed ahead.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(gw.accepted.load(Ordering::SeqCst), 0);
+
+        let mut up = pool.open("a.test:443").await.expect("first tunnel");
+        assert_eq!(up.session.map(|s| s.reuse), Some(Reuse::Fresh));
+        assert_eq!(round_trip(&mut up, b"one").await, b"one");
+        until("two warm sessions", || idle(&pool) == 2).await;
+
+        let mut up = pool.open("b.test:443").await.expect("warm tunnel");
+        assert_eq!(
+            up.session.map(|s| (s.reuse, s.proto)),
+            Some((Reuse::Warm, "h1"))
+        );
+        assert_eq!(round_trip(&mut up, b"two").await, b"two");
+        until("refilled", || idle(&pool) == 2).await;
+        let log = gw.log();
+        assert_eq!(log.len(), 2, "{log:?}");
+        assert_ne!(
+            log[0].0, log[1].0,
+            "one tunnel per HTTP/1.1 session: {log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_is_never_reused_after_a_refusal() {
+        let pki = Pki::new("pool ca");
+        let gw = spawn_gateway(&pki, &[b"http/1.1"]).await;
+        let pool = pool_for(&pki, &gw, &[b"http/1.1"], 2);
+        drop(pool.open("a.test:443").await.expect("first"));
+        until("warm", || idle(&pool) == 2).await;
+        let e = pool.open("denied.test:443").await.unwrap_err();
+        assert_eq!((e.hop(), e.status()), ("gateway", Some(403)), "{e}");
+        for name in ["b.test:443", "c.test:443", "d.test:443"] {
+            until("warm", || idle(&pool) >= 1).await;
+            let mut up = pool.open(name).await.expect("tunnel");
+            assert_eq!(round_trip(&mut up, b"x").await, b"x");
+        }
+        let log = gw.log();
+        let refused_on = log.iter().find(|l| l.2 == 403).expect("403 logged").0;
+        let on_that = log.iter().filter(|l| l.0 == refused_on).count();
+        assert_eq!(
+            on_that, 1,
+            "a refused session carried another CONNECT: {log:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sessions_the_gateway_closes_are_replaced() {
+        let pki = Pki::new("pool ca");
+        let gw = spawn_gateway(&pki, &[b"http/1.1"]).await;
+        let pool = pool_for(&pki, &gw, &[b"http/1.1"], 2);
+        drop(pool.open("a.test:443").await.expect("first"));
+        until("warm", || idle(&pool) == 2).await;
+        let before = gw.accepted.load(Ordering::SeqCst);
+        gw.kick.notify_waiters();
+        // The refill task notices the closed sessions (non-blocking read: EOF) and redials.
+        until("replacements", || {
+            gw.accepted.load(Ordering::SeqCst) >= before + 2 && idle(&pool) == 2
+        })
+        .await;
+        let mut up = pool.open("b.test:443").await.expect("tunnel");
+        assert_eq!(round_trip(&mut up, b"after").await, b"after");
+    }
+
+    #[tokio::test]
+    async fn h2_gateway_multiplexes_tunnels_and_survives_a_refused_stream() {
+        let pki = Pki::new("pool ca");
+        let gw = spawn_gateway(&pki, &[b"h2", b"http/1.1"]).await;
+        let pool = pool_for(&pki, &gw, &[b"h2", b"http/1.1"], 2);
+        let mut first = pool.open("a.test:443").await.expect("first");
+        assert_eq!(first.session.map(|s| s.proto), Some("h2"));
+        // Several tunnels open at once share the session; each half-closes independently.
+        let mut more = Vec::new();
+        for i in 0..5 {
+            more.push(pool.open(&format!("t{i}.test:443")).await.expect("stream"));
+        }
+        let e = pool.open("denied.test:443").await.unwrap_err();
+        assert_eq!((e.hop(), e.status()), ("gateway", Some(403)), "{e}");
+        for (i, up) in more.iter_mut().enumerate() {
+            assert_eq!(up.session.map(|s| s.reuse), Some(Reuse::Shared));
+            let msg = format!("stream {i}");
+            assert_eq!(round_trip(up, msg.as_bytes()).await, msg.as_bytes());
+        }
+        assert_eq!(round_trip(&mut first, b"first").await, b"first");
+        let mut after = pool
+            .open("z.test:443")
+            .await
+            .expect("after a refused stream");
+        assert_eq!(round_trip(&mut after, b"z").await, b"z");
+        let log = gw.log();
+        let conns: std::collections::HashSet<u64> = log.iter().map(|l| l.0).collect();
+        assert_eq!(conns.len(), 1, "every stream on one session: {log:?}");
+        assert_eq!(log.len(), 8, "{log:?}");
+    }
+}
