@@ -277,7 +277,7 @@ impl GatewayPool {
             .get_or_create(&crate::telemetry::ProtoLabels { proto: "h2" })
             .set(h2_open as i64);
         if st.retry_at.is_some_and(|at| Instant::now() < at)
-            || !st.last_use.is_some_and(|t| t.elapsed() < COOL_DOWN)
+            || st.last_use.is_none_or(|t| t.elapsed() >= COOL_DOWN)
         {
             return 0;
         }

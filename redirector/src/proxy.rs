@@ -445,6 +445,8 @@ async fn relay(
         return;
     }
     audit.tx = peeked.bytes.len() as u64;
+    // The peeked bytes are sent: their buffer must not live as long as an idle tunnel.
+    drop(peeked);
     let _ = client.set_nodelay(true);
 
     // 4. Relay, half-close propagated: EOF from one side becomes a shutdown of the write

@@ -1,12 +1,13 @@
 //! Byte relay between the pod and the upstream, with half-close and per-direction counts.
 use std::io;
 
+use futures::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Starts small (most connections are short request/response exchanges) and grows to this
-/// once a direction has moved a full buffer: bulk transfers get large reads, idle tunnels
-/// keep little memory.
-const INITIAL_BUF: usize = 4 * 1024;
+/// Starts small (most connections are short request/response exchanges, and idle tunnels
+/// should cost little) and doubles up to `MAX_BUF` each time a direction fills its buffer:
+/// bulk transfers get large reads and writes.
+const INITIAL_BUF: usize = 2 * 1024;
 const MAX_BUF: usize = 64 * 1024;
 
 /// How one direction ended.
@@ -31,6 +32,11 @@ pub struct Relayed {
 }
 
 /// Copies `r` into `w` until EOF (then shuts `w` down: half-close) or an error.
+///
+/// After each read that leaves room in the buffer, reads that complete at once are
+/// appended before writing: a TLS source yields one record (≤ 16 KiB) per read, and
+/// coalescing them turns four writes (and four wake-ups of the reader on the other side)
+/// into one. Nothing waits for more data: a read that would block ends the batch.
 pub async fn pump<R, W>(mut r: R, mut w: W, count: &mut u64) -> DirEnd
 where
     R: AsyncRead + Unpin,
@@ -38,7 +44,7 @@ where
 {
     let mut buf = vec![0u8; INITIAL_BUF];
     loop {
-        let n = match r.read(&mut buf).await {
+        let mut n = match r.read(&mut buf).await {
             Ok(0) => {
                 return match w.shutdown().await {
                     Ok(()) => DirEnd::Eof,
@@ -48,10 +54,36 @@ where
             Ok(n) => n,
             Err(e) => return DirEnd::Error(e),
         };
+        // What ended the batch early, reported after its bytes are written, in order.
+        let mut end = None;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]).now_or_never() {
+                Some(Ok(0)) => {
+                    end = Some(Ok(()));
+                    break;
+                }
+                Some(Ok(m)) => n += m,
+                Some(Err(e)) => {
+                    end = Some(Err(e));
+                    break;
+                }
+                None => break,
+            }
+        }
         if let Err(e) = w.write_all(&buf[..n]).await {
             return DirEnd::Error(e);
         }
         *count += n as u64;
+        match end {
+            None => {}
+            Some(Ok(())) => {
+                return match w.shutdown().await {
+                    Ok(()) => DirEnd::Eof,
+                    Err(e) => DirEnd::Error(e),
+                };
+            }
+            Some(Err(e)) => return DirEnd::Error(e),
+        }
         if n == buf.len() && buf.len() < MAX_BUF {
             buf.resize(buf.len() * 2, 0);
         }

@@ -1,5 +1,7 @@
 //! rdr-gateway-sim over real sockets on loopback: curl uses it as a standard HTTPS proxy,
 //! tunnels relay with half-close, and everything not allowed is refused with the right status.
+//! Over HTTP/2, an independent client (hyper-h2, `scripts/h2_connect.py`) proves it speaks
+//! standard RFC 9113 CONNECT: many streams per connection, same policy, half-close both ways.
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
@@ -11,6 +13,7 @@ use std::{
 };
 
 use rustls::pki_types::ServerName;
+use serde_json::{Value, json};
 use tests::pki::{Leaf, TestCa};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -92,6 +95,36 @@ impl Sim {
 
     fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Waits until `n` stdout lines contain `needle` and returns them.
+    fn wait_lines(&mut self, needle: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let found: Vec<String> = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(needle))
+                .cloned()
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} lines containing {needle:?}; got:\n{}",
+                found.len(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything printed so far, for failure messages.
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
     }
 }
 
@@ -504,9 +537,14 @@ fn help_and_bad_arguments() {
         "--require-bearer",
         "--silent",
         "--offer-h2",
+        "--alpn",
+        "--h2-max-streams",
+        "proto=h2",
+        "RFC 9113",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
+    assert!(!help.contains("not implemented"), "{help}");
     for bad in [
         vec![
             "--listen",
@@ -537,6 +575,14 @@ fn help_and_bad_arguments() {
             "--key",
             "/nonexistent",
         ],
+        vec!["--listen", "127.0.0.1:0", "--silent", "--alpn", ""],
+        vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--silent",
+            "--h2-max-streams",
+            "x",
+        ],
     ] {
         let out = Command::new(SIM).args(&bad).output().unwrap();
         assert!(!out.status.success(), "{bad:?} should fail");
@@ -544,19 +590,501 @@ fn help_and_bad_arguments() {
     }
 }
 
-/// `--offer-h2` is accepted but only warns: ALPN stays http/1.1, so an h2-only client is
-/// refused at the handshake rather than speaking h2 into an HTTP/1.1 parser.
-#[tokio::test]
-async fn offer_h2_only_warns() {
-    let pki = pki();
+// ---------------------------------------------------------------------------------------
+// HTTP/2 CONNECT, driven by an independent client: Python hyper-h2 (Debian python3-h2).
+
+/// A python3 that can import hyper-h2. Debian's python3-h2 installs for /usr/bin/python3,
+/// which a pyenv or venv `python3` earlier on PATH does not see, so both are tried. None
+/// means skipped (printed); in CI a missing module is a failure.
+fn python_with_h2(test: &str) -> Option<String> {
+    for python in ["python3", "/usr/bin/python3"] {
+        let imports = Command::new(python)
+            .args(["-c", "import h2.connection"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if imports {
+            return Some(python.to_owned());
+        }
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: python3-h2 not installed in CI (cargo xtask setup installs it)");
+    }
+    eprintln!("skipped: {test}: python3-h2 not installed");
+    None
+}
+
+/// Runs `scripts/h2_connect.py` against the simulator (one TLS connection, ALPN h2 only,
+/// verified against the test CA as `gw.test`) and returns its JSON report.
+async fn h2_client(python: &str, pki: &Pki, sim: &Sim, plan: Value) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/h2_connect.py");
+    let mut cmd = Command::new(python);
+    cmd.arg(script).args([
+        "127.0.0.1".to_owned(),
+        sim.port().to_string(),
+        "gw.test".to_owned(),
+        path(&pki.ca_pem),
+        plan.to_string(),
+    ]);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("run h2_connect.py");
+    assert!(
+        out.status.success(),
+        "h2_connect.py failed ({}):\n{}\nsimulator:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        sim.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "h2_connect.py printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Simulator arguments: TLS, `--offer-h2`, then `extra`.
+fn h2_args(pki: &Pki, extra: &[String]) -> Vec<String> {
     let mut args = tls_args(&pki.gw);
     args.push("--offer-h2".into());
-    let mut sim = Sim::start(&args);
-    sim.wait_line("stderr: warning: --offer-h2");
+    args.extend_from_slice(extra);
+    args
+}
+
+/// The `from=<peer>` field of a log line.
+fn from_field(line: &str) -> &str {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix("from="))
+        .unwrap_or_else(|| panic!("no from= in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_connect_tunnel_carries_bytes_both_ways() {
+    let Some(python) = python_with_h2("h2_connect_tunnel_carries_bytes_both_ways") else {
+        return;
+    };
+    let pki = pki();
+    let echo = echo_target().await;
+    let authority = format!("echo.test:{}", echo.port());
+    let mut sim = Sim::start(&h2_args(
+        &pki,
+        &[
+            "--allow".into(),
+            authority.clone(),
+            "--resolve".into(),
+            "echo.test=127.0.0.1".into(),
+        ],
+    ));
+
+    let report = h2_client(
+        &python,
+        &pki,
+        &sim,
+        json!({"streams": [{
+            "authority": authority,
+            "steps": [["echo", "ping"], ["echo", "pong over h2"], ["end"], ["read_to_end"]],
+        }]}),
+    )
+    .await;
+    assert_eq!(report["alpn"], "h2", "{report}");
+    // Our SETTINGS and the connection WINDOW_UPDATE, as the client saw them.
+    assert_eq!(report["max_concurrent_streams"], 1000, "{report}");
+    assert_eq!(report["initial_window_size"], 1024 * 1024, "{report}");
+    assert_eq!(report["connection_window"], 16 * 1024 * 1024, "{report}");
+    let stream = &report["streams"][0];
+    assert_eq!(stream["status"], 200, "{report}");
+    assert!(
+        stream["headers"].get("content-length").is_none(),
+        "a 2xx CONNECT answer has no content-length: {report}"
+    );
+    assert_eq!(
+        stream["echoes"],
+        json!(["ping", "pong over h2"]),
+        "{report}"
+    );
+    assert_eq!(stream["text"], "pingpong over h2", "{report}");
+    assert_eq!(stream["ended"], true, "{report}");
+    assert_eq!(stream["reset"], Value::Null, "{report}");
+
+    sim.wait_line(&format!("headers {authority}: "));
+    let open = sim.wait_line(&format!(
+        "tunnel CONNECT {authority} -> 200 from=127.0.0.1:"
+    ));
+    assert!(open.ends_with(" proto=h2"), "{open}");
+    sim.wait_line(&format!("tunnel closed {authority} up=16 down=16"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_on_one_connection_are_independent() {
+    let Some(python) = python_with_h2("h2_streams_on_one_connection_are_independent") else {
+        return;
+    };
+    let pki = pki();
+    let echo = echo_target().await;
+    let p = echo.port();
+    let mut sim = Sim::start(&h2_args(
+        &pki,
+        &[
+            "--allow".into(),
+            format!("echo.test:{p}"),
+            "--resolve".into(),
+            "echo.test=127.0.0.1".into(),
+            "--resolve".into(),
+            "denied.test=127.0.0.1".into(),
+            "--h2-max-streams".into(),
+            "8".into(),
+        ],
+    ));
+
+    // Both HEADERS go out together; the allowed tunnel is used only after both answers.
+    let report = h2_client(
+        &python,
+        &pki,
+        &sim,
+        json!({"streams": [
+            {
+                "authority": format!("echo.test:{p}"),
+                "steps": [["echo", "still open after the 403"], ["end"], ["read_to_end"]],
+            },
+            {"authority": format!("denied.test:{p}")},
+        ]}),
+    )
+    .await;
+    assert_eq!(report["max_concurrent_streams"], 8, "{report}");
+    let (allowed, denied) = (&report["streams"][0], &report["streams"][1]);
+    assert_eq!(allowed["status"], 200, "{report}");
+    assert_eq!(denied["status"], 403, "{report}");
+    let body = denied["text"].as_str().unwrap_or_default();
+    assert!(body.contains("is not in the allowlist"), "{report}");
+    assert_eq!(denied["ended"], true, "{report}");
+    assert_eq!(
+        allowed["echoes"],
+        json!(["still open after the 403"]),
+        "{report}"
+    );
+    assert_eq!(allowed["ended"], true, "{report}");
+    assert_eq!(allowed["reset"], Value::Null, "{report}");
+
+    let refused = sim.wait_line(&format!("tunnel CONNECT denied.test:{p} -> 403 from="));
+    assert!(refused.ends_with(" proto=h2"), "{refused}");
+    let open = sim.wait_line(&format!("tunnel CONNECT echo.test:{p} -> 200 from="));
+    assert_eq!(
+        from_field(&open),
+        from_field(&refused),
+        "both streams came over one TLS connection"
+    );
+    sim.wait_line(&format!("tunnel closed echo.test:{p} up=24 down=24"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_half_close_both_ways() {
+    let Some(python) = python_with_h2("h2_half_close_both_ways") else {
+        return;
+    };
+    let pki = pki();
+
+    // Client closes first. This target answers only after it has read EOF, and then sends
+    // everything back: the client's END_STREAM must reach it as a FIN, and its whole answer
+    // (several flow-control windows) must still come back on the half-closed stream.
+    let answer_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let answer = answer_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (conn, _) = answer_listener.accept().await.unwrap();
+        let (mut rd, mut wr) = conn.into_split();
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        wr.write_all(&got).await.unwrap();
+        wr.shutdown().await.unwrap();
+    });
+
+    // Target closes first: a banner, its FIN, then it still reads what the client sends.
+    let banner_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner = banner_listener.local_addr().unwrap();
+    let (got_tx, got_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (conn, _) = banner_listener.accept().await.unwrap();
+        let (mut rd, mut wr) = conn.into_split();
+        wr.write_all(b"banner\n").await.unwrap();
+        wr.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        let _ = got_tx.send(got);
+    });
+
+    let mut sim = Sim::start(&h2_args(
+        &pki,
+        &[
+            "--allow".into(),
+            "*.loop.test".into(),
+            "--resolve".into(),
+            "*.loop.test=127.0.0.1".into(),
+        ],
+    ));
+    let report = h2_client(
+        &python,
+        &pki,
+        &sim,
+        json!({"streams": [
+            {
+                "authority": format!("answer.loop.test:{}", answer.port()),
+                "steps": [["send", "0123456789", 30000], ["end"], ["read_to_end"]],
+            },
+            {
+                "authority": format!("banner.loop.test:{}", banner.port()),
+                "steps": [["read_to_end"], ["send", "after the target's EOF", 1], ["end"]],
+            },
+        ]}),
+    )
+    .await;
+    let client_first = &report["streams"][0];
+    assert_eq!(client_first["status"], 200, "{report}");
+    assert_eq!(client_first["sent"], 300_000, "{report}");
+    assert_eq!(client_first["received"], 300_000, "{report}");
+    assert_eq!(
+        client_first["sha256"], client_first["sent_sha256"],
+        "{report}"
+    );
+    assert_eq!(client_first["ended"], true, "{report}");
+    assert_eq!(client_first["reset"], Value::Null, "{report}");
+    sim.wait_line(&format!(
+        "tunnel closed answer.loop.test:{} up=300000 down=300000",
+        answer.port()
+    ));
+
+    let target_first = &report["streams"][1];
+    assert_eq!(target_first["status"], 200, "{report}");
+    assert_eq!(target_first["text"], "banner\n", "{report}");
+    assert_eq!(target_first["ended"], true, "{report}");
+    let got = timeout(WAIT, got_rx)
+        .await
+        .expect("banner target finished")
+        .unwrap();
+    assert_eq!(got, b"after the target's EOF");
+    sim.wait_line(&format!(
+        "tunnel closed banner.loop.test:{} up=22 down=7",
+        banner.port()
+    ));
+}
+
+/// A client's RST_STREAM(CANCEL) ends only that tunnel. hyper reads a CANCEL or NO_ERROR
+/// reset as EOF, so the target sees a FIN (like END_STREAM); the echo target then closes
+/// and the tunnel is logged as closed. The other stream on the connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_stream_reset_ends_only_that_tunnel() {
+    let Some(python) = python_with_h2("h2_stream_reset_ends_only_that_tunnel") else {
+        return;
+    };
+    let pki = pki();
+    let reset_echo = echo_target().await;
+    let echo = echo_target().await;
+    let mut sim = Sim::start(&h2_args(
+        &pki,
+        &[
+            "--allow".into(),
+            "*.loop.test".into(),
+            "--resolve".into(),
+            "*.loop.test=127.0.0.1".into(),
+        ],
+    ));
+    let report = h2_client(
+        &python,
+        &pki,
+        &sim,
+        json!({"streams": [
+            {
+                "authority": format!("reset.loop.test:{}", reset_echo.port()),
+                "steps": [["echo", "hi"], ["reset"]],
+            },
+            {
+                "authority": format!("echo.loop.test:{}", echo.port()),
+                "steps": [["echo", "after the reset"], ["end"], ["read_to_end"]],
+            },
+        ]}),
+    )
+    .await;
+    assert_eq!(report["streams"][0]["echoes"], json!(["hi"]), "{report}");
+    let other = &report["streams"][1];
+    assert_eq!(other["echoes"], json!(["after the reset"]), "{report}");
+    assert_eq!(other["ended"], true, "{report}");
+    sim.wait_line(&format!(
+        "tunnel closed reset.loop.test:{} up=2 down=2",
+        reset_echo.port()
+    ));
+    sim.wait_line(&format!(
+        "tunnel closed echo.loop.test:{} up=15 down=15",
+        echo.port()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_refusals_have_the_right_status() {
+    let Some(python) = python_with_h2("h2_refusals_have_the_right_status") else {
+        return;
+    };
+    let pki = pki();
+    let echo = echo_target().await;
+    let p = echo.port();
+    let mut sim = Sim::start(&h2_args(
+        &pki,
+        &[
+            "--allow".into(),
+            format!("echo.test:{p}"),
+            "--allow".into(),
+            "unresolved.test".into(),
+            "--resolve".into(),
+            "echo.test=127.0.0.1".into(),
+            "--resolve".into(),
+            "other.test=127.0.0.1".into(),
+            "--require-bearer".into(),
+            "t0ken".into(),
+        ],
+    ));
+    let auth = json!([["proxy-authorization", "Bearer t0ken"]]);
+    let report = h2_client(
+        &python,
+        &pki,
+        &sim,
+        json!({"streams": [
+            {
+                "authority": format!("echo.test:{p}"),
+                "headers": auth,
+                "steps": [["echo", "authorized"], ["end"], ["read_to_end"]],
+            },
+            {"authority": format!("echo.test:{p}")},
+            {"authority": format!("echo.test:{p}"), "headers": [["authorization", "Bearer no"]]},
+            {"authority": format!("other.test:{p}"), "headers": auth},
+            {"authority": "unresolved.test:443", "headers": auth},
+            {"method": "GET", "scheme": "https", "authority": "echo.test", "path": "/",
+             "headers": auth},
+            {"authority": "echo.test", "headers": auth},
+            {"authority": null, "headers": [["host", format!("echo.test:{p}")],
+                                            ["proxy-authorization", "Bearer t0ken"]]},
+            // :scheme and :path on a plain CONNECT are malformed (RFC 9113 section 8.5):
+            // the HTTP/2 layer resets the stream with PROTOCOL_ERROR before any policy.
+            {"authority": format!("echo.test:{p}"), "scheme": "https", "path": "/",
+             "headers": auth},
+            // Over SETTINGS_MAX_HEADER_LIST_SIZE (16 KiB): 431 from the HTTP/2 layer.
+            {"authority": format!("echo.test:{p}"),
+             "headers": [["proxy-authorization", "Bearer t0ken"], ["x-big", "a".repeat(17_000)]]},
+        ]}),
+    )
+    .await;
+    let streams = report["streams"].as_array().expect("streams");
+    let statuses: Vec<Value> = streams.iter().map(|s| s["status"].clone()).collect();
+    assert_eq!(
+        statuses,
+        json!([200, 407, 407, 403, 502, 405, 400, 400, null, 431])
+            .as_array()
+            .unwrap()
+            .clone(),
+        "{report}"
+    );
+    assert_eq!(streams[0]["echoes"], json!(["authorized"]), "{report}");
+    assert_eq!(
+        streams[1]["headers"]["proxy-authenticate"], "Bearer realm=\"rdr-gateway-sim\"",
+        "{report}"
+    );
+    assert_eq!(streams[5]["headers"]["allow"], "CONNECT", "{report}");
+    assert_eq!(streams[8]["reset"], 1, "PROTOCOL_ERROR: {report}");
+    for refused in &streams[1..8] {
+        assert_eq!(refused["ended"], true, "{report}");
+        let body = refused["text"].as_str().unwrap_or_default();
+        assert!(body.ends_with('\n') && body.len() > 1, "{report}");
+    }
+
+    for line in [
+        format!("tunnel CONNECT echo.test:{p} -> 407 from="),
+        format!("tunnel CONNECT other.test:{p} -> 403 from="),
+        "tunnel CONNECT unresolved.test:443 -> 502 from=".to_owned(),
+        "tunnel GET https://echo.test/ -> 405 from=".to_owned(),
+        "tunnel CONNECT echo.test -> 400 from=".to_owned(),
+        "tunnel CONNECT - -> 400 from=".to_owned(),
+        format!("tunnel CONNECT echo.test:{p} -> 200 from="),
+    ] {
+        let got = sim.wait_line(&line);
+        assert!(got.ends_with(" proto=h2"), "{got}");
+    }
+    sim.wait_line("headers -: host,proxy-authorization");
+}
+
+/// With h2 offered, clients that do not ask for it still get the unchanged HTTP/1.1 path;
+/// `--alpn h2` alone turns HTTP/1.1-only clients away at the handshake.
+// Multi-threaded: the echo target must keep running while `wait_lines` blocks this thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_clients_still_work_when_h2_is_offered() {
+    let pki = pki();
+    let echo = echo_target().await;
+    let p = echo.port();
+    let policy = [
+        "--allow".to_owned(),
+        format!("echo.test:{p}"),
+        "--resolve".into(),
+        "echo.test=127.0.0.1".into(),
+    ];
+    let mut sim = Sim::start(&h2_args(&pki, &policy));
+    let connect = format!("CONNECT echo.test:{p} HTTP/1.1\r\nHost: echo.test:{p}\r\n\r\n");
+
+    // Offering only http/1.1, or no ALPN at all: the HTTP/1.1 CONNECT path.
+    for alpn in [&["http/1.1"][..], &[]] {
+        let tcp = TcpStream::connect(sim.addr).await.unwrap();
+        let connector = TlsConnector::from(pki.ca.client_config(alpn));
+        let name = ServerName::try_from("gw.test").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("tls to sim");
+        let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        assert_eq!(
+            negotiated,
+            alpn.first().map(|p| p.as_bytes().to_vec()),
+            "{alpn:?}"
+        );
+        tls.write_all(connect.as_bytes()).await.unwrap();
+        let head = read_response_head(&mut tls).await;
+        assert_eq!(head, "HTTP/1.1 200 Connection established\r\n\r\n");
+        tls.write_all(b"h1 ping").await.unwrap();
+        let mut b = [0u8; 7];
+        timeout(WAIT, tls.read_exact(&mut b))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(&b, b"h1 ping");
+        tls.shutdown().await.unwrap();
+    }
+    sim.wait_lines(&format!("tunnel closed echo.test:{p} up=7 down=7"), 2);
+    let opened = sim.wait_lines(&format!("tunnel CONNECT echo.test:{p} -> 200 "), 2);
+    assert!(
+        opened.iter().all(|l| !l.contains("proto=")),
+        "HTTP/1.1 lines are unchanged: {opened:?}"
+    );
+    let lines = sim.log();
+    assert!(!lines.contains("warning"), "{lines}");
+
+    // A client preferring h2 gets it (h2 is offered first).
     let tcp = TcpStream::connect(sim.addr).await.unwrap();
-    let connector = TlsConnector::from(pki.ca.client_config(&["h2"]));
+    let connector = TlsConnector::from(pki.ca.client_config(&["h2", "http/1.1"]));
+    let tls = connector
+        .connect(ServerName::try_from("gw.test").unwrap(), tcp)
+        .await
+        .expect("tls to sim");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(tls);
+
+    // `--alpn h2` only: an HTTP/1.1-only client fails the handshake instead of being
+    // answered in the wrong protocol; an h2 client is served.
+    let mut args = tls_args(&pki.gw);
+    args.extend(["--alpn".into(), "h2".into()]);
+    args.extend_from_slice(&policy);
+    let h2_only = Sim::start(&args);
+    let tcp = TcpStream::connect(h2_only.addr).await.unwrap();
+    let connector = TlsConnector::from(pki.ca.client_config(&["http/1.1"]));
     let result = connector
         .connect(ServerName::try_from("gw.test").unwrap(), tcp)
         .await;
-    assert!(result.is_err(), "h2-only client must not negotiate");
+    assert!(result.is_err(), "http/1.1-only client must not negotiate");
+    let tcp = TcpStream::connect(h2_only.addr).await.unwrap();
+    let connector = TlsConnector::from(pki.ca.client_config(&["h2"]));
+    let tls = connector
+        .connect(ServerName::try_from("gw.test").unwrap(), tcp)
+        .await
+        .expect("h2 client negotiates");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
 }

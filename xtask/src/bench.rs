@@ -62,6 +62,11 @@ pub struct BenchArgs {
     /// Do not run `cargo build --release`; use the release binaries already built.
     #[arg(long)]
     no_build: bool,
+    /// Record a CPU profile (`perf record -g`) of each proxy path's processes during the
+    /// one-connection bulk download; the top of `perf report` goes to
+    /// `target/bench/profile-<path>.txt`.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// The ways a pod's connection can reach the target.
@@ -121,6 +126,7 @@ struct Cfg {
     bulk_bytes: u64,
     idle_conns: usize,
     curl_reps: usize,
+    profile: bool,
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -137,6 +143,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         bulk_bytes: a.bulk_mib.unwrap_or(if a.quick { 64 } else { 256 }) << 20,
         idle_conns: a.idle_conns.unwrap_or(10_000),
         curl_reps: if a.quick { 10 } else { 30 },
+        profile: a.profile,
     };
     let mut notes = Vec::new();
     setup::run()?;
@@ -626,8 +633,19 @@ impl<'a> Bench<'a> {
                     "--bytes".into(),
                     self.cfg.bulk_bytes.to_string(),
                 ];
+                let perf = (self.cfg.profile && conns == 1 && round == 0 && !pids.is_empty())
+                    .then(|| Profile::start(p, &pids))
+                    .flatten();
                 let r = run_json(self.client(p, "bulk", &args), Duration::from_secs(600));
                 let after = cpu_secs(&pids);
+                if let Some(perf) = perf {
+                    match perf.finish() {
+                        Ok(path) => {
+                            println!("bench:   profile of {} in {}", p.name(), path.display())
+                        }
+                        Err(e) => self.notes.push(format!("profile of {}: {e:#}", p.name())),
+                    }
+                }
                 if let (Ok(v), Some(b), Some(a)) = (&r, before, after) {
                     let e = cpu.entry(p).or_default();
                     e.0 += a - b;
@@ -914,6 +932,63 @@ impl<'a> Bench<'a> {
             }
             Err(e) => self.results.error("idle_conn_bytes", p, format!("{e:#}")),
         }
+    }
+}
+
+/// `perf record` on a path's proxy processes for the length of one scenario.
+struct Profile {
+    child: Child,
+    data: std::path::PathBuf,
+    path: PathId,
+}
+
+impl Profile {
+    fn start(path: PathId, pids: &[u32]) -> Option<Profile> {
+        let dir = report::out_dir();
+        std::fs::create_dir_all(&dir).ok()?;
+        let data = dir.join(format!("perf-{}.data", path.name()));
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "-q",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+            ])
+            .arg(&data)
+            .args(["-p", &pids.join(",")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        // perf needs a moment to attach; the scenario is long next to it.
+        std::thread::sleep(Duration::from_millis(300));
+        Some(Profile { child, data, path })
+    }
+
+    /// Stops perf (SIGINT to the pid we started) and writes the report's top entries.
+    fn finish(mut self) -> anyhow::Result<std::path::PathBuf> {
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait()?;
+        // The flat top, then the call chains into the heaviest symbols.
+        let mut text = Vec::new();
+        for graph in [["-g", "none"], ["-g", "caller,2,callee,function,percent"]] {
+            let out = Command::new("perf")
+                .args(["report", "--stdio", "--no-children", "--percent-limit", "2"])
+                .args(["--sort", "dso,symbol"])
+                .args(graph)
+                .arg("-i")
+                .arg(&self.data)
+                .output()?;
+            text.extend_from_slice(&out.stdout);
+        }
+        let txt = report::out_dir().join(format!("profile-{}.txt", self.path.name()));
+        std::fs::write(&txt, &text)?;
+        Ok(txt)
     }
 }
 

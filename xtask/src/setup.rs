@@ -27,6 +27,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "python3",
         "pod clients (fan-out, UDP) in the end-to-end tests",
     ),
+    (
+        "python3-h2",
+        "hyper-h2, the independent HTTP/2 CONNECT client in the gateway simulator tests",
+    ),
     ("squid", "the real enterprise proxy in the tunnel tests"),
     ("apache2-utils", "htpasswd for Squid's basic_ncsa_auth"),
     ("openssl", "certificate checks in tests"),

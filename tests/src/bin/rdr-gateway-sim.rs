@@ -7,49 +7,76 @@
 //! connection is closed. Because this is plain HTTP CONNECT inside TLS, it also works as an
 //! HTTPS proxy for `curl --proxy https://…`.
 //!
+//! With `--offer-h2` (or `--alpn h2`), a connection whose TLS handshake negotiates ALPN `h2`
+//! is served as HTTP/2 instead (hyper's server): every stream is one request, and a standard
+//! HTTP/2 CONNECT (RFC 9113 §8.5: `:method CONNECT`, `:authority host:port`, no `:scheme` or
+//! `:path`) gets the same policy, status codes and log lines as over HTTP/1.1, many tunnels
+//! per connection. The client's END_STREAM reaches the target as a FIN (the other direction
+//! keeps flowing), and the target's FIN ends the response stream with END_STREAM.
+//!
 //! Stdout carries one line per event, flushed at once, for tests to grep:
 //!
 //! ```text
 //! listening <addr>
 //! headers <authority>: <name>,<name>,...
-//! tunnel CONNECT <authority> -> <status> from=<peer>
+//! tunnel CONNECT <authority> -> <status> from=<peer>[ proto=h2]
 //! tunnel closed <authority> up=<bytes> down=<bytes>
 //! tls error from=<peer>: <error>
 //! silent from=<peer>
 //! ```
 //!
-//! `<authority>` is the request target as received (non-printable bytes shown as `?`);
-//! `up` counts client→target bytes, `down` target→client. Requests other than CONNECT are
-//! logged as `tunnel <METHOD> <target> -> 405 ...`; unparseable ones as `tunnel - - -> 400 ...`.
+//! `<authority>` is the request target as received (non-printable bytes shown as `?`, `-` when
+//! an HTTP/2 CONNECT has no `:authority`); `up` counts client→target bytes, `down`
+//! target→client. Requests other than CONNECT are logged as `tunnel <METHOD> <target> -> 405
+//! ...`; unparseable ones as `tunnel - - -> 400 ...`. Lines about HTTP/2 streams end in
+//! ` proto=h2`; HTTP/1.1 lines have no suffix. Over HTTP/2, header names are lowercase (that
+//! is how they travel) and pseudo-headers are not listed.
 use std::{
+    convert::Infallible,
     fmt,
     io::{self, Write as _},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::Poll,
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use bytes::Bytes;
 use clap::Parser;
+use http_body_util::Full;
+use hyper::{
+    HeaderMap, Method, Response, StatusCode, Uri, body::Incoming, server::conn::http2,
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
     time::timeout,
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 /// Largest request head accepted (request line plus headers).
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest number of request headers accepted.
 const MAX_HEADERS: usize = 64;
+/// A relay direction's buffer while bytes are moving (dropped while the direction is idle).
+const PUMP_BUF: usize = 16 * 1024;
+/// HTTP/2 flow-control windows we grant: per stream, and for the whole connection. One
+/// stream can fill a fast path on its own; the connection window bounds what many streams
+/// together can make us buffer.
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+const H2_CONN_WINDOW: u32 = 16 * 1024 * 1024;
 
 const AFTER_HELP: &str = "\
 PATTERNS (--allow):
@@ -66,13 +93,26 @@ STATUS CODES:
   Bearer TOKEN), 408 request head not received in time, 431 head over 16 KiB,
   502 no --resolve entry or target refused, 504 target connect timed out.
 
+HTTP/2 (--offer-h2, or --alpn h2):
+  A TLS connection that negotiates ALPN h2 is served as HTTP/2; any other (or no) ALPN
+  gets HTTP/1.1. Each stream is one request: CONNECT with :authority host:port and no
+  :scheme/:path (RFC 9113 section 8.5), same policy and status codes (400 also for a
+  missing :authority; no 408; a header list over 16 KiB gets 431 from the HTTP/2 layer
+  itself, without a log line; a malformed header block gets RST_STREAM PROTOCOL_ERROR).
+  Many tunnels share one connection (at most --h2-max-streams at once). The client's
+  END_STREAM half-closes the target (FIN) while the answer keeps flowing; the target's
+  FIN ends the response stream (END_STREAM). Windows: 1 MiB per stream, 16 MiB per
+  connection. No keep-alive pings.
+
 STDOUT (one line per event, flushed at once):
   listening <addr>
   headers <authority>: <name>,<name>,...
-  tunnel CONNECT <authority> -> <status> from=<peer>
-  tunnel closed <authority> up=<bytes> down=<bytes>";
+  tunnel CONNECT <authority> -> <status> from=<peer>[ proto=h2]
+  tunnel closed <authority> up=<bytes> down=<bytes>
+  (HTTP/2 streams: ` proto=h2` ends every `tunnel <METHOD> ... -> <status>` line)";
 
-/// Simulated Azure Arc gateway: TLS + HTTP/1.1 CONNECT with a host-name allowlist.
+/// Simulated Azure Arc gateway: TLS + HTTP/1.1 (and optionally HTTP/2) CONNECT with a
+/// host-name allowlist.
 #[derive(Parser, Debug)]
 #[command(name = "rdr-gateway-sim", version, after_help = AFTER_HELP)]
 struct Args {
@@ -86,13 +126,24 @@ struct Args {
     /// PEM private key of --cert.
     #[arg(long, value_name = "PEM", required_unless_present = "silent")]
     key: Option<PathBuf>,
-    /// ALPN protocol to offer (repeatable; replaces the default).
-    #[arg(long = "alpn", value_name = "PROTO", default_value = "http/1.1")]
+    /// ALPN protocol to offer, most preferred first (repeatable; replaces the default).
+    /// `h2` serves HTTP/2 CONNECT on connections that negotiate it; every other protocol
+    /// (and a client without ALPN) gets HTTP/1.1.
+    #[arg(
+        long = "alpn",
+        value_name = "PROTO",
+        default_value = "http/1.1",
+        value_parser = parse_alpn
+    )]
     alpn: Vec<String>,
-    /// Accepted for forward compatibility: h2 CONNECT is not implemented yet, so this only
-    /// prints a warning and h2 is not offered.
+    /// Offer HTTP/2 too: shorthand for `--alpn h2 --alpn http/1.1` (puts `h2` first in the
+    /// --alpn list unless it is already there).
     #[arg(long)]
     offer_h2: bool,
+    /// Most concurrent streams (tunnels) per HTTP/2 connection, announced as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    h2_max_streams: u32,
     /// Allow CONNECT to targets matching PATTERN (repeatable); everything else gets 403.
     #[arg(long = "allow", value_name = "PATTERN", value_parser = Pattern::parse)]
     allow: Vec<Pattern>,
@@ -119,25 +170,16 @@ struct Gateway {
     policy: Policy,
     header_timeout: Duration,
     connect_timeout: Duration,
+    h2_max_streams: u32,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.offer_h2 {
-        eprintln!(
-            "warning: --offer-h2: h2 CONNECT is not implemented yet; offering {:?} only",
-            args.alpn
-        );
-    }
-    if args.alpn.iter().any(|p| p == "h2") {
-        bail!("--alpn h2: h2 CONNECT is not implemented yet");
-    }
+    let alpn = alpn_list(&args.alpn, args.offer_h2);
     let acceptor = match (&args.cert, &args.key, args.silent) {
         (_, _, true) => None,
-        (Some(cert), Some(key), false) => {
-            Some(TlsAcceptor::from(tls_config(cert, key, &args.alpn)?))
-        }
+        (Some(cert), Some(key), false) => Some(TlsAcceptor::from(tls_config(cert, key, &alpn)?)),
         _ => bail!("--cert and --key are required"),
     };
     let gateway = Arc::new(Gateway {
@@ -148,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         },
         header_timeout: Duration::from_secs(args.header_timeout),
         connect_timeout: Duration::from_secs(args.connect_timeout),
+        h2_max_streams: args.h2_max_streams,
     });
 
     let mut accept_loops = tokio::task::JoinSet::new();
@@ -163,6 +206,23 @@ async fn main() -> anyhow::Result<()> {
         done??;
     }
     Ok(())
+}
+
+/// The ALPN list to offer: `--alpn` in order, with `h2` put first for `--offer-h2`.
+fn alpn_list(alpn: &[String], offer_h2: bool) -> Vec<String> {
+    let mut list = alpn.to_vec();
+    if offer_h2 && !list.iter().any(|p| p == "h2") {
+        list.insert(0, "h2".to_owned());
+    }
+    list
+}
+
+/// An ALPN protocol id is 1..=255 bytes on the wire.
+fn parse_alpn(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 255 {
+        return Err(format!("{s:?}: an ALPN protocol id is 1 to 255 bytes"));
+    }
+    Ok(s.to_owned())
 }
 
 fn tls_config(cert: &PathBuf, key: &PathBuf, alpn: &[String]) -> anyhow::Result<Arc<ServerConfig>> {
@@ -209,7 +269,7 @@ async fn accept_loop(
                 tokio::spawn(async move {
                     let handshake = timeout(gateway.header_timeout, acceptor.accept(stream)).await;
                     match handshake {
-                        Ok(Ok(tls)) => serve(tls, peer, &gateway).await,
+                        Ok(Ok(tls)) => serve_tls(tls, peer, gateway).await,
                         Ok(Err(e)) => log_line(format_args!("tls error from={peer}: {e}")),
                         Err(_) => {
                             log_line(format_args!("tls error from={peer}: handshake timed out"))
@@ -238,7 +298,40 @@ async fn stay_silent(mut stream: TcpStream, peer: SocketAddr) {
     let _ = tokio::io::copy(&mut stream, &mut sink).await;
 }
 
-/// One client connection after the TLS handshake: one request, then a tunnel or an error.
+/// After the TLS handshake: HTTP/2 when ALPN chose `h2`, otherwise one HTTP/1.1 request.
+async fn serve_tls(tls: TlsStream<TcpStream>, peer: SocketAddr, gateway: Arc<Gateway>) {
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_h2(tls, peer, gateway).await;
+    } else {
+        serve(tls, peer, &gateway).await;
+    }
+}
+
+/// Which protocol a request came in on; it shows in the `tunnel <METHOD> ...` lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+impl Proto {
+    fn suffix(self) -> &'static str {
+        match self {
+            Proto::H1 => "",
+            Proto::H2 => " proto=h2",
+        }
+    }
+}
+
+fn log_tunnel(what: &str, status: u16, peer: SocketAddr, proto: Proto) {
+    log_line(format_args!(
+        "tunnel {what} -> {status} from={peer}{}",
+        proto.suffix()
+    ));
+}
+
+/// One HTTP/1.1 client connection after the TLS handshake: one request, then a tunnel or an
+/// error.
 async fn serve<S>(mut client: S, peer: SocketAddr, gateway: &Gateway)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -263,23 +356,10 @@ where
         }
     };
     let request = head.request();
-    let shown = printable(&request.target);
-    log_line(format_args!(
-        "headers {shown}: {}",
-        request.header_names().join(",")
-    ));
-
-    let target = match gateway.policy.decide(&request) {
-        Ok(target) => target,
-        Err(refusal) => {
-            let what = format!("{} {shown}", printable(&request.method));
-            return refuse(client, &what, peer, &refusal).await;
-        }
-    };
-
-    let upstream = match connect(&target, gateway.connect_timeout).await {
+    let shown = shown_target(&request.target);
+    let upstream = match admit(&request, &shown, gateway).await {
         Ok(upstream) => upstream,
-        Err(refusal) => return refuse(client, &format!("CONNECT {shown}"), peer, &refusal).await,
+        Err((what, refusal)) => return refuse(client, &what, peer, &refusal).await,
     };
 
     if let Err(e) = client
@@ -293,10 +373,37 @@ where
         eprintln!("write 200 to {peer}: {e}");
         return;
     }
-    log_line(format_args!("tunnel CONNECT {shown} -> 200 from={peer}"));
+    log_tunnel(&format!("CONNECT {shown}"), 200, peer, Proto::H1);
+    run_tunnel(client, upstream, &head.buf[head.len..], &shown).await;
+}
 
+/// What both protocols do with a request: log its header names, apply the policy, connect
+/// to the target. A refusal comes with the `<METHOD> <target>` its log line shows.
+async fn admit(
+    request: &Request,
+    shown: &str,
+    gateway: &Gateway,
+) -> Result<TcpStream, (String, Refusal)> {
+    log_line(format_args!(
+        "headers {shown}: {}",
+        request.header_names().join(",")
+    ));
+    let target = gateway
+        .policy
+        .decide(request)
+        .map_err(|refusal| (format!("{} {shown}", printable(&request.method)), refusal))?;
+    connect(&target, gateway.connect_timeout)
+        .await
+        .map_err(|refusal| (format!("CONNECT {shown}"), refusal))
+}
+
+/// Relays an open tunnel until both directions have ended, then logs the byte counts.
+async fn run_tunnel<S>(client: S, upstream: TcpStream, early: &[u8], shown: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    if let Err(e) = relay(client, upstream, &head.buf[head.len..], &up, &down).await {
+    if let Err(e) = relay(client, upstream, early, &up, &down).await {
         eprintln!("tunnel {shown}: {e}");
     }
     log_line(format_args!(
@@ -311,10 +418,7 @@ async fn refuse<S>(mut client: S, what: &str, peer: SocketAddr, refusal: &Refusa
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    log_line(format_args!(
-        "tunnel {what} -> {} from={peer}",
-        refusal.status
-    ));
+    log_tunnel(what, refusal.status, peer, Proto::H1);
     let _ = client.write_all(refusal.response().as_bytes()).await;
     let _ = client.shutdown().await;
     // Drain briefly so that unread request bytes do not turn our close into a reset that
@@ -324,6 +428,90 @@ where
         while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+/// One HTTP/2 connection: hyper runs each stream as its own task, so one slow target
+/// connect or refusal never holds up the other streams.
+async fn serve_h2<S>(tls: S, peer: SocketAddr, gateway: Arc<Gateway>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_concurrent_streams(gateway.h2_max_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        // Tunnels may idle for a long time; never close a connection for missing PINGs.
+        .keep_alive_interval(None);
+    let service = service_fn(move |req| h2_stream(req, peer, gateway.clone()));
+    if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+        eprintln!("h2 connection from {peer}: {e}");
+    }
+}
+
+/// One HTTP/2 stream. The response must be returned before hyper hands out the tunnel, so
+/// the policy and the target connect happen here and the relay runs in its own task.
+async fn h2_stream(
+    mut req: hyper::Request<Incoming>,
+    peer: SocketAddr,
+    gateway: Arc<Gateway>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let request = h2_request(req.method(), req.uri(), req.headers());
+    let shown = shown_target(&request.target);
+    let upstream = match admit(&request, &shown, &gateway).await {
+        Ok(upstream) => upstream,
+        Err((what, refusal)) => {
+            log_tunnel(&what, refusal.status, peer, Proto::H2);
+            return Ok(refusal.h2_response());
+        }
+    };
+    // Resolves once hyper has queued our 200 HEADERS (without END_STREAM) on this stream.
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                log_tunnel(&format!("CONNECT {shown}"), 200, peer, Proto::H2);
+                run_tunnel(TokioIo::new(upgraded), upstream, &[], &shown).await;
+            }
+            // The client reset the stream before the 200 went out.
+            Err(e) => eprintln!("tunnel {shown}: h2 stream from {peer} ended before 200: {e}"),
+        }
+    });
+    Ok(Response::new(Full::default()))
+}
+
+/// The policy's view of an HTTP/2 request (RFC 9113 §8.5). A CONNECT's target is its
+/// `:authority` (empty when missing, which the policy refuses with 400); one that also
+/// carries a scheme or path (extended CONNECT, not enabled here) keeps its whole URI, so
+/// the authority check refuses it. Other methods show their URI, as over HTTP/1.1.
+fn h2_request(method: &Method, uri: &Uri, headers: &HeaderMap) -> Request {
+    let target = if method == Method::CONNECT
+        && uri.scheme().is_none()
+        && uri.path().is_empty()
+        && uri.query().is_none()
+    {
+        uri.authority()
+            .map_or_else(String::new, |a| a.as_str().to_owned())
+    } else {
+        uri.to_string()
+    };
+    Request {
+        method: method.as_str().to_owned(),
+        target,
+        headers: headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .collect(),
+    }
+}
+
+/// A request target as logged: printable, and `-` when there is none.
+fn shown_target(target: &str) -> String {
+    if target.is_empty() {
+        "-".to_owned()
+    } else {
+        printable(target)
+    }
 }
 
 async fn connect(target: &Target, limit: Duration) -> Result<TcpStream, Refusal> {
@@ -343,7 +531,8 @@ async fn connect(target: &Target, limit: Duration) -> Result<TcpStream, Refusal>
 }
 
 /// Copies both directions until both have ended. When one side reaches EOF, the other
-/// side's write half is shut down and the opposite direction keeps going.
+/// side's write half is shut down and the opposite direction keeps going. Over HTTP/2 the
+/// client's EOF is its END_STREAM, and shutting the client's write half sends ours.
 async fn relay<S>(
     client: S,
     upstream: TcpStream,
@@ -368,20 +557,32 @@ where
     Ok(())
 }
 
+/// Copies `from` to `to` until EOF, then shuts `to`'s write side down. The buffer exists
+/// only while bytes are moving: it is dropped whenever a read has to wait, so thousands of
+/// idle tunnels (HTTP/2 streams, typically) hold no buffers.
 async fn pump<R, W>(from: &mut R, to: &mut W, count: &AtomicU64) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = Vec::new();
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(n) => n,
-            // A TLS peer that closes TCP without close_notify: the inner stream carries its
-            // own framing, so treat it as an ordinary end of stream.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
-        };
+        let n = std::future::poll_fn(|cx| {
+            if buf.is_empty() {
+                buf = vec![0u8; PUMP_BUF];
+            }
+            let mut read = ReadBuf::new(&mut buf);
+            let polled = Pin::new(&mut *from).poll_read(cx, &mut read);
+            let filled = read.filled().len();
+            match polled {
+                Poll::Ready(result) => Poll::Ready(result.map(|()| filled)),
+                Poll::Pending => {
+                    buf = Vec::new();
+                    Poll::Pending
+                }
+            }
+        })
+        .await?;
         if n == 0 {
             // The other side may be gone entirely; the half-close is best effort.
             let _ = to.shutdown().await;
@@ -505,8 +706,8 @@ impl Refusal {
         }
     }
 
-    fn response(&self) -> String {
-        let phrase = match self.status {
+    fn phrase(&self) -> &'static str {
+        match self.status {
             400 => "Bad Request",
             403 => "Forbidden",
             405 => "Method Not Allowed",
@@ -516,19 +717,54 @@ impl Refusal {
             502 => "Bad Gateway",
             504 => "Gateway Timeout",
             _ => "Error",
-        };
-        let extra = match self.status {
-            405 => "Allow: CONNECT\r\n",
-            407 => "Proxy-Authenticate: Bearer realm=\"rdr-gateway-sim\"\r\n",
-            _ => "",
-        };
-        let body = format!("{}\n", self.reason);
+        }
+    }
+
+    /// The header some statuses call for.
+    fn extra_header(&self) -> Option<(&'static str, &'static str)> {
+        match self.status {
+            405 => Some(("Allow", "CONNECT")),
+            407 => Some(("Proxy-Authenticate", "Bearer realm=\"rdr-gateway-sim\"")),
+            _ => None,
+        }
+    }
+
+    fn body(&self) -> String {
+        format!("{}\n", self.reason)
+    }
+
+    /// The HTTP/1.1 answer, closing the connection.
+    fn response(&self) -> String {
+        let extra = self
+            .extra_header()
+            .map_or_else(String::new, |(name, value)| format!("{name}: {value}\r\n"));
+        let body = self.body();
         format!(
-            "HTTP/1.1 {} {phrase}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\
+            "HTTP/1.1 {} {}\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\
              Connection: close\r\n\r\n{body}",
             self.status,
+            self.phrase(),
             body.len()
         )
+    }
+
+    /// The HTTP/2 answer: the same status, header and body on this stream only (hyper adds
+    /// content-length and ends the stream after the body).
+    fn h2_response(&self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(Bytes::from(self.body())));
+        *response.status_mut() =
+            StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/plain"),
+        );
+        if let Some((name, value)) = self.extra_header()
+            && let Ok(name) = hyper::header::HeaderName::from_bytes(name.as_bytes())
+        {
+            headers.insert(name, hyper::header::HeaderValue::from_static(value));
+        }
+        response
     }
 }
 
@@ -1164,5 +1400,160 @@ mod tests {
                 .contains("\r\nAllow: CONNECT\r\n")
         );
         assert_eq!(printable("a b\r\n\u{e9}"), "a?b???");
+    }
+
+    #[test]
+    fn h2_responses_match_the_http1_ones() {
+        let r = Refusal::new(407, "bearer token missing or wrong").h2_response();
+        assert_eq!(r.status(), StatusCode::PROXY_AUTHENTICATION_REQUIRED);
+        assert_eq!(
+            r.headers()["proxy-authenticate"],
+            "Bearer realm=\"rdr-gateway-sim\""
+        );
+        assert_eq!(r.headers()["content-type"], "text/plain");
+        let r = Refusal::new(405, "only CONNECT is supported").h2_response();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()["allow"], "CONNECT");
+        let r = Refusal::new(403, "x").h2_response();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(!r.headers().contains_key("connection"));
+        // HTTP/1.1 answers are unchanged by the shared helpers.
+        assert_eq!(
+            Refusal::new(403, "no").response(),
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\
+             Connection: close\r\n\r\nno\n"
+        );
+    }
+
+    #[test]
+    fn alpn_list_and_offer_h2() {
+        let list = |alpn: &[&str], offer| {
+            alpn_list(
+                &alpn.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                offer,
+            )
+        };
+        assert_eq!(list(&["http/1.1"], false), ["http/1.1"]);
+        assert_eq!(list(&["http/1.1"], true), ["h2", "http/1.1"]);
+        assert_eq!(list(&["http/1.1", "h2"], true), ["http/1.1", "h2"]);
+        assert_eq!(list(&["h2"], false), ["h2"]);
+        assert!(parse_alpn("h2").is_ok());
+        assert!(parse_alpn("").is_err());
+        assert!(parse_alpn(&"x".repeat(256)).is_err());
+        let args = Args::try_parse_from(["sim", "--listen", "127.0.0.1:0", "--silent"]).unwrap();
+        assert_eq!(args.h2_max_streams, 1000);
+        assert!(!args.offer_h2);
+        assert_eq!(args.alpn, ["http/1.1"]);
+    }
+
+    fn h2_req(method: &str, uri: Uri, headers: &[(&str, &str)]) -> Request {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                hyper::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h2_request(&method.parse().unwrap(), &uri, &map)
+    }
+
+    #[test]
+    fn h2_request_target_is_the_authority() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        // A standard HTTP/2 CONNECT: :authority only.
+        let r = h2_req(
+            "CONNECT",
+            uri("Example.Test:443"),
+            &[("proxy-authorization", "Bearer t")],
+        );
+        assert_eq!(r.method, "CONNECT");
+        assert_eq!(r.target, "Example.Test:443");
+        assert_eq!(r.header_names(), vec!["proxy-authorization"]);
+        assert_eq!(
+            h2_req("CONNECT", uri("[2001:db8::1]:443"), &[]).target,
+            "[2001:db8::1]:443"
+        );
+        // No :authority at all (h2 hands over an empty URI): empty target, shown as `-`.
+        let empty = Uri::from_parts(hyper::http::uri::Parts::default()).unwrap();
+        let r = h2_req("CONNECT", empty, &[("host", "example.test:443")]);
+        assert_eq!(r.target, "");
+        assert_eq!(shown_target(&r.target), "-");
+        // A scheme or path on a CONNECT keeps the whole URI, so it cannot pass as authority.
+        assert_eq!(
+            h2_req("CONNECT", uri("https://example.test:443/x"), &[]).target,
+            "https://example.test:443/x"
+        );
+        // Other methods show their URI, like an HTTP/1.1 request line.
+        assert_eq!(
+            h2_req("GET", uri("https://example.test/index.html"), &[]).target,
+            "https://example.test/index.html"
+        );
+        assert_eq!(shown_target("a b"), "a?b");
+    }
+
+    #[test]
+    fn h2_requests_get_the_same_policy() {
+        let p = policy();
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let decide = |method: &str, u: Uri, headers: &[(&str, &str)]| {
+            status(p.decide(&h2_req(method, u, headers)))
+        };
+        assert_eq!(decide("CONNECT", uri("example.test:443"), &[]), 200);
+        assert_eq!(decide("CONNECT", uri("a.wild.test:8080"), &[]), 200);
+        assert_eq!(decide("CONNECT", uri("other.test:443"), &[]), 403);
+        assert_eq!(decide("CONNECT", uri("example.test"), &[]), 400);
+        assert_eq!(decide("CONNECT", uri("user@example.test:443"), &[]), 400);
+        assert_eq!(
+            decide("CONNECT", uri("https://example.test:443/"), &[]),
+            400
+        );
+        let empty = Uri::from_parts(hyper::http::uri::Parts::default()).unwrap();
+        assert_eq!(decide("CONNECT", empty, &[]), 400);
+        assert_eq!(decide("GET", uri("https://example.test/"), &[]), 405);
+        assert_eq!(decide("POST", uri("example.test:443"), &[]), 405);
+        assert_eq!(
+            decide(
+                "CONNECT",
+                uri("example.test:443"),
+                &[("content-length", "5")]
+            ),
+            400
+        );
+        let mut p = policy();
+        p.bearer = Some("s3cret".into());
+        let with = |headers: &[(&str, &str)]| {
+            status(p.decide(&h2_req("CONNECT", uri("example.test:443"), headers)))
+        };
+        assert_eq!(with(&[]), 407);
+        assert_eq!(with(&[("proxy-authorization", "Bearer s3cret")]), 200);
+        assert_eq!(with(&[("authorization", "Bearer nope")]), 407);
+    }
+
+    #[tokio::test]
+    async fn pump_copies_across_waits_and_half_closes() {
+        let (mut client, mut from) = tokio::io::duplex(1024);
+        let (mut to, mut sink) = tokio::io::duplex(64 * 1024);
+        let count = AtomicU64::new(0);
+        let copier = async {
+            pump(&mut from, &mut to, &count).await.unwrap();
+            drop(to);
+        };
+        let feeder = async {
+            // Trickle with pauses, so the pump waits (and drops its buffer) in between.
+            for piece in [&b"abc"[..], &[b'x'; 5000][..], b"end"] {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.shutdown().await.unwrap();
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            sink.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), (), got) = tokio::join!(copier, feeder, reader);
+        assert_eq!(got.len(), 3 + 5000 + 3);
+        assert!(got.starts_with(b"abc") && got.ends_with(b"end"));
+        assert_eq!(count.load(Ordering::Relaxed), 5006);
     }
 }
