@@ -289,6 +289,16 @@ impl GatewayPool {
             self.opts.warm
         };
         let n = want.saturating_sub(idle + h2_open.min(want) + st.dialing);
+        if n > 0 {
+            debug!(
+                n,
+                idle,
+                h2_open,
+                dialing = st.dialing,
+                speaks_h2 = st.speaks_h2,
+                "pre-establishing gateway sessions"
+            );
+        }
         st.dialing += n;
         n
     }

@@ -41,8 +41,10 @@ pub const BANNER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 
 /// How the gateway simulator behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gateway {
-    /// Certificate from the trusted test CA.
+    /// Certificate from the trusted test CA; HTTP/1.1 CONNECT only (ALPN `http/1.1`).
     Normal,
+    /// As `Normal`, and offers ALPN `h2` first: HTTP/2 CONNECT streams.
+    H2,
     /// Certificate from a CA the redirector does not trust.
     Untrusted,
     /// Accepts TCP, never answers.
@@ -142,7 +144,7 @@ impl Chain {
         let leaf = match kind {
             Gateway::Down => return None,
             Gateway::Untrusted => self.untrusted.issue(&[GATEWAY_NAME]),
-            Gateway::Normal | Gateway::Silent => self.ca.issue(&[GATEWAY_NAME]),
+            Gateway::Normal | Gateway::H2 | Gateway::Silent => self.ca.issue(&[GATEWAY_NAME]),
         };
         let _ = dir;
         let mut args: Vec<String> = vec!["--listen".into(), format!("{GATEWAY_V4}:443")];
@@ -151,6 +153,9 @@ impl Chain {
         } else {
             args.extend(["--cert".into(), leaf.cert_pem_path.display().to_string()]);
             args.extend(["--key".into(), leaf.key_pem_path.display().to_string()]);
+        }
+        if kind == Gateway::H2 {
+            args.push("--offer-h2".into());
         }
         for pat in [
             "*.azure.test:443",

@@ -15,13 +15,25 @@ fn script(name: &str) -> String {
         .to_string()
 }
 
-/// Squid with auth + a normal gateway + the daemon.
+/// Squid with auth + a normal (HTTP/1.1) gateway + the daemon.
 fn full_chain() -> Chain {
+    chain_with(Gateway::Normal)
+}
+
+fn chain_with(gateway: Gateway) -> Chain {
     let mut c = Chain::new(1);
     c.start_squid(true);
-    c.start_gateway(Gateway::Normal);
+    c.start_gateway(gateway);
     c.start_daemon(&[], "info");
     c
+}
+
+/// The audit lines of finished connections to `host`.
+fn audits_for(log: &str, host: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(" audit ") && l.contains(&format!("host={host} ")))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn curl(c: &Chain, url: &str) -> Output {
@@ -138,7 +150,23 @@ fn bulk_64_mib_each_way_arrives_byte_identical() {
     if !ready("bulk_64_mib_each_way_arrives_byte_identical") {
         return;
     }
-    let c = full_chain();
+    bulk_each_way(Gateway::Normal);
+}
+
+#[test]
+fn bulk_64_mib_each_way_over_an_h2_gateway() {
+    if !ready("bulk_64_mib_each_way_over_an_h2_gateway") {
+        return;
+    }
+    let c = bulk_each_way(Gateway::H2);
+    let d = c.lab.wait_daemon_log("session=shared/h2");
+    assert!(d.contains("orig_dst=203.0.113.14:8080"), "{d}");
+}
+
+/// 64 MiB up, the same echoed back after the pod's half-close (bulk.py), through Squid and
+/// the gateway; returns the chain for more checks.
+fn bulk_each_way(gateway: Gateway) -> Chain {
+    let c = chain_with(gateway);
     let o = c.lab.pods[0]
         .cmd("python3")
         .args([&script("bulk.py"), "bulk.azure.test", "8080", "64"])
@@ -166,6 +194,132 @@ fn bulk_64_mib_each_way_arrives_byte_identical() {
             .contains("tunnel CONNECT 203.0.113.14:8080 -> 200"),
         "{}",
         c.gateway_log()
+    );
+    c
+}
+
+#[test]
+fn warm_sessions_carry_later_connections_and_a_refusal_burns_its_session() {
+    if !ready("warm_sessions_carry_later_connections_and_a_refusal_burns_its_session") {
+        return;
+    }
+    let c = full_chain();
+    // The first gateway tunnel dials its own session and starts the pool.
+    assert!(curl(&c, "https://portal.azure.test/1").status.success());
+    c.lab.wait_daemon_log("session=fresh/h1");
+    // Two sessions made ahead of demand (proxy hop and TLS done, no CONNECT yet).
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while c
+        .lab
+        .metric("redirector_gateway_sessions{proto=\"h1_idle\"}")
+        < 2.0
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "no warm sessions:\n{}",
+            c.daemon_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(curl(&c, "https://portal.azure.test/2").status.success());
+    let d = c.lab.wait_daemon_log("session=warm/h1");
+    let warm = audits_for(&d, "portal.azure.test");
+    assert!(
+        warm.iter()
+            .any(|l| l.contains("session=warm/h1") && l.contains("hops=proxy=200,gateway=200")),
+        "{warm:?}"
+    );
+    // A refusal on a warm session: the gateway's 403 ends that session for good.
+    assert!(!curl(&c, "https://denied.example.test/").status.success());
+    c.lab.wait_daemon_log("audit: connection refused");
+    assert!(curl(&c, "https://portal.azure.test/3").status.success());
+    let gw = c.gateway_log();
+    // Each gateway TCP connection (from= Squid's source port) carried one CONNECT at most.
+    let mut froms: Vec<&str> = gw
+        .lines()
+        .filter(|l| l.starts_with("tunnel CONNECT"))
+        .filter_map(|l| l.split(" from=").nth(1))
+        .collect();
+    let n = froms.len();
+    froms.sort();
+    froms.dedup();
+    assert_eq!(
+        froms.len(),
+        n,
+        "a gateway session carried two CONNECTs:\n{gw}"
+    );
+    assert!(
+        c.lab
+            .metric("redirector_gateway_tunnels_total{reuse=\"warm\",proto=\"h1\"}")
+            >= 1.0
+    );
+}
+
+#[test]
+fn h2_gateway_carries_every_tunnel_on_one_session_through_squid() {
+    if !ready("h2_gateway_carries_every_tunnel_on_one_session_through_squid") {
+        return;
+    }
+    let c = chain_with(Gateway::H2);
+    for i in 0..3 {
+        let o = curl(&c, &format!("https://portal.azure.test/{i}"));
+        assert!(o.status.success(), "{}", out(&o));
+    }
+    let o = curl(&c, "http://web.azure.test/plain");
+    assert!(o.status.success(), "{}", out(&o));
+    // Refused streams leave the session alone.
+    assert!(!curl(&c, "https://denied.example.test/").status.success());
+    let o = curl(&c, "https://portal.azure.test/after");
+    assert!(o.status.success(), "{}", out(&o));
+
+    let gw = c.gateway_log();
+    let lines: Vec<&str> = gw
+        .lines()
+        .filter(|l| l.starts_with("tunnel CONNECT"))
+        .collect();
+    assert_eq!(lines.len(), 6, "{gw}");
+    assert!(lines.iter().all(|l| l.ends_with(" proto=h2")), "{gw}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("denied.example.test:443 -> 403")),
+        "{gw}"
+    );
+    let from = |l: &str| {
+        l.split(" from=")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .map(str::to_owned)
+    };
+    let sessions: std::collections::BTreeSet<_> = lines.iter().filter_map(|l| from(l)).collect();
+    assert_eq!(
+        sessions.len(),
+        1,
+        "one TLS session through Squid for all: {gw}"
+    );
+    // The audit says so; the proxy hop status comes from the session's own CONNECT.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let audits = loop {
+        let a = audits_for(&c.daemon_log(), "portal.azure.test");
+        if a.len() >= 4 || std::time::Instant::now() > end {
+            break a;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(audits.len(), 4, "{audits:?}");
+    for a in &audits {
+        assert!(
+            a.contains("session=shared/h2") && a.contains("hops=proxy=200,gateway=200"),
+            "{a}"
+        );
+    }
+    assert_eq!(
+        c.lab
+            .metric("redirector_tls_handshakes_total{hop=\"gateway\",kind=\"full\"}")
+            + c.lab
+                .metric("redirector_tls_handshakes_total{hop=\"gateway\",kind=\"resumed\"}"),
+        1.0,
+        "one gateway handshake for every tunnel"
     );
 }
 
