@@ -4,6 +4,17 @@ use std::process::ExitCode;
 use clap::Parser;
 use redirector::{app, check, cli, error_chain, explain, status, telemetry};
 
+// Allocator alternatives for measurement (`cargo xtask bench --features alloc-…`); the
+// default is the system allocator.
+#[cfg(all(feature = "alloc-jemalloc", feature = "alloc-mimalloc"))]
+compile_error!("choose one of the features alloc-jemalloc and alloc-mimalloc");
+#[cfg(feature = "alloc-jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(feature = "alloc-mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     telemetry::init_logging();

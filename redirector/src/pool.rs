@@ -61,7 +61,6 @@ struct Idle {
     since: Instant,
 }
 
-#[derive(Default)]
 struct State {
     idle: VecDeque<Idle>,
     h2: Vec<Arc<H2Session>>,
@@ -74,7 +73,54 @@ struct State {
     /// there is demand: not before the first gateway tunnel, and not after `COOL_DOWN`
     /// without one (a node without enabled pods keeps no sessions to the gateway).
     last_use: Option<Instant>,
+    /// HTTP/1.1 sessions taken in the current one-second window, and the rate of the last.
+    window: (Instant, u32),
+    take_rate: f64,
+    /// Moving average of how long a dial (proxy hop + TLS) takes.
+    dial_secs: f64,
 }
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            idle: VecDeque::new(),
+            h2: Vec::new(),
+            dialing: 0,
+            speaks_h2: false,
+            failures: 0,
+            retry_at: None,
+            last_use: None,
+            window: (Instant::now(), 0),
+            take_rate: 0.0,
+            dial_secs: 0.0,
+        }
+    }
+}
+
+impl State {
+    /// Closes the rate window once a second has passed (also when nothing was taken, so
+    /// the rate decays).
+    fn roll_window(&mut self) {
+        let elapsed = self.window.0.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            self.take_rate = f64::from(self.window.1) / elapsed;
+            self.window = (Instant::now(), 0);
+        }
+    }
+
+    /// Sessions to keep ready: the configured number, or more when connections arrive
+    /// faster than sessions can be dialed (Little's law, times two for bursts).
+    fn warm_target(&self, configured: usize) -> usize {
+        if configured == 0 {
+            return 0;
+        }
+        let needed = (self.take_rate * self.dial_secs * 2.0).ceil() as usize;
+        configured.max(needed.min(MAX_WARM))
+    }
+}
+
+/// Upper bound of the demand-driven warm target.
+const MAX_WARM: usize = 32;
 
 /// How long after the last gateway tunnel the pool keeps sessions ready.
 const COOL_DOWN: Duration = Duration::from_secs(300);
@@ -237,6 +283,8 @@ impl GatewayPool {
     /// The newest idle session still open (older ones are closer to an idle timeout).
     fn take_idle(&self) -> Option<GatewaySession> {
         let mut st = self.state.lock().ok()?;
+        st.roll_window();
+        st.window.1 += 1;
         while let Some(mut idle) = st.idle.pop_back() {
             if idle.since.elapsed() < self.opts.max_idle && idle.session.is_alive() {
                 return Some(idle.session);
@@ -246,7 +294,16 @@ impl GatewayPool {
     }
 
     async fn dial_counted(&self) -> Result<GatewaySession, TunnelError> {
+        let started = Instant::now();
         let s = tunnel::dial_gateway(&self.cfg).await?;
+        if let Ok(mut st) = self.state.lock() {
+            let took = started.elapsed().as_secs_f64();
+            st.dial_secs = if st.dial_secs == 0.0 {
+                took
+            } else {
+                0.8 * st.dial_secs + 0.2 * took
+            };
+        }
         self.metrics
             .tls_handshakes
             .get_or_create(&crate::telemetry::HandshakeLabels {
@@ -286,7 +343,8 @@ impl GatewayPool {
             let room = st.h2.iter().any(|s| s.streams() < self.opts.h2_streams);
             usize::from(!room)
         } else {
-            self.opts.warm
+            st.roll_window();
+            st.warm_target(self.opts.warm)
         };
         let n = want.saturating_sub(idle + h2_open.min(want) + st.dialing);
         if n > 0 {
@@ -560,6 +618,28 @@ mod tests {
         let mut back = Vec::new();
         up.read_to_end(&mut back).await.expect("read");
         back
+    }
+
+    #[test]
+    fn warm_target_follows_the_arrival_rate_within_bounds() {
+        let mut st = State::default();
+        assert_eq!(
+            st.warm_target(0),
+            0,
+            "0 turns the pool off whatever the demand"
+        );
+        assert_eq!(
+            st.warm_target(2),
+            2,
+            "no demand measured: the configured number"
+        );
+        st.dial_secs = 0.002;
+        st.take_rate = 1000.0;
+        assert_eq!(st.warm_target(2), 4, "1000/s x 2 ms x 2");
+        st.take_rate = 1e6;
+        assert_eq!(st.warm_target(2), MAX_WARM);
+        st.take_rate = 10.0;
+        assert_eq!(st.warm_target(3), 3);
     }
 
     #[tokio::test]

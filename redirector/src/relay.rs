@@ -189,6 +189,77 @@ mod tests {
         );
     }
 
+    /// Yields its chunks one per read, all ready at once, then EOF.
+    struct Chunks(std::collections::VecDeque<Vec<u8>>);
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            if let Some(c) = self.0.pop_front() {
+                let n = c.len().min(buf.remaining());
+                buf.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.0.push_front(c[n..].to_vec());
+                }
+            }
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Records the size of every write.
+    #[derive(Default)]
+    struct Writes(Vec<usize>, bool);
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.0.push(b.len());
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            self.1 = true;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_reads_are_coalesced_into_one_write_and_buffers_grow() {
+        // Three small records ready together: one write. Then a stream of full buffers:
+        // writes double up to the maximum.
+        let mut chunks: std::collections::VecDeque<Vec<u8>> =
+            [vec![1u8; 100], vec![2; 100], vec![3; 100]].into();
+        let mut w = Writes::default();
+        let mut count = 0;
+        let end = pump(Chunks(chunks.clone()), &mut w, &mut count).await;
+        assert!(matches!(end, DirEnd::Eof) && w.1, "EOF is propagated");
+        assert_eq!((w.0.as_slice(), count), (&[300usize][..], 300));
+
+        chunks.clear();
+        for _ in 0..64 {
+            chunks.push_back(vec![0u8; 16 * 1024]);
+        }
+        let mut w = Writes::default();
+        let mut count = 0;
+        pump(Chunks(chunks), &mut w, &mut count).await;
+        assert_eq!(count, 1 << 20);
+        assert_eq!(w.0[0], INITIAL_BUF);
+        assert_eq!(w.0.iter().max(), Some(&MAX_BUF), "{:?}", w.0);
+        assert!(w.0.len() < 64, "coalesced: {} writes", w.0.len());
+    }
+
     #[tokio::test]
     async fn an_error_in_one_direction_ends_the_relay_and_is_named() {
         struct Broken;

@@ -49,7 +49,11 @@ pub enum TlsError {
 
 /// The one crypto provider of the daemon. Chosen explicitly rather than through the
 /// process-wide default, which panics when a dependency enables a second provider.
+/// `ring` by default; `aws-lc-rs` with the `crypto-aws-lc` feature (measured in the bench).
 pub fn provider() -> Arc<CryptoProvider> {
+    #[cfg(feature = "crypto-aws-lc")]
+    return Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    #[cfg(not(feature = "crypto-aws-lc"))]
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
