@@ -79,6 +79,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
             info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run")
         }
     }
+    release_freed_heap();
 
     // 3. Skip ranges first, then our port and pid: only now may the hooks redirect.
     maps.set_skip_ranges(&config.skip_cidrs())?;
@@ -228,6 +229,17 @@ fn file_stamp(p: &std::path::Path) -> Option<u64> {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
     Some(h.finish())
+}
+
+/// Loading parses the kernel's BTF (several MiB, freed once the programs are loaded); glibc
+/// keeps freed heap mapped unless asked, which would count against the idle daemon's RSS for
+/// its whole life. A no-op for other allocators (glibc's heap is then unused).
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Re-reads the configuration; a bad one is rejected and the running one stays in force.

@@ -253,6 +253,17 @@ fn warm_sessions_carry_later_connections_and_a_refusal_burns_its_session() {
             .metric("redirector_gateway_tunnels_total{reuse=\"warm\",proto=\"h1\"}")
             >= 1.0
     );
+    // Sessions dialed after the first resume its TLS session (no certificate exchange).
+    assert!(
+        c.lab
+            .metric("redirector_tls_handshakes_total{hop=\"gateway\",kind=\"resumed\"}")
+            >= 1.0,
+        "{}",
+        c.lab
+            .node_http_get("/metrics")
+            .map(|m| m.1)
+            .unwrap_or_default()
+    );
 }
 
 #[test]
