@@ -9,6 +9,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// bulk transfers get large reads and writes.
 const INITIAL_BUF: usize = 2 * 1024;
 const MAX_BUF: usize = 64 * 1024;
+/// Reads this large suggest a bulk transfer, where trying for more before writing pays;
+/// after a small read (a request, a keystroke) the extra read attempt would be a wasted
+/// syscall on the latency path.
+const COALESCE_MIN: usize = 8 * 1024;
 
 /// How one direction ended.
 #[derive(Debug)]
@@ -33,7 +37,7 @@ pub struct Relayed {
 
 /// Copies `r` into `w` until EOF (then shuts `w` down: half-close) or an error.
 ///
-/// After each read that leaves room in the buffer, reads that complete at once are
+/// After a large read that leaves room in the buffer, reads that complete at once are
 /// appended before writing: a TLS source yields one record (≤ 16 KiB) per read, and
 /// coalescing them turns four writes (and four wake-ups of the reader on the other side)
 /// into one. Nothing waits for more data: a read that would block ends the batch.
@@ -56,7 +60,7 @@ where
         };
         // What ended the batch early, reported after its bytes are written, in order.
         let mut end = None;
-        while n < buf.len() {
+        while n >= COALESCE_MIN && n < buf.len() {
             match r.read(&mut buf[n..]).now_or_never() {
                 Some(Ok(0)) => {
                     end = Some(Ok(()));
@@ -237,15 +241,16 @@ mod tests {
 
     #[tokio::test]
     async fn ready_reads_are_coalesced_into_one_write_and_buffers_grow() {
-        // Three small records ready together: one write. Then a stream of full buffers:
-        // writes double up to the maximum.
+        // Small reads are written as they come (no extra read on the latency path).
         let mut chunks: std::collections::VecDeque<Vec<u8>> =
             [vec![1u8; 100], vec![2; 100], vec![3; 100]].into();
         let mut w = Writes::default();
         let mut count = 0;
         let end = pump(Chunks(chunks.clone()), &mut w, &mut count).await;
         assert!(matches!(end, DirEnd::Eof) && w.1, "EOF is propagated");
-        assert_eq!((w.0.as_slice(), count), (&[300usize][..], 300));
+        assert_eq!((w.0.as_slice(), count), (&[100usize, 100, 100][..], 300));
+        // A stream of 16 KiB records: buffers double up to the maximum, and once they are
+        // large, ready records are coalesced into one write.
 
         chunks.clear();
         for _ in 0..64 {
