@@ -67,6 +67,10 @@ struct State {
     dialing: usize,
     /// The last session the gateway gave us spoke h2: one session serves everyone.
     speaks_h2: bool,
+    /// Whether any dial has told us the gateway's protocol yet.
+    known: bool,
+    /// A tunnel is dialing the session every later tunnel could share (h2, or not known yet).
+    h2_dial_in_flight: bool,
     failures: u32,
     retry_at: Option<Instant>,
     /// The last tunnel asked of the pool. Sessions are made ahead of demand only while
@@ -87,6 +91,8 @@ impl Default for State {
             h2: Vec::new(),
             dialing: 0,
             speaks_h2: false,
+            known: false,
+            h2_dial_in_flight: false,
             failures: 0,
             retry_at: None,
             last_use: None,
@@ -132,6 +138,8 @@ pub struct GatewayPool {
     opts: PoolOptions,
     state: Mutex<State>,
     wake: Arc<Notify>,
+    /// Signalled when a tunnel's dial of a shareable session ends (either way).
+    h2_dialed: Notify,
     stop: CancellationToken,
     metrics: Arc<Metrics>,
 }
@@ -155,6 +163,7 @@ impl GatewayPool {
             opts,
             state: Mutex::new(State::default()),
             wake: Arc::new(Notify::new()),
+            h2_dialed: Notify::new(),
             stop: stop.child_token(),
             metrics,
         });
@@ -189,7 +198,7 @@ impl GatewayPool {
             st.last_use = Some(Instant::now());
         }
 
-        if let Some(h2) = self.shared_h2() {
+        if let Some(h2) = self.shared_h2_or_wait(t).await {
             match h2.connect(target_authority, &headers, t).await {
                 Err(TunnelError::Closed { .. }) => {
                     // The gateway ended that session between our check and the request
@@ -202,11 +211,39 @@ impl GatewayPool {
         }
         let (session, reuse) = match self.take_idle() {
             Some(s) => (s, Reuse::Warm),
-            None => (self.dial_counted().await?, Reuse::Fresh),
+            None => {
+                // When this dial may produce the session everyone shares, later tunnels
+                // wait for it instead of dialing their own (a burst on a cold daemon
+                // would otherwise open a session per connection).
+                let shareable = self.claim_h2_dial();
+                let r = self.dial_counted().await;
+                let r = match r {
+                    Ok(s) if s.h2 => {
+                        let h2 = H2Session::handshake(s, t).await.map(Arc::new);
+                        if let Ok(h2) = &h2 {
+                            self.adopt_h2(Arc::clone(h2), true);
+                        }
+                        if shareable {
+                            self.end_h2_dial();
+                        }
+                        self.wake.notify_one();
+                        return match h2 {
+                            Ok(h2) => self.count(h2.connect(target_authority, &headers, t).await),
+                            Err(e) => Err(e),
+                        };
+                    }
+                    r => r,
+                };
+                if shareable {
+                    self.end_h2_dial();
+                }
+                (r?, Reuse::Fresh)
+            }
         };
         if session.h2 {
+            // A warm session that turned out to speak h2 (the gateway changed its offer).
             let h2 = Arc::new(H2Session::handshake(session, t).await?);
-            self.adopt_h2(Arc::clone(&h2), false);
+            self.adopt_h2(Arc::clone(&h2), true);
             self.wake.notify_one();
             return self.count(h2.connect(target_authority, &headers, t).await);
         }
@@ -250,6 +287,48 @@ impl GatewayPool {
             .cloned()
     }
 
+    /// A shared session with room; if none but another tunnel is dialing one, waits for
+    /// that dial (bounded by the dial's own timeouts) and looks again.
+    async fn shared_h2_or_wait(&self, t: &tunnel::Timeouts) -> Option<Arc<H2Session>> {
+        let dialed = self.h2_dialed.notified();
+        tokio::pin!(dialed);
+        dialed.as_mut().enable();
+        if let Some(h2) = self.shared_h2() {
+            return Some(h2);
+        }
+        let waiting = self
+            .state
+            .lock()
+            .is_ok_and(|st| st.h2_dial_in_flight && (st.speaks_h2 || !st.known));
+        if !waiting {
+            return None;
+        }
+        let _ =
+            tokio::time::timeout(t.connect + t.tls_handshake + t.connect_response, dialed).await;
+        self.shared_h2()
+    }
+
+    /// Marks a dial as the one others wait for, when the gateway speaks h2 or nobody knows
+    /// yet and no such dial is running. Returns whether this caller must end it.
+    fn claim_h2_dial(&self) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        if (st.speaks_h2 || !st.known) && !st.h2_dial_in_flight {
+            st.h2_dial_in_flight = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn end_h2_dial(&self) {
+        if let Ok(mut st) = self.state.lock() {
+            st.h2_dial_in_flight = false;
+        }
+        self.h2_dialed.notify_waiters();
+    }
+
     fn forget_closed_h2(&self) {
         if let Ok(mut st) = self.state.lock() {
             st.h2.retain(|s| !s.is_closed());
@@ -272,6 +351,7 @@ impl GatewayPool {
     fn adopt_h2(&self, s: Arc<H2Session>, spare: bool) {
         if let Ok(mut st) = self.state.lock() {
             st.speaks_h2 = true;
+            st.known = true;
             st.h2.retain(|s| !s.is_closed());
             let room = st.h2.iter().any(|s| s.streams() < self.opts.h2_streams);
             if !(spare && room) {
@@ -374,6 +454,7 @@ impl GatewayPool {
                 st.failures = 0;
                 st.retry_at = None;
                 st.speaks_h2 = s.h2;
+                st.known = true;
                 if s.h2 {
                     // Still counted as dialing until its handshake is done.
                     return Some(s);
@@ -710,6 +791,25 @@ mod tests {
         .await;
         let mut up = pool.open("b.test:443").await.expect("tunnel");
         assert_eq!(round_trip(&mut up, b"after").await, b"after");
+    }
+
+    #[tokio::test]
+    async fn a_burst_on_a_cold_pool_shares_one_h2_session() {
+        let pki = Pki::new("pool ca");
+        let gw = spawn_gateway(&pki, &[b"h2", b"http/1.1"]).await;
+        let pool = pool_for(&pki, &gw, &[b"h2", b"http/1.1"], 2);
+        let opens = (0..20).map(|i| {
+            let pool = Arc::clone(&pool);
+            async move { pool.open(&format!("b{i}.test:443")).await }
+        });
+        let ups = futures::future::join_all(opens).await;
+        for up in ups {
+            let mut up = up.expect("tunnel");
+            assert_eq!(round_trip(&mut up, b"burst").await, b"burst");
+        }
+        let log = gw.log();
+        let conns: std::collections::HashSet<u64> = log.iter().map(|l| l.0).collect();
+        assert_eq!((log.len(), conns.len()), (20, 1), "{log:?}");
     }
 
     #[tokio::test]

@@ -313,7 +313,12 @@ async fn relay(
             source: HostSource::Ip,
         })
     } else {
-        sniff::peek_host(&mut client, cfg.sniff_timeout, cfg.sniff_cap).await
+        Box::pin(sniff::peek_host(
+            &mut client,
+            cfg.sniff_timeout,
+            cfg.sniff_cap,
+        ))
+        .await
     };
     let peeked = match peeked {
         Ok(p) => p,
@@ -378,9 +383,11 @@ async fn relay(
         (Some(t), Route::Proxy, HostSource::Host) => t,
         _ => &cfg.tunnel,
     };
+    // Boxed: the set-up futures are kilobytes, and a task keeps its largest state for its
+    // whole life; unboxed, every idle tunnel would carry them.
     let opened = match (audit.route, shared.gateway.load_full()) {
-        (Route::Gateway, Some(pool)) => pool.open(&authority).await,
-        _ => tunnel::open(tunnel_cfg, audit.route, &authority, orig).await,
+        (Route::Gateway, Some(pool)) => Box::pin(pool.open(&authority)).await,
+        _ => Box::pin(tunnel::open(tunnel_cfg, audit.route, &authority, orig)).await,
     };
     let mut upstream = match opened {
         Ok(u) => u,

@@ -1,13 +1,17 @@
 //! `cargo xtask bench`: the redirector against the classic alternatives, side by side, in the
 //! closed test network (DESIGN.md §6). It never fails on a number; it reports.
 //!
-//! Two labs:
+//! Three labs:
 //! - **A** (`tests::chain::Chain`): pod1 (enabled) → redirector (gateway route via Squid) →
-//!   gateway simulator → target; pod2 (added after the daemon started, so never enabled,
-//!   with a route to 203.0.113.0/24) hosts `direct` and `env`; pod3 (same) hosts `classic`
-//!   (iptables REDIRECT + redsocks + stunnel through the same Squid and gateway).
+//!   gateway simulator speaking HTTP/1.1 only → target: `gateway`; pod2 (added after the
+//!   daemon started, so never enabled, with a route to 203.0.113.0/24) hosts `direct` and
+//!   `env`; pod3 (same) hosts `classic` (iptables REDIRECT + redsocks + stunnel through the
+//!   same Squid and gateway).
 //! - **B** (`tests::lab::Lab`): pod1 (enabled) → a redirector without a gateway or proxy
 //!   (default route `direct`) → target: `relay`, the capture + relay cost alone.
+//! - **C** (`tests::chain::Chain`, built like A by [`chain_lab`]): pod1 (enabled) →
+//!   redirector → Squid → a gateway simulator offering ALPN h2 → target: `gateway-h2`, every
+//!   tunnel an HTTP/2 CONNECT stream on a shared session.
 //!
 //! The target is `rdr-bench-client serve` at 203.0.113.14:8080 (`bulk.azure.test:8080`) in
 //! each lab's `inet` namespace; the load generator is `rdr-bench-client` in the pods.
@@ -16,6 +20,7 @@ mod report;
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader, Read as _},
     net::{IpAddr, Ipv4Addr},
@@ -67,6 +72,12 @@ pub struct BenchArgs {
     /// `target/bench/profile-<path>.txt`.
     #[arg(long)]
     profile: bool,
+    /// Cargo features for the redirector's release build (e.g. `alloc-jemalloc` or
+    /// `alloc-mimalloc,crypto-aws-lc`), to compare allocator or crypto variants. The variant
+    /// is built into `target/bench-build/<features>/`, so the default `target/release`
+    /// binary stays as it is; the other binaries come from `target/release`.
+    #[arg(long, value_name = "LIST")]
+    features: Option<String>,
 }
 
 /// The ways a pod's connection can reach the target.
@@ -75,17 +86,22 @@ pub enum PathId {
     Direct,
     Relay,
     Gateway,
+    GatewayH2,
     Classic,
     Env,
 }
 
-pub const PATHS: [PathId; 5] = [
+pub const PATHS: [PathId; 6] = [
     PathId::Direct,
     PathId::Relay,
     PathId::Gateway,
+    PathId::GatewayH2,
     PathId::Classic,
     PathId::Env,
 ];
+
+/// The paths through our full chain (Squid and a gateway simulator), one lab each.
+pub const GATEWAY_PATHS: [PathId; 2] = [PathId::Gateway, PathId::GatewayH2];
 
 impl PathId {
     pub fn name(self) -> &'static str {
@@ -93,6 +109,7 @@ impl PathId {
             PathId::Direct => "direct",
             PathId::Relay => "relay",
             PathId::Gateway => "gateway",
+            PathId::GatewayH2 => "gateway-h2",
             PathId::Classic => "classic",
             PathId::Env => "env",
         }
@@ -107,7 +124,10 @@ impl PathId {
                 "second lab: redirector without --gateway-url/--proxy-* (default route `direct`): connect hook + listener in the pod netns + relay from the node"
             }
             PathId::Gateway => {
-                "redirector → Squid (CONNECT gw.arc.test:443, Basic auth) → TLS to the gateway simulator → CONNECT bulk.azure.test:8080 inside"
+                "redirector → Squid (CONNECT gw.arc.test:443, Basic auth) → TLS to the gateway simulator, which speaks HTTP/1.1 only (ALPN http/1.1) → CONNECT bulk.azure.test:8080 inside; one TLS session per tunnel, taken from the daemon's pre-established (warm) sessions when one is ready"
+            }
+            PathId::GatewayH2 => {
+                "third lab (C), as `gateway` but the gateway simulator offers ALPN h2 (`--offer-h2`): redirector → Squid (CONNECT gw.arc.test:443, Basic auth) → TLS (h2) to the gateway simulator → each tunnel an HTTP/2 CONNECT stream to bulk.azure.test:8080 on one shared session"
             }
             PathId::Classic => {
                 "iptables REDIRECT in the pod netns → redsocks (http-connect) → local stunnel client (protocol=connect via Squid, Basic auth, TLS to the gateway) → redsocks' CONNECT 203.0.113.14:8080 inside TLS"
@@ -148,10 +168,20 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let mut notes = Vec::new();
     setup::run()?;
     notes.extend(ensure_classic_packages()?);
-    let bins = release_bins(a.no_build)?;
+    let features = a
+        .features
+        .as_deref()
+        .map(normalize_features)
+        .filter(|f| !f.is_empty());
+    let bins = release_bins(a.no_build, features.as_deref())?;
     let nofile = raise_nofile(&mut notes);
     let started = Instant::now();
-    // The daemon and the simulator each hold two descriptors per tunneled connection.
+    // Per process, the most descriptors per idle connection: the HTTP/1.1 daemon and
+    // simulator hold two each (HTTP/2 ones fewer: a stream shares its session's socket); the
+    // client and the server one. Each gateway lab has its own daemon and simulator and the
+    // memory scenarios run one after the other, each closing its connections before the next
+    // starts (`idle_conns` waits, bounded, for the daemon to release them), so one lab's
+    // share is the whole limit.
     let fit = (nofile.saturating_sub(256) / 2) as usize;
     if cfg.idle_conns > fit {
         notes.push(format!(
@@ -178,7 +208,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         ("idle connections".into(), cfg.idle_conns.to_string()),
         ("curl repetitions".into(), cfg.curl_reps.to_string()),
         ("quick".into(), cfg.quick.to_string()),
-        ("binaries".into(), "release profile (target/release)".into()),
+        (
+            "redirector features".into(),
+            features
+                .clone()
+                .unwrap_or_else(|| "default (no --features)".into()),
+        ),
+        ("binaries".into(), bins.describe()),
     ];
     println!("bench: AES-128-GCM reference (openssl speed -evp aes-128-gcm, 16384-byte blocks)");
     match openssl_aes_gcm() {
@@ -187,7 +223,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "bench: building the closed networks (lab A: chain with Squid and the gateway simulator; lab B: relay)"
+        "bench: building the closed networks (lab A: chain with Squid and an HTTP/1.1 gateway simulator; lab B: relay; lab C: chain with an h2 gateway simulator)"
     );
     let mut bench = Bench::new(&bins, &cfg)?;
     rep.configs = bench.configs.clone();
@@ -209,6 +245,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         .map(|(p, e)| (p.name().to_owned(), e.clone()))
         .collect();
     notes.append(&mut bench.notes);
+    rep.tunnels = std::mem::take(&mut bench.tunnels);
     drop(bench);
 
     rep.notes = notes;
@@ -254,10 +291,64 @@ fn ensure_classic_packages() -> anyhow::Result<Vec<String>> {
 
 struct Bins {
     client: PathBuf,
+    redirector: PathBuf,
+    /// Where the release binaries other than a feature variant of the redirector live.
+    release: PathBuf,
 }
 
-/// Builds the release binaries and points `tests::lab::workspace_bin` at them.
-fn release_bins(no_build: bool) -> anyhow::Result<Bins> {
+impl Bins {
+    fn describe(&self) -> String {
+        let mut s = format!("release profile ({})", self.release.display());
+        if self.redirector.parent() != Some(self.release.as_path()) {
+            let _ = write!(s, "; redirector: {}", self.redirector.display());
+        }
+        s
+    }
+}
+
+/// A feature list in one canonical form (sorted, no duplicates, comma-separated), so that
+/// `a,b` and `b a` share one build directory.
+fn normalize_features(list: &str) -> String {
+    let mut v: Vec<&str> = list
+        .split([',', ' '])
+        .map(str::trim)
+        .filter(|f| !f.is_empty())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v.join(",")
+}
+
+/// The build directory of a feature variant under `<target>/bench-build/`.
+fn features_dir(features: &str) -> String {
+    features
+        .chars()
+        .map(|c| match c {
+            ',' => '+',
+            c if c.is_ascii_alphanumeric() || c == '-' || c == '_' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+/// The features the `redirector` package defines (`cargo metadata`), for error messages.
+fn redirector_features() -> anyhow::Result<Vec<String>> {
+    let out = exec::output(exec::cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
+    let v: Value = serde_json::from_str(&out)?;
+    let pkg = v["packages"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "redirector"))
+        .context("no redirector package in cargo metadata")?;
+    Ok(pkg["features"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default())
+}
+
+/// Builds the release binaries and points `tests::lab::workspace_bin` at them. With
+/// `features`, the redirector is built a second time with them into its own target
+/// directory, and that binary is the one the labs run.
+fn release_bins(no_build: bool, features: Option<&str>) -> anyhow::Result<Bins> {
     if !no_build {
         println!(
             "bench: building release binaries (the daemon with its eBPF programs, simulator, bench client)"
@@ -272,12 +363,42 @@ fn release_bins(no_build: bool) -> anyhow::Result<Bins> {
         .map(PathBuf::from)
         .unwrap_or(root.join("target"));
     let rel = target.join("release");
-    for (name, var) in [
-        ("redirector", "RDR_BIN_REDIRECTOR"),
-        ("rdr-testsrv", "RDR_BIN_RDR_TESTSRV"),
-        ("rdr-gateway-sim", "RDR_BIN_RDR_GATEWAY_SIM"),
-    ] {
-        let p = rel.join(name);
+    let redirector = match features {
+        None => rel.join("redirector"),
+        Some(f) => {
+            let dir = target.join("bench-build").join(features_dir(f));
+            if !no_build {
+                println!(
+                    "bench: building the redirector with --features {f} into {}",
+                    dir.display()
+                );
+                let built = exec::run(
+                    exec::cargo()
+                        .args(["build", "--release", "-p", "redirector", "--features", f])
+                        .arg("--target-dir")
+                        .arg(&dir),
+                );
+                if let Err(e) = built {
+                    let known = match redirector_features() {
+                        Ok(v) if v.is_empty() => "none".to_owned(),
+                        Ok(v) => v.join(", "),
+                        Err(e) => format!("unknown ({e:#})"),
+                    };
+                    bail!(
+                        "the redirector does not build with --features {f:?} (cargo's message is above); \
+                         features the redirector package defines: {known}\n{e:#}"
+                    );
+                }
+            }
+            dir.join("release").join("redirector")
+        }
+    };
+    let bins = [
+        (redirector.clone(), "RDR_BIN_REDIRECTOR"),
+        (rel.join("rdr-testsrv"), "RDR_BIN_RDR_TESTSRV"),
+        (rel.join("rdr-gateway-sim"), "RDR_BIN_RDR_GATEWAY_SIM"),
+    ];
+    for (p, var) in bins {
         if !p.exists() {
             bail!("{} missing; run without --no-build", p.display());
         }
@@ -288,7 +409,11 @@ fn release_bins(no_build: bool) -> anyhow::Result<Bins> {
     if !client.exists() {
         bail!("{} missing; run without --no-build", client.display());
     }
-    Ok(Bins { client })
+    Ok(Bins {
+        client,
+        redirector,
+        release: rel,
+    })
 }
 
 /// 10,000 idle connections need two descriptors each in the daemon and in the simulator,
@@ -352,12 +477,39 @@ struct Bench<'a> {
     client: String,
     a: Chain,
     b: Lab,
+    c: Chain,
     classic: Option<classic::Classic>,
     broken: BTreeMap<PathId, String>,
     results: Results,
     notes: Vec<String>,
+    /// How each gateway path's tunnels were opened (`redirector_gateway_tunnels_total`).
+    tunnels: Vec<String>,
     configs: Vec<(String, String)>,
     ca: String,
+}
+
+/// A chain lab with one (enabled) pod: the bench server in place of the chain's whoami echo
+/// on 8080, Squid with Basic auth, the gateway simulator of `kind`, and the daemon dialing
+/// the gateway through Squid. Returns it with the daemon's command line (password
+/// redacted) for the report.
+fn chain_lab(client: &str, kind: Gateway) -> (Chain, String) {
+    let mut chain = Chain::new(1);
+    if let Some(i) = chain
+        .lab
+        .procs
+        .iter()
+        .position(|p| p.name == "testsrv-whoami")
+    {
+        chain.lab.procs.remove(i);
+    }
+    let inet = format!("{}-inet", chain.lab.id);
+    start_server(&mut chain.lab, &inet, client);
+    chain.start_squid(true);
+    chain.start_gateway(kind);
+    chain.start_daemon(&[], "info");
+    let mut flags = chain.lab.daemon_args();
+    flags.extend(chain.daemon_flags("***"));
+    (chain, format!("redirector {}", flags.join(" ")))
 }
 
 impl<'a> Bench<'a> {
@@ -365,21 +517,11 @@ impl<'a> Bench<'a> {
         let client = bins.client.to_str().context("utf-8 path")?.to_owned();
         let mut configs = Vec::new();
 
-        // Lab A: the chain. The bench server replaces the chain's whoami echo on 8080.
-        let mut a = Chain::new(1);
-        if let Some(i) = a.lab.procs.iter().position(|p| p.name == "testsrv-whoami") {
-            a.lab.procs.remove(i);
-        }
-        let inet_a = format!("{}-inet", a.lab.id);
-        start_server(&mut a.lab, &inet_a, &client);
-        a.start_squid(true);
-        a.start_gateway(Gateway::Normal);
-        a.start_daemon(&[], "info");
-        let mut flags = a.lab.daemon_args();
-        flags.extend(a.daemon_flags("***"));
+        // Lab A: the chain with an HTTP/1.1 gateway.
+        let (mut a, line) = chain_lab(&client, Gateway::Normal);
         configs.push((
-            "gateway: redirector (lab A node netns)".into(),
-            format!("redirector {}", flags.join(" ")),
+            "gateway: redirector (lab A node netns; the simulator offers http/1.1 only)".into(),
+            line,
         ));
         // Pods 2 and 3 come after the daemon started, so its --cgroup list does not name them.
         let p2 = a.lab.add_pod();
@@ -409,10 +551,17 @@ impl<'a> Bench<'a> {
             format!("redirector {}", b.daemon_args().join(" ")),
         ));
 
+        // Lab C: the chain with a gateway offering h2.
+        let (c, line) = chain_lab(&client, Gateway::H2);
+        configs.push((
+            "gateway-h2: redirector (lab C node netns; the simulator offers h2, --offer-h2)".into(),
+            line,
+        ));
+
         // Many short connections: let TIME_WAIT ports be reused and widen the port range in
         // every namespace of ours (per-netns sysctls; the host's are untouched).
         let mut tuned = Vec::new();
-        for id in [&a.lab.id, &b.id] {
+        for id in [&a.lab.id, &b.id, &c.lab.id] {
             for ns in lab_netns(id) {
                 let _ = Command::new("ip")
                     .args([
@@ -441,10 +590,12 @@ impl<'a> Bench<'a> {
             client,
             a,
             b,
+            c,
             classic: None,
             broken: BTreeMap::new(),
             results: Results::default(),
             notes: Vec::new(),
+            tunnels: Vec::new(),
             configs,
             ca,
         };
@@ -492,8 +643,26 @@ impl<'a> Bench<'a> {
             PathId::Direct | PathId::Env => &self.a.lab.pods[1],
             PathId::Relay => &self.b.pods[0],
             PathId::Gateway => &self.a.lab.pods[0],
+            PathId::GatewayH2 => &self.c.lab.pods[0],
             PathId::Classic => &self.a.lab.pods[2],
         }
+    }
+
+    /// The chain lab of a gateway path.
+    fn chain(&mut self, p: PathId) -> &mut Chain {
+        match p {
+            PathId::GatewayH2 => &mut self.c,
+            _ => &mut self.a,
+        }
+    }
+
+    /// The lab whose daemon carries a path, with its pinned programs (hook cost).
+    fn daemon_labs(&self) -> [(PathId, &Lab); 3] {
+        [
+            (PathId::Gateway, &self.a.lab),
+            (PathId::GatewayH2, &self.c.lab),
+            (PathId::Relay, &self.b),
+        ]
     }
 
     fn client(&self, p: PathId, mode: &str, args: &[String]) -> Command {
@@ -524,6 +693,7 @@ impl<'a> Bench<'a> {
         match p {
             PathId::Relay => Self::daemon_pid(&self.b).into_iter().collect(),
             PathId::Gateway => Self::daemon_pid(&self.a.lab).into_iter().collect(),
+            PathId::GatewayH2 => Self::daemon_pid(&self.c.lab).into_iter().collect(),
             PathId::Classic => self
                 .classic
                 .as_ref()
@@ -570,7 +740,7 @@ impl<'a> Bench<'a> {
                     let ip = peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or(&peer);
                     if ip == want {
                         println!(
-                            "bench: path {:<8} ok: target saw {peer} ({:.1} ms)",
+                            "bench: path {:<10} ok: target saw {peer} ({:.1} ms)",
                             p.name(),
                             v["ms"].as_f64().unwrap_or(f64::NAN)
                         );
@@ -583,7 +753,7 @@ impl<'a> Bench<'a> {
                 }
             }
             if let Some(e) = self.broken.get(&p) {
-                println!("bench: path {:<8} BROKEN: {e}", p.name());
+                println!("bench: path {:<10} BROKEN: {e}", p.name());
             }
         }
     }
@@ -591,10 +761,12 @@ impl<'a> Bench<'a> {
     /// RSS of each fresh daemon before any measured traffic.
     fn idle_rss(&mut self) {
         std::thread::sleep(Duration::from_secs(1));
-        for (p, pid) in [
-            (PathId::Gateway, Self::daemon_pid(&self.a.lab)),
-            (PathId::Relay, Self::daemon_pid(&self.b)),
-        ] {
+        let pids: Vec<(PathId, Option<u32>)> = self
+            .daemon_labs()
+            .iter()
+            .map(|(p, lab)| (*p, Self::daemon_pid(lab)))
+            .collect();
+        for (p, pid) in pids {
             if let Some(kib) = pid.and_then(rss_kib) {
                 self.results.push("idle_rss", p, kib as f64 / 1024.0);
             }
@@ -653,7 +825,7 @@ impl<'a> Bench<'a> {
                 }
                 let mbps = r.and_then(|v| num(&v, "mb_per_s"));
                 if let Ok(m) = &mbps {
-                    println!("bench:   {metric:<6} {:<8} {m:>9.1} MB/s", p.name());
+                    println!("bench:   {metric:<6} {:<10} {m:>9.1} MB/s", p.name());
                 }
                 self.record(metric, p, mbps);
             }
@@ -676,7 +848,7 @@ impl<'a> Bench<'a> {
             let r = run_json(self.client(p, "rr", &args), timed);
             if let Ok(v) = &r {
                 println!(
-                    "bench:   rr     {:<8} {:>9.0} ops/s  p50 {:.0} µs",
+                    "bench:   rr     {:<10} {:>9.0} ops/s  p50 {:.0} µs",
                     p.name(),
                     v["ops_per_s"].as_f64().unwrap_or(f64::NAN),
                     v["p50_us"].as_f64().unwrap_or(f64::NAN)
@@ -692,10 +864,7 @@ impl<'a> Bench<'a> {
             self.notes
                 .push(format!("kernel.bpf_stats_enabled could not be set: {e:#}"));
         }
-        let hooks_before = [
-            prog_stats(&self.a.lab.pin_root),
-            prog_stats(&self.b.pin_root),
-        ];
+        let hooks_before = self.daemon_labs().map(|(_, lab)| prog_stats(&lab.pin_root));
         for &p in &paths {
             let args = [
                 "--seconds".to_owned(),
@@ -706,7 +875,7 @@ impl<'a> Bench<'a> {
             let r = run_json(self.client(p, "connect", &args), timed);
             if let Ok(v) = &r {
                 println!(
-                    "bench:   conn   {:<8} p50 {:>7.2} ms  p99 {:>7.2} ms  ({} errors)",
+                    "bench:   conn   {:<10} p50 {:>7.2} ms  p99 {:>7.2} ms  ({} errors)",
                     p.name(),
                     v["p50_ms"].as_f64().unwrap_or(f64::NAN),
                     v["p99_ms"].as_f64().unwrap_or(f64::NAN),
@@ -726,7 +895,7 @@ impl<'a> Bench<'a> {
             let r = run_json(self.client(p, "connect", &args), timed);
             if let Ok(v) = &r {
                 println!(
-                    "bench:   conn/s {:<8} {:>9.0} /s  ({} errors)",
+                    "bench:   conn/s {:<10} {:>9.0} /s  ({} errors)",
                     p.name(),
                     v["per_s"].as_f64().unwrap_or(f64::NAN),
                     v["errors"]
@@ -734,12 +903,10 @@ impl<'a> Bench<'a> {
             }
             self.record("conn_rate", p, r.and_then(|v| num(&v, "per_s")));
         }
-        let hooks_after = [
-            prog_stats(&self.a.lab.pin_root),
-            prog_stats(&self.b.pin_root),
-        ];
+        let hooks_after = self.daemon_labs().map(|(_, lab)| prog_stats(&lab.pin_root));
         drop(stats);
-        for (i, p) in [PathId::Gateway, PathId::Relay].into_iter().enumerate() {
+        let hook_paths = self.daemon_labs().map(|(p, _)| p);
+        for (i, p) in hook_paths.into_iter().enumerate() {
             for (prog, metric) in [("rdr_connect4", "hook_ns"), ("rdr_sockops", "sockops_ns")] {
                 let (Some(b), Some(a)) = (hooks_before[i].get(prog), hooks_after[i].get(prog))
                 else {
@@ -759,18 +926,24 @@ impl<'a> Bench<'a> {
         }
 
         // curl, the everyday client, on the paths where it applies.
-        for p in [PathId::Direct, PathId::Relay, PathId::Gateway, PathId::Env] {
+        for p in [
+            PathId::Direct,
+            PathId::Relay,
+            PathId::Gateway,
+            PathId::GatewayH2,
+            PathId::Env,
+        ] {
             if self.broken.contains_key(&p) && p != PathId::Env {
                 continue;
             }
             let r = self.curl_bulk(p);
             if let Ok(m) = &r {
-                println!("bench:   curl   {:<8} {m:>9.1} MB/s", p.name());
+                println!("bench:   curl   {:<10} {m:>9.1} MB/s", p.name());
             }
             self.record("curl_bulk1", p, r);
             let r = self.curl_latency(p);
             if let Ok(m) = &r {
-                println!("bench:   curl   {:<8} p50 {m:>7.2} ms", p.name());
+                println!("bench:   curl   {:<10} p50 {m:>7.2} ms", p.name());
             }
             self.record("curl_conn_p50", p, r);
         }
@@ -827,30 +1000,82 @@ impl<'a> Bench<'a> {
         Ok(t[t.len() / 2])
     }
 
-    /// RSS of a daemon holding N idle tunneled connections: relay (lab B) and gateway (lab A,
-    /// restarted without Squid, whose configuration caps it at 1024 descriptors).
+    /// RSS of a daemon holding N idle tunneled connections: relay (lab B), then gateway
+    /// (lab A) and gateway-h2 (lab C), each restarted without Squid, whose configuration caps
+    /// it at 1024 descriptors. One lab at a time: each closes its connections before the next.
     fn memory(&mut self) {
         let n = self.cfg.idle_conns;
         if !self.broken.contains_key(&PathId::Relay) {
             let pid = Self::daemon_pid(&self.b);
             self.idle_conns(PathId::Relay, pid, n);
         }
-        if !self.broken.contains_key(&PathId::Gateway) {
+        for p in GATEWAY_PATHS {
+            // The daemon that carried the probe and the rounds is about to go.
+            let (rounds, rounds_tls) = self.tunnel_counts(p);
+            if self.broken.contains_key(&p) {
+                self.tunnels.push(format!(
+                    "{} tunnels: {rounds} (path broken; gateway TLS handshakes: {rounds_tls})",
+                    p.name()
+                ));
+                continue;
+            }
             // Squid goes (classic and env are done), the daemon restarts dialing the gateway
             // directly; it adopts its pins.
-            self.a.squid = None;
-            if let Some(i) = self.a.lab.procs.iter().position(|p| p.name == "redirector") {
-                self.a.lab.procs.remove(i);
+            let chain = self.chain(p);
+            chain.squid = None;
+            if let Some(i) = chain.lab.procs.iter().position(|p| p.name == "redirector") {
+                chain.lab.procs.remove(i);
             }
-            self.a.start_daemon(&[], "info");
-            let pid = Self::daemon_pid(&self.a.lab);
+            chain.start_daemon(&[], "info");
+            let pid = Self::daemon_pid(&chain.lab);
             std::thread::sleep(Duration::from_secs(1));
             if let Some(kib) = pid.and_then(rss_kib) {
                 self.results
-                    .push("idle_rss_direct_gw", PathId::Gateway, kib as f64 / 1024.0);
+                    .push("idle_rss_direct_gw", p, kib as f64 / 1024.0);
             }
-            self.idle_conns(PathId::Gateway, pid, n);
+            self.idle_conns(p, pid, n);
+            let (memory, memory_tls) = self.tunnel_counts(p);
+            self.tunnels.push(format!(
+                "{} tunnels: {rounds} (probe and rounds, via Squid; gateway TLS handshakes: {rounds_tls}); \
+                 memory scenario, restarted without Squid: {memory} (gateway TLS handshakes: {memory_tls})",
+                p.name()
+            ));
         }
+    }
+
+    /// `reuse/proto N, …` from the daemon's `redirector_gateway_tunnels_total` (warm, shared,
+    /// fresh), and its gateway TLS handshakes by kind.
+    fn tunnel_counts(&mut self, p: PathId) -> (String, String) {
+        let Some((200, body)) = self.chain(p).lab.node_http_get("/metrics") else {
+            return ("/metrics unreachable".into(), "?".into());
+        };
+        let show = |v: Vec<(String, f64)>| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let mut tunnels = labelled_counts(
+            &body,
+            "redirector_gateway_tunnels_total",
+            &["reuse", "proto"],
+        );
+        let rank = |k: &str| {
+            ["warm/", "shared/", "fresh/"]
+                .iter()
+                .position(|r| k.starts_with(r))
+        };
+        tunnels.sort_by_key(|(k, _)| rank(k).unwrap_or(usize::MAX));
+        let handshakes: Vec<(String, f64)> =
+            labelled_counts(&body, "redirector_tls_handshakes_total", &["hop", "kind"])
+                .into_iter()
+                .filter_map(|(k, n)| Some((k.strip_prefix("gateway/")?.to_owned(), n)))
+                .collect();
+        (show(tunnels), show(handshakes))
     }
 
     fn idle_conns(&mut self, p: PathId, pid: Option<u32>, n: usize) {
@@ -858,6 +1083,7 @@ impl<'a> Bench<'a> {
             let pid = pid.context("no daemon pid")?;
             std::thread::sleep(Duration::from_secs(1));
             let base = rss_kib(pid).context("daemon RSS")?;
+            let base_fds = fd_count(pid).unwrap_or(0);
             let mut child = self
                 .client(
                     p,
@@ -910,8 +1136,21 @@ impl<'a> Bench<'a> {
             drop(guard);
             std::thread::sleep(Duration::from_secs(2));
             let after = rss_kib(pid).unwrap_or(0);
+            // The next lab's scenario counts on these being closed (RLIMIT_NOFILE, ports).
+            let end = Instant::now() + Duration::from_secs(15);
+            let mut fds = fd_count(pid).unwrap_or(0);
+            while fds > base_fds + 64 && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(200));
+                fds = fd_count(pid).unwrap_or(0);
+            }
+            if fds > base_fds + 64 {
+                self.notes.push(format!(
+                    "{}: the daemon still held {fds} descriptors ({base_fds} before the idle connections) 17 s after they closed",
+                    p.name()
+                ));
+            }
             println!(
-                "bench:   idle   {:<8} {open} connections: RSS {:.1} → {:.1} MiB, {:.0} B/connection; {:.1} MiB after closing",
+                "bench:   idle   {:<10} {open} connections: RSS {:.1} → {:.1} MiB, {:.0} B/connection; {:.1} MiB after closing",
                 p.name(),
                 base as f64 / 1024.0,
                 loaded as f64 / 1024.0,
@@ -1109,6 +1348,35 @@ fn parse_curl_w(out: &str) -> anyhow::Result<(u16, f64, f64)> {
     Ok((f[0].parse()?, f[1].parse()?, f[2].parse()?))
 }
 
+/// The series of `metric` in Prometheus text, keyed by the values of `labels` joined with
+/// `/` (`reuse="warm",proto="h1"` → `warm/h1`), sorted by key.
+fn labelled_counts(body: &str, metric: &str, labels: &[&str]) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(metric)?.strip_prefix('{')?;
+            let (set, value) = rest.rsplit_once('}')?;
+            let value: f64 = value.split_whitespace().next()?.parse().ok()?;
+            let pairs: BTreeMap<&str, &str> = set
+                .split(',')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    Some((k.trim(), v.trim().trim_matches('"')))
+                })
+                .collect();
+            let key: Option<Vec<&str>> = labels.iter().map(|l| pairs.get(l).copied()).collect();
+            Some((key?.join("/"), value))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Open descriptors of `pid`.
+fn fd_count(pid: u32) -> Option<usize> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -1192,6 +1460,43 @@ mod tests {
         let all = "+H:16:64:256:1024:8192:16384\n+F:22:AES-128-GCM:1.0:2.0:3.0:4.0:5.0:6.5\n";
         assert_eq!(parse_openssl_mr(all), Some(6.5));
         assert_eq!(parse_openssl_mr("nothing"), None);
+    }
+
+    #[test]
+    fn prometheus_labelled_series() {
+        let body = "# HELP redirector_gateway_tunnels Tunnels\n\
+            # TYPE redirector_gateway_tunnels counter\n\
+            redirector_gateway_tunnels_total{reuse=\"warm\",proto=\"h1\"} 7\n\
+            redirector_gateway_tunnels_total{reuse=\"fresh\",proto=\"h1\"} 120\n\
+            redirector_gateway_tunnels_totalx{reuse=\"shared\",proto=\"h2\"} 1\n\
+            redirector_tls_handshakes_total{hop=\"gateway\",kind=\"resumed\"} 3\n";
+        assert_eq!(
+            labelled_counts(
+                body,
+                "redirector_gateway_tunnels_total",
+                &["reuse", "proto"]
+            ),
+            vec![("fresh/h1".to_owned(), 120.0), ("warm/h1".to_owned(), 7.0)]
+        );
+        assert_eq!(
+            labelled_counts(body, "redirector_tls_handshakes_total", &["hop", "kind"]),
+            vec![("gateway/resumed".to_owned(), 3.0)]
+        );
+        assert!(labelled_counts(body, "redirector_gateway_tunnels_total", &["nope"]).is_empty());
+    }
+
+    #[test]
+    fn feature_lists() {
+        assert_eq!(
+            normalize_features(" crypto-aws-lc, alloc-jemalloc crypto-aws-lc"),
+            "alloc-jemalloc,crypto-aws-lc"
+        );
+        assert_eq!(normalize_features(" , "), "");
+        assert_eq!(
+            features_dir("alloc-jemalloc,crypto-aws-lc"),
+            "alloc-jemalloc+crypto-aws-lc"
+        );
+        assert_eq!(features_dir("dep/feat,../x"), "dep_feat+___x");
     }
 
     #[test]

@@ -28,8 +28,9 @@ enum Cmd {
     Test(test::TestArgs),
     /// Run the fuzz targets (skip ranges, routes/config, SNI/Host sniffing) for a bounded time.
     Fuzz(fuzz::FuzzArgs),
-    /// Benchmark every path side by side (direct, relay, gateway, classic redsocks+stunnel,
-    /// env proxy client) in the closed test network; reports under target/bench/.
+    /// Benchmark every path side by side (direct, relay, gateway over HTTP/1.1, gateway-h2,
+    /// classic redsocks+stunnel, env proxy client) in the closed test network; reports under
+    /// target/bench/.
     Bench(bench::BenchArgs),
 }
 

@@ -38,6 +38,9 @@ use super::{
 /// by round trips, credit only (nothing is allocated until data arrives).
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// The largest DATA frame the gateway may send us: bulk streams cost fewer frames (and
+/// fewer wake-ups of the relay); TLS still cuts records at 16 KiB.
+const MAX_FRAME: u32 = 64 << 10;
 
 /// A gateway session speaking HTTP/2; cheap to share (`SendRequest` is a handle).
 pub struct H2Session {
@@ -71,6 +74,7 @@ impl H2Session {
             .timer(TokioTimer::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .keep_alive_interval(t.keepalive_interval)
             .keep_alive_timeout(t.keepalive_interval)
             .keep_alive_while_idle(true);

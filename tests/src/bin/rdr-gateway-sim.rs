@@ -76,6 +76,7 @@ const PUMP_BUF: usize = 16 * 1024;
 /// stream can fill a fast path on its own; the connection window bounds what many streams
 /// together can make us buffer.
 const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+const H2_MAX_FRAME: u32 = 64 * 1024;
 const H2_CONN_WINDOW: u32 = 16 * 1024 * 1024;
 
 const AFTER_HELP: &str = "\
@@ -441,6 +442,8 @@ where
         .max_concurrent_streams(gateway.h2_max_streams)
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONN_WINDOW)
+        // Bulk tunnels: fewer, larger DATA frames from clients (TLS records stay 16 KiB).
+        .max_frame_size(H2_MAX_FRAME)
         // Tunnels may idle for a long time; never close a connection for missing PINGs.
         .keep_alive_interval(None);
     let service = service_fn(move |req| h2_stream(req, peer, gateway.clone()));

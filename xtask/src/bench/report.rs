@@ -9,7 +9,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use super::{PATHS, PathId};
+use super::{GATEWAY_PATHS, PATHS, PathId};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Better {
@@ -238,7 +238,7 @@ pub fn stats(v: &[f64]) -> Stats {
 }
 
 pub struct Ratio {
-    pub name: &'static str,
+    pub name: String,
     pub shown: String,
     pub value: Option<f64>,
     pub target: &'static str,
@@ -252,6 +252,8 @@ pub struct Report {
     pub results: Results,
     pub aes_gcm_bytes_per_s: Option<f64>,
     pub notes: Vec<String>,
+    /// One line per gateway path: how its tunnels were opened (the daemon's metrics).
+    pub tunnels: Vec<String>,
     pub configs: Vec<(String, String)>,
     pub path_errors: BTreeMap<String, String>,
     pub duration_s: f64,
@@ -267,6 +269,7 @@ impl Report {
             results: Results::default(),
             aes_gcm_bytes_per_s: None,
             notes: Vec::new(),
+            tunnels: Vec::new(),
             configs: Vec::new(),
             path_errors: BTreeMap::new(),
             duration_s: 0.0,
@@ -277,7 +280,8 @@ impl Report {
         self.aes_gcm_bytes_per_s.map(|b| (1u64 << 30) as f64 / b)
     }
 
-    /// The issue's targets, computed from the medians.
+    /// The issue's targets, computed from the medians. Every target that involves the
+    /// gateway has one row per gateway path (`gateway`, then `gateway-h2`).
     pub fn ratios(&self) -> Vec<Ratio> {
         let r = &self.results;
         let med = |k: &str, p: PathId| r.median(k, p);
@@ -285,7 +289,7 @@ impl Report {
             (Some(a), Some(b)) if b != 0.0 => Some(a / b),
             _ => None,
         };
-        let ratio = |name, value: Option<f64>, target, ok: fn(f64) -> bool| Ratio {
+        let ratio = |name: String, value: Option<f64>, target, ok: fn(f64) -> bool| Ratio {
             name,
             shown: value
                 .map(|v| format!("{v:.2}×"))
@@ -294,98 +298,130 @@ impl Report {
             target,
             meets: value.map(ok),
         };
-        let mut out = vec![
-            ratio(
-                "bulk gateway / classic, 1 connection",
-                div(med("bulk1", PathId::Gateway), med("bulk1", PathId::Classic)),
+        let abs = |name: String,
+                   value: Option<f64>,
+                   shown: Option<String>,
+                   target,
+                   ok: fn(f64) -> bool| Ratio {
+            name,
+            shown: shown.unwrap_or_else(|| "n/a".into()),
+            value,
+            target,
+            meets: value.map(ok),
+        };
+        // (name with `{gw}` for the gateway path, metric, divided by that metric of this path
+        // (None: by the AES-128-GCM cost per GiB), target, test)
+        type Row = (
+            &'static str,
+            &'static str,
+            Option<PathId>,
+            &'static str,
+            fn(f64) -> bool,
+        );
+        let against: [Row; 9] = [
+            (
+                "bulk {gw} / classic, 1 connection",
+                "bulk1",
+                Some(PathId::Classic),
                 "≥ 1.5×",
                 |v| v >= 1.5,
             ),
-            ratio(
-                "bulk gateway / classic, 8 connections",
-                div(med("bulk8", PathId::Gateway), med("bulk8", PathId::Classic)),
+            (
+                "bulk {gw} / classic, 8 connections",
+                "bulk8",
+                Some(PathId::Classic),
                 "≥ 1.5×",
                 |v| v >= 1.5,
             ),
-            ratio(
-                "bulk gateway / direct, 1 connection",
-                div(med("bulk1", PathId::Gateway), med("bulk1", PathId::Direct)),
+            (
+                "bulk {gw} / direct, 1 connection",
+                "bulk1",
+                Some(PathId::Direct),
                 "≥ 0.5×",
                 |v| v >= 0.5,
             ),
-            ratio(
-                "bulk gateway / direct, 8 connections",
-                div(med("bulk8", PathId::Gateway), med("bulk8", PathId::Direct)),
+            (
+                "bulk {gw} / direct, 8 connections",
+                "bulk8",
+                Some(PathId::Direct),
                 "≥ 0.5×",
                 |v| v >= 0.5,
             ),
-            ratio(
-                "proxy CPU per GiB (gateway) / AES-128-GCM per GiB",
-                div(med("cpu_per_gib", PathId::Gateway), self.aes_s_per_gib()),
+            (
+                "proxy CPU per GiB ({gw}) / AES-128-GCM per GiB",
+                "cpu_per_gib",
+                None,
                 "≤ 3×",
                 |v| v <= 3.0,
             ),
-            ratio(
-                "request rate gateway / relay",
-                div(med("rr", PathId::Gateway), med("rr", PathId::Relay)),
+            (
+                "request rate {gw} / relay",
+                "rr",
+                Some(PathId::Relay),
                 "≥ 0.85×",
                 |v| v >= 0.85,
             ),
-            ratio(
-                "new-connection p50 gateway / relay",
-                div(
-                    med("conn_p50", PathId::Gateway),
-                    med("conn_p50", PathId::Relay),
-                ),
+            (
+                "new-connection p50 {gw} / relay",
+                "conn_p50",
+                Some(PathId::Relay),
                 "≤ 2×",
                 |v| v <= 2.0,
             ),
-            ratio(
-                "new-connection p50 gateway / env",
-                div(
-                    med("conn_p50", PathId::Gateway),
-                    med("conn_p50", PathId::Env),
-                ),
+            (
+                "new-connection p50 {gw} / env",
+                "conn_p50",
+                Some(PathId::Env),
                 "< 1× (below env)",
                 |v| v < 1.0,
             ),
-            ratio(
-                "new-connection p50 gateway / env (curl, env without Squid)",
-                div(
-                    med("curl_conn_p50", PathId::Gateway),
-                    med("curl_conn_p50", PathId::Env),
-                ),
+            (
+                "new-connection p50 {gw} / env (curl, env without Squid)",
+                "curl_conn_p50",
+                Some(PathId::Env),
                 "< 1× (below env)",
                 |v| v < 1.0,
             ),
         ];
-        let abs =
-            |name, value: Option<f64>, shown: Option<String>, target, ok: fn(f64) -> bool| Ratio {
-                name,
-                shown: shown.unwrap_or_else(|| "n/a".into()),
-                value,
-                target,
-                meets: value.map(ok),
-            };
-        let b = med("idle_conn_bytes", PathId::Gateway);
-        out.push(abs(
-            "bytes per idle tunneled connection (gateway)",
-            b,
-            b.map(|v| format!("{:.1} KiB", v / 1024.0)),
-            "≤ 16 KiB",
-            |v| v <= 16384.0,
-        ));
-        let rss = med("idle_rss", PathId::Gateway);
-        out.push(abs(
-            "idle daemon RSS (gateway)",
-            rss,
-            rss.map(|v| format!("{v:.1} MiB")),
-            "≤ 15 MiB",
-            |v| v <= 15.0,
-        ));
+        let mut out = Vec::new();
+        for (name, metric, reference, target, ok) in against {
+            for gw in GATEWAY_PATHS {
+                let divisor = match reference {
+                    Some(p) => med(metric, p),
+                    None => self.aes_s_per_gib(),
+                };
+                out.push(ratio(
+                    name.replace("{gw}", gw.name()),
+                    div(med(metric, gw), divisor),
+                    target,
+                    ok,
+                ));
+            }
+        }
+        for gw in GATEWAY_PATHS {
+            let b = med("idle_conn_bytes", gw);
+            out.push(abs(
+                format!("bytes per idle tunneled connection ({})", gw.name()),
+                b,
+                b.map(|v| format!("{:.1} KiB", v / 1024.0)),
+                "≤ 16 KiB",
+                |v| v <= 16384.0,
+            ));
+        }
+        for gw in GATEWAY_PATHS {
+            let rss = med("idle_rss", gw);
+            out.push(abs(
+                format!("idle daemon RSS ({})", gw.name()),
+                rss,
+                rss.map(|v| format!("{v:.1} MiB")),
+                "≤ 15 MiB",
+                |v| v <= 15.0,
+            ));
+        }
+        // The same program in every lab: one row, from the gateway lab when it has numbers.
         let hook = med("hook_ns", PathId::Gateway).or(med("hook_ns", PathId::Relay));
         out.push(abs(
-            "connect hook per call",
+            "connect hook per call".into(),
             hook,
             hook.map(|v| format!("{v:.0} ns")),
             "≤ 1 µs",
@@ -404,7 +440,7 @@ impl Report {
             self.duration_s
         );
         let line = |s: &mut String, label: &str, value: String| {
-            let _ = writeln!(s, "  {label:<58} {value}");
+            let _ = writeln!(s, "  {label:<62} {value}");
         };
         for r in self.ratios() {
             let verdict = match r.meets {
@@ -414,11 +450,12 @@ impl Report {
             };
             line(
                 &mut s,
-                r.name,
+                &r.name,
                 format!("{:<12} target {:<18} {verdict}", r.shown, r.target),
             );
         }
-        let _ = writeln!(s, "  medians (direct / relay / gateway / classic / env):");
+        let names: Vec<&str> = PATHS.iter().map(|p| p.name()).collect();
+        let _ = writeln!(s, "  medians ({}):", names.join(" / "));
         for k in [
             "bulk1",
             "bulk8",
@@ -452,6 +489,9 @@ impl Report {
                     self.aes_gcm_bytes_per_s.unwrap_or(0.0) / 1e6
                 ),
             );
+        }
+        for t in &self.tunnels {
+            let _ = writeln!(s, "  {t}");
         }
         for (p, e) in &self.path_errors {
             let _ = writeln!(s, "  path {p} broken: {e}");
@@ -586,17 +626,23 @@ impl Report {
              new-connection scenarios only (previous value restored), then run_time_ns / run_cnt deltas of the lab's pinned \
              `rdr_connect4` and `rdr_sockops` (`bpftool prog show pinned … -j`); the count includes the connects of the \
              pods that are not enabled (they take the hook's early exit); **memory** — VmRSS of the daemon before and 2 s \
-             after N idle connections that each completed one request, delta / N; for `gateway` the daemon is restarted \
-             without Squid first (the test Squid is configured for 1024 descriptors), dialing the gateway directly \
-             (`--gateway-connect-to`); the per-connection state in the daemon is the same TLS session either way."
+             after N idle connections that each completed one request, delta / N; for `gateway` and `gateway-h2` (one lab \
+             after the other) the daemon is restarted without Squid first (the test Squid is configured for 1024 \
+             descriptors), dialing the gateway directly (`--gateway-connect-to`); the per-connection state in the daemon is \
+             the same TLS session (gateway) or HTTP/2 stream (gateway-h2) either way.\n\n\
+             `gateway` and `gateway-h2` run the same redirector with the same flags (defaults: `--gateway-http2`, \
+             `--gateway-warm 2`, `--gateway-h2-streams 100`) in two labs that differ only in the gateway simulator: \
+             HTTP/1.1 only (one TLS session per tunnel, pre-established ones when ready) or offering h2 (`--offer-h2`: \
+             tunnels are HTTP/2 CONNECT streams on shared sessions). The notes say how each path's tunnels were opened \
+             (`redirector_gateway_tunnels_total` of the daemon, read before its restart for the memory scenario and after it)."
         );
         let _ = writeln!(s, "\n## Generated configuration\n");
         for (name, text) in &self.configs {
             let _ = writeln!(s, "**{name}**\n\n```\n{}\n```\n", text.trim_end());
         }
-        if !self.notes.is_empty() {
+        if !self.notes.is_empty() || !self.tunnels.is_empty() {
             let _ = writeln!(s, "## Notes\n");
-            for n in &self.notes {
+            for n in self.tunnels.iter().chain(&self.notes) {
                 let _ = writeln!(s, "- {n}");
             }
             let _ = writeln!(s);
@@ -613,7 +659,7 @@ impl Report {
              connections resume TLS sessions; the redirector's behaviour is whatever it does today.\n\
              - CPU time comes from /proc/<pid>/stat in clock ticks (10 ms): with `--quick` (64 MiB per bulk scenario) \
              the CPU-per-GiB figures carry roughly ±10 %; the full run moves 512 MiB per path per round.\n\
-             - Memory is user-space VmRSS only (kernel socket buffers are not counted); the gateway memory run has no Squid hop.\n\
+             - Memory is user-space VmRSS only (kernel socket buffers are not counted); the gateway and gateway-h2 memory runs have no Squid hop.\n\
              - `kernel.bpf_stats_enabled` is a global switch: while it is on, every BPF program on the host pays for its \
              accounting; it is restored after each new-connection scenario, but not if the benchmark is killed hard."
         );
@@ -664,6 +710,7 @@ impl Report {
             "metrics": metrics,
             "targets": ratios,
             "configs": kv(&self.configs),
+            "gateway_tunnels": self.tunnels,
             "notes": self.notes,
         })
     }
@@ -698,12 +745,14 @@ impl Report {
 
     /// One panel per charted metric, one bar per path (median), a whisker for min–max.
     pub fn svg(&self) -> String {
-        const COLORS: [&str; 5] = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e"];
+        const COLORS: [&str; PATHS.len()] = [
+            "#7f7f7f", "#1f77b4", "#2ca02c", "#17becf", "#d62728", "#ff7f0e",
+        ];
         let panels: Vec<&MetricDef> = METRICS
             .iter()
             .filter(|d| d.chart && self.results.samples.contains_key(d.key))
             .collect();
-        let (pw, ph, cols) = (300.0, 230.0, 3usize);
+        let (pw, ph, cols) = (350.0, 230.0, 3usize);
         let rows = panels.len().div_ceil(cols).max(1);
         let (w, h) = (pw * cols as f64 + 20.0, ph * rows as f64 + 70.0);
         let mut s = String::new();
@@ -789,7 +838,7 @@ impl Report {
                 let x = px + 10.0 + i as f64 * bw;
                 let _ = writeln!(
                     s,
-                    r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                    r#"<text x="{}" y="{}" text-anchor="middle" font-size="10">{}</text>"#,
                     x + bw / 2.0 - 4.0,
                     base + 14.0,
                     p.name()
@@ -973,17 +1022,113 @@ mod tests {
     fn report_renders_with_missing_values() {
         let mut r = Report::new(vec![("kernel".into(), "x".into())]);
         r.results.push("bulk1", PathId::Gateway, 100.0);
+        r.results.push("bulk1", PathId::GatewayH2, 75.0);
         r.results.push("bulk1", PathId::Classic, 50.0);
         r.results.error("bulk1", PathId::Env, "boom".into());
+        r.tunnels
+            .push("gateway-h2 tunnels: shared/h2 12 (probe and rounds, via Squid)".into());
         let ratios = r.ratios();
+        assert_eq!(ratios[0].name, "bulk gateway / classic, 1 connection");
         assert_eq!(ratios[0].value, Some(2.0));
         assert_eq!(ratios[0].meets, Some(true));
+        assert_eq!(ratios[1].name, "bulk gateway-h2 / classic, 1 connection");
+        assert_eq!(ratios[1].value, Some(1.5));
+        assert_eq!(ratios[1].meets, Some(true));
         assert!(ratios.iter().any(|x| x.value.is_none()));
         let md = r.markdown("x.svg");
         assert!(md.contains("error¹") && md.contains("bulk1 / env: boom"));
+        assert!(
+            md.contains(
+                "| metric | unit | direct | relay | gateway | gateway-h2 | classic | env |"
+            )
+        );
+        assert!(md.contains("| bulk gateway-h2 / classic, 1 connection | 1.50× |"));
+        assert!(md.contains("- **gateway-h2**: "));
+        assert!(md.contains("- gateway-h2 tunnels: shared/h2 12"));
         let svg = r.svg();
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert!(r.json()["metrics"][0]["paths"]["gateway"]["median"] == 100.0);
-        assert!(r.summary().contains("2.00×"));
+        assert!(svg.contains(">gateway-h2</text>"));
+        let j = r.json();
+        assert!(j["metrics"][0]["paths"]["gateway"]["median"] == 100.0);
+        assert!(j["metrics"][0]["paths"]["gateway-h2"]["median"] == 75.0);
+        assert!(j["paths"]["gateway-h2"].is_string());
+        assert!(
+            j["gateway_tunnels"][0]
+                == "gateway-h2 tunnels: shared/h2 12 (probe and rounds, via Squid)"
+        );
+        let sum = r.summary();
+        assert!(sum.contains("2.00×") && sum.contains("1.50×"));
+        assert!(sum.contains("medians (direct / relay / gateway / gateway-h2 / classic / env)"));
+        assert!(sum.contains("  gateway-h2 tunnels: shared/h2 12"));
+    }
+
+    /// Every target row about `gateway` has a `gateway-h2` twin computed from gateway-h2's
+    /// own numbers, and the `gateway` rows keep their texts.
+    #[test]
+    fn every_gateway_target_has_a_gateway_h2_row() {
+        let mut r = Report::new(Vec::new());
+        r.aes_gcm_bytes_per_s = Some((1u64 << 30) as f64);
+        for (k, base) in [
+            ("bulk1", 100.0),
+            ("bulk8", 100.0),
+            ("cpu_per_gib", 1.0),
+            ("rr", 100.0),
+            ("conn_p50", 1.0),
+            ("curl_conn_p50", 1.0),
+            ("idle_conn_bytes", 1024.0),
+            ("idle_rss", 10.0),
+        ] {
+            for p in [PathId::Direct, PathId::Relay, PathId::Classic, PathId::Env] {
+                r.results.push(k, p, base);
+            }
+            r.results.push(k, PathId::Gateway, base * 2.0);
+            r.results.push(k, PathId::GatewayH2, base * 3.0);
+        }
+        let ratios = r.ratios();
+        let names: Vec<&str> = ratios.iter().map(|x| x.name.as_str()).collect();
+        let gateway_rows = [
+            "bulk gateway / classic, 1 connection",
+            "bulk gateway / classic, 8 connections",
+            "bulk gateway / direct, 1 connection",
+            "bulk gateway / direct, 8 connections",
+            "proxy CPU per GiB (gateway) / AES-128-GCM per GiB",
+            "request rate gateway / relay",
+            "new-connection p50 gateway / relay",
+            "new-connection p50 gateway / env",
+            "new-connection p50 gateway / env (curl, env without Squid)",
+            "bytes per idle tunneled connection (gateway)",
+            "idle daemon RSS (gateway)",
+        ];
+        for g in gateway_rows {
+            let h2 = g.replacen("gateway", "gateway-h2", 1);
+            let row = |n: &str| {
+                ratios
+                    .iter()
+                    .find(|x| x.name == n)
+                    .unwrap_or_else(|| panic!("target row {n:?} missing from {names:?}"))
+            };
+            let (a, b) = (row(g), row(&h2));
+            assert!(
+                a.value.is_some() && b.value.is_some(),
+                "{g}: {:?} / {h2}: {:?}",
+                a.value,
+                b.value
+            );
+            // gateway-h2's numbers are 1.5× gateway's in every metric above.
+            let q = b.value.unwrap() / a.value.unwrap();
+            assert!(
+                (q - 1.5).abs() < 1e-9,
+                "{h2} is not computed from gateway-h2: {q}"
+            );
+            assert_eq!(a.target, b.target);
+        }
+        // Any other row naming the gateway also has its twin.
+        for n in &names {
+            if n.contains("gateway") && !n.contains("gateway-h2") {
+                let h2 = n.replacen("gateway", "gateway-h2", 1);
+                assert!(names.contains(&h2.as_str()), "no {h2:?} row");
+            }
+        }
+        assert_eq!(names.len(), 2 * gateway_rows.len() + 1);
     }
 }
