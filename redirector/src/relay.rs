@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Starts small (most connections are short request/response exchanges, and idle tunnels
 /// should cost little) and doubles up to `MAX_BUF` each time a direction fills its buffer:
 /// bulk transfers get large reads and writes.
-const INITIAL_BUF: usize = 2 * 1024;
+const INITIAL_BUF: usize = 1024;
 const MAX_BUF: usize = 64 * 1024;
 /// Reads this large suggest a bulk transfer, where trying for more before writing pays;
 /// after a small read (a request, a keystroke) the extra read attempt would be a wasted

@@ -418,10 +418,12 @@ impl Report {
                 |v| v <= 15.0,
             ));
         }
-        // The same program in every lab: one row, from the gateway lab when it has numbers.
-        let hook = med("hook_ns", PathId::Gateway).or(med("hook_ns", PathId::Relay));
+        // The same program in every lab. The relay lab's pod is enabled, so every call there
+        // takes the whole redirect path (the gateway lab also counts the early exits of its
+        // pods that are not enabled, which would flatter the number): that is the target row.
+        let hook = med("hook_ns", PathId::Relay).or(med("hook_ns", PathId::GatewayH2));
         out.push(abs(
-            "connect hook per call".into(),
+            "connect hook per redirected call".into(),
             hook,
             hook.map(|v| format!("{v:.0} ns")),
             "≤ 1 µs",
