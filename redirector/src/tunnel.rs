@@ -24,7 +24,9 @@ use tracing::debug;
 use crate::sniff;
 
 mod h2;
+mod read_ahead;
 pub use h2::H2Session;
+use read_ahead::ReadAhead;
 
 pub const HOP_TARGET: &str = "target";
 pub const HOP_PROXY: &str = "proxy";
@@ -1014,7 +1016,7 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
         }
     };
     let started = std::time::Instant::now();
-    let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, io, t).await?;
+    let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, ReadAhead::new(io), t).await?;
     let conn = tls.get_ref().1;
     let h2 = match conn.alpn_protocol() {
         None | Some(b"http/1.1") => false,
@@ -1150,7 +1152,9 @@ async fn through_proxy(
     let tcp = tcp_connect(HOP_PROXY, addr, proxy.url.authority(), t).await?;
     let stream: Box<dyn Io> = match tls {
         None => Box::new(tcp),
-        Some((config, name)) => Box::new(tls_connect(HOP_PROXY, config, name, tcp, t).await?),
+        Some((config, name)) => {
+            Box::new(tls_connect(HOP_PROXY, config, name, ReadAhead::new(tcp), t).await?)
+        }
     };
     let (io, status) = connect_hop(HOP_PROXY, stream, authority, &headers, t).await?;
     hops.push(HopStatus {
