@@ -201,3 +201,4 @@ mod tests {
         assert!(r.buf.capacity() == 0, "idle: no buffer kept");
     }
 }
+
