@@ -201,4 +201,3 @@ mod tests {
         assert!(r.buf.capacity() == 0, "idle: no buffer kept");
     }
 }
-
