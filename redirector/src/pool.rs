@@ -182,11 +182,6 @@ impl GatewayPool {
         }
     }
 
-    /// The configuration the pool's sessions were made with.
-    pub fn config(&self) -> &TunnelConfig {
-        &self.cfg
-    }
-
     /// A tunnel to `target_authority` through the gateway: on a shared HTTP/2 session, a
     /// warm HTTP/1.1 session, or a fresh one, in that order of preference.
     pub async fn open(&self, target_authority: &str) -> Result<Upstream, TunnelError> {
@@ -215,7 +210,7 @@ impl GatewayPool {
                 // When this dial may produce the session everyone shares, later tunnels
                 // wait for it instead of dialing their own (a burst on a cold daemon
                 // would otherwise open a session per connection).
-                let shareable = self.claim_h2_dial();
+                let claim = DialClaim::new(self);
                 let r = self.dial_counted().await;
                 let r = match r {
                     Ok(s) if s.h2 => {
@@ -223,9 +218,7 @@ impl GatewayPool {
                         if let Ok(h2) = &h2 {
                             self.adopt_h2(Arc::clone(h2), true);
                         }
-                        if shareable {
-                            self.end_h2_dial();
-                        }
+                        drop(claim);
                         self.wake.notify_one();
                         return match h2 {
                             Ok(h2) => self.count(h2.connect(target_authority, &headers, t).await),
@@ -234,9 +227,7 @@ impl GatewayPool {
                     }
                     r => r,
                 };
-                if shareable {
-                    self.end_h2_dial();
-                }
+                drop(claim);
                 (r?, Reuse::Fresh)
             }
         };
@@ -309,7 +300,8 @@ impl GatewayPool {
     }
 
     /// Marks a dial as the one others wait for, when the gateway speaks h2 or nobody knows
-    /// yet and no such dial is running. Returns whether this caller must end it.
+    /// yet and no such dial is running. Returns whether this caller must end it (see
+    /// [`DialClaim`]).
     fn claim_h2_dial(&self) -> bool {
         let Ok(mut st) = self.state.lock() else {
             return false;
@@ -480,6 +472,30 @@ impl GatewayPool {
                 }
                 None
             }
+        }
+    }
+}
+
+/// The claim on "the dial others wait for", released however the dial ends (also when the
+/// tunnel's task is dropped mid-dial), so waiters are never left waiting for nothing.
+struct DialClaim<'a> {
+    pool: &'a GatewayPool,
+    claimed: bool,
+}
+
+impl<'a> DialClaim<'a> {
+    fn new(pool: &'a GatewayPool) -> Self {
+        Self {
+            pool,
+            claimed: pool.claim_h2_dial(),
+        }
+    }
+}
+
+impl Drop for DialClaim<'_> {
+    fn drop(&mut self) {
+        if self.claimed {
+            self.pool.end_h2_dial();
         }
     }
 }
