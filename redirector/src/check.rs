@@ -1174,12 +1174,18 @@ pub fn judge_gateway(
                 _ => "trusted through --proxy-cert",
             };
             let alpn = probe.alpn.as_deref().unwrap_or("none");
-            let alpn_ok = probe.alpn.is_none() || probe.alpn.as_deref() == Some("http/1.1");
-            let detail = format!("TLS with {target} ok: certificate issued by {issuer} ({how}), ALPN {alpn}");
+            let offered_h2 = gw.tls.alpn_protocols.iter().any(|p| p == b"h2");
+            let (alpn_ok, speaks) = match probe.alpn.as_deref() {
+                None | Some("http/1.1") => (true, "HTTP/1.1 CONNECT, one TLS session per tunnel"),
+                Some("h2") if offered_h2 => (true, "HTTP/2 CONNECT streams on a shared session"),
+                Some(_) => (false, ""),
+            };
             if alpn_ok {
+                let detail = format!("TLS with {target} ok: certificate issued by {issuer} ({how}), ALPN {alpn}: {speaks}");
                 out.push(Check::ok("gateway", detail));
             } else {
-                out.push(Check::fail("gateway", detail, vec!["the gateway chose an ALPN other than http/1.1, which the redirector does not speak inside the gateway tunnel".into()]));
+                let detail = format!("TLS with {target} ok: certificate issued by {issuer} ({how}), ALPN {alpn}");
+                out.push(Check::fail("gateway", detail, vec!["the gateway chose an ALPN protocol the redirector did not offer (it speaks http/1.1 and, unless --gateway-http2=false, h2)".into()]));
             }
         }
     }
@@ -1438,6 +1444,28 @@ mod tests {
             alpn: Some("http/1.1".into()),
             extra_error: None,
         }
+    }
+
+    #[test]
+    fn gateway_alpn_h2_is_fine_when_offered_and_named() {
+        let mut p = probe("Corp CA", Trust::ExtraOnly);
+        p.alpn = Some("h2".into());
+        let both = crate::tls::client_config(None, None, &[b"h2", b"http/1.1"]).unwrap();
+        let gw = GatewayConfig::from_url("https://gw.corp.example", both).unwrap();
+        let c = find(&judge_gateway(&gw, "", &p, None, true), "gateway").clone();
+        assert_eq!(c.level, Level::Ok, "{c:?}");
+        assert!(
+            c.detail
+                .ends_with("ALPN h2: HTTP/2 CONNECT streams on a shared session"),
+            "{c:?}"
+        );
+        // h2 without having offered it (--gateway-http2=false) is a gateway fault.
+        let c = find(
+            &judge_gateway(&gw_config("gw.corp.example"), "", &p, None, true),
+            "gateway",
+        )
+        .clone();
+        assert_eq!(c.level, Level::Fail, "{c:?}");
     }
 
     #[test]

@@ -279,6 +279,40 @@ fn check_passes_in_the_node_netns_and_names_the_fix_when_something_is_wrong() {
 }
 
 #[test]
+fn check_accepts_a_gateway_that_speaks_h2_and_says_how_tunnels_travel() {
+    if !ready("check_accepts_a_gateway_that_speaks_h2_and_says_how_tunnels_travel") {
+        return;
+    }
+    let c = chain(Gateway::H2, true);
+    let pod_cg = c.lab.pods[0].cgroup.display().to_string();
+    let o = cli(
+        &c,
+        &with_chain_flags(&c, "check", PROXY_PASSWORD, &["--cgroup", &pod_cg]),
+    );
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let gw = line(&text, "ok    gateway:");
+    assert!(
+        gw.contains("ALPN h2: HTTP/2 CONNECT streams on a shared session"),
+        "{gw}"
+    );
+    // With h2 turned off the same gateway is spoken to over HTTP/1.1.
+    let o = cli(
+        &c,
+        &with_chain_flags(
+            &c,
+            "check",
+            PROXY_PASSWORD,
+            &["--cgroup", &pod_cg, "--gateway-http2=false"],
+        ),
+    );
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{}", out(&o));
+    let gw = line(&text, "ok    gateway:");
+    assert!(gw.contains("ALPN http/1.1: HTTP/1.1 CONNECT"), "{gw}");
+}
+
+#[test]
 fn check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted() {
     if !ready("check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted") {
         return;
