@@ -350,7 +350,8 @@ async fn read_token(path: &Path) -> Result<Secret, CredentialsError> {
     Ok(Secret(token.to_owned()))
 }
 
-/// The gateway hop. `tls` should offer ALPN `http/1.1`.
+/// The gateway hop. `tls` offers ALPN `http/1.1`, with `h2` first when HTTP/2 CONNECT is
+/// allowed (`gateway-http2`).
 #[derive(Clone)]
 pub struct GatewayConfig {
     /// Host to connect (and to CONNECT to through the enterprise proxy).
