@@ -14,7 +14,7 @@
 //!   one dialed.
 //!
 //! Sessions are made only while there is demand: from the first gateway tunnel until five
-//! minutes after the last one. Dial failures back off exponentially (1 s … 16 s) so a
+//! minutes after the last one (then shared HTTP/2 sessions without streams close too). Dial failures back off exponentially (1 s … 16 s) so a
 //! gateway outage is not hammered; a tunnel that finds no ready session dials its own,
 //! exactly as without the pool.
 use std::{
@@ -395,6 +395,11 @@ impl GatewayPool {
         st.idle
             .retain_mut(|i| i.since.elapsed() < max_idle && i.session.is_alive());
         st.h2.retain(|s| !s.is_closed());
+        if st.last_use.is_some_and(|t| t.elapsed() >= COOL_DOWN) {
+            // No demand for a while: shared sessions without streams go too (their pings
+            // would keep a gateway and a proxy connection busy for nothing).
+            st.h2.retain(|s| s.streams() > 0);
+        }
         let h2_open = st.h2.len();
         let idle = st.idle.len();
         self.metrics
@@ -826,6 +831,26 @@ mod tests {
         let log = gw.log();
         let conns: std::collections::HashSet<u64> = log.iter().map(|l| l.0).collect();
         assert_eq!((log.len(), conns.len()), (20, 1), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn without_demand_an_unused_h2_session_is_let_go() {
+        let pki = Pki::new("pool ca");
+        let gw = spawn_gateway(&pki, &[b"h2", b"http/1.1"]).await;
+        let pool = pool_for(&pki, &gw, &[b"h2", b"http/1.1"], 2);
+        let mut up = pool.open("a.test:443").await.expect("tunnel");
+        assert_eq!(round_trip(&mut up, b"a").await, b"a");
+        let h2_sessions = |p: &GatewayPool| p.state.lock().expect("state").h2.len();
+        pool.plan();
+        assert_eq!(h2_sessions(&pool), 1, "kept while there is demand");
+        // Five minutes later, with the stream still open: kept.
+        let long_ago = Instant::now().checked_sub(COOL_DOWN).expect("clock");
+        pool.state.lock().expect("state").last_use = Some(long_ago);
+        pool.plan();
+        assert_eq!(h2_sessions(&pool), 1, "a session with a stream stays");
+        drop(up);
+        pool.plan();
+        assert_eq!(h2_sessions(&pool), 0, "no demand, no streams: let go");
     }
 
     #[tokio::test]
