@@ -204,52 +204,39 @@ impl GatewayPool {
                 r => return self.count(r),
             }
         }
-        let (session, reuse) = match self.take_idle() {
-            Some(s) => (s, Reuse::Warm),
+        // When a dial may produce the session everyone shares (h2, or not known yet), later
+        // tunnels wait for it instead of dialing their own (a burst on a cold daemon would
+        // otherwise open a session per connection); the claim lasts until its handshake.
+        let (session, reuse, claim) = match self.take_idle() {
+            Some(s) => (s, Reuse::Warm, None),
             None => {
-                // When this dial may produce the session everyone shares, later tunnels
-                // wait for it instead of dialing their own (a burst on a cold daemon
-                // would otherwise open a session per connection).
                 let claim = DialClaim::new(self);
-                let r = self.dial_counted().await;
-                let r = match r {
-                    Ok(s) if s.h2 => {
-                        let h2 = H2Session::handshake(s, t).await.map(Arc::new);
-                        if let Ok(h2) = &h2 {
-                            self.adopt_h2(Arc::clone(h2), true);
-                        }
-                        drop(claim);
-                        self.wake.notify_one();
-                        return match h2 {
-                            Ok(h2) => self.count(h2.connect(target_authority, &headers, t).await),
-                            Err(e) => Err(e),
-                        };
-                    }
-                    r => r,
-                };
-                drop(claim);
-                (r?, Reuse::Fresh)
+                (self.dial_counted().await?, Reuse::Fresh, Some(claim))
             }
         };
         if session.h2 {
-            // A warm session that turned out to speak h2 (the gateway changed its offer).
-            let h2 = Arc::new(H2Session::handshake(session, t).await?);
-            self.adopt_h2(Arc::clone(&h2), true);
+            let h2 = H2Session::handshake(session, t).await.map(Arc::new);
+            if let Ok(h2) = &h2 {
+                self.adopt_h2(Arc::clone(h2), true);
+            }
+            drop(claim);
             self.wake.notify_one();
-            return self.count(h2.connect(target_authority, &headers, t).await);
+            return self.count(h2?.connect(target_authority, &headers, t).await);
         }
+        drop(claim);
         self.wake.notify_one();
-        let r = match session.connect_h1(target_authority, &headers, t).await {
+        let r = match session
+            .connect_h1(reuse, target_authority, &headers, t)
+            .await
+        {
             // A warm session can die in the instant between the liveness check and the
             // CONNECT; that says nothing about the target. One fresh retry, no more.
             Err(TunnelError::Closed { .. } | TunnelError::Io { .. }) if reuse == Reuse::Warm => {
                 debug!("warm gateway session was closed; dialing a fresh one");
                 let fresh = self.dial_counted().await?;
-                tunnel::GatewaySession::open_once(fresh, target_authority, &headers, t)
-                    .await
-                    .map(|u| with_reuse(u, Reuse::Fresh))
+                fresh.open_once(target_authority, &headers, t).await
             }
-            r => r.map(|u| with_reuse(u, reuse)),
+            r => r,
         };
         self.count(r)
     }
@@ -503,15 +490,6 @@ impl Drop for DialClaim<'_> {
             self.pool.end_h2_dial();
         }
     }
-}
-
-fn with_reuse(mut u: Upstream, reuse: Reuse) -> Upstream {
-    if let Some(s) = &mut u.session
-        && s.proto == "h1"
-    {
-        s.reuse = reuse;
-    }
-    u
 }
 
 /// Keeps the pool full: on every use (notify) and once a second (to notice sessions the

@@ -891,11 +891,7 @@ pub async fn open(
             // Everything local that can fail does so before we touch the network.
             let headers = gateway_headers(gw).await?;
             let session = dial_gateway(cfg).await?;
-            let mut up = session.open_once(target_authority, &headers, t).await?;
-            if let Some(info) = &mut up.session {
-                info.reuse = Reuse::Fresh;
-            }
-            Ok(up)
+            session.open_once(target_authority, &headers, t).await
         }
     }
 }
@@ -1055,13 +1051,16 @@ impl GatewaySession {
             let shared = h2::H2Session::handshake(self, t).await?;
             shared.connect(target_authority, headers, t).await
         } else {
-            self.connect_h1(target_authority, headers, t).await
+            self.connect_h1(Reuse::Fresh, target_authority, headers, t)
+                .await
         }
     }
 
-    /// The HTTP/1.1 inner CONNECT; consumes the session.
+    /// The HTTP/1.1 inner CONNECT; consumes the session. `reuse` says how the session came
+    /// about, for the audit line.
     pub async fn connect_h1(
         self,
+        reuse: Reuse,
         target_authority: &str,
         headers: &[(&str, Secret)],
         t: &Timeouts,
@@ -1085,7 +1084,7 @@ impl GatewaySession {
             hops,
             setup,
             session: Some(SessionInfo {
-                reuse: Reuse::Warm,
+                reuse,
                 proto: "h1",
                 resumed,
             }),

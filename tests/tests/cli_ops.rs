@@ -103,7 +103,20 @@ fn status_while_running_and_after_the_daemon_is_killed() {
             .unwrap();
         assert_eq!(first.trim(), "up");
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The relay starts once the sniff deadline passed (server-first): wait for the daemon to
+    // list the connection rather than for a fixed time.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !c
+        .lab
+        .node_http_get("/connections")
+        .is_some_and(|(_, body)| body.contains("203.0.113.14:8080"))
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "the held connection never showed in /connections"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pod_cg = c.lab.pods[0].cgroup.display().to_string();
 
     let s = c.lab.status();
