@@ -137,6 +137,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
                             key: key.clone(),
                             label: key,
                             cgroup_candidates: vec![p.clone()],
+                            pod: None,
                         },
                     )
                 })
@@ -149,9 +150,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
                 .await
                 .map_err(RunError::Kube)?;
             let (node, root) = (node.clone(), config.cgroup_root.clone());
+            let rejected = shared.metrics.k8s_rejected.clone();
             info!(node = %node, "following pods of labeled namespaces on this node");
             tokio::spawn(async move {
-                if let Err(e) = k8s::run(client, node, root, tx).await {
+                if let Err(e) = k8s::run(client, node, root, rejected, tx).await {
                     error!(error = %crate::error_chain(&e), "kubernetes watcher stopped");
                 }
             });
@@ -406,6 +408,14 @@ fn watch_paths(w: &Workload, out: &mut HashSet<PathBuf>) {
     }
 }
 
+/// Takes `id` out of `rdr_enabled` unless another workload still has it enabled: two pods
+/// may resolve to one cgroup, and the one that leaves must not disable the other's.
+fn release(maps: &mut bpf::Maps, enabled: &HashMap<String, Enabled>, id: u64) {
+    if !enabled.values().any(|e| e.id == id) {
+        let _ = maps.disable(id);
+    }
+}
+
 /// What the reconciler knows about one enabled workload.
 struct Enabled {
     cgroup: PathBuf,
@@ -438,7 +448,7 @@ async fn reconcile(
         let mut live: HashMap<NetnsId, u32> = HashMap::new();
         let mut all_ready = known;
         for w in desired.values() {
-            let Some(cg) = w.cgroup_candidates.iter().find(|p| p.is_dir()).cloned() else {
+            let Some(cg) = w.find_cgroup() else {
                 // Not created by the kubelet yet: nothing to listen for, not a readiness issue.
                 if waiting_logged.insert(w.key.clone()) {
                     info!(workload = %w.label, "waiting for the workload's cgroup to appear");
@@ -485,7 +495,7 @@ async fn reconcile(
             if !already {
                 let mut maps = shared.maps.lock().expect("maps lock poisoned");
                 if let Some(old) = enabled.remove(&w.key) {
-                    let _ = maps.disable(old.id);
+                    release(&mut maps, &enabled, old.id);
                 }
                 match maps.enable(id) {
                     Ok(()) => {
@@ -516,7 +526,7 @@ async fn reconcile(
             let mut maps = shared.maps.lock().expect("maps lock poisoned");
             for k in gone {
                 if let Some(e) = enabled.remove(&k) {
-                    let _ = maps.disable(e.id);
+                    release(&mut maps, &enabled, e.id);
                     info!(workload = %k, cgroup = %e.cgroup.display(), "workload disabled");
                 }
             }

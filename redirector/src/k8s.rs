@@ -47,9 +47,11 @@ use tracing::{debug, info, warn};
 
 use crate::{
     error_chain,
-    kubelet::{QosClass, pod_cgroup_candidates},
-    workloads::{DesiredSet, Workload},
+    kubelet::{PodUid, QosClass, pod_cgroup_candidates},
+    telemetry::ReasonLabels,
+    workloads::{DesiredSet, PodCgroup, Workload},
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 
 /// Namespace label that enables a namespace (`true`) and pod label that opts a pod out (`false`).
 pub const ENABLED_LABEL: &str = "egress-redirector.io/enabled";
@@ -107,6 +109,7 @@ pub async fn run(
     client: Client,
     node_name: String,
     cgroup_root: PathBuf,
+    rejected: Family<ReasonLabels, Counter>,
     tx: watch::Sender<DesiredSet>,
 ) -> Result<(), K8sError> {
     let namespaces = watcher(
@@ -126,7 +129,7 @@ pub async fn run(
     let mut inputs = futures::stream::select(namespaces, pods);
 
     info!(node = %node_name, label = ENABLED_LABEL, "watching namespaces and pods");
-    let mut model = Model::new(node_name, cgroup_root);
+    let mut model = Model::new(node_name, cgroup_root, rejected);
     // The first complete set is always published, even when empty: it tells the reconciler
     // the API has been read, so it can clean up what an earlier run left enabled and report
     // ready on a node with nothing to enable.
@@ -263,15 +266,79 @@ struct PodInfo {
     phase: Option<String>,
     host_network: bool,
     terminating: bool,
-    /// The UID in the pod's cgroup name: `metadata.uid`, or the mirror annotation.
-    cgroup_uid: String,
+    /// `metadata.uid`, validated.
+    uid: PodUid,
+    /// The static pod hash of a mirror pod (`kubernetes.io/config.mirror` in the kubelet's
+    /// exact form, with the kubelet's Node owner reference naming this node). Honoured only
+    /// while no other pod claims the same hash ([`Model::cgroup_uid`]).
+    mirror: Option<PodUid>,
+}
+
+/// What a pod object may say, and why it was not believed. Counted in
+/// `redirector_k8s_rejected_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rejected {
+    /// `metadata.uid` is not a UUID: the pod is ignored.
+    Uid,
+    /// The mirror annotation is not the kubelet's hash on a pod the kubelet owns, or another
+    /// pod claims the same hash: the annotation is ignored and the pod's own UID used.
+    MirrorAnnotation,
+}
+
+impl Rejected {
+    fn reason(self) -> &'static str {
+        match self {
+            Rejected::Uid => "uid",
+            Rejected::MirrorAnnotation => "mirror_annotation",
+        }
+    }
+}
+
+/// At most this much of a pod-supplied value goes into a log line, escaped.
+const LOGGED_VALUE_MAX: usize = 64;
+
+/// A pod-supplied value for a log line: escaped, cut to [`LOGGED_VALUE_MAX`] characters, with
+/// its full length.
+fn logged_value(v: &str) -> String {
+    let cut: String = v.chars().take(LOGGED_VALUE_MAX).collect();
+    let more = if cut.len() < v.len() { "…" } else { "" };
+    format!("{:?}{more} ({} bytes)", cut, v.len())
+}
+
+/// Whether the pod has the owner reference the kubelet puts on the mirror pods it creates:
+/// the controller reference to its own Node object.
+fn owned_by_node(pod: &Pod, node: &str) -> bool {
+    pod.metadata.owner_references.as_ref().is_some_and(|refs| {
+        refs.iter().any(|r| {
+            r.api_version == "v1"
+                && r.kind == "Node"
+                && r.name == node
+                && r.controller == Some(true)
+        })
+    })
 }
 
 impl PodInfo {
-    fn decode(pod: &Pod) -> Option<(String, Option<PodInfo>)> {
+    fn decode(
+        pod: &Pod,
+        node: &str,
+        rejected: &Family<ReasonLabels, Counter>,
+    ) -> Option<(String, Option<PodInfo>)> {
+        let reject = |why: Rejected| {
+            rejected
+                .get_or_create(&ReasonLabels {
+                    reason: why.reason(),
+                })
+                .inc();
+        };
         let meta = &pod.metadata;
-        let Some(uid) = meta.uid.clone().filter(|u| !u.is_empty()) else {
+        let Some(raw_uid) = meta.uid.clone().filter(|u| !u.is_empty()) else {
             warn!(pod = ?meta.name, namespace = ?meta.namespace, "pod without metadata.uid ignored");
+            return None;
+        };
+        let Some(uid) = PodUid::from_api(&raw_uid) else {
+            reject(Rejected::Uid);
+            warn!(pod = ?meta.name, namespace = ?meta.namespace, uid = %logged_value(&raw_uid), "pod whose metadata.uid is not a UUID ignored");
             return None;
         };
         let spec = pod.spec.as_ref();
@@ -282,13 +349,25 @@ impl PodInfo {
                 .and_then(|l| l.get(key))
                 .map(String::as_str)
         };
-        let cgroup_uid = meta
+        let mirror = match meta
             .annotations
             .as_ref()
             .and_then(|a| a.get(MIRROR_ANNOTATION))
-            .filter(|hash| !hash.is_empty())
-            .cloned()
-            .unwrap_or_else(|| uid.clone());
+        {
+            None => None,
+            Some(value) => match PodUid::from_mirror_hash(value) {
+                Some(hash) if owned_by_node(pod, node) => Some(hash),
+                _ => {
+                    reject(Rejected::MirrorAnnotation);
+                    warn!(
+                        pod = ?meta.name, namespace = ?meta.namespace, %uid,
+                        value = %logged_value(value),
+                        "mirror annotation ignored: not the kubelet's manifest hash on a pod the kubelet of this node owns; the pod's own uid names its cgroup"
+                    );
+                    None
+                }
+            },
+        };
         let info = PodInfo {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
@@ -298,9 +377,10 @@ impl PodInfo {
             phase: status.and_then(|s| s.phase.clone()),
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminating: meta.deletion_timestamp.is_some(),
-            cgroup_uid,
+            uid: uid.clone(),
+            mirror,
         };
-        Some((uid, Some(info)))
+        Some((raw_uid, Some(info)))
     }
 
     fn label(&self) -> String {
@@ -329,15 +409,48 @@ struct Model {
     cgroup_root: PathBuf,
     namespaces: Synced<()>,
     pods: Synced<PodInfo>,
+    /// Pod objects not believed, by reason (`redirector_k8s_rejected_total`).
+    rejected: Family<ReasonLabels, Counter>,
+    /// Mirror hashes claimed by more than one pod, as last logged.
+    contested: BTreeSet<PodUid>,
 }
 
 impl Model {
-    fn new(node: String, cgroup_root: PathBuf) -> Self {
+    fn new(node: String, cgroup_root: PathBuf, rejected: Family<ReasonLabels, Counter>) -> Self {
         Model {
             node,
             cgroup_root,
             namespaces: Synced::default(),
             pods: Synced::default(),
+            rejected,
+            contested: BTreeSet::new(),
+        }
+    }
+
+    /// Mirror hashes that more than one pod object claims. Only one of them can be the
+    /// kubelet's; since the API cannot tell which, none is believed.
+    fn contested_hashes(&self) -> BTreeSet<PodUid> {
+        let mut seen = BTreeSet::new();
+        let mut twice = BTreeSet::new();
+        for hash in self
+            .pods
+            .committed
+            .values()
+            .filter_map(|p| p.mirror.as_ref())
+        {
+            if !seen.insert(hash) {
+                twice.insert(hash.clone());
+            }
+        }
+        twice
+    }
+
+    /// The UID the pod's cgroup is named after: its mirror hash when that is believed, else
+    /// its own `metadata.uid`.
+    fn cgroup_uid<'a>(&self, pod: &'a PodInfo, contested: &BTreeSet<PodUid>) -> &'a PodUid {
+        match &pod.mirror {
+            Some(hash) if !contested.contains(hash) => hash,
+            _ => &pod.uid,
         }
     }
 
@@ -366,7 +479,28 @@ impl Model {
         if let watcher::Event::Apply(pod) | watcher::Event::Delete(pod) = &event {
             debug!(pod = ?pod.metadata.name, namespace = ?pod.metadata.namespace, uid = ?pod.metadata.uid, "pod event");
         }
-        self.pods.apply(event, PodInfo::decode);
+        let (node, rejected) = (&self.node, &self.rejected);
+        self.pods
+            .apply(event, |p| PodInfo::decode(p, node, rejected));
+        let contested = self.contested_hashes();
+        for hash in contested.difference(&self.contested) {
+            let claimants: Vec<String> = self
+                .pods
+                .committed
+                .values()
+                .filter(|p| p.mirror.as_ref() == Some(hash))
+                .map(PodInfo::label)
+                .collect();
+            for _ in &claimants {
+                self.rejected
+                    .get_or_create(&ReasonLabels {
+                        reason: Rejected::MirrorAnnotation.reason(),
+                    })
+                    .inc();
+            }
+            warn!(%hash, pods = ?claimants, "several pods claim the same mirror hash; none is believed, each pod's own uid names its cgroup");
+        }
+        self.contested = contested;
         if done {
             info!(resource = "pods", node = %self.node, pods = self.pods.committed.len(), "kubernetes list complete");
         }
@@ -394,20 +528,26 @@ impl Model {
         if !(self.namespaces.synced && self.pods.synced) {
             return None;
         }
+        let contested = self.contested_hashes();
         let set = self
             .pods
             .committed
             .iter()
             .filter(|(_, pod)| self.excluded(pod).is_none())
             .map(|(uid, pod)| {
+                let cgroup_uid = self.cgroup_uid(pod, &contested);
                 let workload = Workload {
                     key: uid.clone(),
                     label: pod.label(),
                     cgroup_candidates: pod_cgroup_candidates(
                         &self.cgroup_root,
-                        &pod.cgroup_uid,
+                        cgroup_uid,
                         pod.qos,
                     ),
+                    pod: Some(PodCgroup {
+                        root: self.cgroup_root.clone(),
+                        uid: cgroup_uid.clone(),
+                    }),
                 };
                 (uid.clone(), workload)
             })
@@ -480,7 +620,7 @@ mod tests {
     }
 
     fn model() -> Model {
-        Model::new(NODE.into(), PathBuf::from("/cg"))
+        Model::new(NODE.into(), PathBuf::from("/cg"), Family::default())
     }
 
     /// A model whose watchers have listed `namespaces` and `pods`.
@@ -542,9 +682,13 @@ mod tests {
                 label: "apps/a".into(),
                 cgroup_candidates: pod_cgroup_candidates(
                     Path::new("/cg"),
-                    UID_A,
+                    &puid(UID_A),
                     QosClass::Guaranteed
                 ),
+                pod: Some(PodCgroup {
+                    root: PathBuf::from("/cg"),
+                    uid: puid(UID_A)
+                }),
             }
         );
     }
@@ -724,21 +868,131 @@ mod tests {
         assert!(keys(&m).is_empty());
     }
 
+    fn puid(uid: &str) -> PodUid {
+        PodUid::from_api(uid).expect("uuid")
+    }
+
+    const HASH: &str = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
+
+    /// A mirror pod as the kubelet of `node` creates it, annotated with `value`.
+    fn mirror(name: &str, uid: &str, value: &str, node: &str) -> Pod {
+        pod(
+            "apps",
+            name,
+            uid,
+            serde_json::json!({ "metadata": {
+                "annotations": { MIRROR_ANNOTATION: value },
+                "ownerReferences": [{ "apiVersion": "v1", "kind": "Node", "name": node,
+                    "uid": "0f0f0f0f-0000-4000-8000-00000000000f", "controller": true }],
+            } }),
+        )
+    }
+
+    fn rejected(m: &Model, why: Rejected) -> u64 {
+        m.rejected
+            .get_or_create(&ReasonLabels {
+                reason: why.reason(),
+            })
+            .get()
+    }
+
     #[test]
     fn mirror_pod_uses_the_kubelet_uid_for_cgroups() {
-        let hash = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
-        let extra =
-            serde_json::json!({ "metadata": { "annotations": { MIRROR_ANNOTATION: hash } } });
+        let hash = HASH;
         let m = listed(
             vec![namespace("apps", Some("true"))],
-            vec![pod("apps", "etcd", UID_A, extra)],
+            vec![mirror("etcd", UID_A, hash, NODE)],
         );
         let set = m.desired().expect("synced");
         assert_eq!(set[UID_A].key, UID_A, "keyed by the API object's uid");
         assert_eq!(
             set[UID_A].cgroup_candidates,
-            pod_cgroup_candidates(Path::new("/cg"), hash, QosClass::Burstable)
+            pod_cgroup_candidates(
+                Path::new("/cg"),
+                &PodUid::from_mirror_hash(hash).expect("hash"),
+                QosClass::Burstable
+            )
         );
+        assert_eq!(rejected(&m, Rejected::MirrorAnnotation), 0);
+    }
+
+    /// Hostile mirror annotations (a tenant writes them): only the kubelet's exact hash form
+    /// on a pod owned by this node's Node is believed; anything else falls back to the pod's
+    /// own uid, is counted, and never reaches a path.
+    #[test]
+    fn mirror_annotation_believed_only_in_the_kubelets_form() {
+        let own = pod_cgroup_candidates(Path::new("/cg"), &puid(UID_A), QosClass::Burstable);
+        let huge = "0".repeat(256 * 1024);
+        let traversal = format!("{UID_A}/../../..");
+        let cases: Vec<(&str, Pod)> = vec![
+            ("traversal", mirror("a", UID_A, &traversal, NODE)),
+            (
+                "system.slice",
+                mirror("a", UID_A, "../../system.slice", NODE),
+            ),
+            ("another pod's uid", mirror("a", UID_A, UID_B, NODE)),
+            (
+                "uppercase hash",
+                mirror("a", UID_A, &HASH.to_uppercase(), NODE),
+            ),
+            ("huge", mirror("a", UID_A, &huge, NODE)),
+            ("empty", mirror("a", UID_A, "", NODE)),
+            ("owned by another node", mirror("a", UID_A, HASH, "node-2")),
+            (
+                "no owner",
+                pod(
+                    "apps",
+                    "a",
+                    UID_A,
+                    serde_json::json!({ "metadata": { "annotations": { MIRROR_ANNOTATION: HASH } } }),
+                ),
+            ),
+        ];
+        for (what, p) in cases {
+            let m = listed(vec![namespace("apps", Some("true"))], vec![p]);
+            let set = m.desired().expect("synced");
+            assert_eq!(set[UID_A].cgroup_candidates, own, "{what}");
+            assert_eq!(rejected(&m, Rejected::MirrorAnnotation), 1, "{what}");
+        }
+    }
+
+    /// Two pods claiming one hash: one of them is lying, the API cannot say which, so neither
+    /// claim is believed (the forged one is then redirected by its own uid, as it should be).
+    #[test]
+    fn contested_mirror_hash_is_believed_for_no_one() {
+        let m = listed(
+            vec![namespace("apps", Some("true"))],
+            vec![
+                mirror("etcd", UID_A, HASH, NODE),
+                mirror("forged", UID_B, HASH, NODE),
+            ],
+        );
+        let set = m.desired().expect("synced");
+        for uid in [UID_A, UID_B] {
+            assert_eq!(
+                set[uid].cgroup_candidates,
+                pod_cgroup_candidates(Path::new("/cg"), &puid(uid), QosClass::Burstable),
+                "{uid}"
+            );
+        }
+        assert_eq!(rejected(&m, Rejected::MirrorAnnotation), 2);
+    }
+
+    #[test]
+    fn pod_whose_uid_is_not_a_uuid_is_ignored() {
+        for bad in [
+            "../../..",
+            "x",
+            HASH,
+            "aaaaaaaa-0000-4000-8000-00000000000/",
+        ] {
+            let m = listed(
+                vec![namespace("apps", Some("true"))],
+                vec![pod("apps", "a", bad, serde_json::json!({}))],
+            );
+            assert!(keys(&m).is_empty(), "{bad}");
+            assert!(rejected(&m, Rejected::Uid) >= 1, "{bad}");
+        }
     }
 
     #[test]

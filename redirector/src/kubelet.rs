@@ -23,7 +23,42 @@
 //! `kubernetes.io/config.mirror` annotation (its `metadata.uid` is a different, API-made one).
 //! A kubelet with a non-default `--cgroup-root` is served by passing that directory as the
 //! cgroup root.
+//!
+//! Every value here comes from a pod object, which a tenant writes. So a UID becomes part of
+//! a path only as a [`PodUid`], which holds exactly the two forms the kubelet names cgroups
+//! after, and a directory found from one is used only after [`confine`] has resolved it and
+//! checked that it is a pod directory inside the kubepods tree of the cgroup root.
 use std::{fmt, path::Path, path::PathBuf};
+
+/// A UID the kubelet names a pod cgroup after, in exactly the kubelet's form: an
+/// API-assigned UUID (`8-4-4-4-12` hex groups) or a static pod's manifest hash (32 lowercase
+/// hex digits: the kubelet's MD5 of the manifest, written into the mirror pod's
+/// `kubernetes.io/config.mirror` annotation). Nothing else — no `/`, no `.`, no other
+/// length — can be built, so a `PodUid` cannot step out of the directory it is joined to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodUid(String);
+
+impl PodUid {
+    /// `metadata.uid` as the API server assigns it (a UUID).
+    pub fn from_api(uid: &str) -> Option<PodUid> {
+        is_uuid(uid).then(|| PodUid(uid.to_owned()))
+    }
+
+    /// The mirror annotation's value: only the kubelet's own 32-lowercase-hex-digit hash.
+    pub fn from_mirror_hash(hash: &str) -> Option<PodUid> {
+        is_manifest_hash(hash).then(|| PodUid(hash.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PodUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 /// Pod QoS class as reported in `status.qosClass`; it decides the cgroup's parent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,8 +101,8 @@ impl fmt::Display for QosClass {
 }
 
 /// The pod directory under the systemd driver, relative to the cgroup root.
-pub fn systemd_pod_dir(uid: &str, qos: QosClass) -> PathBuf {
-    let escaped = uid.replace('-', "_");
+pub fn systemd_pod_dir(uid: &PodUid, qos: QosClass) -> PathBuf {
+    let escaped = uid.as_str().replace('-', "_");
     let mut dir = PathBuf::from("kubepods.slice");
     match qos.level() {
         None => dir.push(format!("kubepods-pod{escaped}.slice")),
@@ -80,7 +115,7 @@ pub fn systemd_pod_dir(uid: &str, qos: QosClass) -> PathBuf {
 }
 
 /// The pod directory under the cgroupfs driver, relative to the cgroup root.
-pub fn cgroupfs_pod_dir(uid: &str, qos: QosClass) -> PathBuf {
+pub fn cgroupfs_pod_dir(uid: &PodUid, qos: QosClass) -> PathBuf {
     let mut dir = PathBuf::from("kubepods");
     if let Some(level) = qos.level() {
         dir.push(level);
@@ -91,7 +126,7 @@ pub fn cgroupfs_pod_dir(uid: &str, qos: QosClass) -> PathBuf {
 
 /// Every directory the pod's cgroup may have under `cgroup_root`: systemd driver first (the
 /// default of kubeadm and most distributions since Kubernetes 1.22), then cgroupfs.
-pub fn pod_cgroup_candidates(cgroup_root: &Path, uid: &str, qos: QosClass) -> Vec<PathBuf> {
+pub fn pod_cgroup_candidates(cgroup_root: &Path, uid: &PodUid, qos: QosClass) -> Vec<PathBuf> {
     vec![
         cgroup_root.join(systemd_pod_dir(uid, qos)),
         cgroup_root.join(cgroupfs_pod_dir(uid, qos)),
@@ -121,16 +156,43 @@ pub fn pod_uid_from_cgroup_dir(name: &str) -> Option<String> {
     is_uid(uid).then(|| uid.to_owned())
 }
 
-/// A UID as the kubelet names cgroups after: an API-assigned UUID (`8-4-4-4-12` hex groups)
-/// or a static pod's manifest hash (32 hex digits, no dashes).
-fn is_uid(s: &str) -> bool {
+/// The kubepods trees a pod cgroup may sit in, below the cgroup root (systemd, cgroupfs).
+const KUBEPODS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
+/// Resolves `dir` (symlinks, `..`) and returns it only if it is a pod cgroup directory of
+/// `uid` strictly inside a kubepods tree of `cgroup_root`. The last guard between a value
+/// from the API and a cgroup the daemon enables: `None` for anything else, whatever the path
+/// says.
+pub fn confine(cgroup_root: &Path, dir: &Path, uid: &PodUid) -> Option<PathBuf> {
+    let root = cgroup_root.canonicalize().ok()?;
+    let real = dir.canonicalize().ok()?;
+    let inside = KUBEPODS.iter().any(|tree| {
+        real.strip_prefix(root.join(tree))
+            .is_ok_and(|rest| rest.components().next().is_some())
+    });
+    let name = real.file_name()?.to_str()?;
+    let same_pod =
+        pod_uid_from_cgroup_dir(name).is_some_and(|u| u.eq_ignore_ascii_case(uid.as_str()));
+    (inside && same_pod).then_some(real)
+}
+
+/// An API-assigned UUID: `8-4-4-4-12` hex groups.
+fn is_uuid(s: &str) -> bool {
     let hex = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_hexdigit());
-    if !s.contains('-') {
-        return s.len() == 32 && hex(s);
-    }
     let parts: Vec<&str> = s.split('-').collect();
     let lens = parts.iter().map(|p| p.len()).collect::<Vec<_>>();
     lens == [8, 4, 4, 4, 12] && parts.iter().all(|p| hex(p))
+}
+
+/// A static pod's manifest hash as the kubelet writes it: 32 lowercase hex digits.
+fn is_manifest_hash(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A UID as the kubelet names cgroups after (either form; hex of either case, as found on
+/// disk).
+fn is_uid(s: &str) -> bool {
+    is_uuid(s) || (s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -139,6 +201,85 @@ mod tests {
 
     const UID: &str = "0a1b2c3d-4e5f-6789-abcd-ef0123456789";
     const UID_: &str = "0a1b2c3d_4e5f_6789_abcd_ef0123456789";
+
+    fn uid() -> PodUid {
+        PodUid::from_api(UID).expect("valid uid")
+    }
+
+    #[test]
+    fn pod_uids_take_only_the_kubelet_forms() {
+        let hash = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
+        assert!(PodUid::from_api(UID).is_some());
+        assert!(PodUid::from_mirror_hash(hash).is_some());
+        let bad_api = [
+            "",
+            hash,
+            "../../..",
+            &format!("{UID}/../../.."),
+            &format!("{UID}/"),
+            "0a1b2c3d-4e5f-6789-abcd-ef012345678",
+            "0a1b2c3d-4e5f-6789-abcd-ef0123456789-",
+            "0a1b2c3d-4e5f-6789-abcd_ef0123456789",
+            "0a1b2c3g-4e5f-6789-abcd-ef0123456789",
+        ];
+        for v in bad_api {
+            assert_eq!(PodUid::from_api(v), None, "{v:?}");
+        }
+        let upper = hash.to_uppercase();
+        let long = "0".repeat(256 * 1024);
+        let bad_hash = [
+            "",
+            UID,
+            upper.as_str(),
+            &hash[..31],
+            "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a0",
+            "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1/",
+            "..",
+            ".",
+            long.as_str(),
+            "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1\u{0}",
+        ];
+        for v in bad_hash {
+            assert_eq!(PodUid::from_mirror_hash(v), None, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn confine_keeps_only_the_pods_own_directory_inside_kubepods() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let r = root.path();
+        let own = r.join(format!("kubepods/burstable/pod{UID}"));
+        let other_uid = "11111111-2222-4333-8444-555555555555";
+        let other = r.join(format!("kubepods/burstable/pod{other_uid}"));
+        let systemd = r.join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice"
+        ));
+        for d in [
+            &own,
+            &other,
+            &systemd,
+            &r.join("system.slice/containerd.service"),
+        ] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        std::os::unix::fs::symlink(r.join("system.slice"), r.join(format!("kubepods/pod{UID}")))
+            .expect("symlink");
+        let real = |p: &Path| p.canonicalize().expect("canonical");
+        assert_eq!(confine(r, &own, &uid()), Some(real(&own)));
+        assert_eq!(confine(r, &systemd, &uid()), Some(real(&systemd)));
+        let refused = [
+            own.join("../../.."),
+            own.join("../../../system.slice/containerd.service"),
+            other.clone(),
+            r.join("kubepods"),
+            r.join("kubepods/burstable"),
+            r.join(format!("kubepods/pod{UID}")),
+            r.join("missing"),
+        ];
+        for p in refused {
+            assert_eq!(confine(r, &p, &uid()), None, "{}", p.display());
+        }
+    }
 
     #[test]
     fn qos_class_from_status() {
@@ -181,7 +322,7 @@ mod tests {
         ];
         for (qos, systemd, cgroupfs) in cases {
             assert_eq!(
-                pod_cgroup_candidates(root, UID, qos),
+                pod_cgroup_candidates(root, &uid(), qos),
                 vec![root.join(&systemd), root.join(&cgroupfs)],
                 "{qos}"
             );
@@ -190,7 +331,7 @@ mod tests {
 
     #[test]
     fn candidates_follow_the_given_root() {
-        let got = pod_cgroup_candidates(Path::new("/tmp/x/cg"), UID, QosClass::Guaranteed);
+        let got = pod_cgroup_candidates(Path::new("/tmp/x/cg"), &uid(), QosClass::Guaranteed);
         assert_eq!(
             got[1],
             PathBuf::from(format!("/tmp/x/cg/kubepods/pod{UID}"))
@@ -201,7 +342,10 @@ mod tests {
     fn static_pod_hash_uid() {
         let hash = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
         assert_eq!(
-            systemd_pod_dir(hash, QosClass::Burstable),
+            systemd_pod_dir(
+                &PodUid::from_mirror_hash(hash).expect("hash"),
+                QosClass::Burstable
+            ),
             PathBuf::from(format!(
                 "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice"
             ))
@@ -266,7 +410,7 @@ mod tests {
             QosClass::Burstable,
             QosClass::BestEffort,
         ] {
-            for dir in pod_cgroup_candidates(Path::new("/sys/fs/cgroup"), UID, qos) {
+            for dir in pod_cgroup_candidates(Path::new("/sys/fs/cgroup"), &uid(), qos) {
                 let name = dir
                     .file_name()
                     .and_then(|n| n.to_str())

@@ -136,6 +136,7 @@ pub struct Metrics {
     pub tunnel_setup: Family<HopLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<RouteLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
+    pub k8s_rejected: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
     pub errors: Family<SideLabels, Counter>,
     pub tunnel_failures: Family<TunnelFailureLabels, Counter>,
@@ -155,6 +156,7 @@ impl Default for Metrics {
             tunnel_setup: Family::new_with_constructor(setup_histogram as fn() -> Histogram),
             connections: Default::default(),
             refused: Default::default(),
+            k8s_rejected: Default::default(),
             bytes: Default::default(),
             errors: Default::default(),
             tunnel_failures: Default::default(),
@@ -182,6 +184,11 @@ impl Metrics {
             "refused",
             "Connections refused before relaying, by reason",
             self.refused.clone(),
+        );
+        r.register(
+            "k8s_rejected",
+            "Values in pod objects not believed, by reason (uid: pod ignored; mirror_annotation: the pod's own uid used)",
+            self.k8s_rejected.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
         r.register(

@@ -992,3 +992,236 @@ fn restarted_daemon_drops_pods_unlabeled_while_it_was_down() {
     );
     assert_eq!(outcome, Outcome::NoRoute);
 }
+
+/// A host service outside the kubepods tree (`<cgroup root>/system.slice/<unit>`) with one
+/// process in the node netns: what a pod must never be able to enable. Drop kills the process
+/// (ours, by pid) and removes the cgroups it created.
+struct HostService {
+    proc: Option<Proc>,
+    dirs: Vec<PathBuf>,
+}
+
+impl HostService {
+    fn start(lab: &Lab, rel: &str) -> HostService {
+        let mut dirs = Vec::new();
+        let mut dir = lab.cg_root.clone();
+        for part in rel.split('/') {
+            dir.push(part);
+            if !dir.is_dir() {
+                fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+                dirs.push(dir.clone());
+            }
+        }
+        let log = lab.dir.join("host-service.log");
+        let child = tests::lab::in_pod_cmd(&lab.node, &dir, "sleep")
+            .arg("1000000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("host service log"))
+            .spawn()
+            .expect("spawn host service");
+        let proc = Proc {
+            name: "host-service".into(),
+            child,
+            log,
+        };
+        let pid = proc.pid().to_string();
+        let procs = dir.join("cgroup.procs");
+        let end = Instant::now() + WAIT;
+        while !fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == pid)
+        {
+            assert!(Instant::now() < end, "host service never joined its cgroup");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        HostService {
+            proc: Some(proc),
+            dirs,
+        }
+    }
+}
+
+impl Drop for HostService {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal(libc::SIGKILL);
+            let _ = p.child.wait();
+        }
+        for d in self.dirs.iter().rev() {
+            let _ = fs::remove_dir(d);
+        }
+    }
+}
+
+fn cgroup_ino(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .ino()
+}
+
+/// 10. Hostile pod objects (issue 11, item 1). Pods in a labeled namespace put, in the
+///     `kubernetes.io/config.mirror` annotation, a path out of their own cgroup (to the cgroup
+///     root, to the host's `system.slice`), the UID of a pod in an unlabeled namespace, the UID
+///     of their labeled neighbour, a static pod's manifest hash with a forged Node owner, odd
+///     characters and a 256 KiB value. Nothing outside the hostile pods' own cgroups is ever
+///     enabled (each hostile pod is still redirected, by its own UID), the rejections are
+///     counted, and deleting the pod that named its neighbour leaves the neighbour enabled
+///     and redirected. Everything runs on the cgroupfs layout, where
+///     `kubepods/burstable/pod<own uid>/..` resolves.
+#[test]
+fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
+    if !privileged("hostile_mirror_annotations_enable_nothing_outside_the_pod") {
+        return;
+    }
+    let mut k = K8s::new(10);
+    k.api.create_namespace("apps", ON);
+    k.api.create_namespace("other", &[]);
+    k.api.create_namespace("kube-system", &[]);
+    k.add_pod("apps", "neighbour", &[], Qos::Burstable, Driver::Cgroupfs);
+    k.add_pod("other", "bystander", &[], Qos::Burstable, Driver::Cgroupfs);
+    let host = HostService::start(k.lab(), "system.slice/containerd.service");
+    // A static pod: its cgroup is named after the manifest hash, its mirror pod (in an
+    // unlabeled namespace) carries the hash and the kubelet's Node owner reference.
+    let hash = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
+    let node_owner = serde_json::json!([{
+        "apiVersion": "v1", "kind": "Node", "name": NODE,
+        "uid": "0f0f0f0f-0000-4000-8000-00000000000f", "controller": true
+    }]);
+    {
+        let mirror_uid = k.fresh_uid();
+        let mut pod = pod_json(
+            "kube-system",
+            "etcd-worker-1",
+            &mirror_uid,
+            NODE,
+            &[],
+            "Burstable",
+        );
+        pod["metadata"]["annotations"] = serde_json::json!({ "kubernetes.io/config.mirror": hash });
+        pod["metadata"]["ownerReferences"] = node_owner.clone();
+        k.api.create(pod);
+        k.node.add_pod(hash, Qos::Burstable, Driver::Cgroupfs);
+    }
+    k.start_daemon();
+    k.wait_enabled("apps/neighbour", true);
+
+    let root = k.lab().cg_root.clone();
+    let neighbour = k.uid("apps/neighbour");
+    let bystander = k.uid("other/bystander");
+    let forbidden: BTreeMap<String, u64> = [
+        ("cgroup root".to_owned(), cgroup_ino(&root)),
+        (
+            "system.slice".into(),
+            cgroup_ino(&root.join("system.slice")),
+        ),
+        (
+            "containerd.service".into(),
+            cgroup_ino(&root.join("system.slice/containerd.service")),
+        ),
+        ("kubepods".into(), cgroup_ino(&root.join("kubepods"))),
+        (
+            "kubepods/burstable".into(),
+            cgroup_ino(&root.join("kubepods/burstable")),
+        ),
+        ("bystander".into(), k.node.pod(&bystander).cgroup_id()),
+        ("static pod".into(), k.node.pod(hash).cgroup_id()),
+    ]
+    .into();
+
+    type Value_ = fn(&str) -> String;
+    let hostile: Vec<(&str, Value_)> = vec![
+        ("to-root", |own| format!("{own}/../../..")),
+        ("to-system", |own| {
+            format!("{own}/../../../system.slice/containerd.service")
+        }),
+        ("odd", |_| "..\n/\t$(id);%2e%2e\u{0}".to_owned()),
+        ("huge", |_| "0".repeat(256 * 1024)),
+        ("dot", |_| ".".to_owned()),
+    ];
+    let mut hostile_pods = Vec::new();
+    for (name, value) in &hostile {
+        let uid = k.fresh_uid();
+        let mut pod = pod_json("apps", name, &uid, NODE, &[], "Burstable");
+        pod["metadata"]["annotations"] =
+            serde_json::json!({ "kubernetes.io/config.mirror": value(&uid) });
+        hostile_pods.push((format!("apps/{name}"), uid, pod));
+    }
+    for (name, victim, owner) in [
+        ("to-bystander", bystander.clone(), None),
+        ("to-neighbour", neighbour.clone(), None),
+        ("to-static", hash.to_owned(), Some(node_owner.clone())),
+    ] {
+        let uid = k.fresh_uid();
+        let mut pod = pod_json("apps", name, &uid, NODE, &[], "Burstable");
+        pod["metadata"]["annotations"] =
+            serde_json::json!({ "kubernetes.io/config.mirror": victim });
+        if let Some(o) = owner {
+            pod["metadata"]["ownerReferences"] = o;
+        }
+        hostile_pods.push((format!("apps/{name}"), uid, pod));
+    }
+    for (key, uid, pod) in hostile_pods {
+        k.api.create(pod);
+        k.node.add_pod(&uid, Qos::Burstable, Driver::Cgroupfs);
+        k.node.pod_mut(&uid).create_container();
+        k.uids.insert(key, uid);
+    }
+
+    // Converged: every hostile pod's own cgroup is enabled, or something forbidden is.
+    let hostile_names: Vec<String> = k
+        .uids
+        .keys()
+        .filter(|p| p.starts_with("apps/") && *p != "apps/neighbour")
+        .cloned()
+        .collect();
+    let leaked = |k: &K8s| -> Vec<String> {
+        let ids = k.enabled_ids();
+        forbidden
+            .iter()
+            .filter(|(_, id)| ids.contains(id))
+            .map(|(what, _)| what.clone())
+            .collect()
+    };
+    k.wait("every hostile pod enabled by its own uid, or a leak", |k| {
+        !leaked(k).is_empty() || hostile_names.iter().all(|p| k.is_enabled(p))
+    });
+    assert_eq!(
+        leaked(&k),
+        Vec::<String>::new(),
+        "cgroups outside the hostile pods were enabled\nlog:\n{}",
+        k.log()
+    );
+    let mut want: BTreeSet<u64> = hostile_names
+        .iter()
+        .map(|p| k.node.pod(&k.uid(p)).cgroup_id())
+        .collect();
+    want.insert(k.node.pod(&neighbour).cgroup_id());
+    assert_eq!(
+        k.enabled_ids(),
+        want,
+        "exactly the labeled pods' own cgroups"
+    );
+    assert!(
+        k.metric("redirector_k8s_rejected_total{reason=\"mirror_annotation\"}") >= 7.0,
+        "each hostile annotation is counted\nlog:\n{}",
+        k.log()
+    );
+    assert_eq!(k.curl("apps/to-system"), Outcome::Redirected);
+    assert_eq!(k.curl("other/bystander"), Outcome::NoRoute);
+
+    // The pod that named its neighbour goes away: the neighbour stays enabled and redirected.
+    k.delete_pod("apps/to-neighbour");
+    k.wait_metric("redirector_enabled_cgroups", want.len() as f64 - 1.0);
+    assert!(
+        k.is_enabled("apps/neighbour"),
+        "deleting a pod that named its neighbour disabled the neighbour\nlog:\n{}",
+        k.log()
+    );
+    assert_eq!(k.curl("apps/neighbour"), Outcome::Redirected);
+    assert_eq!(leaked(&k), Vec::<String>::new());
+    drop(host);
+}

@@ -12,7 +12,7 @@ use std::{
 
 use redirector::{
     k8s::{self, ENABLED_LABEL, K8sError},
-    kubelet::{QosClass, pod_cgroup_candidates},
+    kubelet::{PodUid, QosClass, pod_cgroup_candidates},
     workloads::DesiredSet,
 };
 use tempfile::TempDir;
@@ -26,6 +26,10 @@ const OPT_OUT: &[(&str, &str)] = &[(ENABLED_LABEL, "false")];
 
 fn uid(n: u32) -> String {
     format!("{n:08x}-0000-4000-8000-{n:012x}")
+}
+
+fn puid(n: u32) -> PodUid {
+    PodUid::from_api(&uid(n)).expect("uuid")
 }
 
 /// The watcher running against `api`, and every desired set it published.
@@ -78,7 +82,13 @@ impl Watching {
             })
         };
         let root = dir.path().join("cgroup");
-        let task = tokio::spawn(k8s::run(client, NODE.to_owned(), root, tx));
+        let task = tokio::spawn(k8s::run(
+            client,
+            NODE.to_owned(),
+            root,
+            Default::default(),
+            tx,
+        ));
         Watching {
             api,
             dir,
@@ -196,7 +206,7 @@ async fn labeling_a_namespace_enables_its_pods_on_this_node_only() {
     assert_eq!(web.label, "apps/web");
     assert_eq!(
         web.cgroup_candidates,
-        pod_cgroup_candidates(&w.cgroup_root(), &uid(1), QosClass::Burstable)
+        pod_cgroup_candidates(&w.cgroup_root(), &puid(1), QosClass::Burstable)
     );
 
     w.api.label_namespace("other", ENABLED_LABEL, Some("true"));
@@ -252,7 +262,7 @@ async fn initial_list_applies_every_rule() {
     ] {
         assert_eq!(
             set[&uid(n)].cgroup_candidates,
-            pod_cgroup_candidates(&root, &uid(n), qos),
+            pod_cgroup_candidates(&root, &puid(n), qos),
             "{qos}"
         );
     }
