@@ -2,7 +2,8 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use redirector::{
-    config::{RawRoute, Settings},
+    config::Settings,
+    policy::RawRoute,
     policy::RouteRule,
 };
 

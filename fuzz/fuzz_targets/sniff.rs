@@ -2,7 +2,10 @@
 //! every host they return passes strict validation.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use redirector::sniff::{Parse, parse_client_hello_sni, parse_http_host, validate_host};
+use redirector::{
+    addr::validate_host,
+    sniff::{Parse, parse_client_hello_sni, parse_http_host},
+};
 
 fuzz_target!(|data: &[u8]| {
     for parsed in [parse_client_hello_sni(data), parse_http_host(data)] {

@@ -159,7 +159,7 @@ mod tests {
 
     #[test]
     fn routes_default_to_what_is_configured() {
-        use crate::tunnel::Route;
+        use crate::policy::Route;
         assert_eq!(run_args(&[]).load().unwrap().default_route, Route::Direct);
         assert_eq!(
             run_args(&["--proxy-http", "http://203.0.113.50:3128"])

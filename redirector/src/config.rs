@@ -5,7 +5,7 @@
 //! The file uses the long flag names as keys (`gateway-url: https://…`), plus `routes`,
 //! `route-presets` and `allow-dial`, which exist only in the file.
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -133,19 +133,7 @@ pub struct Settings {
     pub allow_dial: Option<Vec<String>>,
 }
 
-/// One route table entry as written in the file.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct RawRoute {
-    /// Host pattern: `name`, `*.suffix`, `.suffix`, optional `:port`.
-    pub host: Option<String>,
-    /// Address range (`10.0.0.0/8`, `2001:db8::/32`, or one IP).
-    pub cidr: Option<String>,
-    /// Port restriction (also expressible as `host: name:443`).
-    pub port: Option<u16>,
-    /// `direct`, `proxy` or `gateway`.
-    pub route: String,
-}
+pub use crate::policy::RawRoute;
 
 impl Settings {
     /// Field by field, `higher`'s values win.
@@ -240,12 +228,12 @@ pub struct Config {
     pub tunnel_http: Option<TunnelConfig>,
     /// Pre-established gateway sessions.
     pub pool: PoolOptions,
-    #[serde(with = "secs")]
+    #[serde(with = "crate::tunnel::secs")]
     pub sniff_timeout: Duration,
     pub sniff_cap: usize,
-    #[serde(with = "secs")]
+    #[serde(with = "crate::tunnel::secs")]
     pub drain_timeout: Duration,
-    #[serde(with = "secs")]
+    #[serde(with = "crate::tunnel::secs")]
     pub rescan_interval: Duration,
 }
 
@@ -327,11 +315,9 @@ impl Config {
         }
         let mut allow_dial = Vec::new();
         for a in s.allow_dial.iter().flatten() {
-            let net = a
-                .parse::<IpNet>()
-                .or_else(|_| a.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| ConfigError::AllowDial(a.clone()))?;
-            allow_dial.push(policy::canonical_net(net));
+            let net = crate::addr::parse_ip_or_cidr(a)
+                .ok_or_else(|| ConfigError::AllowDial(a.clone()))?;
+            allow_dial.push(net);
         }
         let timeouts = Timeouts {
             connect: secs_of("connect-timeout", s.connect_timeout, 5.0)?,
@@ -375,7 +361,7 @@ impl Config {
                         source,
                     })?;
                 if let Some(host) = &s.gateway_connect_to {
-                    crate::sniff::validate_host(host)
+                    crate::addr::validate_host(host)
                         .map_err(|_| ConfigError::ConnectTo(host.clone()))?;
                     g.addr_host = host.clone();
                 }
@@ -496,14 +482,6 @@ impl Config {
             v.push("admin-addr");
         }
         v
-    }
-}
-
-mod secs {
-    use serde::Serializer;
-    use std::time::Duration;
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
     }
 }
 

@@ -16,7 +16,7 @@ use crate::{
     cli::ExplainArgs,
     config::{Config, ConfigError},
     netns, policy,
-    sniff::{self, HostSource},
+    sniff::HostSource,
     status::{self, Fetch, WorkloadInfo},
     tunnel::{ProxyConfig, ProxyScheme, Route, TunnelConfig},
 };
@@ -168,10 +168,12 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
     let config = run.load()?;
     let host = match &args.host {
         None => None,
-        Some(h) => Some(sniff::validate_host(h).map_err(|e| ExplainError::Host {
-            host: h.clone(),
-            reason: e.reason,
-        })?),
+        Some(h) => Some(
+            crate::addr::validate_host(h).map_err(|e| ExplainError::Host {
+                host: h.clone(),
+                reason: e.reason,
+            })?,
+        ),
     };
     let mut notes = Vec::new();
     let pins = PinLayout::new(&config.pin_root);
@@ -226,7 +228,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
             {
                 Err(_) => Err("lookup timed out after 2s".to_owned()),
                 Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(addrs)) => Ok(addrs.map(|a| policy::canonical_ip(a.ip())).collect()),
+                Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip().to_canonical()).collect()),
             }
         })
     };
@@ -399,7 +401,7 @@ pub fn analyze(
     }
 
     // 2. The hook's own skips: loopback, then the skip ranges in the LPM maps.
-    let ip = policy::canonical_ip(q.dst.ip());
+    let ip = q.dst.ip().to_canonical();
     let loopback = match ip {
         IpAddr::V4(v4) => v4.octets()[0] == 127 || v4.is_unspecified(),
         IpAddr::V6(v6) => v6.is_loopback() || v6.is_unspecified(),
@@ -526,7 +528,7 @@ pub fn analyze(
     });
 
     // 4. The hops and their request heads.
-    let target = sniff::authority(q.host.as_deref().unwrap_or(&ip.to_string()), q.dst.port());
+    let target = crate::addr::authority(q.host.as_deref().unwrap_or(&ip.to_string()), q.dst.port());
     let tunnel = match (&config.tunnel_http, route, host_source) {
         (Some(t), Route::Proxy, HostSource::Host) => t,
         _ => &config.tunnel,

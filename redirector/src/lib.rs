@@ -1,4 +1,5 @@
 //! Egress redirector daemon and CLI as a library; `main.rs` only parses and dispatches.
+pub mod addr;
 pub mod admin;
 pub mod app;
 pub mod bpf;

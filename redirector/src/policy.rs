@@ -24,7 +24,49 @@ use std::{
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::{config::RawRoute, tunnel::Route};
+use crate::addr::{canonical_net, parse_ip_or_cidr, split_port, validate_name};
+
+/// How a connection leaves the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Straight to the original destination.
+    Direct,
+    /// `CONNECT host:port` through the enterprise proxy.
+    Proxy,
+    /// (Enterprise proxy,) TLS to the gateway, `CONNECT host:port` inside it.
+    Gateway,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Proxy => "proxy",
+            Route::Gateway => "gateway",
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One route table entry as written in the configuration file.
+#[derive(Clone, Debug, Default, serde::Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RawRoute {
+    /// Host pattern: `name`, `*.suffix`, `.suffix`, optional `:port`.
+    pub host: Option<String>,
+    /// Address range (`10.0.0.0/8`, `2001:db8::/32`, or one IP).
+    pub cidr: Option<String>,
+    /// Port restriction (also expressible as `host: name:443`).
+    pub port: Option<u16>,
+    /// `direct`, `proxy` or `gateway`.
+    pub route: String,
+}
 
 /// How a name pattern matches.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -160,7 +202,7 @@ impl SkipRanges {
 
     /// Does `ip` fall into a port-less skip CIDR? (IPv4-mapped IPv6 is judged as IPv4.)
     pub fn contains_ip(&self, ip: IpAddr) -> bool {
-        let ip = canonical_ip(ip);
+        let ip = ip.to_canonical();
         self.cidrs().iter().any(|n| n.contains(&ip))
     }
 }
@@ -178,32 +220,6 @@ impl FromStr for SkipRanges {
             entries.push(parse_skip_entry(item)?);
         }
         Ok(Self { entries })
-    }
-}
-
-/// Splits an optional `:port` off an entry; IPv6 needs brackets for a port (`[::1]:80`).
-fn split_port(item: &str) -> Result<(&str, Option<u16>), &'static str> {
-    if let Some(rest) = item.strip_prefix('[') {
-        let (addr, tail) = rest.split_once(']').ok_or("unclosed '['")?;
-        return match tail {
-            "" => Ok((addr, None)),
-            t => {
-                let p = t.strip_prefix(':').ok_or("expected ':port' after ']'")?;
-                Ok((addr, Some(parse_port(p)?)))
-            }
-        };
-    }
-    if item.matches(':').count() == 1 {
-        let (h, p) = item.split_once(':').expect("one colon");
-        return Ok((h, Some(parse_port(p)?)));
-    }
-    Ok((item, None))
-}
-
-fn parse_port(p: &str) -> Result<u16, &'static str> {
-    match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err("port must be 1-65535"),
-        Ok(n) => Ok(n),
     }
 }
 
@@ -260,35 +276,9 @@ fn parse_skip_entry(item: &str) -> Result<SkipEntry, SkipParseError> {
     })
 }
 
-/// Lower-cased, trailing dot removed, LDH labels (plus `_`), punycode allowed.
+/// A name in a skip entry or route: every trailing dot removed, then [`validate_name`].
 fn canonical_name(name: &str) -> Result<String, &'static str> {
-    let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if name.is_empty() || name.len() > 253 {
-        return Err("host name is empty or longer than 253 bytes");
-    }
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !name.split('.').all(label_ok) {
-        return Err(
-            "not an IP, CIDR or DNS name (non-ASCII names must be given in punycode, xn--…)",
-        );
-    }
-    // A numeric last label is never a DNS name: resolvers read `1.2.3.4.` or `127.1` as an
-    // IPv4 address, so such an entry would match neither as a name nor as an address.
-    if name
-        .rsplit('.')
-        .next()
-        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err("looks like an IPv4 address but is not one (no trailing dot, four octets)");
-    }
-    Ok(name)
+    validate_name(name.trim_end_matches('.'))
 }
 
 /// One route-table rule.
@@ -328,12 +318,9 @@ impl RouteRule {
                 (Matcher::Name(pattern), port)
             }
             (None, Some(c)) => {
-                let net = c
-                    .trim()
-                    .parse::<IpNet>()
-                    .or_else(|_| c.trim().parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| format!("cidr {c:?} is not an IP or CIDR"))?;
-                (Matcher::Cidr(canonical_net(net)), None)
+                let net = parse_ip_or_cidr(c.trim())
+                    .ok_or_else(|| format!("cidr {c:?} is not an IP or CIDR"))?;
+                (Matcher::Cidr(net), None)
             }
             (Some(_), Some(_)) => return Err("give either host or cidr, not both".into()),
             (None, None) => return Err("needs a host or cidr".into()),
@@ -376,8 +363,9 @@ pub struct RouteTable {
     pub rules: Vec<RouteRule>,
 }
 
-/// Built-in route tables. `arc-not-covered`: services the Arc gateway does not forward, which
-/// must go through the enterprise proxy directly (DESIGN.md §1).
+/// Built-in route tables. `arc-not-covered`: Azure services the Arc gateway does not forward
+/// (Container insights, Key Vault, Azure Policy), which must go through the enterprise proxy
+/// directly.
 pub const PRESETS: &[(&str, &[&str])] = &[(
     "arc-not-covered",
     &[
@@ -431,7 +419,7 @@ pub struct PolicyInput<'a> {
 
 /// Decides the route of a connection to `dst:port` whose client named `host` (SNI / Host).
 pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -> Decision {
-    let dst = canonical_ip(dst);
+    let dst = dst.to_canonical();
     let mut d = Decision {
         route: Some(p.default),
         rule: "default".into(),
@@ -467,7 +455,7 @@ pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -
 
 /// Why `ip` may not be dialed directly by the proxy, if it may not.
 pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static str> {
-    let ip = canonical_ip(ip);
+    let ip = ip.to_canonical();
     let metadata_v6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     match ip {
         IpAddr::V4(v4) if v4.is_link_local() => return Some("link-local/metadata"),
@@ -479,29 +467,10 @@ pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static st
         IpAddr::V6(v6) if v6.is_loopback() || v6.is_unspecified() => return Some("loopback"),
         _ => {}
     }
-    if node_addrs.iter().any(|a| canonical_ip(*a) == ip) {
+    if node_addrs.iter().any(|a| a.to_canonical() == ip) {
         return Some("node-address");
     }
     None
-}
-
-/// IPv4-mapped IPv6 addresses in their IPv4 form.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
-    }
-}
-
-/// `::ffff:a.b.c.d/(96+n)` becomes `a.b.c.d/n`, so v4 and v4-mapped rules are one rule.
-pub fn canonical_net(n: IpNet) -> IpNet {
-    if let IpNet::V6(v6) = n
-        && let (Some(v4), true) = (v6.network().to_ipv4_mapped(), v6.prefix_len() >= 96)
-        && let Ok(net) = IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96)
-    {
-        return net;
-    }
-    n.trunc()
 }
 
 #[cfg(test)]
@@ -638,7 +607,7 @@ mod tests {
         ];
         for (pat, addr, want) in table {
             let s: SkipRanges = pat.parse().unwrap();
-            let got = s.entries[0].matches(canonical_ip(ip(addr)), 443, None);
+            let got = s.entries[0].matches(ip(addr).to_canonical(), 443, None);
             assert_eq!(got, *want, "{pat} vs {addr}");
         }
     }

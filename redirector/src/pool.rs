@@ -187,14 +187,13 @@ impl GatewayPool {
     pub async fn open(&self, target_authority: &str) -> Result<Upstream, TunnelError> {
         let gw = tunnel::gateway_of(&self.cfg)?;
         let t = &self.cfg.timeouts;
-        tunnel::check_authority(HOP_GATEWAY, target_authority)?;
-        let headers = tunnel::gateway_headers(gw).await?;
+        let request = tunnel::gateway_request(gw, target_authority).await?;
         if let Ok(mut st) = self.state.lock() {
             st.last_use = Some(Instant::now());
         }
 
         if let Some(h2) = self.shared_h2_or_wait(t).await {
-            match h2.connect(target_authority, &headers, t).await {
+            match h2.connect(&request, t).await {
                 Err(TunnelError::Closed { .. }) => {
                     // The gateway ended that session between our check and the request
                     // (GOAWAY): nothing of the pod's was sent; go on with a new session.
@@ -221,20 +220,17 @@ impl GatewayPool {
             }
             drop(claim);
             self.wake.notify_one();
-            return self.count(h2?.connect(target_authority, &headers, t).await);
+            return self.count(h2?.connect(&request, t).await);
         }
         drop(claim);
         self.wake.notify_one();
-        let r = match session
-            .connect_h1(reuse, target_authority, &headers, t)
-            .await
-        {
+        let r = match session.connect_h1(reuse, &request, t).await {
             // A warm session can die in the instant between the liveness check and the
             // CONNECT; that says nothing about the target. One fresh retry, no more.
             Err(TunnelError::Closed { .. } | TunnelError::Io { .. }) if reuse == Reuse::Warm => {
                 debug!("warm gateway session was closed; dialing a fresh one");
                 let fresh = self.dial_counted().await?;
-                fresh.open_once(target_authority, &headers, t).await
+                fresh.open_once(&request, t).await
             }
             r => r,
         };

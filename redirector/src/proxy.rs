@@ -375,7 +375,7 @@ async fn relay(
     }
 
     // 3. The tunnel: every hop must answer 2xx before one client byte moves.
-    let authority = sniff::authority(
+    let authority = crate::addr::authority(
         audit.host.as_deref().unwrap_or(&orig.ip().to_string()),
         orig.port(),
     );
@@ -499,16 +499,14 @@ async fn relay(
 
 /// Does `host` resolve (from the node) to the original destination's IP?
 async fn resolves_to(host: &str, orig: SocketAddr) -> bool {
-    let want = policy::canonical_ip(orig.ip());
+    let want = orig.ip().to_canonical();
     match tokio::time::timeout(
         Duration::from_secs(2),
         tokio::net::lookup_host((host, orig.port())),
     )
     .await
     {
-        Ok(Ok(addrs)) => addrs
-            .map(|a| policy::canonical_ip(a.ip()))
-            .any(|ip| ip == want),
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip().to_canonical()).any(|ip| ip == want),
         _ => false,
     }
 }

@@ -1,15 +1,13 @@
 //! Host-name recovery from a client's first bytes: TLS ClientHello SNI or HTTP/1.x `Host`.
-use std::{
-    fmt, io,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    time::Duration,
-};
+use std::{fmt, io, time::Duration};
 
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::debug;
 
-use crate::policy::canonical_ip;
+#[cfg(test)]
+use crate::addr::authority;
+use crate::addr::validate_host;
 
 /// Where the host name of a connection came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -251,84 +249,6 @@ fn strip_port(v: &str) -> &str {
     match v.split_once(':') {
         Some((name, port)) if is_port(port) => name,
         _ => v,
-    }
-}
-
-/// A host name or address that is not safe to route on.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid host name {input:?}: {reason}")]
-pub struct InvalidHost {
-    /// The offending input, cut to 80 characters.
-    pub input: String,
-    pub reason: &'static str,
-}
-
-/// Accepts a DNS name (LDH labels plus `_`) or an IP literal and returns its canonical
-/// form: lower case, no trailing dot, IPv6 without brackets, IPv4-mapped IPv6 as IPv4.
-pub fn validate_host(s: &str) -> Result<String, InvalidHost> {
-    let err = |reason| InvalidHost {
-        input: s.chars().take(80).collect(),
-        reason,
-    };
-    if s.is_empty() {
-        return Err(err("empty"));
-    }
-    if let Some(inner) = s.strip_prefix('[') {
-        return match inner.strip_suffix(']').map(str::parse::<Ipv6Addr>) {
-            Some(Ok(v6)) => Ok(canonical_ip(v6.into()).to_string()),
-            _ => Err(err("not a bracketed IPv6 address")),
-        };
-    }
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(canonical_ip(ip).to_string());
-    }
-    if !s.is_ascii() {
-        return Err(err("not ASCII (use the xn-- form)"));
-    }
-    let name = s.strip_suffix('.').unwrap_or(s);
-    if name.is_empty() {
-        return Err(err("empty"));
-    }
-    if name.len() > 253 {
-        return Err(err("longer than 253 bytes"));
-    }
-    for label in name.split('.') {
-        if label.is_empty() {
-            return Err(err("empty label"));
-        }
-        if label.len() > 63 {
-            return Err(err("label longer than 63 bytes"));
-        }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(err("only letters, digits, '-', '_' and '.' are allowed"));
-        }
-        if label.starts_with('-') || label.ends_with('-') {
-            return Err(err("label starts or ends with '-'"));
-        }
-    }
-    // Resolvers read `127.1` or `1.2.3.4.5`-like names as IPv4 forms; no real TLD is numeric.
-    if name
-        .rsplit('.')
-        .next()
-        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err(err("numeric top-level label but not an IP address"));
-    }
-    Ok(name.to_ascii_lowercase())
-}
-
-/// `host:port` for a CONNECT request line: IPv6 bracketed, IPv4-mapped IPv6 as IPv4.
-pub fn authority(host: &str, port: u16) -> String {
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    match bare.parse::<IpAddr>() {
-        Ok(ip) => SocketAddr::new(canonical_ip(ip), port).to_string(),
-        Err(_) => format!("{host}:{port}"),
     }
 }
 

@@ -19,19 +19,15 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::{
-    Method, Request,
-    client::conn::http2::{Builder, SendRequest},
-    header::{HeaderName, HeaderValue},
-};
+use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::timeout;
 use tracing::debug;
 
 use super::{
-    GatewaySession, HOP_GATEWAY, HopStatus, Reuse, Secret, SessionInfo, Timeouts, TunnelError,
-    Upstream, add_setup,
+    GatewaySession, HOP_GATEWAY, HopStatus, Reuse, SessionInfo, Timeouts, TunnelError, Upstream,
+    add_setup, connect::ConnectRequest,
 };
 
 /// Flow-control windows we grant the gateway: big enough that one stream is not limited
@@ -113,12 +109,13 @@ impl H2Session {
     /// `CONNECT target_authority` as a new stream. Returns after the gateway answered 2xx.
     pub async fn connect(
         &self,
-        target_authority: &str,
-        headers: &[(&str, Secret)],
+        request: &ConnectRequest,
         t: &Timeouts,
     ) -> Result<Upstream, TunnelError> {
         let started = std::time::Instant::now();
-        let request = connect_request(target_authority, headers)?;
+        let request = request
+            .to_h2()
+            .map_err(|e| super::request_error(HOP_GATEWAY, e))?;
         // Counted from before the request so concurrent opens see the stream.
         let guard = StreamGuard::new(&self.streams);
         let mut send = self.send.clone();
@@ -177,31 +174,6 @@ impl H2Session {
     }
 }
 
-/// An HTTP/2 CONNECT request: `:method CONNECT` and `:authority` only (RFC 9113 §8.5).
-/// Header values are marked sensitive, so HPACK never puts them in its dynamic table.
-fn connect_request(
-    authority: &str,
-    headers: &[(&str, Secret)],
-) -> Result<Request<Empty<Bytes>>, TunnelError> {
-    let bad = |detail| TunnelError::Request {
-        hop: HOP_GATEWAY,
-        detail,
-    };
-    let mut request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority)
-        .body(Empty::new())
-        .map_err(|_| bad("invalid target authority"))?;
-    for (name, value) in headers {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad("invalid header"))?;
-        let mut value =
-            HeaderValue::from_str(value.expose()).map_err(|_| bad("invalid header value"))?;
-        value.set_sensitive(true);
-        request.headers_mut().append(name, value);
-    }
-    Ok(request)
-}
-
 /// Decrements the session's stream count when the tunnel is dropped.
 struct StreamGuard(Arc<AtomicUsize>);
 
@@ -237,33 +209,4 @@ impl AsyncRead for H2Stream {
 
 impl AsyncWrite for H2Stream {
     forward_async_write!(io);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connect_request_has_authority_only_and_sensitive_headers() {
-        let headers = [("Authorization", Secret::new("Bearer t0ken"))];
-        let r = connect_request("kv1.vault.azure.test:443", &headers).expect("request");
-        assert_eq!(r.method(), Method::CONNECT);
-        assert_eq!(
-            r.uri().authority().map(|a| a.as_str()),
-            Some("kv1.vault.azure.test:443")
-        );
-        assert!(r.uri().scheme().is_none() && r.uri().path_and_query().is_none());
-        let v = r.headers().get("authorization").expect("header");
-        assert!(v.is_sensitive());
-    }
-
-    #[test]
-    fn bad_authority_or_header_is_a_request_error() {
-        let e = connect_request("exa mple:443", &[]).unwrap_err();
-        assert_eq!(e.kind(), "bad_request");
-        let e = connect_request("example:443", &[("Bad Name", Secret::new("v"))]).unwrap_err();
-        assert_eq!(e.kind(), "bad_request");
-        let e = connect_request("example:443", &[("X-A", Secret::new("a\nb"))]).unwrap_err();
-        assert_eq!(e.kind(), "bad_request");
-    }
 }

@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use base64::Engine as _;
 use rustls::{ClientConfig, pki_types::ServerName};
 use serde::{Serialize, Serializer};
 use tokio::{
@@ -20,8 +19,6 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 use tracing::debug;
-
-use crate::sniff;
 
 /// Implements every `AsyncWrite` method by forwarding it to the field `$field`.
 macro_rules! forward_async_write {
@@ -58,8 +55,10 @@ macro_rules! forward_async_write {
     };
 }
 
+pub mod connect;
 mod h2;
 mod read_ahead;
+use connect::{ConnectRequest, RequestError};
 pub use h2::H2Session;
 use read_ahead::ReadAhead;
 
@@ -67,37 +66,7 @@ pub const HOP_TARGET: &str = "target";
 pub const HOP_PROXY: &str = "proxy";
 pub const HOP_GATEWAY: &str = "gateway";
 
-/// Upper bound for a CONNECT response head (status line plus headers).
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
-const MAX_RESPONSE_HEADERS: usize = 64;
-
-/// How a connection leaves the node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Route {
-    /// Straight to the original destination.
-    Direct,
-    /// `CONNECT host:port` through the enterprise proxy.
-    Proxy,
-    /// (Enterprise proxy,) TLS to the gateway, `CONNECT host:port` inside it.
-    Gateway,
-}
-
-impl Route {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Direct => "direct",
-            Route::Proxy => "proxy",
-            Route::Gateway => "gateway",
-        }
-    }
-}
-
-impl fmt::Display for Route {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::policy::Route;
 
 /// A credential that never shows in `Debug`, `Display` or serialized output.
 #[derive(Clone, PartialEq, Eq)]
@@ -142,7 +111,7 @@ pub enum ProxyScheme {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ProxyUrl {
     pub scheme: ProxyScheme,
-    /// Canonical host (see [`sniff::validate_host`]); IPv6 without brackets.
+    /// Canonical host (see [`crate::addr::validate_host`]); IPv6 without brackets.
     pub host: String,
     pub port: u16,
     /// Percent-decoded `user:pass` from the URL, if any.
@@ -152,7 +121,7 @@ pub struct ProxyUrl {
 impl ProxyUrl {
     /// `host:port`, IPv6 bracketed.
     pub fn authority(&self) -> String {
-        sniff::authority(&self.host, self.port)
+        crate::addr::authority(&self.host, self.port)
     }
 }
 
@@ -220,7 +189,7 @@ fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlErro
     if host.is_empty() {
         return Err(err("the host is missing"));
     }
-    let host = sniff::validate_host(host)
+    let host = crate::addr::validate_host(host)
         .map_err(|_| err("the host is not a valid DNS name or IP address"))?;
     let port = match port {
         None if https => 443,
@@ -394,7 +363,7 @@ impl GatewayConfig {
 
     /// `host:port` the enterprise proxy is asked to CONNECT to.
     pub fn authority(&self) -> String {
-        sniff::authority(&self.addr_host, self.port)
+        crate::addr::authority(&self.addr_host, self.port)
     }
 }
 
@@ -848,7 +817,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     forward_async_write!(inner);
 }
 
-/// Opens a tunnel to `target_authority` (`host:port`, from [`sniff::authority`]) along
+/// Opens a tunnel to `target_authority` (`host:port`, from [`crate::addr::authority`]) along
 /// `route`. `target_addr` is used by `direct` only. Returns once every CONNECT hop has
 /// answered 2xx, so no client byte is sent before the whole path is up.
 pub async fn open(
@@ -874,10 +843,11 @@ pub async fn open(
                 route,
                 hop: HOP_PROXY,
             })?;
-            check_authority(HOP_PROXY, target_authority)?;
+            let request = ConnectRequest::to_proxy(target_authority, proxy)
+                .map_err(|e| request_error(HOP_PROXY, e))?;
             let mut hops = Vec::with_capacity(1);
             let mut setup = Vec::with_capacity(1);
-            let io = through_proxy(proxy, target_authority, t, &mut hops, &mut setup).await?;
+            let io = through_proxy(proxy, &request, t, &mut hops, &mut setup).await?;
             Ok(Upstream {
                 io,
                 hops,
@@ -887,11 +857,10 @@ pub async fn open(
         }
         Route::Gateway => {
             let gw = gateway_of(cfg)?;
-            check_authority(HOP_GATEWAY, target_authority)?;
             // Everything local that can fail does so before we touch the network.
-            let headers = gateway_headers(gw).await?;
+            let request = gateway_request(gw, target_authority).await?;
             let session = dial_gateway(cfg).await?;
-            session.open_once(target_authority, &headers, t).await
+            session.open_once(&request, t).await
         }
     }
 }
@@ -904,32 +873,38 @@ pub(crate) fn gateway_of(cfg: &TunnelConfig) -> Result<&GatewayConfig, TunnelErr
     })
 }
 
-/// The headers of the inner CONNECT: configured extras, then the bearer token (re-read
-/// from its file each time, so a rotated Secret applies to the next tunnel).
-pub(crate) async fn gateway_headers(
+/// The inner CONNECT for `target_authority`, with the bearer token read from its file now
+/// (so a rotated Secret applies to the next tunnel).
+pub(crate) async fn gateway_request(
     gw: &GatewayConfig,
-) -> Result<Vec<(&str, Secret)>, TunnelError> {
-    let mut headers = Vec::with_capacity(gw.extra_headers.len() + 1);
-    for (name, value) in &gw.extra_headers {
-        check_header(name, value).map_err(|_| TunnelError::Request {
-            hop: HOP_GATEWAY,
-            detail: "invalid extra header",
-        })?;
-        headers.push((name.as_str(), Secret::new(value.as_str())));
+    target_authority: &str,
+) -> Result<ConnectRequest, TunnelError> {
+    // The authority first: a bad one fails before the token file is read.
+    ConnectRequest::new(target_authority).map_err(|e| request_error(HOP_GATEWAY, e))?;
+    let token = match &gw.bearer_token_file {
+        None => None,
+        Some(path) => Some(
+            read_token(path)
+                .await
+                .map_err(|source| TunnelError::Credentials {
+                    hop: HOP_GATEWAY,
+                    source,
+                })?,
+        ),
+    };
+    ConnectRequest::to_gateway(target_authority, gw, token)
+        .map_err(|e| request_error(HOP_GATEWAY, e))
+}
+
+/// A request that could not be built, as the hop's error.
+pub(crate) fn request_error(hop: &'static str, e: RequestError) -> TunnelError {
+    TunnelError::Request {
+        hop,
+        detail: match e {
+            RequestError::Authority => "invalid target authority",
+            RequestError::Header => "invalid extra header",
+        },
     }
-    if let Some(path) = &gw.bearer_token_file {
-        let token = read_token(path)
-            .await
-            .map_err(|source| TunnelError::Credentials {
-                hop: HOP_GATEWAY,
-                source,
-            })?;
-        headers.push((
-            "Authorization",
-            Secret(format!("Bearer {}", token.expose())),
-        ));
-    }
-    Ok(headers)
 }
 
 /// How the gateway session of a tunnel came about, for the audit line and metrics.
@@ -997,7 +972,11 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
     let mut hops = Vec::with_capacity(2);
     let mut setup = Vec::with_capacity(2);
     let io: Box<dyn Io> = match &cfg.proxy {
-        Some(proxy) => through_proxy(proxy, &gw.authority(), t, &mut hops, &mut setup).await?,
+        Some(proxy) => {
+            let request = ConnectRequest::to_proxy(&gw.authority(), proxy)
+                .map_err(|e| request_error(HOP_PROXY, e))?;
+            through_proxy(proxy, &request, t, &mut hops, &mut setup).await?
+        }
         None => {
             let addr = gw.authority();
             Box::new(tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?)
@@ -1043,16 +1022,14 @@ impl GatewaySession {
     /// after a refusal). HTTP/2 sessions get a private connection that ends with the stream.
     pub async fn open_once(
         self,
-        target_authority: &str,
-        headers: &[(&str, Secret)],
+        request: &ConnectRequest,
         t: &Timeouts,
     ) -> Result<Upstream, TunnelError> {
         if self.h2 {
             let shared = h2::H2Session::handshake(self, t).await?;
-            shared.connect(target_authority, headers, t).await
+            shared.connect(request, t).await
         } else {
-            self.connect_h1(Reuse::Fresh, target_authority, headers, t)
-                .await
+            self.connect_h1(Reuse::Fresh, request, t).await
         }
     }
 
@@ -1061,8 +1038,7 @@ impl GatewaySession {
     pub async fn connect_h1(
         self,
         reuse: Reuse,
-        target_authority: &str,
-        headers: &[(&str, Secret)],
+        request: &ConnectRequest,
         t: &Timeouts,
     ) -> Result<Upstream, TunnelError> {
         let started = std::time::Instant::now();
@@ -1073,7 +1049,7 @@ impl GatewaySession {
             mut setup,
             ..
         } = self;
-        let (io, status) = connect_hop(HOP_GATEWAY, io, target_authority, headers, t).await?;
+        let (io, status) = connect_hop(HOP_GATEWAY, io, request, t).await?;
         hops.push(HopStatus {
             hop: HOP_GATEWAY,
             status,
@@ -1117,7 +1093,7 @@ fn add_setup(setup: &mut Vec<(&'static str, Duration)>, hop: &'static str, took:
 /// TCP (plus TLS for `https://`) to the enterprise proxy and `CONNECT authority`.
 async fn through_proxy(
     proxy: &ProxyConfig,
-    authority: &str,
+    request: &ConnectRequest,
     t: &Timeouts,
     hops: &mut Vec<HopStatus>,
     setup: &mut Vec<(&'static str, std::time::Duration)>,
@@ -1133,12 +1109,6 @@ async fn through_proxy(
             Some((config, server_name(HOP_PROXY, &proxy.url.host)?))
         }
     };
-    let mut headers = Vec::with_capacity(1);
-    if let Some((user, pass)) = &proxy.credentials {
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()));
-        headers.push(("Proxy-Authorization", Secret(format!("Basic {basic}"))));
-    }
     let addr = (proxy.url.host.as_str(), proxy.url.port);
     let tcp = tcp_connect(HOP_PROXY, addr, proxy.url.authority(), t).await?;
     let stream: Box<dyn Io> = match tls {
@@ -1147,31 +1117,13 @@ async fn through_proxy(
             Box::new(tls_connect(HOP_PROXY, config, name, ReadAhead::new(tcp), t).await?)
         }
     };
-    let (io, status) = connect_hop(HOP_PROXY, stream, authority, &headers, t).await?;
+    let (io, status) = connect_hop(HOP_PROXY, stream, request, t).await?;
     hops.push(HopStatus {
         hop: HOP_PROXY,
         status,
     });
     setup.push((HOP_PROXY, started.elapsed()));
     Ok(io)
-}
-
-/// Refuses anything but `name:port` / `ip:port` / `[v6]:port`, so a bad caller cannot
-/// inject request lines.
-pub(crate) fn check_authority(hop: &'static str, authority: &str) -> Result<(), TunnelError> {
-    let ok = !authority.is_empty()
-        && authority.len() <= 260
-        && authority
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(TunnelError::Request {
-            hop,
-            detail: "invalid target authority",
-        })
-    }
 }
 
 fn server_name(hop: &'static str, name: &str) -> Result<ServerName<'static>, TunnelError> {
@@ -1233,11 +1185,10 @@ async fn tls_connect<S: Io + 'static>(
 async fn connect_hop<S: Io + 'static>(
     hop: &'static str,
     mut stream: S,
-    authority: &str,
-    headers: &[(&str, Secret)],
+    request: &ConnectRequest,
     t: &Timeouts,
 ) -> Result<(Box<dyn Io>, u16), TunnelError> {
-    let request = connect_request(authority, headers);
+    let request = request.encode_h1();
     let exchange = async {
         stream
             .write_all(&request)
@@ -1261,18 +1212,6 @@ async fn connect_hop<S: Io + 'static>(
     Ok((Box::new(Replay::new(leftover, stream)), status))
 }
 
-fn connect_request(authority: &str, headers: &[(&str, Secret)]) -> Vec<u8> {
-    let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-    for (name, value) in headers {
-        req.push_str(name);
-        req.push_str(": ");
-        req.push_str(value.expose());
-        req.push_str("\r\n");
-    }
-    req.push_str("\r\n");
-    req.into_bytes()
-}
-
 /// Reads one final response head (skipping 1xx interim ones). Returns the status and the
 /// bytes read past the head.
 async fn read_connect_response<S: AsyncRead + Unpin>(
@@ -1281,32 +1220,23 @@ async fn read_connect_response<S: AsyncRead + Unpin>(
 ) -> Result<(u16, Vec<u8>), TunnelError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        match parse_response_head(&buf).map_err(|detail| TunnelError::Malformed { hop, detail })? {
-            Some(head) if (100..200).contains(&head.status) && head.status != 101 => {
-                buf.drain(..head.len);
-                continue;
-            }
-            Some(head) if (200..300).contains(&head.status) => {
-                // RFC 9110 9.3.6: a 2xx to CONNECT has no content; whatever follows is tunnel data.
+        match connect::read_response(&mut buf)
+            .map_err(|detail| TunnelError::Malformed { hop, detail })?
+        {
+            connect::Response::Established(head) => {
                 return Ok((head.status, buf.split_off(head.len)));
             }
-            Some(head) => {
+            connect::Response::Refused(head) => {
                 return Err(TunnelError::Refused {
                     hop,
                     status: head.status,
                     reason: head.reason,
                 });
             }
-            None => {}
-        }
-        if buf.len() >= MAX_RESPONSE_HEAD {
-            return Err(TunnelError::Malformed {
-                hop,
-                detail: "response head larger than 16 KiB",
-            });
+            connect::Response::Incomplete => {}
         }
         let start = buf.len();
-        buf.resize(MAX_RESPONSE_HEAD, 0);
+        buf.resize(connect::MAX_RESPONSE_HEAD, 0);
         let n = match stream.read(&mut buf[start..]).await {
             Ok(n) => n,
             Err(source) => return Err(TunnelError::Io { hop, source }),
@@ -1315,47 +1245,6 @@ async fn read_connect_response<S: AsyncRead + Unpin>(
         if n == 0 {
             return Err(TunnelError::Closed { hop });
         }
-    }
-}
-
-struct ResponseHead {
-    len: usize,
-    status: u16,
-    reason: String,
-}
-
-fn parse_response_head(buf: &[u8]) -> Result<Option<ResponseHead>, &'static str> {
-    if buf.is_empty() {
-        return Ok(None);
-    }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
-        Ok(httparse::Status::Partial) => Ok(None),
-        Ok(httparse::Status::Complete(len)) => {
-            let status = resp.code.ok_or("missing status code")?;
-            if !(100..=599).contains(&status) {
-                return Err("status code out of range");
-            }
-            // The reason phrase is the peer's text: keep it printable and short for logs.
-            let reason = resp
-                .reason
-                .unwrap_or("")
-                .chars()
-                .map(|c| if c == '\t' { ' ' } else { c })
-                .filter(|c| c.is_ascii_graphic() || *c == ' ')
-                .take(80)
-                .collect();
-            Ok(Some(ResponseHead {
-                len,
-                status,
-                reason,
-            }))
-        }
-        Err(httparse::Error::Version) => Err("not an HTTP/1.x status line"),
-        Err(httparse::Error::TooManyHeaders) => Err("more than 64 headers"),
-        Err(httparse::Error::Status) => Err("invalid status code"),
-        Err(_) => Err("invalid header or line ending"),
     }
 }
 
@@ -1610,6 +1499,7 @@ pub(crate) mod tests {
     }
 
     fn basic(user: &str, pass: &str) -> String {
+        use base64::Engine as _;
         format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
@@ -1648,7 +1538,7 @@ pub(crate) mod tests {
             proxy: Some(plain_proxy(proxy.addr, Some(("alice", PASSWORD)))),
             timeouts: timeouts(),
         };
-        let authority = sniff::authority("127.0.0.1", target.port());
+        let authority = crate::addr::authority("127.0.0.1", target.port());
         let mut up = open(&cfg, Route::Gateway, &authority, unreachable_addr())
             .await
             .expect("open");
@@ -1721,7 +1611,7 @@ pub(crate) mod tests {
             proxy: Some(ProxyConfig::new(url, Some(pki.client()))),
             timeouts: timeouts(),
         };
-        let authority = sniff::authority("127.0.0.1", target.port());
+        let authority = crate::addr::authority("127.0.0.1", target.port());
         let mut up = open(&cfg, Route::Gateway, &authority, unreachable_addr())
             .await
             .expect("open");
@@ -2366,7 +2256,7 @@ pub(crate) mod tests {
         );
         let huge = format!(
             "HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n",
-            "a".repeat(MAX_RESPONSE_HEAD)
+            "a".repeat(connect::MAX_RESPONSE_HEAD)
         );
         let e = response_of(huge.as_bytes()).await.unwrap_err();
         assert!(e.to_string().contains("16 KiB"), "{e}");
