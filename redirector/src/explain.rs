@@ -5,7 +5,6 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -15,10 +14,11 @@ use crate::{
     bpf::{self, Maps, PinLayout},
     cli::ExplainArgs,
     config::{Config, ConfigError},
-    netns, policy,
+    netns,
+    plan::{self, Endpoint, HopPlan, NameCheck},
+    policy::Route,
     sniff::HostSource,
     status::{self, Fetch, WorkloadInfo},
-    tunnel::{ProxyConfig, ProxyScheme, Route, TunnelConfig},
 };
 use redirector_common::{MAX_CGROUP_DEPTH, names};
 
@@ -110,13 +110,6 @@ pub struct PolicyView {
     pub rule: String,
     /// For a name-based `direct`: does the name resolve to the destination IP?
     pub name_check: Option<NameCheck>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct NameCheck {
-    pub resolved: Vec<IpAddr>,
-    pub matches: bool,
-    pub error: Option<String>,
 }
 
 /// One upstream hop: where the proxy connects and what it sends there.
@@ -218,20 +211,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         .enable_all()
         .build()
         .map_err(ExplainError::Runtime)?;
-    let resolve = |name: &str, port: u16| -> Result<Vec<IpAddr>, String> {
-        rt.block_on(async {
-            match tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::lookup_host((name, port)),
-            )
-            .await
-            {
-                Err(_) => Err("lookup timed out after 2s".to_owned()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip().to_canonical()).collect()),
-            }
-        })
-    };
+    let resolve = |name: &str, port: u16| rt.block_on(plan::lookup(name, port));
     let query = Query {
         dst: args.dst,
         host,
@@ -471,43 +451,27 @@ pub fn analyze(
         "not loopback, in no skip range: rewritten to the proxy listener {listener} in the pod's netns"
     );
 
-    // 3. The proxy's policy.
-    let input = policy::PolicyInput {
-        skip: &config.skip,
-        routes: &config.routes,
-        default: config.default_route,
-        node_addrs,
-        allow_dial: &config.allow_dial,
+    // 3. The proxy's plan: rule, route, name check, tunnel and hops, as the proxy makes it.
+    let facts = plan::Facts {
+        orig: SocketAddr::new(ip, q.dst.port()),
+        host: q.host.as_deref(),
+        host_source,
     };
-    let d = policy::decide(&input, ip, q.dst.port(), q.host.as_deref());
-    let Some(mut route) = d.route else {
+    let plan = plan::plan_with(config, node_addrs, &facts, |host, port| resolve(host, port));
+    let Some(route) = plan.route else {
         e.policy = Some(PolicyView {
             route: None,
-            rule: d.rule.clone(),
+            rule: plan.rule.clone(),
             name_check: None,
         });
         e.verdict = format!(
             "refused by the proxy ({}): it never dials {ip} directly on a pod's behalf; allow it with allow-dial in the config file",
-            d.rule
+            plan.rule
         );
         return e;
     };
-    let mut rule = d.rule.clone();
-    let mut name_check = None;
-    if d.by_name && route == Route::Direct {
-        let host = q.host.clone().unwrap_or_default();
-        let check = match resolve(&host, q.dst.port()) {
-            Ok(addrs) => NameCheck {
-                matches: addrs.contains(&ip),
-                resolved: addrs,
-                error: None,
-            },
-            Err(err) => NameCheck {
-                resolved: Vec::new(),
-                matches: false,
-                error: Some(err),
-            },
-        };
+    if let Some(check) = &plan.name_check {
+        let host = plan.host.as_deref().unwrap_or_default();
         e.notes.push(format!(
             "a name rule chose direct: the daemon only goes direct when {host} resolves to {ip}; resolved here: {}",
             match &check.error {
@@ -515,32 +479,22 @@ pub fn analyze(
                 None => check.resolved.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             }
         ));
-        if !check.matches {
-            route = config.default_route;
-            rule = format!("{rule} (name/ip mismatch)");
-        }
-        name_check = Some(check);
     }
     e.policy = Some(PolicyView {
         route: Some(route),
-        rule: rule.clone(),
-        name_check,
+        rule: plan.rule.clone(),
+        name_check: plan.name_check.clone(),
     });
 
     // 4. The hops and their request heads.
-    let target = crate::addr::authority(q.host.as_deref().unwrap_or(&ip.to_string()), q.dst.port());
-    let tunnel = match (&config.tunnel_http, route, host_source) {
-        (Some(t), Route::Proxy, HostSource::Host) => t,
-        _ => &config.tunnel,
-    };
-    match hops(tunnel, route, &target, SocketAddr::new(ip, q.dst.port())) {
+    match plan.hops(config) {
         Ok(h) => {
-            e.hops = h;
-            let via = match (route, &tunnel.proxy) {
+            e.hops = h.iter().map(render_hop).collect();
+            let via = match (route, &plan.tunnel(config).proxy) {
                 (Route::Gateway, Some(p)) => format!(" via the enterprise proxy {}", p.url),
                 _ => String::new(),
             };
-            e.verdict = format!("redirected; route {route}{via} (rule {rule})");
+            e.verdict = format!("redirected; route {route}{via} (rule {})", plan.rule);
         }
         Err(why) => e.verdict = format!("redirected, but the connection fails: {why}"),
     }
@@ -625,96 +579,64 @@ fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -
     v
 }
 
-/// The hops `tunnel::open` would take for `route`, with the request heads it would send.
-pub fn hops(
-    tunnel: &TunnelConfig,
-    route: Route,
-    target: &str,
-    dst: SocketAddr,
-) -> Result<Vec<Hop>, String> {
-    match route {
-        Route::Direct => Ok(vec![Hop {
-            hop: "target",
-            connect: format!("TCP to {dst} directly (no CONNECT)"),
-            request: Vec::new(),
-        }]),
-        Route::Proxy => {
-            let p = tunnel.proxy.as_ref().ok_or("route proxy is used but no enterprise proxy is configured (--proxy-https / --proxy-http)")?;
-            Ok(vec![proxy_hop(p, target)])
-        }
-        Route::Gateway => {
-            let g = tunnel
-                .gateway
+/// One planned hop as `explain` shows it: where it connects and its request head, secrets
+/// redacted.
+pub fn render_hop(h: &HopPlan) -> Hop {
+    let mut request = h
+        .request
+        .as_ref()
+        .map(|r| r.redacted_lines())
+        .unwrap_or_default();
+    let connect = match &h.endpoint {
+        Endpoint::Target(dst) => format!("TCP to {dst} directly (no CONNECT)"),
+        Endpoint::Proxy {
+            authority,
+            tls_name,
+        } => {
+            let tls = tls_name
                 .as_ref()
-                .ok_or("route gateway is used but no --gateway-url is configured")?;
-            let mut out = Vec::new();
-            let through = match &tunnel.proxy {
-                Some(p) => {
-                    out.push(proxy_hop(p, &g.authority()));
-                    "inside that tunnel".to_owned()
-                }
-                None => format!("over TCP to {}", g.authority()),
-            };
-            let alpn: Vec<String> = g
-                .tls
-                .alpn_protocols
-                .iter()
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let client_cert = if g.tls.client_auth_cert_resolver.has_certs() {
-                ", client certificate"
-            } else {
-                ""
-            };
-            let mut request = vec![
-                format!("CONNECT {target} HTTP/1.1"),
-                format!("Host: {target}"),
-            ];
-            for (name, _) in &g.extra_headers {
-                request.push(format!("{name}: <redacted>"));
-            }
-            if g.bearer_token_file.is_some() {
-                request.push("Authorization: Bearer <redacted>".into());
-            }
-            if alpn.iter().any(|a| a == "h2") {
+                .map(|n| format!(", then TLS (SNI {n})"))
+                .unwrap_or_default();
+            format!("TCP to the enterprise proxy {authority}{tls}")
+        }
+        Endpoint::Gateway {
+            authority,
+            server_name,
+            alpn,
+            client_cert,
+            through_proxy,
+        } => {
+            if alpn.iter().any(|a| a == "h2")
+                && let Some(r) = &h.request
+            {
                 request.push(format!(
-                    "(if the gateway picks h2: the same as a CONNECT stream, :authority {target}, on a shared session)"
+                    "(if the gateway picks h2: the same as a CONNECT stream, :authority {}, on a shared session)",
+                    r.authority()
                 ));
             }
-            out.push(Hop {
-                hop: "gateway",
-                connect: format!(
-                    "TLS to the gateway {} (SNI {}, ALPN {}{client_cert}) {through}",
-                    g.authority(),
-                    g.server_name,
-                    if alpn.is_empty() {
-                        "none".into()
-                    } else {
-                        alpn.join(",")
-                    }
-                ),
-                request,
-            });
-            Ok(out)
+            let through = if *through_proxy {
+                "inside that tunnel".to_owned()
+            } else {
+                format!("over TCP to {authority}")
+            };
+            format!(
+                "TLS to the gateway {authority} (SNI {server_name}, ALPN {}{}) {through}",
+                if alpn.is_empty() {
+                    "none".into()
+                } else {
+                    alpn.join(",")
+                },
+                if *client_cert {
+                    ", client certificate"
+                } else {
+                    ""
+                }
+            )
         }
-    }
-}
-
-fn proxy_hop(p: &ProxyConfig, authority: &str) -> Hop {
-    let tls = match p.url.scheme {
-        ProxyScheme::Https => format!(", then TLS (SNI {})", p.url.host),
-        ProxyScheme::Http => String::new(),
     };
-    let mut request = vec![
-        format!("CONNECT {authority} HTTP/1.1"),
-        format!("Host: {authority}"),
-    ];
-    if p.credentials.is_some() {
-        request.push("Proxy-Authorization: Basic <redacted>".into());
-    }
     Hop {
-        hop: "proxy",
-        connect: format!("TCP to the enterprise proxy {}{tls}", p.url.authority()),
+        hop: h.hop,
+        connect,
         request,
     }
 }

@@ -10,6 +10,7 @@ pub mod explain;
 pub mod k8s;
 pub mod kubelet;
 pub mod netns;
+pub mod plan;
 pub mod policy;
 pub mod pool;
 pub mod preflight;

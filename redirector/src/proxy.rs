@@ -18,12 +18,14 @@ use crate::{
     bpf::{self, Maps},
     config::Config,
     netns::{self, NetnsError, NetnsId},
-    policy, relay,
+    plan,
+    policy::Route,
+    relay,
     sniff::{self, HostSource},
     telemetry::{
         DirectionLabels, Metrics, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels,
     },
-    tunnel::{self, HopStatus, Route},
+    tunnel::{self, HopStatus},
 };
 
 /// State shared by every listener and connection task.
@@ -301,12 +303,9 @@ async fn relay(
         started: Instant::now(),
     };
     // 1. The host name: TLS SNI or HTTP Host, read with a deadline and a byte cap. The bytes
-    //    are kept and replayed to the target unchanged once the tunnel is up.
-    // Skipped when no decision could depend on it (everything goes direct, no name rules):
-    // server-first protocols would otherwise wait out the deadline for nothing.
-    let needs_host =
-        cfg.default_route != Route::Direct || cfg.skip.has_names() || !cfg.routes.rules.is_empty();
-    let peeked = if !needs_host {
+    //    are kept and replayed to the target unchanged once the tunnel is up. Skipped when
+    //    no decision could depend on it.
+    let peeked = if !plan::needs_host(&cfg) {
         Ok(sniff::Peeked {
             bytes: Vec::new(),
             host: None,
@@ -336,18 +335,23 @@ async fn relay(
     audit.host = peeked.host.clone();
     audit.host_source = peeked.source;
 
-    // 2. The route.
+    // 2. The plan: rule, route (or a safety refusal), tunnel, target authority.
     let node_addrs = shared.node_addrs.load();
-    let input = policy::PolicyInput {
-        skip: &cfg.skip,
-        routes: &cfg.routes,
-        default: cfg.default_route,
-        node_addrs: &node_addrs,
-        allow_dial: &cfg.allow_dial,
+    let facts = plan::Facts {
+        orig,
+        host: audit.host.as_deref(),
+        host_source: audit.host_source,
     };
-    let decision = policy::decide(&input, orig.ip(), orig.port(), audit.host.as_deref());
-    audit.rule = decision.rule;
-    let Some(route) = decision.route else {
+    let plan = match plan::start(&cfg, &node_addrs, &facts) {
+        plan::Step::Ready(p) => p,
+        plan::Step::Resolve(pending) => {
+            let (host, port) = pending.host();
+            let answer = plan::lookup(host, port).await;
+            pending.finish(answer, &cfg)
+        }
+    };
+    audit.rule = plan.rule.clone();
+    let Some(route) = plan.route else {
         // The safety rules only ever refuse a direct dial.
         audit.route = Route::Direct;
         warn!(orig_dst = %orig, rule = %audit.rule, "security: refusing to dial this address directly on a pod's behalf (allow it with allow-dial)");
@@ -361,33 +365,26 @@ async fn relay(
         );
         return;
     };
-    audit.route = route;
-    if decision.by_name && route == Route::Direct {
-        // A name rule may send a connection direct only to an address of that name: the
-        // client chose the IP; the name is only what it claims.
-        let host = audit.host.clone().unwrap_or_default();
-        if !resolves_to(&host, orig).await {
-            warn!(host = %host, orig_dst = %orig, rule = %audit.rule,
-                "security: host name does not resolve to the original destination; using the default route instead of direct");
-            audit.route = cfg.default_route;
-            audit.rule = format!("{} (name/ip mismatch)", audit.rule);
-        }
+    if plan.name_check.as_ref().is_some_and(|c| !c.matches) {
+        warn!(host = %audit.host.as_deref().unwrap_or(""), orig_dst = %orig, rule = %audit.rule,
+            "security: host name does not resolve to the original destination; using the default route instead of direct");
     }
+    audit.route = route;
 
     // 3. The tunnel: every hop must answer 2xx before one client byte moves.
-    let authority = crate::addr::authority(
-        audit.host.as_deref().unwrap_or(&orig.ip().to_string()),
-        orig.port(),
-    );
-    let tunnel_cfg = match (&cfg.tunnel_http, audit.route, audit.host_source) {
-        (Some(t), Route::Proxy, HostSource::Host) => t,
-        _ => &cfg.tunnel,
-    };
     // Boxed: the set-up futures are kilobytes, and a task keeps its largest state for its
     // whole life; unboxed, every idle tunnel would carry them.
-    let opened = match (audit.route, shared.gateway.load_full()) {
-        (Route::Gateway, Some(pool)) => Box::pin(pool.open(&authority)).await,
-        _ => Box::pin(tunnel::open(tunnel_cfg, audit.route, &authority, orig)).await,
+    let opened = match (route, shared.gateway.load_full()) {
+        (Route::Gateway, Some(pool)) => Box::pin(pool.open(&plan.authority)).await,
+        _ => {
+            Box::pin(tunnel::open(
+                plan.tunnel(&cfg),
+                route,
+                &plan.authority,
+                orig,
+            ))
+            .await
+        }
     };
     let mut upstream = match opened {
         Ok(u) => u,
@@ -495,20 +492,6 @@ async fn relay(
         close = %close,
         "audit"
     );
-}
-
-/// Does `host` resolve (from the node) to the original destination's IP?
-async fn resolves_to(host: &str, orig: SocketAddr) -> bool {
-    let want = orig.ip().to_canonical();
-    match tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::lookup_host((host, orig.port())),
-    )
-    .await
-    {
-        Ok(Ok(addrs)) => addrs.map(|a| a.ip().to_canonical()).any(|ip| ip == want),
-        _ => false,
-    }
 }
 
 /// A connection closed before relaying: one warn-level audit line naming the cause.
