@@ -392,20 +392,23 @@ mod tests {
         }
     }
 
+    /// (what, (orig, host, source), route, rule, authority, hops)
+    type Row = (
+        &'static str,
+        (&'static str, Option<&'static str>, HostSource),
+        Option<Route>,
+        &'static str,
+        &'static str,
+        &'static [&'static str],
+    );
+
     /// The planner without sockets: (facts, resolver) → route, rule, authority, hops.
     #[test]
     fn plans_table() {
         use HostSource::*;
         let c = config(gateway_and_proxy());
         let node = ["203.0.113.1".parse().expect("ip")];
-        let table: &[(
-            &str,
-            (&str, Option<&str>, HostSource),
-            Option<Route>,
-            &str,
-            &str,
-            &[&str],
-        )] = &[
+        let table: &[Row] = &[
             // (what, facts, route, rule, authority, hops)
             (
                 "default gateway by name",

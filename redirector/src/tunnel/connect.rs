@@ -315,7 +315,7 @@ mod tests {
                 scheme: None,
                 value: Secret::new(value),
             });
-            let e = r.to_h2().err().expect("refused");
+            let e = r.to_h2().expect_err("refused");
             assert_eq!(kind(e), "bad_request");
         }
     }
