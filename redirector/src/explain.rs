@@ -12,12 +12,13 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
+    admin::api::WorkloadView,
     bpf::{self, Maps, PinLayout},
     cli::ExplainArgs,
     config::{Config, ConfigError},
     netns, policy,
     sniff::{self, HostSource},
-    status::{self, Fetch, WorkloadInfo},
+    status::{self, Fetch},
     tunnel::{ProxyConfig, ProxyScheme, Route, TunnelConfig},
 };
 use redirector_common::{MAX_CGROUP_DEPTH, names};
@@ -254,7 +255,7 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
         return Err(ExplainError::PodSyntax(pod.to_owned()));
     }
     let owned = || pod.to_owned();
-    match status::fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads") {
+    match status::fetch_json::<Vec<WorkloadView>>(admin, "/workloads") {
         Fetch::Down => Err(ExplainError::PodNoDaemon {
             pod: owned(),
             admin,
@@ -268,9 +269,9 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
             detail,
         }),
         Fetch::Ok(list) => match list.iter().find(|w| w.label == pod) {
-            Some(WorkloadInfo {
+            Some(WorkloadView {
                 cgroup: Some(c), ..
-            }) => Ok(c.clone()),
+            }) => Ok(PathBuf::from(c)),
             Some(_) => Err(ExplainError::PodLookup {
                 pod: owned(),
                 detail: "the daemon knows it, but its cgroup does not exist yet".into(),

@@ -7,9 +7,12 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 
-use crate::bpf::{self, Maps, PinLayout};
+use crate::{
+    admin::api::{ConnView, WorkloadView},
+    bpf::{self, Maps, PinLayout},
+};
 use redirector_common::{Counters, names};
 
 #[derive(Debug, Serialize)]
@@ -23,9 +26,9 @@ pub struct Status {
     pub pending_original_destinations: usize,
     pub counters: Option<CountersView>,
     /// What the daemon wants enabled (`GET /workloads`); `None` when it could not say.
-    pub workloads: Option<Vec<WorkloadInfo>>,
+    pub workloads: Option<Vec<WorkloadView>>,
     /// Connections being relayed right now (`GET /connections`); `None` when unknown.
-    pub connections: Option<Vec<ConnectionInfo>>,
+    pub connections: Option<Vec<ConnView>>,
     /// Why `workloads` / `connections` are missing, in words.
     pub notes: Vec<String>,
 }
@@ -36,30 +39,6 @@ pub struct EnabledCgroup {
     pub path: Option<PathBuf>,
     /// `namespace/pod` (or the configured cgroup path) when the daemon knows the workload.
     pub workload: Option<String>,
-}
-
-/// One entry of the daemon's `GET /workloads`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct WorkloadInfo {
-    pub key: String,
-    /// `namespace/pod` in Kubernetes mode, the cgroup path otherwise.
-    pub label: String,
-    pub cgroup: Option<PathBuf>,
-    pub cgroup_id: Option<u64>,
-    pub listening: bool,
-}
-
-/// One entry of the daemon's `GET /connections`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ConnectionInfo {
-    pub workload: String,
-    pub src: String,
-    pub orig_dst: String,
-    pub host: Option<String>,
-    pub route: String,
-    pub since_ms: u64,
 }
 
 /// What one admin request brought back.
@@ -239,13 +218,13 @@ pub fn collect(
         }
         _ => (
             take(
-                fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads"),
+                fetch_json::<Vec<WorkloadView>>(admin, "/workloads"),
                 "/workloads",
                 "pod names",
                 &mut notes,
             ),
             take(
-                fetch_json::<Vec<ConnectionInfo>>(admin, "/connections"),
+                fetch_json::<Vec<ConnView>>(admin, "/connections"),
                 "/connections",
                 "live connections",
                 &mut notes,
@@ -255,7 +234,7 @@ pub fn collect(
     // The daemon knows where each workload's cgroup is even when it is outside --cgroup-root.
     for w in workloads.iter().flatten() {
         if let (Some(id), Some(p)) = (w.cgroup_id, &w.cgroup) {
-            paths.entry(id).or_insert_with(|| p.clone());
+            paths.entry(id).or_insert_with(|| p.into());
         }
     }
     let enabled_cgroups = ids
@@ -293,10 +272,10 @@ pub fn collect(
     })
 }
 
-fn workload_is(w: &WorkloadInfo, id: u64, path: Option<&Path>) -> bool {
+fn workload_is(w: &WorkloadView, id: u64, path: Option<&Path>) -> bool {
     match w.cgroup_id {
         Some(wid) => wid == id,
-        None => path.is_some() && w.cgroup.as_deref() == path,
+        None => path.is_some() && w.cgroup.as_deref().map(Path::new) == path,
     }
 }
 
@@ -379,7 +358,7 @@ pub fn render_text(s: &Status) -> String {
         }
     }
     // Workloads the daemon wants but has not (yet) put into the kernel map.
-    let waiting: Vec<&WorkloadInfo> = s
+    let waiting: Vec<&WorkloadView> = s
         .workloads
         .iter()
         .flatten()
@@ -394,13 +373,11 @@ pub fn render_text(s: &Status) -> String {
         for w in waiting {
             let why = match (&w.cgroup, w.listening) {
                 (None, _) => "cgroup not created yet".to_owned(),
-                (Some(p), false) => format!(
-                    "{}: not enabled yet (waiting for its first process or its listener)",
-                    p.display()
-                ),
+                (Some(p), false) => {
+                    format!("{p}: not enabled yet (waiting for its first process or its listener)")
+                }
                 (Some(p), true) => format!(
-                    "{}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)",
-                    p.display()
+                    "{p}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)"
                 ),
             };
             out += &format!("  {}  {why}\n", w.label);
@@ -492,20 +469,21 @@ mod tests {
     #[test]
     fn text_names_pods_and_connections() {
         let mut s = status(DaemonState::Ready);
-        s.workloads = Some(vec![WorkloadInfo {
+        s.workloads = Some(vec![WorkloadView {
             key: "uid-2".into(),
             label: "default/agent-2".into(),
             cgroup: None,
             cgroup_id: None,
             listening: false,
         }]);
-        s.connections = Some(vec![ConnectionInfo {
+        s.connections = Some(vec![ConnView {
             workload: "default/agent-1".into(),
             src: "10.1.0.7:40000".into(),
             orig_dst: "203.0.113.10:443".into(),
             host: Some("portal.azure.test".into()),
             route: "gateway".into(),
             since_ms: 61_500,
+            ..Default::default()
         }]);
         let t = render_text(&s);
         assert!(t.contains("daemon:      running, ready"), "{t}");
@@ -543,23 +521,6 @@ mod tests {
     }
 
     #[test]
-    fn admin_json_shapes_parse_and_tolerate_extras() {
-        let w: Vec<WorkloadInfo> = serde_json::from_str(
-            r#"[{"key":"k","label":"ns/p","cgroup":"/sys/fs/cgroup/x","cgroup_id":12,"listening":true,"future":1},
-                {"key":"k2","label":"ns/q","cgroup":null,"cgroup_id":null,"listening":false}]"#,
-        )
-        .unwrap();
-        assert_eq!(w[0].cgroup_id, Some(12));
-        assert!(w[0].listening && w[1].cgroup.is_none());
-        let c: Vec<ConnectionInfo> = serde_json::from_str(
-            r#"[{"workload":"ns/p","src":"10.0.0.1:1","orig_dst":"1.2.3.4:443","host":null,"route":"proxy","since_ms":5}]"#,
-        )
-        .unwrap();
-        assert_eq!(c[0].route, "proxy");
-        assert_eq!(c[0].host, None);
-    }
-
-    #[test]
     fn http_responses_plain_and_chunked() {
         let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
         assert_eq!(parse_response(plain), Some((200, "[]".into())));
@@ -591,16 +552,16 @@ mod tests {
             }
         });
         assert!(
-            matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty())
+            matches!(fetch_json::<Vec<WorkloadView>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty())
         );
         assert!(matches!(
-            fetch_json::<Vec<ConnectionInfo>>(addr, "/connections"),
+            fetch_json::<Vec<ConnView>>(addr, "/connections"),
             Fetch::Missing
         ));
         server.join().unwrap();
         // The listener is gone now: nothing answers.
         assert!(matches!(
-            fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"),
+            fetch_json::<Vec<WorkloadView>>(addr, "/workloads"),
             Fetch::Down
         ));
         assert!(matches!(probe_daemon(addr), DaemonState::NotRunning));

@@ -1,4 +1,5 @@
-//! Admin endpoint on loopback: `/metrics`, `/healthz`, `/readyz`, `/config_dump`.
+//! Admin endpoint on loopback: `/metrics`, `/healthz`, `/readyz`, `/config_dump`, `/workloads`,
+//! `/connections` (JSON in [`api`]) and `/logging`.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -16,6 +17,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+pub mod api;
 
 use crate::proxy::Shared;
 
@@ -140,7 +143,7 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .expect("workloads lock poisoned"),
         ),
         "/connections" => {
-            let mut v: Vec<crate::proxy::ConnView> = admin
+            let mut v: Vec<api::ConnView> = admin
                 .shared
                 .conns
                 .lock()
