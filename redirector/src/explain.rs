@@ -12,13 +12,15 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    admin::api::WorkloadView,
+    admin::{
+        api::WorkloadView,
+        client::{self, Fetch},
+    },
     bpf::{self, Maps, PinLayout},
     cli::ExplainArgs,
     config::{Config, ConfigError},
     netns, policy,
     sniff::{self, HostSource},
-    status::{self, Fetch},
     tunnel::{ProxyConfig, ProxyScheme, Route, TunnelConfig},
 };
 use redirector_common::{MAX_CGROUP_DEPTH, names};
@@ -255,7 +257,7 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
         return Err(ExplainError::PodSyntax(pod.to_owned()));
     }
     let owned = || pod.to_owned();
-    match status::fetch_json::<Vec<WorkloadView>>(admin, "/workloads") {
+    match client::fetch_json::<Vec<WorkloadView>>(admin, "/workloads") {
         Fetch::Down => Err(ExplainError::PodNoDaemon {
             pod: owned(),
             admin,

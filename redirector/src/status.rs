@@ -1,16 +1,17 @@
 //! `redirector status`: reads the pins (works while the daemon is down) and asks the daemon.
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::Serialize;
 
 use crate::{
-    admin::api::{ConnView, WorkloadView},
+    admin::{
+        api::{ConnView, WorkloadView},
+        client::{self, Fetch, GetError, fetch_json},
+    },
     bpf::{self, Maps, PinLayout},
 };
 use redirector_common::{Counters, names};
@@ -39,94 +40,6 @@ pub struct EnabledCgroup {
     pub path: Option<PathBuf>,
     /// `namespace/pod` (or the configured cgroup path) when the daemon knows the workload.
     pub workload: Option<String>,
-}
-
-/// What one admin request brought back.
-#[derive(Debug)]
-pub enum Fetch<T> {
-    Ok(T),
-    /// 404: a daemon from before this endpoint existed.
-    Missing,
-    /// Nothing answers on the admin address.
-    Down,
-    /// It answered, but not with what we expected.
-    Bad(String),
-}
-
-/// `GET path` on the admin endpoint, HTTP/1.1 with `connection: close`. Returns the status
-/// and the body (chunked bodies decoded).
-pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "malformed HTTP response from the admin endpoint",
-        )
-    })
-}
-
-fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(len) = resp.parse(raw).ok()? else {
-        return None;
-    };
-    let status = resp.code?;
-    let chunked = resp.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value)
-                .to_ascii_lowercase()
-                .contains("chunked")
-    });
-    let body = &raw[len..];
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
-}
-
-/// `GET path` and parse the JSON body as `T`.
-pub fn fetch_json<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Fetch<T> {
-    match admin_get(addr, path) {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Fetch::Down
-        }
-        Err(e) => Fetch::Bad(e.to_string()),
-        Ok((404, _)) => Fetch::Missing,
-        Ok((200, body)) => match serde_json::from_str(&body) {
-            Ok(v) => Fetch::Ok(v),
-            Err(e) => Fetch::Bad(format!("unexpected JSON from {path}: {e}")),
-        },
-        Ok((status, _)) => Fetch::Bad(format!("{path} answered {status}")),
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -168,10 +81,9 @@ impl From<Counters> for CountersView {
 
 /// Asks `/readyz` on the admin address; a refused connection means the daemon is down.
 pub fn probe_daemon(addr: SocketAddr) -> DaemonState {
-    match admin_get(addr, "/readyz") {
+    match client::get(addr, "/readyz") {
         Ok((200, _)) => DaemonState::Ready,
-        Ok(_) => DaemonState::NotReady,
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => DaemonState::NotReady,
+        Ok(_) | Err(GetError::Malformed(_)) => DaemonState::NotReady,
         Err(_) => DaemonState::NotRunning,
     }
 }
@@ -431,6 +343,8 @@ pub fn render_text(s: &Status) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
 
     fn status(daemon: DaemonState) -> Status {
@@ -518,20 +432,6 @@ mod tests {
         assert_eq!(json["daemon"], "not_running");
         assert_eq!(json["enabled_cgroups"][0]["workload"], "default/agent-1");
         assert!(json["connections"].is_null());
-    }
-
-    #[test]
-    fn http_responses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
-        assert_eq!(parse_response(plain), Some((200, "[]".into())));
-        let chunked =
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[{}\r\n1\r\n]\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked), Some((200, "[{}]".into())));
-        assert_eq!(
-            parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").map(|r| r.0),
-            Some(404)
-        );
-        assert_eq!(parse_response(b"garbage"), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 pub mod api;
+pub mod client;
 
 use crate::proxy::Shared;
 
