@@ -50,32 +50,25 @@ pub enum DaemonState {
     NotRunning,
 }
 
-#[derive(Debug, Serialize)]
-pub struct CountersView {
-    pub redirected4: u64,
-    pub redirected6: u64,
-    pub skip_disabled: u64,
-    pub skip_cidr: u64,
-    pub skip_loopback: u64,
-    pub skip_self: u64,
-    pub skip_not_tcp: u64,
-    pub established: u64,
-    pub errors: u64,
-}
+/// The eBPF counters summed over CPUs; JSON `{"<name>": value, ...}` in index order.
+#[derive(Debug)]
+pub struct CountersView(pub Counters);
 
 impl From<Counters> for CountersView {
     fn from(c: Counters) -> Self {
-        Self {
-            redirected4: c.redirected4,
-            redirected6: c.redirected6,
-            skip_disabled: c.skip_disabled,
-            skip_cidr: c.skip_cidr,
-            skip_loopback: c.skip_loopback,
-            skip_self: c.skip_self,
-            skip_not_tcp: c.skip_not_tcp,
-            established: c.established,
-            errors: c.errors,
+        Self(c)
+    }
+}
+
+impl Serialize for CountersView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let named = self.0.named();
+        let mut map = s.serialize_map(Some(named.len()))?;
+        for (name, v) in named {
+            map.serialize_entry(name, &v)?;
         }
+        map.end()
     }
 }
 
@@ -305,18 +298,12 @@ pub fn render_text(s: &Status) -> String {
     );
     out += &format!("awaiting accept: {}\n", s.pending_original_destinations);
     if let Some(c) = &s.counters {
-        out += &format!(
-            "counters:    redirected4={} redirected6={} established={} skip_cidr={} skip_loopback={} skip_not_tcp={} skip_self={} skip_disabled={} errors={}\n",
-            c.redirected4,
-            c.redirected6,
-            c.established,
-            c.skip_cidr,
-            c.skip_loopback,
-            c.skip_not_tcp,
-            c.skip_self,
-            c.skip_disabled,
-            c.errors
-        );
+        let counters: Vec<String> =
+            c.0.named()
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+        out += &format!("counters:    {}\n", counters.join(" "));
     }
     match &s.connections {
         Some(conns) => {
@@ -432,6 +419,24 @@ mod tests {
         assert_eq!(json["daemon"], "not_running");
         assert_eq!(json["enabled_cgroups"][0]["workload"], "default/agent-1");
         assert!(json["connections"].is_null());
+    }
+
+    #[test]
+    fn counters_by_name_in_text_and_json() {
+        let s = status(DaemonState::Ready);
+        let t = render_text(&s);
+        assert!(
+            t.contains("counters:    redirected4=3 redirected6=0 skip_disabled=0 "),
+            "{t}"
+        );
+        assert!(t.contains(" errors=0\n"), "{t}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["counters"]["redirected4"], 3);
+        assert_eq!(json["counters"]["skip_loopback"], 0);
+        assert_eq!(
+            json["counters"].as_object().unwrap().len(),
+            Counters::NAMES.len()
+        );
     }
 
     #[test]
