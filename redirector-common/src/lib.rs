@@ -121,67 +121,74 @@ pub struct SockKey {
     pub reserved: [u8; 6],
 }
 
-/// Per-CPU counters in `rdr_stats`. Sum over CPUs to get totals.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
+/// Defines [`Counters`], the index of each field in [`counter`] and the names in
+/// [`Counters::NAMES`] from one list (`field => INDEX_CONST`), so no other place has to name
+/// the counters: the daemon's metrics and `redirector status` loop over [`Counters::named`].
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $field:ident => $index:ident,)+) => {
+        /// Per-CPU counters in `rdr_stats`. Sum over CPUs to get totals.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $field: u64,)+
+        }
+
+        /// Indices into [`Counters`] used by the eBPF side (one `u64` per field, in order).
+        pub mod counter {
+            $(
+                #[doc = concat!("[`super::Counters::", stringify!($field), "`].")]
+                pub const $index: u32 =
+                    (core::mem::offset_of!(super::Counters, $field) / 8) as u32;
+            )+
+            /// Number of counters.
+            pub const COUNT: u32 = [$(stringify!($field)),+].len() as u32;
+        }
+
+        impl Counters {
+            /// The counters' names (their field names, as BTF shows them), in index order.
+            pub const NAMES: [&'static str; counter::COUNT as usize] = [$(stringify!($field)),+];
+
+            /// Every counter with its name, in index order.
+            pub fn named(&self) -> [(&'static str, u64); counter::COUNT as usize] {
+                [$((stringify!($field), self.$field)),+]
+            }
+
+            /// The counter at `index` (one of [`counter`]); `None` for an unknown index.
+            #[inline(always)]
+            pub fn get_mut(&mut self, index: u32) -> Option<&mut u64> {
+                match index {
+                    $(counter::$index => Some(&mut self.$field),)+
+                    _ => None,
+                }
+            }
+
+            /// Adds `other` field by field (used to sum per-CPU values).
+            pub fn add(&mut self, other: &Counters) {
+                $(self.$field += other.$field;)+
+            }
+        }
+    };
+}
+
+counters! {
     /// IPv4 connects rewritten to the proxy (including IPv4-mapped IPv6).
-    pub redirected4: u64,
+    redirected4 => REDIRECTED4,
     /// IPv6 connects rewritten to the proxy.
-    pub redirected6: u64,
+    redirected6 => REDIRECTED6,
     /// Connects in a cgroup that is not enabled (the common case on a node).
-    pub skip_disabled: u64,
+    skip_disabled => SKIP_DISABLED,
     /// Connects whose destination is in a skip range (LPM hit): they go direct.
-    pub skip_cidr: u64,
+    skip_cidr => SKIP_CIDR,
     /// Connects to loopback (which includes the proxy itself).
-    pub skip_loopback: u64,
+    skip_loopback => SKIP_LOOPBACK,
     /// Connects made by the daemon itself.
-    pub skip_self: u64,
+    skip_self => SKIP_SELF,
     /// Non-TCP connects (UDP `connect()`, e.g. DNS resolvers).
-    pub skip_not_tcp: u64,
+    skip_not_tcp => SKIP_NOT_TCP,
     /// Redirected connections whose original destination was handed to the proxy key.
-    pub established: u64,
+    established => ESTABLISHED,
     /// Map update failures (the connect still proceeds; the proxy will refuse it).
-    pub errors: u64,
-}
-
-/// Indices into [`Counters`] used by the eBPF side (one `u64` per field, in order).
-pub mod counter {
-    /// [`super::Counters::redirected4`].
-    pub const REDIRECTED4: u32 = 0;
-    /// [`super::Counters::redirected6`].
-    pub const REDIRECTED6: u32 = 1;
-    /// [`super::Counters::skip_disabled`].
-    pub const SKIP_DISABLED: u32 = 2;
-    /// [`super::Counters::skip_cidr`].
-    pub const SKIP_CIDR: u32 = 3;
-    /// [`super::Counters::skip_loopback`].
-    pub const SKIP_LOOPBACK: u32 = 4;
-    /// [`super::Counters::skip_self`].
-    pub const SKIP_SELF: u32 = 5;
-    /// [`super::Counters::skip_not_tcp`].
-    pub const SKIP_NOT_TCP: u32 = 6;
-    /// [`super::Counters::established`].
-    pub const ESTABLISHED: u32 = 7;
-    /// [`super::Counters::errors`].
-    pub const ERRORS: u32 = 8;
-    /// Number of counters.
-    pub const COUNT: u32 = 9;
-}
-
-impl Counters {
-    /// Adds `other` field by field (used to sum per-CPU values).
-    pub fn add(&mut self, other: &Counters) {
-        self.redirected4 += other.redirected4;
-        self.redirected6 += other.redirected6;
-        self.skip_disabled += other.skip_disabled;
-        self.skip_cidr += other.skip_cidr;
-        self.skip_loopback += other.skip_loopback;
-        self.skip_self += other.skip_self;
-        self.skip_not_tcp += other.skip_not_tcp;
-        self.established += other.established;
-        self.errors += other.errors;
-    }
+    errors => ERRORS,
 }
 
 /// Converts an IPv4 address (network-order octets) to the IPv4-mapped form used in maps.
@@ -237,6 +244,36 @@ mod tests {
         assert_eq!(
             core::mem::size_of::<Counters>(),
             8 * counter::COUNT as usize
+        );
+    }
+
+    #[test]
+    fn counter_list_covers_every_field_once() {
+        let fields = core::mem::size_of::<Counters>() / 8;
+        assert_eq!(counter::COUNT as usize, fields);
+        assert_eq!(Counters::NAMES.len(), fields);
+        let unique: HashSet<&str> = Counters::NAMES.iter().copied().collect();
+        assert_eq!(unique.len(), fields, "a name is listed twice");
+        // Index i is the i-th field: bumping it shows up there and nowhere else.
+        for i in 0..counter::COUNT {
+            let mut c = Counters::default();
+            *c.get_mut(i).expect("every index below COUNT is a counter") += 1;
+            for (j, (name, v)) in c.named().into_iter().enumerate() {
+                assert_eq!(name, Counters::NAMES[j]);
+                assert_eq!(v, u64::from(i as usize == j), "index {i}, field {name}");
+            }
+            let mut sum = c;
+            sum.add(&c);
+            assert_eq!(sum.named()[i as usize].1, 2);
+        }
+        assert!(Counters::default().get_mut(counter::COUNT).is_none());
+        let c = Counters {
+            skip_loopback: 7,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.named()[counter::SKIP_LOOPBACK as usize],
+            ("skip_loopback", 7)
         );
     }
 

@@ -80,16 +80,9 @@ mod prog {
         // SAFETY: per-CPU slot of a preallocated array; only this CPU touches it while the
         // program runs (programs are not preempted on the same CPU).
         let c = unsafe { &mut *c };
-        match which {
-            counter::REDIRECTED4 => c.redirected4 += 1,
-            counter::REDIRECTED6 => c.redirected6 += 1,
-            counter::SKIP_DISABLED => c.skip_disabled += 1,
-            counter::SKIP_CIDR => c.skip_cidr += 1,
-            counter::SKIP_LOOPBACK => c.skip_loopback += 1,
-            counter::SKIP_SELF => c.skip_self += 1,
-            counter::SKIP_NOT_TCP => c.skip_not_tcp += 1,
-            counter::ESTABLISHED => c.established += 1,
-            _ => c.errors += 1,
+        match c.get_mut(which) {
+            Some(n) => *n += 1,
+            None => c.errors += 1,
         }
     }
 

@@ -571,7 +571,7 @@ async fn reconcile(
             .values()
             .map(|w| {
                 let e = enabled.get(&w.key);
-                proxy::WorkloadView {
+                admin::api::WorkloadView {
                     key: w.key.clone(),
                     label: w.label.clone(),
                     cgroup: e.map(|e| e.cgroup.display().to_string()),

@@ -11,6 +11,10 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
+    admin::{
+        api::WorkloadView,
+        client::{self, Fetch},
+    },
     bpf::{self, Maps, PinLayout},
     cli::ExplainArgs,
     config::{Config, ConfigError},
@@ -18,7 +22,6 @@ use crate::{
     plan::{self, Endpoint, HopPlan, NameCheck},
     policy::Route,
     sniff::HostSource,
-    status::{self, Fetch, WorkloadInfo},
 };
 use redirector_common::{MAX_CGROUP_DEPTH, names};
 
@@ -236,7 +239,7 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
         return Err(ExplainError::PodSyntax(pod.to_owned()));
     }
     let owned = || pod.to_owned();
-    match status::fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads") {
+    match client::fetch_json::<Vec<WorkloadView>>(admin, "/workloads") {
         Fetch::Down => Err(ExplainError::PodNoDaemon {
             pod: owned(),
             admin,
@@ -250,9 +253,9 @@ fn resolve_pod(pod: &str, admin: SocketAddr) -> Result<PathBuf, ExplainError> {
             detail,
         }),
         Fetch::Ok(list) => match list.iter().find(|w| w.label == pod) {
-            Some(WorkloadInfo {
+            Some(WorkloadView {
                 cgroup: Some(c), ..
-            }) => Ok(c.clone()),
+            }) => Ok(PathBuf::from(c)),
             Some(_) => Err(ExplainError::PodLookup {
                 pod: owned(),
                 detail: "the daemon knows it, but its cgroup does not exist yet".into(),

@@ -15,6 +15,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
+    admin::api::{ConnView, WorkloadView},
     bpf::{self, Maps},
     config::Config,
     netns::{self, NetnsError, NetnsId},
@@ -47,31 +48,6 @@ pub struct Shared {
     pub next_conn: std::sync::atomic::AtomicU64,
     /// Pre-established gateway sessions for `config.tunnel` (replaced on reload).
     pub gateway: arc_swap::ArcSwapOption<crate::pool::GatewayPool>,
-}
-
-/// One enabled (or waiting) workload, as `/workloads` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct WorkloadView {
-    pub key: String,
-    pub label: String,
-    pub cgroup: Option<String>,
-    pub cgroup_id: Option<u64>,
-    /// Enabled in the kernel with a listener in every netns it uses.
-    pub listening: bool,
-}
-
-/// One live connection, as `/connections` shows it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ConnView {
-    pub workload: String,
-    pub src: String,
-    pub orig_dst: String,
-    pub host: Option<String>,
-    pub route: String,
-    #[serde(skip)]
-    pub started: Instant,
-    /// Filled in when served.
-    pub since_ms: u64,
 }
 
 /// Removes a connection from the live registry when the relay ends, however it ends.

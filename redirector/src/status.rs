@@ -1,15 +1,19 @@
 //! `redirector status`: reads the pins (works while the daemon is down) and asks the daemon.
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::Serialize;
 
-use crate::bpf::{self, Maps, PinLayout};
+use crate::{
+    admin::{
+        api::{ConnView, WorkloadView},
+        client::{self, Fetch, GetError, fetch_json},
+    },
+    bpf::{self, Maps, PinLayout},
+};
 use redirector_common::{Counters, names};
 
 #[derive(Debug, Serialize)]
@@ -23,9 +27,9 @@ pub struct Status {
     pub pending_original_destinations: usize,
     pub counters: Option<CountersView>,
     /// What the daemon wants enabled (`GET /workloads`); `None` when it could not say.
-    pub workloads: Option<Vec<WorkloadInfo>>,
+    pub workloads: Option<Vec<WorkloadView>>,
     /// Connections being relayed right now (`GET /connections`); `None` when unknown.
-    pub connections: Option<Vec<ConnectionInfo>>,
+    pub connections: Option<Vec<ConnView>>,
     /// Why `workloads` / `connections` are missing, in words.
     pub notes: Vec<String>,
 }
@@ -38,118 +42,6 @@ pub struct EnabledCgroup {
     pub workload: Option<String>,
 }
 
-/// One entry of the daemon's `GET /workloads`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct WorkloadInfo {
-    pub key: String,
-    /// `namespace/pod` in Kubernetes mode, the cgroup path otherwise.
-    pub label: String,
-    pub cgroup: Option<PathBuf>,
-    pub cgroup_id: Option<u64>,
-    pub listening: bool,
-}
-
-/// One entry of the daemon's `GET /connections`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(default)]
-pub struct ConnectionInfo {
-    pub workload: String,
-    pub src: String,
-    pub orig_dst: String,
-    pub host: Option<String>,
-    pub route: String,
-    pub since_ms: u64,
-}
-
-/// What one admin request brought back.
-#[derive(Debug)]
-pub enum Fetch<T> {
-    Ok(T),
-    /// 404: a daemon from before this endpoint existed.
-    Missing,
-    /// Nothing answers on the admin address.
-    Down,
-    /// It answered, but not with what we expected.
-    Bad(String),
-}
-
-/// `GET path` on the admin endpoint, HTTP/1.1 with `connection: close`. Returns the status
-/// and the body (chunked bodies decoded).
-pub fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "malformed HTTP response from the admin endpoint",
-        )
-    })
-}
-
-fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut resp = httparse::Response::new(&mut headers);
-    let httparse::Status::Complete(len) = resp.parse(raw).ok()? else {
-        return None;
-    };
-    let status = resp.code?;
-    let chunked = resp.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            && String::from_utf8_lossy(h.value)
-                .to_ascii_lowercase()
-                .contains("chunked")
-    });
-    let body = &raw[len..];
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
-}
-
-/// `GET path` and parse the JSON body as `T`.
-pub fn fetch_json<T: DeserializeOwned>(addr: SocketAddr, path: &str) -> Fetch<T> {
-    match admin_get(addr, path) {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Fetch::Down
-        }
-        Err(e) => Fetch::Bad(e.to_string()),
-        Ok((404, _)) => Fetch::Missing,
-        Ok((200, body)) => match serde_json::from_str(&body) {
-            Ok(v) => Fetch::Ok(v),
-            Err(e) => Fetch::Bad(format!("unexpected JSON from {path}: {e}")),
-        },
-        Ok((status, _)) => Fetch::Bad(format!("{path} answered {status}")),
-    }
-}
-
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DaemonState {
@@ -158,41 +50,33 @@ pub enum DaemonState {
     NotRunning,
 }
 
-#[derive(Debug, Serialize)]
-pub struct CountersView {
-    pub redirected4: u64,
-    pub redirected6: u64,
-    pub skip_disabled: u64,
-    pub skip_cidr: u64,
-    pub skip_loopback: u64,
-    pub skip_self: u64,
-    pub skip_not_tcp: u64,
-    pub established: u64,
-    pub errors: u64,
-}
+/// The eBPF counters summed over CPUs; JSON `{"<name>": value, ...}` in index order.
+#[derive(Debug)]
+pub struct CountersView(pub Counters);
 
 impl From<Counters> for CountersView {
     fn from(c: Counters) -> Self {
-        Self {
-            redirected4: c.redirected4,
-            redirected6: c.redirected6,
-            skip_disabled: c.skip_disabled,
-            skip_cidr: c.skip_cidr,
-            skip_loopback: c.skip_loopback,
-            skip_self: c.skip_self,
-            skip_not_tcp: c.skip_not_tcp,
-            established: c.established,
-            errors: c.errors,
+        Self(c)
+    }
+}
+
+impl Serialize for CountersView {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let named = self.0.named();
+        let mut map = s.serialize_map(Some(named.len()))?;
+        for (name, v) in named {
+            map.serialize_entry(name, &v)?;
         }
+        map.end()
     }
 }
 
 /// Asks `/readyz` on the admin address; a refused connection means the daemon is down.
 pub fn probe_daemon(addr: SocketAddr) -> DaemonState {
-    match admin_get(addr, "/readyz") {
+    match client::get(addr, "/readyz") {
         Ok((200, _)) => DaemonState::Ready,
-        Ok(_) => DaemonState::NotReady,
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => DaemonState::NotReady,
+        Ok(_) | Err(GetError::Malformed(_)) => DaemonState::NotReady,
         Err(_) => DaemonState::NotRunning,
     }
 }
@@ -239,13 +123,13 @@ pub fn collect(
         }
         _ => (
             take(
-                fetch_json::<Vec<WorkloadInfo>>(admin, "/workloads"),
+                fetch_json::<Vec<WorkloadView>>(admin, "/workloads"),
                 "/workloads",
                 "pod names",
                 &mut notes,
             ),
             take(
-                fetch_json::<Vec<ConnectionInfo>>(admin, "/connections"),
+                fetch_json::<Vec<ConnView>>(admin, "/connections"),
                 "/connections",
                 "live connections",
                 &mut notes,
@@ -255,7 +139,7 @@ pub fn collect(
     // The daemon knows where each workload's cgroup is even when it is outside --cgroup-root.
     for w in workloads.iter().flatten() {
         if let (Some(id), Some(p)) = (w.cgroup_id, &w.cgroup) {
-            paths.entry(id).or_insert_with(|| p.clone());
+            paths.entry(id).or_insert_with(|| p.into());
         }
     }
     let enabled_cgroups = ids
@@ -293,10 +177,10 @@ pub fn collect(
     })
 }
 
-fn workload_is(w: &WorkloadInfo, id: u64, path: Option<&Path>) -> bool {
+fn workload_is(w: &WorkloadView, id: u64, path: Option<&Path>) -> bool {
     match w.cgroup_id {
         Some(wid) => wid == id,
-        None => path.is_some() && w.cgroup.as_deref() == path,
+        None => path.is_some() && w.cgroup.as_deref().map(Path::new) == path,
     }
 }
 
@@ -379,7 +263,7 @@ pub fn render_text(s: &Status) -> String {
         }
     }
     // Workloads the daemon wants but has not (yet) put into the kernel map.
-    let waiting: Vec<&WorkloadInfo> = s
+    let waiting: Vec<&WorkloadView> = s
         .workloads
         .iter()
         .flatten()
@@ -394,13 +278,11 @@ pub fn render_text(s: &Status) -> String {
         for w in waiting {
             let why = match (&w.cgroup, w.listening) {
                 (None, _) => "cgroup not created yet".to_owned(),
-                (Some(p), false) => format!(
-                    "{}: not enabled yet (waiting for its first process or its listener)",
-                    p.display()
-                ),
+                (Some(p), false) => {
+                    format!("{p}: not enabled yet (waiting for its first process or its listener)")
+                }
                 (Some(p), true) => format!(
-                    "{}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)",
-                    p.display()
+                    "{p}: enabled by the daemon, but its id is not in rdr_enabled (cgroup recreated?)"
                 ),
             };
             out += &format!("  {}  {why}\n", w.label);
@@ -416,18 +298,12 @@ pub fn render_text(s: &Status) -> String {
     );
     out += &format!("awaiting accept: {}\n", s.pending_original_destinations);
     if let Some(c) = &s.counters {
-        out += &format!(
-            "counters:    redirected4={} redirected6={} established={} skip_cidr={} skip_loopback={} skip_not_tcp={} skip_self={} skip_disabled={} errors={}\n",
-            c.redirected4,
-            c.redirected6,
-            c.established,
-            c.skip_cidr,
-            c.skip_loopback,
-            c.skip_not_tcp,
-            c.skip_self,
-            c.skip_disabled,
-            c.errors
-        );
+        let counters: Vec<String> =
+            c.0.named()
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect();
+        out += &format!("counters:    {}\n", counters.join(" "));
     }
     match &s.connections {
         Some(conns) => {
@@ -454,6 +330,8 @@ pub fn render_text(s: &Status) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
 
     fn status(daemon: DaemonState) -> Status {
@@ -492,20 +370,21 @@ mod tests {
     #[test]
     fn text_names_pods_and_connections() {
         let mut s = status(DaemonState::Ready);
-        s.workloads = Some(vec![WorkloadInfo {
+        s.workloads = Some(vec![WorkloadView {
             key: "uid-2".into(),
             label: "default/agent-2".into(),
             cgroup: None,
             cgroup_id: None,
             listening: false,
         }]);
-        s.connections = Some(vec![ConnectionInfo {
+        s.connections = Some(vec![ConnView {
             workload: "default/agent-1".into(),
             src: "10.1.0.7:40000".into(),
             orig_dst: "203.0.113.10:443".into(),
             host: Some("portal.azure.test".into()),
             route: "gateway".into(),
             since_ms: 61_500,
+            ..Default::default()
         }]);
         let t = render_text(&s);
         assert!(t.contains("daemon:      running, ready"), "{t}");
@@ -543,34 +422,21 @@ mod tests {
     }
 
     #[test]
-    fn admin_json_shapes_parse_and_tolerate_extras() {
-        let w: Vec<WorkloadInfo> = serde_json::from_str(
-            r#"[{"key":"k","label":"ns/p","cgroup":"/sys/fs/cgroup/x","cgroup_id":12,"listening":true,"future":1},
-                {"key":"k2","label":"ns/q","cgroup":null,"cgroup_id":null,"listening":false}]"#,
-        )
-        .unwrap();
-        assert_eq!(w[0].cgroup_id, Some(12));
-        assert!(w[0].listening && w[1].cgroup.is_none());
-        let c: Vec<ConnectionInfo> = serde_json::from_str(
-            r#"[{"workload":"ns/p","src":"10.0.0.1:1","orig_dst":"1.2.3.4:443","host":null,"route":"proxy","since_ms":5}]"#,
-        )
-        .unwrap();
-        assert_eq!(c[0].route, "proxy");
-        assert_eq!(c[0].host, None);
-    }
-
-    #[test]
-    fn http_responses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]";
-        assert_eq!(parse_response(plain), Some((200, "[]".into())));
-        let chunked =
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\n[{}\r\n1\r\n]\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked), Some((200, "[{}]".into())));
-        assert_eq!(
-            parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").map(|r| r.0),
-            Some(404)
+    fn counters_by_name_in_text_and_json() {
+        let s = status(DaemonState::Ready);
+        let t = render_text(&s);
+        assert!(
+            t.contains("counters:    redirected4=3 redirected6=0 skip_disabled=0 "),
+            "{t}"
         );
-        assert_eq!(parse_response(b"garbage"), None);
+        assert!(t.contains(" errors=0\n"), "{t}");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["counters"]["redirected4"], 3);
+        assert_eq!(json["counters"]["skip_loopback"], 0);
+        assert_eq!(
+            json["counters"].as_object().unwrap().len(),
+            Counters::NAMES.len()
+        );
     }
 
     #[test]
@@ -591,16 +457,16 @@ mod tests {
             }
         });
         assert!(
-            matches!(fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty())
+            matches!(fetch_json::<Vec<WorkloadView>>(addr, "/workloads"), Fetch::Ok(v) if v.is_empty())
         );
         assert!(matches!(
-            fetch_json::<Vec<ConnectionInfo>>(addr, "/connections"),
+            fetch_json::<Vec<ConnView>>(addr, "/connections"),
             Fetch::Missing
         ));
         server.join().unwrap();
         // The listener is gone now: nothing answers.
         assert!(matches!(
-            fetch_json::<Vec<WorkloadInfo>>(addr, "/workloads"),
+            fetch_json::<Vec<WorkloadView>>(addr, "/workloads"),
             Fetch::Down
         ));
         assert!(matches!(probe_daemon(addr), DaemonState::NotRunning));

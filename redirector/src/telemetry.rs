@@ -249,17 +249,8 @@ impl Metrics {
     }
 
     pub fn set_ebpf(&self, c: &redirector_common::Counters) {
-        let set = |name: &'static str, v: u64| {
+        for (name, v) in c.named() {
             self.ebpf.get_or_create(&NameLabels { name }).set(v as i64);
-        };
-        set("redirected4", c.redirected4);
-        set("redirected6", c.redirected6);
-        set("skip_disabled", c.skip_disabled);
-        set("skip_cidr", c.skip_cidr);
-        set("skip_loopback", c.skip_loopback);
-        set("skip_self", c.skip_self);
-        set("skip_not_tcp", c.skip_not_tcp);
-        set("established", c.established);
-        set("errors", c.errors);
+        }
     }
 }

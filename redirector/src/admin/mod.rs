@@ -1,4 +1,5 @@
-//! Admin endpoint on loopback: `/metrics`, `/healthz`, `/readyz`, `/config_dump`.
+//! Admin endpoint on loopback: `/metrics`, `/healthz`, `/readyz`, `/config_dump`, `/workloads`,
+//! `/connections` (JSON in [`api`]) and `/logging`.
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -16,6 +17,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+pub mod api;
+pub mod client;
 
 use crate::proxy::Shared;
 
@@ -100,34 +104,18 @@ fn json<T: serde::Serialize>(v: &T) -> Response<Full<Bytes>> {
     }
 }
 
-/// `?filter=<RUST_LOG directives>` from the query string (percent-decoding `%2C` etc.).
+/// `?filter=<RUST_LOG directives>` (or `?level=`) from the query string, form-decoded:
+/// `%2C` is a comma, `+` a space.
 fn query_filter(q: Option<&str>) -> Option<String> {
-    let q = q?;
-    let v = q.split('&').find_map(|kv| {
+    let v = q?.split('&').find_map(|kv| {
         kv.strip_prefix("filter=")
             .or_else(|| kv.strip_prefix("level="))
     })?;
-    let mut out = Vec::new();
-    let b = v.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+    let v = v.replace('+', " ");
+    percent_encoding::percent_decode_str(&v)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
 }
 
 fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -140,7 +128,7 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .expect("workloads lock poisoned"),
         ),
         "/connections" => {
-            let mut v: Vec<crate::proxy::ConnView> = admin
+            let mut v: Vec<api::ConnView> = admin
                 .shared
                 .conns
                 .lock()
