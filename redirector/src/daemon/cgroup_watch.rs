@@ -5,46 +5,40 @@ use std::{
     path::PathBuf,
 };
 
+use futures::{FutureExt, StreamExt};
+use inotify::{EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
+
 use crate::workloads::Workload;
 
-/// Wakes the reconciler as soon as a pending workload's cgroup directory appears or its
-/// first process joins (inotify on the parent directories and on `cgroup.events`, whose
-/// `populated` line the kernel updates), instead of waiting for the next timer tick: the
-/// listener must be in place before the pod's app container makes its first connect.
+/// Room for several events at once (one is 16 bytes plus a name of at most 255).
+const EVENT_BUFFER: usize = 4096;
+
+/// inotify on the parent directories of cgroups not created yet and on `cgroup.events` of
+/// those that exist (the kernel updates its `populated` line when the first process joins):
+/// the listener must be in place before the pod's app container makes its first connect.
 pub struct CgroupWatch {
-    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
-    inotify: nix::sys::inotify::Inotify,
-    watched: HashMap<PathBuf, nix::sys::inotify::WatchDescriptor>,
+    events: EventStream<[u8; EVENT_BUFFER]>,
+    watches: Watches,
+    watched: HashMap<PathBuf, WatchDescriptor>,
 }
 
 impl CgroupWatch {
-    pub fn new() -> Option<CgroupWatch> {
-        use nix::sys::inotify::{InitFlags, Inotify};
-        use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
-        // A second handle on the same inotify fd for readiness; `inotify` reads the events.
-        let dup = inotify.as_fd().try_clone_to_owned().ok()?;
-        // SAFETY: `dup` is a fresh, owned, open fd.
-        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(dup.into_raw_fd()) };
-        // SAFETY: the AsyncFd owns `owned`, an open fd that stays the same for its lifetime.
-        let fd = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)
-        }
-        .ok()?;
-        Some(CgroupWatch {
-            fd,
-            inotify,
+    pub fn new() -> std::io::Result<CgroupWatch> {
+        let inotify = Inotify::init()?;
+        let watches = inotify.watches();
+        Ok(CgroupWatch {
+            events: inotify.into_event_stream([0; EVENT_BUFFER])?,
+            watches,
             watched: HashMap::new(),
         })
     }
 
     /// Watches exactly `paths` (adding new ones, dropping the rest).
     pub fn set(&mut self, paths: &HashSet<PathBuf>) {
-        use nix::sys::inotify::AddWatchFlags as F;
         self.watched.retain(|p, wd| {
             let keep = paths.contains(p);
             if !keep {
-                let _ = self.inotify.rm_watch(*wd);
+                let _ = self.watches.remove(wd.clone());
             }
             keep
         });
@@ -52,17 +46,19 @@ impl CgroupWatch {
             if self.watched.contains_key(p) || !p.exists() {
                 continue;
             }
-            let flags = F::IN_CREATE | F::IN_MODIFY;
-            if let Ok(wd) = self.inotify.add_watch(p.as_path(), flags) {
+            if let Ok(wd) = self.watches.add(p, WatchMask::CREATE | WatchMask::MODIFY) {
                 self.watched.insert(p.clone(), wd);
             }
         }
     }
 
+    /// Returns once something changed under a watched path. Events already queued behind the
+    /// first are consumed too, so one burst of changes wakes the reconciler once. A watch
+    /// that fails never returns (the reconciler's timer still runs).
     pub async fn changed(&mut self) {
-        if let Ok(mut g) = self.fd.readable_mut().await {
-            let _ = self.inotify.read_events();
-            g.clear_ready();
+        match self.events.next().await {
+            Some(Ok(_)) => while let Some(Some(Ok(_))) = self.events.next().now_or_never() {},
+            _ => std::future::pending().await,
         }
     }
 }
@@ -83,5 +79,62 @@ pub fn watch_paths(w: &Workload, out: &mut HashSet<PathBuf>) {
             }
             p = dir.parent();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_directory_created_under_a_watched_one_wakes_the_watch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut watch = CgroupWatch::new().unwrap();
+        watch.set(&HashSet::from([dir.path().to_owned()]));
+        for i in 0..3 {
+            std::fs::create_dir(dir.path().join(format!("pod{i}"))).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("no wake-up for a created directory");
+        // The burst was consumed whole: nothing more to wake up for.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), watch.changed())
+                .await
+                .is_err()
+        );
+        // Unwatched paths wake nothing (after the one wake-up for the removed watch: the
+        // kernel queues IN_IGNORED).
+        watch.set(&HashSet::new());
+        let _ = tokio::time::timeout(Duration::from_millis(200), watch.changed()).await;
+        std::fs::create_dir(dir.path().join("later")).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), watch.changed())
+                .await
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn pending_workloads_watch_the_nearest_existing_ancestor_or_cgroup_events() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("exists")).unwrap();
+        let w = Workload {
+            key: "k".into(),
+            label: "k".into(),
+            cgroup_candidates: vec![dir.path().join("a/b/c"), dir.path().join("exists")],
+            pod: None,
+        };
+        let mut out = HashSet::new();
+        watch_paths(&w, &mut out);
+        assert_eq!(
+            out,
+            HashSet::from([
+                dir.path().to_owned(),
+                dir.path().join("exists/cgroup.events")
+            ])
+        );
     }
 }

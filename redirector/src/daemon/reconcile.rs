@@ -46,7 +46,7 @@ pub async fn run(
     let mut waiting_logged: HashSet<String> = HashSet::new();
     let mut stale_checked = false;
     let mut last_full = Instant::now() - Duration::from_secs(10);
-    let mut watch = CgroupWatch::new();
+    let mut watch = CgroupWatch::new().ok();
     loop {
         let desired = rx.borrow_and_update().clone();
         // Full passes look for new netns of enabled workloads too; quick passes only handle
