@@ -1,7 +1,11 @@
-//! The reconciler: turns the desired set into listeners and `rdr_enabled` entries.
+//! The reconciler: each pass observes cgroups, processes and maps, binds the listeners
+//! [`decide::plan_listeners`] asks for, makes the changes [`decide::decide`] chose, and waits
+//! for the next change of the desired set, of a pending cgroup, or the timer.
+mod decide;
+
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
-    path::PathBuf,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -9,32 +13,23 @@ use std::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use self::decide::{
+    Action, CgroupSeen, Decision, EarlierRun, Listen, Memory, Notice, Observed, Proc,
+};
 use super::cgroup_watch::{CgroupWatch, watch_paths};
 use crate::{
     admin::Readiness,
-    bpf,
     netns::{self, NetnsId},
     proxy::{self, ListenerSet, Shared},
-    workloads::DesiredSet,
+    workloads::{DesiredSet, Workload},
 };
 
-/// Takes `id` out of `rdr_enabled` unless another workload still has it enabled: two pods
-/// may resolve to one cgroup, and the one that leaves must not disable the other's.
-fn release(maps: &mut bpf::Maps, enabled: &HashMap<String, Enabled>, id: u64) {
-    if !enabled.values().any(|e| e.id == id) {
-        let _ = maps.disable(id);
-    }
-}
+/// How often a pass is a full one (see [`Observed::full`]).
+const FULL_PASS: Duration = Duration::from_secs(1);
+/// The longest wait between passes when nothing wakes the reconciler.
+const TICK: Duration = Duration::from_millis(100);
 
-/// What the reconciler knows about one enabled workload.
-struct Enabled {
-    cgroup: PathBuf,
-    id: u64,
-}
-
-/// Turns the desired set into listeners and `rdr_enabled` entries: a workload is enabled
-/// once its cgroup exists and every network namespace its processes use has a listener; it
-/// is disabled (and its listeners closed when no one else uses them) when it leaves the set.
+/// Runs until shutdown; `known` says whether `rx` already holds the complete desired set.
 pub async fn run(
     shared: Arc<Shared>,
     readiness: Arc<Readiness>,
@@ -42,164 +37,50 @@ pub async fn run(
     mut known: bool,
 ) {
     let mut listeners = ListenerSet::default();
-    let mut enabled: HashMap<String, Enabled> = HashMap::new();
-    let mut waiting_logged: HashSet<String> = HashSet::new();
-    let mut stale_checked = false;
+    let mut memory = Memory::default();
     let mut last_full = Instant::now() - Duration::from_secs(10);
     let mut watch = CgroupWatch::new().ok();
     loop {
         let desired = rx.borrow_and_update().clone();
-        // Full passes look for new netns of enabled workloads too; quick passes only handle
-        // workloads still waiting for their cgroup or first process.
-        let full = last_full.elapsed() >= Duration::from_secs(1);
+        let full = last_full.elapsed() >= FULL_PASS;
         if full {
             last_full = Instant::now();
         }
-        let mut live: HashMap<NetnsId, u32> = HashMap::new();
-        let mut all_ready = known;
-        for w in desired.values() {
-            let Some(cg) = w.find_cgroup() else {
-                // Not created by the kubelet yet: nothing to listen for, not a readiness issue.
-                if waiting_logged.insert(w.key.clone()) {
-                    info!(workload = %w.label, "waiting for the workload's cgroup to appear");
-                }
-                continue;
-            };
-            let Ok(id) = netns::cgroup_id(&cg) else {
-                continue;
-            };
-            let already = enabled.get(&w.key).is_some_and(|e| e.id == id);
-            if already && !full {
-                continue;
-            }
-            let mut nss = Vec::new();
-            for pid in netns::cgroup_pids(&cg) {
-                if let Ok(ns) = netns::netns_of(pid) {
-                    live.entry(ns).or_insert(pid);
-                    nss.push((ns, pid));
-                }
-            }
-            if nss.is_empty() {
-                if !already && waiting_logged.insert(w.key.clone()) {
-                    info!(workload = %w.label, cgroup = %cg.display(), "cgroup has no process yet; enabling it once its network namespace is known");
-                }
-                continue;
-            }
-            let mut ok = true;
-            for (ns, pid) in &nss {
-                if listeners.contains(ns) {
-                    continue;
-                }
-                match proxy::spawn_listener(&shared, *pid, Arc::from(w.label.as_str())) {
-                    Ok(l) => listeners.insert(l),
-                    Err(e) => {
-                        ok = false;
-                        warn!(workload = %w.label, pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns");
-                    }
-                }
-            }
-            if !ok {
-                all_ready = false;
-                continue;
-            }
-            if !already {
-                let mut maps = shared.maps.lock().expect("maps lock poisoned");
-                if let Some(old) = enabled.remove(&w.key) {
-                    release(&mut maps, &enabled, old.id);
-                }
-                match maps.enable(id) {
-                    Ok(()) => {
-                        info!(workload = %w.label, cgroup = %cg.display(), cgroup_id = id, "workload enabled");
-                        enabled.insert(
-                            w.key.clone(),
-                            Enabled {
-                                cgroup: cg.clone(),
-                                id,
-                            },
-                        );
-                        waiting_logged.remove(&w.key);
-                    }
-                    Err(e) => {
-                        all_ready = false;
-                        warn!(workload = %w.label, error = %crate::error_chain(&e), "cannot enable cgroup");
-                    }
-                }
+
+        // Observe, bind the missing listeners, decide, act.
+        let mut seen = observe(&shared, &desired, &memory, &listeners, full, known);
+        for listen in decide::plan_listeners(&desired, &seen) {
+            if let Some(netns) = bind(&shared, &mut listeners, listen) {
+                seen.listeners.insert(netns);
             }
         }
-        // Workloads that left the set: out of the map first, then their listeners go.
-        let gone: Vec<String> = enabled
-            .keys()
-            .filter(|k| !desired.contains_key(*k))
-            .cloned()
-            .collect();
-        if !gone.is_empty() {
-            let mut maps = shared.maps.lock().expect("maps lock poisoned");
-            for k in gone {
-                if let Some(e) = enabled.remove(&k) {
-                    release(&mut maps, &enabled, e.id);
-                    info!(workload = %k, cgroup = %e.cgroup.display(), "workload disabled");
-                }
-            }
-        }
-        waiting_logged.retain(|k| desired.contains_key(k));
-        if full {
-            // Keep listeners of namespaces still used by an enabled workload.
-            let mut keep: HashSet<NetnsId> = live.keys().copied().collect();
-            for e in enabled.values() {
-                for pid in netns::cgroup_pids(&e.cgroup) {
-                    if let Ok(ns) = netns::netns_of(pid) {
-                        keep.insert(ns);
-                    }
-                }
-            }
-            listeners.retain(&keep);
-        }
-        // Once the desired set is known, forget cgroups an earlier run enabled that are no
-        // longer wanted.
-        if known && !stale_checked {
-            stale_checked = true;
-            let wanted: BTreeSet<u64> = enabled.values().map(|e| e.id).collect();
-            let mut maps = shared.maps.lock().expect("maps lock poisoned");
-            for stale in maps.enabled_ids().difference(&wanted) {
-                let still_desired = desired.values().any(|w| {
-                    w.cgroup_candidates
-                        .iter()
-                        .any(|p| netns::cgroup_id(p).ok() == Some(*stale))
-                });
-                if !still_desired {
-                    info!(
-                        cgroup_id = stale,
-                        "disabling a cgroup left enabled by an earlier run"
-                    );
-                    let _ = maps.disable(*stale);
-                }
-            }
-        }
+        let (next, ready) = apply(
+            &shared,
+            &mut listeners,
+            decide::decide(&desired, &seen, &memory),
+        );
+        memory = next;
+
+        // Publish: metrics, `/workloads`, readiness.
         shared.metrics.listeners.set(listeners.len() as i64);
-        shared.metrics.enabled_cgroups.set(enabled.len() as i64);
-        let views = desired
-            .values()
-            .map(|w| {
-                let e = enabled.get(&w.key);
-                proxy::WorkloadView {
-                    key: w.key.clone(),
-                    label: w.label.clone(),
-                    cgroup: e.map(|e| e.cgroup.display().to_string()),
-                    cgroup_id: e.map(|e| e.id),
-                    listening: e.is_some(),
-                }
-            })
-            .collect();
-        *shared.workloads.lock().expect("workloads lock poisoned") = views;
-        readiness
-            .listeners_ready
-            .store(all_ready, Ordering::Relaxed);
-        let mut pending_paths = HashSet::new();
-        for w in desired.values().filter(|w| !enabled.contains_key(&w.key)) {
-            watch_paths(w, &mut pending_paths);
-        }
+        shared
+            .metrics
+            .enabled_cgroups
+            .set(memory.enabled.len() as i64);
+        *shared.workloads.lock().expect("workloads lock poisoned") =
+            decide::views(&desired, &memory);
+        readiness.listeners_ready.store(ready, Ordering::Relaxed);
+
+        // Wait: a new desired set, a pending cgroup changing, or the timer.
         if let Some(w) = watch.as_mut() {
-            w.set(&pending_paths);
+            let mut pending = HashSet::new();
+            for w in desired
+                .values()
+                .filter(|w| !memory.enabled.contains_key(&w.key))
+            {
+                watch_paths(w, &mut pending);
+            }
+            w.set(&pending);
         }
         let inotified = async {
             match watch.as_mut() {
@@ -213,13 +94,180 @@ pub async fn run(
             r = rx.changed() => {
                 if r.is_err() {
                     // The watcher is gone; keep the last set and rescan on the timer.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(TICK).await;
                 } else {
                     known = true;
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = tokio::time::sleep(TICK) => {}
         }
     }
     drop(listeners);
+}
+
+/// Reads what [`decide::decide`] needs: each desired workload's cgroup (found only through
+/// [`Workload::find_cgroup`]) and processes, the namespaces of enabled cgroups on full
+/// passes, and `rdr_enabled` on the pass that looks for ids an earlier run left.
+fn observe(
+    shared: &Shared,
+    desired: &DesiredSet,
+    memory: &Memory,
+    listeners: &ListenerSet,
+    full: bool,
+    known: bool,
+) -> Observed {
+    let cgroups = desired
+        .values()
+        .map(|w| (w.key.clone(), observe_cgroup(w, memory, full)))
+        .collect();
+    let enabled_netns = if full {
+        memory
+            .enabled
+            .iter()
+            .filter(|(key, _)| desired.contains_key(*key))
+            .map(|(_, e)| {
+                (
+                    e.cgroup.clone(),
+                    processes(&e.cgroup).iter().map(|p| p.netns).collect(),
+                )
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let earlier = decide::wants_earlier_run(memory, known).then(|| EarlierRun {
+        map_ids: shared
+            .maps
+            .lock()
+            .expect("maps lock poisoned")
+            .enabled_ids(),
+        candidate_ids: desired
+            .values()
+            .flat_map(|w| &w.cgroup_candidates)
+            .filter_map(|p| netns::cgroup_id(p).ok())
+            .collect(),
+    });
+    Observed {
+        known,
+        full,
+        cgroups,
+        listeners: listeners
+            .by_netns
+            .keys()
+            .copied()
+            .collect::<BTreeSet<NetnsId>>(),
+        enabled_netns,
+        earlier,
+    }
+}
+
+fn observe_cgroup(w: &Workload, memory: &Memory, full: bool) -> CgroupSeen {
+    let Some(path) = w.find_cgroup() else {
+        return CgroupSeen::Missing;
+    };
+    let Ok(id) = netns::cgroup_id(&path) else {
+        return CgroupSeen::Unreadable;
+    };
+    let procs = decide::wants_scan(memory, &w.key, id, full).then(|| processes(&path));
+    CgroupSeen::Found { path, id, procs }
+}
+
+/// The processes of `cgroup` and its descendants with their network namespaces (processes
+/// that exited meanwhile are left out).
+fn processes(cgroup: &Path) -> Vec<Proc> {
+    netns::cgroup_pids(cgroup)
+        .into_iter()
+        .filter_map(|pid| netns::netns_of(pid).ok().map(|netns| Proc { pid, netns }))
+        .collect()
+}
+
+/// Binds one listener, trying each way in until one works; returns its namespace.
+fn bind(shared: &Arc<Shared>, listeners: &mut ListenerSet, listen: Listen) -> Option<NetnsId> {
+    for a in listen.attempts {
+        match proxy::spawn_listener(shared, a.pid, Arc::from(a.workload.as_str())) {
+            Ok(l) => {
+                let netns = l.netns;
+                listeners.insert(l);
+                return Some(netns);
+            }
+            Err(e) => {
+                warn!(workload = %a.workload, pid = a.pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns");
+            }
+        }
+    }
+    None
+}
+
+/// Makes the decided changes in order and logs them; returns what to remember and whether
+/// the pass left the daemon ready.
+fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, bool) {
+    let Decision {
+        actions,
+        notices,
+        mut memory,
+        mut ready,
+    } = d;
+    for n in notices {
+        match n {
+            Notice::WaitingForCgroup { label } => {
+                info!(workload = %label, "waiting for the workload's cgroup to appear");
+            }
+            Notice::WaitingForProcess { label, cgroup } => {
+                info!(workload = %label, cgroup = %cgroup.display(), "cgroup has no process yet; enabling it once its network namespace is known");
+            }
+        }
+    }
+    let mut close = HashSet::new();
+    for action in actions {
+        match action {
+            Action::Enable {
+                key,
+                label,
+                cgroup,
+                id,
+            } => match shared.maps.lock().expect("maps lock poisoned").enable(id) {
+                Ok(()) => {
+                    info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload enabled");
+                }
+                Err(e) => {
+                    ready = false;
+                    memory.enabled.remove(&key);
+                    warn!(workload = %label, error = %crate::error_chain(&e), "cannot enable cgroup");
+                }
+            },
+            Action::Disable { id } => {
+                let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+            }
+            Action::Leave {
+                key,
+                cgroup,
+                disable,
+            } => {
+                if let Some(id) = disable {
+                    let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+                }
+                info!(workload = %key, cgroup = %cgroup.display(), "workload disabled");
+            }
+            Action::DisableStale { id } => {
+                info!(
+                    cgroup_id = id,
+                    "disabling a cgroup left enabled by an earlier run"
+                );
+                let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+            }
+            Action::Close { netns } => {
+                close.insert(netns);
+            }
+        }
+    }
+    if !close.is_empty() {
+        let keep = listeners
+            .by_netns
+            .keys()
+            .filter(|ns| !close.contains(*ns))
+            .copied()
+            .collect();
+        listeners.retain(&keep);
+    }
+    (memory, ready)
 }
