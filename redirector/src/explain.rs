@@ -225,7 +225,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         &config,
         &query,
         pinned.as_ref(),
-        &crate::app::node_addresses(),
+        &crate::daemon::node_addresses(),
         &resolve,
     );
     notes.append(&mut e.notes);

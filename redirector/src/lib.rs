@@ -1,11 +1,11 @@
 //! Egress redirector daemon and CLI as a library; `main.rs` only parses and dispatches.
 pub mod addr;
 pub mod admin;
-pub mod app;
 pub mod bpf;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod explain;
 pub mod k8s;
 pub mod kubelet;

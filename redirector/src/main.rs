@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use redirector::{app, check, cli, error_chain, explain, status, telemetry};
+use redirector::{check, cli, daemon, error_chain, explain, status, telemetry};
 
 // Allocator alternatives for measurement (`cargo xtask bench --features alloc-…`); the
 // default is the system allocator.
@@ -51,7 +51,7 @@ fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
         cli::Command::Run(args) => {
             let config = args.load().map_err(|e| error_chain(&e))?;
             runtime(true)?
-                .block_on(app::run(config, args))
+                .block_on(daemon::run(config, args))
                 .map_err(|e| error_chain(&e))?;
             Ok(ExitCode::SUCCESS)
         }

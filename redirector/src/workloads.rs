@@ -1,5 +1,5 @@
 //! The desired set of enabled workloads: what the control plane (static `--cgroup` list or
-//! the Kubernetes watcher) wants redirected. The reconciler in `app.rs` turns it into
+//! the Kubernetes watcher) wants redirected. The reconciler (`daemon/reconcile.rs`) turns it into
 //! listeners and `rdr_enabled` entries.
 use std::{collections::BTreeMap, path::PathBuf};
 

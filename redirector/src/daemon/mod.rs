@@ -1,0 +1,223 @@
+//! `redirector run`: the wiring diagram of the daemon, one comment per step.
+mod cgroup_watch;
+mod node;
+mod reconcile;
+mod reload;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{error, info, warn};
+
+pub use node::node_addresses;
+
+use crate::{
+    admin::{self, Admin, Readiness},
+    bpf::{self, Origin, PinLayout},
+    cli::RunArgs,
+    config::Config,
+    k8s, preflight,
+    proxy::Shared,
+    telemetry::Metrics,
+    workloads::{DesiredSet, Workload},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Preflight(#[from] preflight::PreflightError),
+    #[error("cannot bind the admin endpoint")]
+    Admin(#[source] std::io::Error),
+    #[error(transparent)]
+    Bpf(#[from] bpf::BpfError),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    #[error("--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)")]
+    NodeName,
+    #[error("cannot reach the Kubernetes API")]
+    Kube(#[source] k8s::K8sError),
+}
+
+pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
+    // 1. Preflight: refuse bad input before touching the kernel.
+    preflight::check_run(&config.pin_root, &config.cgroup_root, &config.cgroups)?;
+    let node_name = if config.kubernetes {
+        Some(
+            std::env::var("NODE_NAME")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .ok_or(RunError::NodeName)?,
+        )
+    } else {
+        None
+    };
+    let admin_listener = admin::bind(config.admin_addr)
+        .await
+        .map_err(RunError::Admin)?;
+    let signals = reload::Signals::install().map_err(RunError::Signals)?;
+    info!(config = %serde_json::to_string(&config).unwrap_or_default(), "starting");
+
+    // 2. Load or adopt the programs and maps under the pin root.
+    let pins = PinLayout::new(&config.pin_root);
+    let (mut maps, origin, program_logger) = bpf::load_and_attach(&pins, &config.cgroup_root)?;
+    if let Some(logger) = program_logger {
+        tokio::spawn(forward_program_logs(logger));
+    }
+    match origin {
+        Origin::Attached => {
+            info!(pin_root = %pins.root.display(), cgroup_root = %config.cgroup_root.display(), "attached eBPF programs")
+        }
+        Origin::Adopted => {
+            info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run")
+        }
+    }
+    release_freed_heap();
+
+    // 3. Maps: skip ranges first, then our port and pid; only now may the hooks redirect.
+    maps.set_skip_ranges(&config.skip_cidrs())?;
+    maps.set_config(config.proxy_port, std::process::id())?;
+
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let shutdown = CancellationToken::new();
+    let pool = crate::pool::GatewayPool::start(
+        config.tunnel.clone(),
+        config.pool,
+        Arc::clone(&metrics),
+        &shutdown,
+    );
+    let shared = Arc::new(Shared {
+        config: arc_swap::ArcSwap::from_pointee(config.clone()),
+        node_addrs: arc_swap::ArcSwap::from_pointee(node_addresses()),
+        maps: Mutex::new(maps),
+        metrics: Arc::clone(&metrics),
+        shutdown,
+        tracker: TaskTracker::new(),
+        workloads: Mutex::new(Vec::new()),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: std::sync::atomic::AtomicU64::new(0),
+        gateway: arc_swap::ArcSwapOption::from(Some(pool)),
+    });
+    let readiness = Arc::new(Readiness::default());
+    readiness.hooks_attached.store(
+        bpf::link_alive(&pins, redirector_common::names::LINK_CONNECT4),
+        Ordering::Relaxed,
+    );
+    readiness.config_loaded.store(true, Ordering::Relaxed);
+
+    // 4. Admin endpoint.
+    let admin = Arc::new(Admin {
+        shared: Arc::clone(&shared),
+        registry,
+        readiness: Arc::clone(&readiness),
+    });
+    tokio::spawn(admin::serve(admin_listener, admin, shared.shutdown.clone()));
+
+    // 5. The desired set of workloads: fixed (`--cgroup`, known at once) or followed from
+    //    the API server (known once the watcher sends its first set).
+    let (tx, rx) = watch::channel(DesiredSet::new());
+    let initial_known = match &node_name {
+        None => {
+            tx.send_replace(static_desired_set(&config.cgroups));
+            true
+        }
+        Some(node) => {
+            let client = k8s::client(config.kubeconfig.as_deref())
+                .await
+                .map_err(RunError::Kube)?;
+            let (node, root) = (node.clone(), config.cgroup_root.clone());
+            let rejected = shared.metrics.k8s_rejected.clone();
+            info!(node = %node, "following pods of labeled namespaces on this node");
+            tokio::spawn(async move {
+                if let Err(e) = k8s::run(client, node, root, rejected, tx).await {
+                    error!(error = %crate::error_chain(&e), "kubernetes watcher stopped");
+                }
+            });
+            false
+        }
+    };
+
+    // 6. Reconcile: listeners in each workload's netns, then its cgroup id into the map.
+    let reconciler = tokio::spawn(reconcile::run(
+        Arc::clone(&shared),
+        Arc::clone(&readiness),
+        rx,
+        initial_known,
+    ));
+
+    // 7. Reload on SIGHUP and when the config file changes, until SIGTERM/SIGINT.
+    reload::until_stopped(&shared, &args, signals).await;
+
+    // 8. Drain: stop accepting, give open connections the drain timeout.
+    shared.shutdown.cancel();
+    let _ = reconciler.await;
+    shared.tracker.close();
+    let drain = shared.config.load().drain_timeout + Duration::from_millis(500);
+    if tokio::time::timeout(drain, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = shared.tracker.len(),
+            "drain timeout: closing remaining connections"
+        );
+    }
+    // Programs stay attached and pinned on purpose: until a daemon comes back, redirected
+    // connects fail fast (nobody listens on the proxy port) and nothing leaks direct.
+    info!("stopped; eBPF programs stay pinned (`redirector uninstall` removes them)");
+    Ok(())
+}
+
+/// The workloads of static mode: one per `--cgroup` path, keyed and labelled by the path.
+fn static_desired_set(cgroups: &[PathBuf]) -> DesiredSet {
+    cgroups
+        .iter()
+        .map(|p| {
+            let key = p.display().to_string();
+            (
+                key.clone(),
+                Workload {
+                    key: key.clone(),
+                    label: key,
+                    cgroup_candidates: vec![p.clone()],
+                    pod: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Forwards the eBPF programs' aya-log records (debug level) into the daemon's log.
+async fn forward_program_logs(logger: bpf::ProgramLogger) {
+    // SAFETY: the logger owns its ring buffer's fd for its whole life and always returns the
+    // same fd from as_raw_fd; the AsyncFd owns the logger.
+    let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Loading parses the kernel's BTF (several MiB, freed once the programs are loaded); glibc
+/// keeps freed heap mapped unless asked, which would count against the idle daemon's RSS for
+/// its whole life. A no-op for other allocators (glibc's heap is then unused).
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the OS.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,0 +1,273 @@
+//! The reconciler: each pass observes cgroups, processes and maps, binds the listeners
+//! [`decide::plan_listeners`] asks for, makes the changes [`decide::decide`] chose, and waits
+//! for the next change of the desired set, of a pending cgroup, or the timer.
+mod decide;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use self::decide::{
+    Action, CgroupSeen, Decision, EarlierRun, Listen, Memory, Notice, Observed, Proc,
+};
+use super::cgroup_watch::{CgroupWatch, watch_paths};
+use crate::{
+    admin::Readiness,
+    netns::{self, NetnsId},
+    proxy::{self, ListenerSet, Shared},
+    workloads::{DesiredSet, Workload},
+};
+
+/// How often a pass is a full one (see [`Observed::full`]).
+const FULL_PASS: Duration = Duration::from_secs(1);
+/// The longest wait between passes when nothing wakes the reconciler.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs until shutdown; `known` says whether `rx` already holds the complete desired set.
+pub async fn run(
+    shared: Arc<Shared>,
+    readiness: Arc<Readiness>,
+    mut rx: watch::Receiver<DesiredSet>,
+    mut known: bool,
+) {
+    let mut listeners = ListenerSet::default();
+    let mut memory = Memory::default();
+    let mut last_full = Instant::now() - Duration::from_secs(10);
+    let mut watch = CgroupWatch::new().ok();
+    loop {
+        let desired = rx.borrow_and_update().clone();
+        let full = last_full.elapsed() >= FULL_PASS;
+        if full {
+            last_full = Instant::now();
+        }
+
+        // Observe, bind the missing listeners, decide, act.
+        let mut seen = observe(&shared, &desired, &memory, &listeners, full, known);
+        for listen in decide::plan_listeners(&desired, &seen) {
+            if let Some(netns) = bind(&shared, &mut listeners, listen) {
+                seen.listeners.insert(netns);
+            }
+        }
+        let (next, ready) = apply(
+            &shared,
+            &mut listeners,
+            decide::decide(&desired, &seen, &memory),
+        );
+        memory = next;
+
+        // Publish: metrics, `/workloads`, readiness.
+        shared.metrics.listeners.set(listeners.len() as i64);
+        shared
+            .metrics
+            .enabled_cgroups
+            .set(memory.enabled.len() as i64);
+        *shared.workloads.lock().expect("workloads lock poisoned") =
+            decide::views(&desired, &memory);
+        readiness.listeners_ready.store(ready, Ordering::Relaxed);
+
+        // Wait: a new desired set, a pending cgroup changing, or the timer.
+        if let Some(w) = watch.as_mut() {
+            let mut pending = HashSet::new();
+            for w in desired
+                .values()
+                .filter(|w| !memory.enabled.contains_key(&w.key))
+            {
+                watch_paths(w, &mut pending);
+            }
+            w.set(&pending);
+        }
+        let inotified = async {
+            match watch.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            _ = inotified => {}
+            r = rx.changed() => {
+                if r.is_err() {
+                    // The watcher is gone; keep the last set and rescan on the timer.
+                    tokio::time::sleep(TICK).await;
+                } else {
+                    known = true;
+                }
+            }
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+    drop(listeners);
+}
+
+/// Reads what [`decide::decide`] needs: each desired workload's cgroup (found only through
+/// [`Workload::find_cgroup`]) and processes, the namespaces of enabled cgroups on full
+/// passes, and `rdr_enabled` on the pass that looks for ids an earlier run left.
+fn observe(
+    shared: &Shared,
+    desired: &DesiredSet,
+    memory: &Memory,
+    listeners: &ListenerSet,
+    full: bool,
+    known: bool,
+) -> Observed {
+    let cgroups = desired
+        .values()
+        .map(|w| (w.key.clone(), observe_cgroup(w, memory, full)))
+        .collect();
+    let enabled_netns = if full {
+        memory
+            .enabled
+            .iter()
+            .filter(|(key, _)| desired.contains_key(*key))
+            .map(|(_, e)| {
+                (
+                    e.cgroup.clone(),
+                    processes(&e.cgroup).iter().map(|p| p.netns).collect(),
+                )
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let earlier = decide::wants_earlier_run(memory, known).then(|| EarlierRun {
+        map_ids: shared
+            .maps
+            .lock()
+            .expect("maps lock poisoned")
+            .enabled_ids(),
+        candidate_ids: desired
+            .values()
+            .flat_map(|w| &w.cgroup_candidates)
+            .filter_map(|p| netns::cgroup_id(p).ok())
+            .collect(),
+    });
+    Observed {
+        known,
+        full,
+        cgroups,
+        listeners: listeners
+            .by_netns
+            .keys()
+            .copied()
+            .collect::<BTreeSet<NetnsId>>(),
+        enabled_netns,
+        earlier,
+    }
+}
+
+fn observe_cgroup(w: &Workload, memory: &Memory, full: bool) -> CgroupSeen {
+    let Some(path) = w.find_cgroup() else {
+        return CgroupSeen::Missing;
+    };
+    let Ok(id) = netns::cgroup_id(&path) else {
+        return CgroupSeen::Unreadable;
+    };
+    let procs = decide::wants_scan(memory, &w.key, id, full).then(|| processes(&path));
+    CgroupSeen::Found { path, id, procs }
+}
+
+/// The processes of `cgroup` and its descendants with their network namespaces (processes
+/// that exited meanwhile are left out).
+fn processes(cgroup: &Path) -> Vec<Proc> {
+    netns::cgroup_pids(cgroup)
+        .into_iter()
+        .filter_map(|pid| netns::netns_of(pid).ok().map(|netns| Proc { pid, netns }))
+        .collect()
+}
+
+/// Binds one listener, trying each way in until one works; returns its namespace.
+fn bind(shared: &Arc<Shared>, listeners: &mut ListenerSet, listen: Listen) -> Option<NetnsId> {
+    for a in listen.attempts {
+        match proxy::spawn_listener(shared, a.pid, Arc::from(a.workload.as_str())) {
+            Ok(l) => {
+                let netns = l.netns;
+                listeners.insert(l);
+                return Some(netns);
+            }
+            Err(e) => {
+                warn!(workload = %a.workload, pid = a.pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns");
+            }
+        }
+    }
+    None
+}
+
+/// Makes the decided changes in order and logs them; returns what to remember and whether
+/// the pass left the daemon ready.
+fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, bool) {
+    let Decision {
+        actions,
+        notices,
+        mut memory,
+        mut ready,
+    } = d;
+    for n in notices {
+        match n {
+            Notice::WaitingForCgroup { label } => {
+                info!(workload = %label, "waiting for the workload's cgroup to appear");
+            }
+            Notice::WaitingForProcess { label, cgroup } => {
+                info!(workload = %label, cgroup = %cgroup.display(), "cgroup has no process yet; enabling it once its network namespace is known");
+            }
+        }
+    }
+    let mut close = HashSet::new();
+    for action in actions {
+        match action {
+            Action::Enable {
+                key,
+                label,
+                cgroup,
+                id,
+            } => match shared.maps.lock().expect("maps lock poisoned").enable(id) {
+                Ok(()) => {
+                    info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload enabled");
+                }
+                Err(e) => {
+                    ready = false;
+                    memory.enabled.remove(&key);
+                    warn!(workload = %label, error = %crate::error_chain(&e), "cannot enable cgroup");
+                }
+            },
+            Action::Disable { id } => {
+                let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+            }
+            Action::Leave {
+                key,
+                cgroup,
+                disable,
+            } => {
+                if let Some(id) = disable {
+                    let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+                }
+                info!(workload = %key, cgroup = %cgroup.display(), "workload disabled");
+            }
+            Action::DisableStale { id } => {
+                info!(
+                    cgroup_id = id,
+                    "disabling a cgroup left enabled by an earlier run"
+                );
+                let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+            }
+            Action::Close { netns } => {
+                close.insert(netns);
+            }
+        }
+    }
+    if !close.is_empty() {
+        let keep = listeners
+            .by_netns
+            .keys()
+            .filter(|ns| !close.contains(*ns))
+            .copied()
+            .collect();
+        listeners.retain(&keep);
+    }
+    (memory, ready)
+}

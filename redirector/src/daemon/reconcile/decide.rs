@@ -1,0 +1,792 @@
+//! The reconciler's decisions, free of side effects: from the desired set and what one pass
+//! observed to the listeners to bind, the `rdr_enabled` changes and the resulting view.
+//!
+//! The rules: a workload is enabled once its cgroup exists and every network namespace its
+//! processes use has a listener (so the first redirected connect already finds one). It is
+//! disabled when it leaves the desired set, and its listeners close once no workload uses
+//! their namespace. An id is taken out of `rdr_enabled` only when no workload holds it any
+//! more: two pods may resolve to one cgroup.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+};
+
+use crate::{admin::api::WorkloadView, netns::NetnsId, workloads::DesiredSet};
+
+/// What the reconciler remembers from one pass to the next.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Workloads this daemon put into `rdr_enabled`, by key.
+    pub enabled: BTreeMap<String, Enabled>,
+    /// Workloads whose "waiting" line was logged (once, until they are enabled or leave).
+    pub waiting_logged: BTreeSet<String>,
+    /// Whether ids an earlier run left in `rdr_enabled` were looked for (done once, as soon
+    /// as the desired set is known).
+    pub stale_checked: bool,
+}
+
+/// One enabled workload: the cgroup it was enabled with, and that cgroup's id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enabled {
+    pub cgroup: PathBuf,
+    pub id: u64,
+}
+
+/// What one pass saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The desired set is complete: the static list, or the watcher has sent its first set.
+    /// Until then the daemon is not ready and nothing left by an earlier run is disabled.
+    pub known: bool,
+    /// A full pass (once a second) also looks at the namespaces of enabled workloads and
+    /// closes unused listeners; quick passes only handle workloads not enabled yet.
+    pub full: bool,
+    /// Each desired workload's cgroup, by key.
+    pub cgroups: BTreeMap<String, CgroupSeen>,
+    /// Network namespaces that have a listener (after this pass bound the missing ones).
+    pub listeners: BTreeSet<NetnsId>,
+    /// Full passes: the namespaces in use in each enabled workload's cgroup, by cgroup path.
+    pub enabled_netns: BTreeMap<PathBuf, BTreeSet<NetnsId>>,
+    /// Read on the pass that looks for ids left enabled by an earlier run (see
+    /// [`wants_earlier_run`]).
+    pub earlier: Option<EarlierRun>,
+}
+
+/// A desired workload's cgroup as one pass found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupSeen {
+    /// No candidate directory exists (for a pod: none inside its own kubepods directory):
+    /// not created yet. Waiting for it is not a readiness failure.
+    Missing,
+    /// Found, but its id could not be read (removed meanwhile): looked at again next pass.
+    Unreadable,
+    Found {
+        path: PathBuf,
+        id: u64,
+        /// Its processes with their network namespaces; `None` when this pass did not look
+        /// (see [`wants_scan`]).
+        procs: Option<Vec<Proc>>,
+    },
+}
+
+/// A process of a workload's cgroup (or a descendant) and the namespace it is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: u32,
+    pub netns: NetnsId,
+}
+
+/// What `rdr_enabled` and the desired workloads' cgroups hold, for the one-time look for ids
+/// an earlier run of the daemon left enabled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EarlierRun {
+    /// Ids in `rdr_enabled` when the pass began.
+    pub map_ids: BTreeSet<u64>,
+    /// Ids of every existing candidate directory of every desired workload.
+    pub candidate_ids: BTreeSet<u64>,
+}
+
+/// Bind the proxy port in `netns`, trying its processes in turn until one works.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub netns: NetnsId,
+    pub attempts: Vec<Attempt>,
+}
+
+/// Enter the namespace through `pid`; `workload` names the listener in the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub pid: u32,
+    pub workload: String,
+}
+
+/// One change to `rdr_enabled` or the listeners, in the order they are to be made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Put the workload's cgroup id into `rdr_enabled`.
+    Enable {
+        key: String,
+        label: String,
+        cgroup: PathBuf,
+        id: u64,
+    },
+    /// Take out the id a workload held before its cgroup was recreated (no one else has it).
+    Disable { id: u64 },
+    /// A workload left the desired set; its id goes out unless another workload holds it.
+    Leave {
+        key: String,
+        cgroup: PathBuf,
+        disable: Option<u64>,
+    },
+    /// Take out an id an earlier run enabled that no desired workload has.
+    DisableStale { id: u64 },
+    /// Close the listener of a namespace no workload uses any more.
+    Close { netns: NetnsId },
+}
+
+/// A line to log once per workload while it waits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    WaitingForCgroup { label: String },
+    WaitingForProcess { label: String, cgroup: PathBuf },
+}
+
+/// The outcome of [`decide`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub actions: Vec<Action>,
+    pub notices: Vec<Notice>,
+    /// What to remember once the actions are made (an `Enable` that fails is forgotten).
+    pub memory: Memory,
+    /// Every workload whose processes are known has its listeners, and the desired set is
+    /// known (an `Enable` that fails makes the pass not ready too).
+    pub ready: bool,
+}
+
+/// Whether a pass looks at the processes of a workload whose cgroup has `id`: always on a
+/// full pass, otherwise only while it is not enabled with that id.
+pub fn wants_scan(memory: &Memory, key: &str, id: u64, full: bool) -> bool {
+    full || !is_enabled_with(memory, key, id)
+}
+
+/// Whether a pass reads [`EarlierRun`]: once, as soon as the desired set is known.
+pub fn wants_earlier_run(memory: &Memory, known: bool) -> bool {
+    known && !memory.stale_checked
+}
+
+fn is_enabled_with(memory: &Memory, key: &str, id: u64) -> bool {
+    memory.enabled.get(key).is_some_and(|e| e.id == id)
+}
+
+/// The listeners to bind: one per namespace that a looked-at workload's processes use and
+/// that has none yet, with every process in it as a way in (in desired-set order).
+pub fn plan_listeners(desired: &DesiredSet, seen: &Observed) -> Vec<Listen> {
+    let mut plan: Vec<Listen> = Vec::new();
+    for w in desired.values() {
+        let Some(CgroupSeen::Found {
+            procs: Some(procs), ..
+        }) = seen.cgroups.get(&w.key)
+        else {
+            continue;
+        };
+        for p in procs.iter().filter(|p| !seen.listeners.contains(&p.netns)) {
+            let attempt = Attempt {
+                pid: p.pid,
+                workload: w.label.clone(),
+            };
+            match plan.iter_mut().find(|l| l.netns == p.netns) {
+                Some(l) => l.attempts.push(attempt),
+                None => plan.push(Listen {
+                    netns: p.netns,
+                    attempts: vec![attempt],
+                }),
+            }
+        }
+    }
+    plan
+}
+
+/// Decides one pass: which ids go into and out of `rdr_enabled`, which listeners close, what
+/// to log while workloads wait, and whether the daemon is ready. `seen.listeners` is the set
+/// after [`plan_listeners`]' listeners were bound: a namespace still without one is a
+/// listener that failed.
+pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decision {
+    let mut memory = before.clone();
+    let mut actions = Vec::new();
+    let mut notices = Vec::new();
+    let mut ready = seen.known;
+    // Namespaces the looked-at workloads use: their listeners stay.
+    let mut in_use: BTreeSet<NetnsId> = BTreeSet::new();
+
+    for w in desired.values() {
+        let (path, id, procs) = match seen.cgroups.get(&w.key) {
+            Some(CgroupSeen::Found { path, id, procs }) => (path, *id, procs),
+            Some(CgroupSeen::Missing) => {
+                // Not created by the kubelet yet: nothing to listen for, not a readiness issue.
+                if memory.waiting_logged.insert(w.key.clone()) {
+                    notices.push(Notice::WaitingForCgroup {
+                        label: w.label.clone(),
+                    });
+                }
+                continue;
+            }
+            Some(CgroupSeen::Unreadable) | None => continue,
+        };
+        let already = is_enabled_with(&memory, &w.key, id);
+        let Some(procs) = procs else {
+            // Enabled with this id and not looked at on a quick pass.
+            continue;
+        };
+        in_use.extend(procs.iter().map(|p| p.netns));
+        if procs.is_empty() {
+            if !already && memory.waiting_logged.insert(w.key.clone()) {
+                notices.push(Notice::WaitingForProcess {
+                    label: w.label.clone(),
+                    cgroup: path.clone(),
+                });
+            }
+            continue;
+        }
+        if procs.iter().any(|p| !seen.listeners.contains(&p.netns)) {
+            // A listener could not be bound: not enabled (or left as it was), not ready.
+            ready = false;
+            continue;
+        }
+        if already {
+            continue;
+        }
+        // New, or its cgroup was recreated (new id): the old id goes unless someone holds it.
+        if let Some(old) = memory.enabled.remove(&w.key)
+            && !holds(&memory, old.id)
+        {
+            actions.push(Action::Disable { id: old.id });
+        }
+        actions.push(Action::Enable {
+            key: w.key.clone(),
+            label: w.label.clone(),
+            cgroup: path.clone(),
+            id,
+        });
+        memory.enabled.insert(
+            w.key.clone(),
+            Enabled {
+                cgroup: path.clone(),
+                id,
+            },
+        );
+        memory.waiting_logged.remove(&w.key);
+    }
+
+    // Workloads that left the set: out of the map first, then their listeners go.
+    let gone: Vec<String> = memory
+        .enabled
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        if let Some(e) = memory.enabled.remove(&key) {
+            let disable = (!holds(&memory, e.id)).then_some(e.id);
+            actions.push(Action::Leave {
+                key,
+                cgroup: e.cgroup,
+                disable,
+            });
+        }
+    }
+    memory.waiting_logged.retain(|k| desired.contains_key(k));
+
+    if seen.full {
+        // Keep listeners of namespaces still used by a desired or enabled workload.
+        let mut keep = in_use;
+        for e in memory.enabled.values() {
+            if let Some(nss) = seen.enabled_netns.get(&e.cgroup) {
+                keep.extend(nss);
+            }
+        }
+        for &netns in seen.listeners.difference(&keep) {
+            actions.push(Action::Close { netns });
+        }
+    }
+
+    // Once the desired set is known, forget cgroups an earlier run enabled that are no
+    // longer wanted.
+    if wants_earlier_run(&memory, seen.known)
+        && let Some(earlier) = &seen.earlier
+    {
+        memory.stale_checked = true;
+        let wanted: BTreeSet<u64> = memory.enabled.values().map(|e| e.id).collect();
+        let disabled_now: BTreeSet<u64> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Disable { id } => Some(*id),
+                Action::Leave { disable, .. } => *disable,
+                _ => None,
+            })
+            .collect();
+        let stale: Vec<u64> = earlier
+            .map_ids
+            .iter()
+            .filter(|id| !wanted.contains(id) && !disabled_now.contains(id))
+            .filter(|id| !earlier.candidate_ids.contains(id))
+            .copied()
+            .collect();
+        actions.extend(stale.into_iter().map(|id| Action::DisableStale { id }));
+    }
+
+    Decision {
+        actions,
+        notices,
+        memory,
+        ready,
+    }
+}
+
+/// Does some enabled workload hold `id`?
+fn holds(memory: &Memory, id: u64) -> bool {
+    memory.enabled.values().any(|e| e.id == id)
+}
+
+/// What `/workloads` shows: every desired workload, with its cgroup once enabled.
+pub fn views(desired: &DesiredSet, memory: &Memory) -> Vec<WorkloadView> {
+    desired
+        .values()
+        .map(|w| {
+            let e = memory.enabled.get(&w.key);
+            WorkloadView {
+                key: w.key.clone(),
+                label: w.label.clone(),
+                cgroup: e.map(|e| e.cgroup.display().to_string()),
+                cgroup_id: e.map(|e| e.id),
+                listening: e.is_some(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::Workload;
+
+    fn ns(n: u64) -> NetnsId {
+        NetnsId { dev: 4, ino: n }
+    }
+
+    fn cg(key: &str) -> PathBuf {
+        PathBuf::from(format!("/cg/{key}"))
+    }
+
+    fn label(key: &str) -> String {
+        format!("default/{key}")
+    }
+
+    fn desired(keys: &[&str]) -> DesiredSet {
+        keys.iter()
+            .map(|k| {
+                let w = Workload {
+                    key: (*k).to_owned(),
+                    label: label(k),
+                    cgroup_candidates: vec![cg(k)],
+                    pod: None,
+                };
+                ((*k).to_owned(), w)
+            })
+            .collect()
+    }
+
+    /// A cgroup found at `/cg/<key>` with `id` and these `(pid, netns)` processes.
+    fn found(key: &str, id: u64, procs: &[(u32, u64)]) -> CgroupSeen {
+        CgroupSeen::Found {
+            path: cg(key),
+            id,
+            procs: Some(
+                procs
+                    .iter()
+                    .map(|&(pid, n)| Proc { pid, netns: ns(n) })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Enabled with this id and not looked at (a quick pass).
+    fn unscanned(key: &str, id: u64) -> CgroupSeen {
+        CgroupSeen::Found {
+            path: cg(key),
+            id,
+            procs: None,
+        }
+    }
+
+    fn enable(key: &str, id: u64) -> Action {
+        Action::Enable {
+            key: key.into(),
+            label: label(key),
+            cgroup: cg(key),
+            id,
+        }
+    }
+
+    fn leave(key: &str, disable: Option<u64>) -> Action {
+        Action::Leave {
+            key: key.into(),
+            cgroup: cg(key),
+            disable,
+        }
+    }
+
+    /// One row: the world before a pass and what the pass must decide.
+    struct Case {
+        name: &'static str,
+        desired: &'static [&'static str],
+        known: bool,
+        full: bool,
+        cgroups: Vec<(&'static str, CgroupSeen)>,
+        listeners: &'static [u64],
+        /// (cgroup key, namespaces in use) of enabled workloads, seen on full passes.
+        enabled_netns: &'static [(&'static str, &'static [u64])],
+        /// (ids in rdr_enabled, ids of the desired workloads' candidates).
+        earlier: Option<(&'static [u64], &'static [u64])>,
+        /// (key, id) enabled by earlier passes, each at `/cg/<key>`.
+        before: &'static [(&'static str, u64)],
+        /// (key, cgroup key, id): like `before`, with another workload's cgroup.
+        before_shared: &'static [(&'static str, &'static str, u64)],
+        stale_checked: bool,
+        want_actions: Vec<Action>,
+        want_notices: Vec<Notice>,
+        want_ready: bool,
+        /// (key, id) enabled after the pass.
+        want_enabled: &'static [(&'static str, u64)],
+    }
+
+    fn case(name: &'static str) -> Case {
+        Case {
+            name,
+            desired: &[],
+            known: true,
+            full: false,
+            cgroups: Vec::new(),
+            listeners: &[],
+            enabled_netns: &[],
+            earlier: None,
+            before: &[],
+            before_shared: &[],
+            stale_checked: true,
+            want_actions: Vec::new(),
+            want_notices: Vec::new(),
+            want_ready: true,
+            want_enabled: &[],
+        }
+    }
+
+    fn run(c: &Case) -> (Decision, Memory) {
+        let mut before = Memory {
+            stale_checked: c.stale_checked,
+            ..Memory::default()
+        };
+        for &(key, id) in c.before {
+            before.enabled.insert(
+                key.into(),
+                Enabled {
+                    cgroup: cg(key),
+                    id,
+                },
+            );
+        }
+        for &(key, cgroup, id) in c.before_shared {
+            let cgroup = cg(cgroup);
+            before.enabled.insert(key.into(), Enabled { cgroup, id });
+        }
+        let seen = Observed {
+            known: c.known,
+            full: c.full,
+            cgroups: c
+                .cgroups
+                .iter()
+                .map(|(k, s)| ((*k).to_owned(), s.clone()))
+                .collect(),
+            listeners: c.listeners.iter().map(|&n| ns(n)).collect(),
+            enabled_netns: c
+                .enabled_netns
+                .iter()
+                .map(|(k, nss)| (cg(k), nss.iter().map(|&n| ns(n)).collect()))
+                .collect(),
+            earlier: c.earlier.map(|(map, candidates)| EarlierRun {
+                map_ids: map.iter().copied().collect(),
+                candidate_ids: candidates.iter().copied().collect(),
+            }),
+        };
+        (decide(&desired(c.desired), &seen, &before), before)
+    }
+
+    #[test]
+    fn decide_table() {
+        let cases = vec![
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", CgroupSeen::Missing)],
+                want_notices: vec![Notice::WaitingForCgroup { label: label("a") }],
+                ..case("new workload whose cgroup does not exist yet: waits, still ready")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[]))],
+                want_notices: vec![Notice::WaitingForProcess {
+                    label: label("a"),
+                    cgroup: cg("a"),
+                }],
+                ..case("cgroup exists but has no process yet: waits, still ready")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", CgroupSeen::Unreadable)],
+                ..case("cgroup id unreadable (removed meanwhile): looked at again next pass")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1), (101, 1)]))],
+                listeners: &[1],
+                want_actions: vec![enable("a", 10)],
+                want_enabled: &[("a", 10)],
+                ..case("listener bound in its only netns: enabled")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1), (200, 2)]))],
+                listeners: &[1],
+                want_ready: false,
+                ..case("listener failed in one of its netns: not enabled, not ready")
+            },
+            Case {
+                desired: &["a"],
+                full: true,
+                cgroups: vec![("a", found("a", 10, &[(100, 1), (200, 2)]))],
+                listeners: &[1],
+                before: &[("a", 10)],
+                enabled_netns: &[("a", &[1, 2])],
+                want_ready: false,
+                want_enabled: &[("a", 10)],
+                ..case("enabled workload's new netns without listener: stays enabled, not ready")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", unscanned("a", 10))],
+                listeners: &[1],
+                before: &[("a", 10)],
+                want_enabled: &[("a", 10)],
+                ..case("quick pass: an enabled, unchanged workload is left alone")
+            },
+            Case {
+                known: false,
+                earlier: Some((&[10], &[])),
+                stale_checked: false,
+                want_ready: false,
+                ..case(
+                    "desired set not known yet (watcher's first set): not ready, nothing disabled",
+                )
+            },
+            Case {
+                full: true,
+                listeners: &[1],
+                before: &[("a", 10)],
+                enabled_netns: &[("a", &[1])],
+                want_actions: vec![leave("a", Some(10)), Action::Close { netns: ns(1) }],
+                ..case("workload leaves: disabled, and its listener closed on a full pass")
+            },
+            Case {
+                listeners: &[1],
+                before: &[("a", 10)],
+                want_actions: vec![leave("a", Some(10))],
+                ..case(
+                    "workload leaves on a quick pass: disabled; the listener waits for a full pass",
+                )
+            },
+            Case {
+                desired: &["b"],
+                full: true,
+                cgroups: vec![("b", found("b", 20, &[(300, 1)]))],
+                listeners: &[1],
+                before: &[("a", 10), ("b", 20)],
+                enabled_netns: &[("a", &[1]), ("b", &[1])],
+                want_actions: vec![leave("a", Some(10))],
+                want_enabled: &[("b", 20)],
+                ..case("workload leaves a netns another workload uses: the listener stays")
+            },
+            Case {
+                desired: &["b"],
+                full: true,
+                cgroups: vec![("b", found("shared", 10, &[(300, 1)]))],
+                listeners: &[1],
+                before_shared: &[("a", "shared", 10), ("b", "shared", 10)],
+                enabled_netns: &[("shared", &[1])],
+                want_actions: vec![Action::Leave {
+                    key: "a".into(),
+                    cgroup: cg("shared"),
+                    disable: None,
+                }],
+                want_enabled: &[("b", 10)],
+                ..case("two workloads on one cgroup id, one leaves: the id stays enabled")
+            },
+            Case {
+                before_shared: &[("b", "shared", 10)],
+                want_actions: vec![Action::Leave {
+                    key: "b".into(),
+                    cgroup: cg("shared"),
+                    disable: Some(10),
+                }],
+                ..case("two workloads on one cgroup id, the last leaves: the id goes")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 11, &[(100, 1)]))],
+                listeners: &[1],
+                before: &[("a", 10)],
+                want_actions: vec![Action::Disable { id: 10 }, enable("a", 11)],
+                want_enabled: &[("a", 11)],
+                ..case("cgroup recreated (new id): re-enabled with the new id, the old id goes")
+            },
+            Case {
+                desired: &["a", "b"],
+                cgroups: vec![
+                    ("a", found("a", 11, &[(100, 1)])),
+                    ("b", unscanned("shared", 10)),
+                ],
+                listeners: &[1],
+                before_shared: &[("a", "shared", 10), ("b", "shared", 10)],
+                want_actions: vec![enable("a", 11)],
+                want_enabled: &[("a", 11), ("b", 10)],
+                ..case("cgroup recreated while another workload holds the old id: the old id stays")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 11, &[]))],
+                before: &[("a", 10)],
+                want_notices: vec![Notice::WaitingForProcess {
+                    label: label("a"),
+                    cgroup: cg("a"),
+                }],
+                want_enabled: &[("a", 10)],
+                ..case("cgroup recreated, no process yet: waits; the old entry stays until then")
+            },
+            Case {
+                desired: &["a", "b"],
+                cgroups: vec![
+                    ("a", found("a", 10, &[(100, 1)])),
+                    ("b", found("b", 30, &[])),
+                ],
+                listeners: &[1],
+                stale_checked: false,
+                earlier: Some((&[10, 20, 30], &[10, 30])),
+                want_actions: vec![enable("a", 10), Action::DisableStale { id: 20 }],
+                want_notices: vec![Notice::WaitingForProcess {
+                    label: label("b"),
+                    cgroup: cg("b"),
+                }],
+                want_enabled: &[("a", 10)],
+                ..case("ids an earlier run enabled: the unwanted go, still-desired ones stay")
+            },
+            Case {
+                stale_checked: false,
+                before: &[("a", 10)],
+                earlier: Some((&[10], &[])),
+                want_actions: vec![leave("a", Some(10))],
+                ..case("an id this pass disables is not also reported as left by an earlier run")
+            },
+            Case {
+                earlier: Some((&[20], &[])),
+                ..case("ids left by an earlier run are looked for only once")
+            },
+        ];
+        for c in &cases {
+            let (d, before) = run(c);
+            assert_eq!(d.actions, c.want_actions, "{}: actions", c.name);
+            assert_eq!(d.notices, c.want_notices, "{}: notices", c.name);
+            assert_eq!(d.ready, c.want_ready, "{}: ready", c.name);
+            let enabled: Vec<(&str, u64)> = d
+                .memory
+                .enabled
+                .iter()
+                .map(|(k, e)| (k.as_str(), e.id))
+                .collect();
+            assert_eq!(enabled, c.want_enabled, "{}: enabled", c.name);
+            let checked = before.stale_checked || (c.known && c.earlier.is_some());
+            assert_eq!(d.memory.stale_checked, checked, "{}: stale check", c.name);
+        }
+    }
+
+    #[test]
+    fn a_waiting_line_is_logged_once_per_workload_until_it_is_enabled() {
+        let desired = desired(&["a"]);
+        let mut seen = Observed {
+            known: true,
+            cgroups: BTreeMap::from([("a".to_owned(), CgroupSeen::Missing)]),
+            ..Observed::default()
+        };
+        let first = decide(&desired, &seen, &Memory::default());
+        assert_eq!(first.notices.len(), 1);
+        let again = decide(&desired, &seen, &first.memory);
+        assert!(again.notices.is_empty());
+        // The cgroup appears without a process: still the same wait, no second line.
+        seen.cgroups.insert("a".into(), found("a", 10, &[]));
+        assert!(decide(&desired, &seen, &again.memory).notices.is_empty());
+        // Enabled: forgotten, so a later wait (after it leaves and comes back) logs again.
+        seen.cgroups.insert("a".into(), found("a", 10, &[(100, 1)]));
+        seen.listeners.insert(ns(1));
+        let enabled = decide(&desired, &seen, &again.memory);
+        assert!(enabled.memory.waiting_logged.is_empty());
+        // A workload that leaves while waiting is forgotten too.
+        let gone = decide(&DesiredSet::new(), &Observed::default(), &first.memory);
+        assert!(gone.memory.waiting_logged.is_empty());
+    }
+
+    #[test]
+    fn listeners_are_planned_once_per_netns_with_every_process_as_a_way_in() {
+        let desired = desired(&["a", "b", "c", "d"]);
+        let seen = Observed {
+            known: true,
+            cgroups: BTreeMap::from([
+                ("a".to_owned(), found("a", 10, &[(100, 1), (101, 2)])),
+                ("b".to_owned(), found("b", 20, &[(200, 1), (201, 3)])),
+                ("c".to_owned(), unscanned("c", 30)),
+                ("d".to_owned(), CgroupSeen::Missing),
+            ]),
+            listeners: BTreeSet::from([ns(3)]),
+            ..Observed::default()
+        };
+        let attempt = |pid, key: &str| Attempt {
+            pid,
+            workload: label(key),
+        };
+        assert_eq!(
+            plan_listeners(&desired, &seen),
+            vec![
+                Listen {
+                    netns: ns(1),
+                    attempts: vec![attempt(100, "a"), attempt(200, "b")],
+                },
+                Listen {
+                    netns: ns(2),
+                    attempts: vec![attempt(101, "a")],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn quick_passes_look_only_at_workloads_not_enabled_with_their_current_id() {
+        let mut memory = Memory::default();
+        memory.enabled.insert(
+            "a".into(),
+            Enabled {
+                cgroup: cg("a"),
+                id: 10,
+            },
+        );
+        assert!(!wants_scan(&memory, "a", 10, false));
+        assert!(wants_scan(&memory, "a", 10, true));
+        assert!(wants_scan(&memory, "a", 11, false), "recreated cgroup");
+        assert!(wants_scan(&memory, "b", 20, false), "not enabled yet");
+    }
+
+    #[test]
+    fn the_view_lists_every_desired_workload_with_its_cgroup_once_enabled() {
+        let mut memory = Memory::default();
+        memory.enabled.insert(
+            "a".into(),
+            Enabled {
+                cgroup: cg("a"),
+                id: 10,
+            },
+        );
+        let v = views(&desired(&["a", "b"]), &memory);
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (v[0].cgroup.as_deref(), v[0].cgroup_id, v[0].listening),
+            (Some("/cg/a"), Some(10), true)
+        );
+        assert_eq!(
+            (v[1].label.as_str(), v[1].cgroup.as_deref(), v[1].listening),
+            ("default/b", None, false)
+        );
+    }
+}
