@@ -20,7 +20,8 @@ use redirector_common::{CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, name
 /// The compiled programs, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rdr-ebpf"));
 
-/// Default pin directory (DESIGN.md §4).
+/// Default pin directory: our own directory under the node's bpffs, so `uninstall` and
+/// `bpftool` find every object of ours in one place (ARCHITECTURE.md, pinned objects).
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/redirector";
 
 #[derive(Debug, thiserror::Error)]

@@ -11,10 +11,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::{
-    admin::{
-        api::WorkloadView,
-        client::{self, Fetch},
-    },
+    admin::client::{self, Fetch},
+    api::WorkloadView,
     bpf::{self, Maps, PinLayout},
     cli::ExplainArgs,
     config::{Config, ConfigError},

@@ -1,6 +1,7 @@
 //! Egress redirector daemon and CLI as a library; `main.rs` only parses and dispatches.
 pub mod addr;
 pub mod admin;
+pub mod api;
 pub mod bpf;
 pub mod check;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod preflight;
 pub mod proxy;
 pub mod relay;
 pub mod sniff;
+pub mod state;
 pub mod status;
 pub mod telemetry;
 pub mod tls;

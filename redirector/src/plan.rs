@@ -279,7 +279,9 @@ pub fn hops(
     }
 }
 
-fn proxy_hop(
+/// The hop to the enterprise proxy `p` asking for `authority` (also what `redirector check`
+/// sends to test the proxy).
+pub fn proxy_hop(
     p: &ProxyConfig,
     authority: &str,
 ) -> Result<HopPlan, crate::tunnel::connect::RequestError> {

@@ -2,8 +2,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -11,44 +10,21 @@ use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    admin::api::{ConnView, WorkloadView},
-    bpf::{self, Maps},
-    config::Config,
+    api::ConnView,
+    bpf,
     netns::{self, NetnsError, NetnsId},
     plan,
     policy::Route,
     relay,
     sniff::{self, HostSource},
-    telemetry::{
-        DirectionLabels, Metrics, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels,
-    },
+    state::Shared,
+    telemetry::{DirectionLabels, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels},
     tunnel::{self, HopStatus},
 };
-
-/// State shared by every listener and connection task.
-pub struct Shared {
-    /// Swapped whole on reload; each connection works with the snapshot it started with.
-    pub config: arc_swap::ArcSwap<Config>,
-    /// The node's own addresses (refreshed on reload), for the safety rules.
-    pub node_addrs: arc_swap::ArcSwap<Vec<std::net::IpAddr>>,
-    pub maps: Mutex<Maps>,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled on SIGTERM: listeners stop accepting, relays get the drain timeout.
-    pub shutdown: CancellationToken,
-    /// Every relay task, so shutdown can wait for them.
-    pub tracker: TaskTracker,
-    /// What the reconciler has enabled (admin `/workloads`, `redirector status`).
-    pub workloads: Mutex<Vec<WorkloadView>>,
-    /// Connections being relayed now (admin `/connections`).
-    pub conns: Mutex<HashMap<u64, ConnView>>,
-    pub next_conn: std::sync::atomic::AtomicU64,
-    /// Pre-established gateway sessions for `config.tunnel` (replaced on reload).
-    pub gateway: arc_swap::ArcSwapOption<crate::pool::GatewayPool>,
-}
 
 /// Removes a connection from the live registry when the relay ends, however it ends.
 struct ConnGuard<'a> {
@@ -194,19 +170,9 @@ fn on_accept(
 
 /// Close with RST so the client sees "connection reset" at once rather than a clean EOF.
 fn reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid fd and a correctly sized linger struct.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
+    // SO_LINGER with a zero timeout: close() sends RST and drops unsent data.
+    if let Err(e) = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
+        debug!(error = %e, "cannot set SO_LINGER for a reset");
     }
     drop(stream);
 }

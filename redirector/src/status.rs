@@ -8,10 +8,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    admin::{
-        api::{ConnView, WorkloadView},
-        client::{self, Fetch, GetError, fetch_json},
-    },
+    admin::client::{self, Fetch, GetError, fetch_json},
+    api::{ConnView, WorkloadView},
     bpf::{self, Maps, PinLayout},
 };
 use redirector_common::{Counters, names};

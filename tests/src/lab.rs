@@ -2,7 +2,8 @@
 //! under a privately mounted cgroup2 hierarchy, each with a pause process), and host
 //! namespaces ("internet" targets, later proxy and gateway) on a bridge in the node.
 //!
-//! Addresses (DESIGN.md §6; never 192.0.2.0/24):
+//! Addresses (documentation ranges only; never 192.0.2.0/24, which is this machine's real
+//! network):
 //! - bridge in `node`: 203.0.113.1/24, 2001:db8:203::1/64; hosts take 203.0.113.10+;
 //! - pod k (1-based): 198.51.100.(4k+2)/30 with the node at .(4k+1); 2001:db8:198:k::2/64;
 //! - pods have NO default route: only a route to the "service" address 203.0.113.200 /

@@ -1,4 +1,4 @@
-//! Closed test network harness (DESIGN.md §6) and helpers for privileged end-to-end tests.
+//! Closed test network harness (see tests/README.md) and helpers for privileged end-to-end tests.
 //!
 //! Everything a test builds (network namespaces, cgroups under a privately mounted cgroup2
 //! hierarchy, a bpffs pin directory, processes) is owned by a guard and torn down in `Drop`,

@@ -1,4 +1,4 @@
-//! Test fixture that runs Debian's real Squid as the enterprise proxy (DESIGN.md §5):
+//! Test fixture that runs Debian's real Squid as the enterprise proxy:
 //! no caching, CONNECT only to the configured ports, optional Basic auth, no DNS (names come
 //! from a hosts file the caller fills), everything it writes kept in one work directory.
 //!

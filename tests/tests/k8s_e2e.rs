@@ -915,7 +915,7 @@ fn pod_deletion_cleans_up_and_200_cycles_leak_nothing() {
 }
 
 /// The daemon started exactly as `deploy/base/daemonset.yaml` and README.md start it: a bare
-/// `--kubernetes` flag (DESIGN.md §4), no value.
+/// `--kubernetes` flag, no value.
 #[test]
 fn bare_kubernetes_flag_starts_the_daemon() {
     if !privileged("bare_kubernetes_flag_starts_the_daemon") {

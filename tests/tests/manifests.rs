@@ -723,7 +723,7 @@ fn check_config_map(owner: &str, cm: &ConfigMap) -> Vec<String> {
                     )),
                 }
             }
-            // DESIGN.md §1: services the gateway does not cover.
+            // Azure services the Arc gateway does not forward (the `arc-not-covered` preset).
             for svc in [
                 "opinsights.azure.com",
                 "monitoring.azure.com",

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: the redirector against the classic alternatives, side by side, in the
-//! closed test network (DESIGN.md §6). It never fails on a number; it reports.
+//! closed test network (`tests::lab`). It never fails on a number; it reports.
 //!
 //! Three labs:
 //! - **A** (`tests::chain::Chain`): pod1 (enabled) → redirector (gateway route via Squid) →

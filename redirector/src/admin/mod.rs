@@ -18,10 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-pub mod api;
 pub mod client;
 
-use crate::proxy::Shared;
+use crate::state::Shared;
 
 /// What `/readyz` reports on.
 #[derive(Default)]
@@ -128,7 +127,7 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .expect("workloads lock poisoned"),
         ),
         "/connections" => {
-            let mut v: Vec<api::ConnView> = admin
+            let mut v: Vec<crate::api::ConnView> = admin
                 .shared
                 .conns
                 .lock()

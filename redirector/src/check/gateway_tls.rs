@@ -15,7 +15,8 @@ use rustls::{
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use super::{Check, network::Io};
+use super::Check;
+use crate::tunnel::Io;
 use crate::tunnel::{GatewayConfig, Timeouts};
 
 /// Root stores: the system's (public roots) and the system's plus `--proxy-cert`.

@@ -1,10 +1,9 @@
 //! The network path: the enterprise proxy (TCP, TLS, CONNECT) and reaching the gateway.
 use std::{path::Path, sync::Arc};
 
-use base64::Engine as _;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     time::timeout,
 };
@@ -16,11 +15,9 @@ use super::{
 };
 use crate::{
     config::Config,
-    tunnel::{GatewayConfig, ProxyConfig, ProxyScheme, Timeouts},
+    plan::{self, HopPlan},
+    tunnel::{GatewayConfig, Io, ProxyConfig, ProxyScheme, Timeouts, connect},
 };
-
-pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// The `proxy` lines, then the `gateway` and `tls interception` lines.
 pub(super) async fn checks(config: &Config, extra_ca: Option<&Path>) -> Vec<Check> {
@@ -188,7 +185,11 @@ async fn check_proxy(p: &ProxyConfig, gateway: Option<&GatewayConfig>, t: &Timeo
         };
     };
     let authority = gw.authority();
-    match timeout(t.connect_response, connect(&mut stream, &authority, p)).await {
+    let hop = match plan::proxy_hop(p, &authority) {
+        Ok(hop) => hop,
+        Err(e) => return fail(format!("cannot build CONNECT {authority}: {e}"), Vec::new()),
+    };
+    match timeout(t.connect_response, connect(&mut stream, &hop)).await {
         Err(_) => fail(
             format!(
                 "no answer to CONNECT {authority} within {:?}",
@@ -241,25 +242,25 @@ async fn check_proxy(p: &ProxyConfig, gateway: Option<&GatewayConfig>, t: &Timeo
     }
 }
 
-/// Sends `CONNECT authority` (with Basic credentials when configured) and reads the
-/// response head. Returns status and reason.
-async fn connect(
-    stream: &mut Box<dyn Io>,
-    authority: &str,
-    p: &ProxyConfig,
-) -> std::io::Result<(u16, String)> {
-    let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-    if let Some((user, pass)) = &p.credentials {
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()));
-        req += &format!("Proxy-Authorization: Basic {basic}\r\n");
-    }
-    req += "\r\n";
-    stream.write_all(req.as_bytes()).await?;
+/// Sends hop 0 of a gateway tunnel's plan (`CONNECT` the gateway through the proxy, with
+/// Basic credentials when configured: the request the proxy itself sends) and reads the
+/// final response head. Returns status and reason.
+async fn connect(stream: &mut Box<dyn Io>, hop: &HopPlan) -> std::io::Result<(u16, String)> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let request = hop
+        .request
+        .as_ref()
+        .ok_or_else(|| bad("no request to send"))?;
+    stream.write_all(&request.encode_h1()).await?;
     stream.flush().await?;
     let mut buf = Vec::with_capacity(1024);
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
     loop {
+        match connect::read_response(&mut buf).map_err(bad)? {
+            connect::Response::Established(h) | connect::Response::Refused(h) => {
+                return Ok((h.status, h.reason));
+            }
+            connect::Response::Incomplete => {}
+        }
         let mut chunk = [0u8; 1024];
         // One byte at a time past the head would be slow; a proxy sends nothing after a 2xx
         // head until we speak TLS, so reading in chunks cannot eat tunnel bytes.
@@ -268,23 +269,6 @@ async fn connect(
             return Err(bad("the proxy closed the connection before answering"));
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let status = resp.code.ok_or_else(|| bad("no status code"))?;
-                let reason: String = resp
-                    .reason
-                    .unwrap_or("")
-                    .chars()
-                    .filter(|c| c.is_ascii_graphic() || *c == ' ')
-                    .take(80)
-                    .collect();
-                return Ok((status, reason));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => {}
-            _ => return Err(bad("malformed response head")),
-        }
     }
 }
 

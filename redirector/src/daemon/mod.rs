@@ -24,7 +24,7 @@ use crate::{
     cli::RunArgs,
     config::Config,
     k8s, preflight,
-    proxy::Shared,
+    state::Shared,
     telemetry::Metrics,
     workloads::{DesiredSet, Workload},
 };

@@ -20,7 +20,8 @@ use super::cgroup_watch::{CgroupWatch, watch_paths};
 use crate::{
     admin::Readiness,
     netns::{self, NetnsId},
-    proxy::{self, ListenerSet, Shared},
+    proxy::{self, ListenerSet},
+    state::Shared,
     workloads::{DesiredSet, Workload},
 };
 

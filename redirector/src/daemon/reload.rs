@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{cli::RunArgs, config::ConfigError, proxy::Shared, telemetry::ResultLabels};
+use crate::{cli::RunArgs, config::ConfigError, state::Shared, telemetry::ResultLabels};
 
 /// The signals `redirector run` answers: SIGTERM and SIGINT stop it, SIGHUP reloads.
 pub struct Signals {

@@ -696,7 +696,7 @@ impl TunnelError {
 }
 
 /// Any byte stream a tunnel layer can sit on.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// An open tunnel: write the client's bytes, read the target's.

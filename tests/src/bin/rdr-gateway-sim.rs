@@ -1,4 +1,5 @@
-//! rdr-gateway-sim: a stand-in for the Azure Arc gateway (DESIGN.md §1) for tests and the demo.
+//! rdr-gateway-sim: a stand-in for the Azure Arc gateway (outer TLS, a nested
+//! HTTP CONNECT inside it) for tests and the demo.
 //!
 //! It terminates TLS, reads one `CONNECT host:port HTTP/1.1` request, allows it by host name
 //! (exact names, `*.suffix` wildcards, optional port), connects to the target through a

@@ -514,7 +514,7 @@ impl Report {
         let _ = writeln!(s, "# Egress redirector benchmark\n");
         let _ = writeln!(
             s,
-            "`cargo xtask bench` on {} (took {:.0} s). Every path runs in the same invocation, on the same machine, in the closed test network (DESIGN.md §6); the scenarios interleave the paths, rotating their order every round. Numbers are medians over rounds with [min–max] when there is more than one round. The benchmark reports; it never fails on a number.\n",
+            "`cargo xtask bench` on {} (took {:.0} s). Every path runs in the same invocation, on the same machine, in the closed test network (tests/README.md); the scenarios interleave the paths, rotating their order every round. Numbers are medians over rounds with [min–max] when there is more than one round. The benchmark reports; it never fails on a number.\n",
             self.date, self.duration_s
         );
         let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");

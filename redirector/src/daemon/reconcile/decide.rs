@@ -11,7 +11,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{admin::api::WorkloadView, netns::NetnsId, workloads::DesiredSet};
+use crate::{api::WorkloadView, netns::NetnsId, workloads::DesiredSet};
 
 /// What the reconciler remembers from one pass to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,0 +1,37 @@
+//! The daemon's shared state: what every listener, connection task, the reconciler and the
+//! admin endpoint read (configuration snapshot, maps, metrics, registries, shutdown).
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    api::{ConnView, WorkloadView},
+    bpf::Maps,
+    config::Config,
+    pool::GatewayPool,
+    telemetry::Metrics,
+};
+
+/// State shared by every listener and connection task.
+pub struct Shared {
+    /// Swapped whole on reload; each connection works with the snapshot it started with.
+    pub config: arc_swap::ArcSwap<Config>,
+    /// The node's own addresses (refreshed on reload), for the safety rules.
+    pub node_addrs: arc_swap::ArcSwap<Vec<std::net::IpAddr>>,
+    pub maps: Mutex<Maps>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled on SIGTERM: listeners stop accepting, relays get the drain timeout.
+    pub shutdown: CancellationToken,
+    /// Every relay task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// What the reconciler has enabled (admin `/workloads`, `redirector status`).
+    pub workloads: Mutex<Vec<WorkloadView>>,
+    /// Connections being relayed now (admin `/connections`).
+    pub conns: Mutex<HashMap<u64, ConnView>>,
+    pub next_conn: std::sync::atomic::AtomicU64,
+    /// Pre-established gateway sessions for `config.tunnel` (replaced on reload).
+    pub gateway: arc_swap::ArcSwapOption<GatewayPool>,
+}
