@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bpf::DEFAULT_PIN_ROOT,
     policy::{self, RouteRule, RouteTable, SkipRanges},
-    pool::PoolOptions,
+    tunnel::pool::PoolOptions,
     tunnel::{
         self, GatewayConfig, ProxyConfig, ProxyScheme, ProxyUrl, Route, Timeouts, TunnelConfig,
     },

@@ -13,7 +13,6 @@ pub mod kubelet;
 pub mod netns;
 pub mod plan;
 pub mod policy;
-pub mod pool;
 pub mod preflight;
 pub mod proxy;
 pub mod relay;

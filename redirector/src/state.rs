@@ -11,8 +11,8 @@ use crate::{
     api::{ConnView, WorkloadView},
     bpf::Maps,
     config::Config,
-    pool::GatewayPool,
     telemetry::Metrics,
+    tunnel::pool::GatewayPool,
 };
 
 /// State shared by every listener and connection task.

@@ -88,7 +88,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let shutdown = CancellationToken::new();
-    let pool = crate::pool::GatewayPool::start(
+    let pool = crate::tunnel::pool::GatewayPool::start(
         config.tunnel.clone(),
         config.pool,
         Arc::clone(&metrics),

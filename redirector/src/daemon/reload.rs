@@ -99,7 +99,7 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     info!(reason = why, config = %serde_json::to_string(&new).unwrap_or_default(), "configuration reloaded");
     // New tunnels use sessions made with the new settings; old sessions are let go (tunnels
     // running on them are not affected).
-    let pool = crate::pool::GatewayPool::start(
+    let pool = crate::tunnel::pool::GatewayPool::start(
         new.tunnel.clone(),
         new.pool,
         Arc::clone(&shared.metrics),

@@ -1,0 +1,191 @@
+//! The gateway hop: a TLS session with the gateway (through the enterprise proxy when there
+//! is one), made ahead of demand by the pool or for one tunnel, and the CONNECT inside it.
+use std::{
+    fmt,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::io::ReadBuf;
+
+use super::{
+    HOP_GATEWAY, HOP_PROXY, HopStatus, Io, ReadAhead, Timeouts, TlsHalfClose, TunnelConfig,
+    TunnelError, Upstream, add_setup, connect::ConnectRequest, connect_hop, gateway_of,
+    request_error, server_name, tcp_connect, through_proxy, tls_connect,
+};
+
+/// How the gateway session of a tunnel came about, for the audit line and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reuse {
+    /// Dialed for this connection.
+    Fresh,
+    /// Dialed ahead of demand (TLS and the proxy hop already done), used once.
+    Warm,
+    /// A stream on an HTTP/2 session other tunnels share.
+    Shared,
+}
+
+impl Reuse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reuse::Fresh => "fresh",
+            Reuse::Warm => "warm",
+            Reuse::Shared => "shared",
+        }
+    }
+}
+
+/// The gateway session behind one tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    pub reuse: Reuse,
+    /// `h1` (one CONNECT per TLS session) or `h2` (CONNECT streams multiplexed).
+    pub proto: &'static str,
+    /// The gateway TLS handshake was a resumption (no certificate exchange).
+    pub resumed: bool,
+}
+
+/// A TLS session with the gateway (through the enterprise proxy when one is configured),
+/// ready for CONNECT requests.
+pub struct GatewaySession {
+    pub(super) io: Box<dyn Io>,
+    /// The gateway chose ALPN `h2`: CONNECT requests are streams on this session.
+    pub h2: bool,
+    /// The TLS handshake resumed an earlier session.
+    pub resumed: bool,
+    /// The enterprise proxy's CONNECT status, when there is one.
+    pub hops: Vec<HopStatus>,
+    /// Set-up time of the proxy hop and of the gateway TLS handshake.
+    pub setup: Vec<(&'static str, Duration)>,
+}
+
+impl fmt::Debug for GatewaySession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewaySession")
+            .field("h2", &self.h2)
+            .field("resumed", &self.resumed)
+            .field("hops", &self.hops)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TCP (and the enterprise proxy's CONNECT) to the gateway, then TLS with it. No inner
+/// CONNECT yet: the session can be made ahead of demand.
+pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelError> {
+    let gw = gateway_of(cfg)?;
+    let t = &cfg.timeouts;
+    let server_name = server_name(HOP_GATEWAY, &gw.server_name)?;
+    let mut hops = Vec::with_capacity(2);
+    let mut setup = Vec::with_capacity(2);
+    let io: Box<dyn Io> = match &cfg.proxy {
+        Some(proxy) => {
+            let request = ConnectRequest::to_proxy(&gw.authority(), proxy)
+                .map_err(|e| request_error(HOP_PROXY, e))?;
+            through_proxy(proxy, &request, t, &mut hops, &mut setup).await?
+        }
+        None => {
+            let addr = gw.authority();
+            Box::new(tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?)
+        }
+    };
+    let started = std::time::Instant::now();
+    let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, ReadAhead::new(io), t).await?;
+    let conn = tls.get_ref().1;
+    let h2 = match conn.alpn_protocol() {
+        None | Some(b"http/1.1") => false,
+        // Only offered when the configuration allows it (`gateway-http2`).
+        Some(b"h2") if gw.tls.alpn_protocols.iter().any(|p| p == b"h2") => true,
+        // A protocol we did not offer: the gateway must not get bytes it would misread.
+        Some(_) => {
+            return Err(TunnelError::Request {
+                hop: HOP_GATEWAY,
+                detail: "the gateway chose an ALPN protocol that was not offered",
+            });
+        }
+    };
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    setup.push((HOP_GATEWAY, started.elapsed()));
+    // Through a proxy, shutting down the write side must not send a FIN (see TlsHalfClose).
+    let io: Box<dyn Io> = if cfg.proxy.is_some() {
+        Box::new(TlsHalfClose {
+            inner: tls,
+            close_notify_sent: false,
+        })
+    } else {
+        Box::new(tls)
+    };
+    Ok(GatewaySession {
+        io,
+        h2,
+        resumed,
+        hops,
+        setup,
+    })
+}
+
+impl GatewaySession {
+    /// One tunnel on this session, which is used up either way (a session is never reused
+    /// after a refusal). HTTP/2 sessions get a private connection that ends with the stream.
+    pub async fn open_once(
+        self,
+        request: &ConnectRequest,
+        t: &Timeouts,
+    ) -> Result<Upstream, TunnelError> {
+        if self.h2 {
+            let shared = super::H2Session::handshake(self, t).await?;
+            shared.connect(request, t).await
+        } else {
+            self.connect_h1(Reuse::Fresh, request, t).await
+        }
+    }
+
+    /// The HTTP/1.1 inner CONNECT; consumes the session. `reuse` says how the session came
+    /// about, for the audit line.
+    pub async fn connect_h1(
+        self,
+        reuse: Reuse,
+        request: &ConnectRequest,
+        t: &Timeouts,
+    ) -> Result<Upstream, TunnelError> {
+        let started = std::time::Instant::now();
+        let GatewaySession {
+            io,
+            resumed,
+            mut hops,
+            mut setup,
+            ..
+        } = self;
+        let (io, status) = connect_hop(HOP_GATEWAY, io, request, t).await?;
+        hops.push(HopStatus {
+            hop: HOP_GATEWAY,
+            status,
+        });
+        add_setup(&mut setup, HOP_GATEWAY, started.elapsed());
+        Ok(Upstream {
+            io,
+            hops,
+            setup,
+            session: Some(SessionInfo {
+                reuse,
+                proto: "h1",
+                resumed,
+            }),
+        })
+    }
+
+    /// Still usable: the gateway has not closed it and sent nothing unasked. Never blocks.
+    pub fn is_alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        // Pending = nothing to read: idle and open. Reading also processes TLS session
+        // tickets, which is what lets the next handshake resume.
+        matches!(
+            Pin::new(&mut *self.io).poll_read(&mut cx, &mut buf),
+            Poll::Pending
+        )
+    }
+}

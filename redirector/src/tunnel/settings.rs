@@ -1,0 +1,514 @@
+//! Tunnel settings: proxy URLs and credentials, the gateway and proxy hops, timeouts, and the
+//! `Secret` that keeps credentials out of every log, error and dump.
+use std::{
+    fmt, io,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use rustls::ClientConfig;
+use serde::{Serialize, Serializer};
+
+/// A credential that never shows in `Debug`, `Display` or serialized output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyScheme {
+    Http,
+    Https,
+}
+
+/// An enterprise proxy, `http(s)://[user:pass@]host[:port][/]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProxyUrl {
+    pub scheme: ProxyScheme,
+    /// Canonical host (see [`crate::addr::validate_host`]); IPv6 without brackets.
+    pub host: String,
+    pub port: u16,
+    /// Percent-decoded `user:pass` from the URL, if any.
+    pub credentials: Option<(String, Secret)>,
+}
+
+impl ProxyUrl {
+    /// `host:port`, IPv6 bracketed.
+    pub fn authority(&self) -> String {
+        crate::addr::authority(&self.host, self.port)
+    }
+}
+
+/// Without the credentials.
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.scheme {
+            ProxyScheme::Http => "http",
+            ProxyScheme::Https => "https",
+        };
+        write!(f, "{scheme}://{}", self.authority())
+    }
+}
+
+/// A URL we cannot use. Never echoes the input: it may hold a password.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} url: {reason}")]
+pub struct UrlError {
+    pub what: &'static str,
+    pub reason: &'static str,
+}
+
+/// The parts of an `http(s)://` URL with no path, query or fragment.
+struct UrlParts<'a> {
+    https: bool,
+    userinfo: Option<&'a str>,
+    host: String,
+    port: u16,
+}
+
+fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlError> {
+    let err = |reason| UrlError { what, reason };
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or(err("missing scheme (http:// or https://)"))?;
+    let https = match scheme.to_ascii_lowercase().as_str() {
+        "http" => false,
+        "https" => true,
+        _ => return Err(err("the scheme must be http or https")),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if !(tail.is_empty() || tail == "/") {
+        return Err(err("a path, query or fragment is not allowed"));
+    }
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (host, port) = if hostport.starts_with('[') {
+        let close = hostport.find(']').ok_or(err("unclosed '[' in the host"))?;
+        let (host, after) = hostport.split_at(close + 1);
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(err("unexpected text after ']'")),
+        };
+        (host, port)
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(err("the host is missing"));
+    }
+    let host = crate::addr::validate_host(host)
+        .map_err(|_| err("the host is not a valid DNS name or IP address"))?;
+    let port = match port {
+        None if https => 443,
+        None => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|n| *n != 0 && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or(err("the port must be a number from 1 to 65535"))?,
+    };
+    Ok(UrlParts {
+        https,
+        userinfo,
+        host,
+        port,
+    })
+}
+
+impl FromStr for ProxyUrl {
+    type Err = UrlError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| UrlError {
+            what: "proxy",
+            reason,
+        };
+        let parts = split_url("proxy", s.trim())?;
+        let credentials = match parts.userinfo {
+            None => None,
+            Some(info) => {
+                let (user, pass) = info.split_once(':').unwrap_or((info, ""));
+                let decode = |x: &str| {
+                    percent_encoding::percent_decode_str(x)
+                        .decode_utf8()
+                        .map(|c| c.into_owned())
+                        .map_err(|_| {
+                            err("the credentials are not valid UTF-8 after percent-decoding")
+                        })
+                };
+                let user = decode(user)?;
+                if user.is_empty() {
+                    return Err(err("the user name is empty"));
+                }
+                if user.contains(':') {
+                    return Err(err("the user name contains ':'"));
+                }
+                Some((user, Secret(decode(pass)?)))
+            }
+        };
+        let scheme = if parts.https {
+            ProxyScheme::Https
+        } else {
+            ProxyScheme::Http
+        };
+        Ok(ProxyUrl {
+            scheme,
+            host: parts.host,
+            port: parts.port,
+            credentials,
+        })
+    }
+}
+
+/// A credentials or token file we cannot use. Never includes the file's content.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} {reason}", path.display())]
+    Format { path: PathBuf, reason: &'static str },
+}
+
+/// Reads proxy credentials from a file holding a single `user:pass` line.
+pub fn load_credentials_file(path: &Path) -> Result<(String, Secret), CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_credentials(&text).map_err(|reason| CredentialsError::Format {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+fn parse_credentials(text: &str) -> Result<(String, Secret), &'static str> {
+    let line = text.trim();
+    if line.is_empty() {
+        return Err("is empty");
+    }
+    if line.contains(['\r', '\n']) {
+        return Err("must hold a single user:pass line");
+    }
+    if line.chars().any(char::is_control) {
+        return Err("contains control characters");
+    }
+    let (user, pass) = line
+        .split_once(':')
+        .ok_or("must hold user:pass (no ':' found)")?;
+    if user.is_empty() {
+        return Err("has an empty user name");
+    }
+    Ok((user.to_owned(), Secret(pass.to_owned())))
+}
+
+/// Reads a bearer token; called at each tunnel open so a rotated token takes effect.
+pub(crate) async fn read_token(path: &Path) -> Result<Secret, CredentialsError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| CredentialsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let token = text.trim();
+    let format = |reason| CredentialsError::Format {
+        path: path.to_owned(),
+        reason,
+    };
+    if token.is_empty() {
+        return Err(format("is empty"));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format("must hold one token of visible ASCII characters"));
+    }
+    Ok(Secret(token.to_owned()))
+}
+
+/// The gateway hop. `tls` offers ALPN `http/1.1`, with `h2` first when HTTP/2 CONNECT is
+/// allowed (`gateway-http2`).
+#[derive(Clone)]
+pub struct GatewayConfig {
+    /// Host to connect (and to CONNECT to through the enterprise proxy).
+    pub addr_host: String,
+    pub port: u16,
+    /// SNI and the name the certificate must match.
+    pub server_name: String,
+    /// Sent on the inner CONNECT; values are treated as secrets in logs.
+    pub extra_headers: Vec<(String, String)>,
+    /// `Authorization: Bearer <file content>` on the inner CONNECT, read at each open.
+    pub bearer_token_file: Option<PathBuf>,
+    pub tls: Arc<ClientConfig>,
+}
+
+impl GatewayConfig {
+    /// From `--gateway-url https://name[:port]`: SNI is the URL's host.
+    pub fn from_url(url: &str, tls: Arc<ClientConfig>) -> Result<Self, UrlError> {
+        let parts = split_url("gateway", url.trim())?;
+        let err = |reason| UrlError {
+            what: "gateway",
+            reason,
+        };
+        if !parts.https {
+            return Err(err("the gateway is reached over TLS: use https://"));
+        }
+        if parts.userinfo.is_some() {
+            return Err(err(
+                "credentials in the URL are not supported (use a bearer token file)",
+            ));
+        }
+        Ok(GatewayConfig {
+            server_name: parts.host.clone(),
+            addr_host: parts.host,
+            port: parts.port,
+            extra_headers: Vec::new(),
+            bearer_token_file: None,
+            tls,
+        })
+    }
+
+    /// `host:port` the enterprise proxy is asked to CONNECT to.
+    pub fn authority(&self) -> String {
+        crate::addr::authority(&self.addr_host, self.port)
+    }
+}
+
+/// A `Name: value` header for the gateway CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid header {name:?}: {reason}")]
+pub struct HeaderError {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// Parses `Name: value`, refusing names we set ourselves and anything that could split
+/// the request.
+pub fn parse_header(s: &str) -> Result<(String, String), HeaderError> {
+    let (name, value) = s.split_once(':').unwrap_or((s, ""));
+    let (name, value) = (name.trim(), value.trim());
+    check_header(name, value)?;
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+pub(crate) fn check_header(name: &str, value: &str) -> Result<(), HeaderError> {
+    let err = |reason| HeaderError {
+        name: name.chars().take(64).collect(),
+        reason,
+    };
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(tchar) {
+        return Err(err("the name must be an HTTP token"));
+    }
+    if [
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "proxy-authorization",
+        "connection",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+    {
+        return Err(err(
+            "this header is set by the redirector or not allowed on CONNECT",
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+    {
+        return Err(err("the value contains control characters"));
+    }
+    Ok(())
+}
+
+/// The enterprise proxy hop.
+#[derive(Clone)]
+pub struct ProxyConfig {
+    pub url: ProxyUrl,
+    /// Required for `https://` proxies.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// Sent as `Proxy-Authorization: Basic`, to this hop only. This field is what is used:
+    /// [`ProxyConfig::new`] fills it from the URL; a credentials file replaces it.
+    pub credentials: Option<(String, Secret)>,
+}
+
+impl ProxyConfig {
+    pub fn new(url: ProxyUrl, tls: Option<Arc<ClientConfig>>) -> Self {
+        let credentials = url.credentials.clone();
+        Self {
+            url,
+            tls,
+            credentials,
+        }
+    }
+}
+
+/// Per-step time limits and TCP keepalive of upstream sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Timeouts {
+    /// Name resolution plus TCP connect, per hop.
+    #[serde(with = "secs")]
+    pub connect: Duration,
+    #[serde(with = "secs")]
+    pub tls_handshake: Duration,
+    /// Sending a CONNECT and receiving its response head, per hop.
+    #[serde(with = "secs")]
+    pub connect_response: Duration,
+    /// Idle time before the first keepalive probe: below common NAT idle timeouts (Azure: 4 min).
+    #[serde(with = "secs")]
+    pub keepalive_idle: Duration,
+    #[serde(with = "secs")]
+    pub keepalive_interval: Duration,
+    pub keepalive_retries: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            tls_handshake: Duration::from_secs(10),
+            connect_response: Duration::from_secs(10),
+            keepalive_idle: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_retries: 4,
+        }
+    }
+}
+
+pub(crate) mod secs {
+    use serde::Serializer;
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// Everything [`open`] needs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TunnelConfig {
+    pub gateway: Option<GatewayConfig>,
+    pub proxy: Option<ProxyConfig>,
+    pub timeouts: Timeouts,
+}
+
+/// What `Debug` and `/config_dump` show: no secrets, TLS settings as ALPN only.
+mod redacted {
+    use std::path::Path;
+
+    use serde::Serialize;
+
+    use super::{ProxyUrl, Secret};
+
+    #[derive(Debug, Serialize)]
+    pub(super) struct GatewayConfig<'a> {
+        pub addr_host: &'a str,
+        pub port: u16,
+        pub server_name: &'a str,
+        pub extra_headers: Vec<(&'a str, Secret)>,
+        pub bearer_token_file: Option<&'a Path>,
+        pub alpn: Vec<String>,
+    }
+
+    #[derive(Debug, Serialize)]
+    pub(super) struct ProxyConfig<'a> {
+        pub url: &'a ProxyUrl,
+        pub alpn: Option<Vec<String>>,
+        pub credentials: Option<(&'a str, &'a Secret)>,
+    }
+}
+
+fn alpn_of(tls: &ClientConfig) -> Vec<String> {
+    tls.alpn_protocols
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect()
+}
+
+impl GatewayConfig {
+    fn redacted(&self) -> redacted::GatewayConfig<'_> {
+        redacted::GatewayConfig {
+            addr_host: &self.addr_host,
+            port: self.port,
+            server_name: &self.server_name,
+            extra_headers: self
+                .extra_headers
+                .iter()
+                .map(|(n, _)| (n.as_str(), Secret::new("")))
+                .collect(),
+            bearer_token_file: self.bearer_token_file.as_deref(),
+            alpn: alpn_of(&self.tls),
+        }
+    }
+}
+
+impl fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.redacted().fmt(f)
+    }
+}
+
+impl Serialize for GatewayConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.redacted().serialize(s)
+    }
+}
+
+impl ProxyConfig {
+    fn redacted(&self) -> redacted::ProxyConfig<'_> {
+        redacted::ProxyConfig {
+            url: &self.url,
+            alpn: self.tls.as_deref().map(alpn_of),
+            credentials: self.credentials.as_ref().map(|(u, p)| (u.as_str(), p)),
+        }
+    }
+}
+
+impl fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.redacted().fmt(f)
+    }
+}
+
+impl Serialize for ProxyConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.redacted().serialize(s)
+    }
+}
