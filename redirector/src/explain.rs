@@ -223,7 +223,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         &config,
         &query,
         pinned.as_ref(),
-        &crate::daemon::node_addresses(),
+        &crate::node::node_addresses(),
         &resolve,
     );
     notes.append(&mut e.notes);

@@ -11,6 +11,7 @@ pub mod explain;
 pub mod k8s;
 pub mod kubelet;
 pub mod netns;
+pub mod node;
 pub mod plan;
 pub mod policy;
 pub mod preflight;

@@ -1,6 +1,5 @@
 //! `redirector run`: the wiring diagram of the daemon, one comment per step.
 mod cgroup_watch;
-mod node;
 mod reconcile;
 mod reload;
 
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-pub use node::node_addresses;
+use crate::node::node_addresses;
 
 use crate::{
     admin::{self, Admin, Readiness},

@@ -95,7 +95,9 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
             .set_skip_ranges(&old.skip_cidrs());
         return;
     }
-    shared.node_addrs.store(Arc::new(super::node_addresses()));
+    shared
+        .node_addrs
+        .store(Arc::new(crate::node::node_addresses()));
     info!(reason = why, config = %serde_json::to_string(&new).unwrap_or_default(), "configuration reloaded");
     // New tunnels use sessions made with the new settings; old sessions are let go (tunnels
     // running on them are not affected).
