@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 use crate::{
     error_chain,
     kubelet::{PodUid, QosClass, pod_cgroup_candidates},
-    telemetry::ReasonLabels,
+    telemetry::K8sRejectedLabels,
     workloads::{DesiredSet, PodCgroup, Workload},
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -109,7 +109,7 @@ pub async fn run(
     client: Client,
     node_name: String,
     cgroup_root: PathBuf,
-    rejected: Family<ReasonLabels, Counter>,
+    rejected: Family<K8sRejectedLabels, Counter>,
     tx: watch::Sender<DesiredSet>,
 ) -> Result<(), K8sError> {
     let namespaces = watcher(
@@ -274,25 +274,7 @@ struct PodInfo {
     mirror: Option<PodUid>,
 }
 
-/// What a pod object may say, and why it was not believed. Counted in
-/// `redirector_k8s_rejected_total{reason}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Rejected {
-    /// `metadata.uid` is not a UUID: the pod is ignored.
-    Uid,
-    /// The mirror annotation is not the kubelet's hash on a pod the kubelet owns, or another
-    /// pod claims the same hash: the annotation is ignored and the pod's own UID used.
-    MirrorAnnotation,
-}
-
-impl Rejected {
-    fn reason(self) -> &'static str {
-        match self {
-            Rejected::Uid => "uid",
-            Rejected::MirrorAnnotation => "mirror_annotation",
-        }
-    }
-}
+use crate::telemetry::K8sRejection as Rejected;
 
 /// At most this much of a pod-supplied value goes into a log line, escaped.
 const LOGGED_VALUE_MAX: usize = 64;
@@ -322,14 +304,10 @@ impl PodInfo {
     fn decode(
         pod: &Pod,
         node: &str,
-        rejected: &Family<ReasonLabels, Counter>,
+        rejected: &Family<K8sRejectedLabels, Counter>,
     ) -> Option<(String, Option<PodInfo>)> {
-        let reject = |why: Rejected| {
-            rejected
-                .get_or_create(&ReasonLabels {
-                    reason: why.reason(),
-                })
-                .inc();
+        let reject = |reason: Rejected| {
+            rejected.get_or_create(&K8sRejectedLabels { reason }).inc();
         };
         let meta = &pod.metadata;
         let Some(raw_uid) = meta.uid.clone().filter(|u| !u.is_empty()) else {
@@ -410,13 +388,17 @@ struct Model {
     namespaces: Synced<()>,
     pods: Synced<PodInfo>,
     /// Pod objects not believed, by reason (`redirector_k8s_rejected_total`).
-    rejected: Family<ReasonLabels, Counter>,
+    rejected: Family<K8sRejectedLabels, Counter>,
     /// Mirror hashes claimed by more than one pod, as last logged.
     contested: BTreeSet<PodUid>,
 }
 
 impl Model {
-    fn new(node: String, cgroup_root: PathBuf, rejected: Family<ReasonLabels, Counter>) -> Self {
+    fn new(
+        node: String,
+        cgroup_root: PathBuf,
+        rejected: Family<K8sRejectedLabels, Counter>,
+    ) -> Self {
         Model {
             node,
             cgroup_root,
@@ -493,8 +475,8 @@ impl Model {
                 .collect();
             for _ in &claimants {
                 self.rejected
-                    .get_or_create(&ReasonLabels {
-                        reason: Rejected::MirrorAnnotation.reason(),
+                    .get_or_create(&K8sRejectedLabels {
+                        reason: Rejected::MirrorAnnotation,
                     })
                     .inc();
             }
@@ -888,11 +870,9 @@ mod tests {
         )
     }
 
-    fn rejected(m: &Model, why: Rejected) -> u64 {
+    fn rejected(m: &Model, reason: Rejected) -> u64 {
         m.rejected
-            .get_or_create(&ReasonLabels {
-                reason: why.reason(),
-            })
+            .get_or_create(&K8sRejectedLabels { reason })
             .get()
     }
 

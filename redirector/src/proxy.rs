@@ -22,7 +22,10 @@ use crate::{
     relay,
     sniff::{self, HostSource},
     state::Shared,
-    telemetry::{DirectionLabels, ReasonLabels, RouteLabels, SideLabels, TunnelFailureLabels},
+    telemetry::{
+        ConnResult, Direction, DirectionLabels, ReasonLabels, Refusal, RouteLabels, Side,
+        SideLabels, TunnelFailureLabels,
+    },
     tunnel::{self, HopStatus},
 };
 
@@ -138,7 +141,7 @@ fn on_accept(
                 .metrics
                 .refused
                 .get_or_create(&ReasonLabels {
-                    reason: "no_original_destination",
+                    reason: Refusal::NoOriginalDestination,
                 })
                 .inc();
             warn!(%peer, netns_cookie = cookie, workload = %workload, "refused connection with no recorded original destination");
@@ -150,7 +153,7 @@ fn on_accept(
                 .metrics
                 .refused
                 .get_or_create(&ReasonLabels {
-                    reason: "map_error",
+                    reason: Refusal::MapError,
                 })
                 .inc();
             warn!(%peer, error = %crate::error_chain(&e), "refused connection: original destination lookup failed");
@@ -267,7 +270,7 @@ async fn relay(
             refuse(
                 &shared,
                 &audit,
-                "downstream",
+                Side::Downstream,
                 "client_error",
                 &e.to_string(),
             );
@@ -301,7 +304,7 @@ async fn relay(
         refuse(
             &shared,
             &audit,
-            "internal",
+            Side::Internal,
             "safety",
             "destination may not be dialed directly",
         );
@@ -387,7 +390,13 @@ async fn relay(
     if !peeked.bytes.is_empty()
         && let Err(e) = upstream.write_all(&peeked.bytes).await
     {
-        refuse(&shared, &audit, "upstream", "write_error", &e.to_string());
+        refuse(
+            &shared,
+            &audit,
+            Side::Upstream,
+            "write_error",
+            &e.to_string(),
+        );
         return;
     }
     audit.tx = peeked.bytes.len() as u64;
@@ -404,19 +413,27 @@ async fn relay(
     audit.tx += relayed.tx;
     audit.rx += relayed.rx;
     let close = relayed.close;
-    let result_label = if relayed.ok { "ok" } else { "relay_error" };
+    let result_label = if relayed.ok {
+        ConnResult::Ok
+    } else {
+        ConnResult::RelayError
+    };
     let m = &shared.metrics;
     m.connections
         .get_or_create(&RouteLabels {
-            route: audit.route.as_str(),
+            route: audit.route,
             result: result_label,
         })
         .inc();
     m.bytes
-        .get_or_create(&DirectionLabels { direction: "tx" })
+        .get_or_create(&DirectionLabels {
+            direction: Direction::Tx,
+        })
         .inc_by(audit.tx);
     m.bytes
-        .get_or_create(&DirectionLabels { direction: "rx" })
+        .get_or_create(&DirectionLabels {
+            direction: Direction::Rx,
+        })
         .inc_by(audit.rx);
     info!(
         workload = %audit.workload,
@@ -437,12 +454,12 @@ async fn relay(
 }
 
 /// A connection closed before relaying: one warn-level audit line naming the cause.
-fn refuse(shared: &Shared, a: &Audit, side: &'static str, kind: &'static str, cause: &str) {
+fn refuse(shared: &Shared, a: &Audit, side: Side, kind: &'static str, cause: &str) {
     let m = &shared.metrics;
     m.connections
         .get_or_create(&RouteLabels {
-            route: a.route.as_str(),
-            result: "refused",
+            route: a.route,
+            result: ConnResult::Refused,
         })
         .inc();
     m.errors.get_or_create(&SideLabels { side }).inc();
@@ -454,7 +471,7 @@ fn refuse(shared: &Shared, a: &Audit, side: &'static str, kind: &'static str, ca
         host_source = %a.host_source,
         rule = %a.rule,
         route = %a.route,
-        side = %side,
+        side = %side.as_str(),
         kind = %kind,
         cause = %cause,
         duration_ms = a.started.elapsed().as_millis() as u64,

@@ -1,6 +1,8 @@
 //! Logging setup and Prometheus metrics.
+use std::fmt::Write as _;
+
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -58,29 +60,127 @@ pub fn set_log_filter(directives: &str) -> Result<(), String> {
     h.reload(f).map_err(|e| e.to_string())
 }
 
+/// A closed set of label values: an enum, its text, and its encoding as a label value, so a
+/// metric can only ever carry one of the values listed here.
+macro_rules! label_values {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name { $($(#[$vm])* $v),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                e.write_str(self.as_str())
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_values!(
+    /// How a relayed connection ended.
+    ConnResult { Ok => "ok", RelayError => "relay_error", Refused => "refused" }
+);
+label_values!(
+    /// Why a connection was refused before relaying.
+    Refusal {
+        /// No `rdr_orig` record: not a connection our hook redirected, or its record is gone.
+        NoOriginalDestination => "no_original_destination",
+        /// The map lookup itself failed.
+        MapError => "map_error",
+    }
+);
+label_values!(
+    /// `tx` = pod to upstream, `rx` = upstream to pod.
+    Direction { Tx => "tx", Rx => "rx" }
+);
+label_values!(
+    /// Who a failure is attributed to: the pod, the upstream (proxy, gateway, target), or us.
+    Side { Downstream => "downstream", Upstream => "upstream", Internal => "internal" }
+);
+label_values!(
+    /// How a configuration reload ended.
+    ReloadResult { Applied => "applied", Rejected => "rejected" }
+);
+label_values!(
+    /// The gateway session protocol of a tunnel.
+    Proto { H1 => "h1", H2 => "h2" }
+);
+label_values!(
+    /// Pooled gateway sessions: warm HTTP/1.1 ones not used yet, or shared HTTP/2 ones.
+    PooledProto { H1Idle => "h1_idle", H2 => "h2" }
+);
+label_values!(
+    /// A TLS handshake: a full one or a resumed session.
+    Handshake { Full => "full", Resumed => "resumed" }
+);
+label_values!(
+    /// Values in pod objects not believed (`redirector_k8s_rejected_total`).
+    K8sRejection {
+        /// `metadata.uid` is not a UUID: the pod is ignored.
+        Uid => "uid",
+        /// The mirror annotation is not the kubelet's hash on a pod the kubelet owns, or
+        /// another pod claims the same hash: the pod's own uid names its cgroup.
+        MirrorAnnotation => "mirror_annotation",
+    }
+);
+
+impl EncodeLabelValue for crate::policy::Route {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for crate::tunnel::Reuse {
+    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        e.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: &'static str,
-    pub result: &'static str,
+    pub route: crate::policy::Route,
+    pub result: ConnResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: &'static str,
+    pub reason: Refusal,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct K8sRejectedLabels {
+    pub reason: K8sRejection,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
-    /// `tx` = pod to upstream, `rx` = upstream to pod.
-    pub direction: &'static str,
+    pub direction: Direction,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SideLabels {
-    /// `downstream` (the pod), `upstream` (proxy, gateway, target) or `internal`.
-    pub side: &'static str,
+    pub side: Side,
 }
 
+/// A failed tunnel: the hop (`target`, `proxy`, `gateway`) and the error's kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelFailureLabels {
     pub hop: &'static str,
@@ -95,9 +195,10 @@ pub struct HopLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    pub result: &'static str,
+    pub result: ReloadResult,
 }
 
+/// One eBPF counter, by its name in `redirector-common`'s counter list.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NameLabels {
     pub name: &'static str,
@@ -105,23 +206,19 @@ pub struct NameLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SessionLabels {
-    /// `fresh`, `warm` (pre-established) or `shared` (an HTTP/2 stream).
-    pub reuse: &'static str,
-    /// `h1` or `h2`.
-    pub proto: &'static str,
+    pub reuse: crate::tunnel::Reuse,
+    pub proto: Proto,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub hop: &'static str,
-    /// `full` or `resumed`.
-    pub kind: &'static str,
+    pub kind: Handshake,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtoLabels {
-    /// `h1_idle` (warm, unused) or `h2` (shared).
-    pub proto: &'static str,
+    pub proto: PooledProto,
 }
 
 fn setup_histogram() -> Histogram {
@@ -136,7 +233,7 @@ pub struct Metrics {
     pub tunnel_setup: Family<HopLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<RouteLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
-    pub k8s_rejected: Family<ReasonLabels, Counter>,
+    pub k8s_rejected: Family<K8sRejectedLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
     pub errors: Family<SideLabels, Counter>,
     pub tunnel_failures: Family<TunnelFailureLabels, Counter>,

@@ -5,7 +5,12 @@ use std::{sync::Arc, time::Duration};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{cli::RunArgs, config::ConfigError, state::Shared, telemetry::ResultLabels};
+use crate::{
+    cli::RunArgs,
+    config::ConfigError,
+    state::Shared,
+    telemetry::{ReloadResult, ResultLabels},
+};
 
 /// The signals `redirector run` answers: SIGTERM and SIGINT stop it, SIGHUP reloads.
 pub struct Signals {
@@ -64,7 +69,7 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     let mut new = match args.load() {
         Ok(c) => c,
         Err(e) => {
-            count(shared, "rejected");
+            count(shared, ReloadResult::Rejected);
             error!(reason = why, error = %crate::error_chain(&e as &ConfigError), "config reload rejected; the previous configuration stays in force");
             return;
         }
@@ -86,7 +91,7 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
         .expect("maps lock poisoned")
         .set_skip_ranges(&new.skip_cidrs())
     {
-        count(shared, "rejected");
+        count(shared, ReloadResult::Rejected);
         error!(reason = why, error = %crate::error_chain(&e), "config reload failed updating the skip ranges; keeping the previous configuration");
         let _ = shared
             .maps
@@ -111,11 +116,11 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     if let Some(old) = shared.gateway.swap(Some(pool)) {
         old.retire();
     }
-    count(shared, "applied");
+    count(shared, ReloadResult::Applied);
 }
 
 /// Counts one reload by its result (`redirector_config_reloads_total`).
-fn count(shared: &Shared, result: &'static str) {
+fn count(shared: &Shared, result: ReloadResult) {
     shared
         .metrics
         .reloads

@@ -10,6 +10,8 @@ use std::{
 use serde::Serialize;
 use tokio::io::ReadBuf;
 
+use crate::telemetry::Proto;
+
 use super::{
     HOP_GATEWAY, HOP_PROXY, HopStatus, Io, ReadAhead, Timeouts, TlsHalfClose, TunnelConfig,
     TunnelError, Upstream, add_setup, connect::ConnectRequest, connect_hop, gateway_of,
@@ -17,7 +19,7 @@ use super::{
 };
 
 /// How the gateway session of a tunnel came about, for the audit line and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reuse {
     /// Dialed for this connection.
@@ -43,7 +45,7 @@ impl Reuse {
 pub struct SessionInfo {
     pub reuse: Reuse,
     /// `h1` (one CONNECT per TLS session) or `h2` (CONNECT streams multiplexed).
-    pub proto: &'static str,
+    pub proto: Proto,
     /// The gateway TLS handshake was a resumption (no certificate exchange).
     pub resumed: bool,
 }
@@ -170,7 +172,7 @@ impl GatewaySession {
             setup,
             session: Some(SessionInfo {
                 reuse,
-                proto: "h1",
+                proto: Proto::H1,
                 resumed,
             }),
         })

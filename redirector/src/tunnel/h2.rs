@@ -22,6 +22,8 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::{Builder, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::telemetry::Proto;
 use tokio::time::timeout;
 use tracing::debug;
 
@@ -167,7 +169,7 @@ impl H2Session {
             setup,
             session: Some(SessionInfo {
                 reuse: Reuse::Shared,
-                proto: "h2",
+                proto: Proto::H2,
                 resumed: self.resumed,
             }),
         })

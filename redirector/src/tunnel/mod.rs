@@ -181,12 +181,13 @@ impl TunnelError {
     }
 
     /// `upstream` when a peer or the network failed, `internal` when our own configuration did.
-    pub fn side(&self) -> &'static str {
+    pub fn side(&self) -> crate::telemetry::Side {
+        use crate::telemetry::Side;
         match self {
             TunnelError::Credentials { .. }
             | TunnelError::Request { .. }
-            | TunnelError::NotConfigured { .. } => "internal",
-            _ => "upstream",
+            | TunnelError::NotConfigured { .. } => Side::Internal,
+            _ => Side::Upstream,
         }
     }
 }
@@ -924,7 +925,7 @@ pub(crate) mod tests {
                 "{e:?}"
             );
             assert_eq!(
-                (e.hop(), e.kind(), e.status(), e.side()),
+                (e.hop(), e.kind(), e.status(), e.side().as_str()),
                 ("proxy", "refused", Some(407), "upstream")
             );
             let shown = format!("{} {e:?}", error_chain(&e));
@@ -1078,7 +1079,7 @@ pub(crate) mod tests {
         .await
         .expect("tunnel");
         let s = up.session.expect("session info");
-        assert_eq!((s.proto, s.reuse), ("h1", Reuse::Fresh));
+        assert_eq!((s.proto.as_str(), s.reuse), ("h1", Reuse::Fresh));
         assert!(gw.seen()[0].starts_with("CONNECT "), "{:?}", gw.seen());
     }
 
@@ -1194,7 +1195,7 @@ pub(crate) mod tests {
         let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
             .await
             .unwrap_err();
-        assert_eq!((e.kind(), e.side()), ("credentials", "internal"));
+        assert_eq!((e.kind(), e.side().as_str()), ("credentials", "internal"));
         assert!(
             error_chain(&e).contains("/nonexistent/redirector-token"),
             "{}",

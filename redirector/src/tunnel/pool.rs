@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    telemetry::{Metrics, SessionLabels},
+    telemetry::{Handshake, Metrics, PooledProto, SessionLabels},
     tunnel::{
         self, GatewaySession, H2Session, HOP_GATEWAY, Reuse, TunnelConfig, TunnelError, Upstream,
     },
@@ -244,7 +244,7 @@ impl GatewayPool {
             self.metrics
                 .gateway_tunnels
                 .get_or_create(&SessionLabels {
-                    reuse: s.reuse.as_str(),
+                    reuse: s.reuse,
                     proto: s.proto,
                 })
                 .inc();
@@ -363,7 +363,11 @@ impl GatewayPool {
             .tls_handshakes
             .get_or_create(&crate::telemetry::HandshakeLabels {
                 hop: HOP_GATEWAY,
-                kind: if s.resumed { "resumed" } else { "full" },
+                kind: if s.resumed {
+                    Handshake::Resumed
+                } else {
+                    Handshake::Full
+                },
             })
             .inc();
         Ok(s)
@@ -387,11 +391,15 @@ impl GatewayPool {
         let idle = st.idle.len();
         self.metrics
             .gateway_sessions
-            .get_or_create(&crate::telemetry::ProtoLabels { proto: "h1_idle" })
+            .get_or_create(&crate::telemetry::ProtoLabels {
+                proto: PooledProto::H1Idle,
+            })
             .set(idle as i64);
         self.metrics
             .gateway_sessions
-            .get_or_create(&crate::telemetry::ProtoLabels { proto: "h2" })
+            .get_or_create(&crate::telemetry::ProtoLabels {
+                proto: PooledProto::H2,
+            })
             .set(h2_open as i64);
         if st.retry_at.is_some_and(|at| Instant::now() < at)
             || st.last_use.is_none_or(|t| t.elapsed() >= COOL_DOWN)
@@ -734,7 +742,7 @@ mod tests {
 
         let mut up = pool.open("b.test:443").await.expect("warm tunnel");
         assert_eq!(
-            up.session.map(|s| (s.reuse, s.proto)),
+            up.session.map(|s| (s.reuse, s.proto.as_str())),
             Some((Reuse::Warm, "h1"))
         );
         assert_eq!(round_trip(&mut up, b"two").await, b"two");
@@ -833,7 +841,7 @@ mod tests {
         let gw = spawn_gateway(&pki, &[b"h2", b"http/1.1"]).await;
         let pool = pool_for(&pki, &gw, &[b"h2", b"http/1.1"], 2);
         let mut first = pool.open("a.test:443").await.expect("first");
-        assert_eq!(first.session.map(|s| s.proto), Some("h2"));
+        assert_eq!(first.session.map(|s| s.proto.as_str()), Some("h2"));
         // Several tunnels open at once share the session; each half-closes independently.
         let mut more = Vec::new();
         for i in 0..5 {
