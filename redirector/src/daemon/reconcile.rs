@@ -42,7 +42,15 @@ pub async fn run(
     let mut last_full = Instant::now() - Duration::from_secs(10);
     let mut watch = CgroupWatch::new().ok();
     loop {
-        let desired = rx.borrow_and_update().clone();
+        // A value the watcher sent is the complete desired set. Read from the value, not
+        // from `changed()`: a set sent before this first borrow is marked seen by it, and
+        // `changed()` would then never fire for it (a daemon with nothing to change would
+        // stay unready and keep an earlier run's stale entries).
+        let desired = {
+            let r = rx.borrow_and_update();
+            known |= r.has_changed();
+            r.clone()
+        };
         let full = last_full.elapsed() >= FULL_PASS;
         if full {
             last_full = Instant::now();
