@@ -52,6 +52,10 @@ pub struct Settings {
     /// Admin endpoint, loopback only [default: 127.0.0.1:15000].
     #[arg(long, env = "REDIRECTOR_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// File holding the admin token: requests that change state (`POST /logging`) must send
+    /// it as `Authorization: Bearer <token>`. Without it nothing can change state [none].
+    #[arg(long, env = "REDIRECTOR_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Destinations that never go through the proxy, `az connectedk8s` / NO_PROXY syntax:
     /// comma-separated IPs, CIDRs, names, `.suffix`, `*.suffix`, optional `:port`.
     #[arg(long, env = "REDIRECTOR_PROXY_SKIP_RANGE")]
@@ -149,6 +153,7 @@ impl Settings {
             kubeconfig,
             proxy_port,
             admin_addr,
+            admin_token_file,
             proxy_skip_range,
             gateway_url,
             gateway_connect_to,
@@ -214,6 +219,8 @@ pub struct Config {
     pub kubeconfig: Option<PathBuf>,
     pub proxy_port: u16,
     pub admin_addr: SocketAddr,
+    /// The admin token's file (its content is read per request, never kept or shown).
+    pub admin_token_file: Option<PathBuf>,
     pub skip: SkipRanges,
     pub routes: RouteTable,
     /// Route for everything no rule matches: `gateway` when a gateway is configured, else
@@ -441,6 +448,7 @@ impl Config {
             admin_addr: s
                 .admin_addr
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000))),
+            admin_token_file: s.admin_token_file,
             skip,
             routes: RouteTable { rules },
             default_route,

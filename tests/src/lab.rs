@@ -539,8 +539,19 @@ impl Lab {
 
     /// A request with no body to the daemon's admin endpoint inside the node namespace.
     pub fn node_http(&self, method: &str, path: &str) -> Option<(u16, String)> {
+        self.node_http_with(method, path, &[])
+    }
+
+    /// [`Lab::node_http`] with extra request headers (`Name: value`).
+    pub fn node_http_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+    ) -> Option<(u16, String)> {
+        let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n{extra}connection: close\r\n\r\n"
         );
         let resp = self.in_netns(&self.node, move || -> Option<String> {
             let mut s =

@@ -10,6 +10,12 @@ use tests::chain::{Chain, Gateway, TARGETS};
 const CONFIG: &str = "routes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n";
 
 fn chain(env: &[(&str, &str)]) -> Chain {
+    chain_opts(env, false)
+}
+
+/// [`chain`], with `admin_token`: `--admin-token-file` (through its environment variable)
+/// set to a 0600 file in the lab directory holding [`ADMIN_TOKEN`].
+fn chain_opts(env: &[(&str, &str)], admin_token: bool) -> Chain {
     let mut c = Chain::new(1);
     c.start_squid(true);
     c.start_gateway(Gateway::Normal);
@@ -23,8 +29,89 @@ fn chain(env: &[(&str, &str)]) -> Chain {
     let mut flags = c.daemon_flags(tests::chain::PROXY_PASSWORD);
     flags.extend(["--config".to_owned(), cfg.display().to_string()]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    c.lab.start_daemon_env(&flags, env);
+    let mut env = env.to_vec();
+    let token_file = c.lab.dir.join("admin-token");
+    let token_path = token_file.display().to_string();
+    if admin_token {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).expect("write token");
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod token");
+        env.push(("REDIRECTOR_ADMIN_TOKEN_FILE", &token_path));
+    }
+    c.lab.start_daemon_env(&flags, &env);
     c
+}
+
+/// The admin token the token-file tests write, and the header that carries it.
+const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+const AUTH: &str = "Authorization: Bearer admin-token-for-tests-0123456789";
+
+fn chain_with_admin_token(env: &[(&str, &str)]) -> Chain {
+    chain_opts(env, true)
+}
+
+/// Changing state on the admin endpoint (the log filter) needs POST and the admin token;
+/// reading stays open on loopback. Without a configured token, nothing can change state.
+#[test]
+fn admin_changes_need_post_and_the_token() {
+    if !ready("admin_changes_need_post_and_the_token") {
+        return;
+    }
+    let c = chain_with_admin_token(&[]);
+    let filter = || c.lab.node_http_get("/logging").unwrap().1.trim().to_owned();
+    let before = filter();
+    let cases: &[(&str, &[&str], u16)] = &[
+        ("POST", &[], 401),
+        ("POST", &["Authorization: Bearer wrong-token"], 401),
+        ("POST", &["Authorization: Basic YWRtaW46YWRtaW4="], 401),
+        ("PUT", &[AUTH], 405),
+        ("DELETE", &[AUTH], 405),
+    ];
+    for (method, headers, want) in cases {
+        let (status, body) = c
+            .lab
+            .node_http_with(method, "/logging?filter=off", headers)
+            .unwrap();
+        assert_eq!(status, *want, "{method} {headers:?}: {body}");
+        assert_eq!(filter(), before, "{method} {headers:?} changed the filter");
+    }
+    for path in [
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/workloads",
+        "/connections",
+        "/config_dump",
+    ] {
+        let (status, _) = c.lab.node_http_get(path).unwrap();
+        assert!(status == 200 || status == 503, "GET {path}: {status}");
+    }
+    let (_, dump) = c.lab.node_http_get("/config_dump").unwrap();
+    assert!(
+        !dump.contains(ADMIN_TOKEN),
+        "the token leaked into /config_dump"
+    );
+    let (status, body) = c
+        .lab
+        .node_http_with("POST", "/logging?filter=warn", &[AUTH])
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(filter(), "warn");
+    assert!(
+        !c.daemon_log().contains(ADMIN_TOKEN),
+        "the token leaked into the log"
+    );
+
+    // A daemon without a token file: no request changes anything, whatever it carries.
+    let c = chain(&[]);
+    let before = c.lab.node_http_get("/logging").unwrap().1;
+    let (status, body) = c
+        .lab
+        .node_http_with("POST", "/logging?filter=off", &[AUTH])
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(c.lab.node_http_get("/logging").unwrap().1, before);
 }
 
 fn curl(c: &Chain, url: &str) -> Output {
@@ -201,7 +288,7 @@ fn program_debug_messages_log_level_change_and_live_connections() {
     if !ready("program_debug_messages_log_level_change_and_live_connections") {
         return;
     }
-    let c = chain(&[("RUST_LOG", "debug")]);
+    let c = chain_with_admin_token(&[("RUST_LOG", "debug")]);
     assert!(curl(&c, "http://web.azure.test/").status.success());
     // aya-log records from the connect hook reach the daemon's log.
     let end = std::time::Instant::now() + Duration::from_secs(5);
@@ -217,7 +304,10 @@ fn program_debug_messages_log_level_change_and_live_connections() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Runtime log filter change: to warn, then debug lines stop.
-    let (status, body) = c.lab.node_http("POST", "/logging?filter=warn").unwrap();
+    let (status, body) = c
+        .lab
+        .node_http_with("POST", "/logging?filter=warn", &[AUTH])
+        .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(c.lab.node_http_get("/logging").unwrap().1.trim(), "warn");
     let before = c
@@ -242,7 +332,7 @@ fn program_debug_messages_log_level_change_and_live_connections() {
     );
     let (status, _) = c
         .lab
-        .node_http("POST", "/logging?filter=not%20a%20filter%3D%3D")
+        .node_http_with("POST", "/logging?filter=not%20a%20filter%3D%3D", &[AUTH])
         .unwrap();
     assert_eq!(status, 400);
 

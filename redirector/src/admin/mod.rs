@@ -22,6 +22,49 @@ pub mod client;
 
 use crate::state::Shared;
 
+/// Whether a request may change state: only `POST`, only with `Authorization: Bearer` and
+/// the token in `token_file` (read now, so a rotated token applies at once). With no token
+/// file configured nothing may change state. The refusal says why, never what was sent.
+fn authorize(
+    method: &hyper::Method,
+    headers: &hyper::HeaderMap,
+    token_file: Option<&std::path::Path>,
+) -> Result<(), (StatusCode, &'static str)> {
+    if method != hyper::Method::POST {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "changes need POST"));
+    }
+    let Some(path) = token_file else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "changes are disabled: no --admin-token-file is configured",
+        ));
+    };
+    let Ok(token) = std::fs::read_to_string(path) else {
+        return Err((StatusCode::FORBIDDEN, "cannot read the admin token file"));
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err((StatusCode::FORBIDDEN, "the admin token file is empty"));
+    }
+    let sent = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match sent {
+        Some(sent) if constant_time_eq(sent, token.as_bytes()) => Ok(()),
+        _ => Err((StatusCode::UNAUTHORIZED, "missing or wrong admin token")),
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess
+/// was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
+    diff == 0
+}
+
 /// What `/readyz` reports on.
 #[derive(Default)]
 pub struct Readiness {
@@ -145,6 +188,13 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             if req.method() == hyper::Method::GET {
                 return text(StatusCode::OK, crate::telemetry::log_filter() + "\n");
             }
+            let token_file = admin.shared.config.load().admin_token_file.clone();
+            if let Err((status, why)) =
+                authorize(req.method(), req.headers(), token_file.as_deref())
+            {
+                warn!(method = %req.method(), path = "/logging", why, "admin request refused");
+                return text(status, format!("{why}\n"));
+            }
             match query_filter(req.uri().query()) {
                 None => text(
                     StatusCode::BAD_REQUEST,
@@ -197,6 +247,87 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::query_filter;
+    use super::{StatusCode, authorize};
+
+    #[test]
+    fn only_post_with_the_token_changes_state() {
+        use hyper::Method as M;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret-token\n").expect("write");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").expect("write");
+        let missing = dir.path().join("missing");
+        let headers = |v: Option<&str>| {
+            let mut h = hyper::HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(hyper::header::AUTHORIZATION, v.parse().expect("header"));
+            }
+            h
+        };
+        type Case<'a> = (
+            M,
+            Option<&'a str>,
+            Option<&'a std::path::Path>,
+            Result<(), StatusCode>,
+        );
+        let good = Some("Bearer s3cret-token");
+        let cases: Vec<Case<'_>> = vec![
+            (M::POST, good, Some(&file), Ok(())),
+            (M::POST, None, Some(&file), Err(StatusCode::UNAUTHORIZED)),
+            (
+                M::POST,
+                Some("Bearer s3cret-tokeN"),
+                Some(&file),
+                Err(StatusCode::UNAUTHORIZED),
+            ),
+            (
+                M::POST,
+                Some("Bearer s3cret-token2"),
+                Some(&file),
+                Err(StatusCode::UNAUTHORIZED),
+            ),
+            (
+                M::POST,
+                Some("Bearer "),
+                Some(&file),
+                Err(StatusCode::UNAUTHORIZED),
+            ),
+            (
+                M::POST,
+                Some("Basic s3cret-token"),
+                Some(&file),
+                Err(StatusCode::UNAUTHORIZED),
+            ),
+            (
+                M::PUT,
+                good,
+                Some(&file),
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            (
+                M::DELETE,
+                good,
+                Some(&file),
+                Err(StatusCode::METHOD_NOT_ALLOWED),
+            ),
+            (M::POST, good, None, Err(StatusCode::FORBIDDEN)),
+            (
+                M::POST,
+                Some("Bearer "),
+                Some(&empty),
+                Err(StatusCode::FORBIDDEN),
+            ),
+            (M::POST, good, Some(&missing), Err(StatusCode::FORBIDDEN)),
+        ];
+        for (method, auth, token_file, want) in cases {
+            let got = authorize(&method, &headers(auth), token_file).map_err(|(s, why)| {
+                assert!(!why.contains("s3cret"), "a refusal names the token: {why}");
+                s
+            });
+            assert_eq!(got, want, "{method} {auth:?} {token_file:?}");
+        }
+    }
 
     #[test]
     fn filter_query_is_decoded() {
