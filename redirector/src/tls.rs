@@ -155,19 +155,13 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 #[cfg(test)]
 mod tests {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use test_pki::TestCa;
 
     use super::*;
     use crate::error_chain;
 
     fn ca_pem(name: &str) -> String {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.self_signed(&key).expect("self-signed").pem()
+        TestCa::temp(name).cert_pem()
     }
 
     #[test]
@@ -215,23 +209,16 @@ mod tests {
     #[test]
     fn client_certificate_must_match_its_key() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(vec!["client.test".to_owned()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("cert");
+        let ca = TestCa::temp("client ca");
+        let (leaf, other) = (ca.issue(&["client.test"]), ca.issue(&["other.test"]));
         let (cert_path, key_path, other_key) = (
             dir.path().join("c.pem"),
             dir.path().join("k.pem"),
             dir.path().join("o.pem"),
         );
-        fs::write(&cert_path, cert.pem()).expect("write");
-        fs::write(&key_path, key.serialize_pem()).expect("write");
-        fs::write(
-            &other_key,
-            KeyPair::generate().expect("key").serialize_pem(),
-        )
-        .expect("write");
+        fs::write(&cert_path, &leaf.cert_pem).expect("write");
+        fs::write(&key_path, &leaf.key_pem).expect("write");
+        fs::write(&other_key, &other.key_pem).expect("write");
 
         let config = client_config(None, Some((&cert_path, &key_path)), &[]).expect("config");
         assert!(config.client_auth_cert_resolver.has_certs());

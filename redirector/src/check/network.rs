@@ -281,40 +281,18 @@ mod tests {
         check::{Level, Report, find, render_text},
         config::Settings,
     };
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    use rustls::{ServerConfig, pki_types::PrivateKeyDer};
+    use test_pki::TestCa;
     use tokio::net::TcpListener;
     use tokio_rustls::TlsAcceptor;
 
-    fn ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
-    }
-
-    /// A TLS server for `name` with a leaf from `issuer`; answers one handshake.
-    async fn tls_server(
-        issuer: &CertifiedIssuer<'static, KeyPair>,
-        name: &str,
-    ) -> std::net::SocketAddr {
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .signed_by(&key, issuer)
-            .unwrap();
-        let cfg = ServerConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-            )
-            .unwrap();
+    /// A TLS server for `name` with a leaf from `ca`; answers one handshake.
+    async fn tls_server(ca: &TestCa, name: &str) -> std::net::SocketAddr {
+        let cfg = ca
+            .issue(&[name])
+            .server_config_with(crate::tls::provider(), &[]);
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        let acceptor = TlsAcceptor::from(cfg);
         tokio::spawn(async move {
             while let Ok((s, _)) = l.accept().await {
                 let a = acceptor.clone();
@@ -348,10 +326,8 @@ mod tests {
 
     #[tokio::test]
     async fn gateway_trusted_through_proxy_cert_is_ok_with_a_note() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ca("lab gateway ca");
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let ca = TestCa::temp("lab gateway ca");
+        let ca_file = ca.write_ca(ca.dir());
         let addr = tls_server(&ca, "gw.arc.test").await;
         let checks = run_network(&settings_for(addr, Some(&ca_file))).await;
         let gw = find(&checks, "gateway");
@@ -366,11 +342,9 @@ mod tests {
 
     #[tokio::test]
     async fn untrusted_gateway_fails_with_the_verifier_error_and_the_proxy_cert_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let trusted = ca("lab gateway ca");
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, trusted.pem()).unwrap();
-        let addr = tls_server(&ca("someone else"), "gw.arc.test").await;
+        let trusted = TestCa::temp("lab gateway ca");
+        let ca_file = trusted.write_ca(trusted.dir());
+        let addr = tls_server(&TestCa::temp("someone else"), "gw.arc.test").await;
         let checks = run_network(&settings_for(addr, Some(&ca_file))).await;
         let gw = find(&checks, "gateway");
         assert_eq!(gw.level, Level::Fail, "{gw:?}");

@@ -455,11 +455,8 @@ pub(crate) mod tests {
 
     use tokio::io::AsyncWrite;
 
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    use rustls::{
-        ServerConfig,
-        pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer},
-    };
+    use rustls::ServerConfig;
+    use test_pki::TestCa;
     use tokio::net::TcpListener;
     use tokio_rustls::TlsAcceptor;
 
@@ -468,48 +465,25 @@ pub(crate) mod tests {
 
     const PASSWORD: &str = "s3cr3t-p@ss:word";
 
-    /// A test CA whose certificate is written to a PEM file for `tls::client_config`.
+    /// A test CA (the shared `test-pki` one) whose certificate is written to a PEM file for
+    /// `tls::client_config`.
     pub(crate) struct Pki {
-        _dir: tempfile::TempDir,
+        ca: TestCa,
         pub(crate) ca_path: PathBuf,
-        issuer: CertifiedIssuer<'static, KeyPair>,
     }
 
     impl Pki {
         pub(crate) fn new(name: &str) -> Self {
-            let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name);
-            let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-                .expect("ca");
-            let dir = tempfile::tempdir().expect("tempdir");
-            let ca_path = dir.path().join("ca.pem");
-            std::fs::write(&ca_path, issuer.pem()).expect("write ca");
-            Self {
-                _dir: dir,
-                ca_path,
-                issuer,
-            }
+            let ca = TestCa::temp(name);
+            let ca_path = ca.write_ca(ca.dir());
+            Self { ca, ca_path }
         }
 
+        /// A server config with a leaf for `names` (DNS or IP SANs), offering HTTP/1.1.
         pub(crate) fn server(&self, names: &[&str]) -> Arc<ServerConfig> {
-            let key = KeyPair::generate().expect("key");
-            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let cert = CertificateParams::new(names)
-                .expect("params")
-                .signed_by(&key, &self.issuer)
-                .expect("sign");
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-            let mut config = ServerConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_no_client_auth()
-                .with_single_cert(vec![cert.der().clone()], key)
-                .expect("server config");
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Arc::new(config)
+            self.ca
+                .issue(names)
+                .server_config_with(crate::tls::provider(), &["http/1.1"])
         }
 
         fn client(&self) -> Arc<ClientConfig> {

@@ -1,5 +1,7 @@
-//! Test PKI: a throwaway CA (rcgen) that issues leaf certificates for test hosts and writes
-//! them as PEM files, plus rustls configs built from them.
+//! The one test PKI of the workspace: a throwaway CA (rcgen) that issues leaf certificates
+//! for test hosts and writes them as PEM files, plus rustls configs built from them. The
+//! daemon's unit tests (a dev-dependency of `redirector`) and the end-to-end tests (`tests`,
+//! re-exported as `tests::pki`) both use it.
 //!
 //! Every certificate is ECDSA P-256 and valid from 2020 to 2100, so tests never depend on the
 //! clock. Leaves carry both `serverAuth` and `clientAuth`, so one leaf can serve as a
@@ -24,9 +26,9 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
 };
 
-/// The crypto provider every config in the test crate uses. Passed explicitly so that a
-/// workspace build that also enables another rustls provider cannot make
-/// `ClientConfig::builder()` ambiguous.
+/// The crypto provider of every config built here (unless one is passed, as in
+/// [`Leaf::server_config_with`]). Passed explicitly so that a workspace build that also
+/// enables another rustls provider cannot make `ClientConfig::builder()` ambiguous.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -37,6 +39,8 @@ pub struct TestCa {
     dir: PathBuf,
     issuer: CertifiedIssuer<'static, KeyPair>,
     issued: AtomicU32,
+    /// Set by [`TestCa::temp`]: the directory removed when the CA is dropped.
+    _temp: Option<tempfile::TempDir>,
 }
 
 /// A certificate issued by a [`TestCa`], kept in memory and written as PEM files.
@@ -64,6 +68,16 @@ impl TestCa {
         TestCa::with_name("rdr untrusted ca", dir)
     }
 
+    /// A CA with the given common name whose leaves (and, through [`TestCa::write_ca`] with
+    /// [`TestCa::dir`], its own certificate) go into a fresh temporary directory that is
+    /// removed when the CA is dropped.
+    pub fn temp(name: &str) -> TestCa {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let mut ca = TestCa::with_name(name, temp.path());
+        ca._temp = Some(temp);
+        ca
+    }
+
     /// A CA with the given common name (also used, slugged, in file names).
     pub fn with_name(name: &str, dir: &Path) -> TestCa {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
@@ -88,7 +102,13 @@ impl TestCa {
             dir: dir.to_owned(),
             issuer,
             issued: AtomicU32::new(0),
+            _temp: None,
         }
+    }
+
+    /// The directory the leaves' PEM files are written into.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The CA certificate as PEM.
@@ -195,7 +215,17 @@ impl Leaf {
 
     /// A TLS 1.2/1.3 server config presenting this leaf and offering `alpn`.
     pub fn server_config(&self, alpn: &[&str]) -> Arc<ServerConfig> {
-        let mut config = ServerConfig::builder_with_provider(provider())
+        self.server_config_with(provider(), alpn)
+    }
+
+    /// [`Leaf::server_config`] with the caller's crypto provider (the daemon's unit tests
+    /// pass the daemon's own, which the `crypto-aws-lc` feature changes).
+    pub fn server_config_with(
+        &self,
+        provider: Arc<CryptoProvider>,
+        alpn: &[&str],
+    ) -> Arc<ServerConfig> {
+        let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
             .with_no_client_auth()
@@ -332,5 +362,17 @@ mod tests {
         assert_eq!(leaf_certs, vec![a.cert_der()]);
         let key = PrivateKeyDer::from_pem_file(&a.key_pem_path).expect("parse key");
         assert_eq!(key.secret_der(), a.key_der().secret_der());
+    }
+
+    #[test]
+    fn temp_ca_owns_its_directory() {
+        let ca = TestCa::temp("temp ca");
+        let dir = ca.dir().to_owned();
+        let ca_path = ca.write_ca(ca.dir());
+        let leaf = ca.issue(&["t.test"]);
+        assert!(ca_path.starts_with(&dir) && leaf.cert_pem_path.starts_with(&dir));
+        assert!(ca_path.is_file() && leaf.key_pem_path.is_file());
+        drop(ca);
+        assert!(!dir.exists(), "{} outlived its CA", dir.display());
     }
 }
