@@ -354,6 +354,11 @@ mod tests {
                     route: "direct".into(),
                     ..Default::default()
                 },
+                RawRoute {
+                    cidr: Some("168.63.0.0/16".into()),
+                    route: "direct".into(),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         };
@@ -482,6 +487,14 @@ mod tests {
                 None,
                 "safety:link-local/metadata (route:169.254.0.0/16->direct)",
                 "169.254.169.254:80",
+                &[],
+            ),
+            (
+                "nor Azure's platform endpoint, also written v4-mapped",
+                ("[::ffff:168.63.129.16]:80", None, Ip),
+                None,
+                "safety:platform-endpoint (route:168.63.0.0/16->direct)",
+                "168.63.129.16:80",
                 &[],
             ),
             (

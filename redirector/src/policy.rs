@@ -457,7 +457,11 @@ pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -
 pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static str> {
     let ip = ip.to_canonical();
     let metadata_v6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+    // Azure's platform endpoint (the "wireserver": DHCP, DNS, health probes, the VM agent's
+    // channel), reachable from every VM and answering with the node's identity.
+    let azure_platform = std::net::Ipv4Addr::new(168, 63, 129, 16);
     match ip {
+        IpAddr::V4(v4) if v4 == azure_platform => return Some("platform-endpoint"),
         IpAddr::V4(v4) if v4.is_link_local() => return Some("link-local/metadata"),
         IpAddr::V4(v4) if v4.is_loopback() || v4.is_unspecified() => return Some("loopback"),
         IpAddr::V6(v6) if v6 == metadata_v6 => return Some("link-local/metadata"),

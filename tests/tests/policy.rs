@@ -35,7 +35,7 @@ fn wait_log(c: &Chain, needle: &str, count: usize) -> String {
     }
 }
 
-const ROUTES: &str = "proxy-skip-range: 203.0.113.200/32\nroutes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n";
+const ROUTES: &str = "proxy-skip-range: 203.0.113.200/32\nroutes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n  - cidr: 168.63.129.16/32\n    route: direct\n";
 
 /// Squid (auth) + gateway + daemon with `config` as its config file, and a node resolver
 /// that knows the target names.
@@ -193,6 +193,19 @@ fn direct_by_name_only_when_the_ip_belongs_to_the_name() {
         "{log}"
     );
     assert!(log.contains("rule=safety:link-local/metadata"), "{log}");
+    // Azure's platform endpoint (wireserver: DHCP, DNS, the VM agent) neither.
+    let o = c.lab.pods[0].cmd("python3").args(["-c", "import socket\ntry:\n  s = socket.create_connection(('168.63.129.16', 80), 5)\n  s.settimeout(5)\n  print('data' if s.recv(10) else 'eof')\nexcept ConnectionResetError:\n  print('reset')"]).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "reset",
+        "{}",
+        out(&o)
+    );
+    let log = wait_log(&c, "orig_dst=168.63.129.16:80", 1);
+    assert!(
+        log.contains("rule=safety:platform-endpoint"),
+        "168.63.129.16 was not refused by the safety rule:\n{log}"
+    );
 }
 
 #[test]
