@@ -197,14 +197,21 @@ mod prog {
                     sa.user_port = u32::from(port.to_be());
                     bump(counter::REDIRECTED4);
                 } else {
-                    // Without a record the proxy would refuse the connection anyway; leaving
-                    // it alone keeps the failure visible as "no route" instead of a mystery.
-                    bump(counter::ERRORS);
+                    return refuse();
                 }
             }
         }
-        // 1 = let the (possibly rewritten) connect proceed; never block a connect.
+        // 1 = let the (possibly rewritten) connect proceed.
         1
+    }
+
+    /// A connect that should be redirected but whose destination could not be recorded:
+    /// refused (`connect()` fails with EPERM) and counted. Never sent on unchanged: that
+    /// would take a pod of an enabled workload past the proxy and its rules.
+    #[inline(always)]
+    fn refuse() -> i32 {
+        bump(counter::ERRORS);
+        0
     }
 
     /// `cgroup/connect6`: every `connect()` of an AF_INET6 socket below the attach point.
@@ -260,7 +267,7 @@ mod prog {
                     }
                     sa.user_port = u32::from(port.to_be());
                 } else {
-                    bump(counter::ERRORS);
+                    return refuse();
                 }
             }
         }

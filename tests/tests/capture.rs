@@ -562,3 +562,67 @@ fn bad_input_is_one_clear_line_and_attaches_nothing() {
     let tree = sh(&format!("bpftool cgroup tree {root}"));
     assert!(!tree.contains("rdr_"), "something got attached:\n{tree}");
 }
+
+/// The connect hook fails closed when it cannot record a connection's original destination
+/// (issue 11): the connect is refused and counted, never sent on unchanged.
+///
+/// Stand-in, and why: the kernel refuses an insert into the LRU map `rdr_pending` only under
+/// memory pressure, which a test cannot produce on demand. So before the daemon loads its
+/// programs, the test pins a plain hash map with `rdr_pending`'s key and value sizes, one
+/// entry and room for no more, at `rdr_pending`'s pin path. The loader reuses a map pinned
+/// under its name, so every insert the hook tries fails (E2BIG), as a refused one would.
+#[test]
+fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
+    if !privileged("connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.add_pod();
+    let (inet, _) = lab.add_internet(20, 8080);
+    lab.start_testsrv(
+        &inet,
+        "http",
+        &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)],
+    );
+    std::fs::create_dir_all(&lab.pin_root).expect("pin directory");
+    let pin = lab.pin_root.join("rdr_pending");
+    let size = std::mem::size_of::<redirector_common::OrigDst>();
+    sh(&format!(
+        "bpftool map create {} type hash key 8 value {size} entries 1 name rdr_pending",
+        pin.display()
+    ));
+    sh(&format!(
+        "bpftool map update pinned {} key hex {} value hex {}",
+        pin.display(),
+        "ff ".repeat(8),
+        "00 ".repeat(size)
+    ));
+    lab.start_daemon(&[]);
+    let before = lab.metric("redirector_ebpf_events{name=\"errors\"}");
+
+    let target = Lab::inet_v4(0);
+    let o = python(
+        &lab,
+        0,
+        &format!(
+            "import socket, errno\ns = socket.socket()\ns.settimeout(5)\ntry:\n  \
+             s.connect(('{target}', 80))\n  print('connected')\nexcept OSError as e:\n  \
+             print('errno=' + errno.errorcode.get(e.errno, str(e.errno)))"
+        ),
+    );
+    assert_eq!(
+        stdout(&o).trim(),
+        "errno=EPERM",
+        "the connect must be refused by the hook (EPERM), not sent on unchanged \
+         (ENETUNREACH: the pod has no route) nor redirected: {}",
+        out(&o)
+    );
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lab.metric("redirector_ebpf_events{name=\"errors\"}") <= before {
+        assert!(
+            std::time::Instant::now() < end,
+            "the failed record was not counted in rdr_stats.errors"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
