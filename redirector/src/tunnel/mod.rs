@@ -1311,6 +1311,9 @@ pub(crate) mod tests {
             "http://[2001:db8::1]x",
             "http://:secret-pw@proxy",
             "http://%ff:x@proxy",
+            "http://proxy:8o",
+            "http://[2001:db8::1]:1x",
+            "http://proxy:80:80",
         ];
         for input in bad {
             let e = input.parse::<ProxyUrl>().expect_err(input);

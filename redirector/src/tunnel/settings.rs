@@ -95,6 +95,9 @@ struct UrlParts<'a> {
     port: u16,
 }
 
+/// Splits `http(s)://[userinfo@]host[:port][/]`. The host, port and the rest are parsed by
+/// `hyper::Uri`; the scheme and the userinfo are taken off first, for a clear message and
+/// because a password may hold characters (`@`) a URI parser refuses unencoded.
 fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlError> {
     let err = |reason| UrlError { what, reason };
     let (scheme, rest) = s
@@ -114,34 +117,33 @@ fn split_url<'a>(what: &'static str, s: &'a str) -> Result<UrlParts<'a>, UrlErro
         Some((u, h)) => (Some(u), h),
         None => (None, authority),
     };
-    let (host, port) = if hostport.starts_with('[') {
-        let close = hostport.find(']').ok_or(err("unclosed '[' in the host"))?;
-        let (host, after) = hostport.split_at(close + 1);
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => return Err(err("unexpected text after ']'")),
-        };
-        (host, port)
-    } else {
-        match hostport.split_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    if host.is_empty() {
+    if hostport.is_empty() || hostport.starts_with(':') {
         return Err(err("the host is missing"));
     }
+    if hostport.ends_with(':') {
+        return Err(err("the port must be a number from 1 to 65535"));
+    }
+    let uri: hyper::Uri = format!("http://{hostport}/")
+        .parse()
+        .map_err(|_| err("the host or port is not valid"))?;
+    let parsed = uri.authority().ok_or(err("the host is missing"))?;
+    let host = parsed.host();
     let host = crate::addr::validate_host(host)
         .map_err(|_| err("the host is not a valid DNS name or IP address"))?;
-    let port = match port {
+    // The port as written: `Authority::port` drops one that does not fit a u16.
+    let port_text = match parsed.as_str().strip_prefix(parsed.host()) {
+        Some("") => None,
+        Some(rest) => Some(
+            rest.strip_prefix(':')
+                .ok_or(err("unexpected text after the host"))?,
+        ),
+        None => return Err(err("the host or port is not valid")),
+    };
+    let port = match port_text {
         None if https => 443,
         None => 80,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|n| *n != 0 && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or(err("the port must be a number from 1 to 65535"))?,
+        Some(p) => crate::addr::parse_port(p)
+            .map_err(|_| err("the port must be a number from 1 to 65535"))?,
     };
     Ok(UrlParts {
         https,
