@@ -114,6 +114,14 @@ pub struct Settings {
     /// Seconds SIGTERM waits for open connections [5].
     #[arg(long, env = "REDIRECTOR_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
+    /// Connections the proxy holds at once on this node; past it new ones are refused
+    /// (RST) and counted [16384].
+    #[arg(long, env = "REDIRECTOR_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections one pod (one network namespace) may hold at once, so that one pod cannot
+    /// take the node's egress [2048].
+    #[arg(long, env = "REDIRECTOR_MAX_CONNECTIONS_PER_POD")]
+    pub max_connections_per_pod: Option<usize>,
     /// Offer ALPN `h2` to the gateway and, when it accepts, carry tunnels as HTTP/2 CONNECT
     /// streams on shared sessions [true].
     #[arg(long, env = "REDIRECTOR_GATEWAY_HTTP2", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
@@ -170,6 +178,8 @@ impl Settings {
             tls_timeout,
             connect_response_timeout,
             drain_timeout,
+            max_connections,
+            max_connections_per_pod,
             routes,
             route_presets,
             allow_dial,
@@ -242,6 +252,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(with = "crate::tunnel::secs")]
     pub rescan_interval: Duration,
+    /// Connections held at once: on the node, and per pod (network namespace).
+    pub max_connections: usize,
+    pub max_connections_per_pod: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,12 +291,25 @@ pub enum ConfigError {
     ConnectTo(String),
     #[error("invalid {field} {value}: must be a positive number of seconds")]
     Duration { field: &'static str, value: f64 },
+    #[error("invalid {field} 0: must be at least 1")]
+    Limit { field: &'static str },
     #[error("invalid proxy-port 0: pick a free port")]
     Port,
     #[error("gateway-client-cert and gateway-client-key must be given together")]
     ClientCertPair,
     #[error("invalid gateway-h2-streams 0: must be at least 1")]
     H2Streams,
+}
+
+fn limit_of(
+    field: &'static str,
+    value: Option<usize>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::Limit { field }),
+        n => Ok(n),
+    }
 }
 
 fn secs_of(field: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -460,6 +486,12 @@ impl Config {
             sniff_cap: 16 * 1024,
             drain_timeout: secs_of("drain-timeout", s.drain_timeout, 5.0)?,
             rescan_interval: Duration::from_millis(250),
+            max_connections: limit_of("max-connections", s.max_connections, 16384)?,
+            max_connections_per_pod: limit_of(
+                "max-connections-per-pod",
+                s.max_connections_per_pod,
+                2048,
+            )?,
         })
     }
 

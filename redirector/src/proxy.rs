@@ -2,7 +2,10 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering as AtomicOrdering},
+    },
     time::{Duration, Instant},
 };
 
@@ -72,6 +75,12 @@ pub fn spawn_listener(
     let std_listeners = netns::bind_in_netns(pid, addrs)?;
     let cookie = netns::netns_cookie(&std_listeners[0])?;
     let stop = shared.shutdown.child_token();
+    // One budget for the namespace: both listeners (v4, v6) count against it.
+    let pod = Pod {
+        workload: Arc::clone(&workload),
+        open: Arc::default(),
+        cookie,
+    };
     for l in std_listeners {
         let local = l.local_addr().ok();
         let listener = TcpListener::from_std(l).map_err(|source| NetnsError::Bind {
@@ -81,13 +90,7 @@ pub fn spawn_listener(
         })?;
         let shared = Arc::clone(shared);
         let stop = stop.clone();
-        tokio::spawn(accept_loop(
-            shared,
-            listener,
-            cookie,
-            stop,
-            Arc::clone(&workload),
-        ));
+        tokio::spawn(accept_loop(shared, listener, stop, pod.clone()));
     }
     info!(pid, netns_cookie = cookie, port, workload = %workload, "proxy listening in pod network namespace");
     Ok(NetnsListener {
@@ -97,12 +100,61 @@ pub fn spawn_listener(
     })
 }
 
+/// The pod (network namespace) a listener serves: its name for the audit line, its netns
+/// cookie (the key of its original destinations) and its open connections.
+#[derive(Clone)]
+struct Pod {
+    workload: Arc<str>,
+    open: Arc<AtomicUsize>,
+    cookie: u64,
+}
+
+/// A connection's place in the node's and its pod's connection budgets, given back when the
+/// connection ends, however it ends.
+struct Slot {
+    node: Arc<AtomicUsize>,
+    pod: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    /// Takes a place in both budgets, or says which one is full.
+    fn take(shared: &Shared, pod: &Pod) -> Result<Slot, Refusal> {
+        let cfg = shared.config.load();
+        if !reserve(&shared.open, cfg.max_connections) {
+            return Err(Refusal::NodeLimit);
+        }
+        if !reserve(&pod.open, cfg.max_connections_per_pod) {
+            shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
+            return Err(Refusal::PodLimit);
+        }
+        Ok(Slot {
+            node: Arc::clone(&shared.open),
+            pod: Arc::clone(&pod.open),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.node.fetch_sub(1, AtomicOrdering::AcqRel);
+        self.pod.fetch_sub(1, AtomicOrdering::AcqRel);
+    }
+}
+
+/// Adds one to `counter` unless it is at `max` already.
+fn reserve(counter: &AtomicUsize, max: usize) -> bool {
+    counter
+        .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
-    cookie: u64,
     stop: CancellationToken,
-    workload: Arc<str>,
+    pod: Pod,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -110,7 +162,7 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => on_accept(&shared, cookie, stream, peer, &workload),
+            Ok((stream, peer)) => on_accept(&shared, &pod, stream, peer),
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %e, "accept failed");
@@ -120,13 +172,27 @@ async fn accept_loop(
     }
 }
 
-fn on_accept(
-    shared: &Arc<Shared>,
-    cookie: u64,
-    stream: TcpStream,
-    peer: SocketAddr,
-    workload: &Arc<str>,
-) {
+fn on_accept(shared: &Arc<Shared>, pod: &Pod, stream: TcpStream, peer: SocketAddr) {
+    let (cookie, workload) = (pod.cookie, &pod.workload);
+    // The budgets first: a pod past its share is refused before it costs anything more.
+    let slot = match Slot::take(shared, pod) {
+        Ok(slot) => slot,
+        Err(reason) => {
+            shared
+                .metrics
+                .refused
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+            if let Some(held_back) = shared.refusal_log.allow() {
+                let cfg = shared.config.load();
+                warn!(workload = %workload, reason = %reason, max_connections = cfg.max_connections,
+                    max_connections_per_pod = cfg.max_connections_per_pod, held_back,
+                    "refusing connections over the connection budget");
+            }
+            reset(stream);
+            return;
+        }
+    };
     let key = bpf::sock_key(cookie, peer);
     let found = shared
         .maps
@@ -168,6 +234,7 @@ fn on_accept(
         peer,
         orig,
         Arc::clone(workload),
+        slot,
     ));
 }
 
@@ -227,6 +294,8 @@ async fn relay(
     peer: SocketAddr,
     orig: SocketAddr,
     workload: Arc<str>,
+    // Held for the connection's life: its place in the budgets.
+    _slot: Slot,
 ) {
     let cfg = shared.config.load_full();
     shared.metrics.active.inc();
@@ -526,5 +595,24 @@ impl ListenerSet {
             }
             keep
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_stops_at_the_limit_and_frees_on_release() {
+        let c = AtomicUsize::new(0);
+        assert!((0..3).all(|_| reserve(&c, 3)));
+        assert!(!reserve(&c, 3), "a fourth place under a limit of 3");
+        assert_eq!(
+            c.load(AtomicOrdering::Acquire),
+            3,
+            "a refusal takes nothing"
+        );
+        c.fetch_sub(1, AtomicOrdering::AcqRel);
+        assert!(reserve(&c, 3));
     }
 }

@@ -34,4 +34,8 @@ pub struct Shared {
     pub next_conn: std::sync::atomic::AtomicU64,
     /// Pre-established gateway sessions for `config.tunnel` (replaced on reload).
     pub gateway: arc_swap::ArcSwapOption<GatewayPool>,
+    /// Connections the proxy holds now, node-wide (`max-connections`).
+    pub open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Budget refusals are logged at most once a second, with how many were not.
+    pub refusal_log: crate::telemetry::LogLimiter,
 }

@@ -101,6 +101,10 @@ label_values!(
 label_values!(
     /// Why a connection was refused before relaying.
     Refusal {
+        /// The pod already holds `max-connections-per-pod` connections.
+        PodLimit => "pod_limit",
+        /// The node already holds `max-connections` connections.
+        NodeLimit => "node_limit",
         /// No `rdr_orig` record: not a connection our hook redirected, or its record is gone.
         NoOriginalDestination => "no_original_destination",
         /// The map lookup itself failed.
@@ -219,6 +223,43 @@ pub struct HandshakeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtoLabels {
     pub proto: PooledProto,
+}
+
+/// Lets one log line through per second and counts the ones it held back, so that a flood
+/// of refusals costs one line a second, not one per connection.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    /// Seconds since the Unix epoch of the last line let through.
+    last: std::sync::atomic::AtomicU64,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl LogLimiter {
+    /// `Some(n)`: log now, mentioning the `n` lines held back since the last one.
+    pub fn allow(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.allow_at(now)
+    }
+
+    /// [`LogLimiter::allow`] at `now` (seconds since the epoch).
+    fn allow_at(&self, now: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let last = self.last.load(Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.held_back.swap(0, Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Relaxed);
+            None
+        }
+    }
 }
 
 fn setup_histogram() -> Histogram {
@@ -349,5 +390,32 @@ impl Metrics {
         for (name, v) in c.named() {
             self.ebpf.get_or_create(&NameLabels { name }).set(v as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_lets_one_line_a_second_through_and_counts_the_rest() {
+        let l = LogLimiter::default();
+        assert_eq!(l.allow_at(100), Some(0));
+        assert_eq!(l.allow_at(100), None);
+        assert_eq!(l.allow_at(100), None);
+        // The next second's line says how many were held back.
+        assert_eq!(l.allow_at(101), Some(2));
+        assert_eq!(l.allow_at(101), None);
+        assert!(l.allow().is_some(), "the clock's now is later than 101");
+    }
+
+    #[test]
+    fn label_values_keep_their_metric_text() {
+        assert_eq!(Refusal::PodLimit.as_str(), "pod_limit");
+        assert_eq!(Direction::Tx.to_string(), "tx");
+        assert_eq!(
+            serde_json::to_string(&Side::Downstream).expect("json"),
+            "\"downstream\""
+        );
     }
 }

@@ -626,3 +626,52 @@ fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// One pod cannot take the node's egress: past `--max-connections-per-pod` its further
+/// connections are refused (RST) and counted, while a second pod's requests keep working.
+#[test]
+fn pod_over_its_connection_budget_is_refused_and_others_keep_working() {
+    if !privileged("pod_over_its_connection_budget_is_refused_and_others_keep_working") {
+        return;
+    }
+    let lab = standard_lab(2, &["--max-connections-per-pod", "20"]);
+    let target = Lab::inet_v4(1);
+    // Pod 0 opens 60 connections to the whoami server (it greets each with a line) and
+    // holds them all until its stdin closes.
+    let code = format!(
+        "import socket, sys\nok = refused = 0\nheld = []\nfor i in range(60):\n  \
+         s = socket.socket()\n  s.settimeout(10)\n  try:\n    s.connect(('{target}', 8080))\n    \
+         if s.makefile().readline():\n      ok += 1\n    else:\n      refused += 1\n  \
+         except (ConnectionResetError, BrokenPipeError):\n    refused += 1\n  held.append(s)\n\
+         print(f'ok={{ok}} refused={{refused}}', flush=True)\nsys.stdin.read()\n"
+    );
+    let mut hog = lab.pods[0]
+        .cmd("python3")
+        .args(["-c", &code])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("hog output");
+    assert_eq!(
+        line.trim(),
+        "ok=20 refused=40",
+        "daemon log:\n{}",
+        daemon_log(&lab)
+    );
+
+    // While pod 0 holds its 20, pod 1 is served.
+    for _ in 0..5 {
+        let o = curl(&lab, 1, &format!("http://{}/", Lab::inet_v4(0)));
+        assert!(o.status.success(), "pod 1 starved: {}", out(&o));
+    }
+    let refused = lab.metric("redirector_refused_total{reason=\"pod_limit\"}");
+    assert_eq!(refused, 40.0, "refusals are counted by reason");
+    drop(hog.stdin.take());
+    let _ = hog.wait();
+}

@@ -44,9 +44,25 @@ pub enum RunError {
     Kube(#[source] k8s::K8sError),
 }
 
+/// Every relayed connection holds two descriptors (pod side and upstream), gateway sessions
+/// more: the soft limit goes up to the hard one at start, so the connection budgets decide
+/// when to refuse, not EMFILE.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => warn!(error = %e, soft, hard, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // 1. Preflight: refuse bad input before touching the kernel.
     preflight::check_run(&config.pin_root, &config.cgroup_root, &config.cgroups)?;
+    raise_open_file_limit();
     let node_name = if config.kubernetes {
         Some(
             std::env::var("NODE_NAME")
@@ -104,6 +120,8 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         conns: Mutex::new(HashMap::new()),
         next_conn: std::sync::atomic::AtomicU64::new(0),
         gateway: arc_swap::ArcSwapOption::from(Some(pool)),
+        open: Arc::default(),
+        refusal_log: crate::telemetry::LogLimiter::default(),
     });
     let readiness = Arc::new(Readiness::default());
     readiness.hooks_attached.store(
