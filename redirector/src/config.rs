@@ -114,6 +114,10 @@ pub struct Settings {
     /// Seconds SIGTERM waits for open connections [5].
     #[arg(long, env = "REDIRECTOR_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<f64>,
+    /// Seconds a relayed connection may carry no byte either way before it is closed;
+    /// generous, since websockets through the gateway idle for long [3600].
+    #[arg(long, env = "REDIRECTOR_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<f64>,
     /// Connections the proxy holds at once on this node; past it new ones are refused
     /// (RST) and counted [16384].
     #[arg(long, env = "REDIRECTOR_MAX_CONNECTIONS")]
@@ -178,6 +182,7 @@ impl Settings {
             tls_timeout,
             connect_response_timeout,
             drain_timeout,
+            idle_timeout,
             max_connections,
             max_connections_per_pod,
             routes,
@@ -252,6 +257,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(with = "crate::tunnel::secs")]
     pub rescan_interval: Duration,
+    #[serde(with = "crate::tunnel::secs")]
+    pub idle_timeout: Duration,
     /// Connections held at once: on the node, and per pod (network namespace).
     pub max_connections: usize,
     pub max_connections_per_pod: usize,
@@ -299,6 +306,20 @@ pub enum ConfigError {
     ClientCertPair,
     #[error("invalid gateway-h2-streams 0: must be at least 1")]
     H2Streams,
+}
+
+/// The idle timeout: up to a week (websockets may idle long; that still ends a forgotten
+/// tunnel).
+fn idle_secs(value: Option<f64>) -> Result<Duration, ConfigError> {
+    let value = value.unwrap_or(3600.0);
+    if value.is_finite() && value > 0.0 && value <= 7.0 * 86_400.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::Duration {
+            field: "idle-timeout",
+            value,
+        })
+    }
 }
 
 fn limit_of(
@@ -486,6 +507,7 @@ impl Config {
             sniff_cap: 16 * 1024,
             drain_timeout: secs_of("drain-timeout", s.drain_timeout, 5.0)?,
             rescan_interval: Duration::from_millis(250),
+            idle_timeout: idle_secs(s.idle_timeout)?,
             max_connections: limit_of("max-connections", s.max_connections, 16384)?,
             max_connections_per_pod: limit_of(
                 "max-connections-per-pod",

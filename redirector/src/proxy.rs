@@ -476,7 +476,7 @@ async fn relay(
     // 4. Relay, half-close propagated: EOF from one side becomes a shutdown of the write
     //    half towards the other (for a tunnel: through every layer).
     let relayed = tokio::select! {
-        r = relay::relay(&mut client, &mut upstream) => r,
+        r = relay::relay(&mut client, &mut upstream, cfg.idle_timeout) => r,
         _ = drain_deadline(&shared) => relay::Relayed { tx: 0, rx: 0, close: "daemon shutting down".into(), ok: false },
     };
     audit.tx += relayed.tx;

@@ -1,8 +1,13 @@
 //! Byte relay between the pod and the upstream, with half-close and per-direction counts.
-use std::io;
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use futures::FutureExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 /// Starts small (most connections are short request/response exchanges, and idle tunnels
 /// should cost little) and doubles up to `MAX_BUF` each time a direction fills its buffer:
@@ -41,7 +46,40 @@ pub struct Relayed {
 /// appended before writing: a TLS source yields one record (≤ 16 KiB) per read, and
 /// coalescing them turns four writes (and four wake-ups of the reader on the other side)
 /// into one. Nothing waits for more data: a read that would block ends the batch.
-pub async fn pump<R, W>(mut r: R, mut w: W, count: &mut u64) -> DirEnd
+pub async fn pump<R, W>(r: R, w: W, count: &mut u64) -> DirEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pump_with(r, w, count, None).await
+}
+
+/// When a relay last moved a byte either way, for its idle timeout.
+struct Activity {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last read that returned data.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+async fn pump_with<R, W>(mut r: R, mut w: W, count: &mut u64, activity: Option<&Activity>) -> DirEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -58,6 +96,9 @@ where
             Ok(n) => n,
             Err(e) => return DirEnd::Error(e),
         };
+        if let Some(a) = activity {
+            a.touch();
+        }
         // What ended the batch early, reported after its bytes are written, in order.
         let mut end = None;
         while n >= COALESCE_MIN && n < buf.len() {
@@ -95,8 +136,9 @@ where
 }
 
 /// Relays both directions. A clean EOF in one direction is a half-close: the other keeps
-/// going until it ends too. An error in one direction ends both.
-pub async fn relay<A, B>(pod: A, upstream: B) -> Relayed
+/// going until it ends too. An error in one direction ends both, and so does `idle`: no byte
+/// either way for that long.
+pub async fn relay<A, B>(pod: A, upstream: B, idle: Duration) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -105,13 +147,23 @@ where
     let (ur, uw) = tokio::io::split(upstream);
     let (mut tx, mut rx) = (0u64, 0u64);
     let (mut up_end, mut down_end) = (None, None);
+    let activity = Activity::new();
+    let mut idled_out = false;
     {
         // The futures borrow the counters; this block ends them before the totals are read.
-        let up = pump(pr, uw, &mut tx);
-        let down = pump(ur, pw, &mut rx);
+        let up = pump_with(pr, uw, &mut tx, Some(&activity));
+        let down = pump_with(ur, pw, &mut rx, Some(&activity));
         tokio::pin!(up, down);
         while up_end.is_none() || down_end.is_none() {
             tokio::select! {
+                _ = tokio::time::sleep_until(activity.last() + idle) => {
+                    // Re-armed from the last activity on every pass; fires only after a
+                    // whole `idle` without a byte.
+                    if activity.last() + idle <= Instant::now() {
+                        idled_out = true;
+                        break;
+                    }
+                }
                 e = &mut up, if up_end.is_none() => {
                     let failed = matches!(e, DirEnd::Error(_));
                     up_end = Some(e);
@@ -124,6 +176,17 @@ where
                 }
             }
         }
+    }
+    if idled_out {
+        return Relayed {
+            tx,
+            rx,
+            close: format!(
+                "idle timeout ({}s without a byte either way)",
+                idle.as_secs()
+            ),
+            ok: true,
+        };
     }
     // One side finished cleanly and the other then found its peer gone (EPIPE/ECONNRESET
     // while forwarding the last bytes, e.g. a TLS close_notify after the server already
@@ -168,7 +231,7 @@ mod tests {
     async fn counts_both_ways_and_propagates_half_close() {
         let (pod_app, pod_proxy) = duplex(1024);
         let (up_proxy, up_far) = duplex(1024);
-        let relay = tokio::spawn(relay(pod_proxy, up_proxy));
+        let relay = tokio::spawn(relay(pod_proxy, up_proxy, Duration::from_secs(3600)));
         let (mut app_r, mut app_w) = tokio::io::split(pod_app);
         let (mut far_r, mut far_w) = tokio::io::split(up_far);
         app_w.write_all(b"hello").await.unwrap();
@@ -191,6 +254,30 @@ mod tests {
             (r.tx, r.rx, r.ok, r.close.as_str()),
             (5, 100_000, true, "eof")
         );
+    }
+
+    /// No byte either way for the idle timeout ends the relay (websocket-style tunnels get
+    /// a generous default); any byte starts the wait over.
+    #[tokio::test(start_paused = true)]
+    async fn idle_relay_ends_after_the_idle_timeout_and_activity_restarts_it() {
+        let (pod_app, pod_proxy) = duplex(1024);
+        let (up_proxy, up_far) = duplex(1024);
+        let started = Instant::now();
+        let relay = tokio::spawn(relay(pod_proxy, up_proxy, Duration::from_secs(60)));
+        let (_app_r, mut app_w) = tokio::io::split(pod_app);
+        let (mut far_r, _far_w) = tokio::io::split(up_far);
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        app_w.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        far_r.read_exact(&mut b).await.unwrap();
+        let r = relay.await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            (Duration::from_secs(110)..Duration::from_secs(111)).contains(&took),
+            "ended {took:?} after start, want 60 s after the byte at 50 s"
+        );
+        assert_eq!((r.tx, r.ok), (4, true));
+        assert!(r.close.starts_with("idle timeout"), "{}", r.close);
     }
 
     /// Yields its chunks one per read, all ready at once, then EOF.
@@ -299,9 +386,12 @@ mod tests {
             }
         }
         let (_app, pod_proxy) = duplex(1024);
-        let r = tokio::time::timeout(std::time::Duration::from_secs(5), relay(pod_proxy, Broken))
-            .await
-            .expect("relay must end");
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            relay(pod_proxy, Broken, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("relay must end");
         assert!(!r.ok);
         assert!(
             r.close.contains("upstream->pod") && r.close.contains("reset"),
