@@ -126,6 +126,10 @@ pub struct Settings {
     /// take the node's egress [2048].
     #[arg(long, env = "REDIRECTOR_MAX_CONNECTIONS_PER_POD")]
     pub max_connections_per_pod: Option<usize>,
+    /// Connections still being sniffed or having their tunnel set up, node-wide: what a
+    /// flood of silent connections can tie up [1024].
+    #[arg(long, env = "REDIRECTOR_MAX_PENDING")]
+    pub max_pending: Option<usize>,
     /// Offer ALPN `h2` to the gateway and, when it accepts, carry tunnels as HTTP/2 CONNECT
     /// streams on shared sessions [true].
     #[arg(long, env = "REDIRECTOR_GATEWAY_HTTP2", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
@@ -185,6 +189,7 @@ impl Settings {
             idle_timeout,
             max_connections,
             max_connections_per_pod,
+            max_pending,
             routes,
             route_presets,
             allow_dial,
@@ -262,6 +267,7 @@ pub struct Config {
     /// Connections held at once: on the node, and per pod (network namespace).
     pub max_connections: usize,
     pub max_connections_per_pod: usize,
+    pub max_pending: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -514,6 +520,7 @@ impl Config {
                 s.max_connections_per_pod,
                 2048,
             )?,
+            max_pending: limit_of("max-pending", s.max_pending, 1024)?,
         })
     }
 

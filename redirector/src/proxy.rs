@@ -110,10 +110,12 @@ struct Pod {
 }
 
 /// A connection's place in the node's and its pod's connection budgets, given back when the
-/// connection ends, however it ends.
+/// connection ends, however it ends; and, until its tunnel is up, in the node's budget of
+/// connections being sniffed or set up.
 struct Slot {
     node: Arc<AtomicUsize>,
     pod: Arc<AtomicUsize>,
+    pending: Option<Arc<AtomicUsize>>,
 }
 
 impl Slot {
@@ -127,15 +129,29 @@ impl Slot {
             shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
             return Err(Refusal::PodLimit);
         }
+        if !reserve(&shared.pending, cfg.max_pending) {
+            shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
+            pod.open.fetch_sub(1, AtomicOrdering::AcqRel);
+            return Err(Refusal::SetupLimit);
+        }
         Ok(Slot {
             node: Arc::clone(&shared.open),
             pod: Arc::clone(&pod.open),
+            pending: Some(Arc::clone(&shared.pending)),
         })
+    }
+
+    /// The tunnel is up: the connection no longer counts as pending.
+    fn established(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.fetch_sub(1, AtomicOrdering::AcqRel);
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.established();
         self.node.fetch_sub(1, AtomicOrdering::AcqRel);
         self.pod.fetch_sub(1, AtomicOrdering::AcqRel);
     }
@@ -295,7 +311,7 @@ async fn relay(
     orig: SocketAddr,
     workload: Arc<str>,
     // Held for the connection's life: its place in the budgets.
-    _slot: Slot,
+    mut slot: Slot,
 ) {
     let cfg = shared.config.load_full();
     shared.metrics.active.inc();
@@ -469,6 +485,7 @@ async fn relay(
         return;
     }
     audit.tx = peeked.bytes.len() as u64;
+    slot.established();
     // The peeked bytes are sent: their buffer must not live as long as an idle tunnel.
     drop(peeked);
     let _ = client.set_nodelay(true);

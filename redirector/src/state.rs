@@ -36,6 +36,8 @@ pub struct Shared {
     pub gateway: arc_swap::ArcSwapOption<GatewayPool>,
     /// Connections the proxy holds now, node-wide (`max-connections`).
     pub open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections being sniffed or set up now (`max-pending`).
+    pub pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Budget refusals are logged at most once a second, with how many were not.
     pub refusal_log: crate::telemetry::LogLimiter,
 }

@@ -105,6 +105,8 @@ label_values!(
         PodLimit => "pod_limit",
         /// The node already holds `max-connections` connections.
         NodeLimit => "node_limit",
+        /// `max-pending` connections are already being sniffed or set up.
+        SetupLimit => "setup_limit",
         /// No `rdr_orig` record: not a connection our hook redirected, or its record is gone.
         NoOriginalDestination => "no_original_destination",
         /// The map lookup itself failed.

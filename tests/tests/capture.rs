@@ -675,3 +675,45 @@ fn pod_over_its_connection_budget_is_refused_and_others_keep_working() {
     drop(hog.stdin.take());
     let _ = hog.wait();
 }
+
+/// Silent connections (they never send the bytes the proxy waits for to learn the host)
+/// tie up at most `--max-pending` of the proxy's set-up work; the rest are refused at once
+/// and counted, instead of piling up until the sniff deadline.
+#[test]
+fn silent_connections_past_the_pending_budget_are_refused() {
+    if !privileged("silent_connections_past_the_pending_budget_are_refused") {
+        return;
+    }
+    // A name in the skip ranges makes the proxy wait (up to 5 s here) for SNI or Host.
+    let lab = standard_lab(
+        1,
+        &[
+            "--proxy-skip-range",
+            "quiet.example",
+            "--sniff-timeout",
+            "5",
+            "--max-pending",
+            "5",
+        ],
+    );
+    let target = Lab::inet_v4(1);
+    let code = format!(
+        "import socket, time\nheld = []\nfor i in range(20):\n  \
+         s = socket.create_connection(('{target}', 8080), 5)\n  held.append(s)\n\
+         time.sleep(1)\nalive = refused = 0\nfor s in held:\n  s.settimeout(0.2)\n  try:\n    \
+         refused += s.recv(1) == b''\n  except socket.timeout:\n    alive += 1\n  \
+         except ConnectionResetError:\n    refused += 1\nprint(f'alive={{alive}} refused={{refused}}')\n"
+    );
+    let o = python(&lab, 0, &code);
+    assert_eq!(
+        stdout(&o).trim(),
+        "alive=5 refused=15",
+        "{}\ndaemon log:\n{}",
+        out(&o),
+        daemon_log(&lab)
+    );
+    assert_eq!(
+        lab.metric("redirector_refused_total{reason=\"setup_limit\"}"),
+        15.0
+    );
+}

@@ -121,6 +121,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         next_conn: std::sync::atomic::AtomicU64::new(0),
         gateway: arc_swap::ArcSwapOption::from(Some(pool)),
         open: Arc::default(),
+        pending: Arc::default(),
         refusal_log: crate::telemetry::LogLimiter::default(),
     });
     let readiness = Arc::new(Readiness::default());

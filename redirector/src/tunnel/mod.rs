@@ -363,7 +363,17 @@ async fn tcp_connect<A: ToSocketAddrs>(
     if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
         debug!(hop, error = %e, "cannot enable TCP keepalive");
     }
+    // Data left unacknowledged as long as the keepalive would wait ends the connection too:
+    // an upstream that vanished mid-transfer (a full send buffer never probes) is noticed.
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(user_timeout(t))) {
+        debug!(hop, error = %e, "cannot set TCP_USER_TIMEOUT");
+    }
     Ok(stream)
+}
+
+/// How long an upstream may leave data unacknowledged: the keepalive's whole patience.
+fn user_timeout(t: &Timeouts) -> Duration {
+    t.keepalive_idle + t.keepalive_interval * t.keepalive_retries
 }
 
 async fn tls_connect<S: Io + 'static>(
@@ -648,6 +658,25 @@ pub(crate) mod tests {
             }
         });
         addr
+    }
+
+    #[tokio::test]
+    async fn upstream_sockets_get_keepalive_and_a_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let t = timeouts();
+        let s = tcp_connect(HOP_TARGET, addr, addr.to_string(), &t)
+            .await
+            .expect("connect");
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().expect("SO_KEEPALIVE"));
+        assert_eq!(
+            sock.tcp_user_timeout().expect("TCP_USER_TIMEOUT"),
+            Some(Duration::from_secs(60 + 15 * 4))
+        );
+        assert!(s.nodelay().expect("TCP_NODELAY"));
     }
 
     pub(crate) fn timeouts() -> Timeouts {
