@@ -126,6 +126,10 @@ pub struct Settings {
     /// take the node's egress [2048].
     #[arg(long, env = "REDIRECTOR_MAX_CONNECTIONS_PER_POD")]
     pub max_connections_per_pod: Option<usize>,
+    /// MiB that data received from an HTTP/2 gateway and not yet read by pods may take,
+    /// node-wide; the flow-control windows granted to the gateway are sized from it [256].
+    #[arg(long, env = "REDIRECTOR_GATEWAY_H2_BUFFER")]
+    pub gateway_h2_buffer: Option<u64>,
     /// Connections still being sniffed or having their tunnel set up, node-wide: what a
     /// flood of silent connections can tie up [1024].
     #[arg(long, env = "REDIRECTOR_MAX_PENDING")]
@@ -190,6 +194,7 @@ impl Settings {
             max_connections,
             max_connections_per_pod,
             max_pending,
+            gateway_h2_buffer,
             routes,
             route_presets,
             allow_dial,
@@ -432,6 +437,19 @@ impl Config {
                     }
                 }
                 g.bearer_token_file = s.gateway_token_file.clone();
+                let buffer_mib = match s.gateway_h2_buffer.unwrap_or(256) {
+                    0 => {
+                        return Err(ConfigError::Limit {
+                            field: "gateway-h2-buffer",
+                        });
+                    }
+                    n => n,
+                };
+                g.h2_windows = tunnel::H2Windows::from_budget(
+                    buffer_mib << 20,
+                    limit_of("max-connections", s.max_connections, 16384)?,
+                    pool.h2_streams,
+                );
                 Some(g)
             }
         };

@@ -56,6 +56,8 @@ pub struct GatewaySession {
     pub(super) io: Box<dyn Io>,
     /// The gateway chose ALPN `h2`: CONNECT requests are streams on this session.
     pub h2: bool,
+    /// The windows to grant the gateway if this session speaks HTTP/2.
+    pub h2_windows: super::H2Windows,
     /// The TLS handshake resumed an earlier session.
     pub resumed: bool,
     /// The enterprise proxy's CONNECT status, when there is one.
@@ -122,6 +124,7 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
     Ok(GatewaySession {
         io,
         h2,
+        h2_windows: gw.h2_windows,
         resumed,
         hops,
         setup,

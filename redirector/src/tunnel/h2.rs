@@ -32,10 +32,6 @@ use super::{
     add_setup, connect::ConnectRequest,
 };
 
-/// Flow-control windows we grant the gateway: big enough that one stream is not limited
-/// by round trips, credit only (nothing is allocated until data arrives).
-const STREAM_WINDOW: u32 = 4 << 20;
-const CONNECTION_WINDOW: u32 = 32 << 20;
 /// The largest DATA frame the gateway may send us: bulk streams cost fewer frames (and
 /// fewer wake-ups of the relay); TLS still cuts records at 16 KiB.
 const MAX_FRAME: u32 = 64 << 10;
@@ -65,13 +61,17 @@ impl H2Session {
     /// pings keep it (and the enterprise proxy's tunnel under it) alive while idle.
     pub async fn handshake(session: GatewaySession, t: &Timeouts) -> Result<Self, TunnelError> {
         let GatewaySession {
-            io, hops, resumed, ..
+            io,
+            hops,
+            resumed,
+            h2_windows,
+            ..
         } = session;
         let mut builder = Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_stream_window_size(h2_windows.stream)
+            .initial_connection_window_size(h2_windows.session)
             .max_frame_size(MAX_FRAME)
             .keep_alive_interval(t.keepalive_interval)
             .keep_alive_timeout(t.keepalive_interval)

@@ -278,6 +278,48 @@ pub struct GatewayConfig {
     /// `Authorization: Bearer <file content>` on the inner CONNECT, read at each open.
     pub bearer_token_file: Option<PathBuf>,
     pub tls: Arc<ClientConfig>,
+    /// HTTP/2 flow-control windows granted to the gateway.
+    pub h2_windows: H2Windows,
+}
+
+/// The HTTP/2 flow-control windows we grant the gateway. A window is credit, not memory:
+/// but what the gateway sends within it and a pod does not read stays buffered here, so the
+/// windows bound that memory. Sized from a node-wide budget by [`H2Windows::from_budget`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct H2Windows {
+    /// Per stream (one tunnel).
+    pub stream: u32,
+    /// Per session (all its streams together).
+    pub session: u32,
+}
+
+impl Default for H2Windows {
+    /// 4 MiB per stream, 32 MiB per session: one stream is not limited by round trips.
+    fn default() -> Self {
+        H2Windows {
+            stream: 4 << 20,
+            session: 32 << 20,
+        }
+    }
+}
+
+impl H2Windows {
+    /// Windows such that every session the node can have open at once, full to its window
+    /// with data no pod reads, stays within `budget` bytes: at most `max_tunnels` tunnels,
+    /// `streams_per_session` to a session. Never above [`H2Windows::default`], never below
+    /// 64 KiB per session (the protocol's initial window) and the stream window never above
+    /// the session's.
+    pub fn from_budget(budget: u64, max_tunnels: usize, streams_per_session: usize) -> Self {
+        const FLOOR: u64 = 64 << 10;
+        let d = H2Windows::default();
+        let sessions = max_tunnels.div_ceil(streams_per_session.max(1)).max(1) as u64;
+        let session = (budget / sessions).clamp(FLOOR, u64::from(d.session));
+        let stream = session.min(u64::from(d.stream));
+        H2Windows {
+            stream: stream as u32,
+            session: session as u32,
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -303,6 +345,7 @@ impl GatewayConfig {
             extra_headers: Vec::new(),
             bearer_token_file: None,
             tls,
+            h2_windows: H2Windows::default(),
         })
     }
 
@@ -447,6 +490,7 @@ mod redacted {
         pub extra_headers: Vec<(&'a str, Secret)>,
         pub bearer_token_file: Option<&'a Path>,
         pub alpn: Vec<String>,
+        pub h2_windows: super::H2Windows,
     }
 
     #[derive(Debug, Serialize)]
@@ -477,6 +521,7 @@ impl GatewayConfig {
                 .collect(),
             bearer_token_file: self.bearer_token_file.as_deref(),
             alpn: alpn_of(&self.tls),
+            h2_windows: self.h2_windows,
         }
     }
 }
@@ -512,5 +557,41 @@ impl fmt::Debug for ProxyConfig {
 impl Serialize for ProxyConfig {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.redacted().serialize(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::H2Windows;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn h2_windows_from_the_memory_budget() {
+        // (budget, max tunnels, streams per session) -> (stream, session)
+        let cases = [
+            // Defaults: 256 MiB over 164 sessions: about 1.56 MiB each.
+            ((256 * MIB, 16384, 100), (1_636_801, 1_636_801)),
+            // A small node: the budget allows more than the defaults, which cap it.
+            ((256 * MIB, 100, 100), (4 << 20, 32 << 20)),
+            ((64 * MIB, 400, 100), (4 << 20, 16 << 20)),
+            // A tiny budget: never below the protocol's initial 64 KiB.
+            ((MIB, 100_000, 10), (64 << 10, 64 << 10)),
+            // Zero streams per session is treated as one.
+            ((32 * MIB, 32, 0), (1 << 20, 1 << 20)),
+        ];
+        for ((budget, tunnels, streams), (stream, session)) in cases {
+            let w = H2Windows::from_budget(budget, tunnels, streams);
+            assert_eq!(
+                (w.stream, w.session),
+                (stream, session),
+                "{budget} {tunnels} {streams}"
+            );
+            let sessions = tunnels.div_ceil(streams.max(1)) as u64;
+            assert!(
+                sessions * u64::from(w.session) <= budget.max(sessions * (64 << 10)),
+                "the budget holds"
+            );
+        }
     }
 }
