@@ -73,6 +73,7 @@ impl H2Session {
             .initial_stream_window_size(h2_windows.stream)
             .initial_connection_window_size(h2_windows.session)
             .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(h2_windows.send_buf as usize)
             .keep_alive_interval(t.keepalive_interval)
             .keep_alive_timeout(t.keepalive_interval)
             .keep_alive_while_idle(true);

@@ -291,6 +291,9 @@ pub struct H2Windows {
     pub stream: u32,
     /// Per session (all its streams together).
     pub session: u32,
+    /// What one stream may queue for sending before a write waits (hyper's default is
+    /// 1 MiB: a thousand tunnels whose peer stopped reading would queue a GiB).
+    pub send_buf: u32,
 }
 
 impl Default for H2Windows {
@@ -299,6 +302,7 @@ impl Default for H2Windows {
         H2Windows {
             stream: 4 << 20,
             session: 32 << 20,
+            send_buf: 1 << 20,
         }
     }
 }
@@ -308,16 +312,21 @@ impl H2Windows {
     /// with data no pod reads, stays within `budget` bytes: at most `max_tunnels` tunnels,
     /// `streams_per_session` to a session. Never above [`H2Windows::default`], never below
     /// 64 KiB per session (the protocol's initial window) and the stream window never above
-    /// the session's.
+    /// the session's. Each tunnel's send queue gets its share of the same budget (at least
+    /// 16 KiB).
     pub fn from_budget(budget: u64, max_tunnels: usize, streams_per_session: usize) -> Self {
         const FLOOR: u64 = 64 << 10;
         let d = H2Windows::default();
         let sessions = max_tunnels.div_ceil(streams_per_session.max(1)).max(1) as u64;
         let session = (budget / sessions).clamp(FLOOR, u64::from(d.session));
         let stream = session.min(u64::from(d.stream));
+        // Sends queue per stream: the same budget spread over every tunnel.
+        let tunnels = max_tunnels.max(1) as u64;
+        let send_buf = (budget / tunnels).clamp(16 << 10, u64::from(d.send_buf));
         H2Windows {
             stream: stream as u32,
             session: session as u32,
+            send_buf: send_buf as u32,
         }
     }
 }
@@ -582,6 +591,8 @@ mod tests {
         ];
         for ((budget, tunnels, streams), (stream, session)) in cases {
             let w = H2Windows::from_budget(budget, tunnels, streams);
+            let send_share = (budget / tunnels.max(1) as u64).clamp(16 << 10, 1 << 20);
+            assert_eq!(u64::from(w.send_buf), send_share, "{budget} {tunnels} send");
             assert_eq!(
                 (w.stream, w.session),
                 (stream, session),
