@@ -79,6 +79,7 @@ pub fn spawn_listener(
     let pod = Pod {
         workload: Arc::clone(&workload),
         open: Arc::default(),
+        pending: Arc::default(),
         cookie,
     };
     for l in std_listeners {
@@ -106,6 +107,8 @@ pub fn spawn_listener(
 struct Pod {
     workload: Arc<str>,
     open: Arc<AtomicUsize>,
+    /// Its connections still being sniffed or set up.
+    pending: Arc<AtomicUsize>,
     cookie: u64,
 }
 
@@ -115,11 +118,14 @@ struct Pod {
 struct Slot {
     node: Arc<AtomicUsize>,
     pod: Arc<AtomicUsize>,
-    pending: Option<Arc<AtomicUsize>>,
+    /// The node's and the pod's pending counts, until the tunnel is up.
+    pending: Option<(Arc<AtomicUsize>, Arc<AtomicUsize>)>,
 }
 
 impl Slot {
-    /// Takes a place in both budgets, or says which one is full.
+    /// Takes a place in the budgets, or says which one is full. A pod may hold at most a
+    /// quarter of the node's pending budget, so that its silent connections cannot keep
+    /// every other pod's new connections out.
     fn take(shared: &Shared, pod: &Pod) -> Result<Slot, Refusal> {
         let cfg = shared.config.load();
         if !reserve(&shared.open, cfg.max_connections) {
@@ -129,22 +135,30 @@ impl Slot {
             shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
             return Err(Refusal::PodLimit);
         }
+        let pod_share = (cfg.max_pending / 4).max(1);
+        if !reserve(&pod.pending, pod_share) {
+            shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
+            pod.open.fetch_sub(1, AtomicOrdering::AcqRel);
+            return Err(Refusal::SetupLimit);
+        }
         if !reserve(&shared.pending, cfg.max_pending) {
             shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
             pod.open.fetch_sub(1, AtomicOrdering::AcqRel);
+            pod.pending.fetch_sub(1, AtomicOrdering::AcqRel);
             return Err(Refusal::SetupLimit);
         }
         Ok(Slot {
             node: Arc::clone(&shared.open),
             pod: Arc::clone(&pod.open),
-            pending: Some(Arc::clone(&shared.pending)),
+            pending: Some((Arc::clone(&shared.pending), Arc::clone(&pod.pending))),
         })
     }
 
     /// The tunnel is up: the connection no longer counts as pending.
     fn established(&mut self) {
-        if let Some(p) = self.pending.take() {
-            p.fetch_sub(1, AtomicOrdering::AcqRel);
+        if let Some((node, pod)) = self.pending.take() {
+            node.fetch_sub(1, AtomicOrdering::AcqRel);
+            pod.fetch_sub(1, AtomicOrdering::AcqRel);
         }
     }
 }

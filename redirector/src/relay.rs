@@ -1,7 +1,7 @@
 //! Byte relay between the pod and the upstream, with half-close and per-direction counts.
 use std::{
     io,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
@@ -14,6 +14,59 @@ use tokio::time::Instant;
 /// bulk transfers get large reads and writes.
 const INITIAL_BUF: usize = 1024;
 const MAX_BUF: usize = 64 * 1024;
+/// Growth up to this size is free; beyond it a direction takes the extra from the
+/// node-wide [`BufferBudget`], so a flood of bulk connections cannot each hold 64 KiB.
+const FREE_BUF: usize = 16 * 1024;
+
+/// Bytes of relay buffer above [`FREE_BUF`] per direction that all relays together may
+/// hold: a few bulk transfers get full 64 KiB buffers, thousands of them do not.
+pub struct BufferBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl BufferBudget {
+    pub const fn new(max: usize) -> BufferBudget {
+        BufferBudget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.max).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// The daemon's budget: 32 MiB, e.g. 256 directions at the full 64 KiB.
+pub static BUFFERS: BufferBudget = BufferBudget::new(32 << 20);
+
+/// What one direction's buffer holds of a [`BufferBudget`]; given back when it ends.
+struct Borrowed<'a> {
+    budget: Option<&'a BufferBudget>,
+    bytes: usize,
+}
+
+impl Drop for Borrowed<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.budget {
+            b.give(self.bytes);
+        }
+    }
+}
 /// Reads this large suggest a bulk transfer, where trying for more before writing pays;
 /// after a small read (a request, a keystroke) the extra read attempt would be a wasted
 /// syscall on the latency path.
@@ -51,7 +104,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    pump_with(r, w, count, None).await
+    pump_with(r, w, count, None, None).await
 }
 
 /// When a relay last moved a byte either way, for its idle timeout.
@@ -79,12 +132,19 @@ impl Activity {
     }
 }
 
-async fn pump_with<R, W>(mut r: R, mut w: W, count: &mut u64, activity: Option<&Activity>) -> DirEnd
+async fn pump_with<R, W>(
+    mut r: R,
+    mut w: W,
+    count: &mut u64,
+    activity: Option<&Activity>,
+    budget: Option<&BufferBudget>,
+) -> DirEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; INITIAL_BUF];
+    let mut borrowed = Borrowed { budget, bytes: 0 };
     loop {
         let mut n = match r.read(&mut buf).await {
             Ok(0) => {
@@ -130,7 +190,16 @@ where
             Some(Err(e)) => return DirEnd::Error(e),
         }
         if n == buf.len() && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
+            let grown = buf.len() * 2;
+            let extra = grown.saturating_sub(FREE_BUF.max(buf.len()));
+            let allowed = match borrowed.budget {
+                Some(b) if extra > 0 => b.take(extra),
+                _ => true,
+            };
+            if allowed {
+                borrowed.bytes += extra;
+                buf.resize(grown, 0);
+            }
         }
     }
 }
@@ -151,8 +220,8 @@ where
     let mut idled_out = false;
     {
         // The futures borrow the counters; this block ends them before the totals are read.
-        let up = pump_with(pr, uw, &mut tx, Some(&activity));
-        let down = pump_with(ur, pw, &mut rx, Some(&activity));
+        let up = pump_with(pr, uw, &mut tx, Some(&activity), Some(&BUFFERS));
+        let down = pump_with(ur, pw, &mut rx, Some(&activity), Some(&BUFFERS));
         tokio::pin!(up, down);
         while up_end.is_none() || down_end.is_none() {
             tokio::select! {
@@ -278,6 +347,47 @@ mod tests {
         );
         assert_eq!((r.tx, r.ok), (4, true));
         assert!(r.close.starts_with("idle timeout"), "{}", r.close);
+    }
+
+    /// Records the largest single write, i.e. the relay buffer's size in use.
+    struct Largest(usize);
+    impl AsyncWrite for Largest {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.0 = self.0.max(buf.len());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Buffers grow past 16 KiB only with room in the budget, and give it back at the end.
+    #[tokio::test]
+    async fn buffers_grow_past_the_free_size_only_within_the_budget() {
+        let data = vec![1u8; 1 << 20];
+        for (budget, largest) in [(0, 16 << 10), (16 << 10, 32 << 10), (1 << 20, 64 << 10)] {
+            let b = BufferBudget::new(budget);
+            let mut w = Largest(0);
+            let mut count = 0;
+            let end = pump_with(&data[..], &mut w, &mut count, None, Some(&b)).await;
+            assert!(matches!(end, DirEnd::Eof), "{end:?}");
+            assert_eq!(count, 1 << 20);
+            assert_eq!(w.0, largest, "budget {budget}");
+            assert_eq!(b.used(), 0, "given back");
+        }
     }
 
     /// Yields its chunks one per read, all ready at once, then EOF.

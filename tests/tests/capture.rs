@@ -677,7 +677,7 @@ fn pod_over_its_connection_budget_is_refused_and_others_keep_working() {
 }
 
 /// Silent connections (they never send the bytes the proxy waits for to learn the host)
-/// tie up at most `--max-pending` of the proxy's set-up work; the rest are refused at once
+/// tie up at most a pod's share (a quarter) of `--max-pending`; the rest are refused at once
 /// and counted, instead of piling up until the sniff deadline.
 #[test]
 fn silent_connections_past_the_pending_budget_are_refused() {
@@ -693,7 +693,7 @@ fn silent_connections_past_the_pending_budget_are_refused() {
             "--sniff-timeout",
             "5",
             "--max-pending",
-            "5",
+            "20",
         ],
     );
     let target = Lab::inet_v4(1);

@@ -6,10 +6,9 @@
 //! Everything runs in the closed lab: real Squid, the gateway simulator offering HTTP/2 (the
 //! session-window case), the echo target that returns every byte the hog sends.
 //!
-//! Run on demand, not by `cargo xtask test` (see `test = false` in Cargo.toml): on the
-//! current code the daemon's peak RSS under this load is above the limit (about 376 MiB of
-//! 256 MiB), so the test fails; it stays as the measurement the memory work is checked
-//! against.
+//! Run on demand, not by `cargo xtask test` (see `test = false` in Cargo.toml): it loads
+//! both cores for a while and its figure, a peak RSS, varies from run to run (175-208 MiB
+//! of 256 MiB here; 376 MiB before relay buffers had a node-wide budget).
 use std::{
     sync::{
         Arc,
