@@ -134,6 +134,17 @@ label_values!(
     PooledProto { H1Idle => "h1_idle", H2 => "h2" }
 );
 label_values!(
+    /// How the gateway session of a tunnel came about, for the audit line and metrics.
+    Reuse {
+        /// Dialed for this connection.
+        Fresh => "fresh",
+        /// Dialed ahead of demand (TLS and the proxy hop already done), used once.
+        Warm => "warm",
+        /// A stream on an HTTP/2 session other tunnels share.
+        Shared => "shared",
+    }
+);
+label_values!(
     /// A TLS handshake: a full one or a resumed session.
     Handshake { Full => "full", Resumed => "resumed" }
 );
@@ -149,12 +160,6 @@ label_values!(
 );
 
 impl EncodeLabelValue for crate::policy::Route {
-    fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        e.write_str(self.as_str())
-    }
-}
-
-impl EncodeLabelValue for crate::tunnel::Reuse {
     fn encode(&self, e: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
         e.write_str(self.as_str())
     }
@@ -212,7 +217,7 @@ pub struct NameLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SessionLabels {
-    pub reuse: crate::tunnel::Reuse,
+    pub reuse: Reuse,
     pub proto: Proto,
 }
 

@@ -18,27 +18,7 @@ use super::{
     request_error, server_name, tcp_connect, through_proxy, tls_connect,
 };
 
-/// How the gateway session of a tunnel came about, for the audit line and metrics.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reuse {
-    /// Dialed for this connection.
-    Fresh,
-    /// Dialed ahead of demand (TLS and the proxy hop already done), used once.
-    Warm,
-    /// A stream on an HTTP/2 session other tunnels share.
-    Shared,
-}
-
-impl Reuse {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reuse::Fresh => "fresh",
-            Reuse::Warm => "warm",
-            Reuse::Shared => "shared",
-        }
-    }
-}
+pub use crate::telemetry::Reuse;
 
 /// The gateway session behind one tunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
