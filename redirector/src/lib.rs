@@ -3,6 +3,7 @@ pub mod addr;
 pub mod admin;
 pub mod api;
 pub mod bpf;
+pub mod budget;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::{
     api::ConnView,
     bpf,
+    budget::reserve,
     netns::{self, NetnsError, NetnsId},
     plan,
     policy::Route,
@@ -128,20 +129,20 @@ impl Slot {
     /// every other pod's new connections out.
     fn take(shared: &Shared, pod: &Pod) -> Result<Slot, Refusal> {
         let cfg = shared.config.load();
-        if !reserve(&shared.open, cfg.max_connections) {
+        if !reserve(&shared.open, 1, cfg.max_connections) {
             return Err(Refusal::NodeLimit);
         }
-        if !reserve(&pod.open, cfg.max_connections_per_pod) {
+        if !reserve(&pod.open, 1, cfg.max_connections_per_pod) {
             shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
             return Err(Refusal::PodLimit);
         }
         let pod_share = (cfg.max_pending / 4).max(1);
-        if !reserve(&pod.pending, pod_share) {
+        if !reserve(&pod.pending, 1, pod_share) {
             shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
             pod.open.fetch_sub(1, AtomicOrdering::AcqRel);
             return Err(Refusal::SetupLimit);
         }
-        if !reserve(&shared.pending, cfg.max_pending) {
+        if !reserve(&shared.pending, 1, cfg.max_pending) {
             shared.open.fetch_sub(1, AtomicOrdering::AcqRel);
             pod.open.fetch_sub(1, AtomicOrdering::AcqRel);
             pod.pending.fetch_sub(1, AtomicOrdering::AcqRel);
@@ -169,15 +170,6 @@ impl Drop for Slot {
         self.node.fetch_sub(1, AtomicOrdering::AcqRel);
         self.pod.fetch_sub(1, AtomicOrdering::AcqRel);
     }
-}
-
-/// Adds one to `counter` unless it is at `max` already.
-fn reserve(counter: &AtomicUsize, max: usize) -> bool {
-    counter
-        .fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
 }
 
 async fn accept_loop(
@@ -626,24 +618,5 @@ impl ListenerSet {
             }
             keep
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reserve_stops_at_the_limit_and_frees_on_release() {
-        let c = AtomicUsize::new(0);
-        assert!((0..3).all(|_| reserve(&c, 3)));
-        assert!(!reserve(&c, 3), "a fourth place under a limit of 3");
-        assert_eq!(
-            c.load(AtomicOrdering::Acquire),
-            3,
-            "a refusal takes nothing"
-        );
-        c.fetch_sub(1, AtomicOrdering::AcqRel);
-        assert!(reserve(&c, 3));
     }
 }

@@ -34,11 +34,7 @@ impl BufferBudget {
     }
 
     fn take(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u + n <= self.max).then_some(u + n)
-            })
-            .is_ok()
+        crate::budget::reserve(&self.used, n, self.max)
     }
 
     fn give(&self, n: usize) {
