@@ -201,6 +201,24 @@ impl Pod {
     }
 }
 
+/// Starts `cmd` with its stdin and stdout piped and returns it with the first line it
+/// prints: for a client that sets something up, reports, and holds it until its stdin
+/// closes (drop the child's `stdin` to let it go).
+pub fn spawn_until_first_line(mut cmd: Command) -> (Child, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("stdout")),
+        &mut line,
+    )
+    .expect("first line");
+    (child, line)
+}
+
 /// One closed test network. Drop tears everything down.
 pub struct Lab {
     pub id: String,

@@ -645,19 +645,9 @@ fn pod_over_its_connection_budget_is_refused_and_others_keep_working() {
          except (ConnectionResetError, BrokenPipeError):\n    refused += 1\n  held.append(s)\n\
          print(f'ok={{ok}} refused={{refused}}', flush=True)\nsys.stdin.read()\n"
     );
-    let mut hog = lab.pods[0]
-        .cmd("python3")
-        .args(["-c", &code])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(hog.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("hog output");
+    let mut cmd = lab.pods[0].cmd("python3");
+    cmd.args(["-c", &code]);
+    let (mut hog, line) = tests::lab::spawn_until_first_line(cmd);
     assert_eq!(
         line.trim(),
         "ok=20 refused=40",

@@ -128,25 +128,15 @@ fn hostile_pod_cannot_exhaust_the_daemon_or_starve_another_pod() {
     };
 
     let started = Instant::now();
-    let mut hog = c.lab.pods[0]
-        .cmd("python3")
-        .args([
-            "-c",
-            HOG,
-            &TUNNELS.to_string(),
-            &CONNECTIONS.to_string(),
-            &HOLD.to_string(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(hog.stdout.as_mut().expect("stdout")),
-        &mut line,
-    )
-    .expect("hog output");
+    let mut cmd = c.lab.pods[0].cmd("python3");
+    cmd.args([
+        "-c",
+        HOG,
+        &TUNNELS.to_string(),
+        &CONNECTIONS.to_string(),
+        &HOLD.to_string(),
+    ]);
+    let (mut hog, line) = tests::lab::spawn_until_first_line(cmd);
     let took = started.elapsed();
     // Let the echoes of everything the hog sent arrive while it holds its tunnels.
     std::thread::sleep(Duration::from_secs(3));
