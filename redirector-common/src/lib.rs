@@ -4,8 +4,17 @@
 //! the layout byte for byte and `bpftool map dump` can print the fields by name (BTF).
 #![no_std]
 
-/// Default port the proxy listens on inside each enabled pod's network namespace.
-pub const DEFAULT_PROXY_PORT: u16 = 15001;
+/// Default first port the proxy tries to listen on inside each enabled pod's network
+/// namespace. Away from the ports service meshes capture on (Istio and ztunnel 15000-15090,
+/// Linkerd 4140-4191, Consul 15000/15001/20000+), so a mesh sidecar and the redirector can
+/// share a pod.
+pub const DEFAULT_PROXY_PORT: u16 = 15300;
+
+/// How many consecutive ports, from the configured one, the daemon tries in a pod's network
+/// namespace before it gives up and refuses the pod's connections. A pod that already holds
+/// a port (by accident or on purpose) gets the next free one; the chosen port is written into
+/// the pod's [`CgroupEntry`].
+pub const PROXY_PORT_CHOICES: u16 = 16;
 
 /// How many cgroup ancestor levels the connect hooks examine (level 0 is the root).
 ///
@@ -16,7 +25,8 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// Kernel object names and pin file names. Kernel names are cut at 15 bytes, so every name is
 /// short and starts with `rdr_`; a unit test checks length and uniqueness.
 pub mod names {
-    /// cgroup id -> [`super::CgroupEntry`]: cgroups whose processes are redirected.
+    /// cgroup id -> [`super::CgroupEntry`]: cgroups whose processes are redirected (or
+    /// refused, until their listener is bound).
     pub const MAP_ENABLED: &str = "rdr_enabled";
     /// IPv4 LPM trie of destinations that always go direct (skip ranges).
     pub const MAP_SKIP4: &str = "rdr_skip4";
@@ -63,14 +73,28 @@ pub mod names {
     pub const LINKS: [&str; 3] = [LINK_CONNECT4, LINK_CONNECT6, LINK_SOCKOPS];
 }
 
-/// Value of `rdr_enabled`.
+/// Value of `rdr_enabled`: what happens to the TCP connects of a cgroup (and everything
+/// below it) that would go past the proxy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupEntry {
-    /// 1 when the cgroup (and everything below it) is redirected.
-    pub enabled: u32,
+    /// One of [`mode`].
+    pub mode: u32,
+    /// [`mode::REDIRECT`]: the port of the listener in the workload's network namespace
+    /// (host byte order). 0 means [`RdrConfig::proxy_port`].
+    pub port: u16,
     /// Reserved, zero.
-    pub reserved: u32,
+    pub reserved: u16,
+}
+
+/// Values of [`CgroupEntry::mode`]. Any other value is treated as [`mode::REFUSE`]: a cgroup
+/// in the map never has its connects sent on unchanged.
+pub mod mode {
+    /// Rewrite to the proxy listener on loopback.
+    pub const REDIRECT: u32 = 1;
+    /// Refuse the connect (`EPERM`): the workload is known to be redirected but its listener
+    /// is not bound yet, or cannot be.
+    pub const REFUSE: u32 = 2;
 }
 
 /// Value of `rdr_config` (index 0).
@@ -83,7 +107,8 @@ pub struct RdrConfig {
     pub reserved0: u16,
     /// Thread group id of the daemon: its own connects are never redirected.
     pub proxy_tgid: u32,
-    /// 1 once the daemon has filled this entry; until then nothing is redirected.
+    /// 1 once the daemon has filled this entry; until then the connects of cgroups in
+    /// `rdr_enabled` are refused (fail closed).
     pub ready: u32,
     /// Reserved, zero.
     pub reserved1: u32,
@@ -187,8 +212,11 @@ counters! {
     skip_not_tcp => SKIP_NOT_TCP,
     /// Redirected connections whose original destination was handed to the proxy key.
     established => ESTABLISHED,
-    /// Map update failures (the connect still proceeds; the proxy will refuse it).
+    /// Map update failures: a connect whose destination cannot be recorded is refused.
     errors => ERRORS,
+    /// Connects refused because their cgroup is in [`mode::REFUSE`] (no listener yet) or the
+    /// daemon has not configured the programs yet.
+    refused => REFUSED,
 }
 
 /// Converts an IPv4 address (network-order octets) to the IPv4-mapped form used in maps.

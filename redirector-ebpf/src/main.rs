@@ -6,7 +6,9 @@
 //! 1. `rdr_connect4`/`rdr_connect6` (at `connect()`): the task's cgroup or one of its ancestors
 //!    is in `rdr_enabled`, the socket is TCP, the destination is not loopback and not in a skip
 //!    range → store the destination in `rdr_pending` under the socket cookie and rewrite the
-//!    destination to the proxy port on loopback.
+//!    destination to the workload's proxy port on loopback. A cgroup whose entry says
+//!    "refuse" (its listener is not bound yet), or any enabled cgroup while the daemon has not
+//!    configured the programs, gets EPERM instead: never a direct connection.
 //! 2. `rdr_sockops` (at `ACTIVE_ESTABLISHED`, before the final ACK is sent, hence before the
 //!    proxy can `accept()`): move the entry to `rdr_orig` keyed by (netns cookie, client
 //!    address, client port): exactly what the proxy sees as the peer of the accepted socket.
@@ -32,7 +34,8 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use redirector_common::{
-        CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, v4_mapped,
+        CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, mode,
+        v4_mapped,
     };
 
     const AF_INET: u32 = 2;
@@ -86,25 +89,24 @@ mod prog {
         }
     }
 
-    /// Is the calling task's cgroup, or any ancestor of it, enabled?
+    /// The entry of the calling task's cgroup or an ancestor: walking from the root down, the
+    /// first level that has one.
     #[inline(always)]
-    fn cgroup_enabled() -> bool {
+    fn cgroup_entry() -> Option<CgroupEntry> {
         let mut level = 0;
         while level < MAX_CGROUP_DEPTH {
             // SAFETY: plain helper call; returns 0 past the task's own depth.
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
             if id == 0 {
-                return false;
+                return None;
             }
             // SAFETY: the value is copied out immediately.
             if let Some(e) = unsafe { rdr_enabled.get(id) } {
-                if e.enabled != 0 {
-                    return true;
-                }
+                return Some(*e);
             }
             level += 1;
         }
-        false
+        None
     }
 
     /// What the connect hooks decided.
@@ -113,6 +115,9 @@ mod prog {
         Pass(u32),
         /// Rewrite to the proxy port.
         Redirect { port: u16 },
+        /// Refuse the connect: it would be redirected, but the workload's listener is not
+        /// bound (or the daemon has not configured the programs yet).
+        Refuse,
     }
 
     /// The shared decision of connect4 and connect6, so the two hooks cannot drift.
@@ -122,17 +127,16 @@ mod prog {
         if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
             return Verdict::Pass(counter::SKIP_NOT_TCP);
         }
-        if !cgroup_enabled() {
+        let Some(entry) = cgroup_entry() else {
             return Verdict::Pass(counter::SKIP_DISABLED);
-        }
-        let Some(cfg) = rdr_config.get(0) else {
-            return Verdict::Pass(counter::ERRORS);
         };
-        if cfg.ready == 0 {
-            return Verdict::Pass(counter::SKIP_DISABLED);
-        }
+        // An enabled cgroup fails closed from here on: no config, not ready, or not
+        // redirecting means refused, never sent on unchanged.
+        let Some(cfg) = rdr_config.get(0) else {
+            return Verdict::Refuse;
+        };
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if tgid == cfg.proxy_tgid {
+        if cfg.ready != 0 && tgid == cfg.proxy_tgid {
             return Verdict::Pass(counter::SKIP_SELF);
         }
         match v4 {
@@ -155,8 +159,15 @@ mod prog {
                 }
             }
         }
+        if cfg.ready == 0 || entry.mode != mode::REDIRECT {
+            return Verdict::Refuse;
+        }
         Verdict::Redirect {
-            port: cfg.proxy_port,
+            port: if entry.port != 0 {
+                entry.port
+            } else {
+                cfg.proxy_port
+            },
         }
     }
 
@@ -177,6 +188,7 @@ mod prog {
         let mapped = v4_mapped(octets);
         match decide(sa, Some(octets), &mapped) {
             Verdict::Pass(why) => bump(why),
+            Verdict::Refuse => return refuse(counter::REFUSED),
             Verdict::Redirect { port } => {
                 let dst = OrigDst {
                     addr: mapped,
@@ -197,7 +209,7 @@ mod prog {
                     sa.user_port = u32::from(port.to_be());
                     bump(counter::REDIRECTED4);
                 } else {
-                    return refuse();
+                    return refuse(counter::ERRORS);
                 }
             }
         }
@@ -205,12 +217,12 @@ mod prog {
         1
     }
 
-    /// A connect that should be redirected but whose destination could not be recorded:
-    /// refused (`connect()` fails with EPERM) and counted. Never sent on unchanged: that
-    /// would take a pod of an enabled workload past the proxy and its rules.
+    /// A connect that should be redirected but cannot be: refused (`connect()` fails with
+    /// EPERM) and counted under `why`. Never sent on unchanged: that would take a pod of an
+    /// enabled workload past the proxy and its rules.
     #[inline(always)]
-    fn refuse() -> i32 {
-        bump(counter::ERRORS);
+    fn refuse(why: u32) -> i32 {
+        bump(why);
         0
     }
 
@@ -239,6 +251,7 @@ mod prog {
         };
         match decide(sa, v4, &v6) {
             Verdict::Pass(why) => bump(why),
+            Verdict::Refuse => return refuse(counter::REFUSED),
             Verdict::Redirect { port } => {
                 let dst = OrigDst {
                     addr: v6,
@@ -267,7 +280,7 @@ mod prog {
                     }
                     sa.user_port = u32::from(port.to_be());
                 } else {
-                    return refuse();
+                    return refuse(counter::ERRORS);
                 }
             }
         }

@@ -17,8 +17,13 @@ pub struct WorkloadView {
     /// The cgroup directory, once it exists.
     pub cgroup: Option<String>,
     pub cgroup_id: Option<u64>,
-    /// Enabled in the kernel with a listener in every netns it uses.
+    /// Redirected in the kernel, with a listener in every netns it uses.
     pub listening: bool,
+    /// `waiting` (no cgroup or no process yet), `refused` (no listener could be bound: its
+    /// connects fail with EPERM) or `redirect`.
+    pub state: String,
+    /// The listener port its entry points at, while redirected.
+    pub port: Option<u16>,
 }
 
 /// One live connection, as `GET /connections` lists it.

@@ -1,6 +1,6 @@
 //! eBPF datapath: load or adopt the pinned programs and maps, attach them, and read/write maps.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -15,7 +15,7 @@ use aya::{
     },
 };
 use ipnet::IpNet;
-use redirector_common::{CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, names};
+use redirector_common::{CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, mode, names};
 
 /// The compiled programs, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rdr-ebpf"));
@@ -309,16 +309,11 @@ impl Maps {
         })
     }
 
-    pub fn enable(&mut self, cgroup_id: u64) -> Result<(), BpfError> {
+    /// Puts `cgroup_id` into `rdr_enabled` (or changes its mode): from now on none of its TCP
+    /// connects go past the proxy.
+    pub fn enable(&mut self, cgroup_id: u64, mode: CgroupMode) -> Result<(), BpfError> {
         self.enabled
-            .insert(
-                cgroup_id,
-                CgroupEntry {
-                    enabled: 1,
-                    reserved: 0,
-                },
-                0,
-            )
+            .insert(cgroup_id, CgroupEntry::from(mode), 0)
             .map_err(|source| BpfError::Map {
                 map: names::MAP_ENABLED,
                 source,
@@ -333,6 +328,20 @@ impl Maps {
                 source,
             }),
         }
+    }
+
+    /// The mode of `cgroup_id`, if it is in `rdr_enabled`.
+    pub fn mode(&self, cgroup_id: u64) -> Option<CgroupMode> {
+        self.enabled.get(&cgroup_id, 0).ok().map(CgroupMode::from)
+    }
+
+    /// Every entry of `rdr_enabled` with its mode.
+    pub fn enabled_entries(&self) -> BTreeMap<u64, CgroupMode> {
+        self.enabled
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, e)| (id, CgroupMode::from(e)))
+            .collect()
     }
 
     pub fn enabled_ids(&self) -> BTreeSet<u64> {
@@ -440,6 +449,43 @@ impl Maps {
 }
 
 /// The socket address an [`OrigDst`] stands for; IPv4-mapped addresses come back as IPv4.
+/// What an `rdr_enabled` entry does to its cgroup's connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// Redirected to the listener on this port in the connecting process's network namespace.
+    Redirect { port: u16 },
+    /// Refused (EPERM): the workload's listener is not bound (yet).
+    Refuse,
+}
+
+impl From<CgroupMode> for CgroupEntry {
+    fn from(m: CgroupMode) -> Self {
+        match m {
+            CgroupMode::Redirect { port } => CgroupEntry {
+                mode: mode::REDIRECT,
+                port,
+                reserved: 0,
+            },
+            CgroupMode::Refuse => CgroupEntry {
+                mode: mode::REFUSE,
+                port: 0,
+                reserved: 0,
+            },
+        }
+    }
+}
+
+impl From<CgroupEntry> for CgroupMode {
+    /// As the programs read it: anything but a redirect refuses.
+    fn from(e: CgroupEntry) -> Self {
+        if e.mode == mode::REDIRECT {
+            CgroupMode::Redirect { port: e.port }
+        } else {
+            CgroupMode::Refuse
+        }
+    }
+}
+
 pub fn orig_to_socket_addr(d: &OrigDst) -> SocketAddr {
     let v6 = Ipv6Addr::from(d.addr);
     let ip = match v6.to_ipv4_mapped() {

@@ -46,7 +46,8 @@ pub struct Settings {
     /// Kubeconfig for --kubernetes (default: in-cluster service account).
     #[arg(long, env = "REDIRECTOR_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Port of the per-pod-netns listener on 127.0.0.1 and ::1 [default: 15001].
+    /// First port tried for the per-pod-netns listener on 127.0.0.1 and ::1; a pod that
+    /// holds it gets the next free one of the 15 after it [default: 15300].
     #[arg(long, env = "REDIRECTOR_PROXY_PORT")]
     pub proxy_port: Option<u16>,
     /// Admin endpoint, loopback only [default: 127.0.0.1:15000].
@@ -56,6 +57,15 @@ pub struct Settings {
     /// it as `Authorization: Bearer <token>`. Without it nothing can change state [none].
     #[arg(long, env = "REDIRECTOR_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The cluster's pod and service ranges, comma-separated CIDRs: the proxy never dials
+    /// them directly on a pod's behalf (list them in --proxy-skip-range too, so pods reach
+    /// them themselves, under NetworkPolicy) [none].
+    #[arg(long, env = "REDIRECTOR_CLUSTER_RANGES")]
+    pub cluster_ranges: Option<String>,
+    /// The node's network namespace, whose addresses the proxy never dials directly on a
+    /// pod's behalf (besides its own namespace's) [/proc/1/ns/net].
+    #[arg(long, env = "REDIRECTOR_NODE_NETNS")]
+    pub node_netns: Option<PathBuf>,
     /// Destinations that never go through the proxy, `az connectedk8s` / NO_PROXY syntax:
     /// comma-separated IPs, CIDRs, names, `.suffix`, `*.suffix`, optional `:port`.
     #[arg(long, env = "REDIRECTOR_PROXY_SKIP_RANGE")]
@@ -174,6 +184,8 @@ impl Settings {
             proxy_port,
             admin_addr,
             admin_token_file,
+            cluster_ranges,
+            node_netns,
             proxy_skip_range,
             gateway_url,
             gateway_connect_to,
@@ -253,6 +265,10 @@ pub struct Config {
     pub default_route: Route,
     /// Addresses explicitly allowed for direct dialing despite the safety rules.
     pub allow_dial: Vec<IpNet>,
+    /// The cluster's pod and service ranges: never dialed directly on a pod's behalf.
+    pub cluster_ranges: Vec<IpNet>,
+    /// The node's network namespace (its addresses are never dialed directly).
+    pub node_netns: PathBuf,
     /// Tunnel settings; its proxy is `--proxy-https` (falling back to `--proxy-http`).
     pub tunnel: TunnelConfig,
     /// The same with `--proxy-http` as the proxy: used for plain-HTTP connections on the
@@ -293,6 +309,8 @@ pub enum ConfigError {
     Preset(String),
     #[error("invalid allow-dial entry {0:?}: expected an IP or CIDR")]
     AllowDial(String),
+    #[error("invalid cluster-ranges entry {0:?}: expected an IP or CIDR")]
+    ClusterRange(String),
     #[error("invalid {field}")]
     Url {
         field: &'static str,
@@ -383,6 +401,18 @@ impl Config {
             let net = crate::addr::parse_ip_or_cidr(a)
                 .ok_or_else(|| ConfigError::AllowDial(a.clone()))?;
             allow_dial.push(net);
+        }
+        let mut cluster_ranges = Vec::new();
+        for a in s
+            .cluster_ranges
+            .iter()
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+        {
+            let net = crate::addr::parse_ip_or_cidr(a)
+                .ok_or_else(|| ConfigError::ClusterRange(a.to_owned()))?;
+            cluster_ranges.push(net);
         }
         let timeouts = Timeouts {
             connect: secs_of("connect-timeout", s.connect_timeout, 5.0)?,
@@ -524,6 +554,10 @@ impl Config {
             routes: RouteTable { rules },
             default_route,
             allow_dial,
+            cluster_ranges,
+            node_netns: s
+                .node_netns
+                .unwrap_or_else(|| PathBuf::from("/proc/1/ns/net")),
             tunnel,
             tunnel_http,
             pool,

@@ -2,7 +2,7 @@
 //! the kernel? which rule and route? — and the exact CONNECT lines each hop would get, with
 //! every secret redacted. Reads the pins for the kernel's view, the config for the rest.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::{
     admin::client::{self, Fetch},
     api::WorkloadView,
-    bpf::{self, Maps, PinLayout},
+    bpf::{self, CgroupMode, Maps, PinLayout},
     cli::ExplainArgs,
     config::{Config, ConfigError},
     netns,
@@ -92,8 +92,11 @@ pub enum KernelState {
     Redirected,
     /// Skipped by the hook (loopback or a skip range): the connect goes out unchanged.
     Skipped,
-    /// The hook does not apply (cgroup not enabled, programs not attached, not ready).
+    /// The hook does not apply (cgroup not enabled, programs not attached).
     NotRedirected,
+    /// The hook refuses the connect (EPERM): the workload's listener is not bound (yet), or no
+    /// daemon has configured the hooks. Never sent on unchanged.
+    Refused,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,7 +128,7 @@ pub struct Hop {
 /// The kernel's state as read from the pins.
 #[derive(Clone, Debug, Default)]
 pub struct PinnedState {
-    pub enabled: BTreeSet<u64>,
+    pub enabled: BTreeMap<u64, CgroupMode>,
     pub skip: Vec<IpNet>,
     pub ready: bool,
     pub proxy_port: u16,
@@ -175,7 +178,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         Ok(maps) => {
             let cfg = maps.config().ok();
             Some(PinnedState {
-                enabled: maps.enabled_ids(),
+                enabled: maps.enabled_entries(),
                 skip: maps.skip_ranges(),
                 ready: cfg.is_some_and(|c| c.ready != 0),
                 proxy_port: cfg.map(|c| c.proxy_port).unwrap_or(config.proxy_port),
@@ -223,7 +226,7 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         &config,
         &query,
         pinned.as_ref(),
-        &crate::node::node_addresses(),
+        &crate::node::node_addresses(&config.node_netns),
         &resolve,
     );
     notes.append(&mut e.notes);
@@ -346,21 +349,19 @@ pub fn analyze(
     };
 
     // 1. Is the hook in force for this cgroup at all?
-    if let Some(p) = pinned {
-        if !p.attached {
-            return not_redirected(
-                e,
-                format!(
-                    "our programs are not attached (link pins under {} missing or dead): no connect is redirected",
-                    config.pin_root.display()
-                ),
-            );
-        }
-        if !p.ready {
-            return not_redirected(e, "rdr_config.ready is 0: no daemon has configured the hooks yet, they redirect nothing".into());
-        }
+    if pinned.is_some_and(|p| !p.attached) {
+        return not_redirected(
+            e,
+            format!(
+                "our programs are not attached (link pins under {} missing or dead): no connect is redirected",
+                config.pin_root.display()
+            ),
+        );
     }
+    // The entry that decides for the connecting cgroup (its own or an ancestor's).
+    let mut mode = None;
     if let Some(c) = &q.cgroup {
+        mode = pinned.and_then(|p| entry_of(c, p)).map(|(_, m)| m);
         let view = cgroup_view(config, c, pinned);
         let enabled = view.enabled;
         e.cgroup = Some(view);
@@ -442,7 +443,32 @@ pub fn analyze(
         );
         return e;
     }
-    let port = pinned.map(|p| p.proxy_port).unwrap_or(config.proxy_port);
+    // The hook refuses what it would redirect while the workload has no listener, and
+    // everything an enabled cgroup connects before a daemon configured it.
+    if let Some(p) = pinned {
+        let why = if !p.ready {
+            Some(
+                "rdr_config.ready is 0: no daemon has configured the hooks yet, so the connects of enabled cgroups are refused",
+            )
+        } else if mode == Some(CgroupMode::Refuse) {
+            Some("the workload's entry in rdr_enabled says refuse: its listener is not bound (yet)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            e.kernel = KernelView {
+                state: KernelState::Refused,
+                reason: why.to_owned(),
+                source: e.kernel.source,
+            };
+            e.verdict = format!("refused in the kernel (connect fails with EPERM): {why}");
+            return e;
+        }
+    }
+    let port = match mode {
+        Some(CgroupMode::Redirect { port }) if port != 0 => port,
+        _ => pinned.map(|p| p.proxy_port).unwrap_or(config.proxy_port),
+    };
     let listener = if ip.is_ipv4() {
         format!("127.0.0.1:{port}")
     } else {
@@ -523,6 +549,15 @@ fn not_redirected(mut e: Explanation, reason: String) -> Explanation {
     e
 }
 
+/// The entry the hook finds for `c`: walking from the root down its first
+/// [`MAX_CGROUP_DEPTH`] levels, the first that is in `rdr_enabled`, with its mode.
+fn entry_of<'a>(c: &'a CgroupChain, p: &PinnedState) -> Option<(&'a (PathBuf, u64), CgroupMode)> {
+    c.chain
+        .iter()
+        .take(MAX_CGROUP_DEPTH as usize)
+        .find_map(|hit| p.enabled.get(&hit.1).map(|m| (hit, *m)))
+}
+
 fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -> CgroupView {
     let id = c.chain.last().map(|(_, id)| *id).unwrap_or(0);
     let mut v = CgroupView {
@@ -535,12 +570,7 @@ fn cgroup_view(config: &Config, c: &CgroupChain, pinned: Option<&PinnedState>) -
     };
     match pinned {
         Some(p) => {
-            // The hook looks at levels 0..MAX_CGROUP_DEPTH only.
-            let hit = c
-                .chain
-                .iter()
-                .take(MAX_CGROUP_DEPTH as usize)
-                .find(|(_, id)| p.enabled.contains(id));
+            let hit = entry_of(c, p).map(|(hit, _)| hit);
             v.enabled = Some(hit.is_some());
             v.enabled_by = hit.map(|(p, _)| p.clone());
             v.detail = match hit {
@@ -667,6 +697,7 @@ pub fn render_text(e: &Explanation) -> String {
         KernelState::Redirected => "redirected",
         KernelState::Skipped => "SKIPPED",
         KernelState::NotRedirected => "NOT redirected",
+        KernelState::Refused => "REFUSED",
     };
     out += &format!(
         "kernel:      {state}: {} [from {}]\n",
@@ -737,10 +768,13 @@ mod tests {
 
     fn pinned(enabled: &[u64], skip: &[&str]) -> PinnedState {
         PinnedState {
-            enabled: enabled.iter().copied().collect(),
+            enabled: enabled
+                .iter()
+                .map(|id| (*id, CgroupMode::Redirect { port: 0 }))
+                .collect(),
             skip: skip.iter().map(|s| s.parse().unwrap()).collect(),
             ready: true,
-            proxy_port: 15001,
+            proxy_port: 15300,
             attached: true,
         }
     }

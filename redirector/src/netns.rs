@@ -35,6 +35,11 @@ pub enum NetnsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "no free proxy port in the workload's network namespace (pid {pid}): \
+         {first}-{last} are all taken by the pod's own sockets"
+    )]
+    NoFreePort { pid: u32, first: u16, last: u16 },
     #[error("failed to read the netns cookie of a listener")]
     Cookie(#[source] std::io::Error),
     #[error("helper thread for netns of pid {pid} panicked")]
@@ -56,35 +61,58 @@ pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
     })
 }
 
-/// Binds TCP listeners on `addrs` inside the network namespace of `pid`.
+/// Binds the proxy listeners (127.0.0.1 and ::1) inside the network namespace of `pid`, on
+/// the first of `ports` that is free on both; returns the port and the listeners.
 ///
 /// Why a helper thread: `setns(CLONE_NEWNET)` changes the namespace of the calling thread
 /// only. A short-lived thread enters the pod's netns, binds, and exits; the sockets stay in
 /// the namespace they were created in, while the daemon's other threads never move.
-/// An address that cannot be bound (e.g. `::1` in a pod with IPv6 disabled) is skipped
-/// unless it is the first one.
-pub fn bind_in_netns(pid: u32, addrs: Vec<SocketAddr>) -> Result<Vec<TcpListener>, NetnsError> {
+///
+/// A port that something in the pod already holds (on loopback or a wildcard address, on
+/// either family) is passed over: the pod's own listener would otherwise receive connections
+/// meant for us. Our sockets do not set SO_REUSEPORT, so nothing in the pod can join them
+/// later either. `::1` is optional only where the pod has no IPv6 loopback.
+pub fn bind_in_netns(pid: u32, ports: Vec<u16>) -> Result<(u16, Vec<TcpListener>), NetnsError> {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|source| NetnsError::Open { pid, source })?;
-    let handle = std::thread::spawn(move || -> Result<Vec<TcpListener>, NetnsError> {
+    let handle = std::thread::spawn(move || {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|source| NetnsError::Enter { pid, source })?;
-        let mut out = Vec::new();
-        for (i, addr) in addrs.into_iter().enumerate() {
-            match bind_reuse(addr) {
-                Ok(l) => out.push(l),
-                Err(source) if i == 0 => return Err(NetnsError::Bind { pid, addr, source }),
+        for &port in &ports {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+            let l4 = match bind_listener(v4) {
+                Ok(l) => l,
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
                 Err(source) => {
-                    tracing::debug!(%addr, pid, error = %source, "optional listener not bound");
+                    return Err(NetnsError::Bind {
+                        pid,
+                        addr: v4,
+                        source,
+                    });
+                }
+            };
+            let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+            match bind_listener(v6) {
+                Ok(l6) => return Ok((port, vec![l4, l6])),
+                Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
+                Err(e) => {
+                    // No ::1 in this namespace (IPv6 disabled): nothing can be redirected
+                    // there, nor squatted.
+                    tracing::debug!(%v6, pid, error = %e, "no IPv6 loopback listener");
+                    return Ok((port, vec![l4]));
                 }
             }
         }
-        Ok(out)
+        Err(NetnsError::NoFreePort {
+            pid,
+            first: ports.first().copied().unwrap_or(0),
+            last: ports.last().copied().unwrap_or(0),
+        })
     });
     handle.join().map_err(|_| NetnsError::Thread { pid })?
 }
 
-fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -116,10 +144,10 @@ fn bind_reuse(addr: SocketAddr) -> std::io::Result<TcpListener> {
         }
     };
     // A restarted daemon must be able to bind while old connections sit in TIME_WAIT.
+    // No SO_REUSEPORT: a process in the pod (as root, like us) could then join the port's
+    // group and take a share of the connections. During a rolling update the new daemon
+    // takes the next free port and points the pod's entry at it.
     set(libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
-    // During a rolling update (maxSurge) the new daemon binds next to the old one; both
-    // serve from the same pinned maps, so whichever accepts finds the original destination.
-    set(libc::SOL_SOCKET, libc::SO_REUSEPORT)?;
     if addr.is_ipv6() {
         set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
     }

@@ -95,6 +95,7 @@ pub fn start(config: &Config, node_addrs: &[IpAddr], facts: &Facts<'_>) -> Step 
         default: config.default_route,
         node_addrs,
         allow_dial: &config.allow_dial,
+        cluster: &config.cluster_ranges,
     };
     let d = policy::decide(&input, ip, facts.orig.port(), facts.host);
     let authority = addr::authority(facts.host.unwrap_or(&ip.to_string()), facts.orig.port());

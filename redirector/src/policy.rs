@@ -415,6 +415,8 @@ pub struct PolicyInput<'a> {
     pub node_addrs: &'a [IpAddr],
     /// Explicit exceptions to the safety rules.
     pub allow_dial: &'a [IpNet],
+    /// The cluster's pod and service ranges (never dialed directly on a pod's behalf).
+    pub cluster: &'a [IpNet],
 }
 
 /// Decides the route of a connection to `dst:port` whose client named `host` (SNI / Host).
@@ -438,10 +440,11 @@ pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -
             by_name: matches!(r.matcher, Matcher::Name(_)),
         };
     }
-    // Safety: the proxy never dials link-local / metadata / loopback / the node itself on a
-    // pod's behalf (that would lend the pod the node's identity), unless explicitly allowed.
+    // Safety: the proxy never dials link-local / metadata / loopback / the node itself / the
+    // cluster's own ranges on a pod's behalf (that would lend the pod the node's identity, past
+    // NetworkPolicy), unless explicitly allowed.
     if d.route == Some(Route::Direct)
-        && let Some(why) = forbidden_direct(dst, p.node_addrs)
+        && let Some(why) = forbidden_direct(dst, p.node_addrs, p.cluster)
         && !p.allow_dial.iter().any(|n| n.contains(&dst))
     {
         return Decision {
@@ -454,7 +457,11 @@ pub fn decide(p: &PolicyInput<'_>, dst: IpAddr, port: u16, host: Option<&str>) -
 }
 
 /// Why `ip` may not be dialed directly by the proxy, if it may not.
-pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static str> {
+pub fn forbidden_direct(
+    ip: IpAddr,
+    node_addrs: &[IpAddr],
+    cluster: &[IpNet],
+) -> Option<&'static str> {
     let ip = ip.to_canonical();
     let metadata_v6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
     // Azure's platform endpoint (the "wireserver": DHCP, DNS, health probes, the VM agent's
@@ -473,6 +480,9 @@ pub fn forbidden_direct(ip: IpAddr, node_addrs: &[IpAddr]) -> Option<&'static st
     }
     if node_addrs.iter().any(|a| a.to_canonical() == ip) {
         return Some("node-address");
+    }
+    if cluster.iter().any(|n| n.contains(&ip)) {
+        return Some("cluster-range");
     }
     None
 }
@@ -651,6 +661,7 @@ mod tests {
             default: Route::Gateway,
             node_addrs: node,
             allow_dial: allow,
+            cluster: &[],
         }
     }
 
@@ -717,6 +728,19 @@ mod tests {
             decide(&p, ip("203.0.113.9"), 80, None).route,
             Some(Route::Direct)
         );
+        let cluster: [IpNet; 2] = [
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10::/108".parse().unwrap(),
+        ];
+        let p = PolicyInput {
+            cluster: &cluster,
+            ..input(&skip, &routes, &node, &[])
+        };
+        for addr in ["10.244.3.4", "::ffff:10.244.3.4", "fd00:10::5"] {
+            let d = decide(&p, ip(addr), 80, Some("evil.svc.cluster.local"));
+            assert_eq!(d.route, None, "{addr} is in the cluster's ranges: {d:?}");
+            assert!(d.rule.starts_with("safety:cluster-range"), "{d:?}");
+        }
         let allow = ["169.254.169.254/32".parse().unwrap()];
         let p = input(&skip, &routes, &node, &allow);
         assert_eq!(
@@ -800,7 +824,7 @@ mod tests {
                 let skip: SkipRanges = "10.0.0.0/8,192.168.0.0/16".parse().unwrap();
                 let routes = RouteTable { rules: preset("arc-not-covered").unwrap() };
                 let node = [IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1))];
-                let p = PolicyInput { skip: &skip, routes: &routes, default: Route::Gateway, node_addrs: &node, allow_dial: &[] };
+                let p = PolicyInput { skip: &skip, routes: &routes, default: Route::Gateway, node_addrs: &node, allow_dial: &[], cluster: &[] };
                 let v4 = Ipv4Addr::from(a);
                 let d4 = decide(&p, IpAddr::V4(v4), port, None);
                 let d6 = decide(&p, IpAddr::V6(v4.to_ipv6_mapped()), port, None);

@@ -1,7 +1,7 @@
 //! The proxy: per-netns listeners, original-destination lookup, and the relay.
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering as AtomicOrdering},
@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use redirector_common::PROXY_PORT_CHOICES;
 use tokio::{
     io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
@@ -51,6 +52,8 @@ impl Drop for ConnGuard<'_> {
 pub struct NetnsListener {
     pub netns: NetnsId,
     pub cookie: u64,
+    /// The port it listens on (127.0.0.1 and ::1), the one the workload's entry points at.
+    pub port: u16,
     stop: CancellationToken,
 }
 
@@ -60,20 +63,20 @@ impl Drop for NetnsListener {
     }
 }
 
-/// Binds the proxy port inside the netns of `pid` and starts accepting.
+/// Binds the proxy listeners inside the netns of `pid`, on the first free port of the
+/// configured range, and starts accepting.
 /// `workload` names what uses this netns in the audit log (pod, or cgroup path).
 pub fn spawn_listener(
     shared: &Arc<Shared>,
     pid: u32,
     workload: Arc<str>,
 ) -> Result<NetnsListener, NetnsError> {
-    let port = shared.config.load().proxy_port;
+    let first = shared.config.load().proxy_port;
+    let ports = (0..PROXY_PORT_CHOICES)
+        .filter_map(|i| first.checked_add(i))
+        .collect();
     let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
-    let addrs = vec![
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
-        SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
-    ];
-    let std_listeners = netns::bind_in_netns(pid, addrs)?;
+    let (port, std_listeners) = netns::bind_in_netns(pid, ports)?;
     let cookie = netns::netns_cookie(&std_listeners[0])?;
     let stop = shared.shutdown.child_token();
     // One budget for the namespace: both listeners (v4, v6) count against it.
@@ -98,6 +101,7 @@ pub fn spawn_listener(
     Ok(NetnsListener {
         netns,
         cookie,
+        port,
         stop,
     })
 }

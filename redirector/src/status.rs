@@ -38,6 +38,9 @@ pub struct EnabledCgroup {
     pub path: Option<PathBuf>,
     /// `namespace/pod` (or the configured cgroup path) when the daemon knows the workload.
     pub workload: Option<String>,
+    /// The listener port its connects are redirected to; `None`: they are refused (its
+    /// listener is not bound yet, or cannot be).
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,10 +152,15 @@ pub fn collect(
                 .flatten()
                 .find(|w| workload_is(w, *id, path.as_deref()))
                 .map(|w| w.label.clone());
+            let port = match maps.mode(*id) {
+                Some(bpf::CgroupMode::Redirect { port }) => Some(port),
+                _ => None,
+            };
             EnabledCgroup {
                 id: *id,
                 path,
                 workload,
+                port,
             }
         })
         .collect();
@@ -242,7 +250,8 @@ pub fn render_text(s: &Status) -> String {
         );
     }
     if let Some(p) = s.proxy_port {
-        out += &format!("proxy port:  {p}\n");
+        let last = p.saturating_add(redirector_common::PROXY_PORT_CHOICES - 1);
+        out += &format!("proxy ports: {p}-{last} (the first free one in each pod)\n");
     }
     out += &format!("enabled cgroups ({}):\n", s.enabled_cgroups.len());
     for c in &s.enabled_cgroups {
@@ -255,9 +264,13 @@ pub fn render_text(s: &Status) -> String {
             .workload
             .as_deref()
             .and_then(|l| pod_label(l, c.path.as_deref()));
+        let mode = match c.port {
+            Some(p) => format!("port {p}"),
+            None => "REFUSED".into(),
+        };
         match label {
-            Some(l) => out += &format!("  {:>10}  {path}  {l}\n", c.id),
-            None => out += &format!("  {:>10}  {path}\n", c.id),
+            Some(l) => out += &format!("  {:>10}  {mode:<10}  {path}  {l}\n", c.id),
+            None => out += &format!("  {:>10}  {mode:<10}  {path}\n", c.id),
         }
     }
     // Workloads the daemon wants but has not (yet) put into the kernel map.
@@ -337,17 +350,19 @@ mod tests {
             pin_root: "/sys/fs/bpf/redirector".into(),
             links: names::LINKS.iter().map(|l| (*l, true)).collect(),
             daemon,
-            proxy_port: Some(15001),
+            proxy_port: Some(15300),
             enabled_cgroups: vec![
                 EnabledCgroup {
                     id: 842,
                     path: Some("/sys/fs/cgroup/kubepods/pod-a".into()),
                     workload: Some("default/agent-1".into()),
+                    port: Some(15300),
                 },
                 EnabledCgroup {
                     id: 900,
                     path: Some("/sys/fs/cgroup/agent.service".into()),
                     workload: Some("/sys/fs/cgroup/agent.service".into()),
+                    port: None,
                 },
             ],
             skip_ranges: vec!["10.96.0.0/12".into()],
@@ -374,6 +389,7 @@ mod tests {
             cgroup: None,
             cgroup_id: None,
             listening: false,
+            ..Default::default()
         }]);
         s.connections = Some(vec![ConnView {
             workload: "default/agent-1".into(),
@@ -388,11 +404,11 @@ mod tests {
         assert!(t.contains("daemon:      running, ready"), "{t}");
         assert!(t.contains("link rdr_link_c4  attached"), "{t}");
         assert!(
-            t.contains("842  /sys/fs/cgroup/kubepods/pod-a  pod default/agent-1"),
+            t.contains("842  port 15300  /sys/fs/cgroup/kubepods/pod-a  pod default/agent-1"),
             "{t}"
         );
         assert!(
-            t.contains("900  /sys/fs/cgroup/agent.service\n"),
+            t.contains("900  REFUSED     /sys/fs/cgroup/agent.service\n"),
             "a path label is not repeated: {t}"
         );
         assert!(t.contains("default/agent-2  cgroup not created yet"), "{t}");
@@ -427,7 +443,7 @@ mod tests {
             t.contains("counters:    redirected4=3 redirected6=0 skip_disabled=0 "),
             "{t}"
         );
-        assert!(t.contains(" errors=0\n"), "{t}");
+        assert!(t.contains(" errors=0 refused=0\n"), "{t}");
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["counters"]["redirected4"], 3);
         assert_eq!(json["counters"]["skip_loopback"], 0);

@@ -288,6 +288,8 @@ pub struct Metrics {
     pub active: Gauge,
     pub enabled_cgroups: Gauge,
     pub listeners: Gauge,
+    pub listener_failures: Counter,
+    pub refusing_workloads: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
     pub ebpf: Family<NameLabels, Gauge>,
     pub gateway_tunnels: Family<SessionLabels, Counter>,
@@ -308,6 +310,8 @@ impl Default for Metrics {
             active: Default::default(),
             enabled_cgroups: Default::default(),
             listeners: Default::default(),
+            listener_failures: Default::default(),
+            refusing_workloads: Default::default(),
             reloads: Default::default(),
             ebpf: Default::default(),
             gateway_tunnels: Default::default(),
@@ -370,6 +374,16 @@ impl Metrics {
             "listeners",
             "Network namespaces with a proxy listener",
             self.listeners.clone(),
+        );
+        r.register(
+            "listener_failures",
+            "Workload network namespaces where no listener could be bound (every candidate port taken, or the namespace gone)",
+            self.listener_failures.clone(),
+        );
+        r.register(
+            "refusing_workloads",
+            "Workloads whose connects the hooks refuse because they have no listener (yet)",
+            self.refusing_workloads.clone(),
         );
         r.register(
             "ebpf_events",

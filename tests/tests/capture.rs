@@ -344,9 +344,13 @@ fn unredirected_connection_to_proxy_port_is_refused_and_counted() {
         &lab,
         0,
         // On loopback the RST can arrive before connect() even returns.
-        "import socket\n\
-         try:\n  s = socket.create_connection(('127.0.0.1', 15001), 5); s.settimeout(5)\n  d = s.recv(10); print('eof' if d == b'' else 'data')\n\
-         except ConnectionResetError:\n  print('reset')",
+        &format!(
+            "import socket\n\
+             try:\n  s = socket.create_connection(('127.0.0.1', {}), 5); s.settimeout(5)\n  \
+             d = s.recv(10); print('eof' if d == b'' else 'data')\n\
+             except ConnectionResetError:\n  print('reset')",
+            redirector_common::DEFAULT_PROXY_PORT
+        ),
     );
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(stdout(&o).trim(), "reset", "{}", out(&o));
@@ -461,11 +465,23 @@ fn bpftool_shows_our_objects_by_name() {
     }
     let pin = |m: &str| lab.pin_root.join(m).display().to_string();
     let stats = lab.bpftool(&format!("map dump pinned {}", pin("rdr_stats")));
-    for field in ["redirected4", "skip_cidr", "established", "errors"] {
+    for field in [
+        "redirected4",
+        "skip_cidr",
+        "established",
+        "errors",
+        "refused",
+    ] {
         assert!(stats.contains(field), "BTF field {field} missing:\n{stats}");
     }
     let enabled = lab.bpftool(&format!("map dump pinned {}", pin("rdr_enabled")));
-    assert!(enabled.contains("enabled"), "{enabled}");
+    // The pod's entry, by field name: redirect (1) to the default port.
+    for field in [
+        "\"mode\": 1".to_owned(),
+        format!("\"port\": {}", redirector_common::DEFAULT_PROXY_PORT),
+    ] {
+        assert!(enabled.contains(&field), "{field} missing:\n{enabled}");
+    }
     let skip = lab.bpftool(&format!("map dump pinned {}", pin("rdr_skip4")));
     assert!(skip.contains("prefix_len") && skip.contains("26"), "{skip}");
     let maps = lab.bpftool("map show");
@@ -710,4 +726,117 @@ fn silent_connections_past_the_pending_budget_are_refused() {
         lab.metric("redirector_refused_total{reason=\"setup_limit\"}"),
         15.0
     );
+}
+
+/// A pod cannot squat the redirector's listener. Pod 0 holds the default proxy port on
+/// 127.0.0.1 and the next one on ::1, both with SO_REUSEPORT (as root, like the daemon, so a
+/// listener that also set it would share the port with the squatter); pod 1 runs an
+/// Istio-style sidecar's listeners (15000, 15001, 15006, 15008 on every address). Both are
+/// redirected through the redirector over IPv4 and IPv6, never into a pod's own listener.
+/// Pod 2 holds every port the daemon may choose: its connects are refused by the hook
+/// (EPERM, counted), never sent direct, and the daemon stays ready for the others.
+#[test]
+fn a_pod_cannot_squat_the_listener_port_and_one_that_holds_them_all_is_refused() {
+    if !privileged("a_pod_cannot_squat_the_listener_port_and_one_that_holds_them_all_is_refused") {
+        return;
+    }
+    use redirector_common::{DEFAULT_PROXY_PORT, PROXY_PORT_CHOICES};
+    let mut lab = Lab::new();
+    for _ in 0..3 {
+        lab.add_pod();
+    }
+    let (inet, _) = lab.add_internet(20, 8080);
+    lab.start_testsrv(
+        &inet,
+        "http",
+        &[
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80),
+        ],
+    );
+    // Listeners held by the pods' own processes, started before the daemon.
+    const SQUAT: &str = "import socket, sys\nheld = []\nfor spec in sys.argv[1:]:\n  \
+        host, port, reuse = spec.split(',')\n  \
+        s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)\n  \
+        if reuse == 'reuseport':\n    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n  \
+        s.bind((host, int(port)))\n  s.listen(16)\n  held.append(s)\n\
+        print('holding', len(held), flush=True)\nsys.stdin.read()\n";
+    let d = DEFAULT_PROXY_PORT;
+    let specs: [Vec<String>; 3] = [
+        vec![
+            format!("127.0.0.1,{d},reuseport"),
+            format!("::1,{},reuseport", d + 1),
+        ],
+        [15000u16, 15001, 15006, 15008]
+            .iter()
+            .map(|p| format!("::,{p},plain"))
+            .collect(),
+        (d..d + PROXY_PORT_CHOICES)
+            .map(|p| format!("::,{p},plain"))
+            .collect(),
+    ];
+    let mut squatters = Vec::new();
+    for (pod, spec) in specs.iter().enumerate() {
+        let mut cmd = lab.pods[pod].cmd("python3");
+        cmd.args(["-c", SQUAT]).args(spec);
+        let (child, line) = tests::lab::spawn_until_first_line(cmd);
+        assert_eq!(line.trim(), format!("holding {}", spec.len()), "pod {pod}");
+        squatters.push(child);
+    }
+    lab.start_daemon(&[]);
+
+    // Pods 0 and 1: the target sees the node (the redirector) as the peer, over v4 and v6.
+    for pod in 0..2 {
+        let o = curl(&lab, pod, &format!("http://{}/", Lab::inet_v4(0)));
+        assert!(o.status.success(), "pod {pod} (v4): {}", out(&o));
+        assert!(
+            stdout(&o).contains(&format!("peer={NODE_V4}:")),
+            "pod {pod} (v4) not redirected: {}",
+            out(&o)
+        );
+        let o = curl(&lab, pod, &format!("http://[{}]/", Lab::inet_v6(0)));
+        assert!(o.status.success(), "pod {pod} (v6): {}", out(&o));
+    }
+
+    // Pod 2: refused by the hook, counted, shown, logged; the others were served above.
+    let before = lab.metric("redirector_ebpf_events{name=\"refused\"}");
+    let o = python(
+        &lab,
+        2,
+        &format!(
+            "import socket, errno\ns = socket.socket()\ns.settimeout(5)\ntry:\n  \
+             s.connect(('{}', 80))\n  print('connected')\nexcept OSError as e:\n  \
+             print('errno=' + errno.errorcode.get(e.errno, str(e.errno)))",
+            Lab::inet_v4(0)
+        ),
+    );
+    assert_eq!(
+        stdout(&o).trim(),
+        "errno=EPERM",
+        "pod 2 must be refused by the hook, not sent direct (ENETUNREACH) nor into its own \
+         listener: {}",
+        out(&o)
+    );
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lab.metric("redirector_ebpf_events{name=\"refused\"}") <= before {
+        assert!(
+            std::time::Instant::now() < end,
+            "the refusal was not counted in rdr_stats.refused"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, workloads) = lab.node_http_get("/workloads").expect("workloads");
+    let w: serde_json::Value = serde_json::from_str(&workloads).expect("workloads json");
+    let states: Vec<&str> = w
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|w| w["state"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(states, ["redirect", "redirect", "refused"], "{workloads}");
+    lab.wait_daemon_log("no free proxy port in the workload's network namespace");
+    for mut s in squatters {
+        drop(s.stdin.take());
+        let _ = s.wait();
+    }
 }

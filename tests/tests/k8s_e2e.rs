@@ -335,11 +335,15 @@ impl K8s {
             .collect()
     }
 
-    /// Listening sockets on the proxy port (15001) inside `pod`'s netns.
+    /// Listening sockets on the (default) proxy port inside `pod`'s netns.
     fn proxy_sockets(&self, pod: &str) -> usize {
         let p = self.node.pod(&self.uid(pod));
         let o = std::process::Command::new("ip")
-            .args(["netns", "exec", &p.netns, "ss", "-Hltn", "sport = :15001"])
+            .args(["netns", "exec", &p.netns, "ss", "-Hltn"])
+            .arg(format!(
+                "sport = :{}",
+                redirector_common::DEFAULT_PROXY_PORT
+            ))
             .output()
             .expect("ss");
         assert!(o.status.success(), "ss: {}", out(&o));
@@ -419,7 +423,7 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
     assert_eq!(
         k.proxy_sockets("apps/web"),
         2,
-        "127.0.0.1:15001 and [::1]:15001 listen in the pod netns"
+        "127.0.0.1 and [::1] listen on the proxy port in the pod netns"
     );
     // The id in the map is the pod cgroup's, not a container's.
     let id = k.node.pod(&k.uid("apps/web")).cgroup_id();

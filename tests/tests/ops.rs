@@ -5,6 +5,7 @@ use std::{net::IpAddr, process::Output, time::Duration};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
 
+use redirector_common::DEFAULT_PROXY_PORT as PROXY_PORT;
 use tests::chain::{Chain, Gateway, TARGETS};
 
 const CONFIG: &str = "routes:\n  - host: '*.vault.azure.test'\n    route: proxy\n  - host: portal.azure.test\n    route: direct\n  - cidr: 169.254.0.0/16\n    route: direct\n";
@@ -177,7 +178,9 @@ fn every_route_and_refusal_has_an_audit_line_and_metric_delta() {
     assert!(o.status.success(), "{}", out(&o));
     let o = py(
         &c,
-        "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', 15001), 5)\n  s.recv(1)\nexcept OSError:\n  pass",
+        &format!(
+            "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', {PROXY_PORT}), 5)\n  s.recv(1)\nexcept OSError:\n  pass"
+        ),
     );
     assert!(o.status.success(), "{}", out(&o));
 
@@ -292,10 +295,9 @@ fn program_debug_messages_log_level_change_and_live_connections() {
     assert!(curl(&c, "http://web.azure.test/").status.success());
     // aya-log records from the connect hook reach the daemon's log.
     let end = std::time::Instant::now() + Duration::from_secs(5);
-    while !c
-        .daemon_log()
-        .contains("redirect 203.0.113.11:80 to proxy port 15001")
-    {
+    while !c.daemon_log().contains(&format!(
+        "redirect 203.0.113.11:80 to proxy port {PROXY_PORT}"
+    )) {
         assert!(
             std::time::Instant::now() < end,
             "no eBPF debug message:\n{}",
@@ -319,7 +321,9 @@ fn program_debug_messages_log_level_change_and_live_connections() {
     // after that request; once it is in the log, any debug line of the request would be too.
     let _ = py(
         &c,
-        "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', 15001), 5)\n  s.recv(1)\nexcept OSError:\n  pass",
+        &format!(
+            "import socket\ntry:\n  s=socket.create_connection(('127.0.0.1', {PROXY_PORT}), 5)\n  s.recv(1)\nexcept OSError:\n  pass"
+        ),
     );
     c.lab
         .wait_daemon_log("refused connection with no recorded original destination");

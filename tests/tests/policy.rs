@@ -279,3 +279,79 @@ fn reload_keeps_old_config_on_error_and_applies_a_good_one() {
         "{metrics}"
     );
 }
+
+/// The proxy never lends its identity for a direct dial into the cluster's pod and service
+/// ranges (`cluster-ranges`: NetworkPolicy would judge the pod's own connection there; a
+/// name rule must not bypass it, e.g. through an ExternalName Service's name) nor to an
+/// address of the node itself, read from the node's network namespace (`--node-netns`), not
+/// only from the daemon's own.
+#[test]
+fn direct_dials_never_reach_cluster_ranges_or_the_nodes_own_addresses() {
+    if !ready("direct_dials_never_reach_cluster_ranges_or_the_nodes_own_addresses") {
+        return;
+    }
+    let mut c = Chain::new(1);
+    c.start_squid(true);
+    c.start_gateway(Gateway::Normal);
+    // The node: a namespace of its own with an address the daemon's namespace does not have.
+    let node_v4: std::net::Ipv4Addr = "203.0.113.150".parse().unwrap();
+    let node_ns = c.lab.add_host("nodeaddr", &[node_v4], &[]);
+    // A cluster-internal name that resolves (on the node) into the cluster's service range.
+    let internal: std::net::Ipv4Addr = "203.0.113.100".parse().unwrap();
+    c.lab
+        .set_node_hosts(&[("evil.svc.cluster.test", IpAddr::V4(internal))]);
+    let config = format!(
+        "proxy-skip-range: .svc.cluster.test\ncluster-ranges: 203.0.113.96/28\n\
+         routes:\n  - cidr: {node_v4}/32\n    route: direct\n"
+    );
+    let path = write_config(&c, &config);
+    let node_netns = format!("/run/netns/{node_ns}");
+    c.start_daemon(
+        &[
+            "--config",
+            &path.display().to_string(),
+            "--node-netns",
+            &node_netns,
+        ],
+        "info",
+    );
+    let connect = |ip: &str, port: u16| {
+        let code = format!(
+            "import socket\ntry:\n  s = socket.create_connection(('{ip}', {port}), 5)\n  \
+             s.settimeout(5)\n  s.sendall(b'GET / HTTP/1.1\\r\\nHost: evil.svc.cluster.test\\r\\n\\r\\n')\n  \
+             print('data' if s.recv(10) else 'eof')\nexcept ConnectionResetError:\n  print('reset')"
+        );
+        c.lab.pods[0]
+            .cmd("python3")
+            .args(["-c", &code])
+            .output()
+            .unwrap()
+    };
+    // The name matches the skip entry and resolves to the destination, but the destination
+    // is in the cluster's ranges: refused, not dialed.
+    let o = connect(&internal.to_string(), 80);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "reset",
+        "{}",
+        out(&o)
+    );
+    let log = wait_log(&c, &format!("orig_dst={internal}:80"), 1);
+    assert!(
+        log.contains("rule=safety:cluster-range"),
+        "a name-direct dial into the cluster ranges was not refused:\n{log}"
+    );
+    // The node's own address, known only in the node's namespace: refused as well.
+    let o = connect(&node_v4.to_string(), 80);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "reset",
+        "{}",
+        out(&o)
+    );
+    let log = wait_log(&c, &format!("orig_dst={node_v4}:80"), 1);
+    assert!(
+        log.contains("rule=safety:node-address"),
+        "the node's own address (from --node-netns) was dialed directly:\n{log}"
+    );
+}

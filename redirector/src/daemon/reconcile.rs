@@ -4,7 +4,7 @@
 mod decide;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, HashSet},
     path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use self::decide::{
-    Action, CgroupSeen, Decision, EarlierRun, Listen, Memory, Notice, Observed, Proc,
+    Action, CgroupSeen, Decision, EarlierRun, Listen, Memory, Notice, Observed, Proc, Stage,
 };
 use super::cgroup_watch::{CgroupWatch, watch_paths};
 use crate::{
@@ -38,6 +38,9 @@ pub async fn run(
     mut known: bool,
 ) {
     let mut listeners = ListenerSet::default();
+    // Namespaces where no listener could be bound: retried on full passes only, and logged
+    // once (a pod holding every candidate port must not flood the log).
+    let mut failed: HashSet<NetnsId> = HashSet::new();
     let mut memory = Memory::default();
     let mut last_full = Instant::now() - Duration::from_secs(10);
     let mut watch = CgroupWatch::new().ok();
@@ -59,10 +62,14 @@ pub async fn run(
         // Observe, bind the missing listeners, decide, act.
         let mut seen = observe(&shared, &desired, &memory, &listeners, full, known);
         for listen in decide::plan_listeners(&desired, &seen) {
-            if let Some(netns) = bind(&shared, &mut listeners, listen) {
-                seen.listeners.insert(netns);
+            if !full && failed.contains(&listen.netns) {
+                continue;
+            }
+            if let Some((netns, port)) = bind(&shared, &mut listeners, &mut failed, listen) {
+                seen.listeners.insert(netns, port);
             }
         }
+        failed.retain(|ns| !listeners.contains(ns));
         let (next, ready) = apply(
             &shared,
             &mut listeners,
@@ -76,6 +83,13 @@ pub async fn run(
             .metrics
             .enabled_cgroups
             .set(memory.enabled.len() as i64);
+        shared.metrics.refusing_workloads.set(
+            memory
+                .enabled
+                .values()
+                .filter(|e| matches!(e.stage, Stage::NoListener | Stage::PortsDiffer))
+                .count() as i64,
+        );
         *shared.workloads.lock().expect("workloads lock poisoned") =
             decide::views(&desired, &memory);
         readiness.listeners_ready.store(ready, Ordering::Relaxed);
@@ -85,7 +99,7 @@ pub async fn run(
             let mut pending = HashSet::new();
             for w in desired
                 .values()
-                .filter(|w| !memory.enabled.contains_key(&w.key))
+                .filter(|w| !decide::redirects(&memory, &w.key))
             {
                 watch_paths(w, &mut pending);
             }
@@ -144,6 +158,13 @@ fn observe(
     } else {
         BTreeMap::new()
     };
+    let entries = full.then(|| {
+        shared
+            .maps
+            .lock()
+            .expect("maps lock poisoned")
+            .enabled_entries()
+    });
     let earlier = decide::wants_earlier_run(memory, known).then(|| EarlierRun {
         map_ids: shared
             .maps
@@ -162,10 +183,11 @@ fn observe(
         cgroups,
         listeners: listeners
             .by_netns
-            .keys()
-            .copied()
-            .collect::<BTreeSet<NetnsId>>(),
+            .iter()
+            .map(|(ns, l)| (*ns, l.port))
+            .collect(),
         enabled_netns,
+        entries,
         earlier,
     }
 }
@@ -190,18 +212,29 @@ fn processes(cgroup: &Path) -> Vec<Proc> {
         .collect()
 }
 
-/// Binds one listener, trying each way in until one works; returns its namespace.
-fn bind(shared: &Arc<Shared>, listeners: &mut ListenerSet, listen: Listen) -> Option<NetnsId> {
+/// Binds one listener, trying each way in until one works; returns its namespace and port.
+/// A namespace that fails is remembered in `failed`, counted, and logged the first time.
+fn bind(
+    shared: &Arc<Shared>,
+    listeners: &mut ListenerSet,
+    failed: &mut HashSet<NetnsId>,
+    listen: Listen,
+) -> Option<(NetnsId, u16)> {
+    let mut last = None;
     for a in listen.attempts {
         match proxy::spawn_listener(shared, a.pid, Arc::from(a.workload.as_str())) {
             Ok(l) => {
-                let netns = l.netns;
+                let found = (l.netns, l.port);
                 listeners.insert(l);
-                return Some(netns);
+                return Some(found);
             }
-            Err(e) => {
-                warn!(workload = %a.workload, pid = a.pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns");
-            }
+            Err(e) => last = Some((a, e)),
+        }
+    }
+    if let Some((a, e)) = last {
+        shared.metrics.listener_failures.inc();
+        if failed.insert(listen.netns) {
+            warn!(workload = %a.workload, pid = a.pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns; its connections are refused until one can be bound");
         }
     }
     None
@@ -222,7 +255,16 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                 info!(workload = %label, "waiting for the workload's cgroup to appear");
             }
             Notice::WaitingForProcess { label, cgroup } => {
-                info!(workload = %label, cgroup = %cgroup.display(), "cgroup has no process yet; enabling it once its network namespace is known");
+                info!(workload = %label, cgroup = %cgroup.display(), "cgroup has no process yet; its connections are refused until its network namespace has a listener");
+            }
+            Notice::Refused { label, stage } => {
+                let why = match stage {
+                    Stage::PortsDiffer => {
+                        "its network namespaces' listeners are on different ports"
+                    }
+                    _ => "no listener could be bound in its network namespace",
+                };
+                warn!(workload = %label, reason = why, "refusing the workload's connections (fail closed)");
             }
         }
     }
@@ -234,10 +276,21 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                 label,
                 cgroup,
                 id,
-            } => match shared.maps.lock().expect("maps lock poisoned").enable(id) {
-                Ok(()) => {
-                    info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload enabled");
-                }
+                stage,
+            } => match shared
+                .maps
+                .lock()
+                .expect("maps lock poisoned")
+                .enable(id, stage.mode())
+            {
+                Ok(()) => match stage {
+                    Stage::Redirect { port } => {
+                        info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, port, "workload enabled");
+                    }
+                    _ => {
+                        info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload's connections refused until its listener is bound");
+                    }
+                },
                 Err(e) => {
                     ready = false;
                     memory.enabled.remove(&key);

@@ -102,7 +102,7 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     }
     shared
         .node_addrs
-        .store(Arc::new(crate::node::node_addresses()));
+        .store(Arc::new(crate::node::node_addresses(&new.node_netns)));
     info!(reason = why, config = %serde_json::to_string(&new).unwrap_or_default(), "configuration reloaded");
     // New tunnels use sessions made with the new settings; old sessions are let go (tunnels
     // running on them are not affected).

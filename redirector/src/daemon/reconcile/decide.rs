@@ -1,35 +1,61 @@
 //! The reconciler's decisions, free of side effects: from the desired set and what one pass
 //! observed to the listeners to bind, the `rdr_enabled` changes and the resulting view.
 //!
-//! The rules: a workload is enabled once its cgroup exists and every network namespace its
-//! processes use has a listener (so the first redirected connect already finds one). It is
-//! disabled when it leaves the desired set, and its listeners close once no workload uses
-//! their namespace. An id is taken out of `rdr_enabled` only when no workload holds it any
-//! more: two pods may resolve to one cgroup.
+//! The rules: a workload's cgroup goes into `rdr_enabled` as soon as it exists, first as
+//! "refuse" (its connects fail with EPERM, never go direct), and becomes "redirect to port P"
+//! once every network namespace its processes use has a listener, all on port P. If a
+//! listener cannot be bound (every candidate port is taken by the pod), the workload stays
+//! refused: fail closed, for that pod only. It is disabled when it leaves the desired set,
+//! and its listeners close once no workload uses their namespace. An id is taken out of
+//! `rdr_enabled` only when no workload holds it any more: two pods may resolve to one cgroup.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
 };
 
-use crate::{api::WorkloadView, netns::NetnsId, workloads::DesiredSet};
+use crate::{api::WorkloadView, bpf::CgroupMode, netns::NetnsId, workloads::DesiredSet};
 
 /// What the reconciler remembers from one pass to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Memory {
     /// Workloads this daemon put into `rdr_enabled`, by key.
     pub enabled: BTreeMap<String, Enabled>,
-    /// Workloads whose "waiting" line was logged (once, until they are enabled or leave).
+    /// Workloads whose "waiting" or "refused" line was logged (once, until they redirect or
+    /// leave).
     pub waiting_logged: BTreeSet<String>,
     /// Whether ids an earlier run left in `rdr_enabled` were looked for (done once, as soon
     /// as the desired set is known).
     pub stale_checked: bool,
 }
 
-/// One enabled workload: the cgroup it was enabled with, and that cgroup's id.
+/// One enabled workload: the cgroup it was enabled with, that cgroup's id, and its stage.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Enabled {
     pub cgroup: PathBuf,
     pub id: u64,
+    pub stage: Stage,
+}
+
+/// Where an enabled workload is; the first three are refused in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Its cgroup has no process yet, so its network namespace is unknown.
+    WaitingForProcess,
+    /// A namespace its processes use has no listener: none could be bound.
+    NoListener,
+    /// Its namespaces' listeners are on different ports; one entry cannot point at both.
+    PortsDiffer,
+    /// Redirected to the listeners on `port`.
+    Redirect { port: u16 },
+}
+
+impl Stage {
+    pub fn mode(self) -> CgroupMode {
+        match self {
+            Stage::Redirect { port } => CgroupMode::Redirect { port },
+            _ => CgroupMode::Refuse,
+        }
+    }
 }
 
 /// What one pass saw.
@@ -43,10 +69,15 @@ pub struct Observed {
     pub full: bool,
     /// Each desired workload's cgroup, by key.
     pub cgroups: BTreeMap<String, CgroupSeen>,
-    /// Network namespaces that have a listener (after this pass bound the missing ones).
-    pub listeners: BTreeSet<NetnsId>,
+    /// Network namespaces that have a listener, with its port (after this pass bound the
+    /// missing ones).
+    pub listeners: BTreeMap<NetnsId, u16>,
     /// Full passes: the namespaces in use in each enabled workload's cgroup, by cgroup path.
     pub enabled_netns: BTreeMap<PathBuf, BTreeSet<NetnsId>>,
+    /// Full passes: what `rdr_enabled` holds. An entry that differs from what this daemon
+    /// wrote (another daemon during an upgrade pointed it at its own listener, or someone
+    /// removed it) is written again.
+    pub entries: Option<BTreeMap<u64, CgroupMode>>,
     /// Read on the pass that looks for ids left enabled by an earlier run (see
     /// [`wants_earlier_run`]).
     pub earlier: Option<EarlierRun>,
@@ -86,7 +117,7 @@ pub struct EarlierRun {
     pub candidate_ids: BTreeSet<u64>,
 }
 
-/// Bind the proxy port in `netns`, trying its processes in turn until one works.
+/// Bind a listener in `netns`, trying its processes in turn until one works.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listen {
     pub netns: NetnsId,
@@ -103,12 +134,13 @@ pub struct Attempt {
 /// One change to `rdr_enabled` or the listeners, in the order they are to be made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Put the workload's cgroup id into `rdr_enabled`.
+    /// Put the workload's cgroup id into `rdr_enabled`, or change its mode.
     Enable {
         key: String,
         label: String,
         cgroup: PathBuf,
         id: u64,
+        stage: Stage,
     },
     /// Take out the id a workload held before its cgroup was recreated (no one else has it).
     Disable { id: u64 },
@@ -127,8 +159,18 @@ pub enum Action {
 /// A line to log once per workload while it waits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
-    WaitingForCgroup { label: String },
-    WaitingForProcess { label: String, cgroup: PathBuf },
+    WaitingForCgroup {
+        label: String,
+    },
+    WaitingForProcess {
+        label: String,
+        cgroup: PathBuf,
+    },
+    /// Its connects are refused until a listener can be bound (see [`Stage`]).
+    Refused {
+        label: String,
+        stage: Stage,
+    },
 }
 
 /// The outcome of [`decide`].
@@ -138,15 +180,24 @@ pub struct Decision {
     pub notices: Vec<Notice>,
     /// What to remember once the actions are made (an `Enable` that fails is forgotten).
     pub memory: Memory,
-    /// Every workload whose processes are known has its listeners, and the desired set is
-    /// known (an `Enable` that fails makes the pass not ready too).
+    /// The desired set is known (an `Enable` that fails makes the pass not ready). A
+    /// workload without a listener does not: it is refused, which is its own problem, and
+    /// one pod must not hold up the node's readiness.
     pub ready: bool,
 }
 
 /// Whether a pass looks at the processes of a workload whose cgroup has `id`: always on a
-/// full pass, otherwise only while it is not enabled with that id.
+/// full pass, otherwise only while it is not redirected with that id.
 pub fn wants_scan(memory: &Memory, key: &str, id: u64, full: bool) -> bool {
-    full || !is_enabled_with(memory, key, id)
+    full || !redirects_with(memory, key, id)
+}
+
+/// Is the workload redirected (not refused, not waiting)?
+pub fn redirects(memory: &Memory, key: &str) -> bool {
+    memory
+        .enabled
+        .get(key)
+        .is_some_and(|e| matches!(e.stage, Stage::Redirect { .. }))
 }
 
 /// Whether a pass reads [`EarlierRun`]: once, as soon as the desired set is known.
@@ -154,8 +205,8 @@ pub fn wants_earlier_run(memory: &Memory, known: bool) -> bool {
     known && !memory.stale_checked
 }
 
-fn is_enabled_with(memory: &Memory, key: &str, id: u64) -> bool {
-    memory.enabled.get(key).is_some_and(|e| e.id == id)
+fn redirects_with(memory: &Memory, key: &str, id: u64) -> bool {
+    redirects(memory, key) && memory.enabled.get(key).is_some_and(|e| e.id == id)
 }
 
 /// The listeners to bind: one per namespace that a looked-at workload's processes use and
@@ -169,7 +220,10 @@ pub fn plan_listeners(desired: &DesiredSet, seen: &Observed) -> Vec<Listen> {
         else {
             continue;
         };
-        for p in procs.iter().filter(|p| !seen.listeners.contains(&p.netns)) {
+        for p in procs
+            .iter()
+            .filter(|p| !seen.listeners.contains_key(&p.netns))
+        {
             let attempt = Attempt {
                 pid: p.pid,
                 workload: w.label.clone(),
@@ -194,7 +248,7 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
     let mut memory = before.clone();
     let mut actions = Vec::new();
     let mut notices = Vec::new();
-    let mut ready = seen.known;
+    let ready = seen.known;
     // Namespaces the looked-at workloads use: their listeners stay.
     let mut in_use: BTreeSet<NetnsId> = BTreeSet::new();
 
@@ -212,49 +266,58 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
             }
             Some(CgroupSeen::Unreadable) | None => continue,
         };
-        let already = is_enabled_with(&memory, &w.key, id);
         let Some(procs) = procs else {
-            // Enabled with this id and not looked at on a quick pass.
+            // Redirected with this id and not looked at on a quick pass.
             continue;
         };
         in_use.extend(procs.iter().map(|p| p.netns));
-        if procs.is_empty() {
-            if !already && memory.waiting_logged.insert(w.key.clone()) {
-                notices.push(Notice::WaitingForProcess {
-                    label: w.label.clone(),
-                    cgroup: path.clone(),
-                });
+        let stage = stage_of(procs, &seen.listeners);
+        match stage {
+            Stage::Redirect { .. } => {
+                memory.waiting_logged.remove(&w.key);
             }
-            continue;
+            Stage::WaitingForProcess => {
+                if memory.waiting_logged.insert(w.key.clone()) {
+                    notices.push(Notice::WaitingForProcess {
+                        label: w.label.clone(),
+                        cgroup: path.clone(),
+                    });
+                }
+            }
+            Stage::NoListener | Stage::PortsDiffer => {
+                let was = memory.enabled.get(&w.key).map(|e| e.stage);
+                if was != Some(stage) {
+                    notices.push(Notice::Refused {
+                        label: w.label.clone(),
+                        stage,
+                    });
+                }
+            }
         }
-        if procs.iter().any(|p| !seen.listeners.contains(&p.netns)) {
-            // A listener could not be bound: not enabled (or left as it was), not ready.
-            ready = false;
-            continue;
-        }
-        if already {
-            continue;
-        }
-        // New, or its cgroup was recreated (new id): the old id goes unless someone holds it.
-        if let Some(old) = memory.enabled.remove(&w.key)
-            && !holds(&memory, old.id)
-        {
-            actions.push(Action::Disable { id: old.id });
-        }
-        actions.push(Action::Enable {
-            key: w.key.clone(),
-            label: w.label.clone(),
+        let now = Enabled {
             cgroup: path.clone(),
             id,
-        });
-        memory.enabled.insert(
-            w.key.clone(),
-            Enabled {
-                cgroup: path.clone(),
-                id,
-            },
-        );
-        memory.waiting_logged.remove(&w.key);
+            stage,
+        };
+        let before = memory.enabled.insert(w.key.clone(), now);
+        let Some(before) = before else {
+            actions.push(enable(w, path, id, stage));
+            continue;
+        };
+        if before.id != id {
+            // Its cgroup was recreated (new id): the old id goes unless someone holds it.
+            if !holds(&memory, before.id) {
+                actions.push(Action::Disable { id: before.id });
+            }
+            actions.push(enable(w, path, id, stage));
+        } else if before.stage.mode() != stage.mode()
+            || seen
+                .entries
+                .as_ref()
+                .is_some_and(|m| m.get(&id) != Some(&stage.mode()))
+        {
+            actions.push(enable(w, path, id, stage));
+        }
     }
 
     // Workloads that left the set: out of the map first, then their listeners go.
@@ -284,7 +347,7 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
                 keep.extend(nss);
             }
         }
-        for &netns in seen.listeners.difference(&keep) {
+        for &netns in seen.listeners.keys().filter(|ns| !keep.contains(ns)) {
             actions.push(Action::Close { netns });
         }
     }
@@ -322,6 +385,33 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
     }
 }
 
+/// What a workload with these processes can be, given the listeners.
+fn stage_of(procs: &[Proc], listeners: &BTreeMap<NetnsId, u16>) -> Stage {
+    let mut ports = BTreeSet::new();
+    for p in procs {
+        match listeners.get(&p.netns) {
+            Some(port) => ports.insert(*port),
+            None => return Stage::NoListener,
+        };
+    }
+    let mut ports = ports.into_iter();
+    match (ports.next(), ports.next()) {
+        (None, _) => Stage::WaitingForProcess,
+        (Some(port), None) => Stage::Redirect { port },
+        (Some(_), Some(_)) => Stage::PortsDiffer,
+    }
+}
+
+fn enable(w: &crate::workloads::Workload, path: &std::path::Path, id: u64, stage: Stage) -> Action {
+    Action::Enable {
+        key: w.key.clone(),
+        label: w.label.clone(),
+        cgroup: path.to_owned(),
+        id,
+        stage,
+    }
+}
+
 /// Does some enabled workload hold `id`?
 fn holds(memory: &Memory, id: u64) -> bool {
     memory.enabled.values().any(|e| e.id == id)
@@ -333,12 +423,23 @@ pub fn views(desired: &DesiredSet, memory: &Memory) -> Vec<WorkloadView> {
         .values()
         .map(|w| {
             let e = memory.enabled.get(&w.key);
+            let stage = e.map(|e| e.stage);
             WorkloadView {
                 key: w.key.clone(),
                 label: w.label.clone(),
                 cgroup: e.map(|e| e.cgroup.display().to_string()),
                 cgroup_id: e.map(|e| e.id),
-                listening: e.is_some(),
+                listening: matches!(stage, Some(Stage::Redirect { .. })),
+                state: match stage {
+                    None | Some(Stage::WaitingForProcess) => "waiting",
+                    Some(Stage::NoListener | Stage::PortsDiffer) => "refused",
+                    Some(Stage::Redirect { .. }) => "redirect",
+                }
+                .to_owned(),
+                port: match stage {
+                    Some(Stage::Redirect { port }) => Some(port),
+                    _ => None,
+                },
             }
         })
         .collect()
@@ -398,12 +499,31 @@ mod tests {
         }
     }
 
+    /// The port listeners get in these cases, unless a case says otherwise.
+    const PORT: u16 = 15300;
+
+    fn redirect() -> Stage {
+        Stage::Redirect { port: PORT }
+    }
+
     fn enable(key: &str, id: u64) -> Action {
+        enable_as(key, id, redirect())
+    }
+
+    fn enable_as(key: &str, id: u64, stage: Stage) -> Action {
         Action::Enable {
             key: key.into(),
             label: label(key),
             cgroup: cg(key),
             id,
+            stage,
+        }
+    }
+
+    fn refused(key: &str, stage: Stage) -> Notice {
+        Notice::Refused {
+            label: label(key),
+            stage,
         }
     }
 
@@ -423,12 +543,18 @@ mod tests {
         full: bool,
         cgroups: Vec<(&'static str, CgroupSeen)>,
         listeners: &'static [u64],
+        /// Namespaces among `listeners` whose listener is on `PORT + 1`.
+        other_port: &'static [u64],
         /// (cgroup key, namespaces in use) of enabled workloads, seen on full passes.
         enabled_netns: &'static [(&'static str, &'static [u64])],
+        /// What `rdr_enabled` holds, read on full passes.
+        entries: Option<&'static [(u64, CgroupMode)]>,
         /// (ids in rdr_enabled, ids of the desired workloads' candidates).
         earlier: Option<(&'static [u64], &'static [u64])>,
-        /// (key, id) enabled by earlier passes, each at `/cg/<key>`.
+        /// (key, id) redirected by earlier passes, each at `/cg/<key>`.
         before: &'static [(&'static str, u64)],
+        /// (key, id) refused by earlier passes (no listener), each at `/cg/<key>`.
+        before_refused: &'static [(&'static str, u64)],
         /// (key, cgroup key, id): like `before`, with another workload's cgroup.
         before_shared: &'static [(&'static str, &'static str, u64)],
         stale_checked: bool,
@@ -447,9 +573,12 @@ mod tests {
             full: false,
             cgroups: Vec::new(),
             listeners: &[],
+            other_port: &[],
             enabled_netns: &[],
+            entries: None,
             earlier: None,
             before: &[],
+            before_refused: &[],
             before_shared: &[],
             stale_checked: true,
             want_actions: Vec::new(),
@@ -464,18 +593,21 @@ mod tests {
             stale_checked: c.stale_checked,
             ..Memory::default()
         };
-        for &(key, id) in c.before {
-            before.enabled.insert(
-                key.into(),
-                Enabled {
-                    cgroup: cg(key),
-                    id,
-                },
-            );
+        let stages = c.before.iter().map(|&(key, id)| (key, id, redirect()));
+        let refused = c
+            .before_refused
+            .iter()
+            .map(|&(key, id)| (key, id, Stage::NoListener));
+        for (key, id, stage) in stages.chain(refused) {
+            let cgroup = cg(key);
+            let e = Enabled { cgroup, id, stage };
+            before.enabled.insert(key.into(), e);
         }
         for &(key, cgroup, id) in c.before_shared {
-            let cgroup = cg(cgroup);
-            before.enabled.insert(key.into(), Enabled { cgroup, id });
+            let (cgroup, stage) = (cg(cgroup), redirect());
+            before
+                .enabled
+                .insert(key.into(), Enabled { cgroup, id, stage });
         }
         let seen = Observed {
             known: c.known,
@@ -485,12 +617,17 @@ mod tests {
                 .iter()
                 .map(|(k, s)| ((*k).to_owned(), s.clone()))
                 .collect(),
-            listeners: c.listeners.iter().map(|&n| ns(n)).collect(),
+            listeners: c
+                .listeners
+                .iter()
+                .map(|&n| (ns(n), PORT + u16::from(c.other_port.contains(&n))))
+                .collect(),
             enabled_netns: c
                 .enabled_netns
                 .iter()
                 .map(|(k, nss)| (cg(k), nss.iter().map(|&n| ns(n)).collect()))
                 .collect(),
+            entries: c.entries.map(|e| e.iter().copied().collect()),
             earlier: c.earlier.map(|(map, candidates)| EarlierRun {
                 map_ids: map.iter().copied().collect(),
                 candidate_ids: candidates.iter().copied().collect(),
@@ -511,11 +648,13 @@ mod tests {
             Case {
                 desired: &["a"],
                 cgroups: vec![("a", found("a", 10, &[]))],
+                want_actions: vec![enable_as("a", 10, Stage::WaitingForProcess)],
                 want_notices: vec![Notice::WaitingForProcess {
                     label: label("a"),
                     cgroup: cg("a"),
                 }],
-                ..case("cgroup exists but has no process yet: waits, still ready")
+                want_enabled: &[("a", 10)],
+                ..case("cgroup exists but has no process yet: refused until it has a listener")
             },
             Case {
                 desired: &["a"],
@@ -534,8 +673,52 @@ mod tests {
                 desired: &["a"],
                 cgroups: vec![("a", found("a", 10, &[(100, 1), (200, 2)]))],
                 listeners: &[1],
-                want_ready: false,
-                ..case("listener failed in one of its netns: not enabled, not ready")
+                want_actions: vec![enable_as("a", 10, Stage::NoListener)],
+                want_notices: vec![refused("a", Stage::NoListener)],
+                want_enabled: &[("a", 10)],
+                ..case("listener failed in one of its netns: refused, the node stays ready")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1), (200, 2)]))],
+                listeners: &[1, 2],
+                other_port: &[2],
+                want_actions: vec![enable_as("a", 10, Stage::PortsDiffer)],
+                want_notices: vec![refused("a", Stage::PortsDiffer)],
+                want_enabled: &[("a", 10)],
+                ..case("its netns listen on different ports: one entry cannot serve both, refused")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1)]))],
+                listeners: &[1],
+                other_port: &[1],
+                before_refused: &[("a", 10)],
+                want_actions: vec![enable_as("a", 10, Stage::Redirect { port: PORT + 1 })],
+                want_enabled: &[("a", 10)],
+                ..case("refused workload whose listener is bound at last: redirected to its port")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1)]))],
+                before_refused: &[("a", 10)],
+                want_enabled: &[("a", 10)],
+                ..case("refused workload still without a listener: no change, no second line")
+            },
+            Case {
+                desired: &["a", "b"],
+                full: true,
+                cgroups: vec![
+                    ("a", found("a", 10, &[(100, 1)])),
+                    ("b", found("b", 20, &[(200, 2)])),
+                ],
+                listeners: &[1, 2],
+                before: &[("a", 10), ("b", 20)],
+                enabled_netns: &[("a", &[1]), ("b", &[2])],
+                entries: Some(&[(10, CgroupMode::Redirect { port: PORT + 1 })]),
+                want_actions: vec![enable("a", 10), enable("b", 20)],
+                want_enabled: &[("a", 10), ("b", 20)],
+                ..case("full pass: entries changed or removed behind our back are written again")
             },
             Case {
                 desired: &["a"],
@@ -544,9 +727,10 @@ mod tests {
                 listeners: &[1],
                 before: &[("a", 10)],
                 enabled_netns: &[("a", &[1, 2])],
-                want_ready: false,
+                want_actions: vec![enable_as("a", 10, Stage::NoListener)],
+                want_notices: vec![refused("a", Stage::NoListener)],
                 want_enabled: &[("a", 10)],
-                ..case("enabled workload's new netns without listener: stays enabled, not ready")
+                ..case("redirected workload's new netns without a listener: refused, not direct")
             },
             Case {
                 desired: &["a"],
@@ -641,12 +825,16 @@ mod tests {
                 desired: &["a"],
                 cgroups: vec![("a", found("a", 11, &[]))],
                 before: &[("a", 10)],
+                want_actions: vec![
+                    Action::Disable { id: 10 },
+                    enable_as("a", 11, Stage::WaitingForProcess),
+                ],
                 want_notices: vec![Notice::WaitingForProcess {
                     label: label("a"),
                     cgroup: cg("a"),
                 }],
-                want_enabled: &[("a", 10)],
-                ..case("cgroup recreated, no process yet: waits; the old entry stays until then")
+                want_enabled: &[("a", 11)],
+                ..case("cgroup recreated, no process yet: the new id is refused, the old one goes")
             },
             Case {
                 desired: &["a", "b"],
@@ -657,12 +845,16 @@ mod tests {
                 listeners: &[1],
                 stale_checked: false,
                 earlier: Some((&[10, 20, 30], &[10, 30])),
-                want_actions: vec![enable("a", 10), Action::DisableStale { id: 20 }],
+                want_actions: vec![
+                    enable("a", 10),
+                    enable_as("b", 30, Stage::WaitingForProcess),
+                    Action::DisableStale { id: 20 },
+                ],
                 want_notices: vec![Notice::WaitingForProcess {
                     label: label("b"),
                     cgroup: cg("b"),
                 }],
-                want_enabled: &[("a", 10)],
+                want_enabled: &[("a", 10), ("b", 30)],
                 ..case("ids an earlier run enabled: the unwanted go, still-desired ones stay")
             },
             Case {
@@ -711,7 +903,7 @@ mod tests {
         assert!(decide(&desired, &seen, &again.memory).notices.is_empty());
         // Enabled: forgotten, so a later wait (after it leaves and comes back) logs again.
         seen.cgroups.insert("a".into(), found("a", 10, &[(100, 1)]));
-        seen.listeners.insert(ns(1));
+        seen.listeners.insert(ns(1), PORT);
         let enabled = decide(&desired, &seen, &again.memory);
         assert!(enabled.memory.waiting_logged.is_empty());
         // A workload that leaves while waiting is forgotten too.
@@ -730,7 +922,7 @@ mod tests {
                 ("c".to_owned(), unscanned("c", 30)),
                 ("d".to_owned(), CgroupSeen::Missing),
             ]),
-            listeners: BTreeSet::from([ns(3)]),
+            listeners: BTreeMap::from([(ns(3), PORT)]),
             ..Observed::default()
         };
         let attempt = |pid, key: &str| Attempt {
@@ -753,40 +945,57 @@ mod tests {
     }
 
     #[test]
-    fn quick_passes_look_only_at_workloads_not_enabled_with_their_current_id() {
+    fn quick_passes_look_only_at_workloads_not_redirected_with_their_current_id() {
         let mut memory = Memory::default();
-        memory.enabled.insert(
-            "a".into(),
-            Enabled {
-                cgroup: cg("a"),
-                id: 10,
-            },
-        );
+        for (key, id, stage) in [("a", 10, redirect()), ("c", 30, Stage::NoListener)] {
+            let cgroup = cg(key);
+            memory
+                .enabled
+                .insert(key.into(), Enabled { cgroup, id, stage });
+        }
         assert!(!wants_scan(&memory, "a", 10, false));
         assert!(wants_scan(&memory, "a", 10, true));
         assert!(wants_scan(&memory, "a", 11, false), "recreated cgroup");
         assert!(wants_scan(&memory, "b", 20, false), "not enabled yet");
+        assert!(
+            wants_scan(&memory, "c", 30, false),
+            "refused, waiting for a listener"
+        );
     }
 
     #[test]
-    fn the_view_lists_every_desired_workload_with_its_cgroup_once_enabled() {
+    fn the_view_lists_every_desired_workload_with_its_cgroup_and_state() {
         let mut memory = Memory::default();
-        memory.enabled.insert(
-            "a".into(),
-            Enabled {
-                cgroup: cg("a"),
-                id: 10,
-            },
-        );
-        let v = views(&desired(&["a", "b"]), &memory);
-        assert_eq!(v.len(), 2);
+        for (key, id, stage) in [("a", 10, redirect()), ("c", 30, Stage::NoListener)] {
+            let cgroup = cg(key);
+            memory
+                .enabled
+                .insert(key.into(), Enabled { cgroup, id, stage });
+        }
+        let v = views(&desired(&["a", "b", "c"]), &memory);
+        let shown: Vec<_> = v
+            .iter()
+            .map(|v| {
+                let cgroup = v.cgroup.as_deref();
+                (v.label.as_str(), cgroup, v.cgroup_id, v.listening)
+            })
+            .collect();
         assert_eq!(
-            (v[0].cgroup.as_deref(), v[0].cgroup_id, v[0].listening),
-            (Some("/cg/a"), Some(10), true)
+            shown,
+            [
+                ("default/a", Some("/cg/a"), Some(10), true),
+                ("default/b", None, None, false),
+                ("default/c", Some("/cg/c"), Some(30), false),
+            ]
         );
+        let states: Vec<_> = v.iter().map(|v| (v.state.as_str(), v.port)).collect();
         assert_eq!(
-            (v[1].label.as_str(), v[1].cgroup.as_deref(), v[1].listening),
-            ("default/b", None, false)
+            states,
+            [
+                ("redirect", Some(PORT)),
+                ("waiting", None),
+                ("refused", None)
+            ]
         );
     }
 }
