@@ -215,7 +215,8 @@ pub fn explain(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         .enable_all()
         .build()
         .map_err(ExplainError::Runtime)?;
-    let resolve = |name: &str, port: u16| rt.block_on(plan::lookup(name, port));
+    let names = rt.block_on(async { crate::names::Resolver::from_system() });
+    let resolve = |name: &str, _port: u16| rt.block_on(names.lookup(name));
     let query = Query {
         dst: args.dst,
         host,

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod explain;
 pub mod k8s;
 pub mod kubelet;
+pub mod names;
 pub mod netns;
 pub mod node;
 pub mod plan;

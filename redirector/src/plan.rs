@@ -8,10 +8,7 @@
 //! quinn-proto and rustls do it): when a name rule picks `direct`, [`start`] asks the caller
 //! to resolve the name ([`Step::Resolve`]) and [`Pending::finish`] takes the answer. The
 //! proxy answers with [`lookup`]; tests answer with a table.
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
@@ -180,21 +177,6 @@ fn http_tunnel(config: &Config, plan: &Plan) -> bool {
     config.tunnel_http.is_some()
         && plan.route == Some(Route::Proxy)
         && plan.host_source == HostSource::Host
-}
-
-/// The node's resolver, bounded: how long a name check may hold a connection.
-pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Resolves `host` with the node's resolver, within [`LOOKUP_TIMEOUT`].
-pub async fn lookup(host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
-    match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port))).await {
-        Err(_) => Err(format!(
-            "lookup timed out after {}s",
-            LOOKUP_TIMEOUT.as_secs()
-        )),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(addrs)) => Ok(addrs.map(|a| a.ip()).collect()),
-    }
 }
 
 /// Where one hop connects.

@@ -385,8 +385,8 @@ async fn relay(
     let plan = match plan::start(&cfg, &node_addrs, &facts) {
         plan::Step::Ready(p) => p,
         plan::Step::Resolve(pending) => {
-            let (host, port) = pending.host();
-            let answer = plan::lookup(host, port).await;
+            let (host, _) = pending.host();
+            let answer = shared.names.lookup(host).await;
             pending.finish(answer, &cfg)
         }
     };

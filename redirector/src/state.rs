@@ -19,6 +19,8 @@ use crate::{
 pub struct Shared {
     /// Swapped whole on reload; each connection works with the snapshot it started with.
     pub config: arc_swap::ArcSwap<Config>,
+    /// The name checks' resolver (with its TTL cache).
+    pub names: crate::names::Resolver,
     /// The node's own addresses (refreshed on reload), for the safety rules.
     pub node_addrs: arc_swap::ArcSwap<Vec<std::net::IpAddr>>,
     pub maps: Mutex<Maps>,

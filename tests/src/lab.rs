@@ -234,6 +234,7 @@ pub struct Lab {
     extra_cgroups: Vec<PathBuf>,
     hosts: u32,
     node_hosts: Option<PathBuf>,
+    node_resolv: Option<PathBuf>,
 }
 
 impl Lab {
@@ -267,6 +268,7 @@ impl Lab {
             extra_cgroups: Vec::new(),
             hosts: 0,
             node_hosts: None,
+            node_resolv: None,
         };
         sh(&format!("mount -t cgroup2 none {}", lab.cg_mount.display()));
         fs::create_dir_all(&lab.cg_root).expect("cgroup root");
@@ -405,6 +407,14 @@ impl Lab {
         self.node_hosts = Some(p);
     }
 
+    /// Makes the daemon (started after this call) use the DNS server at `server` — its
+    /// `/etc/resolv.conf`, bind-mounted like [`Lab::set_node_hosts`].
+    pub fn set_node_resolver(&mut self, server: IpAddr) {
+        let p = self.dir.join("node-resolv.conf");
+        fs::write(&p, format!("nameserver {server}\n")).expect("write node resolv.conf");
+        self.node_resolv = Some(p);
+    }
+
     /// A cgroup next to the pods that is never enabled.
     pub fn add_plain_cgroup(&mut self, name: &str) -> PathBuf {
         let p = self.cg_root.join(name);
@@ -492,28 +502,36 @@ impl Lab {
         let mut args = self.daemon_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let node = self.node.clone();
-        let i = match self.node_hosts.clone() {
-            None => {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                self.spawn_in_env(&node, "redirector", &bin, &args, env)
-            }
-            Some(hosts) => {
-                // The node's resolver sees `hosts` as /etc/hosts: a private mount namespace
-                // with a bind mount, so the host's own /etc/hosts is untouched.
-                let mut full = vec![
-                    "--mount".to_owned(),
-                    "--propagation".into(),
-                    "private".into(),
-                    "sh".into(),
-                    "-c".into(),
-                    "mount --bind \"$0\" /etc/hosts && exec \"$@\"".into(),
-                    hosts.display().to_string(),
-                    bin.display().to_string(),
-                ];
-                full.extend(args);
-                let full: Vec<&str> = full.iter().map(String::as_str).collect();
-                self.spawn_in_env(&node, "redirector", Path::new("unshare"), &full, env)
-            }
+        // The node's resolver files, each bind-mounted over its /etc path in a private mount
+        // namespace, so the host's own files are untouched.
+        let mounts: Vec<(PathBuf, &str)> = [
+            (self.node_hosts.clone(), "/etc/hosts"),
+            (self.node_resolv.clone(), "/etc/resolv.conf"),
+        ]
+        .into_iter()
+        .filter_map(|(p, target)| p.map(|p| (p, target)))
+        .collect();
+        let i = if mounts.is_empty() {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.spawn_in_env(&node, "redirector", &bin, &args, env)
+        } else {
+            let script: String = mounts
+                .iter()
+                .map(|(p, target)| format!("mount --bind '{}' {target} && ", p.display()))
+                .collect();
+            let mut full = vec![
+                "--mount".to_owned(),
+                "--propagation".into(),
+                "private".into(),
+                "sh".into(),
+                "-c".into(),
+                format!("{script}exec \"$@\""),
+                "node-resolver".into(),
+                bin.display().to_string(),
+            ];
+            full.extend(args);
+            let full: Vec<&str> = full.iter().map(String::as_str).collect();
+            self.spawn_in_env(&node, "redirector", Path::new("unshare"), &full, env)
         };
         let end = Instant::now() + Duration::from_secs(20);
         loop {

@@ -355,3 +355,77 @@ fn direct_dials_never_reach_cluster_ranges_or_the_nodes_own_addresses() {
         "the node's own address (from --node-netns) was dialed directly:\n{log}"
     );
 }
+
+/// A name rule's check asks the node's DNS once per TTL, not once per connection: five
+/// connections that a name skip entry sends direct cost one A query at a real DNS server
+/// (dnsmasq, answering with a 300 s TTL and logging every query it receives).
+#[test]
+fn name_checks_are_cached_for_the_answers_ttl() {
+    if !tests::priv_check::privileged("name_checks_are_cached_for_the_answers_ttl") {
+        return;
+    }
+    use std::net::{Ipv4Addr, SocketAddr};
+    use tests::lab::{Lab, NODE_V4};
+    let mut lab = Lab::new();
+    lab.add_pod();
+    let (inet, _) = lab.add_internet(2, 8080);
+    lab.start_testsrv(
+        &inet,
+        "http",
+        &[SocketAddr::from((Ipv4Addr::UNSPECIFIED, 80))],
+    );
+    let dns_v4 = Ipv4Addr::new(203, 0, 113, 53);
+    let dns = lab.add_host("dns", &[dns_v4], &[]);
+    let hosts = lab.dir.join("dns-hosts");
+    let target = Lab::inet_v4(0);
+    std::fs::write(&hosts, format!("{target} cached.example.test\n")).unwrap();
+    let dnsmasq = lab.spawn_in(
+        &dns,
+        "dnsmasq",
+        std::path::Path::new("dnsmasq"),
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            &format!("--addn-hosts={}", hosts.display()),
+            "--local-ttl=300",
+            "--log-queries",
+            "--log-facility=-",
+            &format!("--listen-address={dns_v4}"),
+            "--bind-interfaces",
+            "--pid-file=",
+            "--user=root",
+        ],
+    );
+    lab.procs[dnsmasq].wait_for_log("started", Duration::from_secs(10));
+    lab.set_node_resolver(IpAddr::V4(dns_v4));
+    lab.start_daemon(&["--proxy-skip-range", "cached.example.test"]);
+
+    for i in 0..5 {
+        let o = lab.pods[0]
+            .cmd("curl")
+            .args(["-sS", "--max-time", "10", "--resolve"])
+            .arg(format!("cached.example.test:80:{target}"))
+            .arg(format!("http://cached.example.test/{i}"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "request {i}: {}", out(&o));
+        let body = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            body.contains(&format!("peer={NODE_V4}:")),
+            "request {i} not dialed directly by the node: {body}"
+        );
+    }
+    lab.wait_daemon_log("rule=skip:cached.example.test");
+    let queries = lab.procs[dnsmasq]
+        .log()
+        .lines()
+        .filter(|l| l.contains("query[A] cached.example.test"))
+        .count();
+    assert_eq!(
+        queries,
+        1,
+        "one A query for five connections within the TTL:\n{}",
+        lab.procs[dnsmasq].log()
+    );
+}

@@ -32,6 +32,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "hyper-h2, the independent HTTP/2 CONNECT client in the gateway simulator tests",
     ),
     ("squid", "the real enterprise proxy in the tunnel tests"),
+    (
+        "dnsmasq-base",
+        "a real DNS server for the name-check cache test",
+    ),
     ("apache2-utils", "htpasswd for Squid's basic_ncsa_auth"),
     ("openssl", "certificate checks in tests"),
 ];

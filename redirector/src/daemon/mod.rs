@@ -112,6 +112,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     let shared = Arc::new(Shared {
         config: arc_swap::ArcSwap::from_pointee(config.clone()),
         node_addrs: arc_swap::ArcSwap::from_pointee(node_addresses(&config.node_netns)),
+        names: crate::names::Resolver::from_system(),
         maps: Mutex::new(maps),
         metrics: Arc::clone(&metrics),
         shutdown,
