@@ -42,7 +42,8 @@ struct ConnGuard<'a> {
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut c) = self.shared.conns.lock() {
+        {
+            let mut c = self.shared.conns();
             c.remove(&self.id);
         }
     }
@@ -93,9 +94,21 @@ pub fn spawn_listener(
             addr: local.unwrap_or(SocketAddr::from(([127, 0, 0, 1], port))),
             source,
         })?;
-        let shared = Arc::clone(shared);
-        let stop = stop.clone();
-        tokio::spawn(accept_loop(shared, listener, stop, pod.clone()));
+        let (shared, stop, pod) = (Arc::clone(shared), stop.clone(), pod.clone());
+        let listener = Arc::new(listener);
+        tokio::spawn(async move {
+            let restarts = shared.metrics.listener_restarts.clone();
+            let workload = Arc::clone(&pod.workload);
+            supervised(&workload, &restarts, || {
+                accept_loop(
+                    Arc::clone(&shared),
+                    Arc::clone(&listener),
+                    stop.clone(),
+                    pod.clone(),
+                )
+            })
+            .await;
+        });
     }
     info!(pid, netns_cookie = cookie, port, workload = %workload, "proxy listening in pod network namespace");
     Ok(NetnsListener {
@@ -176,9 +189,35 @@ impl Drop for Slot {
     }
 }
 
+/// Runs the task `make` returns until it ends on its own, restarting it each time it panics:
+/// a listener's accept loop must never end silently, or its pod's connections would queue
+/// unanswered. Each restart is logged and counted (`redirector_listener_restarts_total`).
+async fn supervised<F, Fut>(
+    workload: &str,
+    restarts: &prometheus_client::metrics::counter::Counter,
+    mut make: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(make()).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                restarts.inc();
+                tracing::error!(workload = %workload, "listener task panicked; restarting it");
+                // A task that panics at once must not spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Cancelled: the runtime is shutting down.
+            Err(_) => return,
+        }
+    }
+}
+
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     stop: CancellationToken,
     pod: Pod,
 ) {
@@ -220,11 +259,7 @@ fn on_accept(shared: &Arc<Shared>, pod: &Pod, stream: TcpStream, peer: SocketAdd
         }
     };
     let key = bpf::sock_key(cookie, peer);
-    let found = shared
-        .maps
-        .lock()
-        .expect("maps lock poisoned")
-        .take_orig(&key);
+    let found = shared.maps().take_orig(&key);
     let orig = match found {
         Ok(Some(d)) => bpf::orig_to_socket_addr(&d),
         Ok(None) => {
@@ -464,7 +499,8 @@ async fn relay(
     let id = shared
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    if let Ok(mut c) = shared.conns.lock() {
+    {
+        let mut c = shared.conns();
         c.insert(
             id,
             ConnView {
@@ -623,4 +659,29 @@ impl ListenerSet {
             keep
         });
     }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A listener task that panics is restarted (and counted), not lost; one that ends on
+    /// its own is not.
+    #[tokio::test]
+    async fn a_panicking_listener_task_is_restarted_and_counted() {
+        let restarts = prometheus_client::metrics::counter::Counter::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let r = Arc::clone(&runs);
+        supervised("ns/pod", &restarts, move || {
+            let r = Arc::clone(&r);
+            async move {
+                if r.fetch_add(1, AtomicOrdering::SeqCst) < 2 {
+                    panic!("poisoned lock");
+                }
+            }
+        })
+        .await;
+        assert_eq!(runs.load(AtomicOrdering::SeqCst), 3);
+        assert_eq!(restarts.get(), 2);
+    }
+
+    use super::*;
 }

@@ -95,13 +95,17 @@ pub struct Relayed {
 /// appended before writing: a TLS source yields one record (≤ 16 KiB) per read, and
 /// coalescing them turns four writes (and four wake-ups of the reader on the other side)
 /// into one. Nothing waits for more data: a read that would block ends the batch.
-pub async fn pump<R, W>(r: R, w: W, count: &mut u64) -> DirEnd
+pub async fn pump<R, W>(r: R, mut w: W, count: &mut u64) -> DirEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    pump_with(r, w, count, None, None).await
+    pump_with(r, &mut w, count, None, None).await
 }
+
+/// How long the end of a relay waits to close the upstream in order (TLS close_notify
+/// flushed) before it drops it.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// When a relay last moved a byte either way, for its idle timeout.
 struct Activity {
@@ -130,7 +134,7 @@ impl Activity {
 
 async fn pump_with<R, W>(
     mut r: R,
-    mut w: W,
+    w: &mut W,
     count: &mut u64,
     activity: Option<&Activity>,
     budget: Option<&BufferBudget>,
@@ -144,10 +148,7 @@ where
     loop {
         let mut n = match r.read(&mut buf).await {
             Ok(0) => {
-                return match w.shutdown().await {
-                    Ok(()) => DirEnd::Eof,
-                    Err(e) => DirEnd::Error(e),
-                };
+                return shutdown(w).await;
             }
             Ok(n) => n,
             Err(e) => return DirEnd::Error(e),
@@ -178,10 +179,7 @@ where
         match end {
             None => {}
             Some(Ok(())) => {
-                return match w.shutdown().await {
-                    Ok(()) => DirEnd::Eof,
-                    Err(e) => DirEnd::Error(e),
-                };
+                return shutdown(w).await;
             }
             Some(Err(e)) => return DirEnd::Error(e),
         }
@@ -200,6 +198,19 @@ where
     }
 }
 
+/// Passes an EOF on as a write shutdown, bounded by [`SHUTDOWN_GRACE`]: a TLS writer's
+/// shutdown flushes its close_notify, which never completes if the peer stopped reading.
+async fn shutdown<W: AsyncWrite + Unpin>(w: &mut W) -> DirEnd {
+    match tokio::time::timeout(SHUTDOWN_GRACE, w.shutdown()).await {
+        Ok(Ok(())) => DirEnd::Eof,
+        Ok(Err(e)) => DirEnd::Error(e),
+        Err(_) => DirEnd::Error(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer did not take the end of the stream",
+        )),
+    }
+}
+
 /// Relays both directions. A clean EOF in one direction is a half-close: the other keeps
 /// going until it ends too. An error in one direction ends both, and so does `idle`: no byte
 /// either way for that long.
@@ -208,16 +219,16 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (pr, pw) = tokio::io::split(pod);
-    let (ur, uw) = tokio::io::split(upstream);
+    let (pr, mut pw) = tokio::io::split(pod);
+    let (ur, mut uw) = tokio::io::split(upstream);
     let (mut tx, mut rx) = (0u64, 0u64);
     let (mut up_end, mut down_end) = (None, None);
     let activity = Activity::new();
     let mut idled_out = false;
     {
         // The futures borrow the counters; this block ends them before the totals are read.
-        let up = pump_with(pr, uw, &mut tx, Some(&activity), Some(&BUFFERS));
-        let down = pump_with(ur, pw, &mut rx, Some(&activity), Some(&BUFFERS));
+        let up = pump_with(pr, &mut uw, &mut tx, Some(&activity), Some(&BUFFERS));
+        let down = pump_with(ur, &mut pw, &mut rx, Some(&activity), Some(&BUFFERS));
         tokio::pin!(up, down);
         while up_end.is_none() || down_end.is_none() {
             tokio::select! {
@@ -241,6 +252,12 @@ where
                 }
             }
         }
+    }
+    // However the relay ended (error, idle timeout, the pod gone), the upstream gets an
+    // orderly end: for a gateway session that is TLS close_notify, not a cut connection.
+    // Bounded, since a peer that stopped reading never lets the flush finish.
+    if !matches!(up_end, Some(DirEnd::Eof)) {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, uw.shutdown()).await;
     }
     if idled_out {
         return Relayed {
@@ -291,6 +308,47 @@ where
 mod tests {
     use super::*;
     use tokio::io::duplex;
+
+    /// A writer whose shutdown never completes (a TLS peer that stopped reading, so the
+    /// close_notify never flushes).
+    struct StuckShutdown;
+
+    impl AsyncWrite for StuckShutdown {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Passing an EOF on is bounded: a peer that never takes the end of the stream costs
+    /// [`SHUTDOWN_GRACE`], not the connection's life.
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_the_peer_never_takes_is_cut_after_the_grace() {
+        let started = tokio::time::Instant::now();
+        let mut count = 0;
+        let end = pump(&b"last words"[..], StuckShutdown, &mut count).await;
+        assert!(
+            matches!(&end, DirEnd::Error(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{end:?}"
+        );
+        assert_eq!(count, 10);
+        assert_eq!(started.elapsed(), SHUTDOWN_GRACE);
+    }
 
     #[tokio::test]
     async fn counts_both_ways_and_propagates_half_close() {

@@ -288,7 +288,11 @@ where
             Ok(Err(e)) => return Err(e),
             Err(_elapsed) => {
                 bytes.truncate(start);
-                debug!(read = start, "no host name before the peek deadline");
+                debug!(
+                    read = start,
+                    hop = "pod",
+                    "no host name from the pod before the sniff deadline; going on by IP"
+                );
                 break (None, HostSource::Ip);
             }
         };
@@ -728,6 +732,33 @@ mod tests {
         )
         .await;
         assert_eq!((p.host, p.source), (None, HostSource::Ip));
+    }
+
+    /// A pod that drips its ClientHello at a byte a second never holds the proxy past the
+    /// sniff deadline: the peek ends at the deadline with what arrived, and the connection
+    /// goes on by IP (the caller's plan), its bytes kept.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_hello_dripped_a_byte_a_second_is_cut_at_the_deadline() {
+        let hello = client_hello("drip.example.com");
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let sent = hello.clone();
+        let dripper = tokio::spawn(async move {
+            for b in sent {
+                if client.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let p = peek_host(&mut server, Duration::from_millis(2500), 16 * 1024)
+            .await
+            .expect("peek");
+        // Paused clock: time moves only by the sleeps, so this is exact, not wall-clock.
+        assert_eq!(started.elapsed(), Duration::from_millis(2500));
+        assert_eq!((p.host, p.source), (None, HostSource::Ip));
+        assert_eq!(p.bytes, hello[..3], "the three bytes that arrived are kept");
+        dripper.abort();
     }
 
     #[tokio::test]

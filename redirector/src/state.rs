@@ -2,7 +2,7 @@
 //! admin endpoint read (configuration snapshot, maps, metrics, registries, shutdown).
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -42,4 +42,22 @@ pub struct Shared {
     pub pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Budget refusals are logged at most once a second, with how many were not.
     pub refusal_log: crate::telemetry::LogLimiter,
+}
+
+// The locks below guard plain registries and the map handles, with no invariant a panic
+// halfway could break. A task that panicked while holding one must not take every later
+// user down with it (an accept loop that panics on a poisoned lock would leave its pod's
+// connections unanswered), so a poisoned lock is used as it is.
+impl Shared {
+    pub fn maps(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    pub fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnView>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    pub fn workloads(&self) -> MutexGuard<'_, Vec<WorkloadView>> {
+        self.workloads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }

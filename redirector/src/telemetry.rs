@@ -289,6 +289,7 @@ pub struct Metrics {
     pub enabled_cgroups: Gauge,
     pub listeners: Gauge,
     pub listener_failures: Counter,
+    pub listener_restarts: Counter,
     pub refusing_workloads: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
     pub ebpf: Family<NameLabels, Gauge>,
@@ -311,6 +312,7 @@ impl Default for Metrics {
             enabled_cgroups: Default::default(),
             listeners: Default::default(),
             listener_failures: Default::default(),
+            listener_restarts: Default::default(),
             refusing_workloads: Default::default(),
             reloads: Default::default(),
             ebpf: Default::default(),
@@ -379,6 +381,11 @@ impl Metrics {
             "listener_failures",
             "Workload network namespaces where no listener could be bound (every candidate port taken, or the namespace gone)",
             self.listener_failures.clone(),
+        );
+        r.register(
+            "listener_restarts",
+            "Listener accept loops restarted after a panic",
+            self.listener_restarts.clone(),
         );
         r.register(
             "refusing_workloads",

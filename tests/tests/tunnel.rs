@@ -1,7 +1,7 @@
 //! Privileged end-to-end tests of the gateway tunnel (issue: gateway tunnel): real Squid,
 //! the gateway simulator, real TLS with a test CA, real clients in pods with no proxy
 //! variables. See `tests::chain` for the network.
-use std::{path::Path, process::Output};
+use std::{path::Path, process::Output, time::Duration};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
 
@@ -625,4 +625,40 @@ fn base64_encode(b: &[u8]) -> String {
         }
     }
     s
+}
+
+/// Gateway sessions end with TLS close_notify, whichever side ends first and also when the
+/// daemon stops with warm sessions open: the gateway never sees a TLS session just cut (which
+/// it logs as "peer closed connection without sending TLS close_notify").
+#[test]
+fn gateway_sessions_end_with_close_notify() {
+    if !ready("gateway_sessions_end_with_close_notify") {
+        return;
+    }
+    for gateway in [Gateway::Normal, Gateway::H2] {
+        let mut c = chain_with(gateway);
+        for i in 0..3 {
+            let o = curl(&c, &format!("https://portal.azure.test/{i}"));
+            assert!(o.status.success(), "{}", out(&o));
+        }
+        let o = curl(&c, "http://web.azure.test/plain");
+        assert!(o.status.success(), "{}", out(&o));
+        // Stop the daemon (SIGTERM): its warm and shared sessions end too.
+        let daemon = c
+            .lab
+            .procs
+            .iter()
+            .position(|p| p.name == "redirector")
+            .expect("daemon");
+        c.lab.procs[daemon].signal(libc::SIGTERM);
+        let status = c.lab.procs[daemon].wait_timeout(Duration::from_secs(20));
+        assert!(status.is_some(), "the daemon did not stop");
+        // The gateway logs each session's end; wait for the sessions to be gone.
+        let gw = c.gateway_log();
+        assert!(
+            !gw.contains("close_notify"),
+            "{gateway:?}: a gateway session was cut without close_notify:\n{gw}\n{}",
+            audits_for(&c.daemon_log(), "portal.azure.test").join("\n")
+        );
+    }
 }

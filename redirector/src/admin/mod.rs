@@ -162,22 +162,9 @@ fn query_filter(q: Option<&str>) -> Option<String> {
 
 fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/workloads" => json(
-            &*admin
-                .shared
-                .workloads
-                .lock()
-                .expect("workloads lock poisoned"),
-        ),
+        "/workloads" => json(&*admin.shared.workloads()),
         "/connections" => {
-            let mut v: Vec<crate::api::ConnView> = admin
-                .shared
-                .conns
-                .lock()
-                .expect("conns lock poisoned")
-                .values()
-                .cloned()
-                .collect();
+            let mut v: Vec<crate::api::ConnView> = admin.shared.conns().values().cloned().collect();
             for c in &mut v {
                 c.since_ms = c.started.elapsed().as_millis() as u64;
             }
@@ -223,9 +210,8 @@ fn route(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         },
         "/metrics" => {
-            if let Ok(maps) = admin.shared.maps.lock()
-                && let Ok(c) = maps.counters()
-            {
+            let counters = admin.shared.maps().counters();
+            if let Ok(c) = counters {
                 admin.shared.metrics.set_ebpf(&c);
             }
             let mut out = String::new();

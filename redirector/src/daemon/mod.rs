@@ -189,6 +189,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
             "drain timeout: closing remaining connections"
         );
     }
+    // Gateway sessions end in order (close_notify), not cut by the exit.
+    if let Some(pool) = shared.gateway.load_full() {
+        pool.close().await;
+    }
     // Programs stay attached and pinned on purpose: until a daemon comes back, redirected
     // connects fail fast (nobody listens on the proxy port) and nothing leaks direct.
     info!("stopped; eBPF programs stay pinned (`redirector uninstall` removes them)");

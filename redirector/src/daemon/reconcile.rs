@@ -90,8 +90,7 @@ pub async fn run(
                 .filter(|e| matches!(e.stage, Stage::NoListener | Stage::PortsDiffer))
                 .count() as i64,
         );
-        *shared.workloads.lock().expect("workloads lock poisoned") =
-            decide::views(&desired, &memory);
+        *shared.workloads() = decide::views(&desired, &memory);
         readiness.listeners_ready.store(ready, Ordering::Relaxed);
 
         // Wait: a new desired set, a pending cgroup changing, or the timer.
@@ -158,19 +157,9 @@ fn observe(
     } else {
         BTreeMap::new()
     };
-    let entries = full.then(|| {
-        shared
-            .maps
-            .lock()
-            .expect("maps lock poisoned")
-            .enabled_entries()
-    });
+    let entries = full.then(|| shared.maps().enabled_entries());
     let earlier = decide::wants_earlier_run(memory, known).then(|| EarlierRun {
-        map_ids: shared
-            .maps
-            .lock()
-            .expect("maps lock poisoned")
-            .enabled_ids(),
+        map_ids: shared.maps().enabled_ids(),
         candidate_ids: desired
             .values()
             .flat_map(|w| &w.cgroup_candidates)
@@ -277,12 +266,7 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                 cgroup,
                 id,
                 stage,
-            } => match shared
-                .maps
-                .lock()
-                .expect("maps lock poisoned")
-                .enable(id, stage.mode())
-            {
+            } => match shared.maps().enable(id, stage.mode()) {
                 Ok(()) => match stage {
                     Stage::Redirect { port } => {
                         info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, port, "workload enabled");
@@ -298,7 +282,7 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                 }
             },
             Action::Disable { id } => {
-                let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+                let _ = shared.maps().disable(id);
             }
             Action::Leave {
                 key,
@@ -306,7 +290,7 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                 disable,
             } => {
                 if let Some(id) = disable {
-                    let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+                    let _ = shared.maps().disable(id);
                 }
                 info!(workload = %key, cgroup = %cgroup.display(), "workload disabled");
             }
@@ -315,7 +299,7 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                     cgroup_id = id,
                     "disabling a cgroup left enabled by an earlier run"
                 );
-                let _ = shared.maps.lock().expect("maps lock poisoned").disable(id);
+                let _ = shared.maps().disable(id);
             }
             Action::Close { netns } => {
                 close.insert(netns);

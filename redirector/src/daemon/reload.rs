@@ -85,19 +85,10 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
         new.admin_addr = old.admin_addr;
     }
     // Kernel skip ranges: new entries go in before stale ones come out (no gap).
-    if let Err(e) = shared
-        .maps
-        .lock()
-        .expect("maps lock poisoned")
-        .set_skip_ranges(&new.skip_cidrs())
-    {
+    if let Err(e) = shared.maps().set_skip_ranges(&new.skip_cidrs()) {
         count(shared, ReloadResult::Rejected);
         error!(reason = why, error = %crate::error_chain(&e), "config reload failed updating the skip ranges; keeping the previous configuration");
-        let _ = shared
-            .maps
-            .lock()
-            .expect("maps lock poisoned")
-            .set_skip_ranges(&old.skip_cidrs());
+        let _ = shared.maps().set_skip_ranges(&old.skip_cidrs());
         return;
     }
     shared
@@ -114,7 +105,7 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
     );
     shared.config.store(Arc::new(new));
     if let Some(old) = shared.gateway.swap(Some(pool)) {
-        old.retire();
+        tokio::spawn(async move { old.close().await });
     }
     count(shared, ReloadResult::Applied);
 }

@@ -46,6 +46,15 @@ pub struct GatewaySession {
     pub setup: Vec<(&'static str, Duration)>,
 }
 
+impl GatewaySession {
+    /// Ends an unused session in order: TLS close_notify, flushed within
+    /// [`crate::relay::SHUTDOWN_GRACE`], then the connection is dropped.
+    pub async fn close(mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = tokio::time::timeout(crate::relay::SHUTDOWN_GRACE, self.io.shutdown()).await;
+    }
+}
+
 impl fmt::Debug for GatewaySession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GatewaySession")

@@ -44,6 +44,8 @@ pub struct H2Session {
     /// The enterprise proxy's CONNECT status of the underlying session.
     hops: Vec<HopStatus>,
     resumed: bool,
+    /// Becomes true when the connection task has ended (the TLS session closed).
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -84,19 +86,31 @@ impl H2Session {
                 hop: HOP_GATEWAY,
                 source: io::Error::other(e),
             })?;
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(error = %e, "gateway http/2 session ended with an error");
             } else {
                 debug!("gateway http/2 session ended");
             }
+            let _ = ended_tx.send(true);
         });
         Ok(Self {
             send,
             streams: Arc::new(AtomicUsize::new(0)),
             hops,
             resumed,
+            ended,
         })
+    }
+
+    /// Lets the session go and waits (bounded) until its connection has closed: once the
+    /// last handle is gone, HTTP/2 says GOAWAY and the TLS session ends with close_notify.
+    pub async fn close(self) {
+        let mut ended = self.ended.clone();
+        drop(self);
+        let _ =
+            tokio::time::timeout(crate::relay::SHUTDOWN_GRACE, ended.wait_for(|done| *done)).await;
     }
 
     /// The gateway or the network ended the session: it takes no more streams.

@@ -511,6 +511,8 @@ pub(crate) mod tests {
         Refuse(u16),
         /// Reads the request, never answers.
         Silent,
+        /// Answers 200, one byte every 100 ms (a slow-loris peer: always almost done).
+        Drip,
         Garbage,
         Hangup,
     }
@@ -597,6 +599,14 @@ pub(crate) mod tests {
             Behavior::Silent => {
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 drop(s);
+            }
+            Behavior::Drip => {
+                for b in b"HTTP/1.1 200 Connection established\r\n\r\n" {
+                    if s.write_all(&[*b]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
             Behavior::Garbage => {
                 let _ = s.write_all(b"SSH-2.0-OpenSSH_9.6\r\n\r\n").await;
@@ -1133,6 +1143,43 @@ pub(crate) mod tests {
             .unwrap_err();
         assert!(
             matches!(e, TunnelError::ResponseTimeout { hop: "proxy" }),
+            "{e:?}"
+        );
+    }
+
+    /// A peer that keeps the CONNECT response coming, a byte at a time, is cut at the
+    /// response deadline (a total, not a per-read, deadline), with the hop named.
+    #[tokio::test]
+    async fn dripping_connect_responses_are_cut_at_the_deadline() {
+        let pki = Pki::new("test ca");
+        let short = Timeouts {
+            connect_response: Duration::from_millis(300),
+            ..timeouts()
+        };
+        let proxy = spawn_connect_server(None, Behavior::Drip, None).await;
+        let cfg = TunnelConfig {
+            gateway: None,
+            proxy: Some(plain_proxy(proxy.addr, None)),
+            timeouts: short,
+        };
+        let e = open(&cfg, Route::Proxy, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, TunnelError::ResponseTimeout { hop: "proxy" }),
+            "{e:?}"
+        );
+        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Drip, None).await;
+        let cfg = TunnelConfig {
+            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+            proxy: None,
+            timeouts: short,
+        };
+        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, TunnelError::ResponseTimeout { hop: "gateway" }),
             "{e:?}"
         );
     }

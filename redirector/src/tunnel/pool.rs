@@ -173,13 +173,25 @@ impl GatewayPool {
         pool
     }
 
-    /// Stops refilling and lets idle sessions go (on reload, before the pool is replaced).
-    pub fn retire(&self) {
+    /// Stops refilling and closes the sessions it holds, each in order (TLS close_notify,
+    /// HTTP/2 GOAWAY), within [`crate::relay::SHUTDOWN_GRACE`]: on reload, before the pool
+    /// is replaced, and when the daemon stops. Tunnels already running are not affected.
+    pub async fn close(&self) {
         self.stop.cancel();
-        if let Ok(mut st) = self.state.lock() {
-            st.idle.clear();
-            st.h2.clear();
-        }
+        let (idle, h2) = match self.state.lock() {
+            Ok(mut st) => (std::mem::take(&mut st.idle), std::mem::take(&mut st.h2)),
+            Err(_) => return,
+        };
+        let idle = idle.into_iter().map(|i| i.session.close());
+        let h2 = h2
+            .into_iter()
+            .filter_map(|s| Arc::try_unwrap(s).ok())
+            .map(H2Session::close);
+        futures::future::join(
+            futures::future::join_all(idle),
+            futures::future::join_all(h2),
+        )
+        .await;
     }
 
     /// A tunnel to `target_authority` through the gateway: on a shared HTTP/2 session, a
@@ -344,6 +356,7 @@ impl GatewayPool {
             if idle.since.elapsed() < self.opts.max_idle && idle.session.is_alive() {
                 return Some(idle.session);
             }
+            tokio::spawn(idle.session.close());
         }
         None
     }
@@ -379,8 +392,15 @@ impl GatewayPool {
             return 0;
         };
         let max_idle = self.opts.max_idle;
-        st.idle
-            .retain_mut(|i| i.since.elapsed() < max_idle && i.session.is_alive());
+        let all = std::mem::take(&mut st.idle);
+        for mut i in all {
+            if i.since.elapsed() < max_idle && i.session.is_alive() {
+                st.idle.push_back(i);
+            } else {
+                // Ended in order (close_notify), off the lock and off this task.
+                tokio::spawn(i.session.close());
+            }
+        }
         st.h2.retain(|s| !s.is_closed());
         if st.last_use.is_some_and(|t| t.elapsed() >= COOL_DOWN) {
             // No demand for a while: shared sessions without streams go too (their pings

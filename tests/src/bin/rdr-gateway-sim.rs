@@ -43,7 +43,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::Poll,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -305,7 +305,46 @@ async fn serve_tls(tls: TlsStream<TcpStream>, peer: SocketAddr, gateway: Arc<Gat
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
         serve_h2(tls, peer, gateway).await;
     } else {
-        serve(tls, peer, &gateway).await;
+        serve(TlsHalfClose { tls, sent: false }, peer, &gateway).await;
+    }
+}
+
+/// The server end of an HTTP/1.1 TLS session whose write shutdown is TLS-only: close_notify,
+/// no TCP FIN. A real gateway behind an enterprise proxy must do the same as the
+/// redirector's own upstream streams: Squid tears a CONNECT tunnel down on the first FIN,
+/// which would cut off the direction still flowing (and the client's close_notify with it).
+struct TlsHalfClose {
+    tls: TlsStream<TcpStream>,
+    sent: bool,
+}
+
+impl AsyncRead for TlsHalfClose {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsHalfClose {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.sent {
+            self.tls.get_mut().1.send_close_notify();
+            self.sent = true;
+        }
+        Pin::new(&mut self.tls).poll_flush(cx)
     }
 }
 
