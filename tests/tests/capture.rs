@@ -19,9 +19,16 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A lab with one pod, an internet host (20 addresses + the service address) running
+/// A lab with `pods` pods, an internet host (20 addresses + the service address) running
 /// `whoami` on 8080 and `http` on 80, and a running daemon with `extra` flags.
 fn standard_lab(pods: usize, extra: &[&str]) -> Lab {
+    let mut lab = internet_lab(pods);
+    lab.start_daemon(extra);
+    lab
+}
+
+/// [`standard_lab`] before its daemon starts.
+fn internet_lab(pods: usize) -> Lab {
     let mut lab = Lab::new();
     for _ in 0..pods {
         lab.add_pod();
@@ -35,7 +42,6 @@ fn standard_lab(pods: usize, extra: &[&str]) -> Lab {
             SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80),
         ],
     );
-    lab.start_daemon(extra);
     lab
 }
 
@@ -741,19 +747,7 @@ fn a_pod_cannot_squat_the_listener_port_and_one_that_holds_them_all_is_refused()
         return;
     }
     use redirector_common::{DEFAULT_PROXY_PORT, PROXY_PORT_CHOICES};
-    let mut lab = Lab::new();
-    for _ in 0..3 {
-        lab.add_pod();
-    }
-    let (inet, _) = lab.add_internet(20, 8080);
-    lab.start_testsrv(
-        &inet,
-        "http",
-        &[
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80),
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80),
-        ],
-    );
+    let mut lab = internet_lab(3);
     // Listeners held by the pods' own processes, started before the daemon.
     const SQUAT: &str = "import socket, sys\nheld = []\nfor spec in sys.argv[1:]:\n  \
         host, port, reuse = spec.split(',')\n  \

@@ -502,7 +502,7 @@ pub(crate) mod tests {
         }
     }
 
-    #[derive(Clone, Copy, PartialEq, Eq)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Behavior {
         /// 200, then relay to the requested target.
         Allow,
@@ -1096,90 +1096,68 @@ pub(crate) mod tests {
         assert!(gw.seen()[0].starts_with("CONNECT "), "{:?}", gw.seen());
     }
 
-    #[tokio::test]
-    async fn silent_peers_hit_their_own_timeouts() {
-        let pki = Pki::new("test ca");
+    /// Opens a tunnel through a CONNECT stand-in that behaves as `behavior`, as the proxy or
+    /// as the gateway, with 300 ms deadlines; returns the error.
+    async fn open_against(pki: &Pki, behavior: Behavior, route: Route) -> TunnelError {
         let short = Timeouts {
             tls_handshake: Duration::from_millis(300),
             connect_response: Duration::from_millis(300),
             ..timeouts()
         };
-        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Silent, None).await;
-        let cfg = TunnelConfig {
-            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
-            proxy: None,
-            timeouts: short,
+        let cfg = match route {
+            Route::Gateway => {
+                let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), behavior, None).await;
+                TunnelConfig {
+                    gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
+                    proxy: None,
+                    timeouts: short,
+                }
+            }
+            _ => {
+                let proxy = spawn_connect_server(None, behavior, None).await;
+                TunnelConfig {
+                    gateway: None,
+                    proxy: Some(plain_proxy(proxy.addr, None)),
+                    timeouts: short,
+                }
+            }
         };
-        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
+        open(&cfg, route, "example.com:443", unreachable_addr())
             .await
-            .unwrap_err();
-        assert!(
-            matches!(e, TunnelError::ResponseTimeout { hop: "gateway" }),
-            "{e:?}"
-        );
+            .unwrap_err()
+    }
+
+    /// A silent peer, and one that keeps the CONNECT response coming a byte at a time (the
+    /// deadline is a total, not per read), are cut at the response deadline with the hop
+    /// named; a silent TLS peer at the handshake deadline.
+    #[tokio::test]
+    async fn silent_and_dripping_peers_hit_their_own_timeouts() {
+        let pki = Pki::new("test ca");
+        for (route, hop) in [(Route::Gateway, "gateway"), (Route::Proxy, "proxy")] {
+            for behavior in [Behavior::Silent, Behavior::Drip] {
+                let name = format!("{behavior:?}");
+                let e = open_against(&pki, behavior, route).await;
+                assert!(
+                    matches!(e, TunnelError::ResponseTimeout { hop: h } if h == hop),
+                    "{name} {hop}: {e:?}"
+                );
+            }
+        }
 
         let silent = spawn_silent_tcp().await;
         let cfg = TunnelConfig {
             gateway: Some(gateway(silent, "gw.test", pki.client())),
             proxy: None,
-            timeouts: short,
+            timeouts: Timeouts {
+                tls_handshake: Duration::from_millis(300),
+                ..timeouts()
+            },
         };
         let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
             .await
             .unwrap_err();
         assert!(
             matches!(e, TunnelError::TlsTimeout { hop: "gateway" }),
-            "{e:?}"
-        );
-
-        let proxy = spawn_connect_server(None, Behavior::Silent, None).await;
-        let cfg = TunnelConfig {
-            gateway: None,
-            proxy: Some(plain_proxy(proxy.addr, None)),
-            timeouts: short,
-        };
-        let e = open(&cfg, Route::Proxy, "example.com:443", unreachable_addr())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, TunnelError::ResponseTimeout { hop: "proxy" }),
-            "{e:?}"
-        );
-    }
-
-    /// A peer that keeps the CONNECT response coming, a byte at a time, is cut at the
-    /// response deadline (a total, not a per-read, deadline), with the hop named.
-    #[tokio::test]
-    async fn dripping_connect_responses_are_cut_at_the_deadline() {
-        let pki = Pki::new("test ca");
-        let short = Timeouts {
-            connect_response: Duration::from_millis(300),
-            ..timeouts()
-        };
-        let proxy = spawn_connect_server(None, Behavior::Drip, None).await;
-        let cfg = TunnelConfig {
-            gateway: None,
-            proxy: Some(plain_proxy(proxy.addr, None)),
-            timeouts: short,
-        };
-        let e = open(&cfg, Route::Proxy, "example.com:443", unreachable_addr())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, TunnelError::ResponseTimeout { hop: "proxy" }),
-            "{e:?}"
-        );
-        let gw = spawn_connect_server(Some(pki.server(&["gw.test"])), Behavior::Drip, None).await;
-        let cfg = TunnelConfig {
-            gateway: Some(gateway(gw.addr, "gw.test", pki.client())),
-            proxy: None,
-            timeouts: short,
-        };
-        let e = open(&cfg, Route::Gateway, "example.com:443", unreachable_addr())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, TunnelError::ResponseTimeout { hop: "gateway" }),
             "{e:?}"
         );
     }
