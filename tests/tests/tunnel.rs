@@ -5,6 +5,7 @@ use std::{path::Path, process::Output};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
 
+use tests::base64_encode;
 use tests::chain::{BANNER, Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER};
 
 fn script(name: &str) -> String {
@@ -607,22 +608,4 @@ fn trace_logs_and_config_dump_never_contain_the_proxy_password() {
         );
     }
     assert!(dump.contains("redacted"), "{dump}");
-}
-
-fn base64_encode(b: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
 }
