@@ -16,7 +16,10 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => return usage_error(e),
+    };
     telemetry::init_logging();
     match dispatch(args.command) {
         Ok(code) => code,
@@ -25,6 +28,23 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Prints `--help`/`--version`, or a usage error with any URL userinfo in it redacted (clap
+/// quotes the offending value, which may be a proxy URL given to the wrong flag).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(e.exit_code() as u8);
+    }
+    eprint!("{}", redirector::redact_userinfo(&e.render().to_string()));
+    ExitCode::from(e.exit_code() as u8)
 }
 
 fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, String> {

@@ -233,7 +233,7 @@ impl Chain {
         let mut f = vec![
             "--gateway-url".to_owned(),
             format!("https://{GATEWAY_NAME}:443"),
-            "--proxy-cert".into(),
+            "--gateway-ca".into(),
             self.ca_pem.display().to_string(),
             "--sniff-timeout".into(),
             "0.3".into(),
@@ -247,9 +247,11 @@ impl Chain {
             "5".into(),
         ];
         match &self.squid {
+            // Squid speaks plain http://: Basic over it needs the explicit opt-in.
             Some(s) => f.extend([
                 "--proxy-https".into(),
                 format!("http://{PROXY_USER}:{password}@{}", s.addr()),
+                "--proxy-allow-basic-over-http".into(),
             ]),
             None => f.extend(["--gateway-connect-to".into(), GATEWAY_V4.to_string()]),
         }

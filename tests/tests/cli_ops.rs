@@ -251,7 +251,7 @@ fn check_passes_in_the_node_netns_and_names_the_fix_when_something_is_wrong() {
     );
     let gw = line(&text, "ok    gateway:");
     assert!(
-        gw.contains("rdr test ca") && gw.contains("--proxy-cert"),
+        gw.contains("rdr test ca") && gw.contains("--gateway-ca"),
         "{gw}"
     );
     assert!(
@@ -326,8 +326,8 @@ fn check_accepts_a_gateway_that_speaks_h2_and_says_how_tunnels_travel() {
 }
 
 #[test]
-fn check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted() {
-    if !ready("check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted") {
+fn check_fails_with_the_gateway_ca_fix_when_the_gateway_certificate_is_untrusted() {
+    if !ready("check_fails_with_the_gateway_ca_fix_when_the_gateway_certificate_is_untrusted") {
         return;
     }
     let c = chain(Gateway::Untrusted, false);
@@ -343,7 +343,7 @@ fn check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted
         "{fail}"
     );
     assert!(
-        text.contains("fix: pass the gateway's CA with --proxy-cert"),
+        text.contains("fix: pass the gateway's CA with --gateway-ca"),
         "{text}"
     );
     // The interception line names the issuer and what to do if it is an inspecting proxy.

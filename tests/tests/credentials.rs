@@ -9,8 +9,9 @@ use std::{
 };
 
 use tests::{
-    base64_encode, describe,
+    base64_encode,
     chain::{Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER},
+    describe,
     lab::{ADMIN, workspace_bin},
     ready_with_squid as ready,
 };
@@ -123,7 +124,9 @@ fn refused_config_files_and_flags_never_show_credentials() {
         ("syntax.toml", format!("proxy-https = {url}\n")),
         (
             "header.toml",
-            format!("gateway-url = \"https://gw.example.test\"\ngateway-header = [\"X-Key {TOKEN}\"]\n"),
+            format!(
+                "gateway-url = \"https://gw.example.test\"\ngateway-header = [\"X-Key {TOKEN}\"]\n"
+            ),
         ),
         (
             "dup.toml",
@@ -141,7 +144,10 @@ fn refused_config_files_and_flags_never_show_credentials() {
             "header.yaml",
             format!("gateway-url: https://gw.example.test\ngateway-header: [\"X-Key {TOKEN}\"]\n"),
         ),
-        ("url.yaml", format!("proxy-https: ftp://{PROXY_USER}:{PROXY_PASSWORD}@x\n")),
+        (
+            "url.yaml",
+            format!("proxy-https: ftp://{PROXY_USER}:{PROXY_PASSWORD}@x\n"),
+        ),
         ("skip.yaml", format!("proxy-skip-range: \"{url}\"\n")),
     ];
     let mut leaks = Leaks::default();
@@ -172,7 +178,13 @@ fn refused_config_files_and_flags_never_show_credentials() {
         (vec!["run"], vec![("REDIRECTOR_PROXY_PORT", &url)]),
         (vec!["run", "--sniff-timeout", &url], vec![]),
         (
-            vec!["run", "--gateway-url", "https://gw.example.test", "--gateway-header", &header],
+            vec![
+                "run",
+                "--gateway-url",
+                "https://gw.example.test",
+                "--gateway-header",
+                &header,
+            ],
             vec![],
         ),
         (vec!["run", "--gateway-url", &url], vec![]),
@@ -181,7 +193,11 @@ fn refused_config_files_and_flags_never_show_credentials() {
     for (args, env) in cases {
         let o = redirector(&args, &env);
         let text = all_output(&o);
-        assert!(!o.status.success(), "{args:?} was accepted: {}", describe(&o));
+        assert!(
+            !o.status.success(),
+            "{args:?} was accepted: {}",
+            describe(&o)
+        );
         leaks.check(&format!("{args:?} {env:?}"), &text);
     }
     leaks.assert_none();
@@ -203,7 +219,8 @@ fn write_config(path: &Path, password: &str, ca: &Path, token_file: &Path) {
     let text = format!(
         "gateway-url: https://{GATEWAY_NAME}:443\n\
          proxy-https: http://{PROXY_USER}:{password}@{squid}\n\
-         proxy-cert: {}\n\
+         proxy-allow-basic-over-http: true\n\
+         gateway-ca: {}\n\
          gateway-token-file: {}\n\
          gateway-header: [\"X-Trace: {TOKEN}\"]\n\
          sniff-timeout: 0.3\n\
@@ -241,10 +258,8 @@ fn every_path_of_a_running_daemon_keeps_credentials_out_of_its_output() {
     let ca = c.ca_pem.clone();
     write_config(&config, PROXY_PASSWORD, &ca, &token_file);
     let config_arg = config.display().to_string();
-    c.lab.start_daemon_env(
-        &["--config", &config_arg],
-        &[("RUST_LOG", "trace")],
-    );
+    c.lab
+        .start_daemon_env(&["--config", &config_arg], &[("RUST_LOG", "trace")]);
     let mut seen = String::new();
     let mut leaks = Leaks::default();
 
@@ -283,17 +298,59 @@ fn every_path_of_a_running_daemon_keeps_credentials_out_of_its_output() {
     let cg = c.lab.cg_root.display().to_string();
     let flag_url = format!("http://{PROXY_USER}:{PROXY_PASSWORD}@203.0.113.50:3128");
     for args in [
-        vec!["check", "--config", &config_arg, "--pin-root", &pins, "--cgroup-root", &cg],
-        vec!["check", "--json", "--config", &config_arg, "--pin-root", &pins],
         vec![
-            "explain", "--dst", "203.0.113.10:443", "--host", "portal.azure.test", "--config",
-            &config_arg, "--pin-root", &pins, "--admin-addr", ADMIN,
+            "check",
+            "--config",
+            &config_arg,
+            "--pin-root",
+            &pins,
+            "--cgroup-root",
+            &cg,
         ],
         vec![
-            "explain", "--json", "--dst", "203.0.113.10:443", "--config", &config_arg,
-            "--proxy-https", &flag_url, "--pin-root", &pins, "--admin-addr", ADMIN,
+            "check",
+            "--json",
+            "--config",
+            &config_arg,
+            "--pin-root",
+            &pins,
         ],
-        vec!["status", "--pin-root", &pins, "--admin-addr", ADMIN, "--cgroup-root", &cg],
+        vec![
+            "explain",
+            "--dst",
+            "203.0.113.10:443",
+            "--host",
+            "portal.azure.test",
+            "--config",
+            &config_arg,
+            "--pin-root",
+            &pins,
+            "--admin-addr",
+            ADMIN,
+        ],
+        vec![
+            "explain",
+            "--json",
+            "--dst",
+            "203.0.113.10:443",
+            "--config",
+            &config_arg,
+            "--proxy-https",
+            &flag_url,
+            "--pin-root",
+            &pins,
+            "--admin-addr",
+            ADMIN,
+        ],
+        vec![
+            "status",
+            "--pin-root",
+            &pins,
+            "--admin-addr",
+            ADMIN,
+            "--cgroup-root",
+            &cg,
+        ],
     ] {
         let o = node_cli(&c, &args);
         let text = all_output(&o);
@@ -312,8 +369,11 @@ fn every_path_of_a_running_daemon_keeps_credentials_out_of_its_output() {
     leaks.check("check after a 407", &text);
 
     // A rejected reload: the offending line holds the password.
-    std::fs::write(&config, format!("proxy-port: http://{PROXY_USER}:{PROXY_PASSWORD}@x\n"))
-        .expect("write");
+    std::fs::write(
+        &config,
+        format!("proxy-port: http://{PROXY_USER}:{PROXY_PASSWORD}@x\n"),
+    )
+    .expect("write");
     c.lab.wait_daemon_log("config reload rejected");
 
     leaks.check("curl output", &seen);

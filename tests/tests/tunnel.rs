@@ -445,7 +445,7 @@ fn refusal_wrong_gateway_name() {
                 "https://wrong.arc.test:443",
                 "--gateway-connect-to",
                 "203.0.113.60",
-                "--proxy-cert",
+                "--gateway-ca",
                 &ca,
                 "--sniff-timeout",
                 "0.3",
