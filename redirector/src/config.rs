@@ -732,6 +732,11 @@ impl Config {
     }
 }
 
+/// The TLS verification matrix: per-hop trust from these settings, run through the tunnel.
+#[cfg(test)]
+#[path = "config/tls_matrix.rs"]
+mod tls_matrix;
+
 #[cfg(test)]
 mod tests {
     use super::*;

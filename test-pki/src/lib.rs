@@ -122,7 +122,7 @@ impl TestCa {
     }
 
     /// Writes the CA certificate (the file curl's `--cacert` / `--proxy-cacert` and the
-    /// redirector's `--proxy-cert` take) into `dir` and returns its path.
+    /// redirector's `--proxy-ca` / `--gateway-ca` take) into `dir` and returns its path.
     pub fn write_ca(&self, dir: &Path) -> PathBuf {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let path = dir.join(format!("{}.pem", slug(&self.name)));

@@ -348,7 +348,8 @@ pub fn judge_gateway(
             if let Some(x) = &probe.extra_error {
                 fix.push(format!("--gateway-ca could not be used: {x}"));
             }
-            out.push(Check::fail("gateway", format!("TLS with {target}: {e} (issuer {issuer})"), fix));
+            let reason = crate::tls::refusal_reason(e).map(|r| format!("{r}: ")).unwrap_or_default();
+            out.push(Check::fail("gateway", format!("TLS with {target}: {reason}{e} (issuer {issuer})"), fix));
         }
         (_, Some(err)) => out.push(Check::fail("gateway", format!("TLS with {target} failed after the certificate was accepted: {err}"), vec![
             "if the gateway requires a client certificate, pass --gateway-client-cert and --gateway-client-key".into(),

@@ -350,7 +350,10 @@ mod tests {
         let gw = find(&checks, "gateway");
         assert_eq!(gw.level, Level::Fail, "{gw:?}");
         assert!(
-            gw.detail.contains("UnknownIssuer") && gw.detail.contains("\"someone else\""),
+            gw.detail
+                .contains("certificate issued by a CA not trusted for this hop")
+                && gw.detail.contains("UnknownIssuer")
+                && gw.detail.contains("\"someone else\""),
             "{gw:?}"
         );
         assert!(

@@ -53,8 +53,6 @@ pub mod pool;
 mod read_ahead;
 mod settings;
 mod stream;
-#[cfg(test)]
-mod tls_matrix;
 use connect::{ConnectRequest, RequestError};
 pub use gateway::*;
 pub use h2::H2Session;

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use test_pki::{Flaw, Leaf, TestCa};
 
-use super::tests::{Behavior, spawn_connect_server, spawn_target};
+use crate::tunnel::tests::{Behavior, spawn_connect_server, spawn_target};
 use crate::{
     config::{Config, Settings},
     error_chain,
