@@ -89,14 +89,21 @@ pub fn client_config(
             "no trusted root certificates: every tls handshake will fail until a CA bundle is given"
         );
     }
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TlsError::Build(rustls::Error::General(e.to_string())))?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Build)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NamingVerifier(verifier)));
+        .map_err(TlsError::Build)?;
+    let builder = if roots.is_empty() {
+        // Nothing to verify against (the webpki verifier refuses to be built without a
+        // root): every certificate is refused as from an unknown issuer, as warned above.
+        builder.with_root_certificates(roots)
+    } else {
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Build(rustls::Error::General(e.to_string())))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NamingVerifier(verifier)))
+    };
     let mut config = match client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {

@@ -70,6 +70,9 @@ fn all_output(o: &Output) -> String {
     )
 }
 
+/// Arguments and environment of one `redirector` run.
+type Invocation<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>);
+
 /// `redirector <args>` with `env`, nothing inherited that could configure it.
 fn redirector(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(workspace_bin("redirector"));
@@ -173,7 +176,7 @@ fn refused_config_files_and_flags_never_show_credentials() {
 
     // The same through flags and the environment.
     let header = format!("X-Key {TOKEN}");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<Invocation> = vec![
         (vec!["run", "--proxy-port", &url], vec![]),
         (vec!["run"], vec![("REDIRECTOR_PROXY_PORT", &url)]),
         (vec!["run", "--sniff-timeout", &url], vec![]),
