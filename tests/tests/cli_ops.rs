@@ -339,7 +339,9 @@ fn check_fails_with_the_gateway_ca_fix_when_the_gateway_certificate_is_untrusted
     line(&text, "ok    proxy http://203.0.113.50:3128:");
     let fail = line(&text, "FAIL  gateway:");
     assert!(
-        fail.contains("UnknownIssuer") && fail.contains("rdr untrusted ca"),
+        fail.contains("certificate issued by a CA not trusted for this hop")
+            && fail.contains("UnknownIssuer")
+            && fail.contains("rdr untrusted ca"),
         "{fail}"
     );
     assert!(

@@ -428,7 +428,11 @@ fn refusal_gateway_certificate_from_untrusted_ca() {
             c.start_daemon(&[], "info");
         },
         "https://portal.azure.test/",
-        &["hop=gateway", "kind=tls"],
+        &[
+            "hop=gateway",
+            "kind=tls",
+            "tls handshake with the gateway failed: certificate issued by a CA not trusted for this hop",
+        ],
     );
 }
 
@@ -454,7 +458,11 @@ fn refusal_wrong_gateway_name() {
             ]);
         },
         "https://portal.azure.test/",
-        &["hop=gateway", "kind=tls", "not valid for name"],
+        &[
+            "hop=gateway",
+            "kind=tls",
+            "tls handshake with the gateway failed: certificate not valid for the name",
+        ],
     );
 }
 
