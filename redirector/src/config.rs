@@ -248,9 +248,15 @@ impl Settings {
         };
         match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => toml::from_str(text).map_err(|e| {
-                // The message and the position, without the quoted line.
+                // The message and the position, without the quoted line; the key of that
+                // line when it is one of ours (TOML's message does not name it).
                 let at = e.span().map(|s| line_column(text, s.start));
-                bad(parse_error_detail(e.message(), at))
+                let key = e
+                    .span()
+                    .and_then(|s| toml_key_at(text, s.start))
+                    .map(|k| format!("{k}: "))
+                    .unwrap_or_default();
+                bad(key + &parse_error_detail(e.message(), at))
             }),
             Some("yaml" | "yml") => {
                 if text.trim().is_empty() {
@@ -270,6 +276,21 @@ impl Settings {
             _ => Err(bad("unknown format: use a .yaml, .yml or .toml file".into())),
         }
     }
+}
+
+/// The `key` of a `key = value` line holding byte `offset`, if it looks like one of our keys.
+fn toml_key_at(text: &str, offset: usize) -> Option<&str> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let ours = !key.is_empty()
+        && key.len() <= 40
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    ours.then_some(key)
 }
 
 /// 1-based line and column of byte `offset` in `text`.
@@ -836,6 +857,10 @@ mod tests {
             let e = Settings::parse(Path::new(name), &text).unwrap_err();
             let msg = crate::error_chain(&e);
             assert!(!msg.contains(pw), "{name} {text:?}: {msg}");
+            // The key is still named where the parser knows it.
+            if text.starts_with("proxy-port") {
+                assert!(msg.contains("proxy-port: invalid type"), "{name}: {msg}");
+            }
             assert!(
                 msg.contains(&format!("at line {line} column ")),
                 "{name}: {msg}"
