@@ -171,6 +171,7 @@ mod tests {
         let c = run_args(&[
             "--proxy-https",
             "http://u:hunter2@203.0.113.50:3128",
+            "--proxy-allow-basic-over-http",
             "--gateway-url",
             "https://gw.example:443",
         ])

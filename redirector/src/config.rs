@@ -81,7 +81,8 @@ pub struct Settings {
     #[arg(
         long = "gateway-header",
         env = "REDIRECTOR_GATEWAY_HEADERS",
-        value_delimiter = '\n'
+        value_delimiter = '\n',
+        hide_env_values = true
     )]
     #[serde(alias = "gateway-headers")]
     pub gateway_header: Option<Vec<String>>,
@@ -96,18 +97,37 @@ pub struct Settings {
     pub gateway_client_key: Option<PathBuf>,
     /// Enterprise proxy for HTTPS traffic and the gateway hop, `http://[user:pass@]host:port`
     /// or `https://…`.
-    #[arg(long, env = "REDIRECTOR_PROXY_HTTPS")]
+    #[arg(long, env = "REDIRECTOR_PROXY_HTTPS", hide_env_values = true)]
     pub proxy_https: Option<String>,
     /// Enterprise proxy for plain-HTTP traffic on the `proxy` route (and for everything when
     /// --proxy-https is not set).
-    #[arg(long, env = "REDIRECTOR_PROXY_HTTP")]
+    #[arg(long, env = "REDIRECTOR_PROXY_HTTP", hide_env_values = true)]
     pub proxy_http: Option<String>,
     /// File with `user:password` for the enterprise proxy (e.g. a mounted Secret); replaces
-    /// credentials in the proxy URLs.
+    /// credentials in the proxy URL. Only when one proxy is configured (or both URLs name
+    /// the same proxy); otherwise use the two settings below.
     #[arg(long, env = "REDIRECTOR_PROXY_CREDENTIALS_FILE")]
     pub proxy_credentials_file: Option<PathBuf>,
-    /// Extra CA bundle (PEM) trusted for the gateway and an https:// proxy.
-    #[arg(long, env = "REDIRECTOR_PROXY_CERT")]
+    /// File with `user:password` for --proxy-https only.
+    #[arg(long, env = "REDIRECTOR_PROXY_HTTPS_CREDENTIALS_FILE")]
+    pub proxy_https_credentials_file: Option<PathBuf>,
+    /// File with `user:password` for --proxy-http only.
+    #[arg(long, env = "REDIRECTOR_PROXY_HTTP_CREDENTIALS_FILE")]
+    pub proxy_http_credentials_file: Option<PathBuf>,
+    /// Send Basic credentials to an `http://` proxy, where anyone on the path can read them
+    /// (a warning is logged). Without it, credentials for an http:// proxy are refused.
+    #[arg(long, env = "REDIRECTOR_PROXY_ALLOW_BASIC_OVER_HTTP", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub proxy_allow_basic_over_http: Option<bool>,
+    /// Extra CA bundle (PEM) trusted for an https:// enterprise proxy, besides the system
+    /// roots. Not trusted for the gateway.
+    #[arg(long, env = "REDIRECTOR_PROXY_CA")]
+    pub proxy_ca: Option<PathBuf>,
+    /// Extra CA bundle (PEM) trusted for the gateway, besides the system roots. Not trusted
+    /// for the enterprise proxy.
+    #[arg(long, env = "REDIRECTOR_GATEWAY_CA")]
+    pub gateway_ca: Option<PathBuf>,
+    /// Replaced by --proxy-ca and --gateway-ca; refused with a message saying so.
+    #[arg(long, env = "REDIRECTOR_PROXY_CERT", hide = true)]
     pub proxy_cert: Option<PathBuf>,
     /// Seconds to wait for a ClientHello / HTTP request head before tunneling by IP [0.5].
     #[arg(long, env = "REDIRECTOR_SNIFF_TIMEOUT")]
@@ -196,6 +216,11 @@ impl Settings {
             proxy_https,
             proxy_http,
             proxy_credentials_file,
+            proxy_https_credentials_file,
+            proxy_http_credentials_file,
+            proxy_allow_basic_over_http,
+            proxy_ca,
+            gateway_ca,
             proxy_cert,
             sniff_timeout,
             connect_timeout,
@@ -225,22 +250,109 @@ impl Settings {
         Self::parse(path, &text)
     }
 
+    /// Parses `text` as the file `path` (its extension picks the format). The error never
+    /// quotes the file: the offending line or value may hold a password (see
+    /// [`parse_error_detail`]).
     pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         let bad = |detail: String| ConfigError::ParseFile {
             path: path.to_owned(),
             detail,
         };
         match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") => toml::from_str(text).map_err(|e| bad(e.to_string())),
+            Some("toml") => toml::from_str(text).map_err(|e| {
+                // The message and the position, without the quoted line; the key of that
+                // line when it is one of ours (TOML's message does not name it).
+                let at = e.span().map(|s| line_column(text, s.start));
+                let key = e
+                    .span()
+                    .and_then(|s| toml_key_at(text, s.start))
+                    .map(|k| format!("{k}: "))
+                    .unwrap_or_default();
+                bad(key + &parse_error_detail(e.message(), at))
+            }),
             Some("yaml" | "yml") => {
                 if text.trim().is_empty() {
                     return Ok(Settings::default());
                 }
-                serde_norway::from_str(text).map_err(|e| bad(e.to_string()))
+                serde_norway::from_str(text).map_err(|e| {
+                    let at = e.location().map(|l| (l.line(), l.column()));
+                    let message = e.to_string();
+                    // serde_norway appends the position itself; ours replaces it.
+                    let message = match message.rfind(" at line ") {
+                        Some(i) if at.is_some() => message[..i].to_owned(),
+                        _ => message,
+                    };
+                    bad(parse_error_detail(&message, at))
+                })
             }
             _ => Err(bad("unknown format: use a .yaml, .yml or .toml file".into())),
         }
     }
+}
+
+/// The `key` of a `key = value` line holding byte `offset`, if it looks like one of our keys.
+fn toml_key_at(text: &str, offset: usize) -> Option<&str> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let ours = !key.is_empty()
+        && key.len() <= 40
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    ours.then_some(key)
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// A parser's message made safe to show: values it quotes (`"…"`, and `` `…` `` unless it is
+/// a lower-case key name) are replaced by `<value>`, since the value may be a password or a URL
+/// holding one; the position (`at line L column C`) says where to look instead.
+pub(crate) fn parse_error_detail(message: &str, at: Option<(usize, usize)>) -> String {
+    // Our keys are lower-case kebab; anything else in backticks is shown as `<value>`
+    // (single characters excepted: the parser's "expected `=`").
+    let is_key = |s: &str| {
+        s.chars().count() == 1
+            || (!s.is_empty()
+                && s.len() <= 40
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+    };
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message.trim();
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        let (head, tail) = rest.split_at(open);
+        out.push_str(head);
+        let Some(close) = tail[1..].find(quote) else {
+            out.push_str("<value>");
+            rest = "";
+            break;
+        };
+        let inner = &tail[1..1 + close];
+        out.push(quote);
+        out.push_str(if quote == '`' && is_key(inner) {
+            inner
+        } else {
+            "<value>"
+        });
+        out.push(quote);
+        rest = &tail[close + 2..];
+    }
+    out.push_str(rest);
+    let mut out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((line, column)) = at {
+        out.push_str(&format!(" at line {line} column {column}"));
+    }
+    out
 }
 
 /// Everything `redirector run` needs, validated. Logged once at start and served at
@@ -319,8 +431,29 @@ pub enum ConfigError {
     },
     #[error("invalid gateway-header")]
     Header(#[source] tunnel::HeaderError),
-    #[error("cannot load proxy-credentials-file")]
-    Credentials(#[source] tunnel::CredentialsError),
+    #[error("cannot load {field}")]
+    Credentials {
+        field: &'static str,
+        #[source]
+        source: tunnel::CredentialsError,
+    },
+    #[error(
+        "proxy-credentials-file is ambiguous: proxy-https and proxy-http are different proxies; \
+         give each its own with proxy-https-credentials-file and proxy-http-credentials-file"
+    )]
+    SharedCredentials,
+    #[error(
+        "{field} would get Basic credentials over plain http://, readable by anyone on the \
+         path to the proxy: use an https:// proxy, or accept this with \
+         proxy-allow-basic-over-http=true"
+    )]
+    BasicOverHttp { field: &'static str },
+    #[error(
+        "proxy-cert is no longer accepted: trust is configured per hop; use proxy-ca for an \
+         https:// enterprise proxy and gateway-ca for the gateway (give the gateway your \
+         proxy's CA only if that proxy inspects the gateway's TLS)"
+    )]
+    ProxyCertSplit,
     #[error("cannot build the TLS settings")]
     Tls(#[source] crate::tls::TlsError),
     #[error("invalid gateway-connect-to {0:?}: expected a host name or IP address")]
@@ -424,7 +557,9 @@ impl Config {
             )?,
             ..Timeouts::default()
         };
-        let extra_ca = s.proxy_cert.as_deref();
+        if s.proxy_cert.is_some() {
+            return Err(ConfigError::ProxyCertSplit);
+        }
         let http11: &[&[u8]] = &[b"http/1.1"];
         let gateway_alpn: &[&[u8]] = if s.gateway_http2.unwrap_or(true) {
             &[b"h2", b"http/1.1"]
@@ -448,8 +583,9 @@ impl Config {
         let gateway = match &s.gateway_url {
             None => None,
             Some(url) => {
-                let tls = crate::tls::client_config(extra_ca, client_cert, gateway_alpn)
-                    .map_err(ConfigError::Tls)?;
+                let tls =
+                    crate::tls::client_config(s.gateway_ca.as_deref(), client_cert, gateway_alpn)
+                        .map_err(ConfigError::Tls)?;
                 let mut g =
                     GatewayConfig::from_url(url, tls).map_err(|source| ConfigError::Url {
                         field: "gateway-url",
@@ -483,37 +619,82 @@ impl Config {
                 Some(g)
             }
         };
-        let credentials = match &s.proxy_credentials_file {
-            Some(p) => Some(tunnel::load_credentials_file(p).map_err(ConfigError::Credentials)?),
-            None => None,
+        let parse_url = |field: &'static str, url: &Option<String>| {
+            url.as_deref()
+                .filter(|u| !u.is_empty())
+                .map(|u| {
+                    u.parse::<ProxyUrl>()
+                        .map_err(|source| ConfigError::Url { field, source })
+                })
+                .transpose()
         };
-        let make_proxy = |field: &'static str, url: &str| -> Result<ProxyConfig, ConfigError> {
-            let url: ProxyUrl = url
-                .parse()
-                .map_err(|source| ConfigError::Url { field, source })?;
+        let https_url = parse_url("proxy-https", &s.proxy_https)?;
+        let http_url = parse_url("proxy-http", &s.proxy_http)?;
+        // One shared credentials file only when there is one proxy to give it to.
+        let same_proxy =
+            |a: &ProxyUrl, b: &ProxyUrl| (a.scheme, &a.host, a.port) == (b.scheme, &b.host, b.port);
+        if s.proxy_credentials_file.is_some()
+            && matches!((&https_url, &http_url), (Some(a), Some(b)) if !same_proxy(a, b))
+        {
+            return Err(ConfigError::SharedCredentials);
+        }
+        let allow_basic_over_http = s.proxy_allow_basic_over_http.unwrap_or(false);
+        let make_proxy = |field: &'static str,
+                          url: ProxyUrl,
+                          own_file: &Option<PathBuf>,
+                          own_field: &'static str|
+         -> Result<ProxyConfig, ConfigError> {
             let tls = match url.scheme {
                 ProxyScheme::Https => Some(
-                    crate::tls::client_config(extra_ca, None, http11).map_err(ConfigError::Tls)?,
+                    crate::tls::client_config(s.proxy_ca.as_deref(), None, http11)
+                        .map_err(ConfigError::Tls)?,
                 ),
                 ProxyScheme::Http => None,
             };
             let mut p = ProxyConfig::new(url, tls);
-            if credentials.is_some() {
-                p.credentials = credentials.clone();
+            let file = match (own_file, &s.proxy_credentials_file) {
+                (Some(f), _) => Some((f, own_field)),
+                (None, Some(f)) => Some((f, "proxy-credentials-file")),
+                (None, None) => None,
+            };
+            if let Some((f, file_field)) = file {
+                p.credentials = Some(tunnel::load_credentials_file(f).map_err(|source| {
+                    ConfigError::Credentials {
+                        field: file_field,
+                        source,
+                    }
+                })?);
+            }
+            if p.url.scheme == ProxyScheme::Http && p.credentials.is_some() {
+                if !allow_basic_over_http {
+                    return Err(ConfigError::BasicOverHttp { field });
+                }
+                tracing::warn!(
+                    proxy = %p.url,
+                    "{field}: Basic credentials go to this proxy over plain http:// (proxy-allow-basic-over-http): anyone on the path can read them"
+                );
             }
             Ok(p)
         };
-        let https_proxy = s
-            .proxy_https
-            .as_deref()
-            .filter(|u| !u.is_empty())
-            .map(|u| make_proxy("proxy-https", u))
+        let https_proxy = https_url
+            .map(|u| {
+                make_proxy(
+                    "proxy-https",
+                    u,
+                    &s.proxy_https_credentials_file,
+                    "proxy-https-credentials-file",
+                )
+            })
             .transpose()?;
-        let http_proxy = s
-            .proxy_http
-            .as_deref()
-            .filter(|u| !u.is_empty())
-            .map(|u| make_proxy("proxy-http", u))
+        let http_proxy = http_url
+            .map(|u| {
+                make_proxy(
+                    "proxy-http",
+                    u,
+                    &s.proxy_http_credentials_file,
+                    "proxy-http-credentials-file",
+                )
+            })
             .transpose()?;
         let default_route = if gateway.is_some() {
             Route::Gateway
@@ -606,6 +787,11 @@ impl Config {
     }
 }
 
+/// The TLS verification matrix: per-hop trust from these settings, run through the tunnel.
+#[cfg(test)]
+#[path = "config/tls_matrix.rs"]
+mod tls_matrix;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -683,9 +869,137 @@ mod tests {
     }
 
     #[test]
+    fn file_and_header_errors_never_quote_a_value() {
+        let pw = "Pw-unit-9f3e";
+        let url = format!("http://agent:{pw}@proxy.example:3128");
+        for (name, text, line) in [
+            ("c.toml", format!("proxy-port = \"{url}\"\n"), 1),
+            (
+                "c.toml",
+                format!("gateway-url = \"https://gw\"\nproxy-https = {url}\n"),
+                2,
+            ),
+            ("c.toml", format!("kubernetes = \"{pw}\"\n"), 1),
+            ("c.yaml", format!("proxy-port: {url}\n"), 1),
+            (
+                "c.yaml",
+                format!("gateway-url: https://gw\nkubernetes: {pw}\n"),
+                2,
+            ),
+            ("c.yaml", format!("{pw}: 1\n"), 1),
+        ] {
+            let e = Settings::parse(Path::new(name), &text).unwrap_err();
+            let msg = crate::error_chain(&e);
+            assert!(!msg.contains(pw), "{name} {text:?}: {msg}");
+            // The key is still named where the parser knows it.
+            if text.starts_with("proxy-port") {
+                assert!(msg.contains("proxy-port: invalid type"), "{name}: {msg}");
+            }
+            assert!(
+                msg.contains(&format!("at line {line} column ")),
+                "{name}: {msg}"
+            );
+        }
+        let e = Config::build(Settings {
+            gateway_url: Some("https://gw.example".into()),
+            gateway_header: Some(vec![format!("X-Key {pw}")]),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let msg = crate::error_chain(&e);
+        assert!(msg.contains("gateway-header") && !msg.contains(pw), "{msg}");
+    }
+
+    #[test]
+    fn credentials_go_to_their_own_proxy_and_basic_over_http_needs_the_opt_in() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "alice:pw-a\n").expect("write");
+        std::fs::write(&b, "bob:pw-b\n").expect("write");
+        let two = |s: Settings| Settings {
+            proxy_https: Some("https://p1.example:3128".into()),
+            proxy_http: Some("http://p2.example:8080".into()),
+            ..s
+        };
+        // One file for two different proxies: ambiguous.
+        let e = Config::build(two(Settings {
+            proxy_credentials_file: Some(a.clone()),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::SharedCredentials), "{e:?}");
+        // Each its own file; the http:// one needs the opt-in.
+        let own = Settings {
+            proxy_https_credentials_file: Some(a.clone()),
+            proxy_http_credentials_file: Some(b.clone()),
+            ..Default::default()
+        };
+        let e = Config::build(two(own.clone())).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::BasicOverHttp {
+                    field: "proxy-http"
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(crate::error_chain(&e).contains("proxy-allow-basic-over-http=true"));
+        let c = Config::build(two(Settings {
+            proxy_allow_basic_over_http: Some(true),
+            ..own
+        }))
+        .expect("config");
+        let user = |t: &TunnelConfig| {
+            let p = t.proxy.as_ref().expect("proxy");
+            p.credentials.as_ref().expect("credentials").0.clone()
+        };
+        assert_eq!(user(&c.tunnel), "alice");
+        assert_eq!(user(c.tunnel_http.as_ref().expect("http tunnel")), "bob");
+        // One shared file is fine when both settings name the same proxy.
+        let same = Settings {
+            proxy_https: Some("https://p1.example:3128".into()),
+            proxy_http: Some("https://p1.example:3128/".into()),
+            proxy_credentials_file: Some(a.clone()),
+            ..Default::default()
+        };
+        let c = Config::build(same).expect("config");
+        assert_eq!(user(c.tunnel_http.as_ref().expect("http tunnel")), "alice");
+        // Credentials in an http:// URL need the opt-in too; http:// without any is fine.
+        let url = |u: &str| Settings {
+            proxy_https: Some(u.into()),
+            ..Default::default()
+        };
+        let e = Config::build(url("http://u:p@p.example:3128")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::BasicOverHttp {
+                    field: "proxy-https"
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(Config::build(url("http://p.example:3128")).is_ok());
+        assert!(Config::build(url("https://u:p@p.example:3128")).is_ok());
+        // proxy-cert (trusted for both hops before) is refused, naming its replacements.
+        let e = Config::build(Settings {
+            proxy_cert: Some("/x.pem".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        let msg = crate::error_chain(&e);
+        assert!(
+            msg.contains("proxy-ca") && msg.contains("gateway-ca"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn secrets_never_reach_debug_or_the_dump() {
         let s = Settings {
             proxy_https: Some("http://u:hunter2@proxy.example:3128".into()),
+            proxy_allow_basic_over_http: Some(true),
             gateway_url: Some("https://gw.example".into()),
             gateway_header: Some(vec!["X-Key: sekrit".into()]),
             ..Default::default()

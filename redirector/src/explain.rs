@@ -746,6 +746,7 @@ mod tests {
         let base = Settings {
             gateway_url: Some("https://gw.arc.test:443".into()),
             proxy_https: Some(format!("http://agent:{PASSWORD}@203.0.113.50:3128")),
+            proxy_allow_basic_over_http: Some(true),
             proxy_skip_range: Some("203.0.113.200/32,10.0.0.0/8,.svc".into()),
             ..Default::default()
         };

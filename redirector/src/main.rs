@@ -16,7 +16,11 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    redact_panics();
+    let args = match cli::Cli::try_parse() {
+        Ok(a) => a,
+        Err(e) => return usage_error(e),
+    };
     telemetry::init_logging();
     match dispatch(args.command) {
         Ok(code) => code,
@@ -25,6 +29,48 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Panic messages go through [`redirector::redact_userinfo`] like errors do: a message that
+/// quotes a value (an `expect` on something parsed from a URL) must not print a password.
+/// Same shape as the default hook; the backtrace follows `RUST_BACKTRACE` as usual.
+fn redact_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "Box<dyn Any>".into());
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        eprintln!(
+            "thread '{name}' panicked at {at}:\n{}",
+            redirector::redact_userinfo(&payload)
+        );
+        let bt = std::backtrace::Backtrace::capture();
+        if bt.status() == std::backtrace::BacktraceStatus::Captured {
+            eprintln!("stack backtrace:\n{bt}");
+        }
+    }));
+}
+
+/// Prints `--help`/`--version`, or a usage error with any URL userinfo in it redacted (clap
+/// quotes the offending value, which may be a proxy URL given to the wrong flag).
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(e.exit_code() as u8);
+    }
+    eprint!("{}", redirector::redact_userinfo(&e.render().to_string()));
+    ExitCode::from(e.exit_code() as u8)
 }
 
 fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, String> {

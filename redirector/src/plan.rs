@@ -352,6 +352,7 @@ mod tests {
         Settings {
             gateway_url: Some("https://gw.arc.test:443".into()),
             proxy_https: Some(format!("http://agent:{PASSWORD}@203.0.113.50:3128")),
+            proxy_allow_basic_over_http: Some(true),
             ..Default::default()
         }
     }
@@ -589,6 +590,7 @@ mod tests {
         let addr = peer.local_addr().expect("addr");
         let c = config(Settings {
             proxy_https: Some(format!("http://agent:{PASSWORD}@{addr}")),
+            proxy_allow_basic_over_http: Some(true),
             ..Default::default()
         });
         let f = facts(

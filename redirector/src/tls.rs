@@ -1,4 +1,6 @@
-//! rustls client configurations: system roots plus the `--proxy-cert` bundle, no way around them.
+//! rustls client configurations, one per hop: the system roots plus that hop's extra CA bundle
+//! (`--proxy-ca` for an https:// enterprise proxy, `--gateway-ca` for the gateway), no way
+//! around them; and the reason a peer's certificate was refused, in words.
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -6,9 +8,14 @@ use std::{
 };
 
 use rustls::{
-    ClientConfig, RootCertStore,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject},
 };
 use tracing::{debug, warn};
 
@@ -84,8 +91,19 @@ pub fn client_config(
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Build)?
-        .with_root_certificates(roots);
+        .map_err(TlsError::Build)?;
+    let builder = if roots.is_empty() {
+        // Nothing to verify against (the webpki verifier refuses to be built without a
+        // root): every certificate is refused as from an unknown issuer, as warned above.
+        builder.with_root_certificates(roots)
+    } else {
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Build(rustls::Error::General(e.to_string())))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NamingVerifier(verifier)))
+    };
     let mut config = match client_cert {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
@@ -102,6 +120,102 @@ pub fn client_config(
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// Why the peer's certificate was refused, in words, when `e` (an error of a TLS handshake
+/// with a hop) is one of rustls' verifier errors; `None` for every other failure.
+pub fn refusal_reason(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let e: &rustls::Error = e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<io::Error>()?
+            .get_ref()?
+            .downcast_ref::<rustls::Error>()
+    })?;
+    let rustls::Error::InvalidCertificate(c) = e else {
+        return None;
+    };
+    use CertificateError as C;
+    Some(match c {
+        C::Expired | C::ExpiredContext { .. } => "certificate expired",
+        C::NotValidYet | C::NotValidYetContext { .. } => "certificate not valid yet",
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "certificate not valid for the name (no matching DNS or IP subjectAltName)"
+        }
+        C::UnknownIssuer => "certificate issued by a CA not trusted for this hop",
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "certificate not meant for a TLS server (extended key usage)"
+        }
+        C::BadSignature => "certificate signature does not verify",
+        C::Revoked => "certificate revoked",
+        C::Other(OtherError(o)) if o.is::<SelfSigned>() => "self-signed certificate",
+        _ => "certificate refused",
+    })
+}
+
+/// A leaf that issued itself, refused as an unknown issuer by webpki.
+#[derive(Debug, thiserror::Error)]
+#[error("self-signed certificate")]
+struct SelfSigned;
+
+/// The webpki verifier, unchanged in what it accepts: it only tells a self-signed leaf (an
+/// unknown issuer that is its own issuer) apart, so that the refusal can say so.
+#[derive(Debug)]
+struct NamingVerifier(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for NamingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
+                if intermediates.is_empty() && self_issued(end_entity) =>
+            {
+                Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                    OtherError(Arc::new(SelfSigned)),
+                )))
+            }
+            r => r,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+    fn requires_raw_public_keys(&self) -> bool {
+        self.0.requires_raw_public_keys()
+    }
+    fn root_hint_subjects(&self) -> Option<&[DistinguishedName]> {
+        self.0.root_hint_subjects()
+    }
+}
+
+/// Issuer and subject are the same name.
+fn self_issued(der: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(der.as_ref())
+        .map(|(_, c)| c.issuer().as_raw() == c.subject().as_raw())
+        .unwrap_or(false)
 }
 
 /// Whatever the system trust store holds; unreadable or unparsable entries are skipped,

@@ -4,7 +4,7 @@
 //! re-exported as `tests::pki`) both use it.
 //!
 //! Every certificate is ECDSA P-256 and valid from 2020 to 2100, so tests never depend on the
-//! clock. Leaves carry both `serverAuth` and `clientAuth`, so one leaf can serve as a
+//! clock (except the deliberately [`Flaw`]ed ones: expired in 2021, valid from 2099). Leaves carry both `serverAuth` and `clientAuth`, so one leaf can serve as a
 //! gateway certificate or as a client certificate on the gateway hop.
 use std::{
     fs,
@@ -122,7 +122,7 @@ impl TestCa {
     }
 
     /// Writes the CA certificate (the file curl's `--cacert` / `--proxy-cacert` and the
-    /// redirector's `--proxy-cert` take) into `dir` and returns its path.
+    /// redirector's `--proxy-ca` / `--gateway-ca` take) into `dir` and returns its path.
     pub fn write_ca(&self, dir: &Path) -> PathBuf {
         fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let path = dir.join(format!("{}.pem", slug(&self.name)));
@@ -134,53 +134,31 @@ impl TestCa {
     /// DNS SAN (wildcards such as `*.example.test` allowed). The first name is the subject CN
     /// and names the files, which go into the CA's directory.
     pub fn issue(&self, names: &[&str]) -> Leaf {
-        assert!(!names.is_empty(), "a leaf needs at least one name");
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
-                    (*n).try_into()
-                        .unwrap_or_else(|e| panic!("bad dns name {n:?}: {e}")),
-                ),
-            })
-            .collect();
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        // OpenSSL 3 (curl) wants an authority key identifier on every non-root certificate.
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = date_time_ymd(2020, 1, 1);
-        params.not_after = date_time_ymd(2100, 1, 1);
+        self.issue_flawed(names, None)
+    }
 
-        let key = KeyPair::generate().expect("generate leaf key");
+    /// [`TestCa::issue`] with one thing wrong (`None`: nothing), for verification tests.
+    pub fn issue_flawed(&self, names: &[&str], flaw: Option<Flaw>) -> Leaf {
+        let (params, key) = leaf_params(names, flaw);
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-
         let n = self.issued.fetch_add(1, Ordering::Relaxed);
         let stem = format!("{}-{n}-{}", slug(&self.name), slug(names[0]));
-        let cert_pem_path = self.dir.join(format!("{stem}.pem"));
-        let key_pem_path = self.dir.join(format!("{stem}.key.pem"));
-        let cert_pem = cert.pem();
-        let key_pem = key.serialize_pem();
-        write(&cert_pem_path, &cert_pem);
-        write(&key_pem_path, &key_pem);
-        Leaf {
-            cert_pem_path,
-            key_pem_path,
-            cert_pem,
-            key_pem,
-            cert_der: cert.der().clone(),
-            key_der: key.serialize_der(),
-        }
+        Leaf::write(&self.dir, &stem, cert, key)
+    }
+
+    /// A leaf for `names` that signs itself: no CA vouches for it. Written into the CA's
+    /// directory like the others (the CA plays no part in it).
+    pub fn self_signed(&self, names: &[&str]) -> Leaf {
+        let (mut params, key) = leaf_params(names, None);
+        // Its own issuer: a name no trust store holds (a system root may well be called
+        // just `CN=localhost`, and would then be taken for its issuer).
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "rdr self-signed test leaf");
+        let cert = params.self_signed(&key).expect("self-sign leaf");
+        let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        let stem = format!("self-signed-{n}-{}", slug(names[0]));
+        Leaf::write(&self.dir, &stem, cert, key)
     }
 
     /// A root store holding only this CA.
@@ -204,7 +182,88 @@ impl TestCa {
     }
 }
 
+/// One thing wrong with a leaf, for the TLS verification matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flaw {
+    /// Valid from 2020 to 2021 only.
+    Expired,
+    /// Valid from 2099 on.
+    NotYetValid,
+    /// Extended key usage `clientAuth` only: not for a TLS server.
+    ClientAuthOnly,
+    /// No subjectAltName at all: the name is only in the subject CN (which TLS clients
+    /// no longer look at).
+    CnOnly,
+    /// Every name as a DNS SAN, IP literals included (`DNS:203.0.113.60`), so an IP literal
+    /// is presented as a name rather than as an `IP:` SAN.
+    IpAsDns,
+}
+
+/// The parameters and key of a leaf for `names` with `flaw`.
+fn leaf_params(names: &[&str], flaw: Option<Flaw>) -> (CertificateParams, KeyPair) {
+    assert!(!names.is_empty(), "a leaf needs at least one name");
+    let mut params = CertificateParams::default();
+    let dns = |n: &str| {
+        SanType::DnsName(
+            n.try_into()
+                .unwrap_or_else(|e| panic!("bad dns name {n:?}: {e}")),
+        )
+    };
+    params.subject_alt_names = match flaw {
+        Some(Flaw::CnOnly) => Vec::new(),
+        Some(Flaw::IpAsDns) => names.iter().map(|n| dns(n)).collect(),
+        _ => names
+            .iter()
+            .map(|n| match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => dns(n),
+            })
+            .collect(),
+    };
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = match flaw {
+        Some(Flaw::ClientAuthOnly) => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        _ => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
+    // OpenSSL 3 (curl) wants an authority key identifier on every non-root certificate.
+    params.use_authority_key_identifier_extension = true;
+    (params.not_before, params.not_after) = match flaw {
+        Some(Flaw::Expired) => (date_time_ymd(2020, 1, 1), date_time_ymd(2021, 1, 1)),
+        Some(Flaw::NotYetValid) => (date_time_ymd(2099, 1, 1), date_time_ymd(2100, 1, 1)),
+        _ => (date_time_ymd(2020, 1, 1), date_time_ymd(2100, 1, 1)),
+    };
+    let key = KeyPair::generate().expect("generate leaf key");
+    (params, key)
+}
+
 impl Leaf {
+    /// Writes `cert` and its `key` as `<stem>.pem` and `<stem>.key.pem` into `dir`.
+    fn write(dir: &Path, stem: &str, cert: rcgen::Certificate, key: KeyPair) -> Leaf {
+        let cert_pem_path = dir.join(format!("{stem}.pem"));
+        let key_pem_path = dir.join(format!("{stem}.key.pem"));
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        write(&cert_pem_path, &cert_pem);
+        write(&key_pem_path, &key_pem);
+        Leaf {
+            cert_pem_path,
+            key_pem_path,
+            cert_pem,
+            key_pem,
+            cert_der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
     pub fn cert_der(&self) -> CertificateDer<'static> {
         self.cert_der.clone()
     }

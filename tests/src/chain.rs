@@ -140,6 +140,11 @@ impl Chain {
 
     /// Starts the gateway simulator on gw.arc.test:443.
     pub fn start_gateway(&mut self, kind: Gateway) -> Option<usize> {
+        self.start_gateway_with(kind, &[])
+    }
+
+    /// [`Chain::start_gateway`] with extra simulator arguments (e.g. `--require-bearer`).
+    pub fn start_gateway_with(&mut self, kind: Gateway, extra: &[&str]) -> Option<usize> {
         let dir = self.lab.dir.join("pki");
         let leaf = match kind {
             Gateway::Down => return None,
@@ -171,6 +176,7 @@ impl Chain {
         for (name, ip) in TARGETS {
             args.extend(["--resolve".into(), format!("{name}={ip}")]);
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let bin = crate::lab::workspace_bin("rdr-gateway-sim");
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let ns = self.gw_ns.clone();
@@ -227,7 +233,7 @@ impl Chain {
         let mut f = vec![
             "--gateway-url".to_owned(),
             format!("https://{GATEWAY_NAME}:443"),
-            "--proxy-cert".into(),
+            "--gateway-ca".into(),
             self.ca_pem.display().to_string(),
             "--sniff-timeout".into(),
             "0.3".into(),
@@ -241,9 +247,11 @@ impl Chain {
             "5".into(),
         ];
         match &self.squid {
+            // Squid speaks plain http://: Basic over it needs the explicit opt-in.
             Some(s) => f.extend([
                 "--proxy-https".into(),
                 format!("http://{PROXY_USER}:{password}@{}", s.addr()),
+                "--proxy-allow-basic-over-http".into(),
             ]),
             None => f.extend(["--gateway-connect-to".into(), GATEWAY_V4.to_string()]),
         }

@@ -19,6 +19,25 @@ pub fn describe(o: &std::process::Output) -> String {
 pub fn ready_with_squid(test: &str) -> bool {
     priv_check::privileged(test) && squid::available(test, &[])
 }
+/// Standard base64 (with padding), for looking for `Basic` credentials in output.
+pub fn base64_encode(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
 pub mod chain;
 pub mod kube_api;
 pub mod kube_node;

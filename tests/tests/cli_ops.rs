@@ -251,7 +251,7 @@ fn check_passes_in_the_node_netns_and_names_the_fix_when_something_is_wrong() {
     );
     let gw = line(&text, "ok    gateway:");
     assert!(
-        gw.contains("rdr test ca") && gw.contains("--proxy-cert"),
+        gw.contains("rdr test ca") && gw.contains("--gateway-ca"),
         "{gw}"
     );
     assert!(
@@ -326,8 +326,8 @@ fn check_accepts_a_gateway_that_speaks_h2_and_says_how_tunnels_travel() {
 }
 
 #[test]
-fn check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted() {
-    if !ready("check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted") {
+fn check_fails_with_the_gateway_ca_fix_when_the_gateway_certificate_is_untrusted() {
+    if !ready("check_fails_with_the_gateway_ca_fix_when_the_gateway_certificate_is_untrusted") {
         return;
     }
     let c = chain(Gateway::Untrusted, false);
@@ -339,11 +339,13 @@ fn check_fails_with_the_proxy_cert_fix_when_the_gateway_certificate_is_untrusted
     line(&text, "ok    proxy http://203.0.113.50:3128:");
     let fail = line(&text, "FAIL  gateway:");
     assert!(
-        fail.contains("UnknownIssuer") && fail.contains("rdr untrusted ca"),
+        fail.contains("certificate issued by a CA not trusted for this hop")
+            && fail.contains("UnknownIssuer")
+            && fail.contains("rdr untrusted ca"),
         "{fail}"
     );
     assert!(
-        text.contains("fix: pass the gateway's CA with --proxy-cert"),
+        text.contains("fix: pass the gateway's CA with --gateway-ca"),
         "{text}"
     );
     // The interception line names the issuer and what to do if it is an inspecting proxy.

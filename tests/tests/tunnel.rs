@@ -5,6 +5,7 @@ use std::{path::Path, process::Output, time::Duration};
 use tests::describe as out;
 use tests::ready_with_squid as ready;
 
+use tests::base64_encode;
 use tests::chain::{BANNER, Chain, GATEWAY_NAME, Gateway, PROXY_PASSWORD, PROXY_USER};
 
 fn script(name: &str) -> String {
@@ -427,7 +428,11 @@ fn refusal_gateway_certificate_from_untrusted_ca() {
             c.start_daemon(&[], "info");
         },
         "https://portal.azure.test/",
-        &["hop=gateway", "kind=tls"],
+        &[
+            "hop=gateway",
+            "kind=tls",
+            "tls handshake with the gateway failed: certificate issued by a CA not trusted for this hop",
+        ],
     );
 }
 
@@ -444,7 +449,7 @@ fn refusal_wrong_gateway_name() {
                 "https://wrong.arc.test:443",
                 "--gateway-connect-to",
                 "203.0.113.60",
-                "--proxy-cert",
+                "--gateway-ca",
                 &ca,
                 "--sniff-timeout",
                 "0.3",
@@ -453,7 +458,11 @@ fn refusal_wrong_gateway_name() {
             ]);
         },
         "https://portal.azure.test/",
-        &["hop=gateway", "kind=tls", "not valid for name"],
+        &[
+            "hop=gateway",
+            "kind=tls",
+            "tls handshake with the gateway failed: certificate not valid for the name",
+        ],
     );
 }
 
@@ -607,24 +616,6 @@ fn trace_logs_and_config_dump_never_contain_the_proxy_password() {
         );
     }
     assert!(dump.contains("redacted"), "{dump}");
-}
-
-fn base64_encode(b: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in b.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
 }
 
 /// Gateway sessions end with TLS close_notify, whichever side ends first and also when the

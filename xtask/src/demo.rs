@@ -45,7 +45,7 @@ pub fn run() -> anyhow::Result<()> {
     );
 
     step(
-        "starting `redirector run --gateway-url https://gw.arc.test --proxy-https http://agent:***@203.0.113.50:3128 --cgroup <pod>`",
+        "starting `redirector run --gateway-url https://gw.arc.test --gateway-ca <test ca> --proxy-https http://agent:***@203.0.113.50:3128 --proxy-allow-basic-over-http --cgroup <pod>`",
     );
     c.start_daemon(&[], "info");
 

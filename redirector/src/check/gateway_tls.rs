@@ -19,7 +19,7 @@ use super::Check;
 use crate::tunnel::Io;
 use crate::tunnel::{GatewayConfig, Timeouts};
 
-/// Root stores: the system's (public roots) and the system's plus `--proxy-cert`.
+/// Root stores: the system's (public roots) and the system's plus `--gateway-ca`.
 pub(super) struct TrustStores {
     system: Arc<RootCertStore>,
     all: Arc<RootCertStore>,
@@ -149,7 +149,7 @@ pub fn cert_facts(der: &CertificateDer<'_>) -> Option<CertFacts> {
 pub enum Trust {
     /// Chains to a system (public) root.
     Public,
-    /// Chains only to a CA from --proxy-cert.
+    /// Chains only to a CA from --gateway-ca.
     ExtraOnly,
     /// Does not verify; the verifier's error.
     Untrusted(rustls::Error),
@@ -162,7 +162,7 @@ pub struct GatewayProbe {
     /// The handshake error, verbatim (`None`: handshake completed).
     pub error: Option<String>,
     pub alpn: Option<String>,
-    /// Problems loading --proxy-cert.
+    /// Problems loading --gateway-ca.
     pub extra_error: Option<String>,
 }
 
@@ -341,14 +341,15 @@ pub fn judge_gateway(
                     | rustls::CertificateError::NotValidYetContext { .. },
                 ) => fix.push("the certificate is outside its validity period: check this node's clock, or have the gateway's certificate renewed".into()),
                 _ => {
-                    fix.push(format!("pass the gateway's CA with --proxy-cert (the certificate was issued by {issuer})"));
+                    fix.push(format!("pass the gateway's CA with --gateway-ca (the certificate was issued by {issuer})"));
                     fix.push("check --gateway-url".into());
                 }
             }
             if let Some(x) = &probe.extra_error {
-                fix.push(format!("--proxy-cert could not be used: {x}"));
+                fix.push(format!("--gateway-ca could not be used: {x}"));
             }
-            out.push(Check::fail("gateway", format!("TLS with {target}: {e} (issuer {issuer})"), fix));
+            let reason = crate::tls::refusal_reason(e).map(|r| format!("{r}: ")).unwrap_or_default();
+            out.push(Check::fail("gateway", format!("TLS with {target}: {reason}{e} (issuer {issuer})"), fix));
         }
         (_, Some(err)) => out.push(Check::fail("gateway", format!("TLS with {target} failed after the certificate was accepted: {err}"), vec![
             "if the gateway requires a client certificate, pass --gateway-client-cert and --gateway-client-key".into(),
@@ -356,7 +357,7 @@ pub fn judge_gateway(
         (t, None) => {
             let how = match t {
                 Trust::Public => "chains to a public root",
-                _ => "trusted through --proxy-cert",
+                _ => "trusted through --gateway-ca",
             };
             let alpn = probe.alpn.as_deref().unwrap_or("none");
             let offered_h2 = gw.tls.alpn_protocols.iter().any(|p| p == b"h2");
@@ -395,7 +396,7 @@ pub fn judge_gateway(
         Trust::ExtraOnly => out.push(Check::warn(
             name,
             format!(
-                "the certificate for {server} was issued by {issuer}, a CA that is not a public root and is trusted only through --proxy-cert: expected for a self-hosted gateway"
+                "the certificate for {server} was issued by {issuer}, a CA that is not a public root and is trusted only through --gateway-ca: expected for a self-hosted gateway"
             ),
             vec![format!("if {issuer} is your TLS-inspecting proxy's CA, the proxy is intercepting the gateway name: exempt {server} from TLS inspection")],
         )),
@@ -403,9 +404,9 @@ pub fn judge_gateway(
             name,
             format!("cannot tell: the certificate for {server} was issued by {issuer}, which nothing here trusts"),
             vec![if have_extra_ca {
-                format!("if {issuer} is your TLS-inspecting proxy's CA, exempt {server} from TLS inspection; if it is the gateway's real CA, add it to --proxy-cert")
+                format!("if {issuer} is your TLS-inspecting proxy's CA, exempt {server} from TLS inspection; if it is the gateway's real CA, add it to --gateway-ca")
             } else {
-                format!("if {issuer} is your TLS-inspecting proxy's CA, exempt {server} from TLS inspection; if it is the gateway's real CA, pass it with --proxy-cert")
+                format!("if {issuer} is your TLS-inspecting proxy's CA, exempt {server} from TLS inspection; if it is the gateway's real CA, pass it with --gateway-ca")
             }],
         )),
     }

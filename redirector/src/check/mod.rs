@@ -156,7 +156,7 @@ pub async fn run(settings: &Settings, config: Result<Config, ConfigError>) -> Re
             return Report::new(checks);
         }
     };
-    checks.extend(network::checks(&config, settings.proxy_cert.as_deref()).await);
+    checks.extend(network::checks(&config, settings.gateway_ca.as_deref()).await);
     Report::new(checks)
 }
 

@@ -153,8 +153,9 @@ async fn check_proxy(p: &ProxyConfig, gateway: Option<&GatewayConfig>, t: &Timeo
             match timeout(t.tls_handshake, TlsConnector::from(Arc::clone(tls)).connect(sni, tcp)).await {
                 Err(_) => return fail(format!("no TLS answer within {:?}", t.tls_handshake), vec!["is it an https:// proxy? use http:// in the proxy URL if it speaks plain HTTP".into()]),
                 Ok(Err(e)) => {
-                    return fail(format!("TLS with the proxy failed: {e}"), vec![
-                        "pass the proxy's CA with --proxy-cert".into(),
+                    let reason = crate::tls::refusal_reason(&e).map(|r| format!("{r}: ")).unwrap_or_default();
+                    return fail(format!("TLS with the proxy failed: {reason}{e}"), vec![
+                        "pass the proxy's CA with --proxy-ca (it is trusted for the proxy only)".into(),
                         "or use http:// in the proxy URL if it speaks plain HTTP".into(),
                     ]);
                 }
@@ -213,7 +214,7 @@ async fn check_proxy(p: &ProxyConfig, gateway: Option<&GatewayConfig>, t: &Timeo
             407 => {
                 let fix = match &p.credentials {
                     Some(_) => {
-                        "the proxy rejected the credentials: check the user and password in the proxy URL or in --proxy-credentials-file"
+                        "the proxy rejected the credentials: check the user and password in the proxy URL or in its credentials file (--proxy-https-credentials-file, --proxy-http-credentials-file or --proxy-credentials-file)"
                     }
                     None => {
                         "the proxy requires authentication: put user:password in the proxy URL or use --proxy-credentials-file"
@@ -310,7 +311,7 @@ mod tests {
         Settings {
             gateway_url: Some(format!("https://gw.arc.test:{}", addr.port())),
             gateway_connect_to: Some("127.0.0.1".into()),
-            proxy_cert: ca_file.map(Path::to_owned),
+            gateway_ca: ca_file.map(Path::to_owned),
             pin_root: Some("/tmp/rdr-check-unit/pins".into()),
             cgroup_root: Some("/tmp".into()),
             connect_timeout: Some(2.0),
@@ -321,11 +322,11 @@ mod tests {
 
     async fn run_network(s: &Settings) -> Vec<Check> {
         let config = Config::build(s.clone()).unwrap();
-        checks(&config, s.proxy_cert.as_deref()).await
+        checks(&config, s.gateway_ca.as_deref()).await
     }
 
     #[tokio::test]
-    async fn gateway_trusted_through_proxy_cert_is_ok_with_a_note() {
+    async fn gateway_trusted_through_gateway_ca_is_ok_with_a_note() {
         let ca = TestCa::temp("lab gateway ca");
         let ca_file = ca.write_ca(ca.dir());
         let addr = tls_server(&ca, "gw.arc.test").await;
@@ -333,7 +334,7 @@ mod tests {
         let gw = find(&checks, "gateway");
         assert_eq!(gw.level, Level::Ok, "{gw:?}");
         assert!(
-            gw.detail.contains("\"lab gateway ca\"") && gw.detail.contains("--proxy-cert"),
+            gw.detail.contains("\"lab gateway ca\"") && gw.detail.contains("--gateway-ca"),
             "{gw:?}"
         );
         let tls = find(&checks, "tls interception");
@@ -341,7 +342,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn untrusted_gateway_fails_with_the_verifier_error_and_the_proxy_cert_fix() {
+    async fn untrusted_gateway_fails_with_the_verifier_error_and_the_gateway_ca_fix() {
         let trusted = TestCa::temp("lab gateway ca");
         let ca_file = trusted.write_ca(trusted.dir());
         let addr = tls_server(&TestCa::temp("someone else"), "gw.arc.test").await;
@@ -349,11 +350,14 @@ mod tests {
         let gw = find(&checks, "gateway");
         assert_eq!(gw.level, Level::Fail, "{gw:?}");
         assert!(
-            gw.detail.contains("UnknownIssuer") && gw.detail.contains("\"someone else\""),
+            gw.detail
+                .contains("certificate issued by a CA not trusted for this hop")
+                && gw.detail.contains("UnknownIssuer")
+                && gw.detail.contains("\"someone else\""),
             "{gw:?}"
         );
         assert!(
-            gw.fix[0].contains("pass the gateway's CA with --proxy-cert"),
+            gw.fix[0].contains("pass the gateway's CA with --gateway-ca"),
             "{gw:?}"
         );
         // A certificate for another name: check the URL.
@@ -408,6 +412,7 @@ mod tests {
         let (addr, seen) = fake_proxy("407 Proxy Authentication Required").await;
         let mut s = settings_for(addr, None);
         s.proxy_https = Some(format!("http://agent:Pw-sekrit@{addr}"));
+        s.proxy_allow_basic_over_http = Some(true);
         let checks = run_network(&s).await;
         let p = checks
             .iter()

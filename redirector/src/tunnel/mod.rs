@@ -90,7 +90,7 @@ pub enum TunnelError {
     },
     #[error("timed out connecting to the {hop} at {addr}")]
     ConnectTimeout { hop: &'static str, addr: String },
-    #[error("tls handshake with the {hop} failed")]
+    #[error("tls handshake with the {hop} failed{}", crate::tls::refusal_reason(.source).map(|r| format!(": {r}")).unwrap_or_default())]
     Tls {
         hop: &'static str,
         #[source]
@@ -503,7 +503,7 @@ pub(crate) mod tests {
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Behavior {
+    pub(crate) enum Behavior {
         /// 200, then relay to the requested target.
         Allow,
         /// 200 in the same write as the target's first bytes.
@@ -518,8 +518,8 @@ pub(crate) mod tests {
     }
 
     /// A CONNECT server (enterprise proxy or gateway stand-in) recording each request head.
-    struct StandIn {
-        addr: SocketAddr,
+    pub(crate) struct StandIn {
+        pub(crate) addr: SocketAddr,
         seen: Arc<Mutex<Vec<String>>>,
     }
 
@@ -529,7 +529,7 @@ pub(crate) mod tests {
         }
     }
 
-    async fn spawn_connect_server(
+    pub(crate) async fn spawn_connect_server(
         tls: Option<Arc<ServerConfig>>,
         behavior: Behavior,
         required_auth: Option<String>,
@@ -636,7 +636,7 @@ pub(crate) mod tests {
 
     /// A target that optionally greets first, then answers `got:<everything read>` once the
     /// client half-closes, then closes.
-    async fn spawn_target(banner: Option<&'static [u8]>) -> SocketAddr {
+    pub(crate) async fn spawn_target(banner: Option<&'static [u8]>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {

@@ -364,11 +364,12 @@ impl GatewayConfig {
     }
 }
 
-/// A `Name: value` header for the gateway CONNECT.
+/// A `Name: value` header for the gateway CONNECT. Names the header only when its name is a
+/// valid token: otherwise the "name" may be the whole line, value (a secret) included.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid header {name:?}: {reason}")]
+#[error("invalid header{}: {reason}", name.as_ref().map(|n| format!(" {n:?}")).unwrap_or_default())]
 pub struct HeaderError {
-    pub name: String,
+    pub name: Option<String>,
     pub reason: &'static str,
 }
 
@@ -382,14 +383,17 @@ pub fn parse_header(s: &str) -> Result<(String, String), HeaderError> {
 }
 
 pub(crate) fn check_header(name: &str, value: &str) -> Result<(), HeaderError> {
-    let err = |reason| HeaderError {
-        name: name.chars().take(64).collect(),
-        reason,
-    };
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(tchar) {
-        return Err(err("the name must be an HTTP token"));
+        return Err(HeaderError {
+            name: None,
+            reason: "the name must be an HTTP token (write `Name: value`)",
+        });
     }
+    let err = |reason| HeaderError {
+        name: Some(name.chars().take(64).collect()),
+        reason,
+    };
     if [
         "host",
         "content-length",

@@ -91,7 +91,7 @@ PATTERNS (--allow):
 
 STATUS CODES:
   200 tunnel open, 400 malformed request, 403 not allowed, 405 not CONNECT,
-  407 --require-bearer token missing or wrong (Proxy-Authorization or Authorization:
+  407 --require-bearer token missing or wrong (or --bearer-status; Proxy-Authorization or Authorization:
   Bearer TOKEN), 408 request head not received in time, 431 head over 16 KiB,
   502 no --resolve entry or target refused, 504 target connect timed out.
 
@@ -156,6 +156,10 @@ struct Args {
     /// Require `Bearer TOKEN` in Proxy-Authorization or Authorization; 407 otherwise.
     #[arg(long, value_name = "TOKEN")]
     require_bearer: Option<String>,
+    /// The status a missing or wrong --require-bearer token gets (401 as an origin-style
+    /// gateway would answer, or 407 as a proxy would).
+    #[arg(long, value_name = "STATUS", default_value_t = 407)]
+    bearer_status: u16,
     /// Accept TCP connections and never answer (no TLS either): for timeout tests.
     #[arg(long)]
     silent: bool,
@@ -189,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
             allow: args.allow,
             resolve: args.resolve,
             bearer: args.require_bearer,
+            bearer_status: args.bearer_status,
         },
         header_timeout: Duration::from_secs(args.header_timeout),
         connect_timeout: Duration::from_secs(args.connect_timeout),
@@ -752,6 +757,7 @@ impl Refusal {
     fn phrase(&self) -> &'static str {
         match self.status {
             400 => "Bad Request",
+            401 => "Unauthorized",
             403 => "Forbidden",
             405 => "Method Not Allowed",
             407 => "Proxy Authentication Required",
@@ -767,6 +773,7 @@ impl Refusal {
     fn extra_header(&self) -> Option<(&'static str, &'static str)> {
         match self.status {
             405 => Some(("Allow", "CONNECT")),
+            401 => Some(("WWW-Authenticate", "Bearer realm=\"rdr-gateway-sim\"")),
             407 => Some(("Proxy-Authenticate", "Bearer realm=\"rdr-gateway-sim\"")),
             _ => None,
         }
@@ -822,6 +829,7 @@ struct Policy {
     allow: Vec<Pattern>,
     resolve: Vec<(HostPattern, IpAddr)>,
     bearer: Option<String>,
+    bearer_status: u16,
 }
 
 impl Policy {
@@ -843,7 +851,10 @@ impl Policy {
                 .chain(req.header("authorization"))
                 .any(|v| bearer_token(v) == Some(token.as_bytes()));
             if !presented {
-                return Err(Refusal::new(407, "bearer token missing or wrong"));
+                return Err(Refusal::new(
+                    self.bearer_status,
+                    "bearer token missing or wrong",
+                ));
             }
         }
         if !self.allow.iter().any(|p| p.matches(&host, port)) {
@@ -1232,6 +1243,7 @@ mod tests {
             .map(|r| parse_resolve(r).unwrap())
             .collect(),
             bearer: None,
+            bearer_status: 407,
         }
     }
 
