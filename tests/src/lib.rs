@@ -21,6 +21,7 @@ pub fn ready_with_squid(test: &str) -> bool {
 }
 pub mod chain;
 pub mod kube_api;
+pub mod kube_apiserver;
 pub mod kube_node;
 /// The workspace's one test PKI (the `test-pki` crate), under its historical path.
 pub use test_pki as pki;
