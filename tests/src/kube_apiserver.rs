@@ -296,15 +296,12 @@ impl ApiServer {
             .enable_all()
             .on_thread_start(move || {
                 let f = fs::File::open(&ns_path).expect("open netns");
-                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("setns");
+                nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             })
             .build()
             .expect("tokio runtime");
         let kc = admin_kubeconfig.clone();
-        let client = rt
-            .block_on(rt.spawn(client_from(kc)))
-            .expect("client task");
+        let client = rt.block_on(rt.spawn(client_from(kc))).expect("client task");
         let mut api = ApiServer {
             netns: netns.to_owned(),
             dir: dir.to_owned(),
@@ -442,19 +439,20 @@ impl ApiServer {
     pub fn token(&self, ns: &str, name: &str) -> String {
         let client = self.client();
         let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/{name}/token");
-        let v: Value = self.run(async move {
-            let body = json!({
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenRequest",
-                "spec": { "expirationSeconds": 3600 },
-            });
-            let req = Request::post(path)
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&body).expect("json"))
-                .expect("request");
-            client.request::<Value>(req).await
-        })
-        .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{name}: {e}"));
+        let v: Value = self
+            .run(async move {
+                let body = json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenRequest",
+                    "spec": { "expirationSeconds": 3600 },
+                });
+                let req = Request::post(path)
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&body).expect("json"))
+                    .expect("request");
+                client.request::<Value>(req).await
+            })
+            .unwrap_or_else(|e| panic!("TokenRequest for {ns}/{name}: {e}"));
         v["status"]["token"]
             .as_str()
             .expect("token in TokenRequest status")

@@ -227,7 +227,10 @@ fn deploy_rbac() -> (String, String, String) {
         if kind == "ServiceAccount" {
             let v: Value = serde_norway::from_str(doc).expect("service account yaml");
             sa = Some((
-                v["metadata"]["namespace"].as_str().expect("sa ns").to_owned(),
+                v["metadata"]["namespace"]
+                    .as_str()
+                    .expect("sa ns")
+                    .to_owned(),
                 v["metadata"]["name"].as_str().expect("sa name").to_owned(),
             ));
         }
@@ -353,6 +356,26 @@ impl K8s {
     }
 
     fn start_daemon_with(&mut self, mode_flag: &str) {
+        let s0 = match &self.api {
+            Backend::StandIn(a) => Some(a.stats()),
+            Backend::Real(_) => None,
+        };
+        let i = self.spawn_daemon(mode_flag);
+        let end = Instant::now() + WAIT;
+        while !matches!(self.lab().node_http_get("/healthz"), Some((200, _))) {
+            assert!(
+                self.node.lab.procs[i].alive() && Instant::now() < end,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_lists(s0);
+    }
+
+    /// Starts the daemon (becoming `self.daemon`) and returns its process index, without
+    /// waiting for anything.
+    fn spawn_daemon(&mut self, mode_flag: &str) -> usize {
         let mut args = self.lab().daemon_args();
         assert!(
             !args.iter().any(|a| a == "--cgroup"),
@@ -366,10 +389,6 @@ impl K8s {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let bin = workspace_bin("redirector");
         let ns = self.lab().node.clone();
-        let s0 = match &self.api {
-            Backend::StandIn(a) => Some(a.stats()),
-            Backend::Real(_) => None,
-        };
         let i = self.node.lab.spawn_in_env(
             &ns,
             "redirector",
@@ -378,15 +397,12 @@ impl K8s {
             &[("RUST_LOG", "info"), ("NODE_NAME", NODE)],
         );
         self.daemon = Some(i);
-        let end = Instant::now() + WAIT;
-        while !matches!(self.lab().node_http_get("/healthz"), Some((200, _))) {
-            assert!(
-                self.node.lab.procs[i].alive() && Instant::now() < end,
-                "daemon did not come up:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        i
+    }
+
+    /// Waits until the daemon has applied both initial lists (`s0`: the stand-in's request
+    /// counters from before the daemon started).
+    fn wait_lists(&self, s0: Option<tests::kube_api::ApiStats>) {
         match (&self.api, s0) {
             (Backend::StandIn(api), Some(s0)) => {
                 self.rt.block_on(api.wait_stats("both watches open", |s| {
@@ -1421,13 +1437,7 @@ fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
             true,
         ),
         // Annotations may total 256 KiB, keys included.
-        (
-            "huge",
-            "0".repeat(256 * 1024 - key.len()),
-            None,
-            None,
-            true,
-        ),
+        ("huge", "0".repeat(256 * 1024 - key.len()), None, None, true),
         ("huge-over", "0".repeat(256 * 1024), None, None, false),
         ("dot", ".".to_owned(), None, None, true),
         ("to-bystander", bystander.clone(), None, None, true),
@@ -1561,7 +1571,10 @@ fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
         k.log()
     );
     assert_eq!(k.curl("apps/to-system"), Outcome::Redirected);
-    assert_eq!(k.curl(&format!("apps/{}", "n".repeat(253))), Outcome::Redirected);
+    assert_eq!(
+        k.curl(&format!("apps/{}", "n".repeat(253))),
+        Outcome::Redirected
+    );
     assert_eq!(k.curl("other/bystander"), Outcome::NoRoute);
 
     // The pod that named its neighbour goes away: the neighbour stays enabled and redirected.
@@ -1588,12 +1601,10 @@ fn rules_of(api: &ApiServer, token: &str, ns: &str) -> BTreeSet<(String, String,
     });
     let v: Value = api
         .run(async move {
-            let req = hyper::Request::post(
-                "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
-            )
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(&body).expect("json"))
-            .expect("request");
+            let req = hyper::Request::post("/apis/authorization.k8s.io/v1/selfsubjectrulesreviews")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).expect("json"))
+                .expect("request");
             client.request::<Value>(req).await
         })
         .unwrap_or_else(|e| panic!("SelfSubjectRulesReview: {e}"));
@@ -1608,7 +1619,11 @@ fn rules_of(api: &ApiServer, token: &str, ns: &str) -> BTreeSet<(String, String,
             .unwrap_or_default()
     };
     let mut out = BTreeSet::new();
-    for r in v["status"]["resourceRules"].as_array().into_iter().flatten() {
+    for r in v["status"]["resourceRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         for g in strs(&r["apiGroups"]) {
             for res in strs(&r["resources"]) {
                 for verb in strs(&r["verbs"]) {
@@ -1632,11 +1647,11 @@ fn rules_of(api: &ApiServer, token: &str, ns: &str) -> BTreeSet<(String, String,
 }
 
 /// 11. The RBAC of `deploy/base`, applied to a real API server, grants the daemon's
-///     ServiceAccount exactly `get`, `list` and `watch` on pods and namespaces beyond what
-///     every authenticated identity has (compared with a ServiceAccount nothing is bound
-///     to), in the daemon's own namespace and in any other; and the daemon works with it
-///     (every other test here runs it with that token). A daemon whose role lacks `list` on
-///     pods never publishes a desired set: the first permission it misses fails it.
+///     ServiceAccount exactly `list` and `watch` on pods and namespaces beyond what every
+///     authenticated identity has (compared with a ServiceAccount nothing is bound to), in
+///     the daemon's own namespace and in others. Each of those grants is needed: a daemon
+///     whose role lacks any one is refused for it. And the daemon works with the deploy
+///     token (every other test here runs it with that token too) without a single refusal.
 #[test]
 fn deploy_rbac_grants_exactly_what_the_daemon_uses() {
     if !ready("deploy_rbac_grants_exactly_what_the_daemon_uses") {
@@ -1651,10 +1666,11 @@ fn deploy_rbac_grants_exactly_what_the_daemon_uses() {
     let nobody = api.token(&sa_ns, "nobody");
     k.api.create_namespace("apps", ON);
     let api = k.api.real();
+    // What the daemon uses: list and watch (kube-runtime's watcher), nothing else.
     let want: BTreeSet<(String, String, String)> = ["pods", "namespaces"]
         .iter()
         .flat_map(|r| {
-            ["get", "list", "watch"]
+            ["list", "watch"]
                 .iter()
                 .map(move |v| (String::new(), r.to_string(), v.to_string()))
         })
@@ -1674,70 +1690,69 @@ fn deploy_rbac_grants_exactly_what_the_daemon_uses() {
         );
     }
 
-    // The same daemon with `list` on pods taken away: it logs the refusal and never
-    // publishes a set, so the labeled pod stays untouched.
-    let reduced = r#"apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata:
-  name: reduced
-rules:
-  - apiGroups: [""]
-    resources: ["namespaces"]
-    verbs: ["get", "list", "watch"]
-  - apiGroups: [""]
-    resources: ["pods"]
-    verbs: ["get", "watch"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata:
-  name: reduced
-roleRef:
-  apiGroup: rbac.authorization.k8s.io
-  kind: ClusterRole
-  name: reduced
-subjects:
-  - kind: ServiceAccount
-    name: reduced
-    namespace: default
-"#;
-    let o = api.kubectl(&["-n", "default", "create", "serviceaccount", "reduced"], "");
-    assert!(o.status.success(), "{}", out(&o));
-    let o = api.kubectl(&["apply", "-f", "-"], reduced);
-    assert!(o.status.success(), "{}", out(&o));
-    let reduced_token = api.token("default", "reduced");
-    api.write_kubeconfig(&k.kubeconfig, &reduced_token);
+    // Every grant is needed: the daemon with a role lacking any one of them is refused by
+    // the server for exactly that verb and resource (and logs it).
     k.add_pod("apps", "web", &[], Qos::Burstable, Driver::Systemd);
-    let mut args = k.lab().daemon_args();
-    args.extend([
-        "--kubernetes=true".into(),
-        "--kubeconfig".into(),
-        k.kubeconfig.display().to_string(),
-    ]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let ns = k.lab().node.clone();
-    let i = k.node.lab.spawn_in_env(
-        &ns,
-        "redirector",
-        &workspace_bin("redirector"),
-        &args,
-        &[("RUST_LOG", "info"), ("NODE_NAME", NODE)],
-    );
-    k.daemon = Some(i);
-    k.wait("the daemon to report the refused pod list", |k| {
-        k.log().lines().any(|l| {
-            l.contains("kubernetes watch failed") && l.contains("pods") && l.contains("forbidden")
-        })
-    });
-    assert!(!k.is_enabled("apps/web"), "{}", k.log());
-    assert_ne!(k.readyz().map(|r| r.0), Some(200), "{}", k.log());
-    k.stop_daemon();
+    for (group, resource, verb) in &want {
+        let name = format!("without-{verb}-{resource}");
+        let rules: Vec<Value> = want
+            .iter()
+            .filter(|r| *r != &(group.clone(), resource.clone(), verb.clone()))
+            .map(|(g, r, v)| json!({ "apiGroups": [g], "resources": [r], "verbs": [v] }))
+            .collect();
+        let objects = json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {
+                    "apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": { "name": name, "namespace": "default" },
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                    "metadata": { "name": name }, "rules": rules,
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                    "metadata": { "name": name },
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name,
+                    },
+                    "subjects": [{ "kind": "ServiceAccount", "name": name, "namespace": "default" }],
+                },
+            ],
+        });
+        let api = k.api.real();
+        let o = api.kubectl(&["apply", "-f", "-"], &objects.to_string());
+        assert!(o.status.success(), "{}", out(&o));
+        let t = api.token("default", &name);
+        api.write_kubeconfig(&k.kubeconfig, &t);
+        let i = k.spawn_daemon("--kubernetes=true");
+        let refusal = format!("cannot {verb} resource \\\"{resource}\\\"");
+        let plain = format!("cannot {verb} resource \"{resource}\"");
+        k.wait(
+            &format!("{name}: the server's refusal in the daemon log"),
+            |k| {
+                let log = k.lab().procs[i].log();
+                log.contains(&refusal) || log.contains(&plain)
+            },
+        );
+        k.stop_daemon();
+    }
 
-    // And with the deploy token again, the same pod is enabled.
+    // With the deploy token again the same daemon works and is never refused.
     k.api.real().write_kubeconfig(&k.kubeconfig, &token);
     k.start_daemon();
     k.wait_enabled("apps/web", true);
     assert_eq!(k.curl("apps/web"), Outcome::Redirected);
+    k.api.label_pod("apps", "web", LABEL, Some("false"));
+    k.wait_enabled("apps/web", false);
+    let i = k.daemon.expect("daemon");
+    assert!(
+        !k.lab().procs[i].log().contains("forbidden"),
+        "{}",
+        k.lab().procs[i].log()
+    );
 }
 
 /// 12. The daemon restarts (rolling update, crash) while pods come and go: the new daemon

@@ -80,14 +80,18 @@ fn kube_apiserver() -> anyhow::Result<()> {
     );
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
-        bail!("building kube-apiserver installs Debian packages and needs root; run `sudo cargo xtask setup`");
+        bail!(
+            "building kube-apiserver installs Debian packages and needs root; run `sudo cargo xtask setup`"
+        );
     }
     let has_src = Command::new("apt-cache")
         .args(["showsrc", "kubernetes"])
         .output()
         .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
     if !has_src {
-        println!("setup: adding a bookworm deb-src entry ({DEB_SRC_FILE}) for `apt-get source kubernetes`");
+        println!(
+            "setup: adding a bookworm deb-src entry ({DEB_SRC_FILE}) for `apt-get source kubernetes`"
+        );
         std::fs::write(DEB_SRC_FILE, DEB_SRC).with_context(|| format!("writing {DEB_SRC_FILE}"))?;
     }
     exec::run(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -105,7 +109,10 @@ fn kube_apiserver() -> anyhow::Result<()> {
         )?;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-kube-apiserver.sh");
-    let work = PathBuf::from(format!("/var/tmp/redirector-kube-build-{}", std::process::id()));
+    let work = PathBuf::from(format!(
+        "/var/tmp/redirector-kube-build-{}",
+        std::process::id()
+    ));
     let started = std::time::Instant::now();
     let built = exec::run(Command::new(&script).arg(&work).arg(&bin));
     // The scratch tree (sources, generated code, Go cache) is large; the binary is all we keep.
