@@ -270,8 +270,8 @@ struct K8s {
 }
 
 impl K8s {
-    /// The lab, an internet host with `rdr-testsrv http` on port 80, and a real kube-apiserver
-    /// + etcd on 127.0.0.1 inside the node netns with the RBAC of `deploy/base` applied; the
+    /// The lab, an internet host with `rdr-testsrv http` on port 80, and a real kube-apiserver and
+    /// etcd on 127.0.0.1 inside the node netns with the RBAC of `deploy/base` applied; the
     /// daemon's kubeconfig carries a token of the deploy ServiceAccount. The daemon is not
     /// started yet.
     fn new(test_no: u64) -> K8s {
@@ -1418,9 +1418,10 @@ fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
     .into();
 
     // (name, annotation value, owner references, UID the client asks for, accepted?)
+    type Case<'a> = (&'a str, String, Option<Value>, Option<String>, bool);
     let key = "kubernetes.io/config.mirror";
     let guessed = pod_uid(0xdead);
-    let cases: Vec<(&str, String, Option<Value>, Option<String>, bool)> = vec![
+    let cases: Vec<Case> = vec![
         ("to-root", format!("{neighbour}/../../.."), None, None, true),
         (
             "to-system",

@@ -1,4 +1,6 @@
 //! `cargo xtask setup`: installs what is missing, explains what it installs, idempotent.
+//! The kube-apiserver of the Kubernetes end-to-end tests is built once and cached outside
+//! `target/` (see [`kube_apiserver`]).
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
