@@ -67,7 +67,7 @@ pub fn run() -> anyhow::Result<()> {
 /// Builds kube-apiserver once for the Kubernetes end-to-end tests and caches it outside the
 /// workspace (`tests::kube_apiserver::binary()`, under `~/.cache/redirector/`), so
 /// `cargo clean` keeps it. The source is Debian bookworm's `kubernetes` package (upstream
-/// v1.20.2 with its vendor/ tree): no Go module proxy is needed. About 7 minutes on two
+/// v1.20.2 with its vendor/ tree): no Go module proxy is needed. 7-16 minutes on two
 /// cores and 1.8 GB of scratch space under /var/tmp, removed afterwards.
 fn kube_apiserver() -> anyhow::Result<()> {
     let bin = tests::kube_apiserver::binary();
@@ -76,7 +76,7 @@ fn kube_apiserver() -> anyhow::Result<()> {
     }
     println!(
         "setup: building kube-apiserver {} from Debian's kubernetes source package into {} \
-         (the real API server of the Kubernetes end-to-end tests; about 7 minutes, once)",
+         (the real API server of the Kubernetes end-to-end tests; 7-16 minutes depending on load, once)",
         tests::kube_apiserver::KUBE_VERSION,
         bin.display()
     );
