@@ -1824,6 +1824,7 @@ fn api_server_restart_mid_watch_recovers() {
         "API down: still redirected"
     );
     k.api.real_mut().resume();
+    let back = Instant::now();
     let goes_id = k.node.pod(&k.uid("apps/goes")).cgroup_id();
     k.api.label_namespace("more", LABEL, Some("true"));
     k.add_pod("apps", "new", &[], Qos::Guaranteed, Driver::Cgroupfs);
@@ -1842,11 +1843,18 @@ fn api_server_restart_mid_watch_recovers() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    eprintln!(
+        "changes made after the API server restart picked up {:?} after it was ready again",
+        back.elapsed()
+    );
     assert!(k.is_enabled("apps/web"));
     for p in ["apps/web", "apps/new", "more/late"] {
         assert_eq!(k.curl(p), Outcome::Redirected, "{p}");
     }
     let relisted = k.log().contains("kubernetes watch expired, re-listing");
+    for l in k.log().lines().filter(|l| l.contains("kubernetes watch")) {
+        eprintln!("daemon: {l}");
+    }
     eprintln!(
         "FINDING(api server restart): the resumed watch was {} by the restarted server",
         if relisted {
