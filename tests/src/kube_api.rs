@@ -1,5 +1,10 @@
 //! In-test Kubernetes API stand-in: namespaces and pods over real list/watch JSON, with fault injection.
 //!
+//! The Kubernetes end-to-end tests run against a real kube-apiserver (`kube_apiserver.rs`);
+//! this stand-in remains for what a real server cannot be made to do at a chosen moment
+//! (end every watch stream, answer 503 while its store changes, answer a watch with `410
+//! Gone`, send a bookmark now) and for the unprivileged in-process watcher tests.
+//!
 //! A plain-HTTP/1.1 hyper server on `127.0.0.1:0` that behaves like the API server for what
 //! the redirector's watcher uses: `GET /api/v1/namespaces`, `/api/v1/pods` and
 //! `/api/v1/namespaces/{ns}/pods`, as lists (`{"kind":"PodList",...}`) or, with `watch=1`,

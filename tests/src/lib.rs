@@ -40,6 +40,7 @@ pub fn base64_encode(b: &[u8]) -> String {
 
 pub mod chain;
 pub mod kube_api;
+pub mod kube_apiserver;
 pub mod kube_node;
 /// The workspace's one test PKI (the `test-pki` crate), under its historical path.
 pub use test_pki as pki;

@@ -1,12 +1,25 @@
-//! Privileged end-to-end tests of the Kubernetes mode (issue 5): the real daemon with
-//! `--kubernetes`, the in-test API stand-in, and a node laid out as a kubelet lays it out.
+//! Privileged end-to-end tests of the Kubernetes mode (issues 5 and 15): the real daemon with
+//! `--kubernetes`, a real kube-apiserver + etcd (`tests::kube_apiserver`, built by
+//! `cargo xtask setup`), and a node laid out as a kubelet lays it out.
 //!
 //! Each test builds its own closed network (`tests::lab`), wraps it in a kubelet stand-in
 //! (`tests::kube_node`: pod cgroups in the kubelet's layout under the lab's cgroup root,
-//! sandbox netns + veth, pause process, app containers as child cgroups), and starts the API
-//! stand-in *inside the node network namespace* (the daemon runs there and cannot reach the
-//! host's loopback). The daemon gets no `--cgroup` at all: everything it enables, it found
-//! through the API and the cgroup tree.
+//! sandbox netns + veth, pause process, app containers as child cgroups), and starts etcd and
+//! kube-apiserver on 127.0.0.1 *inside the node network namespace* (the daemon runs there and
+//! cannot reach the host's loopback). The RBAC objects of `deploy/base` (rendered with
+//! `kubectl kustomize`) are applied, and the daemon authenticates with a token of the
+//! DaemonSet's ServiceAccount, so it has exactly the permissions the manifests grant. The
+//! daemon gets no `--cgroup` at all: everything it enables, it found through the API and the
+//! cgroup tree.
+//!
+//! The tests play the kubelet's part towards the API too: pods are created with
+//! `spec.nodeName` set (no scheduler), their status is written through `/status`, and they
+//! are deleted with grace period 0 (no kubelet confirms a graceful stop).
+//!
+//! One test still uses the in-test API stand-in (`tests::kube_api`):
+//! `watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up`, because it needs a `410
+//! Gone` and dropped watch streams at a moment of the test's choosing, which a real server
+//! cannot be made to produce on demand.
 //!
 //! Pods have no route beyond their own /30: a connection to the internet host either comes
 //! through the redirector (the target reports the node, 203.0.113.1, as its peer) or fails at
@@ -16,27 +29,216 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
 use tests::describe as out;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tests::{
     kube_api::{KubeApi, Resource, pod_json},
+    kube_apiserver::{self, ApiServer},
     kube_node::{Driver, KubeNode, Qos, pod_cgroup_rel, pod_uid},
     lab::{Lab, NODE_V4, Proc, workspace_bin},
     priv_check::privileged,
 };
 
-/// `NODE_NAME` of the daemon; the stand-in schedules pods here.
+/// `NODE_NAME` of the daemon; pods are bound here.
 const NODE: &str = "worker-1";
 const LABEL: &str = "egress-redirector.io/enabled";
 const ON: &[(&str, &str)] = &[(LABEL, "true")];
 const OPT_OUT: &[(&str, &str)] = &[(LABEL, "false")];
 /// Upper bound for anything the daemon should do "soon" (a bound, not a speed assertion).
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Privileged prerequisites and, for the real API server, its binaries.
+fn ready(test: &str) -> bool {
+    privileged(test) && kube_apiserver::available(test)
+}
+
+/// The API a test runs against: the real server, or (only where a fault must be injected on
+/// demand) the stand-in.
+enum Backend {
+    Real(Box<ApiServer>),
+    StandIn(KubeApi),
+}
+
+impl Backend {
+    fn real(&self) -> &ApiServer {
+        match self {
+            Backend::Real(a) => a,
+            Backend::StandIn(_) => panic!("this test needs the real API server"),
+        }
+    }
+
+    fn real_mut(&mut self) -> &mut ApiServer {
+        match self {
+            Backend::Real(a) => a,
+            Backend::StandIn(_) => panic!("this test needs the real API server"),
+        }
+    }
+
+    /// The stand-in, for its fault injection and request counters.
+    fn stand_in(&self) -> &KubeApi {
+        match self {
+            Backend::StandIn(a) => a,
+            Backend::Real(_) => panic!("this test needs the stand-in"),
+        }
+    }
+
+    fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) {
+        match self {
+            Backend::Real(a) => a.create_namespace(name, labels),
+            Backend::StandIn(a) => a.create_namespace(name, labels),
+        }
+    }
+
+    fn label_namespace(&self, name: &str, key: &str, value: Option<&str>) {
+        match self {
+            Backend::Real(a) => a.label_namespace(name, key, value),
+            Backend::StandIn(a) => a.label_namespace(name, key, value),
+        }
+    }
+
+    fn label_pod(&self, ns: &str, name: &str, key: &str, value: Option<&str>) {
+        match self {
+            Backend::Real(a) => a.label_pod(ns, name, key, value),
+            Backend::StandIn(a) => a.label_pod(ns, name, key, value),
+        }
+    }
+
+    fn delete_pod(&self, ns: &str, name: &str) {
+        match self {
+            Backend::Real(a) => a.delete_pod(ns, name),
+            Backend::StandIn(a) => a.delete_pod(ns, name),
+        }
+    }
+
+    /// Writes the pod's phase (the real server: through `/status`, as the kubelet does).
+    fn set_pod_phase(&self, ns: &str, name: &str, phase: &str) {
+        match self {
+            Backend::Real(a) => a.patch_pod_status(ns, name, json!({ "phase": phase })),
+            Backend::StandIn(a) => a.set_pod_phase(ns, name, phase),
+        }
+    }
+
+    /// Creates a pod made with [`pod_json`] and returns its UID: the stand-in keeps the one
+    /// in the object, the real server assigns its own. On the real server the QoS class
+    /// asked for in `status.qosClass` is given through container resources (the server
+    /// computes the class from them and ignores a written one), and the phase in
+    /// `status.phase` is written through `/status` after the creation.
+    fn create(&self, pod: Value) -> String {
+        match self {
+            Backend::StandIn(a) => {
+                let uid = pod["metadata"]["uid"].as_str().expect("uid").to_owned();
+                a.create(pod);
+                uid
+            }
+            Backend::Real(a) => {
+                let created = a
+                    .try_create_pod(&real_pod(&pod))
+                    .unwrap_or_else(|e| panic!("create pod: {e}\n{pod}"));
+                let meta = &created["metadata"];
+                let (ns, name) = (
+                    meta["namespace"].as_str().expect("namespace"),
+                    meta["name"].as_str().expect("name"),
+                );
+                let want_qos = pod["status"]["qosClass"].as_str().unwrap_or("BestEffort");
+                assert_eq!(
+                    created["status"]["qosClass"].as_str(),
+                    Some(want_qos),
+                    "the server computed another QoS class for {ns}/{name}"
+                );
+                let phase = pod["status"]["phase"].as_str().unwrap_or("Running");
+                a.patch_pod_status(ns, name, json!({ "phase": phase }));
+                meta["uid"].as_str().expect("uid").to_owned()
+            }
+        }
+    }
+}
+
+/// A [`pod_json`] object as a client would send it to the real server: no status, no UID
+/// or timestamps (the server sets them), resources that give the QoS class the object's
+/// `status.qosClass` names.
+fn real_pod(pod: &Value) -> Value {
+    let mut p = pod.clone();
+    let qos = pod["status"]["qosClass"]
+        .as_str()
+        .unwrap_or("BestEffort")
+        .to_owned();
+    let obj = p.as_object_mut().expect("pod object");
+    obj.remove("status");
+    let meta = obj
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .expect("metadata");
+    meta.remove("uid");
+    meta.remove("creationTimestamp");
+    let resources = match qos.as_str() {
+        "Guaranteed" => json!({
+            "requests": { "cpu": "100m", "memory": "64Mi" },
+            "limits": { "cpu": "100m", "memory": "64Mi" },
+        }),
+        "Burstable" => json!({ "requests": { "cpu": "10m" } }),
+        _ => json!({}),
+    };
+    for c in p["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .iter_mut()
+    {
+        c["resources"] = resources.clone();
+    }
+    p
+}
+
+/// Renders `deploy/base` with `kubectl kustomize` and returns its RBAC-relevant documents
+/// (Namespace, ServiceAccount, ClusterRole(Binding), Role(Binding)) as one YAML stream, and
+/// the ServiceAccount's namespace and name.
+fn deploy_rbac() -> (String, String, String) {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+    let o = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&base)
+        .output()
+        .expect("kubectl kustomize");
+    assert!(o.status.success(), "kubectl kustomize: {}", out(&o));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let kinds = [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+    ];
+    let mut docs = Vec::new();
+    let mut sa = None;
+    for doc in text.split("\n---\n") {
+        let kind = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("kind: "))
+            .unwrap_or_default()
+            .trim();
+        if !kinds.contains(&kind) {
+            continue;
+        }
+        if kind == "ServiceAccount" {
+            let v: Value = serde_norway::from_str(doc).expect("service account yaml");
+            sa = Some((
+                v["metadata"]["namespace"]
+                    .as_str()
+                    .expect("sa ns")
+                    .to_owned(),
+                v["metadata"]["name"].as_str().expect("sa name").to_owned(),
+            ));
+        }
+        docs.push(doc.trim_start_matches("---\n").to_owned());
+    }
+    let (ns, name) = sa.expect("deploy/base has a ServiceAccount");
+    (docs.join("\n---\n"), ns, name)
+}
 
 /// What one connection attempt from a pod did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,12 +252,12 @@ enum Outcome {
     Failed(String),
 }
 
-/// A closed lab + kubelet stand-in + API stand-in (+ the daemon once started).
-/// Field order is drop order: pods and the lab (daemon included) first, then the API, then
-/// the runtime that serves it.
+/// A closed lab + kubelet stand-in + API server (+ the daemon once started).
+/// Field order is drop order: the API server first (its processes, by pid), then pods and the
+/// lab (daemon included), then the runtime that serves the stand-in.
 struct K8s {
+    api: Backend,
     node: KubeNode,
-    api: KubeApi,
     rt: tokio::runtime::Runtime,
     kubeconfig: PathBuf,
     daemon: Option<usize>,
@@ -68,9 +270,45 @@ struct K8s {
 }
 
 impl K8s {
-    /// The lab, an internet host with `rdr-testsrv http` on port 80, and the API stand-in
-    /// listening on 127.0.0.1 inside the node netns. The daemon is not started yet.
+    /// The lab, an internet host with `rdr-testsrv http` on port 80, and a real kube-apiserver and
+    /// etcd on 127.0.0.1 inside the node netns with the RBAC of `deploy/base` applied; the
+    /// daemon's kubeconfig carries a token of the deploy ServiceAccount. The daemon is not
+    /// started yet.
     fn new(test_no: u64) -> K8s {
+        let mut lab = Lab::new();
+        let (inet, _) = lab.add_internet(1, 8080);
+        lab.start_testsrv(
+            &inet,
+            "http",
+            &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)],
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let api = ApiServer::start(&lab.node.clone(), &lab.dir.join("kube"));
+        let (rbac, sa_ns, sa) = deploy_rbac();
+        let o = api.kubectl(&["apply", "-f", "-"], &rbac);
+        assert!(o.status.success(), "apply deploy RBAC: {}", out(&o));
+        let token = api.token(&sa_ns, &sa);
+        let kubeconfig = lab.dir.join("daemon.kubeconfig");
+        api.write_kubeconfig(&kubeconfig, &token);
+        K8s {
+            node: KubeNode::new(lab),
+            api: Backend::Real(Box::new(api)),
+            rt,
+            kubeconfig,
+            daemon: None,
+            old_logs: Vec::new(),
+            uids: BTreeMap::new(),
+            next_uid: test_no << 24,
+            target: Lab::inet_v4(0),
+        }
+    }
+
+    /// Like [`K8s::new`] with the in-test API stand-in listening on 127.0.0.1 inside the node
+    /// netns instead of a real server (no authentication, no RBAC).
+    fn with_stand_in(test_no: u64) -> K8s {
         let mut lab = Lab::new();
         let (inet, _) = lab.add_internet(1, 8080);
         lab.start_testsrv(
@@ -92,7 +330,7 @@ impl K8s {
         let kubeconfig = api.kubeconfig(&lab.dir);
         K8s {
             node: KubeNode::new(lab),
-            api,
+            api: Backend::StandIn(api),
             rt,
             kubeconfig,
             daemon: None,
@@ -118,6 +356,26 @@ impl K8s {
     }
 
     fn start_daemon_with(&mut self, mode_flag: &str) {
+        let s0 = match &self.api {
+            Backend::StandIn(a) => Some(a.stats()),
+            Backend::Real(_) => None,
+        };
+        let i = self.spawn_daemon(mode_flag);
+        let end = Instant::now() + WAIT;
+        while !matches!(self.lab().node_http_get("/healthz"), Some((200, _))) {
+            assert!(
+                self.node.lab.procs[i].alive() && Instant::now() < end,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait_lists(s0);
+    }
+
+    /// Starts the daemon (becoming `self.daemon`) and returns its process index, without
+    /// waiting for anything.
+    fn spawn_daemon(&mut self, mode_flag: &str) -> usize {
         let mut args = self.lab().daemon_args();
         assert!(
             !args.iter().any(|a| a == "--cgroup"),
@@ -131,7 +389,6 @@ impl K8s {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let bin = workspace_bin("redirector");
         let ns = self.lab().node.clone();
-        let s0 = self.api.stats();
         let i = self.node.lab.spawn_in_env(
             &ns,
             "redirector",
@@ -140,22 +397,29 @@ impl K8s {
             &[("RUST_LOG", "info"), ("NODE_NAME", NODE)],
         );
         self.daemon = Some(i);
-        let end = Instant::now() + WAIT;
-        while !matches!(self.lab().node_http_get("/healthz"), Some((200, _))) {
-            assert!(
-                self.node.lab.procs[i].alive() && Instant::now() < end,
-                "daemon did not come up:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        i
+    }
+
+    /// Waits until the daemon has applied both initial lists (`s0`: the stand-in's request
+    /// counters from before the daemon started).
+    fn wait_lists(&self, s0: Option<tests::kube_api::ApiStats>) {
+        match (&self.api, s0) {
+            (Backend::StandIn(api), Some(s0)) => {
+                self.rt.block_on(api.wait_stats("both watches open", |s| {
+                    s.watches(Resource::Namespaces) > s0.watches(Resource::Namespaces)
+                        && s.watches(Resource::Pods) > s0.watches(Resource::Pods)
+                        && s.open(Resource::Namespaces) >= 1
+                        && s.open(Resource::Pods) >= 1
+                }));
+            }
+            _ => {
+                // A real server's watches cannot be counted from here; the daemon reports
+                // ready only once both initial lists have been applied and reconciled.
+                self.wait("the daemon ready (both initial lists applied)", |k| {
+                    matches!(k.readyz(), Some((200, _)))
+                });
+            }
         }
-        self.rt
-            .block_on(self.api.wait_stats("both watches open", |s| {
-                s.watches(Resource::Namespaces) > s0.watches(Resource::Namespaces)
-                    && s.watches(Resource::Pods) > s0.watches(Resource::Pods)
-                    && s.open(Resource::Namespaces) >= 1
-                    && s.open(Resource::Pods) >= 1
-            }));
     }
 
     /// Stops the daemon with SIGTERM (as the kubelet does) and waits for it to exit. The
@@ -207,8 +471,9 @@ impl K8s {
         driver: Driver,
     ) -> String {
         let uid = self.fresh_uid();
-        self.api
-            .create_pod(ns, name, &uid, NODE, labels, qos.as_str());
+        let uid = self
+            .api
+            .create(pod_json(ns, name, &uid, NODE, labels, qos.as_str()));
         self.node.add_pod(&uid, qos, driver);
         self.node.pod_mut(&uid).create_container();
         self.uids.insert(format!("{ns}/{name}"), uid.clone());
@@ -395,7 +660,7 @@ fn classify(o: &Output, target: Ipv4Addr) -> Outcome {
 ///    again (no route), its cgroup id leaves `rdr_enabled` and its listener closes.
 #[test]
 fn namespace_label_enables_and_unlabel_disables_running_pod() {
-    if !privileged("namespace_label_enables_and_unlabel_disables_running_pod") {
+    if !ready("namespace_label_enables_and_unlabel_disables_running_pod") {
         return;
     }
     let mut k = K8s::new(1);
@@ -473,7 +738,7 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
 /// with no route, never refused by a half-set-up redirect and never anything else.
 #[test]
 fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
-    if !privileged("pod_created_in_labeled_namespace_has_first_connection_redirected") {
+    if !ready("pod_created_in_labeled_namespace_has_first_connection_redirected") {
         return;
     }
     let mut k = K8s::new(2);
@@ -485,7 +750,7 @@ fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
         // The scheduler binds the pod; the API has it (Pending) before the node does anything.
         let mut pod = pod_json("apps", name, &uid, NODE, &[], "Burstable");
         pod["status"]["phase"] = "Pending".into();
-        k.api.create(pod);
+        let uid = k.api.create(pod);
         // The kubelet: pod cgroup, sandbox (netns + CNI + pause).
         k.node.add_pod(&uid, Qos::Burstable, Driver::Systemd);
         let sandbox_up = Instant::now();
@@ -551,7 +816,7 @@ fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
 ///    node are untouched; opting a running pod out disables it.
 #[test]
 fn unlabeled_namespace_opted_out_and_foreign_pods_are_untouched() {
-    if !privileged("unlabeled_namespace_opted_out_and_foreign_pods_are_untouched") {
+    if !ready("unlabeled_namespace_opted_out_and_foreign_pods_are_untouched") {
         return;
     }
     let mut k = K8s::new(3);
@@ -564,8 +829,14 @@ fn unlabeled_namespace_opted_out_and_foreign_pods_are_untouched() {
     // A pod scheduled to another node whose UID-named cgroup exists here anyway: the daemon
     // follows only pods with spec.nodeName = NODE_NAME.
     let foreign = k.fresh_uid();
-    k.api
-        .create_pod("apps", "foreign", &foreign, "worker-2", &[], "Burstable");
+    let foreign = k.api.create(pod_json(
+        "apps",
+        "foreign",
+        &foreign,
+        "worker-2",
+        &[],
+        "Burstable",
+    ));
     k.node.add_pod(&foreign, Qos::Burstable, Driver::Systemd);
     k.node.pod_mut(&foreign).create_container();
     k.uids.insert("apps/foreign".into(), foreign);
@@ -601,12 +872,17 @@ fn unlabeled_namespace_opted_out_and_foreign_pods_are_untouched() {
 
 /// 4. Dropped watches and 410 Gone lose nothing enabled (a pod keeps connecting through
 ///    the redirector the whole time), and changes made meanwhile are picked up.
+///
+///    Against the stand-in, because the faults must happen at chosen moments: a real API
+///    server cannot be told to end every watch stream, to answer 503 while its store keeps
+///    changing, or to answer the next watch with `410 Gone`. (A real server's restart
+///    mid-watch is `api_server_restart_mid_watch_recovers`.)
 #[test]
 fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
     if !privileged("watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up") {
         return;
     }
-    let mut k = K8s::new(4);
+    let mut k = K8s::with_stand_in(4);
     k.api.create_namespace("apps", ON);
     k.api.create_namespace("more", &[]);
     k.add_pod("apps", "steady", &[], Qos::Burstable, Driver::Systemd);
@@ -659,8 +935,8 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
 
     // Fault 1: every watch stream ends (API server restart, idle LB timeout). The watcher
     // resumes from its last resource version; a pod created right away is picked up.
-    let s0 = k.api.stats();
-    k.api.drop_watches();
+    let s0 = k.api.stand_in().stats();
+    k.api.stand_in().drop_watches();
     k.add_pod(
         "apps",
         "born-during-drop",
@@ -668,7 +944,7 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
         Qos::Burstable,
         Driver::Systemd,
     );
-    k.rt.block_on(k.api.wait_stats("watches re-opened", |s| {
+    k.rt.block_on(k.api.stand_in().wait_stats("watches re-opened", |s| {
         s.watches(Resource::Pods) > s0.watches(Resource::Pods)
             && s.watches(Resource::Namespaces) > s0.watches(Resource::Namespaces)
             && s.open(Resource::Pods) >= 1
@@ -680,11 +956,12 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
     // Fault 2: the API goes away (503) with the watches dropped; while it is away pods come
     // and go and labels change; it comes back having compacted its history, so the resumed
     // watch gets 410 Gone and the daemon must re-list.
-    let s1 = k.api.stats();
-    k.api.set_unavailable(true);
-    k.api.drop_watches();
+    let s1 = k.api.stand_in().stats();
+    k.api.stand_in().set_unavailable(true);
+    k.api.stand_in().drop_watches();
     k.rt.block_on(
         k.api
+            .stand_in()
             .wait_stats("the daemon to hit the unavailable API", |s| {
                 s.refused >= s1.refused + 2
             }),
@@ -700,15 +977,15 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
     k.api.label_pod("apps", "optout", LABEL, Some("false"));
     let leaving_id = k.node.pod(&k.uid("apps/leaving")).cgroup_id();
     k.delete_pod("apps/leaving");
-    k.api.expire_resource_versions();
+    k.api.stand_in().expire_resource_versions();
     // Nothing was lost while the API was away.
     steady_missing += usize::from(!k.enabled_ids().contains(&steady_id));
     assert!(
         k.is_enabled("apps/optout"),
         "a change the daemon cannot have seen yet took effect"
     );
-    k.api.set_unavailable(false);
-    k.rt.block_on(k.api.wait_stats("410 and re-list", |s| {
+    k.api.stand_in().set_unavailable(false);
+    k.rt.block_on(k.api.stand_in().wait_stats("410 and re-list", |s| {
         s.gone > s1.gone
             && s.lists(Resource::Pods) > s1.lists(Resource::Pods)
             && s.lists(Resource::Namespaces) > s1.lists(Resource::Namespaces)
@@ -771,7 +1048,7 @@ fn watch_faults_lose_nothing_and_changes_meanwhile_are_picked_up() {
 /// 5. Both cgroup drivers and every QoS class are found (one pod each).
 #[test]
 fn both_cgroup_drivers_and_all_qos_classes_are_found() {
-    if !privileged("both_cgroup_drivers_and_all_qos_classes_are_found") {
+    if !ready("both_cgroup_drivers_and_all_qos_classes_are_found") {
         return;
     }
     let mut k = K8s::new(5);
@@ -823,7 +1100,7 @@ fn both_cgroup_drivers_and_all_qos_classes_are_found() {
 ///    leak neither map entries nor daemon file descriptors.
 #[test]
 fn pod_deletion_cleans_up_and_200_cycles_leak_nothing() {
-    if !privileged("pod_deletion_cleans_up_and_200_cycles_leak_nothing") {
+    if !ready("pod_deletion_cleans_up_and_200_cycles_leak_nothing") {
         return;
     }
     let mut k = K8s::new(6);
@@ -922,7 +1199,7 @@ fn pod_deletion_cleans_up_and_200_cycles_leak_nothing() {
 /// `--kubernetes` flag, no value.
 #[test]
 fn bare_kubernetes_flag_starts_the_daemon() {
-    if !privileged("bare_kubernetes_flag_starts_the_daemon") {
+    if !ready("bare_kubernetes_flag_starts_the_daemon") {
         return;
     }
     let mut k = K8s::new(7);
@@ -938,7 +1215,7 @@ fn bare_kubernetes_flag_starts_the_daemon() {
 /// `maxUnavailable: 0` stalls on the first such node.
 #[test]
 fn daemon_with_nothing_to_enable_is_ready() {
-    if !privileged("daemon_with_nothing_to_enable_is_ready") {
+    if !ready("daemon_with_nothing_to_enable_is_ready") {
         return;
     }
     let mut k = K8s::new(8);
@@ -964,7 +1241,7 @@ fn daemon_with_nothing_to_enable_is_ready() {
 /// listener (its connections would be refused: neither redirected nor direct).
 #[test]
 fn restarted_daemon_drops_pods_unlabeled_while_it_was_down() {
-    if !privileged("restarted_daemon_drops_pods_unlabeled_while_it_was_down") {
+    if !ready("restarted_daemon_drops_pods_unlabeled_while_it_was_down") {
         return;
     }
     let mut k = K8s::new(9);
@@ -1067,45 +1344,53 @@ fn cgroup_ino(p: &std::path::Path) -> u64 {
         .ino()
 }
 
-/// 10. Hostile pod objects (issue 11, item 1). Pods in a labeled namespace put, in the
-///     `kubernetes.io/config.mirror` annotation, a path out of their own cgroup (to the cgroup
-///     root, to the host's `system.slice`), the UID of a pod in an unlabeled namespace, the UID
-///     of their labeled neighbour, a static pod's manifest hash with a forged Node owner, odd
-///     characters and a 256 KiB value. Nothing outside the hostile pods' own cgroups is ever
-///     enabled (each hostile pod is still redirected, by its own UID), the rejections are
+/// What the real API server did with one object the test sent it.
+fn verdict(r: &Result<Value, kube::Error>) -> String {
+    match r {
+        Ok(_) => "accepted".to_owned(),
+        Err(kube::Error::Api(s)) => format!("refused {} {}: {}", s.code, s.reason, s.message),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+/// 10. Hostile pod objects (issues 11 and 15) through the real API server. Pods in a
+///     labeled namespace put, in the `kubernetes.io/config.mirror` annotation, a path out of
+///     a pod cgroup (to the cgroup root, to the host's `system.slice`), the UID of a pod in
+///     an unlabeled namespace, the UID of their labeled neighbour, a static pod's manifest
+///     hash with a forged Node owner, odd characters and a value at the server's size limit;
+///     pods with odd names are sent too. The test records what the server itself accepts
+///     (and asserts it, so a server that starts accepting something else is noticed), and
+///     shows that nothing outside the hostile pods' own cgroups is ever enabled (each
+///     accepted hostile pod is still redirected, by its own UID), the rejections are
 ///     counted, and deleting the pod that named its neighbour leaves the neighbour enabled
-///     and redirected. Everything runs on the cgroupfs layout, where
-///     `kubepods/burstable/pod<own uid>/..` resolves.
+///     and redirected. Everything runs on the cgroupfs layout.
+///
+///     The server assigns every pod's UID and refuses to add or change the mirror
+///     annotation after creation, so a pod cannot name its own UID in a path; the traversal
+///     goes through the neighbour's UID instead (`pod<neighbour>/../../..` resolves on the
+///     node as well).
 #[test]
 fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
-    if !privileged("hostile_mirror_annotations_enable_nothing_outside_the_pod") {
+    if !ready("hostile_mirror_annotations_enable_nothing_outside_the_pod") {
         return;
     }
     let mut k = K8s::new(10);
     k.api.create_namespace("apps", ON);
     k.api.create_namespace("other", &[]);
-    k.api.create_namespace("kube-system", &[]);
+    // kube-system exists on a real server from the start.
     k.add_pod("apps", "neighbour", &[], Qos::Burstable, Driver::Cgroupfs);
     k.add_pod("other", "bystander", &[], Qos::Burstable, Driver::Cgroupfs);
     let host = HostService::start(k.lab(), "system.slice/containerd.service");
     // A static pod: its cgroup is named after the manifest hash, its mirror pod (in an
     // unlabeled namespace) carries the hash and the kubelet's Node owner reference.
     let hash = "6d3f0e9a2b1c4d5e8f7a6b5c4d3e2f1a";
-    let node_owner = serde_json::json!([{
+    let node_owner = json!([{
         "apiVersion": "v1", "kind": "Node", "name": NODE,
         "uid": "0f0f0f0f-0000-4000-8000-00000000000f", "controller": true
     }]);
     {
-        let mirror_uid = k.fresh_uid();
-        let mut pod = pod_json(
-            "kube-system",
-            "etcd-worker-1",
-            &mirror_uid,
-            NODE,
-            &[],
-            "Burstable",
-        );
-        pod["metadata"]["annotations"] = serde_json::json!({ "kubernetes.io/config.mirror": hash });
+        let mut pod = pod_json("kube-system", "etcd-worker-1", "", NODE, &[], "Burstable");
+        pod["metadata"]["annotations"] = json!({ "kubernetes.io/config.mirror": hash });
         pod["metadata"]["ownerReferences"] = node_owner.clone();
         k.api.create(pod);
         k.node.add_pod(hash, Qos::Burstable, Driver::Cgroupfs);
@@ -1136,46 +1421,122 @@ fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
     ]
     .into();
 
-    type Value_ = fn(&str) -> String;
-    let hostile: Vec<(&str, Value_)> = vec![
-        ("to-root", |own| format!("{own}/../../..")),
-        ("to-system", |own| {
-            format!("{own}/../../../system.slice/containerd.service")
-        }),
-        ("odd", |_| "..\n/\t$(id);%2e%2e\u{0}".to_owned()),
-        ("huge", |_| "0".repeat(256 * 1024)),
-        ("dot", |_| ".".to_owned()),
+    // (name, annotation value, owner references, UID the client asks for, accepted?)
+    type Case<'a> = (&'a str, String, Option<Value>, Option<String>, bool);
+    let key = "kubernetes.io/config.mirror";
+    let guessed = pod_uid(0xdead);
+    let cases: Vec<Case> = vec![
+        ("to-root", format!("{neighbour}/../../.."), None, None, true),
+        (
+            "to-system",
+            format!("{neighbour}/../../../system.slice/containerd.service"),
+            None,
+            None,
+            true,
+        ),
+        (
+            "odd",
+            "..\n/\t$(id);%2e%2e\u{0}".to_owned(),
+            None,
+            None,
+            true,
+        ),
+        // Annotations may total 256 KiB, keys included.
+        ("huge", "0".repeat(256 * 1024 - key.len()), None, None, true),
+        ("huge-over", "0".repeat(256 * 1024), None, None, false),
+        ("dot", ".".to_owned(), None, None, true),
+        ("to-bystander", bystander.clone(), None, None, true),
+        ("to-neighbour", neighbour.clone(), None, None, true),
+        (
+            "to-static",
+            hash.to_owned(),
+            Some(node_owner.clone()),
+            None,
+            true,
+        ),
+        // The client names a UID and points the annotation at it: the server replaces the
+        // UID, so the annotation names a pod that does not exist.
+        (
+            "guessed-own",
+            guessed.clone(),
+            None,
+            Some(guessed.clone()),
+            true,
+        ),
     ];
-    let mut hostile_pods = Vec::new();
-    for (name, value) in &hostile {
-        let uid = k.fresh_uid();
-        let mut pod = pod_json("apps", name, &uid, NODE, &[], "Burstable");
-        pod["metadata"]["annotations"] =
-            serde_json::json!({ "kubernetes.io/config.mirror": value(&uid) });
-        hostile_pods.push((format!("apps/{name}"), uid, pod));
-    }
-    for (name, victim, owner) in [
-        ("to-bystander", bystander.clone(), None),
-        ("to-neighbour", neighbour.clone(), None),
-        ("to-static", hash.to_owned(), Some(node_owner.clone())),
-    ] {
-        let uid = k.fresh_uid();
-        let mut pod = pod_json("apps", name, &uid, NODE, &[], "Burstable");
-        pod["metadata"]["annotations"] =
-            serde_json::json!({ "kubernetes.io/config.mirror": victim });
+    let api = k.api.real();
+    let mut findings = Vec::new();
+    let mut accepted = Vec::new();
+    for (name, value, owner, uid, want) in &cases {
+        let mut pod = real_pod(&pod_json("apps", name, "", NODE, &[], "Burstable"));
+        pod["metadata"]["annotations"] = json!({ key: value });
         if let Some(o) = owner {
-            pod["metadata"]["ownerReferences"] = o;
+            pod["metadata"]["ownerReferences"] = o.clone();
         }
-        hostile_pods.push((format!("apps/{name}"), uid, pod));
+        if let Some(u) = uid {
+            pod["metadata"]["uid"] = json!(u);
+        }
+        let r = api.try_create_pod(&pod);
+        findings.push(format!("mirror annotation {name}: {}", verdict(&r)));
+        assert_eq!(r.is_ok(), *want, "{name}: {}", verdict(&r));
+        if let Ok(created) = r {
+            let got = created["metadata"]["uid"].as_str().expect("uid").to_owned();
+            if let Some(u) = uid {
+                assert_ne!(&got, u, "the server kept a client-chosen UID");
+            }
+            api.patch_pod_status("apps", name, json!({ "phase": "Running" }));
+            accepted.push((format!("apps/{name}"), got));
+        }
     }
-    for (key, uid, pod) in hostile_pods {
-        k.api.create(pod);
+    // Adding the annotation to a running pod afterwards is refused: it is immutable.
+    let r = api.try_patch_pod(
+        "apps",
+        "neighbour",
+        json!({ "metadata": { "annotations": { key: bystander } } }),
+    );
+    findings.push(format!(
+        "mirror annotation added to an existing pod: {}",
+        verdict(&r)
+    ));
+    assert!(r.is_err(), "{}", verdict(&r));
+
+    // Odd names: what the server accepts is named by its name rules (DNS subdomain, 253).
+    let odd_names: Vec<(String, bool)> = vec![
+        ("UPPER".into(), false),
+        ("under_score".into(), false),
+        ("-lead".into(), false),
+        ("..".into(), false),
+        ("a/b".into(), false),
+        ("x".repeat(254), false),
+        ("dots.in.name".into(), true),
+        ("n".repeat(253), true),
+    ];
+    for (name, want) in &odd_names {
+        let pod = real_pod(&pod_json("apps", name, "", NODE, &[], "Burstable"));
+        let r = api.try_create_pod(&pod);
+        let shown = if name.len() > 20 {
+            format!("{}… ({} chars)", &name[..8], name.len())
+        } else {
+            format!("{name:?}")
+        };
+        findings.push(format!("pod name {shown}: {}", verdict(&r)));
+        assert_eq!(r.is_ok(), *want, "pod name {shown}: {}", verdict(&r));
+        if let Ok(created) = r {
+            api.patch_pod_status("apps", name, json!({ "phase": "Running" }));
+            let got = created["metadata"]["uid"].as_str().expect("uid").to_owned();
+            accepted.push((format!("apps/{name}"), got));
+        }
+    }
+    for f in &findings {
+        eprintln!("FINDING(api server): {f}");
+    }
+    for (key, uid) in accepted {
         k.node.add_pod(&uid, Qos::Burstable, Driver::Cgroupfs);
         k.node.pod_mut(&uid).create_container();
         k.uids.insert(key, uid);
     }
 
-    // Converged: every hostile pod's own cgroup is enabled, or something forbidden is.
+    // Converged: every accepted hostile pod's own cgroup is enabled, or something forbidden is.
     let hostile_names: Vec<String> = k
         .uids
         .keys()
@@ -1215,6 +1576,10 @@ fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
         k.log()
     );
     assert_eq!(k.curl("apps/to-system"), Outcome::Redirected);
+    assert_eq!(
+        k.curl(&format!("apps/{}", "n".repeat(253))),
+        Outcome::Redirected
+    );
     assert_eq!(k.curl("other/bystander"), Outcome::NoRoute);
 
     // The pod that named its neighbour goes away: the neighbour stays enabled and redirected.
@@ -1228,4 +1593,278 @@ fn hostile_mirror_annotations_enable_nothing_outside_the_pod() {
     assert_eq!(k.curl("apps/neighbour"), Outcome::Redirected);
     assert_eq!(leaked(&k), Vec::<String>::new());
     drop(host);
+}
+
+/// The rules a token may use in `ns`, from a SelfSubjectRulesReview made with that token:
+/// `(apiGroup, resource, verb)` triples, plus non-resource URLs as `("url", path, verb)`.
+fn rules_of(api: &ApiServer, token: &str, ns: &str) -> BTreeSet<(String, String, String)> {
+    let client = api.client_with_token(token);
+    let body = json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "spec": { "namespace": ns },
+    });
+    let v: Value = api
+        .run(async move {
+            let req = hyper::Request::post("/apis/authorization.k8s.io/v1/selfsubjectrulesreviews")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).expect("json"))
+                .expect("request");
+            client.request::<Value>(req).await
+        })
+        .unwrap_or_else(|e| panic!("SelfSubjectRulesReview: {e}"));
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut out = BTreeSet::new();
+    for r in v["status"]["resourceRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for g in strs(&r["apiGroups"]) {
+            for res in strs(&r["resources"]) {
+                for verb in strs(&r["verbs"]) {
+                    out.insert((g.clone(), res.clone(), verb));
+                }
+            }
+        }
+    }
+    for r in v["status"]["nonResourceRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for url in strs(&r["nonResourceURLs"]) {
+            for verb in strs(&r["verbs"]) {
+                out.insert(("url".to_owned(), url.clone(), verb));
+            }
+        }
+    }
+    out
+}
+
+/// 11. The RBAC of `deploy/base`, applied to a real API server, grants the daemon's
+///     ServiceAccount exactly `list` and `watch` on pods and namespaces beyond what every
+///     authenticated identity has (compared with a ServiceAccount nothing is bound to), in
+///     the daemon's own namespace and in others. Each of those grants is needed: a daemon
+///     whose role lacks any one is refused for it. And the daemon works with the deploy
+///     token (every other test here runs it with that token too) without a single refusal.
+#[test]
+fn deploy_rbac_grants_exactly_what_the_daemon_uses() {
+    if !ready("deploy_rbac_grants_exactly_what_the_daemon_uses") {
+        return;
+    }
+    let mut k = K8s::new(11);
+    let (_, sa_ns, sa) = deploy_rbac();
+    let api = k.api.real();
+    let o = api.kubectl(&["-n", &sa_ns, "create", "serviceaccount", "nobody"], "");
+    assert!(o.status.success(), "{}", out(&o));
+    let token = api.token(&sa_ns, &sa);
+    let nobody = api.token(&sa_ns, "nobody");
+    k.api.create_namespace("apps", ON);
+    let api = k.api.real();
+    // What the daemon uses: list and watch (kube-runtime's watcher), nothing else.
+    let want: BTreeSet<(String, String, String)> = ["pods", "namespaces"]
+        .iter()
+        .flat_map(|r| {
+            ["list", "watch"]
+                .iter()
+                .map(move |v| (String::new(), r.to_string(), v.to_string()))
+        })
+        .collect();
+    for ns in [sa_ns.as_str(), "apps", "default"] {
+        let granted = rules_of(api, &token, ns);
+        let baseline = rules_of(api, &nobody, ns);
+        let extra: BTreeSet<_> = granted.difference(&baseline).cloned().collect();
+        eprintln!(
+            "rules of {sa_ns}/{sa} in {ns}: {} beyond the {} every identity has: {extra:?}",
+            extra.len(),
+            baseline.len()
+        );
+        assert_eq!(
+            extra, want,
+            "deploy RBAC grants in {ns} (beyond the baseline {baseline:?})"
+        );
+    }
+
+    // Every grant is needed: the daemon with a role lacking any one of them is refused by
+    // the server for exactly that verb and resource (and logs it).
+    k.add_pod("apps", "web", &[], Qos::Burstable, Driver::Systemd);
+    for (group, resource, verb) in &want {
+        let name = format!("without-{verb}-{resource}");
+        let rules: Vec<Value> = want
+            .iter()
+            .filter(|r| *r != &(group.clone(), resource.clone(), verb.clone()))
+            .map(|(g, r, v)| json!({ "apiGroups": [g], "resources": [r], "verbs": [v] }))
+            .collect();
+        let objects = json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {
+                    "apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": { "name": name, "namespace": "default" },
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                    "metadata": { "name": name }, "rules": rules,
+                },
+                {
+                    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                    "metadata": { "name": name },
+                    "roleRef": {
+                        "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name,
+                    },
+                    "subjects": [{ "kind": "ServiceAccount", "name": name, "namespace": "default" }],
+                },
+            ],
+        });
+        let api = k.api.real();
+        let o = api.kubectl(&["apply", "-f", "-"], &objects.to_string());
+        assert!(o.status.success(), "{}", out(&o));
+        let t = api.token("default", &name);
+        api.write_kubeconfig(&k.kubeconfig, &t);
+        let i = k.spawn_daemon("--kubernetes=true");
+        let refusal = format!("cannot {verb} resource \\\"{resource}\\\"");
+        let plain = format!("cannot {verb} resource \"{resource}\"");
+        k.wait(
+            &format!("{name}: the server's refusal in the daemon log"),
+            |k| {
+                let log = k.lab().procs[i].log();
+                log.contains(&refusal) || log.contains(&plain)
+            },
+        );
+        k.stop_daemon();
+    }
+
+    // With the deploy token again the same daemon works and is never refused.
+    k.api.real().write_kubeconfig(&k.kubeconfig, &token);
+    k.start_daemon();
+    k.wait_enabled("apps/web", true);
+    assert_eq!(k.curl("apps/web"), Outcome::Redirected);
+    k.api.label_pod("apps", "web", LABEL, Some("false"));
+    k.wait_enabled("apps/web", false);
+    let i = k.daemon.expect("daemon");
+    assert!(
+        !k.lab().procs[i].log().contains("forbidden"),
+        "{}",
+        k.lab().procs[i].log()
+    );
+}
+
+/// 12. The daemon restarts (rolling update, crash) while pods come and go: the new daemon
+///     re-lists and converges: the pod deleted meanwhile (grace period 0) leaves
+///     `rdr_enabled`, the pod created meanwhile is enabled, the one that stayed stays.
+#[test]
+fn daemon_restart_relists_and_converges() {
+    if !ready("daemon_restart_relists_and_converges") {
+        return;
+    }
+    let mut k = K8s::new(12);
+    k.api.create_namespace("apps", ON);
+    k.add_pod("apps", "stays", &[], Qos::Burstable, Driver::Systemd);
+    k.add_pod("apps", "goes", &[], Qos::BestEffort, Driver::Cgroupfs);
+    k.start_daemon();
+    k.wait_enabled("apps/stays", true);
+    k.wait_enabled("apps/goes", true);
+    let goes_id = k.node.pod(&k.uid("apps/goes")).cgroup_id();
+
+    k.stop_daemon();
+    k.delete_pod("apps/goes");
+    k.add_pod("apps", "comes", &[], Qos::Guaranteed, Driver::Systemd);
+    assert!(k.is_enabled("apps/stays"), "pins keep the pod enabled");
+
+    k.start_daemon();
+    k.wait_enabled("apps/comes", true);
+    k.wait("the pod deleted meanwhile to leave rdr_enabled", |k| {
+        !k.enabled_ids().contains(&goes_id)
+    });
+    let want: BTreeSet<u64> = ["apps/stays", "apps/comes"]
+        .iter()
+        .map(|p| k.node.pod(&k.uid(p)).cgroup_id())
+        .collect();
+    assert_eq!(k.enabled_ids(), want);
+    k.wait_metric("redirector_listeners", 2.0);
+    for p in ["apps/stays", "apps/comes"] {
+        assert_eq!(k.curl(p), Outcome::Redirected, "{p}");
+    }
+}
+
+/// 13. The API server restarts mid-watch (SIGTERM, then started again on the same etcd):
+///     while it is down the enabled pod stays enabled and redirected; once it is back, a
+///     label change, a new pod and a deletion are all picked up without touching the daemon.
+#[test]
+fn api_server_restart_mid_watch_recovers() {
+    if !ready("api_server_restart_mid_watch_recovers") {
+        return;
+    }
+    let mut k = K8s::new(13);
+    k.api.create_namespace("apps", ON);
+    k.api.create_namespace("more", &[]);
+    k.add_pod("apps", "web", &[], Qos::Burstable, Driver::Systemd);
+    k.add_pod("apps", "goes", &[], Qos::Burstable, Driver::Cgroupfs);
+    k.add_pod("more", "late", &[], Qos::BestEffort, Driver::Systemd);
+    k.start_daemon();
+    k.wait_enabled("apps/web", true);
+    k.wait_enabled("apps/goes", true);
+    assert!(!k.is_enabled("more/late"));
+
+    k.api.real_mut().stop_apiserver();
+    k.wait("the daemon to notice the API server is gone", |k| {
+        k.log().contains("kubernetes watch failed")
+    });
+    assert!(k.is_enabled("apps/web"), "API down: the pod stays enabled");
+    assert_eq!(
+        k.curl("apps/web"),
+        Outcome::Redirected,
+        "API down: still redirected"
+    );
+    k.api.real_mut().resume();
+    let back = Instant::now();
+    let goes_id = k.node.pod(&k.uid("apps/goes")).cgroup_id();
+    k.api.label_namespace("more", LABEL, Some("true"));
+    k.add_pod("apps", "new", &[], Qos::Guaranteed, Driver::Cgroupfs);
+    k.delete_pod("apps/goes");
+    // kube-runtime's backoff after the failed retries can reach 30 s (jittered).
+    let end = Instant::now() + Duration::from_secs(60);
+    while !(k.is_enabled("more/late")
+        && k.is_enabled("apps/new")
+        && !k.enabled_ids().contains(&goes_id))
+    {
+        assert!(
+            Instant::now() < end,
+            "changes after the API server restart not picked up in 60 s; enabled={:?}\nlog:\n{}",
+            k.enabled_ids(),
+            k.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "changes made after the API server restart picked up {:?} after it was ready again",
+        back.elapsed()
+    );
+    assert!(k.is_enabled("apps/web"));
+    for p in ["apps/web", "apps/new", "more/late"] {
+        assert_eq!(k.curl(p), Outcome::Redirected, "{p}");
+    }
+    let relisted = k.log().contains("kubernetes watch expired, re-listing");
+    for l in k.log().lines().filter(|l| l.contains("kubernetes watch")) {
+        eprintln!("daemon: {l}");
+    }
+    eprintln!(
+        "FINDING(api server restart): the resumed watch was {} by the restarted server",
+        if relisted {
+            "answered 410 Gone and re-listed"
+        } else {
+            "resumed from its resource version"
+        }
+    );
 }

@@ -3,6 +3,11 @@
 //! Unprivileged: `redirector::k8s::run` runs in-process with a client built from the
 //! stand-in's kubeconfig and a temporary directory as cgroup root; the tests read the
 //! desired set through the `watch::Receiver` the reconciler would use.
+//!
+//! Why the stand-in and not the real API server of `k8s_e2e.rs`: these tests inject watch
+//! faults at chosen moments (dropped streams, 503s, `410 Gone`, bookmarks on demand), which
+//! a real server cannot be told to produce, and they run unprivileged and in-process, with
+//! no server binary. The same selection rules are exercised against the real server there.
 use std::{
     collections::BTreeSet,
     path::Path,

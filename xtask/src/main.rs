@@ -18,7 +18,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what building and testing need (pinned nightly + rust-src, bpf-linker, Debian
-    /// packages). Idempotent; `demo` and `test` run it implicitly.
+    /// packages, kube-apiserver built once for the Kubernetes tests). Idempotent; `demo` and
+    /// `test` run it implicitly.
     Setup,
     /// Build the daemon (and the embedded eBPF programs) and the test binaries.
     Build,

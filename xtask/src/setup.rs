@@ -1,4 +1,6 @@
 //! `cargo xtask setup`: installs what is missing, explains what it installs, idempotent.
+//! The kube-apiserver of the Kubernetes end-to-end tests is built once and cached outside
+//! `target/` (see [`kube_apiserver`]).
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, bail};
@@ -38,12 +40,95 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("apache2-utils", "htpasswd for Squid's basic_ncsa_auth"),
     ("openssl", "certificate checks in tests"),
+    (
+        "etcd-server",
+        "etcd, the store of the real kube-apiserver in the Kubernetes end-to-end tests",
+    ),
 ];
+/// Debian packages only the one-time kube-apiserver build needs (`dpkg-dev` for
+/// `apt-get source`; Debian's reflect2 1.0.2 replaces the vendored 1.0.1, see the script).
+const KUBE_BUILD_PACKAGES: &[&str] = &[
+    "dpkg-dev",
+    "golang-go",
+    "make",
+    "rsync",
+    "jq",
+    "golang-github-modern-go-reflect2-dev",
+];
+/// The deb-src entry `apt-get source kubernetes` needs, written only when none exists.
+const DEB_SRC_FILE: &str = "/etc/apt/sources.list.d/redirector-bookworm-src.sources";
+const DEB_SRC: &str = "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n\
+Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n";
 
 pub fn run() -> anyhow::Result<()> {
     toolchain()?;
     bpf_linker()?;
     packages()?;
+    kube_apiserver()?;
+    Ok(())
+}
+
+/// Builds kube-apiserver once for the Kubernetes end-to-end tests and caches it outside the
+/// workspace (`tests::kube_apiserver::binary()`, under `~/.cache/redirector/`), so
+/// `cargo clean` keeps it. The source is Debian bookworm's `kubernetes` package (upstream
+/// v1.20.2 with its vendor/ tree): no Go module proxy is needed. 7-16 minutes on two
+/// cores and 1.8 GB of scratch space under /var/tmp, removed afterwards.
+fn kube_apiserver() -> anyhow::Result<()> {
+    let bin = tests::kube_apiserver::binary();
+    if bin.is_file() {
+        return Ok(());
+    }
+    println!(
+        "setup: building kube-apiserver {} from Debian's kubernetes source package into {} \
+         (the real API server of the Kubernetes end-to-end tests; 7-16 minutes depending on load, once)",
+        tests::kube_apiserver::KUBE_VERSION,
+        bin.display()
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!(
+            "building kube-apiserver installs Debian packages and needs root; run `sudo cargo xtask setup`"
+        );
+    }
+    let has_src = Command::new("apt-cache")
+        .args(["showsrc", "kubernetes"])
+        .output()
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+    if !has_src {
+        println!(
+            "setup: adding a bookworm deb-src entry ({DEB_SRC_FILE}) for `apt-get source kubernetes`"
+        );
+        std::fs::write(DEB_SRC_FILE, DEB_SRC).with_context(|| format!("writing {DEB_SRC_FILE}"))?;
+    }
+    exec::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    let missing: Vec<&str> = KUBE_BUILD_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if !missing.is_empty() {
+        exec::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-kube-apiserver.sh");
+    let work = PathBuf::from(format!(
+        "/var/tmp/redirector-kube-build-{}",
+        std::process::id()
+    ));
+    let started = std::time::Instant::now();
+    let built = exec::run(Command::new(&script).arg(&work).arg(&bin));
+    // The scratch tree (sources, generated code, Go cache) is large; the binary is all we keep.
+    let _ = std::fs::remove_dir_all(&work);
+    built?;
+    println!(
+        "setup: kube-apiserver built in {:.0?}: {}",
+        started.elapsed(),
+        bin.display()
+    );
     Ok(())
 }
 
