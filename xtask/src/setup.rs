@@ -64,8 +64,26 @@ pub fn run() -> anyhow::Result<()> {
     toolchain()?;
     bpf_linker()?;
     packages()?;
+    kubectl()?;
     kube_apiserver()?;
     Ok(())
+}
+
+/// `kubectl` renders `deploy/` (kustomize) and applies the RBAC in the Kubernetes end-to-end
+/// tests. Any kubectl on PATH will do; without one, Debian's `kubernetes-client` (1.20, whose
+/// built-in kustomize renders `deploy/base` identically) is installed.
+fn kubectl() -> anyhow::Result<()> {
+    let runs = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if runs || installed("kubernetes-client") {
+        return Ok(());
+    }
+    println!(
+        "setup: installing Debian package kubernetes-client (kubectl: kustomize and apply in the Kubernetes tests)"
+    );
+    apt_install(&["kubernetes-client"])
 }
 
 /// Builds kube-apiserver once for the Kubernetes end-to-end tests and caches it outside the
@@ -107,12 +125,7 @@ fn kube_apiserver() -> anyhow::Result<()> {
         .filter(|p| !installed(p))
         .collect();
     if !missing.is_empty() {
-        exec::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        apt_install(&missing)?;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/build-kube-apiserver.sh");
     let work = PathBuf::from(format!(
@@ -247,6 +260,12 @@ fn packages() -> anyhow::Result<()> {
     for (p, why) in &missing {
         println!("setup: installing Debian package {p} ({why})");
     }
+    let names: Vec<&str> = missing.iter().map(|(p, _)| *p).collect();
+    apt_install(&names)
+}
+
+/// `apt-get install` of `pkgs` (after an index update), as root.
+fn apt_install(pkgs: &[&str]) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc_geteuid() } != 0 {
         bail!("installing Debian packages needs root; run `sudo cargo xtask setup`");
@@ -255,7 +274,7 @@ fn packages() -> anyhow::Result<()> {
     exec::run(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(missing.iter().map(|(p, _)| *p))
+            .args(pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
