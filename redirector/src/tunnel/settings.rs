@@ -410,6 +410,11 @@ pub(crate) fn check_header(name: &str, value: &str) -> Result<(), HeaderError> {
     {
         return Err(err("the value contains control characters"));
     }
+    // HTTP/1.1 drops them (RFC 9110 §5.5), HTTP/2 sends them: the value would depend on
+    // the protocol.
+    if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+        return Err(err("the value has leading or trailing whitespace"));
+    }
     Ok(())
 }
 
