@@ -9,7 +9,7 @@ node) captured by a listener on 127.0.0.1, plus rustls hellos with a real ECH ex
 with GREASE ECH (the `seed-hellos` package, which prints the bytes rustls writes). Each hello
 is stored as sent, re-framed into several TLS records, and cut short (the first read of a
 slow client). The other targets get hand-written inputs: every shape of response, file and
-frame their parsers must handle. Inputs are named by content, so reruns add, never rename.
+frame their parsers must handle. A target's directory is replaced as a whole.
 """
 import argparse
 import hashlib
@@ -357,6 +357,9 @@ def main():
     }
     for name, step in steps.items():
         if a.only in (None, name):
+            # The directory holds generated seeds only: regenerating replaces them (the
+            # ClientHellos differ on every run: random, session id, key shares).
+            shutil.rmtree(os.path.join(CORPUS, name), ignore_errors=True)
             step()
 
 
