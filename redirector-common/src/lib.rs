@@ -228,12 +228,22 @@ pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
 
 #[cfg(feature = "user")]
 mod pod_impls {
-    // SAFETY: all of these are `#[repr(C)]`, contain only integers and byte arrays, and have
-    // explicit padding fields, so every bit pattern is valid and there are no holes.
+    // `Pod` lets aya copy these to and from map values as raw bytes: they must be `Copy`,
+    // valid for every bit pattern and free of padding (uninitialized bytes would reach the
+    // kernel). The sizes are pinned by `layouts_have_no_implicit_padding` below.
+
+    // SAFETY: `#[repr(C)]`, two `u32`: every bit pattern is valid, no padding (8 bytes).
     unsafe impl aya::Pod for super::CgroupEntry {}
+    // SAFETY: `#[repr(C)]`, u16 + u16 (`reserved0`) + three u32: every field starts at its
+    // alignment, so no padding (16 bytes); integers only, every bit pattern is valid.
     unsafe impl aya::Pod for super::RdrConfig {}
+    // SAFETY: `#[repr(C)]`, [u8; 16] + u16 + u16 + u32 (`reserved`) + u64: `cookie` starts at
+    // 24, a multiple of 8, so no padding (32 bytes); integers and bytes only.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: `#[repr(C)]`, u64 + [u8; 16] + u16 + [u8; 6] (`reserved`): the explicit
+    // reserved bytes fill the tail to 32, so no padding; integers and bytes only.
     unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: `#[repr(C)]`, `u64` fields only: no padding, every bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
 }
 

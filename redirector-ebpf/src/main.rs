@@ -15,6 +15,9 @@
 //! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the entry if this socket still owns it, so
 //!    a reset connection's entry can never be handed to a later connection reusing the port.
 #![cfg_attr(target_arch = "bpf", no_std)]
+// Not a workspace-lints crate (it builds for bpfel with its own profile): the one lint that
+// matters here is set directly.
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
@@ -80,8 +83,12 @@ mod prog {
         let Some(c) = rdr_stats.get_ptr_mut(0) else {
             return;
         };
-        // SAFETY: per-CPU slot of a preallocated array; only this CPU touches it while the
-        // program runs (programs are not preempted on the same CPU).
+        // SAFETY: `get_ptr_mut(0)` returned a non-null, aligned pointer to this CPU's own
+        // slot of a preallocated per-CPU array, valid while the program runs (programs run
+        // with migration disabled; other CPUs have their own slots). The reference lives for
+        // one increment. The one overlap possible is a sockops run in softirq interrupting a
+        // connect hook on this CPU between its load and store: plain u64 counters, so at
+        // worst one count is lost, never a torn or out-of-bounds write.
         let c = unsafe { &mut *c };
         match c.get_mut(which) {
             Some(n) => *n += 1,
@@ -95,12 +102,15 @@ mod prog {
     fn cgroup_entry() -> Option<CgroupEntry> {
         let mut level = 0;
         while level < MAX_CGROUP_DEPTH {
-            // SAFETY: plain helper call; returns 0 past the task's own depth.
+            // SAFETY: the helper takes only an integer and reads the current task's cgroup;
+            // the kernel bounds-checks `level` and returns 0 past the task's depth.
             let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
             if id == 0 {
                 return None;
             }
-            // SAFETY: the value is copied out immediately.
+            // SAFETY: `get` is unsafe because the reference points into the map, where the
+            // daemon may update or delete the entry concurrently; we read the one `u32` at
+            // once and keep no reference past this `if`.
             if let Some(e) = unsafe { rdr_enabled.get(id) } {
                 return Some(*e);
             }
@@ -173,7 +183,9 @@ mod prog {
 
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
-        // SAFETY: helper call on the program's own context.
+        // SAFETY: `ctx.sock_addr` is the context pointer the kernel passed to this
+        // cgroup/connect program, the argument type bpf_get_socket_cookie takes in these
+        // programs (the verifier checks it); the helper only reads the socket.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
         let dst = OrigDst { cookie, ..dst };
         rdr_pending.insert(cookie, dst, ANY).is_ok()
@@ -182,7 +194,9 @@ mod prog {
     /// `cgroup/connect4`: every `connect()` of an AF_INET socket below the attach point.
     #[cgroup_sock_addr(connect4)]
     pub fn rdr_connect4(ctx: SockAddrContext) -> i32 {
-        // SAFETY: the kernel hands us a valid bpf_sock_addr for the program's lifetime.
+        // SAFETY: the kernel passes a valid, non-null bpf_sock_addr for this invocation and
+        // nothing else in the program refers to it while `sa` lives; the verifier checks
+        // every field access (`user_ip4`/`user_port` are writable in connect4).
         let sa = unsafe { &mut *ctx.sock_addr };
         let octets = sa.user_ip4.to_ne_bytes();
         let mapped = v4_mapped(octets);
@@ -230,7 +244,9 @@ mod prog {
     /// IPv4-mapped destinations are judged and recorded by their IPv4 form.
     #[cgroup_sock_addr(connect6)]
     pub fn rdr_connect6(ctx: SockAddrContext) -> i32 {
-        // SAFETY: as above.
+        // SAFETY: as in `rdr_connect4`: the kernel's valid bpf_sock_addr for this
+        // invocation, not otherwise referenced; `user_ip6`/`user_port` are writable in
+        // connect6 and the verifier checks each access.
         let sa = unsafe { &mut *ctx.sock_addr };
         let w = sa.user_ip6;
         let mut v6 = [0u8; 16];
@@ -304,8 +320,10 @@ mod prog {
     #[inline(always)]
     fn read_fields(ctx: &SockOpsContext) -> OpsFields {
         let o = ctx.ops;
-        // SAFETY: `ops` is the kernel's bpf_sock_ops for this invocation; all fields are
-        // readable by sockops programs.
+        // SAFETY: `ops` is the non-null bpf_sock_ops the kernel passed for this invocation;
+        // `addr_of!` takes each field's address without making a reference, and every field
+        // read here is readable by sockops programs (the verifier rewrites and checks each
+        // load). Volatile keeps each as one load of the field's own size, as it requires.
         unsafe {
             use core::ptr::{addr_of, read_volatile};
             OpsFields {
@@ -345,7 +363,8 @@ mod prog {
             }
             _ => return None,
         };
-        // SAFETY: helper call on the program's own context.
+        // SAFETY: `ctx.ops` is this sockops program's own context, the argument
+        // bpf_get_netns_cookie takes in sockops programs (since 5.15); it only reads it.
         let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
         Some(SockKey {
             netns,
@@ -362,9 +381,11 @@ mod prog {
         let f = read_fields(&ctx);
         match f.op {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-                // SAFETY: helper call on the program's own context.
+                // SAFETY: `ctx.ops` is this sockops program's own context, which
+                // bpf_get_socket_cookie accepts here; it only reads the socket.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                // SAFETY: copied out before any further map operation.
+                // SAFETY: the reference points into the map; `.copied()` takes the value
+                // before the `remove` below could free it, and no reference is kept.
                 let Some(dst) = (unsafe { rdr_pending.get(cookie) }).copied() else {
                     return 1;
                 };
@@ -381,12 +402,13 @@ mod prog {
                 }
             }
             BPF_SOCK_OPS_STATE_CB if f.new_state == BPF_TCP_CLOSE => {
-                // SAFETY: helper call on the program's own context.
+                // SAFETY: as above: this program's own sockops context; read only.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
                 let Some(key) = sock_key(&ctx, &f) else {
                     return 1;
                 };
-                // SAFETY: the cookie is copied out before the remove.
+                // SAFETY: the reference into the map is used only to read `cookie` (a u64)
+                // in the `map`, before the `remove` below; no reference outlives it.
                 let owned = unsafe { rdr_orig.get(key) }.map(|d| d.cookie == cookie);
                 if owned == Some(true) {
                     let _ = rdr_orig.remove(key);

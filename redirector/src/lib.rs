@@ -9,6 +9,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod explain;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod k8s;
 pub mod kubelet;
 pub mod names;

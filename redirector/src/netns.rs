@@ -118,16 +118,19 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     } else {
         libc::AF_INET6
     };
-    // SAFETY: plain socket(2) call; the fd is owned by the TcpListener below.
+    // SAFETY: socket(2) takes integers only and touches no memory of ours; the new fd is
+    // checked below and then owned by the TcpListener.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: fd is a fresh socket we own.
+    // SAFETY: `fd` is a just-created, open TCP socket that nothing else owns or closes;
+    // the TcpListener takes sole ownership and closes it on every return path below.
     let listener = unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let one: libc::c_int = 1;
     let set = |level, opt| {
-        // SAFETY: valid fd and a c_int option value.
+        // SAFETY: `fd` is open (owned by `listener`, which outlives this closure's calls);
+        // the option value points to a live c_int and the length passed is its size.
         let rc = unsafe {
             libc::setsockopt(
                 fd,
@@ -152,7 +155,8 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
         set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
     }
     let sa = nix::sys::socket::SockaddrStorage::from(addr);
-    // SAFETY: sa is a valid sockaddr of the right length.
+    // SAFETY: `fd` is open; the pointer and length come from the same SockaddrStorage,
+    // which stays alive for the call, so the kernel reads only initialized bytes of it.
     let rc = unsafe {
         libc::bind(
             fd,
@@ -163,7 +167,7 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: valid fd.
+    // SAFETY: listen(2) on `fd`, open and owned by `listener`; no memory is passed.
     if unsafe { libc::listen(fd, 4096) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -175,7 +179,8 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, NetnsError> {
     let mut v: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, out-pointer of the right size.
+    // SAFETY: the fd is open for the call (borrowed from `sock`); the kernel writes at most
+    // `len` = 8 bytes into `v`, a live u64, and updates `len` in place.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),

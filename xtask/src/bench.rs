@@ -419,7 +419,8 @@ fn release_bins(no_build: bool, features: Option<&str>) -> anyhow::Result<Bins> 
 /// 10,000 idle connections need two descriptors each in the daemon and in the simulator,
 /// which inherit this limit. Returns the limit in force.
 fn raise_nofile(notes: &mut Vec<String>) -> u64 {
-    // SAFETY: getrlimit/setrlimit on a local struct.
+    // SAFETY: rlimit is plain integers, so the zeroed value is valid; getrlimit writes into
+    // and setrlimit reads from that live local only.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the one entry point for building, demoing and testing.
 mod bench;
 mod demo;
+mod deny;
 mod exec;
 mod fuzz;
 mod setup;
@@ -27,6 +28,9 @@ enum Cmd {
     Demo,
     /// Everything: unit, in-process and privileged end-to-end tests, clippy.
     Test(test::TestArgs),
+    /// Check dependencies with cargo-deny (advisories from $REDIRECTOR_ADVISORY_DB, bans,
+    /// licenses, sources; policy in deny.toml).
+    Deny,
     /// Run the fuzz targets (skip ranges, routes/config, SNI/Host sniffing) for a bounded time.
     Fuzz(fuzz::FuzzArgs),
     /// Benchmark every path side by side (direct, relay, gateway over HTTP/1.1, gateway-h2,
@@ -44,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Demo => demo::run(),
         Cmd::Test(a) => test::run(a),
+        Cmd::Deny => deny::run(),
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::Bench(a) => bench::run(a),
     }

@@ -1,13 +1,17 @@
-//! `cargo xtask test`: setup, build, every test tier, clippy.
+//! `cargo xtask test`: setup, build, every test tier, clippy, dependency checks, a short
+//! run of every fuzz target.
 use clap::Args;
 
-use crate::{exec, setup};
+use crate::{deny, exec, fuzz, setup};
 
 #[derive(Args)]
 pub struct TestArgs {
     /// Skip `cargo fmt --check` and `cargo clippy -D warnings`.
     #[arg(long)]
     no_clippy: bool,
+    /// Skip `cargo deny` and the short fuzz run.
+    #[arg(long)]
+    no_extra: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(trailing_var_arg = true)]
     rest: Vec<String>,
@@ -30,6 +34,13 @@ pub fn run(a: TestArgs) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ]))?;
+    }
+    // A filtered run (`-- --test NAME`) is a quick loop: the whole-tree checks stay out.
+    if !a.no_extra && a.rest.is_empty() {
+        // Advisories (local RustSec database), bans, licenses, sources.
+        deny::run()?;
+        // Every fuzz target for a few seconds (the long run is `cargo xtask fuzz`).
+        fuzz::short_run()?;
     }
     println!("xtask test: all green");
     Ok(())

@@ -33,13 +33,22 @@ fn authorize(
     if method != hyper::Method::POST {
         return Err((StatusCode::METHOD_NOT_ALLOWED, "changes need POST"));
     }
-    let Some(path) = token_file else {
+    check_token(headers, token_file.map(std::fs::read_to_string))
+}
+
+/// The token part of [`authorize`], with the token file already read (`None`: no token
+/// file is configured).
+pub(crate) fn check_token(
+    headers: &hyper::HeaderMap,
+    token_file: Option<std::io::Result<String>>,
+) -> Result<(), (StatusCode, &'static str)> {
+    let Some(token) = token_file else {
         return Err((
             StatusCode::FORBIDDEN,
             "changes are disabled: no --admin-token-file is configured",
         ));
     };
-    let Ok(token) = std::fs::read_to_string(path) else {
+    let Ok(token) = token else {
         return Err((StatusCode::FORBIDDEN, "cannot read the admin token file"));
     };
     let token = token.trim();

@@ -220,8 +220,9 @@ fn static_desired_set(cgroups: &[PathBuf]) -> DesiredSet {
 
 /// Forwards the eBPF programs' aya-log records (debug level) into the daemon's log.
 async fn forward_program_logs(logger: bpf::ProgramLogger) {
-    // SAFETY: the logger owns its ring buffer's fd for its whole life and always returns the
-    // same fd from as_raw_fd; the AsyncFd owns the logger.
+    // SAFETY: `register` requires the fd to stay open and the same while registered: the
+    // logger owns its ring buffer's fd for its whole life and always returns that fd from
+    // as_raw_fd, and the AsyncFd owns the logger, so the fd outlives the registration.
     let Ok(mut fd) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
         return;
     };
@@ -239,7 +240,8 @@ async fn forward_program_logs(logger: bpf::ProgramLogger) {
 /// its whole life. A no-op for other allocators (glibc's heap is then unused).
 fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the OS.
+    // SAFETY: malloc_trim takes an integer and only hands free pages of glibc's heaps back
+    // to the OS; it is thread-safe (it takes each arena's lock) and frees nothing in use.
     unsafe {
         libc::malloc_trim(0);
     }

@@ -54,15 +54,11 @@ pub enum RequestError {
 }
 
 impl ConnectRequest {
-    /// A bare request; `authority` must be `name:port`, `ip:port` or `[v6]:port`, so that no
-    /// caller can inject request lines.
+    /// A bare request; `authority` must be `name:port`, `ip:port` or `[v6]:port` (port
+    /// 1-65535), so that no caller can inject request lines and every HTTP parser reads the
+    /// same authority.
     pub fn new(authority: &str) -> Result<ConnectRequest, RequestError> {
-        let ok = !authority.is_empty()
-            && authority.len() <= 260
-            && authority
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
-        if !ok {
+        if !valid_authority(authority) {
             return Err(RequestError::Authority);
         }
         Ok(ConnectRequest {
@@ -169,6 +165,28 @@ impl ConnectRequest {
         }
         Ok(request)
     }
+}
+
+/// `host:port` as a CONNECT request target (RFC 9110 §9.3.6): a name or IPv4 address without
+/// `:`, `[`, `]`, or a bracketed IPv6 address; a decimal port 1-65535.
+fn valid_authority(authority: &str) -> bool {
+    let charset = authority
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
+    if authority.is_empty() || authority.len() > 260 || !charset {
+        return false;
+    }
+    let Some((host, port)) = authority.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = (1..=5).contains(&port.len())
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => !host.is_empty() && !host.contains([':', '[', ']']),
+    };
+    port_ok && host_ok
 }
 
 /// A complete response head: its length in the buffer, status and (sanitized) reason.
@@ -328,6 +346,22 @@ mod tests {
             "a:443\r\nX: y",
             "a/b:443",
             "a".repeat(261).as_str(),
+            // Found by the differential test: accepted, then refused by hyper's parser.
+            "]",
+            "a",
+            "a:",
+            ":443",
+            "a:b:443",
+            "::1:443",
+            "[::1]",
+            "[::1]:",
+            "[a]:443",
+            "a]:443",
+            "[::1]x:443",
+            "a:0",
+            "a:65536",
+            "a:+443",
+            "a:000443",
         ] {
             assert_eq!(
                 ConnectRequest::new(bad).err(),
@@ -335,6 +369,58 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn authorities_of_every_form_are_accepted() {
+        for good in [
+            "example.com:443",
+            "a:1",
+            "a:65535",
+            "203.0.113.7:443",
+            "[2001:db8::1]:443",
+            "[::ffff:192.0.2.1]:8443",
+            "under_score.example.:443",
+        ] {
+            assert!(ConnectRequest::new(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn header_values_with_surrounding_whitespace_are_refused() {
+        // Found by the differential test: HTTP/1.1 parsers drop a value's leading and
+        // trailing whitespace, so the gateway would get another value than configured
+        // (and HTTP/2 would send it as is).
+        let tls = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        let mut gw = GatewayConfig::from_url("https://gw.test", tls).expect("gateway");
+        for value in ["v\t", " v", "\tv", "v ", " "] {
+            gw.extra_headers = vec![("X-A".into(), value.into())];
+            assert_eq!(
+                ConnectRequest::to_gateway("a:443", &gw, None).err(),
+                Some(RequestError::Header),
+                "{value:?}"
+            );
+        }
+        for value in ["", "v", "a b\tc"] {
+            gw.extra_headers = vec![("X-A".into(), value.into())];
+            assert!(
+                ConnectRequest::to_gateway("a:443", &gw, None).is_ok(),
+                "{value:?}"
+            );
+        }
+        // From the command line or the file the value is trimmed first, as before.
+        assert_eq!(
+            super::super::parse_header("X-A:  v \t"),
+            Ok(("X-A".to_owned(), "v".to_owned()))
+        );
     }
 
     #[test]
@@ -362,5 +448,246 @@ mod tests {
         assert!(read_response(&mut b).is_err());
         let mut b = b"SSH-2.0-x\r\n\r\n".to_vec();
         assert!(read_response(&mut b).is_err());
+    }
+}
+
+/// Every CONNECT request we emit, read back by two parsers that are not ours: `httparse`
+/// directly and hyper's HTTP/1 server. Both must see the method, the authority and the
+/// headers (names case-insensitively, values byte for byte) that the request holds.
+#[cfg(test)]
+mod differential {
+    use std::{net::IpAddr, sync::Arc};
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper::{Response, service::service_fn};
+    use hyper_util::rt::TokioIo;
+    use proptest::prelude::*;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::tunnel::{GatewayConfig, ProxyConfig};
+
+    /// A request as a parser saw it; header names lowercased, same-name values in order.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Seen {
+        method: String,
+        authority: String,
+        headers: Vec<(String, Vec<u8>)>,
+    }
+
+    fn sorted(mut headers: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+        // Stable: values of one name keep their order.
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        headers
+    }
+
+    fn expected(r: &ConnectRequest) -> Seen {
+        let mut headers = vec![("host".to_owned(), r.authority().as_bytes().to_vec())];
+        headers.extend(
+            r.headers()
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.wire_value().into_bytes())),
+        );
+        Seen {
+            method: "CONNECT".into(),
+            authority: r.authority().to_owned(),
+            headers: sorted(headers),
+        }
+    }
+
+    fn with_httparse(bytes: &[u8]) -> Seen {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        let n = match req.parse(bytes) {
+            Ok(httparse::Status::Complete(n)) => n,
+            other => panic!("httparse: {other:?}"),
+        };
+        assert_eq!(n, bytes.len(), "httparse: bytes after the head");
+        assert_eq!(req.version, Some(1), "httparse: HTTP/1.1");
+        Seen {
+            method: req.method.expect("method").to_owned(),
+            authority: req.path.expect("request target").to_owned(),
+            headers: sorted(
+                req.headers
+                    .iter()
+                    .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                    .collect(),
+            ),
+        }
+    }
+
+    async fn with_hyper(bytes: &[u8]) -> Seen {
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let serve = hyper::server::conn::http1::Builder::new().serve_connection(
+            TokioIo::new(server),
+            service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let headers = req
+                    .headers()
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                    .collect::<Vec<_>>();
+                let _ = tx.send(Seen {
+                    method: req.method().as_str().to_owned(),
+                    authority: req
+                        .uri()
+                        .authority()
+                        .map(|a| a.as_str().to_owned())
+                        .unwrap_or_default(),
+                    headers: sorted(headers),
+                });
+                async { Ok::<_, hyper::Error>(Response::new(Empty::<Bytes>::new())) }
+            }),
+        );
+        client.write_all(bytes).await.expect("write");
+        client.shutdown().await.expect("half-close");
+        // The connection ends after the response (the client sent EOF).
+        let result = tokio::time::timeout(std::time::Duration::from_secs(5), serve)
+            .await
+            .expect("hyper answered");
+        let seen = rx.try_recv();
+        assert!(
+            rx.try_recv().is_err(),
+            "hyper saw more than one request ({result:?})"
+        );
+        seen.unwrap_or_else(|_| panic!("hyper refused the request: {result:?}"))
+    }
+
+    async fn check(r: &ConnectRequest) {
+        let bytes = r.encode_h1();
+        let want = expected(r);
+        assert_eq!(with_httparse(&bytes), want, "httparse");
+        assert_eq!(with_hyper(&bytes).await, want, "hyper");
+    }
+
+    fn tls() -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        )
+    }
+
+    fn proxy(credentials: Option<(&str, &str)>) -> ProxyConfig {
+        let mut p = ProxyConfig::new("http://proxy.test:3128".parse().expect("url"), None);
+        p.credentials = credentials.map(|(u, pw)| (u.to_owned(), Secret::new(pw)));
+        p
+    }
+
+    fn gateway(headers: &[(&str, &str)]) -> GatewayConfig {
+        let mut g = GatewayConfig::from_url("https://gw.test", tls()).expect("gateway");
+        g.extra_headers = headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        g
+    }
+
+    /// Every way an authority is made: names, IPv4, IPv6 (bracketed), ports at the edges.
+    fn authorities() -> Vec<String> {
+        let mut out: Vec<String> = [
+            "example.com:443",
+            "a:1",
+            "kv1.vault.azure.test:65535",
+            "xn--bcher-kva.example:443",
+            "under_score.example:8443",
+            "trailing.dot.example.:443",
+            "203.0.113.10:443",
+            "0.0.0.0:80",
+            "[2001:db8::1]:443",
+            "[::1]:8443",
+            "[fe80::1]:443",
+        ]
+        .map(String::from)
+        .to_vec();
+        out.push(format!("{}:443", vec!["a".repeat(63); 4].join(".")));
+        for ip in [
+            "2001:db8:0:0:0:0:0:1",
+            "::ffff:192.0.2.1",
+            "255.255.255.255",
+        ] {
+            out.push(crate::addr::authority(ip, 443));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_request_form_parses_the_same_everywhere() {
+        let headers: &[(&str, &str)] = &[
+            ("X-Tenant", "t1"),
+            ("x-lower", "v"),
+            ("X-Dup", "one"),
+            ("X-Dup", "two"),
+            ("X-Spaces", "a  b\tc"),
+            ("X-Utf8", "caf\u{e9} \u{2603}"),
+            ("X-Empty", ""),
+            ("X-Token-Chars", "!#$%&'*+-.^_`|~"),
+        ];
+        for a in authorities() {
+            check(&ConnectRequest::new(&a).expect("authority")).await;
+            for creds in [
+                None,
+                Some(("user", "pass")),
+                Some(("u", "p:with:colons")),
+                Some(("\u{fc}ser", "p\u{e4}ss w\u{f6}rd")),
+            ] {
+                check(&ConnectRequest::to_proxy(&a, &proxy(creds)).expect("to_proxy")).await;
+            }
+            for token in [None, Some("t0ken"), Some("eyJ.a-b_c~d+e/f=")] {
+                let token = token.map(Secret::new);
+                let r = ConnectRequest::to_gateway(&a, &gateway(headers), token).expect("gw");
+                check(&r).await;
+                let r = ConnectRequest::to_gateway(&a, &gateway(&[]), None).expect("gw");
+                check(&r).await;
+            }
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever `ConnectRequest::new` accepts is one authority to both parsers.
+        #[test]
+        fn accepted_authorities_parse_the_same(a in "[a-zA-Z0-9._:\\[\\]-]{1,40}") {
+            if let Ok(r) = ConnectRequest::new(&a) {
+                runtime().block_on(check(&r));
+            }
+        }
+
+        #[test]
+        fn generated_requests_parse_the_same(
+            name in "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?){0,3}",
+            ip in any::<[u8; 16]>(),
+            port in 1u16..,
+            user in "[^:\\p{C}]{1,12}",
+            pass in "\\PC{0,24}",
+            header_name in "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,16}",
+            header_value in "[ -~\\t\u{80}-\u{10ffff}]{0,32}",
+            token in "[!-~]{1,40}",
+        ) {
+            let rt = runtime();
+            let v6 = IpAddr::from(ip).to_string();
+            for a in [format!("{name}:{port}"), crate::addr::authority(&v6, port)] {
+                let r = ConnectRequest::to_proxy(&a, &proxy(Some((&user, &pass)))).expect("proxy");
+                rt.block_on(check(&r));
+                let gw = gateway(&[(&header_name, &header_value)]);
+                match ConnectRequest::to_gateway(&a, &gw, Some(Secret::new(token.as_str()))) {
+                    Ok(r) => rt.block_on(check(&r)),
+                    // Names we set ourselves are refused, not sent.
+                    Err(e) => prop_assert_eq!(e, RequestError::Header),
+                }
+            }
+        }
     }
 }

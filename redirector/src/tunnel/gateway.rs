@@ -121,6 +121,18 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
 }
 
 impl GatewaySession {
+    /// A session over an established stream (for the fuzz targets: no TCP, no TLS).
+    pub(crate) fn over(io: Box<dyn Io>, h2: bool, h2_windows: super::H2Windows) -> Self {
+        Self {
+            io,
+            h2,
+            h2_windows,
+            resumed: false,
+            hops: Vec::new(),
+            setup: Vec::new(),
+        }
+    }
+
     /// One tunnel on this session, which is used up either way (a session is never reused
     /// after a refusal). HTTP/2 sessions get a private connection that ends with the stream.
     pub async fn open_once(

@@ -425,7 +425,7 @@ async fn connect_hop<S: Io + 'static>(
 
 /// Reads one final response head (skipping 1xx interim ones). Returns the status and the
 /// bytes read past the head.
-async fn read_connect_response<S: AsyncRead + Unpin>(
+pub(crate) async fn read_connect_response<S: AsyncRead + Unpin>(
     hop: &'static str,
     stream: &mut S,
 ) -> Result<(u16, Vec<u8>), TunnelError> {

@@ -222,7 +222,7 @@ pub fn load_credentials_file(path: &Path) -> Result<(String, Secret), Credential
     })
 }
 
-fn parse_credentials(text: &str) -> Result<(String, Secret), &'static str> {
+pub(crate) fn parse_credentials(text: &str) -> Result<(String, Secret), &'static str> {
     let line = text.trim();
     if line.is_empty() {
         return Err("is empty");
@@ -250,16 +250,21 @@ pub(crate) async fn read_token(path: &Path) -> Result<Secret, CredentialsError> 
             path: path.to_owned(),
             source,
         })?;
-    let token = text.trim();
-    let format = |reason| CredentialsError::Format {
+    parse_token(&text).map_err(|reason| CredentialsError::Format {
         path: path.to_owned(),
         reason,
-    };
+    })
+}
+
+/// The token in a token file's text: one word of visible ASCII, surrounding whitespace
+/// ignored.
+pub(crate) fn parse_token(text: &str) -> Result<Secret, &'static str> {
+    let token = text.trim();
     if token.is_empty() {
-        return Err(format("is empty"));
+        return Err("is empty");
     }
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format("must hold one token of visible ASCII characters"));
+        return Err("must hold one token of visible ASCII characters");
     }
     Ok(Secret(token.to_owned()))
 }
@@ -413,6 +418,11 @@ pub(crate) fn check_header(name: &str, value: &str) -> Result<(), HeaderError> {
         .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
     {
         return Err(err("the value contains control characters"));
+    }
+    // HTTP/1.1 drops them (RFC 9110 §5.5), HTTP/2 sends them: the value would depend on
+    // the protocol.
+    if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+        return Err(err("the value has leading or trailing whitespace"));
     }
     Ok(())
 }

@@ -362,7 +362,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn raise_nofile() {
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    // SAFETY: rlimit is plain integers, so the zeroed value is valid; getrlimit writes into
+    // and setrlimit reads from that live local only.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {

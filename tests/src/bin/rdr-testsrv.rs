@@ -86,7 +86,10 @@ fn bind_tcp(addr: SocketAddr) -> TcpListener {
 
 fn bind_v6only(addr: SocketAddr) -> TcpListener {
     use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls on a fresh fd that the TcpListener takes ownership of.
+    // SAFETY: socket/setsockopt/bind/listen on the fd created here (checked to be open);
+    // every pointer passed is to a live local (`one`, a c_int of 4 bytes; `sa`, a zeroed
+    // sockaddr_in6, a valid bit pattern) with its exact size. The TcpListener then takes
+    // sole ownership of the fd.
     unsafe {
         let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
