@@ -834,3 +834,32 @@ fn a_pod_cannot_squat_the_listener_port_and_one_that_holds_them_all_is_refused()
         let _ = s.wait();
     }
 }
+
+/// Readiness follows the hooks, not only the start: removing a link pin detaches that
+/// program (the daemon holds no link of its own), and `/readyz` turns 503 naming the hooks on
+/// the next full pass, with one error line.
+#[test]
+fn readiness_follows_the_hooks_after_start() {
+    if !privileged("readiness_follows_the_hooks_after_start") {
+        return;
+    }
+    let lab = standard_lab(1, &[]);
+    let (status, body) = lab.node_http_get("/readyz").expect("readyz");
+    assert_eq!(status, 200, "{body}");
+    std::fs::remove_file(lab.pin_root.join(redirector_common::names::LINK_CONNECT6))
+        .expect("remove the connect6 link pin");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, body) = lab.node_http_get("/readyz").expect("readyz");
+        if status == 503 {
+            assert!(body.contains("hooks_attached=false"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "still ready with connect6 detached: {status} {body}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    lab.wait_daemon_log("eBPF hooks detached");
+}

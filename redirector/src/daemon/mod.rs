@@ -127,7 +127,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     });
     let readiness = Arc::new(Readiness::default());
     readiness.hooks_attached.store(
-        bpf::link_alive(&pins, redirector_common::names::LINK_CONNECT4),
+        redirector_common::names::LINKS
+            .iter()
+            .all(|l| bpf::link_alive(&pins, l)),
         Ordering::Relaxed,
     );
     readiness.config_loaded.store(true, Ordering::Relaxed);

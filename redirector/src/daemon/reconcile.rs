@@ -92,6 +92,9 @@ pub async fn run(
         );
         *shared.workloads() = decide::views(&desired, &memory);
         readiness.listeners_ready.store(ready, Ordering::Relaxed);
+        if full {
+            check_hooks(&shared, &readiness);
+        }
 
         // Wait: a new desired set, a pending cgroup changing, or the timer.
         if let Some(w) = watch.as_mut() {
@@ -125,6 +128,26 @@ pub async fn run(
         }
     }
     drop(listeners);
+}
+
+/// Whether every link of ours is still attached (its pin opens): a link pin removed by hand or
+/// by `redirector uninstall` detaches that program, and from then on its connects are not
+/// redirected. Readiness follows, and each change is logged once.
+fn check_hooks(shared: &Shared, readiness: &Readiness) {
+    let pins = crate::bpf::PinLayout::new(&shared.config.load().pin_root);
+    let missing: Vec<&str> = redirector_common::names::LINKS
+        .iter()
+        .copied()
+        .filter(|l| !crate::bpf::link_alive(&pins, l))
+        .collect();
+    let attached = missing.is_empty();
+    if readiness.hooks_attached.swap(attached, Ordering::Relaxed) != attached {
+        if attached {
+            info!("eBPF hooks attached again");
+        } else {
+            tracing::error!(links = ?missing, "eBPF hooks detached: connects of enabled pods are no longer redirected; not ready");
+        }
+    }
 }
 
 /// Reads what [`decide::decide`] needs: each desired workload's cgroup (found only through
