@@ -196,6 +196,19 @@ impl Chain {
             .expect("curl")
     }
 
+    /// TCP connections of the gateway's namespace still open on its side (established, or
+    /// closed by the peer and not yet by the simulator): 0 once it has seen and handled the end
+    /// of every session.
+    pub fn gateway_open_connections(&self) -> usize {
+        crate::lab::sh(&format!(
+            "ip netns exec {} ss -Htn state established state close-wait",
+            self.gw_ns
+        ))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+    }
+
     /// The gateway simulator's log (one line per tunnel event).
     pub fn gateway_log(&self) -> String {
         self.lab

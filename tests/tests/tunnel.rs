@@ -644,7 +644,16 @@ fn gateway_sessions_end_with_close_notify() {
         c.lab.procs[daemon].signal(libc::SIGTERM);
         let status = c.lab.procs[daemon].wait_timeout(Duration::from_secs(20));
         assert!(status.is_some(), "the daemon did not stop");
-        // The gateway logs each session's end; wait for the sessions to be gone.
+        // The gateway logs a session cut without close_notify when it reads the end of it:
+        // wait until it has closed every connection on its side, then read its log.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while c.gateway_open_connections() > 0 {
+            assert!(
+                std::time::Instant::now() < end,
+                "{gateway:?}: the gateway still holds connections after the daemon stopped"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let gw = c.gateway_log();
         assert!(
             !gw.contains("close_notify"),
