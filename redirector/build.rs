@@ -11,9 +11,11 @@ fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(&manifest_dir).join("../redirector-ebpf");
     let root = root.to_str().context("non-UTF-8 path to redirector-ebpf")?;
     println!("cargo:rerun-if-changed=../redirector-common/src");
+    let variant = std::env::var_os("CARGO_FEATURE_TEST_DATAPATH_VARIANT").is_some();
     let pkg = aya_build::Package {
         name: "redirector-ebpf",
         root_dir: root,
+        features: if variant { &["variant"] } else { &[] },
         ..Default::default()
     };
     aya_build::build_ebpf([pkg], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN)).context(

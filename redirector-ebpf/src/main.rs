@@ -47,6 +47,10 @@ mod prog {
     const IPPROTO_TCP: u32 = 6;
     /// `BPF_ANY` for map updates.
     const ANY: u64 = 0;
+    /// 0, or 1 in the test-only `variant` build: written into a reserved field of the pending
+    /// record, which makes that build's programs differ (another instruction tag) while
+    /// behaving the same. The upgrade tests replace one with the other.
+    const DATAPATH_VARIANT: u32 = if cfg!(feature = "variant") { 1 } else { 0 };
 
     // Map names are the static names (lower case on purpose: they are the kernel object names
     // that bpftool prints, see redirector_common::names).
@@ -187,7 +191,11 @@ mod prog {
         // cgroup/connect program, the argument type bpf_get_socket_cookie takes in these
         // programs (the verifier checks it); the helper only reads the socket.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        let dst = OrigDst { cookie, ..dst };
+        let dst = OrigDst {
+            cookie,
+            reserved: DATAPATH_VARIANT,
+            ..dst
+        };
         rdr_pending.insert(cookie, dst, ANY).is_ok()
     }
 
@@ -392,6 +400,10 @@ mod prog {
                 let _ = rdr_pending.remove(cookie);
                 let Some(key) = sock_key(&ctx, &f) else {
                     return 1;
+                };
+                let dst = OrigDst {
+                    reserved: DATAPATH_VARIANT,
+                    ..dst
                 };
                 if rdr_orig.insert(key, dst, ANY).is_ok() {
                     bump(counter::ESTABLISHED);

@@ -1,8 +1,11 @@
 //! eBPF datapath: load or adopt the pinned programs and maps, attach them, and read/write maps.
+pub mod sys;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -28,6 +31,16 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/redirector";
 pub enum BpfError {
     #[error("failed to load the eBPF object")]
     Load(#[source] aya::EbpfError),
+    #[error("the embedded eBPF object does not parse: {0}")]
+    Object(String),
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("failed to replace the program of link {name} in place")]
+    Replace {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("failed to load program {name} into the kernel")]
@@ -99,19 +112,134 @@ impl PinLayout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
-    /// Programs were loaded and attached by this process.
+    /// Programs were loaded and attached by this process (no link was pinned).
     Attached,
-    /// Programs attached by an earlier daemon were found pinned and kept.
+    /// The pinned links already run this build's programs on the same maps: kept as they are.
     Adopted,
+    /// The pinned links ran other programs (an earlier or later release) or used maps of
+    /// another layout: their programs were replaced in place, or a defunct link re-attached.
+    Upgraded,
 }
 
-/// Load (or adopt) the programs, attach them to `cgroup_root`, and pin everything.
-///
-/// Adoption: when all link pins exist, the programs are already attached; attaching again
-/// would stack a second copy on the hook, so only the maps are reopened.
 /// The eBPF programs' own log records (aya-log), forwarded to the daemon's log.
 pub type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
+/// Kernel object name and pin file name of every pinned map, aya-log's ring buffer included.
+fn pinned_maps() -> impl Iterator<Item = (&'static str, &'static str)> {
+    names::MAPS
+        .iter()
+        .map(|m| (*m, *m))
+        .chain([("AYA_LOGS", names::PIN_LOGS)])
+}
+
+/// Suffix of a pin being prepared: the object is pinned there first, then renamed over the
+/// live pin, so the live name always refers to a complete object (bpffs renames atomically;
+/// it refuses names with a dot).
+const NEXT: &str = "_next";
+
+/// The layout a map must have for this build's programs: what the kernel reports for a map
+/// (type, key and value size, capacity, flags). A pinned map that differs is never reused:
+/// the programs would misread it (or the verifier would reject them). A change of meaning
+/// with the same sizes must rename the map (Cilium's `_v2` convention); the unit test
+/// `map_layouts_are_the_reviewed_ones` makes every layout change a reviewed one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSpec {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for MapSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {} key {} value {} entries {} flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// The layouts this build's programs expect, read from the embedded object.
+pub fn expected_map_specs() -> Result<BTreeMap<String, MapSpec>, BpfError> {
+    let obj = aya_obj::Object::parse(EBPF_OBJECT).map_err(|e| BpfError::Object(e.to_string()))?;
+    Ok(obj
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                MapSpec {
+                    map_type: m.map_type(),
+                    key_size: m.key_size(),
+                    value_size: m.value_size(),
+                    max_entries: m.max_entries(),
+                    flags: m.map_flags(),
+                },
+            )
+        })
+        .collect())
+}
+
+fn pinned_spec(path: &Path) -> Result<MapSpec, MapError> {
+    let info = aya::maps::MapInfo::from_pin(path)?;
+    Ok(MapSpec {
+        map_type: info.map_type().map(|t| t as u32).unwrap_or(u32::MAX),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    })
+}
+
+/// The state of one of our link pins.
+enum LinkState {
+    /// No pin.
+    Missing,
+    /// Pinned and attached to the cgroup root we were given.
+    Live { fd: OwnedFd, info: sys::CgroupLink },
+    /// Pinned, but its cgroup is gone (removed and recreated: the link is defunct) or it is
+    /// another cgroup than the one we were given.
+    Elsewhere { info: sys::CgroupLink },
+}
+
+fn link_state(pins: &PinLayout, link: &str, root_id: u64) -> LinkState {
+    let Ok(fd) = sys::obj_get(&pins.path(link)) else {
+        return LinkState::Missing;
+    };
+    match sys::cgroup_link_info(fd.as_fd()) {
+        Ok(info) if info.cgroup_id == root_id => LinkState::Live { fd, info },
+        Ok(info) => LinkState::Elsewhere { info },
+        Err(_) => LinkState::Missing,
+    }
+}
+
+/// A cgroup's id: the inode number of its directory in cgroup2.
+fn cgroup_id(path: &Path) -> Result<u64, BpfError> {
+    use std::os::unix::fs::MetadataExt as _;
+    fs::metadata(path)
+        .map(|m| m.ino())
+        .map_err(|source| BpfError::Cgroup {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Load this build's programs and maps and make the hooks under `cgroup_root` run them.
+///
+/// - No link pinned: attach and pin everything ([`Origin::Attached`]).
+/// - Links pinned and running this build's programs (same instruction tag) on maps of this
+///   build's layout: keep them ([`Origin::Adopted`]).
+/// - Otherwise ([`Origin::Upgraded`]): each pinned link gets the new program with
+///   `BPF_LINK_UPDATE` — the hook never runs without one of the two, so no connect slips past
+///   — and a defunct link (its cgroup recreated) is attached afresh.
+///
+/// A pinned map whose layout differs from this build's ([`MapSpec`]) is never reused: a new
+/// one is created, filled (cgroups in the old `rdr_enabled` are carried over as refused until
+/// the reconciler re-enables them: fail closed), and pinned in its place once the programs
+/// that use it run. Programs are verified before any hook changes; a failure while attaching
+/// or replacing undoes what this call did, so the hooks are left as they were.
 pub fn load_and_attach(
     pins: &PinLayout,
     cgroup_root: &Path,
@@ -120,12 +248,32 @@ pub fn load_and_attach(
         path: pins.root.clone(),
         source,
     })?;
+    let root_id = cgroup_id(cgroup_root)?;
+    let specs = expected_map_specs()?;
+    let mut stale: Vec<(&'static str, &'static str)> = Vec::new();
     let mut loader = EbpfLoader::new();
-    let map_paths: Vec<(&'static str, PathBuf)> =
-        names::MAPS.iter().map(|m| (*m, pins.path(m))).collect();
-    for (name, path) in &map_paths {
+    for (obj_name, pin) in pinned_maps() {
+        let path = pins.path(pin);
+        let _ = fs::remove_file(pins.path(&format!("{pin}{NEXT}")));
+        if path.exists() {
+            let want = specs.get(obj_name).copied();
+            match pinned_spec(&path) {
+                Ok(have) if Some(have) == want => {}
+                Ok(have) => {
+                    tracing::warn!(map = pin, pinned = %have, expected = %want.map(|w| w.to_string()).unwrap_or_default(),
+                        "pinned map has another layout: creating a new one instead of reusing it");
+                    stale.push((obj_name, pin));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(map = pin, error = %crate::error_chain(&e), "pinned map unreadable: creating a new one");
+                    stale.push((obj_name, pin));
+                    continue;
+                }
+            }
+        }
         // Reuses the pinned map when it exists, creates and pins it otherwise.
-        loader.map_pin_path(name, path.as_path());
+        loader.map_pin_path(obj_name, path);
     }
     // The programs' debug messages cost a ring-buffer write per redirect; they are compiled
     // in but enabled in the kernel only when the daemon starts with debug logging (aya-log
@@ -136,24 +284,99 @@ pub fn load_and_attach(
         2
     };
     loader.override_global("AYA_LOG_LEVEL", &level, false);
-    let logs_pin = pins.path(names::PIN_LOGS);
-    loader.map_pin_path("AYA_LOGS", logs_pin.as_path());
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(BpfError::Load)?;
 
-    let origin = if pins.links_pinned() {
+    // Every program through the verifier before any hook changes.
+    for name in names::PROGRAMS {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or(BpfError::MissingProgram { name })?;
+        let load_err = |source| BpfError::ProgramLoad { name, source };
+        if name == names::PROG_SOCKOPS {
+            let p: &mut SockOps = prog.try_into().map_err(load_err)?;
+            p.load().map_err(load_err)?;
+        } else {
+            let p: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
+            p.load().map_err(load_err)?;
+        }
+    }
+    // New maps start with what the old ones knew, before a program can read them.
+    for (obj_name, pin) in &stale {
+        if *obj_name == names::MAP_ENABLED {
+            carry_over_enabled(&mut ebpf, &pins.path(pin))?;
+        }
+    }
+
+    let mut hooks = HookChange::default();
+    if let Err(e) = change_hooks(
+        &mut ebpf,
+        pins,
+        cgroup_root,
+        root_id,
+        !stale.is_empty(),
+        &mut hooks,
+    ) {
+        hooks.undo();
+        return Err(e);
+    }
+    // Pins, each renamed over the old one: links, then programs, then replaced maps.
+    let mut pin_now: Vec<(&'static str, Box<dyn FnOnce(&Path) -> Result<(), BpfError>>)> =
+        Vec::new();
+    for (i, link) in std::mem::take(&mut hooks.fresh) {
+        pin_now.push((
+            names::LINKS[i],
+            Box::new(move |p: &Path| {
+                link.pin(p).map(drop).map_err(|e| BpfError::Pin {
+                    what: "link",
+                    path: p.to_owned(),
+                    source: Box::new(e),
+                })
+            }),
+        ));
+    }
+    let changed: BTreeSet<usize> = hooks.changed.iter().copied().collect();
+    let origin = if changed.is_empty() {
         Origin::Adopted
-    } else {
-        // A partial set of link pins is left over from a crash mid-attach: drop them (which
-        // detaches those links) and attach a complete, fresh set.
-        for l in names::LINKS {
-            let _ = fs::remove_file(pins.path(l));
-        }
-        for p in names::PROGRAMS {
-            let _ = fs::remove_file(pins.path(p));
-        }
-        attach_all(&mut ebpf, pins, cgroup_root)?;
+    } else if hooks.replaced.is_empty() && changed.len() == names::LINKS.len() && !hooks.repaired {
         Origin::Attached
+    } else {
+        Origin::Upgraded
     };
+    for (i, name) in names::PROGRAMS.iter().copied().enumerate() {
+        if changed.contains(&i) {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::MissingProgram { name })?;
+            let next = pins.path(&format!("{name}{NEXT}"));
+            let _ = fs::remove_file(&next);
+            prog.pin(&next).map_err(|e| BpfError::Pin {
+                what: "program",
+                path: next.clone(),
+                source: Box::new(e),
+            })?;
+            rename_pin(&next, &pins.path(name))?;
+        }
+    }
+    for (link, pin) in pin_now {
+        let next = pins.path(&format!("{link}{NEXT}"));
+        let _ = fs::remove_file(&next);
+        pin(&next)?;
+        rename_pin(&next, &pins.path(link))?;
+    }
+    for (obj_name, pin) in &stale {
+        let map = ebpf
+            .map_mut(obj_name)
+            .ok_or(BpfError::MissingMap { name: pin })?;
+        let next = pins.path(&format!("{pin}{NEXT}"));
+        map.pin(&next).map_err(|e| BpfError::Pin {
+            what: "map",
+            path: next.clone(),
+            source: Box::new(e),
+        })?;
+        rename_pin(&next, &pins.path(pin))?;
+    }
+    hooks.commit();
+
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -165,60 +388,234 @@ pub fn load_and_attach(
     Ok((Maps::open(pins)?, origin, logger))
 }
 
-fn attach_all(ebpf: &mut Ebpf, pins: &PinLayout, cgroup_root: &Path) -> Result<(), BpfError> {
+fn rename_pin(from: &Path, to: &Path) -> Result<(), BpfError> {
+    fs::rename(from, to).map_err(|e| BpfError::Pin {
+        what: "object",
+        path: to.to_owned(),
+        source: Box::new(e),
+    })
+}
+
+/// Copies the keys of the old `rdr_enabled` (a cgroup id is a u64 in every layout) into the
+/// new map as refused: those cgroups stay failed closed until the reconciler, which knows
+/// their listeners, writes their real entries.
+fn carry_over_enabled(ebpf: &mut Ebpf, old_pin: &Path) -> Result<(), BpfError> {
+    let old = sys::obj_get(old_pin).map_err(|e| BpfError::Pin {
+        what: "map",
+        path: old_pin.to_owned(),
+        source: Box::new(e),
+    })?;
+    let ids = sys::map_keys_u64(old.as_fd()).map_err(|e| BpfError::Pin {
+        what: "map",
+        path: old_pin.to_owned(),
+        source: Box::new(e),
+    })?;
+    let map = ebpf
+        .map_mut(names::MAP_ENABLED)
+        .ok_or(BpfError::MissingMap {
+            name: names::MAP_ENABLED,
+        })?;
+    let mut new: HashMap<&mut MapData, u64, CgroupEntry> =
+        HashMap::try_from(map).map_err(|source| BpfError::Map {
+            map: names::MAP_ENABLED,
+            source,
+        })?;
+    let refuse = CgroupEntry {
+        mode: mode::REFUSE,
+        ..CgroupEntry::default()
+    };
+    for id in &ids {
+        new.insert(id, refuse, 0).map_err(|source| BpfError::Map {
+            map: names::MAP_ENABLED,
+            source,
+        })?;
+    }
+    tracing::info!(
+        cgroups = ids.len(),
+        "carried enabled cgroups over to the new rdr_enabled, refused until re-enabled"
+    );
+    Ok(())
+}
+
+/// What [`change_hooks`] did, so a failure can be undone and success made final.
+#[derive(Default)]
+struct HookChange {
+    /// Links attached by this call, not yet pinned (dropping one detaches it).
+    fresh: Vec<(usize, FdLink)>,
+    /// Links whose program was replaced: (link, old program, new program), to put back.
+    replaced: Vec<(OwnedFd, OwnedFd, OwnedFd)>,
+    /// Indexes (into [`names::LINKS`]) of the hooks that now run a new program.
+    changed: Vec<usize>,
+    /// A defunct link was attached afresh.
+    repaired: bool,
+}
+
+impl HookChange {
+    fn undo(&mut self) {
+        // Fresh links detach as they drop.
+        self.fresh.clear();
+        for (link, old, new) in self.replaced.drain(..) {
+            if let Err(e) = sys::link_replace(link.as_fd(), old.as_fd(), new.as_fd()) {
+                tracing::error!(error = %e, "could not put a replaced eBPF program back");
+            }
+        }
+    }
+    fn commit(&mut self) {
+        self.replaced.clear();
+    }
+}
+
+fn change_hooks(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    cgroup_root: &Path,
+    root_id: u64,
+    maps_replaced: bool,
+    done: &mut HookChange,
+) -> Result<(), BpfError> {
     let cgroup = fs::File::open(cgroup_root).map_err(|source| BpfError::Cgroup {
         path: cgroup_root.to_owned(),
         source,
     })?;
-    // Attachment goes through bpf_link_create (kernel >= 5.7), which rejects any attach flag
-    // (EINVAL) and always attaches in multi mode: other tools' programs on the same hooks keep
-    // running next to ours. Hence the "Single" (= no flags) mode here.
-    let mode = CgroupAttachMode::Single;
     for (i, name) in names::PROGRAMS.iter().copied().enumerate() {
         let prog = ebpf
             .program_mut(name)
             .ok_or(BpfError::MissingProgram { name })?;
+        let new_fd: OwnedFd = prog
+            .fd()
+            .map_err(|source| BpfError::ProgramLoad { name, source })?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| replace_err(name, e))?;
         let attach_err = |source| BpfError::Attach {
             name,
             cgroup: cgroup_root.to_owned(),
             source,
         };
-        let load_err = |source| BpfError::ProgramLoad { name, source };
-        let fd_link: FdLink = if name == names::PROG_SOCKOPS {
-            let p: &mut SockOps = prog.try_into().map_err(load_err)?;
-            p.load().map_err(load_err)?;
-            let id = p.attach(&cgroup, mode).map_err(attach_err)?;
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link).map_err(|e| BpfError::Pin {
-                what: "link",
-                path: pins.path(names::LINKS[i]),
-                source: Box::new(e),
-            })?
-        } else {
-            let p: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
-            p.load().map_err(load_err)?;
-            let id = p.attach(&cgroup, mode).map_err(attach_err)?;
-            let link = p.take_link(id).map_err(attach_err)?;
-            FdLink::try_from(link).map_err(|e| BpfError::Pin {
-                what: "link",
-                path: pins.path(names::LINKS[i]),
-                source: Box::new(e),
-            })?
-        };
-        let prog_path = pins.path(name);
-        prog.pin(&prog_path).map_err(|e| BpfError::Pin {
-            what: "program",
-            path: prog_path,
-            source: Box::new(e),
-        })?;
-        let link_path = pins.path(names::LINKS[i]);
-        fd_link.pin(&link_path).map_err(|e| BpfError::Pin {
-            what: "link",
-            path: link_path,
-            source: Box::new(e),
-        })?;
+        match link_state(pins, names::LINKS[i], root_id) {
+            LinkState::Live { fd, info } => {
+                let old = sys::prog_by_id(info.prog_id).map_err(|e| replace_err(name, e))?;
+                let (_, old_tag) =
+                    sys::prog_id_tag(old.as_fd()).map_err(|e| replace_err(name, e))?;
+                let (_, new_tag) =
+                    sys::prog_id_tag(new_fd.as_fd()).map_err(|e| replace_err(name, e))?;
+                if old_tag == new_tag && !maps_replaced {
+                    continue;
+                }
+                sys::link_replace(fd.as_fd(), new_fd.as_fd(), old.as_fd())
+                    .map_err(|e| replace_err(name, e))?;
+                done.replaced.push((fd, old, new_fd));
+                done.changed.push(i);
+            }
+            state => {
+                if let LinkState::Elsewhere { info } = state {
+                    tracing::warn!(
+                        link = names::LINKS[i],
+                        link_id = info.id,
+                        cgroup_id = info.cgroup_id,
+                        "pinned link is defunct (its cgroup was removed) or on another cgroup: attaching afresh"
+                    );
+                    done.repaired = true;
+                }
+                // bpf_link_create (kernel >= 5.7) rejects attach flags and always attaches in
+                // multi mode, so other tools' programs on the hook keep running next to ours.
+                let mode = CgroupAttachMode::Single;
+                let link = if name == names::PROG_SOCKOPS {
+                    let p: &mut SockOps = prog.try_into().map_err(attach_err)?;
+                    let id = p.attach(&cgroup, mode).map_err(attach_err)?;
+                    FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+                } else {
+                    let p: &mut CgroupSockAddr = prog.try_into().map_err(attach_err)?;
+                    let id = p.attach(&cgroup, mode).map_err(attach_err)?;
+                    FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+                }
+                .map_err(|e| BpfError::Pin {
+                    what: "link",
+                    path: pins.path(names::LINKS[i]),
+                    source: Box::new(e),
+                })?;
+                done.fresh.push((i, link));
+                done.changed.push(i);
+            }
+        }
     }
     Ok(())
+}
+
+fn replace_err(name: &'static str, source: std::io::Error) -> BpfError {
+    BpfError::Replace { name, source }
+}
+
+/// Re-attaches, from the pinned programs, every link of ours whose cgroup is gone (a defunct
+/// link: the cgroup was removed and created again) or that is on another cgroup than
+/// `cgroup_root`. A missing pin is left alone: removing it is how `uninstall` detaches us.
+/// Returns the links re-attached.
+pub fn repair_defunct_links(
+    pins: &PinLayout,
+    cgroup_root: &Path,
+) -> Result<Vec<&'static str>, BpfError> {
+    use aya::programs::CgroupSockAddrAttachType as At;
+    let root_id = cgroup_id(cgroup_root)?;
+    let mut repaired = Vec::new();
+    for (i, name) in names::PROGRAMS.iter().copied().enumerate() {
+        let link_name = names::LINKS[i];
+        let LinkState::Elsewhere { .. } = link_state(pins, link_name, root_id) else {
+            continue;
+        };
+        let cgroup = fs::File::open(cgroup_root).map_err(|source| BpfError::Cgroup {
+            path: cgroup_root.to_owned(),
+            source,
+        })?;
+        let attach_err = |source| BpfError::Attach {
+            name,
+            cgroup: cgroup_root.to_owned(),
+            source,
+        };
+        let mode = CgroupAttachMode::Single;
+        let prog_pin = pins.path(name);
+        let link = if name == names::PROG_SOCKOPS {
+            let mut p = SockOps::from_pin(&prog_pin).map_err(attach_err)?;
+            let id = p.attach(&cgroup, mode).map_err(attach_err)?;
+            FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+        } else {
+            let at = if name == names::PROG_CONNECT4 {
+                At::Connect4
+            } else {
+                At::Connect6
+            };
+            let mut p = CgroupSockAddr::from_pin(&prog_pin, at).map_err(attach_err)?;
+            let id = p.attach(&cgroup, mode).map_err(attach_err)?;
+            FdLink::try_from(p.take_link(id).map_err(attach_err)?)
+        }
+        .map_err(|e| BpfError::Pin {
+            what: "link",
+            path: pins.path(link_name),
+            source: Box::new(e),
+        })?;
+        let next = pins.path(&format!("{link_name}{NEXT}"));
+        let _ = fs::remove_file(&next);
+        link.pin(&next).map_err(|e| BpfError::Pin {
+            what: "link",
+            path: next.clone(),
+            source: Box::new(e),
+        })?;
+        rename_pin(&next, &pins.path(link_name))?;
+        repaired.push(link_name);
+    }
+    Ok(repaired)
+}
+
+/// The ids of the programs our pinned links run, by link pin name (`None`: not pinned).
+pub fn linked_programs(pins: &PinLayout) -> Vec<(&'static str, Option<sys::CgroupLink>)> {
+    names::LINKS
+        .iter()
+        .map(|l| {
+            let info = sys::obj_get(&pins.path(l))
+                .ok()
+                .and_then(|fd| sys::cgroup_link_info(fd.as_fd()).ok());
+            (*l, info)
+        })
+        .collect()
 }
 
 /// Remove every pin: links are detached when their last reference (the pin) goes away.
@@ -231,11 +628,13 @@ pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
         .chain(names::MAPS.iter())
         .chain([names::PIN_LOGS].iter())
     {
-        let p = pins.path(name);
-        match fs::remove_file(&p) {
-            Ok(()) => removed.push(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        // The live pin, and one an interrupted upgrade left half-way (see `NEXT`).
+        for p in [pins.path(name), pins.path(&format!("{name}{NEXT}"))] {
+            match fs::remove_file(&p) {
+                Ok(()) => removed.push(p),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     match fs::remove_dir(&pins.root) {
@@ -543,5 +942,33 @@ mod tests {
             };
             assert_eq!(orig_to_socket_addr(&d), sa);
         }
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    /// Every pinned map's layout, as reviewed. A change here means a release whose programs
+    /// cannot use the maps an older one pinned: the daemon then recreates the map (see
+    /// `load_and_attach`). If only the meaning changed and the sizes did not, rename the map
+    /// instead, or the new programs would misread the old entries.
+    #[test]
+    fn map_layouts_are_the_reviewed_ones() {
+        let specs = expected_map_specs().expect("object parses");
+        let got: Vec<String> = pinned_maps()
+            .map(|(obj, pin)| format!("{pin}: {}", specs[obj]))
+            .collect();
+        let reviewed = [
+            "rdr_enabled: type 1 key 8 value 8 entries 65536 flags 0x0",
+            "rdr_skip4: type 11 key 8 value 4 entries 16384 flags 0x1",
+            "rdr_skip6: type 11 key 20 value 4 entries 16384 flags 0x1",
+            "rdr_pending: type 9 key 8 value 32 entries 65536 flags 0x0",
+            "rdr_orig: type 9 key 32 value 32 entries 65536 flags 0x0",
+            "rdr_stats: type 6 key 4 value 80 entries 1 flags 0x0",
+            "rdr_config: type 2 key 4 value 16 entries 1 flags 0x0",
+            "rdr_logs: type 27 key 0 value 0 entries 131072 flags 0x0",
+        ];
+        assert_eq!(got, reviewed);
     }
 }

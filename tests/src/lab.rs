@@ -235,6 +235,9 @@ pub struct Lab {
     hosts: u32,
     node_hosts: Option<PathBuf>,
     node_resolv: Option<PathBuf>,
+    /// Admin address (in the node namespace) of the next daemon started and of the one
+    /// `node_http*`, `metric` and `status` talk to.
+    pub admin: String,
 }
 
 impl Lab {
@@ -269,6 +272,7 @@ impl Lab {
             hosts: 0,
             node_hosts: None,
             node_resolv: None,
+            admin: ADMIN.to_owned(),
         };
         sh(&format!("mount -t cgroup2 none {}", lab.cg_mount.display()));
         fs::create_dir_all(&lab.cg_root).expect("cgroup root");
@@ -348,6 +352,14 @@ impl Lab {
             v6: pod_v6,
             pause: None,
         };
+        self.start_pause(&mut pod, k);
+        self.pods.push(pod);
+        self.pods.len() - 1
+    }
+
+    /// Starts pod `k`'s pause process in its netns and cgroup and waits until it is in the
+    /// cgroup (before anyone scans it).
+    fn start_pause(&self, pod: &mut Pod, k: u8) {
         let log = self.dir.join(format!("pause{k}.log"));
         let child = pod
             .cmd("sleep")
@@ -361,7 +373,6 @@ impl Lab {
             child,
             log,
         });
-        // The pause process must be in the cgroup before anyone scans it.
         let end = Instant::now() + Duration::from_secs(5);
         let pid = pod.pause_pid().to_string();
         while !fs::read_to_string(pod.cgroup.join("cgroup.procs"))
@@ -376,8 +387,32 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.pods.push(pod);
-        self.pods.len() - 1
+    }
+
+    /// Removes the cgroup root and every pod cgroup and creates them again (same paths, new
+    /// cgroup ids), with new pause processes: what a node agent restart or a cgroup driver
+    /// change can do. Links attached to the old root become defunct.
+    pub fn recreate_cgroups(&mut self) {
+        for p in &mut self.pods {
+            p.pause = None;
+        }
+        let mut dirs: Vec<PathBuf> = self.pods.iter().map(|p| p.cgroup.clone()).collect();
+        dirs.push(self.cg_root.clone());
+        for d in &dirs {
+            let end = Instant::now() + Duration::from_secs(5);
+            while let Err(e) = fs::remove_dir(d) {
+                assert!(Instant::now() < end, "cannot remove {}: {e}", d.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for d in dirs.iter().rev() {
+            fs::create_dir(d).expect("recreate cgroup");
+        }
+        let mut pods = std::mem::take(&mut self.pods);
+        for (i, p) in pods.iter_mut().enumerate() {
+            self.start_pause(p, i as u8 + 1);
+        }
+        self.pods = pods;
     }
 
     /// Gives every pod an `/etc/hosts` with `entries` (name, address): the DNS stand-in.
@@ -482,7 +517,7 @@ impl Lab {
             "--cgroup-root".into(),
             self.cg_root.display().to_string(),
             "--admin-addr".into(),
-            ADMIN.into(),
+            self.admin.clone(),
         ];
         for p in &self.pods {
             a.push("--cgroup".into());
@@ -498,7 +533,14 @@ impl Lab {
     }
 
     pub fn start_daemon_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> usize {
-        let bin = workspace_bin("redirector");
+        self.start_daemon_bin(&workspace_bin("redirector"), extra, env)
+    }
+
+    /// [`Lab::start_daemon_env`] with another build of the daemon (e.g. `redirector-next`,
+    /// whose eBPF programs differ). Its admin endpoint is [`Lab::admin`] at the time of the
+    /// call: set that first to run two daemons side by side.
+    pub fn start_daemon_bin(&mut self, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> usize {
+        let bin = bin.to_owned();
         let mut args = self.daemon_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let node = self.node.clone();
@@ -589,9 +631,10 @@ impl Lab {
         let req = format!(
             "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\n{extra}connection: close\r\n\r\n"
         );
+        let admin = self.admin.clone();
         let resp = self.in_netns(&self.node, move || -> Option<String> {
             let mut s =
-                TcpStream::connect_timeout(&ADMIN.parse().ok()?, Duration::from_secs(1)).ok()?;
+                TcpStream::connect_timeout(&admin.parse().ok()?, Duration::from_secs(1)).ok()?;
             s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
             s.write_all(req.as_bytes()).ok()?;
             let mut out = String::new();
@@ -645,7 +688,7 @@ impl Lab {
             .arg(&self.pin_root)
             .args(["--cgroup-root"])
             .arg(&self.cg_root)
-            .args(["--admin-addr", ADMIN])
+            .args(["--admin-addr", &self.admin])
             .output()
             .expect("run status")
     }

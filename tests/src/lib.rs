@@ -39,6 +39,7 @@ pub fn base64_encode(b: &[u8]) -> String {
 }
 
 pub mod chain;
+pub mod foreign_prog;
 pub mod kube_api;
 pub mod kube_apiserver;
 pub mod kube_node;

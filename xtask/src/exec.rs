@@ -44,7 +44,32 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Builds every binary of the workspace (the daemon embeds the eBPF object).
+/// Builds every binary of the workspace (the daemon embeds the eBPF object), and
+/// `redirector-next`: the daemon with the test-only `variant` datapath, whose programs differ
+/// from the normal build's, the "next release" of the upgrade tests (tests/tests/lifecycle.rs).
 pub fn build_all() -> anyhow::Result<()> {
+    run(cargo().args([
+        "build",
+        "-p",
+        "redirector",
+        "--bin",
+        "redirector",
+        "--features",
+        "test-datapath-variant",
+    ]))?;
+    let debug = target_dir().join("debug");
+    std::fs::copy(debug.join("redirector"), debug.join("redirector-next"))?;
     run(cargo().args(["build", "--workspace", "--bins"]))
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` or `target/`).
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .join("target")
+        })
 }

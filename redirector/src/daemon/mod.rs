@@ -92,6 +92,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         Origin::Adopted => {
             info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run")
         }
+        Origin::Upgraded => {
+            info!(pin_root = %pins.root.display(), cgroup_root = %config.cgroup_root.display(), "replaced the pinned eBPF programs in place with this release's")
+        }
     }
     release_freed_heap();
 

@@ -134,7 +134,18 @@ pub async fn run(
 /// by `redirector uninstall` detaches that program, and from then on its connects are not
 /// redirected. Readiness follows, and each change is logged once.
 fn check_hooks(shared: &Shared, readiness: &Readiness) {
-    let pins = crate::bpf::PinLayout::new(&shared.config.load().pin_root);
+    let config = shared.config.load();
+    let pins = crate::bpf::PinLayout::new(&config.pin_root);
+    // A link whose cgroup was removed and created again runs nowhere: attach it afresh.
+    match crate::bpf::repair_defunct_links(&pins, &config.cgroup_root) {
+        Ok(links) if !links.is_empty() => {
+            info!(links = ?links, cgroup_root = %config.cgroup_root.display(), "defunct eBPF links attached afresh");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "cannot attach defunct eBPF links afresh");
+        }
+    }
     let missing: Vec<&str> = redirector_common::names::LINKS
         .iter()
         .copied()
