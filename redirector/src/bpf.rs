@@ -208,6 +208,10 @@ fn link_state(pins: &PinLayout, link: &str, root_id: u64) -> LinkState {
     let Ok(fd) = sys::obj_get(&pins.path(link)) else {
         return LinkState::Missing;
     };
+    // Something else pinned under our link's name is not a link of ours: replaced.
+    if !sys::is_link(fd.as_fd()) {
+        return LinkState::Missing;
+    }
     match sys::cgroup_link_info(fd.as_fd()) {
         Ok(info) if info.cgroup_id == root_id => LinkState::Live { fd, info },
         Ok(info) => LinkState::Elsewhere { info },

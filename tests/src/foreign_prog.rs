@@ -13,7 +13,9 @@ const BPF_PROG_LOAD: i64 = 5;
 const BPF_PROG_ATTACH: i64 = 8;
 const BPF_PROG_DETACH: i64 = 9;
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+const BPF_PROG_TYPE_SOCK_OPS: u32 = 13;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
 /// `struct bpf_insn`.
@@ -72,12 +74,27 @@ fn bpf<T>(cmd: i64, attr: &mut T) -> io::Result<i64> {
 }
 
 /// Attached while it lives; detached when dropped.
-pub struct ForeignConnect4 {
+pub struct ForeignProg {
     prog: OwnedFd,
     cgroup: File,
+    attach_type: u32,
 }
 
-impl ForeignConnect4 {
+/// `ForeignProg` on the connect4 hook.
+pub type ForeignConnect4 = ForeignProg;
+
+impl ForeignProg {
+    /// Loads `foreign_so`, a sockops program that does nothing, and attaches it to `cgroup`
+    /// next to whatever is there (the kernel allows 64 programs per hook and cgroup).
+    pub fn sockops_noop(cgroup: &Path) -> io::Result<Self> {
+        let prog = [
+            // r0 = 1; exit
+            Insn { code: 0xb7, regs: 0, off: 0, imm: 1 },
+            Insn { code: 0x95, regs: 0, off: 0, imm: 0 },
+        ];
+        Self::load_and_attach(cgroup, &prog, b"foreign_so", BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS)
+    }
+
     /// Loads `foreign_c4`, which refuses (EPERM) IPv4 connects to `port`, and attaches it to
     /// `cgroup` next to whatever is there.
     pub fn deny_port(cgroup: &Path, port: u16) -> io::Result<Self> {
@@ -99,11 +116,27 @@ impl ForeignConnect4 {
             insn(0xb7, 0, 0, 0, 1),
             insn(0x95, 0, 0, 0, 0),
         ];
+        Self::load_and_attach(
+            cgroup,
+            &prog,
+            b"foreign_c4",
+            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            BPF_CGROUP_INET4_CONNECT,
+        )
+    }
+
+    fn load_and_attach(
+        cgroup: &Path,
+        prog: &[Insn],
+        name: &[u8],
+        prog_type: u32,
+        attach_type: u32,
+    ) -> io::Result<Self> {
         let license = b"GPL\0";
-        let mut name = [0u8; 16];
-        name[..10].copy_from_slice(b"foreign_c4");
+        let mut prog_name = [0u8; 16];
+        prog_name[..name.len()].copy_from_slice(name);
         let mut load = ProgLoad {
-            prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            prog_type,
             insn_cnt: prog.len() as u32,
             insns: prog.as_ptr() as u64,
             license: license.as_ptr() as u64,
@@ -112,9 +145,9 @@ impl ForeignConnect4 {
             log_buf: 0,
             kern_version: 0,
             prog_flags: 0,
-            prog_name: name,
+            prog_name,
             prog_ifindex: 0,
-            expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+            expected_attach_type: attach_type,
         };
         let fd = bpf(BPF_PROG_LOAD, &mut load)?;
         // SAFETY: a successful BPF_PROG_LOAD returns a new fd that nothing else owns.
@@ -123,20 +156,24 @@ impl ForeignConnect4 {
         let mut attach = ProgAttach {
             target_fd: cgroup.as_raw_fd() as u32,
             attach_bpf_fd: prog.as_raw_fd() as u32,
-            attach_type: BPF_CGROUP_INET4_CONNECT,
+            attach_type,
             attach_flags: BPF_F_ALLOW_MULTI,
         };
         bpf(BPF_PROG_ATTACH, &mut attach)?;
-        Ok(Self { prog, cgroup })
+        Ok(Self {
+            prog,
+            cgroup,
+            attach_type,
+        })
     }
 }
 
-impl Drop for ForeignConnect4 {
+impl Drop for ForeignProg {
     fn drop(&mut self) {
         let mut detach = ProgAttach {
             target_fd: self.cgroup.as_raw_fd() as u32,
             attach_bpf_fd: self.prog.as_raw_fd() as u32,
-            attach_type: BPF_CGROUP_INET4_CONNECT,
+            attach_type: self.attach_type,
             attach_flags: 0,
         };
         let _ = bpf(BPF_PROG_DETACH, &mut detach);

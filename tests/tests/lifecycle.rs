@@ -18,7 +18,7 @@ use std::{
 
 use tests::{
     describe as out,
-    foreign_prog::ForeignConnect4,
+    foreign_prog::{ForeignConnect4, ForeignProg},
     lab::{Lab, sh, workspace_bin},
     priv_check::privileged,
 };
@@ -388,4 +388,39 @@ fn uninstall_removes_ours_and_leaves_another_tools_program() {
     let result = traffic.finish();
     assert_eq!(result["new"]["ok"], 0, "{result}");
     drop(foreign);
+}
+
+#[test]
+fn a_failed_attach_leaves_no_hook_and_no_pin_behind() {
+    if !privileged("a_failed_attach_leaves_no_hook_and_no_pin_behind") {
+        return;
+    }
+    let mut lab = internet_lab(1);
+    // The kernel allows 64 programs per hook and cgroup: with 64 of another tool's on the
+    // sockops hook, our third attach fails after connect4 and connect6 succeeded.
+    let foreign: Vec<ForeignProg> = (0..64)
+        .map(|_| ForeignProg::sockops_noop(&lab.cg_root).expect("foreign sockops"))
+        .collect();
+    let bin = workspace_bin("redirector");
+    let mut args = lab.daemon_args();
+    let admin = args.iter().position(|a| a == "--admin-addr").unwrap() + 1;
+    args[admin] = "127.0.0.1:15009".into();
+    let o = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.node))
+        .arg(&bin)
+        .args(&args)
+        .output()
+        .expect("run");
+    assert!(!o.status.success(), "{}", out(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("failed to attach rdr_sockops"), "{}", out(&o));
+    let tree = lab.bpftool(&format!("cgroup show {}", lab.cg_root.display()));
+    assert!(!tree.contains("rdr_"), "a hook stayed attached:\n{tree}");
+    for l in ["rdr_link_c4", "rdr_link_c6", "rdr_link_so"] {
+        assert!(!lab.pin_root.join(l).exists(), "{l} stayed pinned");
+    }
+    // With room on the hook, the next start attaches everything.
+    drop(foreign);
+    lab.start_daemon(&[]);
+    assert!(connects(&lab, &Lab::inet_v4(2).to_string()));
 }

@@ -66,6 +66,17 @@ fn obj_info<T: Copy>(fd: BorrowedFd<'_>) -> io::Result<T> {
     Ok(info)
 }
 
+/// Whether `fd` is a BPF link (not a map or a program pinned under a link's name): the
+/// kernel names a link fd's anonymous inode `bpf-link` (`bpf_link` when just created).
+pub fn is_link(fd: BorrowedFd<'_>) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|t| {
+            let t = t.as_os_str().as_bytes();
+            t == b"anon_inode:bpf-link" || t == b"anon_inode:bpf_link"
+        })
+        .unwrap_or(false)
+}
+
 /// What the kernel says about one of our cgroup links.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CgroupLink {
