@@ -96,7 +96,10 @@ pub fn spawn_listener(
         })?;
         let (shared, stop, pod) = (Arc::clone(shared), stop.clone(), pod.clone());
         let listener = Arc::new(listener);
-        tokio::spawn(async move {
+        // Tracked like relays: at exit the daemon waits for the accept loops to hand over
+        // what they drained (see `accept_loop`) before it waits for the relays.
+        let tracker = shared.tracker.clone();
+        tracker.spawn(async move {
             let restarts = shared.metrics.listener_restarts.clone();
             let workload = Arc::clone(&pod.workload);
             supervised(&workload, &restarts, || {
@@ -223,7 +226,13 @@ async fn accept_loop(
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => {
+                let n = drain_queue(&shared, &listener, &pod);
+                if n > 0 {
+                    info!(workload = %pod.workload, connections = n, "listener closing: took the connections already queued on it");
+                }
+                break;
+            }
             r = listener.accept() => r,
         };
         match accepted {
@@ -233,6 +242,34 @@ async fn accept_loop(
                 warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// When a listener stops (shutdown, or its pod is gone): the connections the kernel already
+/// completed and queued on it are taken and served, since closing the listener would reset
+/// them; none is waited for. Returns how many were taken.
+fn drain_queue(shared: &Arc<Shared>, listener: &TcpListener, pod: &Pod) -> usize {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let mut taken = 0;
+    loop {
+        let flags =
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK | nix::sys::socket::SockFlag::SOCK_CLOEXEC;
+        match nix::sys::socket::accept4(listener.as_raw_fd(), flags) {
+            Ok(fd) => {
+                // SAFETY: accept4 returned a new connected socket that nothing else owns.
+                let std = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+                let Ok(peer) = std.peer_addr() else {
+                    continue;
+                };
+                if let Ok(stream) = TcpStream::from_std(std) {
+                    on_accept(shared, pod, stream, peer);
+                    taken += 1;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            // EAGAIN: the queue is empty.
+            Err(_) => return taken,
         }
     }
 }

@@ -89,10 +89,26 @@ impl ForeignProg {
     pub fn sockops_noop(cgroup: &Path) -> io::Result<Self> {
         let prog = [
             // r0 = 1; exit
-            Insn { code: 0xb7, regs: 0, off: 0, imm: 1 },
-            Insn { code: 0x95, regs: 0, off: 0, imm: 0 },
+            Insn {
+                code: 0xb7,
+                regs: 0,
+                off: 0,
+                imm: 1,
+            },
+            Insn {
+                code: 0x95,
+                regs: 0,
+                off: 0,
+                imm: 0,
+            },
         ];
-        Self::load_and_attach(cgroup, &prog, b"foreign_so", BPF_PROG_TYPE_SOCK_OPS, BPF_CGROUP_SOCK_OPS)
+        Self::load_and_attach(
+            cgroup,
+            &prog,
+            b"foreign_so",
+            BPF_PROG_TYPE_SOCK_OPS,
+            BPF_CGROUP_SOCK_OPS,
+        )
     }
 
     /// Loads `foreign_c4`, which refuses (EPERM) IPv4 connects to `port`, and attaches it to

@@ -424,3 +424,83 @@ fn a_failed_attach_leaves_no_hook_and_no_pin_behind() {
     lab.start_daemon(&[]);
     assert!(connects(&lab, &Lab::inet_v4(2).to_string()));
 }
+
+/// Cilium's conn-disrupt check, for a rolling update: long-lived echo connections and a
+/// steady stream of new ones while the running daemon (A) hands over to the next release (B,
+/// whose programs differ) and is then stopped.
+#[test]
+fn rolling_upgrade_under_traffic_fails_no_connection() {
+    if !privileged("rolling_upgrade_under_traffic_fails_no_connection") {
+        return;
+    }
+    const LONG: usize = 10;
+    let mut lab = internet_lab(1);
+    let a = lab.start_daemon(&[]);
+    let traffic = Traffic::start(&lab, 0, &Lab::inet_v4(4).to_string(), LONG, "disrupt");
+    wait_until("traffic through A", Duration::from_secs(30), || {
+        let p = traffic.progress();
+        p.new >= 100 && p.pings.len() == LONG && p.pings.iter().all(|n| *n >= 3)
+    });
+
+    // B starts beside A, as `maxSurge: 1` does, and takes the pods over.
+    lab.admin = "127.0.0.1:15001".into();
+    lab.start_daemon_bin(
+        &workspace_bin("redirector-next"),
+        &[],
+        &[("RUST_LOG", "info")],
+    );
+    traffic.wait_new(traffic.progress().new + 200);
+
+    // A is stopped: it keeps its open connections until its drain deadline.
+    let at_term = traffic.progress();
+    assert_eq!(
+        at_term.broken, 0,
+        "a long-lived connection broke before A stopped"
+    );
+    let stopped = Instant::now();
+    lab.procs[a].signal(libc::SIGTERM);
+    lab.procs[a]
+        .wait_timeout(Duration::from_secs(30))
+        .expect("A exits after its drain deadline");
+    let drain = stopped.elapsed();
+    traffic.wait_new(traffic.progress().new + 200);
+    let result = traffic.finish();
+
+    let new = &result["new"];
+    let longs = result["long"].as_array().expect("long");
+    eprintln!(
+        "conn-disrupt: new connections ok={} failed={} direct={}; long-lived {} (echoes at SIGTERM {:?}), ends {:?}; A drained in {:.2} s",
+        new["ok"],
+        new["failed"],
+        new["direct"],
+        longs.len(),
+        at_term.pings,
+        longs
+            .iter()
+            .map(|l| l["end"].as_str().unwrap_or("?"))
+            .collect::<Vec<_>>(),
+        drain.as_secs_f64()
+    );
+    assert_eq!(new["failed"], 0, "new connections failed: {result}");
+    assert_eq!(
+        new["direct"], 0,
+        "new connections went past the proxy: {result}"
+    );
+    assert!(new["ok"].as_u64().unwrap_or(0) >= 500, "{result}");
+    // Every long-lived connection went on after SIGTERM and was ended by A at its drain
+    // deadline, each end logged.
+    assert_eq!(longs.len(), LONG);
+    for (i, l) in longs.iter().enumerate() {
+        assert_eq!(l["end"], "broken", "connection {i}: {l}");
+        assert!(
+            l["pings"].as_u64().unwrap_or(0) > at_term.pings[i],
+            "connection {i} did not outlive SIGTERM: {l}"
+        );
+    }
+    let log_a = lab.procs[a].log();
+    assert_eq!(
+        log_a.matches("daemon shutting down").count(),
+        LONG,
+        "A's log of the connections it ended:\n{log_a}"
+    );
+}

@@ -44,6 +44,7 @@ pub async fn run(
     let mut memory = Memory::default();
     let mut last_full = Instant::now() - Duration::from_secs(10);
     let mut watch = CgroupWatch::new().ok();
+    let mut owner = Owner::default();
     loop {
         // A value the watcher sent is the complete desired set. Read from the value, not
         // from `changed()`: a set sent before this first borrow is marked seen by it, and
@@ -70,10 +71,12 @@ pub async fn run(
             }
         }
         failed.retain(|ns| !listeners.contains(ns));
+        let write = owner.may_write(&shared);
         let (next, ready) = apply(
             &shared,
             &mut listeners,
             decide::decide(&desired, &seen, &memory),
+            write,
         );
         memory = next;
 
@@ -265,7 +268,69 @@ fn bind(
 
 /// Makes the decided changes in order and logs them; returns what to remember and whether
 /// the pass left the daemon ready.
-fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, bool) {
+/// Which daemon writes `rdr_enabled`: the newest one on the node. A daemon writes its pid
+/// into `rdr_config` when it starts; an older daemon that finds another live pid there has
+/// been taken over (a rolling update starts the new daemon beside the old one). From then on
+/// the old one writes nothing: the new one points every pod at its own listeners, and the two
+/// never undo each other's entries. The old one keeps serving the connections it has, and
+/// those queued on its listeners, until it is stopped. If the daemon that took over exits
+/// first, the old one takes the maps back.
+#[derive(Default)]
+struct Owner {
+    /// The pid of the daemon that took over, while it runs.
+    superseded_by: Option<u32>,
+}
+
+impl Owner {
+    fn may_write(&mut self, shared: &Shared) -> bool {
+        let me = std::process::id();
+        let owner = match shared.maps().config() {
+            Ok(c) => c.proxy_tgid,
+            Err(_) => return self.superseded_by.is_none(),
+        };
+        if owner == me {
+            self.superseded_by = None;
+            return true;
+        }
+        if owner != 0 && process_alive(owner) {
+            if self.superseded_by != Some(owner) {
+                info!(
+                    pid = owner,
+                    "a newer daemon took over this node's pods: serving open connections until stopped, writing no map entry"
+                );
+                self.superseded_by = Some(owner);
+            }
+            return false;
+        }
+        let port = shared.config.load().proxy_port;
+        match shared.maps().set_config(port, me) {
+            Ok(()) => {
+                warn!(
+                    pid = owner,
+                    "the daemon that had taken over is gone: managing this node's pods again"
+                );
+                self.superseded_by = None;
+                true
+            }
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "cannot take the maps back");
+                false
+            }
+        }
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision, write: bool) -> (Memory, bool) {
     let Decision {
         actions,
         notices,
@@ -293,6 +358,10 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
     }
     let mut close = HashSet::new();
     for action in actions {
+        // Taken over by a newer daemon: nothing goes into the map (see `Owner`).
+        if !write && !matches!(action, Action::Close { .. }) {
+            continue;
+        }
         match action {
             Action::Enable {
                 key,
