@@ -540,6 +540,21 @@ impl Lab {
     /// whose eBPF programs differ). Its admin endpoint is [`Lab::admin`] at the time of the
     /// call: set that first to run two daemons side by side.
     pub fn start_daemon_bin(&mut self, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> usize {
+        let i = self.spawn_daemon_bin(bin, extra, env);
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some((200, _)) = self.node_http_get("/readyz") {
+                return i;
+            }
+            if !self.procs[i].alive() || Instant::now() > end {
+                panic!("redirector did not become ready:\n{}", self.procs[i].log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// [`Lab::start_daemon_bin`] without waiting for anything.
+    pub fn spawn_daemon_bin(&mut self, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> usize {
         let bin = bin.to_owned();
         let mut args = self.daemon_args();
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -575,16 +590,7 @@ impl Lab {
             let full: Vec<&str> = full.iter().map(String::as_str).collect();
             self.spawn_in_env(&node, "redirector", Path::new("unshare"), &full, env)
         };
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some((200, _)) = self.node_http_get("/readyz") {
-                return i;
-            }
-            if !self.procs[i].alive() || Instant::now() > end {
-                panic!("redirector did not become ready:\n{}", self.procs[i].log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        i
     }
 
     /// Waits (bounded) until the daemon's log contains `needle`; returns the whole log. Audit

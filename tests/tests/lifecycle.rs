@@ -504,3 +504,34 @@ fn rolling_upgrade_under_traffic_fails_no_connection() {
         "A's log of the connections it ended:\n{log_a}"
     );
 }
+
+/// Not ready yet: a pod the daemon cannot bind a listener in (here its loopback has no
+/// 127.0.0.1, as while a CNI is still setting the namespace up) keeps `/readyz` at 503 while
+/// every other pod is served; once a listener can be bound, the daemon turns ready. (A pod
+/// that holds every candidate port itself is refused instead, and does not hold the node's
+/// readiness hostage: see capture.rs's squatting test.)
+#[test]
+fn not_ready_until_every_pods_listener_is_bound() {
+    if !privileged("not_ready_until_every_pods_listener_is_bound") {
+        return;
+    }
+    let mut lab = internet_lab(2);
+    let ns = lab.pods[1].netns.clone();
+    sh(&format!("ip -n {ns} addr del 127.0.0.1/8 dev lo"));
+    let d = lab.spawn_daemon_bin(&workspace_bin("redirector"), &[], &[("RUST_LOG", "info")]);
+    lab.procs[d].wait_for_log("cannot start listener", Duration::from_secs(20));
+    let (status, body) = lab.node_http_get("/readyz").expect("readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("listeners_ready=false"), "{body}");
+    assert!(
+        connects(&lab, &Lab::inet_v4(2).to_string()),
+        "pod 0 is served meanwhile"
+    );
+
+    sh(&format!("ip -n {ns} addr add 127.0.0.1/8 dev lo"));
+    wait_until(
+        "ready once the listener is bound",
+        Duration::from_secs(15),
+        || matches!(lab.node_http_get("/readyz"), Some((200, _))),
+    );
+}

@@ -4,7 +4,7 @@
 mod decide;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -40,7 +40,10 @@ pub async fn run(
     let mut listeners = ListenerSet::default();
     // Namespaces where no listener could be bound: retried on full passes only, and logged
     // once (a pod holding every candidate port must not flood the log).
-    let mut failed: HashSet<NetnsId> = HashSet::new();
+    // Whether each failure is the pod's own doing (it holds every candidate port): such a pod
+    // is refused and counted but does not hold the node's readiness hostage; any other
+    // failure (the namespace cannot be entered, a bind error) keeps the daemon unready.
+    let mut failed: HashMap<NetnsId, bool> = HashMap::new();
     let mut memory = Memory::default();
     let mut last_full = Instant::now() - Duration::from_secs(10);
     let mut watch = CgroupWatch::new().ok();
@@ -62,15 +65,21 @@ pub async fn run(
 
         // Observe, bind the missing listeners, decide, act.
         let mut seen = observe(&shared, &desired, &memory, &listeners, full, known);
-        for listen in decide::plan_listeners(&desired, &seen) {
-            if !full && failed.contains(&listen.netns) {
+        let planned = decide::plan_listeners(&desired, &seen);
+        if full {
+            // Namespaces that are gone (or got a listener elsewhere) fail no more.
+            let wanted: HashSet<NetnsId> = planned.iter().map(|l| l.netns).collect();
+            failed.retain(|ns, _| wanted.contains(ns));
+        }
+        for listen in planned {
+            if !full && failed.contains_key(&listen.netns) {
                 continue;
             }
             if let Some((netns, port)) = bind(&shared, &mut listeners, &mut failed, listen) {
                 seen.listeners.insert(netns, port);
             }
         }
-        failed.retain(|ns| !listeners.contains(ns));
+        failed.retain(|ns, _| !listeners.contains(ns));
         let write = owner.may_write(&shared);
         let (next, ready) = apply(
             &shared,
@@ -94,7 +103,10 @@ pub async fn run(
                 .count() as i64,
         );
         *shared.workloads() = decide::views(&desired, &memory);
-        readiness.listeners_ready.store(ready, Ordering::Relaxed);
+        let pending = failed.values().any(|own_doing| !own_doing);
+        readiness
+            .listeners_ready
+            .store(ready && !pending, Ordering::Relaxed);
         if full {
             check_hooks(&shared, &readiness);
         }
@@ -243,7 +255,7 @@ fn processes(cgroup: &Path) -> Vec<Proc> {
 fn bind(
     shared: &Arc<Shared>,
     listeners: &mut ListenerSet,
-    failed: &mut HashSet<NetnsId>,
+    failed: &mut HashMap<NetnsId, bool>,
     listen: Listen,
 ) -> Option<(NetnsId, u16)> {
     let mut last = None;
@@ -259,15 +271,14 @@ fn bind(
     }
     if let Some((a, e)) = last {
         shared.metrics.listener_failures.inc();
-        if failed.insert(listen.netns) {
+        let own_doing = matches!(e, netns::NetnsError::NoFreePort { .. });
+        if failed.insert(listen.netns, own_doing).is_none() {
             warn!(workload = %a.workload, pid = a.pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns; its connections are refused until one can be bound");
         }
     }
     None
 }
 
-/// Makes the decided changes in order and logs them; returns what to remember and whether
-/// the pass left the daemon ready.
 /// Which daemon writes `rdr_enabled`: the newest one on the node. A daemon writes its pid
 /// into `rdr_config` when it starts; an older daemon that finds another live pid there has
 /// been taken over (a rolling update starts the new daemon beside the old one). From then on
