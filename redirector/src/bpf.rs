@@ -323,21 +323,8 @@ pub fn load_and_attach(
         hooks.undo();
         return Err(e);
     }
-    // Pins, each renamed over the old one: links, then programs, then replaced maps.
-    let mut pin_now: Vec<(&'static str, Box<dyn FnOnce(&Path) -> Result<(), BpfError>>)> =
-        Vec::new();
-    for (i, link) in std::mem::take(&mut hooks.fresh) {
-        pin_now.push((
-            names::LINKS[i],
-            Box::new(move |p: &Path| {
-                link.pin(p).map(drop).map_err(|e| BpfError::Pin {
-                    what: "link",
-                    path: p.to_owned(),
-                    source: Box::new(e),
-                })
-            }),
-        ));
-    }
+    // Pins, each renamed over the old one: programs, links, then replaced maps.
+    let fresh = std::mem::take(&mut hooks.fresh);
     let changed: BTreeSet<usize> = hooks.changed.iter().copied().collect();
     let origin = if changed.is_empty() {
         Origin::Adopted
@@ -361,11 +348,16 @@ pub fn load_and_attach(
             rename_pin(&next, &pins.path(name))?;
         }
     }
-    for (link, pin) in pin_now {
-        let next = pins.path(&format!("{link}{NEXT}"));
+    for (i, link) in fresh {
+        let name = names::LINKS[i];
+        let next = pins.path(&format!("{name}{NEXT}"));
         let _ = fs::remove_file(&next);
-        pin(&next)?;
-        rename_pin(&next, &pins.path(link))?;
+        link.pin(&next).map_err(|e| BpfError::Pin {
+            what: "link",
+            path: next.clone(),
+            source: Box::new(e),
+        })?;
+        rename_pin(&next, &pins.path(name))?;
     }
     for (obj_name, pin) in &stale {
         let map = ebpf

@@ -34,6 +34,29 @@ pub enum Command {
     Check(CheckArgs),
     /// Detach our programs and remove our pins (other programs on the same hooks stay).
     Uninstall(PinArgs),
+    /// Chain the CNI plugin into the node's network configuration, so new pods are enabled
+    /// before their first process (the DaemonSet's init container runs this). The installed
+    /// binary is this one; the runtime runs it with `CNI_COMMAND` set.
+    InstallCni(CniArgs),
+    /// Take the CNI plugin out of the node's network configuration again.
+    UninstallCni(CniArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CniArgs {
+    /// The node's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The node's CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The daemon's socket, as the plugin will reach it on the node.
+    #[arg(long, default_value = redirector_cni_socket())]
+    pub socket: PathBuf,
+}
+
+const fn redirector_cni_socket() -> &'static str {
+    crate::cni::DEFAULT_SOCKET
 }
 
 #[derive(Debug, Args)]

@@ -66,6 +66,11 @@ pub struct Settings {
     /// pod's behalf (besides its own namespace's) [/proc/1/ns/net].
     #[arg(long, env = "REDIRECTOR_NODE_NETNS")]
     pub node_netns: Option<PathBuf>,
+    /// Kubernetes mode: answer the chained CNI plugin on this Unix socket, so a new pod's
+    /// cgroup is enabled before its first process (`redirector install-cni` chains the
+    /// plugin in) [none].
+    #[arg(long, env = "REDIRECTOR_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
     /// Destinations that never go through the proxy, `az connectedk8s` / NO_PROXY syntax:
     /// comma-separated IPs, CIDRs, names, `.suffix`, `*.suffix`, optional `:port`.
     #[arg(long, env = "REDIRECTOR_PROXY_SKIP_RANGE")]
@@ -206,6 +211,7 @@ impl Settings {
             admin_token_file,
             cluster_ranges,
             node_netns,
+            cni_socket,
             proxy_skip_range,
             gateway_url,
             gateway_connect_to,
@@ -381,6 +387,8 @@ pub struct Config {
     pub cluster_ranges: Vec<IpNet>,
     /// The node's network namespace (its addresses are never dialed directly).
     pub node_netns: PathBuf,
+    /// Where the CNI plugin's requests are answered (Kubernetes mode), if anywhere.
+    pub cni_socket: Option<PathBuf>,
     /// Tunnel settings; its proxy is `--proxy-https` (falling back to `--proxy-http`).
     pub tunnel: TunnelConfig,
     /// The same with `--proxy-http` as the proxy: used for plain-HTTP connections on the
@@ -739,6 +747,7 @@ impl Config {
             node_netns: s
                 .node_netns
                 .unwrap_or_else(|| PathBuf::from("/proc/1/ns/net")),
+            cni_socket: s.cni_socket,
             tunnel,
             tunnel_http,
             pool,

@@ -111,6 +111,7 @@ pub async fn run(
     cgroup_root: PathBuf,
     rejected: Family<K8sRejectedLabels, Counter>,
     tx: watch::Sender<DesiredSet>,
+    view_tx: watch::Sender<PodsView>,
 ) -> Result<(), K8sError> {
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
@@ -158,6 +159,12 @@ pub async fn run(
                 });
             }
         }
+        let view = model.view();
+        view_tx.send_if_modified(|current| {
+            let changed = *current != view;
+            *current = view;
+            changed
+        });
         let Some(desired) = model.desired() else {
             continue;
         };
@@ -172,6 +179,18 @@ pub async fn run(
             true
         });
     }
+}
+
+/// What the watcher knows besides the desired set, for the CNI plugin's questions ("is this
+/// new pod ours?"): which namespaces are labeled and which pods of this node it has seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodsView {
+    /// Both initial lists are in: an absent namespace is an unlabeled one.
+    pub synced: bool,
+    /// Labeled namespaces.
+    pub labeled: BTreeSet<String>,
+    /// UIDs of this node's pods the watcher has seen (enabled or not).
+    pub pods: BTreeSet<String>,
 }
 
 /// One item from either watcher (boxed: a Pod is large and the stream moves every item).
@@ -506,6 +525,14 @@ impl Model {
     }
 
     /// The pods to redirect, or `None` until both watchers have listed once.
+    fn view(&self) -> PodsView {
+        PodsView {
+            synced: self.namespaces.synced && self.pods.synced,
+            labeled: self.namespaces.committed.keys().cloned().collect(),
+            pods: self.pods.committed.keys().cloned().collect(),
+        }
+    }
+
     fn desired(&self) -> Option<DesiredSet> {
         if !(self.namespaces.synced && self.pods.synced) {
             return None;

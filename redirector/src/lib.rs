@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod budget;
 pub mod check;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod explain;

@@ -17,6 +17,10 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     redact_panics();
+    // Run by the container runtime as a CNI plugin: no arguments, CNI_COMMAND set.
+    if std::env::args_os().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
+        return ExitCode::from(redirector::cni::plugin_main() as u8);
+    }
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => return usage_error(e),
@@ -153,6 +157,30 @@ fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
                 println!("removed {}", p.display());
             }
             println!("uninstalled: {} pinned objects removed", removed.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::InstallCni(a) => {
+            let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
+            let conflist =
+                redirector::cni::install(&a.cni_conf_dir, &a.cni_bin_dir, &a.socket, &exe)
+                    .map_err(|e| format!("cannot chain the CNI plugin: {e}"))?;
+            println!(
+                "chained {} into {}",
+                redirector::cni::PLUGIN_TYPE,
+                conflist.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        cli::Command::UninstallCni(a) => {
+            let changed = redirector::cni::uninstall(&a.cni_conf_dir, &a.cni_bin_dir)
+                .map_err(|e| format!("cannot take the CNI plugin out: {e}"))?;
+            for p in &changed {
+                println!(
+                    "removed {} from {}",
+                    redirector::cni::PLUGIN_TYPE,
+                    p.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

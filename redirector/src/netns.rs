@@ -3,7 +3,7 @@ use std::{
     fs,
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd, AsRawFd},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
     path::{Path, PathBuf},
 };
 
@@ -53,6 +53,43 @@ pub struct NetnsId {
     pub ino: u64,
 }
 
+/// Opens `path` as a network namespace: refused unless it is a namespace file (nsfs) of
+/// type network, whatever the path says. Returns the file and its identity.
+pub fn open_netns_file(path: &Path) -> std::io::Result<(fs::File, NetnsId)> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)?;
+    let sfs = nix::sys::statfs::fstatfs(&f).map_err(std::io::Error::from)?;
+    if sfs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a namespace file",
+        ));
+    }
+    // NS_GET_NSTYPE (_IO(0xb7, 0x3)): the namespace's CLONE_NEW* type.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: the ioctl takes no argument and only reads the namespace the fd refers to.
+    let t = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
+    if t != libc::CLONE_NEWNET {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a network namespace",
+        ));
+    }
+    let m = f.metadata()?;
+    Ok((
+        f,
+        NetnsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        },
+    ))
+}
+
+/// `NSFS_MAGIC` from linux/magic.h.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
 pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
     let m = fs::metadata(format!("/proc/{pid}/ns/net"))?;
     Ok(NetnsId {
@@ -75,6 +112,17 @@ pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
 pub fn bind_in_netns(pid: u32, ports: Vec<u16>) -> Result<(u16, Vec<TcpListener>), NetnsError> {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|source| NetnsError::Open { pid, source })?;
+    bind_in(ns, pid, ports)
+}
+
+/// [`bind_in_netns`] for a namespace file the daemon already holds (one the container
+/// runtime made and handed over through the CNI plugin, before any process is in it).
+/// `pid` (0 here) only names the namespace in errors.
+pub fn bind_in(
+    ns: fs::File,
+    pid: u32,
+    ports: Vec<u16>,
+) -> Result<(u16, Vec<TcpListener>), NetnsError> {
     let handle = std::thread::spawn(move || {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|source| NetnsError::Enter { pid, source })?;

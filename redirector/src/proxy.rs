@@ -69,15 +69,25 @@ impl Drop for NetnsListener {
 /// `workload` names what uses this netns in the audit log (pod, or cgroup path).
 pub fn spawn_listener(
     shared: &Arc<Shared>,
-    pid: u32,
+    at: &ListenAt,
     workload: Arc<str>,
 ) -> Result<NetnsListener, NetnsError> {
     let first = shared.config.load().proxy_port;
     let ports = (0..PROXY_PORT_CHOICES)
         .filter_map(|i| first.checked_add(i))
         .collect();
-    let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
-    let (port, std_listeners) = netns::bind_in_netns(pid, ports)?;
+    let (pid, netns, (port, std_listeners)) = match at {
+        ListenAt::Pid(pid) => {
+            let pid = *pid;
+            let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
+            (pid, netns, netns::bind_in_netns(pid, ports)?)
+        }
+        ListenAt::File(path) => {
+            let (file, netns) = netns::open_netns_file(path)
+                .map_err(|source| NetnsError::Open { pid: 0, source })?;
+            (0, netns, netns::bind_in(file, 0, ports)?)
+        }
+    };
     let cookie = netns::netns_cookie(&std_listeners[0])?;
     let stop = shared.shutdown.child_token();
     // One budget for the namespace: both listeners (v4, v6) count against it.
@@ -120,6 +130,16 @@ pub fn spawn_listener(
         port,
         stop,
     })
+}
+
+/// How to reach the namespace a listener is bound in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAt {
+    /// Through a process in it (`/proc/<pid>/ns/net`).
+    Pid(u32),
+    /// Through the namespace file the container runtime made (given by the CNI plugin),
+    /// before any process is in it.
+    File(std::path::PathBuf),
 }
 
 /// The pod (network namespace) a listener serves: its name for the audit line, its netns

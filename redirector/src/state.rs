@@ -42,6 +42,8 @@ pub struct Shared {
     pub pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Budget refusals are logged at most once a second, with how many were not.
     pub refusal_log: crate::telemetry::LogLimiter,
+    /// What the CNI plugin's requests share with the reconciler.
+    pub cni: crate::cni::CniState,
 }
 
 // The locks below guard plain registries and the map handles, with no invariant a panic

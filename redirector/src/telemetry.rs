@@ -191,6 +191,13 @@ pub struct SideLabels {
     pub side: Side,
 }
 
+/// A request of the CNI plugin: its command and how the daemon answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CniLabels {
+    pub command: &'static str,
+    pub outcome: &'static str,
+}
+
 /// A failed tunnel: the hop (`target`, `proxy`, `gateway`) and the error's kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TunnelFailureLabels {
@@ -290,6 +297,7 @@ pub struct Metrics {
     pub listeners: Gauge,
     pub listener_failures: Counter,
     pub listener_restarts: Counter,
+    pub cni_requests: Family<CniLabels, Counter>,
     pub refusing_workloads: Gauge,
     pub reloads: Family<ResultLabels, Counter>,
     pub ebpf: Family<NameLabels, Gauge>,
@@ -313,6 +321,7 @@ impl Default for Metrics {
             listeners: Default::default(),
             listener_failures: Default::default(),
             listener_restarts: Default::default(),
+            cni_requests: Default::default(),
             refusing_workloads: Default::default(),
             reloads: Default::default(),
             ebpf: Default::default(),
@@ -386,6 +395,11 @@ impl Metrics {
             "listener_restarts",
             "Listener accept loops restarted after a panic",
             self.listener_restarts.clone(),
+        );
+        r.register(
+            "cni_requests",
+            "Requests of the CNI plugin, by command and outcome (redirected, not ours, error)",
+            self.cni_requests.clone(),
         );
         r.register(
             "refusing_workloads",

@@ -45,6 +45,70 @@ pub const POD_SLOTS: u8 = 32;
 
 static CONTAINER_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// The chained CNI plugin as the runtime runs it: the plugin binary with the CNI
+/// environment, the network configuration (with the previous plugin's result) on stdin.
+pub struct CniPlugin {
+    pub bin: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl CniPlugin {
+    /// `CNI_COMMAND=ADD`, retried (as the kubelet retries a sandbox) while the plugin says
+    /// "try again later" (code 11), for at most a minute. Panics on any other failure.
+    pub fn add(
+        &self,
+        netns: &str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        before_retry: &mut dyn FnMut(),
+    ) {
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"lab","type":"egress-redirector","socket":"{}","prevResult":{{"cniVersion":"1.0.0","interfaces":[{{"name":"eth0","sandbox":"{netns}"}}]}}}}"#,
+            self.socket.display()
+        );
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut child = Command::new(&self.bin)
+                .env_clear()
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", format!("sandbox-{uid}"))
+                .env("CNI_NETNS", netns)
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", "/opt/cni/bin")
+                .env(
+                    "CNI_ARGS",
+                    format!(
+                        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=sandbox-{uid};K8S_POD_UID={uid}"
+                    ),
+                )
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run the CNI plugin");
+            std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), conf.as_bytes())
+                .expect("CNI config to the plugin");
+            let o = child.wait_with_output().expect("CNI plugin");
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            if o.status.success() {
+                assert!(
+                    stdout.contains("eth0"),
+                    "previous result not passed on: {stdout}"
+                );
+                return;
+            }
+            assert!(
+                stdout.contains("\"code\":11") && Instant::now() < end,
+                "CNI ADD for {namespace}/{name} failed: {stdout} {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            before_retry();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// The kubelet's cgroup driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Driver {
@@ -196,6 +260,10 @@ impl KubePod {
 /// The kubelet stand-in. Owns the [`Lab`] so that its pods are always torn down first.
 pub struct KubeNode {
     pub lab: Lab,
+    /// When set, the runtime stand-in runs this CNI plugin chain step for every new pod,
+    /// after the sandbox network is up and before any process starts in the pod, as
+    /// containerd and CRI-O do; an ADD that fails is retried, as the kubelet does.
+    pub cni: Option<CniPlugin>,
     pods: BTreeMap<String, KubePod>,
     free_slots: Vec<u8>,
     next: u64,
@@ -207,6 +275,7 @@ impl KubeNode {
     pub fn new(lab: Lab) -> KubeNode {
         KubeNode {
             lab,
+            cni: None,
             pods: BTreeMap::new(),
             free_slots: (0..POD_SLOTS).rev().collect(),
             next: 0,
@@ -254,6 +323,32 @@ impl KubeNode {
     /// Sets up pod `uid` as the kubelet and the runtime would (module docs: cgroup, network,
     /// pause process) and returns it. Returns once the pause process is in its cgroup.
     pub fn add_pod(&mut self, uid: &str, qos: Qos, driver: Driver) -> &mut KubePod {
+        self.add_named_pod(uid, qos, driver, "", "")
+    }
+
+    /// [`KubeNode::add_pod`] for pod `namespace/name` (what the CNI plugin is told).
+    pub fn add_named_pod(
+        &mut self,
+        uid: &str,
+        qos: Qos,
+        driver: Driver,
+        namespace: &str,
+        name: &str,
+    ) -> &mut KubePod {
+        self.add_named_pod_with(uid, qos, driver, namespace, name, &mut || {})
+    }
+
+    /// [`KubeNode::add_named_pod`], calling `before_retry` each time the CNI plugin said
+    /// "try again later" (e.g. to start the daemon it was waiting for).
+    pub fn add_named_pod_with(
+        &mut self,
+        uid: &str,
+        qos: Qos,
+        driver: Driver,
+        namespace: &str,
+        name: &str,
+        before_retry: &mut dyn FnMut(),
+    ) -> &mut KubePod {
         assert!(
             !self.pods.contains_key(uid),
             "pod {uid} already on the node"
@@ -301,6 +396,15 @@ impl KubeNode {
         self.pods.insert(uid.to_owned(), pod);
         if let Err(e) = sh_status(&net) {
             panic!("pod {uid} network: {e}");
+        }
+        if let Some(cni) = &self.cni {
+            cni.add(
+                &format!("/run/netns/{netns}"),
+                namespace,
+                name,
+                uid,
+                before_retry,
+            );
         }
         let pod = self.pods.get_mut(uid).expect("just inserted");
 

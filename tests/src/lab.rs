@@ -568,7 +568,7 @@ impl Lab {
         .into_iter()
         .filter_map(|(p, target)| p.map(|p| (p, target)))
         .collect();
-        let i = if mounts.is_empty() {
+        if mounts.is_empty() {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             self.spawn_in_env(&node, "redirector", &bin, &args, env)
         } else {
@@ -589,8 +589,7 @@ impl Lab {
             full.extend(args);
             let full: Vec<&str> = full.iter().map(String::as_str).collect();
             self.spawn_in_env(&node, "redirector", Path::new("unshare"), &full, env)
-        };
-        i
+        }
     }
 
     /// Waits (bounded) until the daemon's log contains `needle`; returns the whole log. Audit

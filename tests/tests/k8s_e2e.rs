@@ -379,16 +379,7 @@ impl K8s {
     /// Starts the daemon (becoming `self.daemon`) and returns its process index, without
     /// waiting for anything.
     fn spawn_daemon(&mut self, mode_flag: &str) -> usize {
-        let mut args = self.lab().daemon_args();
-        assert!(
-            !args.iter().any(|a| a == "--cgroup"),
-            "kubernetes mode gets no --cgroup: {args:?}"
-        );
-        args.extend([
-            mode_flag.into(),
-            "--kubeconfig".into(),
-            self.kubeconfig.display().to_string(),
-        ]);
+        let args = self.daemon_args(mode_flag);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let bin = workspace_bin("redirector");
         let ns = self.lab().node.clone();
@@ -401,6 +392,24 @@ impl K8s {
         );
         self.daemon = Some(i);
         i
+    }
+
+    /// The daemon's `run` arguments in Kubernetes mode.
+    fn daemon_args(&self, mode_flag: &str) -> Vec<String> {
+        let mut args = self.lab().daemon_args();
+        assert!(
+            !args.iter().any(|a| a == "--cgroup"),
+            "kubernetes mode gets no --cgroup: {args:?}"
+        );
+        args.extend([
+            mode_flag.into(),
+            "--kubeconfig".into(),
+            self.kubeconfig.display().to_string(),
+        ]);
+        if let Some(cni) = &self.node.cni {
+            args.extend(["--cni-socket".into(), cni.socket.display().to_string()]);
+        }
+        args
     }
 
     /// Waits until the daemon has applied both initial lists (`s0`: the stand-in's request
@@ -816,6 +825,117 @@ fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
     for i in 0..5 {
         k.wait_enabled(&format!("apps/eager{i}"), true);
     }
+}
+
+/// Zero gap (issue: lifecycle, item 1): with the chained CNI plugin, the runtime stand-in
+/// creates each pod as containerd does (cgroup, sandbox network, CNI ADD, then the first
+/// process) and that first process connects at once. 200 pods, created and deleted in turn:
+/// none goes direct, every connection reaches its destination (or is refused, never direct).
+/// Pods of an unlabeled namespace are created without waiting for anything of ours and are
+/// left alone. Pod 100 is created while the daemon is down: it waits (the plugin says "try
+/// again later") until the daemon is back, then connects redirected.
+#[test]
+fn two_hundred_new_pods_whose_first_process_connects_at_once_never_go_direct() {
+    if !ready("two_hundred_new_pods_whose_first_process_connects_at_once_never_go_direct") {
+        return;
+    }
+    let mut k = K8s::new(16);
+    k.node.cni = Some(tests::kube_node::CniPlugin {
+        bin: workspace_bin("redirector"),
+        socket: k.lab().dir.join("cni/cni.sock"),
+    });
+    k.api.create_namespace("apps", ON);
+    k.api.create_namespace("plain", &[]);
+    k.start_daemon();
+
+    let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for i in 0..200 {
+        let (ns, name) = if i % 20 == 19 {
+            ("plain", format!("plain{i}"))
+        } else {
+            ("apps", format!("new{i}"))
+        };
+        let uid = k.fresh_uid();
+        let uid = k
+            .api
+            .create(pod_json(ns, &name, &uid, NODE, &[], "Burstable"));
+        if i == 100 {
+            // Pod 100 is created while the daemon is down (a restart, an upgrade gap, node
+            // boot): the runtime is told to try again until the daemon is back.
+            k.stop_daemon();
+            let args = k.daemon_args("--kubernetes=true");
+            let (node_ns, log) = (
+                k.lab().node.clone(),
+                k.lab().dir.join("redirector-again.log"),
+            );
+            let mut again: Option<tests::lab::Proc> = None;
+            k.node.add_named_pod_with(
+                &uid,
+                Qos::Burstable,
+                Driver::Systemd,
+                ns,
+                &name,
+                &mut || {
+                    if again.is_some() {
+                        return;
+                    }
+                    let f = std::fs::File::create(&log).expect("log");
+                    let child = std::process::Command::new("nsenter")
+                        .arg(format!("--net=/run/netns/{node_ns}"))
+                        .arg(workspace_bin("redirector"))
+                        .args(&args)
+                        .env("RUST_LOG", "info")
+                        .env("NODE_NAME", NODE)
+                        .stdout(f.try_clone().expect("dup"))
+                        .stderr(f)
+                        .spawn()
+                        .expect("restart the daemon");
+                    again = Some(tests::lab::Proc {
+                        name: "redirector".into(),
+                        child,
+                        log: log.clone(),
+                    });
+                },
+            );
+            let again = again.expect("the plugin made the pod wait for the daemon");
+            k.node.lab.procs.push(again);
+            k.daemon = Some(k.node.lab.procs.len() - 1);
+        } else {
+            k.node
+                .add_named_pod(&uid, Qos::Burstable, Driver::Systemd, ns, &name);
+        }
+        // The first process of the first container connects at once.
+        let target = k.target;
+        let o = k
+            .node
+            .pod_mut(&uid)
+            .container_cmd("curl")
+            .args(curl_args(target))
+            .output()
+            .expect("curl");
+        let outcome = classify(&o, target);
+        let kind = match (&outcome, ns) {
+            (Outcome::Redirected, "apps") => "redirected",
+            (Outcome::Refused, "apps") => "refused",
+            (Outcome::NoRoute, "plain") => "plain: left alone",
+            _ => panic!("{ns}/{name}: {outcome:?}\nlog:\n{}", k.log()),
+        };
+        *outcomes.entry(kind).or_default() += 1;
+        k.uids.insert(format!("{ns}/{name}"), uid);
+        k.delete_pod(&format!("{ns}/{name}"));
+    }
+    eprintln!("zero gap: 200 pod creations, first connection of each: {outcomes:?}");
+    assert_eq!(outcomes.get("plain: left alone"), Some(&10), "{outcomes:?}");
+    assert_eq!(
+        outcomes.get("redirected").unwrap_or(&0) + outcomes.get("refused").unwrap_or(&0),
+        190,
+        "{outcomes:?}"
+    );
+    // The daemon running since pod 100 answered each of pods 100..199 of "apps" once.
+    assert_eq!(
+        k.metric("redirector_cni_requests_total{command=\"ADD\",outcome=\"redirected\"}"),
+        95.0
+    );
 }
 
 /// 3. A pod in an unlabeled namespace, an opted-out pod in a labeled one and a pod of another

@@ -93,6 +93,7 @@ impl Watching {
             root,
             Default::default(),
             tx,
+            tokio::sync::watch::channel(Default::default()).0,
         ));
         Watching {
             api,

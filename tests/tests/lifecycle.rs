@@ -116,17 +116,20 @@ impl Traffic {
 
 /// (link id, program id) of each of our pinned links, as bpftool reads them from the pins;
 /// `None` for a link that is not pinned.
-fn links(lab: &Lab) -> Vec<Option<(u64, u64)>> {
+fn links(lab: &Lab) -> Links {
     LinkProbe {
         pin_root: lab.pin_root.clone(),
     }
     .read()
 }
 
+/// (link id, program id) per link, `None` when not pinned.
+type Links = Vec<Option<(u64, u64)>>;
+
 /// Samples [`links`] on a thread until stopped.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Vec<Vec<Option<(u64, u64)>>>>,
+    thread: std::thread::JoinHandle<Vec<Links>>,
 }
 
 impl Sampler {
@@ -144,7 +147,7 @@ impl Sampler {
         });
         Sampler { stop, thread }
     }
-    fn finish(self) -> Vec<Vec<Option<(u64, u64)>>> {
+    fn finish(self) -> Vec<Links> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().expect("sampler")
     }
@@ -155,7 +158,7 @@ struct LinkProbe {
 }
 
 impl LinkProbe {
-    fn read(&self) -> Vec<Option<(u64, u64)>> {
+    fn read(&self) -> Links {
         ["rdr_link_c4", "rdr_link_c6", "rdr_link_so"]
             .iter()
             .map(|l| {

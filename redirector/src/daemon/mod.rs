@@ -127,6 +127,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         open: Arc::default(),
         pending: Arc::default(),
         refusal_log: crate::telemetry::LogLimiter::default(),
+        cni: crate::cni::CniState::default(),
     });
     let readiness = Arc::new(Readiness::default());
     readiness.hooks_attached.store(
@@ -160,8 +161,17 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
             let (node, root) = (node.clone(), config.cgroup_root.clone());
             let rejected = shared.metrics.k8s_rejected.clone();
             info!(node = %node, "following pods of labeled namespaces on this node");
+            let (view_tx, view_rx) = watch::channel(k8s::PodsView::default());
+            if let Some(socket) = config.cni_socket.clone() {
+                let (shared, desired) = (Arc::clone(&shared), tx.subscribe());
+                tokio::spawn(async move {
+                    if let Err(e) = crate::cni::serve(shared, socket, desired, view_rx).await {
+                        error!(error = %e, "CNI plugin socket stopped: new pods cannot start on this node");
+                    }
+                });
+            }
             tokio::spawn(async move {
-                if let Err(e) = k8s::run(client, node, root, rejected, tx).await {
+                if let Err(e) = k8s::run(client, node, root, rejected, tx, view_tx).await {
                     error!(error = %crate::error_chain(&e), "kubernetes watcher stopped");
                 }
             });

@@ -58,6 +58,7 @@ pub async fn run(
             known |= r.has_changed();
             r.clone()
         };
+        shared.cni.retain(|k| desired.contains_key(k));
         let full = last_full.elapsed() >= FULL_PASS;
         if full {
             last_full = Instant::now();
@@ -110,8 +111,10 @@ pub async fn run(
         if full {
             check_hooks(&shared, &readiness);
         }
+        // CNI requests waiting for their pod look at the views just published.
+        shared.cni.pass_done();
 
-        // Wait: a new desired set, a pending cgroup changing, or the timer.
+        // Wait: a new desired set, a pending cgroup changing, a CNI request, or the timer.
         if let Some(w) = watch.as_mut() {
             let mut pending = HashSet::new();
             for w in desired
@@ -131,6 +134,7 @@ pub async fn run(
         tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             _ = inotified => {}
+            () = shared.cni.woken() => {}
             r = rx.changed() => {
                 if r.is_err() {
                     // The watcher is gone; keep the last set and rescan on the timer.
@@ -187,10 +191,29 @@ fn observe(
     full: bool,
     known: bool,
 ) -> Observed {
+    // Namespaces the CNI plugin announced for pods that have no process yet.
+    let hints = shared.cni.hints();
     let cgroups = desired
         .values()
-        .map(|w| (w.key.clone(), observe_cgroup(w, memory, full)))
+        .map(|w| {
+            let mut seen = observe_cgroup(w, memory, full);
+            if let (
+                CgroupSeen::Found {
+                    procs: Some(procs), ..
+                },
+                Some(h),
+            ) = (&mut seen, hints.get(&w.key))
+                && !procs.iter().any(|p| p.netns == h.netns)
+            {
+                procs.push(Proc {
+                    pid: 0,
+                    netns: h.netns,
+                });
+            }
+            (w.key.clone(), seen)
+        })
         .collect();
+    let netns_files = hints.values().map(|h| (h.netns, h.path.clone())).collect();
     let enabled_netns = if full {
         memory
             .enabled
@@ -227,6 +250,7 @@ fn observe(
         enabled_netns,
         entries,
         earlier,
+        netns_files,
     }
 }
 
@@ -260,7 +284,7 @@ fn bind(
 ) -> Option<(NetnsId, u16)> {
     let mut last = None;
     for a in listen.attempts {
-        match proxy::spawn_listener(shared, a.pid, Arc::from(a.workload.as_str())) {
+        match proxy::spawn_listener(shared, &a.at, Arc::from(a.workload.as_str())) {
             Ok(l) => {
                 let found = (l.netns, l.port);
                 listeners.insert(l);
@@ -273,7 +297,7 @@ fn bind(
         shared.metrics.listener_failures.inc();
         let own_doing = matches!(e, netns::NetnsError::NoFreePort { .. });
         if failed.insert(listen.netns, own_doing).is_none() {
-            warn!(workload = %a.workload, pid = a.pid, error = %crate::error_chain(&e), "cannot start listener in the workload's netns; its connections are refused until one can be bound");
+            warn!(workload = %a.workload, at = ?a.at, error = %crate::error_chain(&e), "cannot start listener in the workload's netns; its connections are refused until one can be bound");
         }
     }
     None

@@ -13,7 +13,9 @@ use std::{
     path::PathBuf,
 };
 
-use crate::{api::WorkloadView, bpf::CgroupMode, netns::NetnsId, workloads::DesiredSet};
+use crate::{
+    api::WorkloadView, bpf::CgroupMode, netns::NetnsId, proxy::ListenAt, workloads::DesiredSet,
+};
 
 /// What the reconciler remembers from one pass to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,6 +83,10 @@ pub struct Observed {
     /// Read on the pass that looks for ids left enabled by an earlier run (see
     /// [`wants_earlier_run`]).
     pub earlier: Option<EarlierRun>,
+    /// Namespace files the container runtime handed over through the CNI plugin (a pod's
+    /// namespace before its first process), by namespace. Such a namespace is listed among
+    /// its workload's processes as a [`Proc`] with pid 0.
+    pub netns_files: BTreeMap<NetnsId, PathBuf>,
 }
 
 /// A desired workload's cgroup as one pass found it.
@@ -100,7 +106,8 @@ pub enum CgroupSeen {
     },
 }
 
-/// A process of a workload's cgroup (or a descendant) and the namespace it is in.
+/// A process of a workload's cgroup (or a descendant) and the namespace it is in. Pid 0: no
+/// process yet, the namespace the CNI plugin announced (see [`Observed::netns_files`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Proc {
     pub pid: u32,
@@ -124,10 +131,10 @@ pub struct Listen {
     pub attempts: Vec<Attempt>,
 }
 
-/// Enter the namespace through `pid`; `workload` names the listener in the audit log.
+/// Enter the namespace `at`; `workload` names the listener in the audit log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempt {
-    pub pid: u32,
+    pub at: ListenAt,
     pub workload: String,
 }
 
@@ -224,8 +231,12 @@ pub fn plan_listeners(desired: &DesiredSet, seen: &Observed) -> Vec<Listen> {
             .iter()
             .filter(|p| !seen.listeners.contains_key(&p.netns))
         {
+            let at = match seen.netns_files.get(&p.netns) {
+                Some(file) if p.pid == 0 => ListenAt::File(file.clone()),
+                _ => ListenAt::Pid(p.pid),
+            };
             let attempt = Attempt {
-                pid: p.pid,
+                at,
                 workload: w.label.clone(),
             };
             match plan.iter_mut().find(|l| l.netns == p.netns) {
@@ -632,6 +643,7 @@ mod tests {
                 map_ids: map.iter().copied().collect(),
                 candidate_ids: candidates.iter().copied().collect(),
             }),
+            netns_files: BTreeMap::new(),
         };
         (decide(&desired(c.desired), &seen, &before), before)
     }
@@ -926,7 +938,7 @@ mod tests {
             ..Observed::default()
         };
         let attempt = |pid, key: &str| Attempt {
-            pid,
+            at: ListenAt::Pid(pid),
             workload: label(key),
         };
         assert_eq!(
