@@ -19,9 +19,11 @@
 //! it hands over the pod's network namespace. Istio's and Cilium's node agents use it the
 //! same way.
 //!
-//! The wire protocol is one JSON line each way. Everything in a request is checked: the pod
-//! UID and names by their Kubernetes syntax, the namespace path by what it opens (an nsfs
-//! file of a network namespace), not by how it is spelled. A request never names a cgroup:
+//! The wire protocol is one JSON line each way; with an ADD, the plugin (which runs in the
+//! node's mount namespace, where the runtime's `CNI_NETNS` path is valid) opens the pod's
+//! namespace and passes the open descriptor along (`SCM_RIGHTS`). Everything is checked: the
+//! pod UID and names by their Kubernetes syntax, the descriptor by what it is (an nsfs file
+//! of a network namespace). No path crosses the socket, and a request never names a cgroup:
 //! the daemon finds the pod's cgroup itself, from its own view of the API and the kubelet's
 //! layout (`kubelet::confine`).
 use std::{
@@ -35,7 +37,6 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
     sync::{Notify, watch},
 };
@@ -44,7 +45,7 @@ use tracing::{info, warn};
 use crate::{
     k8s::PodsView,
     kubelet::PodUid,
-    netns::{self, NetnsId},
+    netns::{self, NetnsFile},
     state::Shared,
     workloads::DesiredSet,
 };
@@ -67,8 +68,6 @@ pub struct Request {
     pub pod_namespace: String,
     pub pod_name: String,
     pub pod_uid: String,
-    /// The sandbox's network namespace (CNI_NETNS); empty on a DEL after the sandbox is gone.
-    pub netns: String,
 }
 
 /// The daemon's answer.
@@ -82,11 +81,10 @@ pub struct Reply {
     pub error: Option<String>,
 }
 
-/// A pod's namespace file as the runtime announced it, until a process is in it.
+/// A pod's network namespace as the runtime handed it over, until a process is in it.
 #[derive(Clone, Debug)]
 pub struct Hint {
-    pub netns: NetnsId,
-    pub path: PathBuf,
+    pub netns: NetnsFile,
 }
 
 /// The daemon side's shared part: namespace hints for the reconciler, and the signals
@@ -170,15 +168,17 @@ async fn answer(
     desired: watch::Receiver<DesiredSet>,
     view: watch::Receiver<PodsView>,
 ) -> std::io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = Vec::new();
-    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST as u64 + 1));
-    tokio::time::timeout(Duration::from_secs(5), reader.read_until(b'\n', &mut line))
-        .await
-        .map_err(|_| std::io::Error::other("request not sent in time"))??;
+    let std = stream.into_std()?;
+    std.set_nonblocking(false)?;
+    std.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let (std, line, fd) =
+        tokio::task::spawn_blocking(move || receive(&std).map(|(line, fd)| (std, line, fd)))
+            .await
+            .map_err(std::io::Error::other)??;
     let reply = match parse(&line) {
         Ok(req) => {
-            let reply = handle(shared, &req, desired, view).await;
+            let netns = fd.map(std::fs::File::from);
+            let reply = handle(shared, &req, netns, desired, view).await;
             let outcome = match (&reply.error, reply.redirected) {
                 (Some(_), _) => "error",
                 (None, true) => "redirected",
@@ -211,7 +211,47 @@ async fn answer(
     };
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
     out.push(b'\n');
-    write.write_all(&out).await
+    tokio::task::spawn_blocking(move || (&std).write_all(&out))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// One request: the line (sent in one message, at most [`MAX_REQUEST`] bytes) and the
+/// descriptor passed with it, if any. More than one descriptor is refused (and closed).
+fn receive(
+    s: &std::os::unix::net::UnixStream,
+) -> std::io::Result<(Vec<u8>, Option<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let mut buf = vec![0u8; MAX_REQUEST + 1];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let n = {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel installed these descriptors in our table for this
+                // message; nothing else owns them.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        msg.bytes
+    };
+    if fds.len() > 1 {
+        return Err(std::io::Error::other("more than one descriptor passed"));
+    }
+    buf.truncate(n);
+    Ok((buf, fds.pop()))
 }
 
 fn command_label(c: &str) -> &'static str {
@@ -248,9 +288,6 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     }
     if PodUid::from_api(&req.pod_uid).is_none() {
         return Err("pod UID is not a UID".into());
-    }
-    if req.netns.len() > 4096 || (req.command == "ADD" && !req.netns.starts_with('/')) {
-        return Err("netns is not an absolute path".into());
     }
     Ok(req)
 }
@@ -307,6 +344,7 @@ fn verdict(req: &Request, desired: &DesiredSet, view: &PodsView) -> Verdict {
 async fn handle(
     shared: &Arc<Shared>,
     req: &Request,
+    netns: Option<std::fs::File>,
     mut desired: watch::Receiver<DesiredSet>,
     mut view: watch::Receiver<PodsView>,
 ) -> Reply {
@@ -366,14 +404,18 @@ async fn handle(
     }
     // 2. The namespace the runtime made: checked by what it is, then handed to the
     //    reconciler, which binds the listener there and enables the pod's cgroup.
-    let path = PathBuf::from(&req.netns);
-    let netns = match netns::open_netns_file(&path) {
-        Ok((_, id)) => id,
-        Err(e) => return failure(format!("netns: {e}")),
+    let Some(file) = netns else {
+        return failure("no network namespace passed with the ADD".into());
     };
-    shared
-        .cni
-        .set_hint(&req.pod_uid, Some(Hint { netns, path }));
+    let id = match netns::check_netns_file(&file) {
+        Ok(id) => id,
+        Err(e) => return failure(format!("the descriptor passed: {e}")),
+    };
+    let netns = NetnsFile {
+        id,
+        file: Arc::new(file),
+    };
+    shared.cni.set_hint(&req.pod_uid, Some(Hint { netns }));
     let mut passes = shared.cni.passes.subscribe();
     shared.cni.wake.notify_one();
     // 3. Done when the pod's view says "redirect" (listener bound, entry written).
@@ -430,8 +472,10 @@ fn default_exempt() -> Vec<String> {
 
 /// CNI error code 11: "try again later" (CNI spec 1.0).
 const TRY_AGAIN: u32 = 11;
-/// CNI error codes 4 and 7: incompatible version / invalid network config.
+/// CNI error code 7: invalid network config.
 const BAD_CONFIG: u32 = 7;
+/// CNI error code 5: I/O failure.
+const IO_FAILURE: u32 = 5;
 
 /// Runs the plugin: environment and stdin as the CNI spec gives them, result or error on
 /// stdout. Returns the exit code.
@@ -494,13 +538,25 @@ pub fn plugin(command: &str, stdin: &[u8], env: impl Fn(&str) -> Option<String>)
         pod_namespace: ns.clone(),
         pod_name: name,
         pod_uid: uid,
-        netns: env("CNI_NETNS").unwrap_or_default(),
     };
     let socket = conf
         .socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    match ask(&socket, &req) {
+    // The pod's namespace, opened here (the runtime's path is valid in the node's mount
+    // namespace, where plugins run) and passed as a descriptor.
+    let netns = if command == "ADD" {
+        let path = env("CNI_NETNS").unwrap_or_default();
+        match std::fs::File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                return error_out(&version, IO_FAILURE, &format!("CNI_NETNS {path:?}: {e}"));
+            }
+        }
+    } else {
+        None
+    };
+    match ask(&socket, &req, netns.as_ref()) {
         Ok(r) if r.ok => pass(),
         Ok(r) => {
             if command == "DEL" {
@@ -533,13 +589,32 @@ fn error_out(version: &str, code: u32, msg: &str) -> (i32, String) {
     (1, e.to_string())
 }
 
-/// One request to the daemon (blocking: the plugin is a short-lived process).
-fn ask(socket: &Path, req: &Request) -> std::io::Result<Reply> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+/// One request to the daemon (blocking: the plugin is a short-lived process), with the
+/// namespace descriptor when there is one, in one message.
+fn ask(socket: &Path, req: &Request, netns: Option<&std::fs::File>) -> std::io::Result<Reply> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd as _;
+    let s = std::os::unix::net::UnixStream::connect(socket)?;
     s.set_read_timeout(Some(ADD_DEADLINE + Duration::from_secs(5)))?;
     let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    let fds: Vec<std::os::fd::RawFd> = netns.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    let sent = sendmsg::<()>(
+        s.as_raw_fd(),
+        &[std::io::IoSlice::new(&line)],
+        &cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    if sent != line.len() {
+        return Err(std::io::Error::other("request not sent whole"));
+    }
     let mut reply = String::new();
     std::io::BufReader::new(s.take(64 * 1024)).read_line(&mut reply)?;
     serde_json::from_str(&reply).map_err(std::io::Error::other)
@@ -646,14 +721,13 @@ mod tests {
     #[test]
     fn requests_are_checked_field_by_field_without_echoing_them() {
         let ok = serde_json::json!({"command":"ADD","pod_namespace":"apps","pod_name":"web-1",
-            "pod_uid": UID, "netns":"/var/run/netns/cni-1"});
+            "pod_uid": UID});
         assert!(parse(&line(ok.clone())).is_ok());
         let cases = [
             ("command", serde_json::json!("EXEC"), "unknown command"),
             ("pod_namespace", serde_json::json!("../etc"), "namespace"),
             ("pod_name", serde_json::json!("a/b"), "pod name"),
             ("pod_uid", serde_json::json!("../../x"), "UID"),
-            ("netns", serde_json::json!("relative/ns"), "netns"),
         ];
         for (field, value, want) in cases {
             let mut bad = ok.clone();
@@ -666,7 +740,7 @@ mod tests {
             );
         }
         let mut extra = ok.clone();
-        extra["cgroup"] = "/sys/fs/cgroup".into();
+        extra["netns"] = "/proc/1/ns/net".into();
         assert!(parse(&line(extra)).is_err(), "unknown fields refused");
         assert!(parse(&vec![b'{'; MAX_REQUEST + 1]).is_err());
     }
@@ -683,7 +757,7 @@ mod tests {
                 "CNI_ARGS" => Some(format!(
                     "IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME=web;K8S_POD_UID={UID}"
                 )),
-                "CNI_NETNS" => Some("/var/run/netns/x".into()),
+                "CNI_NETNS" => Some("/proc/self/ns/net".into()),
                 _ => None,
             }
         };

@@ -3,7 +3,7 @@ use std::{
     fs,
     net::{SocketAddr, TcpListener},
     os::fd::{AsFd, AsRawFd},
-    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
@@ -53,14 +53,11 @@ pub struct NetnsId {
     pub ino: u64,
 }
 
-/// Opens `path` as a network namespace: refused unless it is a namespace file (nsfs) of
-/// type network, whatever the path says. Returns the file and its identity.
-pub fn open_netns_file(path: &Path) -> std::io::Result<(fs::File, NetnsId)> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)?;
-    let sfs = nix::sys::statfs::fstatfs(&f).map_err(std::io::Error::from)?;
+/// Checks that `f` is a network namespace (an nsfs file of type network, whatever it was
+/// opened as) and returns its identity. How a namespace handed over by the CNI plugin is
+/// accepted: by what it is, never by a path.
+pub fn check_netns_file(f: &fs::File) -> std::io::Result<NetnsId> {
+    let sfs = nix::sys::statfs::fstatfs(f).map_err(std::io::Error::from)?;
     if sfs.filesystem_type().0 as i64 != NSFS_MAGIC {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -78,14 +75,27 @@ pub fn open_netns_file(path: &Path) -> std::io::Result<(fs::File, NetnsId)> {
         ));
     }
     let m = f.metadata()?;
-    Ok((
-        f,
-        NetnsId {
-            dev: m.dev(),
-            ino: m.ino(),
-        },
-    ))
+    Ok(NetnsId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
+
+/// A network namespace held open by the daemon (one the CNI plugin handed over), compared by
+/// identity.
+#[derive(Clone, Debug)]
+pub struct NetnsFile {
+    pub id: NetnsId,
+    pub file: std::sync::Arc<fs::File>,
+}
+
+impl PartialEq for NetnsFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for NetnsFile {}
 
 /// `NSFS_MAGIC` from linux/magic.h.
 const NSFS_MAGIC: i64 = 0x6e73_6673;

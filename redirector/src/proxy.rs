@@ -82,10 +82,12 @@ pub fn spawn_listener(
             let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
             (pid, netns, netns::bind_in_netns(pid, ports)?)
         }
-        ListenAt::File(path) => {
-            let (file, netns) = netns::open_netns_file(path)
+        ListenAt::File(ns) => {
+            let file = ns
+                .file
+                .try_clone()
                 .map_err(|source| NetnsError::Open { pid: 0, source })?;
-            (0, netns, netns::bind_in(file, 0, ports)?)
+            (0, ns.id, netns::bind_in(file, 0, ports)?)
         }
     };
     let cookie = netns::netns_cookie(&std_listeners[0])?;
@@ -137,9 +139,9 @@ pub fn spawn_listener(
 pub enum ListenAt {
     /// Through a process in it (`/proc/<pid>/ns/net`).
     Pid(u32),
-    /// Through the namespace file the container runtime made (given by the CNI plugin),
+    /// Through the namespace the container runtime made, handed over by the CNI plugin
     /// before any process is in it.
-    File(std::path::PathBuf),
+    File(netns::NetnsFile),
 }
 
 /// The pod (network namespace) a listener serves: its name for the audit line, its netns

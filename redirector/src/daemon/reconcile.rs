@@ -203,17 +203,20 @@ fn observe(
                 },
                 Some(h),
             ) = (&mut seen, hints.get(&w.key))
-                && !procs.iter().any(|p| p.netns == h.netns)
+                && !procs.iter().any(|p| p.netns == h.netns.id)
             {
                 procs.push(Proc {
                     pid: 0,
-                    netns: h.netns,
+                    netns: h.netns.id,
                 });
             }
             (w.key.clone(), seen)
         })
         .collect();
-    let netns_files = hints.values().map(|h| (h.netns, h.path.clone())).collect();
+    let netns_files = hints
+        .values()
+        .map(|h| (h.netns.id, h.netns.clone()))
+        .collect();
     let enabled_netns = if full {
         memory
             .enabled

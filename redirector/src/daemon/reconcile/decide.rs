@@ -83,10 +83,10 @@ pub struct Observed {
     /// Read on the pass that looks for ids left enabled by an earlier run (see
     /// [`wants_earlier_run`]).
     pub earlier: Option<EarlierRun>,
-    /// Namespace files the container runtime handed over through the CNI plugin (a pod's
+    /// Namespaces the container runtime handed over through the CNI plugin (a pod's
     /// namespace before its first process), by namespace. Such a namespace is listed among
     /// its workload's processes as a [`Proc`] with pid 0.
-    pub netns_files: BTreeMap<NetnsId, PathBuf>,
+    pub netns_files: BTreeMap<NetnsId, crate::netns::NetnsFile>,
 }
 
 /// A desired workload's cgroup as one pass found it.
