@@ -372,6 +372,11 @@ pub fn load_and_attach(
         rename_pin(&next, &pins.path(pin))?;
     }
     hooks.commit();
+    if origin != Origin::Adopted {
+        for p in remove_unused_pins(pins) {
+            tracing::info!(pin = %p.display(), "removed a pin this release does not use");
+        }
+    }
 
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
@@ -618,19 +623,32 @@ pub fn linked_programs(pins: &PinLayout) -> Vec<(&'static str, Option<sys::Cgrou
 /// Only our own objects are touched; other programs on the same hooks stay attached.
 pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for name in names::LINKS
-        .iter()
-        .chain(names::PROGRAMS.iter())
-        .chain(names::MAPS.iter())
-        .chain([names::PIN_LOGS].iter())
-    {
-        // The live pin, and one an interrupted upgrade left half-way (see `NEXT`).
-        for p in [pins.path(name), pins.path(&format!("{name}{NEXT}"))] {
-            match fs::remove_file(&p) {
-                Ok(()) => removed.push(p),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+    // Links first (each removal detaches that program), then everything else of ours: every
+    // object we pin is named `rdr_…`, this release's and those an older release left.
+    let entries = match fs::read_dir(&pins.root) {
+        Ok(d) => d
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    let ours = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("rdr_"))
+    };
+    let is_link = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| names::LINKS.iter().any(|l| n.starts_with(l)))
+    };
+    let (links, rest): (Vec<PathBuf>, Vec<PathBuf>) =
+        entries.into_iter().filter(ours).partition(is_link);
+    for p in links.into_iter().chain(rest) {
+        match fs::remove_file(&p) {
+            Ok(()) => removed.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
     match fs::remove_dir(&pins.root) {
@@ -639,6 +657,29 @@ pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
         Err(e) => return Err(e),
     }
     Ok(removed)
+}
+
+/// Removes the pins of maps and programs named like ours that this release does not use (an
+/// older release's), once the hooks run this release's programs. Returns what was removed.
+fn remove_unused_pins(pins: &PinLayout) -> Vec<PathBuf> {
+    let used: BTreeSet<String> = names::LINKS
+        .iter()
+        .chain(names::PROGRAMS.iter())
+        .chain(names::MAPS.iter())
+        .chain([names::PIN_LOGS].iter())
+        .map(|n| (*n).to_owned())
+        .collect();
+    let Ok(dir) = fs::read_dir(&pins.root) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in dir.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("rdr_") && !used.contains(&name) && fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
 }
 
 /// Typed handles on the pinned maps. Works the same for the daemon and for `redirector status`

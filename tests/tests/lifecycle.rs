@@ -282,6 +282,11 @@ fn a_pinned_map_of_another_layout_is_recreated_not_misread() {
         use std::os::unix::fs::MetadataExt as _;
         fs::metadata(&lab.pods[0].cgroup).expect("cgroup").ino()
     };
+    // And a map only the older release used.
+    sh(&format!(
+        "bpftool map create {} type hash key 8 value 8 entries 16 name rdr_oldmap",
+        lab.pin_root.join("rdr_oldmap").display()
+    ));
     let key: Vec<String> = id.to_le_bytes().iter().map(u8::to_string).collect();
     sh(&format!(
         "bpftool map update pinned {} key {} value 1 0 0 0",
@@ -302,6 +307,10 @@ fn a_pinned_map_of_another_layout_is_recreated_not_misread() {
     assert_eq!(result["new"]["direct"], 0, "{result}");
     assert_eq!(result["new"]["failed"], 0, "{result}");
     assert!(!lab.pin_root.join("rdr_enabled_next").exists());
+    assert!(
+        !lab.pin_root.join("rdr_oldmap").exists(),
+        "the older release's map is still pinned"
+    );
 }
 
 #[test]
