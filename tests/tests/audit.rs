@@ -1,0 +1,351 @@
+//! Privileged end-to-end test of audit mode (issue 13, item 6): a workload in audit mode is
+//! observed, not redirected. Its connects go direct (to the real destination), the eBPF side
+//! counts what enforcement would have done per workload, destination and verdict, and
+//! `redirector status`, `/metrics` and a periodic log line show it. Switching the workload to
+//! enforce and back needs no restart.
+//!
+//! The lab (`tests::lab`): pods reach only the "service" addresses 203.0.113.200 and
+//! 2001:db8:203::200 directly, where a whoami server answers `local=<addr> peer=<addr>`. A
+//! connection that went direct shows the pod's own address as the peer; one that went through
+//! the redirector shows the node (203.0.113.1). The IPv6 service address is a skip range, so
+//! it goes direct in either mode and is counted as "would skip" in audit mode.
+//!
+//! The static mode is switched through the config file (`audit: true|false`), which the
+//! daemon re-reads when it changes: no restart, no signal.
+use std::{
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tests::{
+    describe as out,
+    lab::{ADMIN, Lab, NODE_V4, SERVICE_V4, SERVICE_V6, workspace_bin},
+    priv_check::privileged,
+};
+
+/// Bound for anything the daemon should do "soon" (not a speed assertion).
+const WAIT: Duration = Duration::from_secs(20);
+/// The whoami port on the service addresses.
+const PORT: u16 = 8080;
+
+fn config(audit: bool) -> String {
+    format!(
+        "audit: {audit}\naudit-interval: 1\nproxy-skip-range: {SERVICE_V6}/128\n"
+    )
+}
+
+const PY_CONNECT: &str = r#"
+import socket, sys
+fam, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if fam == "6" else socket.AF_INET)
+s.settimeout(10)
+s.connect((host, port))
+print(s.makefile().readline().strip())
+s.close()
+"#;
+
+/// One connection from pod 0 to `host:PORT`; returns the whoami line.
+fn connect(lab: &Lab, fam: &str, host: IpAddr) -> String {
+    let o = lab.pods[0]
+        .cmd("python3")
+        .args(["-c", PY_CONNECT, fam, &host.to_string(), &PORT.to_string()])
+        .output()
+        .expect("python3");
+    assert!(o.status.success(), "connect to {host}: {}", out(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn direct_v4(lab: &Lab) -> String {
+    format!(
+        "local={} peer={}:",
+        SocketAddr::new(SERVICE_V4.into(), PORT),
+        lab.pods[0].v4
+    )
+}
+
+fn redirected_v4() -> String {
+    format!(
+        "local={} peer={NODE_V4}:",
+        SocketAddr::new(SERVICE_V4.into(), PORT)
+    )
+}
+
+fn direct_v6(lab: &Lab) -> String {
+    format!(
+        "local={} peer=[{}]:",
+        SocketAddr::new(SERVICE_V6.into(), PORT),
+        lab.pods[0].v6
+    )
+}
+
+/// Polls `f` until it returns `Some`, at most [`WAIT`]; panics with `what` and the daemon log.
+fn wait_for<T>(lab: &Lab, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            let log: String = lab
+                .procs
+                .iter()
+                .filter(|p| p.name == "redirector")
+                .map(|p| p.log())
+                .collect();
+            panic!("timed out waiting for {what}; daemon log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The state `/workloads` reports for pod 0.
+fn workload_state(lab: &Lab) -> Option<String> {
+    let (status, body) = lab.node_http_get("/workloads")?;
+    if status != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    let label = lab.pods[0].cgroup.display().to_string();
+    v.as_array()?
+        .iter()
+        .find(|w| w["label"] == label.as_str())
+        .and_then(|w| w["state"].as_str())
+        .map(str::to_owned)
+}
+
+fn wait_state(lab: &Lab, want: &str) {
+    wait_for(lab, &format!("pod 0 in state {want}"), || {
+        (workload_state(lab).as_deref() == Some(want)).then_some(())
+    });
+}
+
+fn status_cmd(lab: &Lab, json: bool) -> Output {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", lab.node))
+        .arg(workspace_bin("redirector"))
+        .args(["status", "--pin-root"])
+        .arg(&lab.pin_root)
+        .arg("--cgroup-root")
+        .arg(&lab.cg_root)
+        .args(["--admin-addr", ADMIN]);
+    if json {
+        c.arg("--json");
+    }
+    c.output().expect("run status")
+}
+
+/// What `redirector status --json` says about pod 0's audit: (would redirect, would skip,
+/// [(destination, verdict, count)]).
+type AuditSeen = (u64, u64, Vec<(String, String, u64)>);
+
+fn status_audit(lab: &Lab) -> Option<AuditSeen> {
+    let o = status_cmd(lab, true);
+    assert!(o.status.success(), "status --json: {}", out(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("status json");
+    let label = lab.pods[0].cgroup.display().to_string();
+    let a = v["audit"]
+        .as_array()?
+        .iter()
+        .find(|a| a["workload"] == label.as_str())?
+        .clone();
+    let dests = a["destinations"]
+        .as_array()?
+        .iter()
+        .map(|d| {
+            (
+                d["destination"].as_str().unwrap_or_default().to_owned(),
+                d["verdict"].as_str().unwrap_or_default().to_owned(),
+                d["count"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    Some((
+        a["would_redirect"].as_u64()?,
+        a["would_skip"].as_u64()?,
+        dests,
+    ))
+}
+
+/// Every `/metrics` sample whose name is `name` and whose labels include all of `labels`
+/// (`key="value"`): their values.
+fn samples(lab: &Lab, name: &str, labels: &[&str]) -> Vec<f64> {
+    let Some((200, body)) = lab.node_http_get("/metrics") else {
+        return Vec::new();
+    };
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (set, value) = rest.split_once("} ")?;
+            let parts: Vec<&str> = set.split(',').collect();
+            labels
+                .iter()
+                .all(|want| parts.contains(want))
+                .then(|| value.trim().parse().ok())?
+        })
+        .collect()
+}
+
+fn label_kv(key: &str, value: &str) -> String {
+    format!("{key}=\"{value}\"")
+}
+
+/// The first log line of the daemon that contains every one of `needles`.
+fn log_line_with(lab: &Lab, needles: &[&str]) -> Option<String> {
+    lab.procs
+        .iter()
+        .filter(|p| p.name == "redirector")
+        .flat_map(|p| {
+            p.log()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+}
+
+fn proxy_listeners_in_pod(lab: &Lab) -> usize {
+    let o = Command::new("ip")
+        .args(["netns", "exec", &lab.pods[0].netns, "ss", "-Hltn"])
+        .output()
+        .expect("ss");
+    assert!(o.status.success(), "ss: {}", out(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+fn write_config(path: &Path, audit: bool) {
+    // Written aside and renamed, so the daemon never reads a half-written file.
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, config(audit)).expect("write config");
+    fs::rename(&tmp, path).expect("rename config");
+}
+
+#[test]
+fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
+    if !privileged("audit_mode_counts_what_enforcement_would_do_and_switches_without_restart") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.add_pod();
+    lab.add_internet(1, PORT);
+    let cfg: PathBuf = lab.dir.join("redirector.yaml");
+    write_config(&cfg, true);
+    let daemon = lab.start_daemon(&["--config", &cfg.display().to_string()]);
+    let pid = lab.procs[daemon].pid();
+    wait_state(&lab, "audit");
+
+    // Audit: no listener is needed (none is bound), and both connects go direct.
+    assert_eq!(proxy_listeners_in_pod(&lab), 0, "audit binds no listener");
+    let v4 = IpAddr::V4(SERVICE_V4);
+    let v6 = IpAddr::V6(SERVICE_V6);
+    for _ in 0..2 {
+        let line = connect(&lab, "4", v4);
+        assert!(line.starts_with(&direct_v4(&lab)), "audit: direct: {line}");
+    }
+    let line = connect(&lab, "6", v6);
+    assert!(line.starts_with(&direct_v6(&lab)), "skip range: direct: {line}");
+
+    // The counts, per destination and verdict, in `redirector status` (read from the
+    // kernel maps: they are there as soon as connect() returned).
+    let dst4 = SocketAddr::new(v4, PORT).to_string();
+    let dst6 = SocketAddr::new(v6, PORT).to_string();
+    let (redirect, skip, mut dests) = status_audit(&lab).expect("status lists pod 0's audit");
+    dests.sort();
+    assert_eq!((redirect, skip), (2, 1), "{dests:?}");
+    let mut want = vec![
+        (dst4.clone(), "redirect".to_owned(), 2),
+        (dst6.clone(), "skip".to_owned(), 1),
+    ];
+    want.sort();
+    assert_eq!(dests, want);
+    let text = String::from_utf8_lossy(&status_cmd(&lab, false).stdout).into_owned();
+    let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+    for line in [
+        format!("{dst4} redirect 2"),
+        format!("{dst6} skip 1"),
+    ] {
+        assert!(
+            text.lines().any(|l| words(l) == line),
+            "status text lacks {line:?}:\n{text}"
+        );
+    }
+
+    // The same in /metrics (refreshed every audit interval).
+    let workload = label_kv("workload", &lab.pods[0].cgroup.display().to_string());
+    let metric_is = |name: &str, labels: &[&str], want: f64| {
+        samples(&lab, name, labels) == vec![want]
+    };
+    wait_for(&lab, "audit metrics", || {
+        (metric_is(
+            "redirector_audit_connections_total",
+            &[&workload, &label_kv("verdict", "redirect")],
+            2.0,
+        ) && metric_is(
+            "redirector_audit_connections_total",
+            &[&workload, &label_kv("verdict", "skip")],
+            1.0,
+        ) && metric_is(
+            "redirector_audit_destination_connections",
+            &[
+                &workload,
+                &label_kv("destination", &dst4),
+                &label_kv("verdict", "redirect"),
+            ],
+            2.0,
+        ) && metric_is(
+            "redirector_audit_destination_connections",
+            &[
+                &workload,
+                &label_kv("destination", &dst6),
+                &label_kv("verdict", "skip"),
+            ],
+            1.0,
+        ))
+        .then_some(())
+    });
+
+    // And in one summary line per workload and interval.
+    let line = wait_for(&lab, "the audit summary line", || {
+        log_line_with(
+            &lab,
+            &["audit summary", "total_redirect=2", "total_skip=1"],
+        )
+    });
+    for want in [format!("{dst4} redirect=2"), format!("{dst6} skip=1")] {
+        assert!(line.contains(&want), "{want:?} not in {line}");
+    }
+
+    // Enforce, without a restart: the next connection is redirected; nothing more is counted.
+    write_config(&cfg, false);
+    wait_state(&lab, "redirect");
+    let line = connect(&lab, "4", v4);
+    assert!(line.starts_with(&redirected_v4()), "enforce: redirected: {line}");
+    lab.wait_daemon_log(&format!("orig_dst={dst4}"));
+    let line = connect(&lab, "6", v6);
+    assert!(line.starts_with(&direct_v6(&lab)), "skip range: direct: {line}");
+    let (redirect, skip, _) = status_audit(&lab).expect("audit counts kept while enforcing");
+    assert_eq!((redirect, skip), (2, 1), "enforced connects are not audit counts");
+
+    // And back to audit: direct again, counted again.
+    write_config(&cfg, true);
+    wait_state(&lab, "audit");
+    let line = connect(&lab, "4", v4);
+    assert!(line.starts_with(&direct_v4(&lab)), "audit again: direct: {line}");
+    let (redirect, skip, _) = status_audit(&lab).expect("status lists pod 0's audit");
+    assert_eq!((redirect, skip), (3, 1));
+    wait_for(&lab, "the audit summary line after switching back", || {
+        log_line_with(&lab, &["audit summary", "total_redirect=3"])
+    });
+    wait_for(&lab, "the pod's listener to close", || {
+        (proxy_listeners_in_pod(&lab) == 0).then_some(())
+    });
+
+    assert!(lab.procs[daemon].alive(), "the daemon was never restarted");
+    assert_eq!(lab.procs[daemon].pid(), pid);
+}
