@@ -42,6 +42,8 @@ pub struct Shared {
     pub pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Budget refusals are logged at most once a second, with how many were not.
     pub refusal_log: crate::telemetry::LogLimiter,
+    /// The attached programs know audit mode (see `bpf::audit_supported`).
+    pub audit_supported: bool,
 }
 
 // The locks below guard plain registries and the map handles, with no invariant a panic

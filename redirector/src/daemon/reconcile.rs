@@ -99,10 +99,7 @@ pub async fn run(
         // Wait: a new desired set, a pending cgroup changing, or the timer.
         if let Some(w) = watch.as_mut() {
             let mut pending = HashSet::new();
-            for w in desired
-                .values()
-                .filter(|w| !decide::redirects(&memory, &w.key))
-            {
+            for w in desired.values().filter(|w| !decide::settled(&memory, w)) {
                 watch_paths(w, &mut pending);
             }
             w.set(&pending);
@@ -169,7 +166,7 @@ fn observe(
         memory
             .enabled
             .iter()
-            .filter(|(key, _)| desired.contains_key(*key))
+            .filter(|(key, e)| desired.contains_key(*key) && e.stage != Stage::Audit)
             .map(|(_, e)| {
                 (
                     e.cgroup.clone(),
@@ -201,6 +198,7 @@ fn observe(
         enabled_netns,
         entries,
         earlier,
+        audit_unavailable: !shared.audit_supported,
     }
 }
 
@@ -211,7 +209,8 @@ fn observe_cgroup(w: &Workload, memory: &Memory, full: bool) -> CgroupSeen {
     let Ok(id) = netns::cgroup_id(&path) else {
         return CgroupSeen::Unreadable;
     };
-    let procs = decide::wants_scan(memory, &w.key, id, full).then(|| processes(&path));
+    // An audited workload needs no listener, hence never its processes.
+    let procs = (!w.audit && decide::wants_scan(memory, &w.key, id, full)).then(|| processes(&path));
     CgroupSeen::Found { path, id, procs }
 }
 
@@ -269,6 +268,9 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
             Notice::WaitingForProcess { label, cgroup } => {
                 info!(workload = %label, cgroup = %cgroup.display(), "cgroup has no process yet; its connections are refused until its network namespace has a listener");
             }
+            Notice::AuditUnavailable { label } => {
+                warn!(workload = %label, "audit requested, but the attached eBPF programs predate audit mode (they would refuse its connects): left alone, its connects go direct and are not counted, until the programs are replaced");
+            }
             Notice::Refused { label, stage } => {
                 let why = match stage {
                     Stage::PortsDiffer => {
@@ -293,6 +295,9 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision) -> (Memory, 
                 Ok(()) => match stage {
                     Stage::Redirect { port } => {
                         info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, port, "workload enabled");
+                    }
+                    Stage::Audit => {
+                        info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload audited: its connects are counted, not redirected");
                     }
                     _ => {
                         info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload's connections refused until its listener is bound");
