@@ -39,8 +39,8 @@ pub struct Settings {
     #[arg(long = "cgroup", env = "REDIRECTOR_CGROUPS", value_delimiter = ',')]
     #[serde(alias = "cgroups")]
     pub cgroup: Option<Vec<PathBuf>>,
-    /// Follow pods of namespaces labeled egress-redirector.io/enabled=true on this node
-    /// (node name from NODE_NAME).
+    /// Follow pods of namespaces labeled egress-redirector.io/enabled=true (redirected) or
+    /// =audit (observed, counted, not redirected) on this node (node name from NODE_NAME).
     #[arg(long, env = "REDIRECTOR_KUBERNETES", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub kubernetes: Option<bool>,
     /// Audit the --cgroup workloads instead of redirecting them: their connects go on

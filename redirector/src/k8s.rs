@@ -1,7 +1,8 @@
 //! Kubernetes control plane: watches labeled namespaces and this node's pods and publishes the pods to redirect.
 //!
 //! Two kube-runtime watchers feed one model: Namespaces labeled
-//! `egress-redirector.io/enabled=true` or `=audit` (label selector) and Pods with
+//! `egress-redirector.io/enabled=true` or `=audit` (label selector: the label exists; the
+//! value is checked here) and Pods with
 //! `spec.nodeName=<node>` (field selector). The pods of an `audit` namespace are in the set
 //! marked as audited: observed and counted, not redirected. Relabeling a namespace from one
 //! value to the other is an update of the same watched object, so its pods switch mode in
@@ -138,7 +139,11 @@ pub async fn run(
 ) -> Result<(), K8sError> {
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{ENABLED_LABEL} in (true,{AUDIT_VALUE})")),
+        // Every namespace that has the label, whatever its value: `decode_namespace` keeps
+        // `true` and `audit`. (An existence selector rather than `in (true,audit)`: a change
+        // between the two values is then an update of a watched object, never a delete and
+        // re-add, and the API stand-in of the tests parses it.)
+        watcher::Config::default().labels(ENABLED_LABEL),
     )
     .default_backoff()
     .map(|e| Input::Namespace(Box::new(e)))

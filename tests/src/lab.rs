@@ -650,6 +650,47 @@ impl Lab {
             .expect("run status")
     }
 
+    /// `redirector status --json` against this lab's pins, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let o = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg(workspace_bin("redirector"))
+            .args(["status", "--json", "--pin-root"])
+            .arg(&self.pin_root)
+            .args(["--cgroup-root"])
+            .arg(&self.cg_root)
+            .args(["--admin-addr", ADMIN])
+            .output()
+            .expect("run status --json");
+        assert!(o.status.success(), "status --json: {}", crate::describe(&o));
+        serde_json::from_slice(&o.stdout).expect("status --json output")
+    }
+
+    /// What `redirector status --json` says about the audited workload labeled `workload`:
+    /// (would redirect, would skip, its destinations as (`addr:port`, verdict, count) in
+    /// sorted order), or `None` when it has no audit counts.
+    pub fn audit_counts(&self, workload: &str) -> Option<(u64, u64, Vec<(String, String, u64)>)> {
+        let v = self.status_json();
+        let a = v["audit"]
+            .as_array()?
+            .iter()
+            .find(|a| a["workload"] == workload)?
+            .clone();
+        let mut dests: Vec<(String, String, u64)> = a["destinations"]
+            .as_array()?
+            .iter()
+            .map(|d| {
+                (
+                    d["destination"].as_str().unwrap_or_default().to_owned(),
+                    d["verdict"].as_str().unwrap_or_default().to_owned(),
+                    d["count"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        dests.sort();
+        Some((a["would_redirect"].as_u64()?, a["would_skip"].as_u64()?, dests))
+    }
+
     /// Address of internet host address number `i` (203.0.113.10+i).
     pub fn inet_v4(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(203, 0, 113, 10 + i)

@@ -16,14 +16,14 @@ use std::{
     fs,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tests::{
     describe as out,
-    lab::{ADMIN, Lab, NODE_V4, SERVICE_V4, SERVICE_V6, workspace_bin},
+    lab::{Lab, NODE_V4, SERVICE_V4, SERVICE_V6},
     priv_check::privileged,
 };
 
@@ -123,53 +123,6 @@ fn wait_state(lab: &Lab, want: &str) {
     });
 }
 
-fn status_cmd(lab: &Lab, json: bool) -> Output {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{}", lab.node))
-        .arg(workspace_bin("redirector"))
-        .args(["status", "--pin-root"])
-        .arg(&lab.pin_root)
-        .arg("--cgroup-root")
-        .arg(&lab.cg_root)
-        .args(["--admin-addr", ADMIN]);
-    if json {
-        c.arg("--json");
-    }
-    c.output().expect("run status")
-}
-
-/// What `redirector status --json` says about pod 0's audit: (would redirect, would skip,
-/// [(destination, verdict, count)]).
-type AuditSeen = (u64, u64, Vec<(String, String, u64)>);
-
-fn status_audit(lab: &Lab) -> Option<AuditSeen> {
-    let o = status_cmd(lab, true);
-    assert!(o.status.success(), "status --json: {}", out(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).expect("status json");
-    let label = lab.pods[0].cgroup.display().to_string();
-    let a = v["audit"]
-        .as_array()?
-        .iter()
-        .find(|a| a["workload"] == label.as_str())?
-        .clone();
-    let dests = a["destinations"]
-        .as_array()?
-        .iter()
-        .map(|d| {
-            (
-                d["destination"].as_str().unwrap_or_default().to_owned(),
-                d["verdict"].as_str().unwrap_or_default().to_owned(),
-                d["count"].as_u64().unwrap_or_default(),
-            )
-        })
-        .collect();
-    Some((
-        a["would_redirect"].as_u64()?,
-        a["would_skip"].as_u64()?,
-        dests,
-    ))
-}
-
 /// Every `/metrics` sample whose name is `name` and whose labels include all of `labels`
 /// (`key="value"`): their values.
 fn samples(lab: &Lab, name: &str, labels: &[&str]) -> Vec<f64> {
@@ -255,8 +208,8 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     // kernel maps: they are there as soon as connect() returned).
     let dst4 = SocketAddr::new(v4, PORT).to_string();
     let dst6 = SocketAddr::new(v6, PORT).to_string();
-    let (redirect, skip, mut dests) = status_audit(&lab).expect("status lists pod 0's audit");
-    dests.sort();
+    let label = lab.pods[0].cgroup.display().to_string();
+    let (redirect, skip, dests) = lab.audit_counts(&label).expect("status lists pod 0's audit");
     assert_eq!((redirect, skip), (2, 1), "{dests:?}");
     let mut want = vec![
         (dst4.clone(), "redirect".to_owned(), 2),
@@ -264,7 +217,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     ];
     want.sort();
     assert_eq!(dests, want);
-    let text = String::from_utf8_lossy(&status_cmd(&lab, false).stdout).into_owned();
+    let text = String::from_utf8_lossy(&lab.status().stdout).into_owned();
     let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
     for line in [
         format!("{dst4} redirect 2"),
@@ -277,7 +230,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     }
 
     // The same in /metrics (refreshed every audit interval).
-    let workload = label_kv("workload", &lab.pods[0].cgroup.display().to_string());
+    let workload = label_kv("workload", &label);
     let metric_is = |name: &str, labels: &[&str], want: f64| {
         samples(&lab, name, labels) == vec![want]
     };
@@ -329,7 +282,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     lab.wait_daemon_log(&format!("orig_dst={dst4}"));
     let line = connect(&lab, "6", v6);
     assert!(line.starts_with(&direct_v6(&lab)), "skip range: direct: {line}");
-    let (redirect, skip, _) = status_audit(&lab).expect("audit counts kept while enforcing");
+    let (redirect, skip, _) = lab.audit_counts(&label).expect("audit counts kept while enforcing");
     assert_eq!((redirect, skip), (2, 1), "enforced connects are not audit counts");
 
     // And back to audit: direct again, counted again.
@@ -337,7 +290,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     wait_state(&lab, "audit");
     let line = connect(&lab, "4", v4);
     assert!(line.starts_with(&direct_v4(&lab)), "audit again: direct: {line}");
-    let (redirect, skip, _) = status_audit(&lab).expect("status lists pod 0's audit");
+    let (redirect, skip, _) = lab.audit_counts(&label).expect("status lists pod 0's audit");
     assert_eq!((redirect, skip), (3, 1));
     wait_for(&lab, "the audit summary line after switching back", || {
         log_line_with(&lab, &["audit summary", "total_redirect=3"])
