@@ -56,7 +56,8 @@ pub struct DestCount {
 /// The `n` destinations of `cgroup` with the highest counts (ties: in key order, so the
 /// choice is stable), and how many more it has.
 pub fn top_of(dests: &[(AuditKey, u64)], cgroup: u64, n: usize) -> (Vec<DestCount>, usize) {
-    let mut mine: Vec<&(AuditKey, u64)> = dests.iter().filter(|(k, _)| k.cgroup == cgroup).collect();
+    let mut mine: Vec<&(AuditKey, u64)> =
+        dests.iter().filter(|(k, _)| k.cgroup == cgroup).collect();
     mine.sort_by(|(ka, ca), (kb, cb)| cb.cmp(ca).then(ka.cmp(kb)));
     let more = mine.len().saturating_sub(n);
     let top = mine
@@ -254,8 +255,14 @@ mod tests {
         };
         assert_eq!(destination(&v6).to_string(), "[2001:db8:203::200]:443");
         // An IPv4-mapped address asked for through an AF_INET6 socket is family 4.
-        let mapped_v6 = AuditKey { family: 6, ..key(1, 7, 80, verdict::SKIP) };
-        assert_eq!(destination(&mapped_v6).to_string(), "[::ffff:203.0.113.7]:80");
+        let mapped_v6 = AuditKey {
+            family: 6,
+            ..key(1, 7, 80, verdict::SKIP)
+        };
+        assert_eq!(
+            destination(&mapped_v6).to_string(),
+            "[::ffff:203.0.113.7]:80"
+        );
         assert_eq!(verdict_name(verdict::SKIP), "skip");
         assert_eq!(verdict_name(9), "unknown");
     }
@@ -267,10 +274,17 @@ mod tests {
             .chain([(key(2, 50, 443, verdict::REDIRECT), 99)])
             .collect();
         let (top, more) = top_of(&dests, 1, 3);
-        let shown: Vec<(&str, u64)> = top.iter().map(|d| (d.destination.as_str(), d.count)).collect();
+        let shown: Vec<(&str, u64)> = top
+            .iter()
+            .map(|d| (d.destination.as_str(), d.count))
+            .collect();
         assert_eq!(
             shown,
-            [("203.0.113.2:443", 2), ("203.0.113.5:443", 2), ("203.0.113.1:443", 1)]
+            [
+                ("203.0.113.2:443", 2),
+                ("203.0.113.5:443", 2),
+                ("203.0.113.1:443", 1)
+            ]
         );
         assert_eq!(more, 5, "the other workload's destination is not counted");
     }
@@ -292,7 +306,11 @@ mod tests {
         let r = &p.reports[0];
         assert!(r.active());
         assert_eq!(r.delta, totals(40, 3));
-        assert_eq!(r.top.len(), TOP, "a pod's destinations are cut to the top {TOP}");
+        assert_eq!(
+            r.top.len(),
+            TOP,
+            "a pod's destinations are cut to the top {TOP}"
+        );
         assert_eq!(r.top[0].destination, "203.0.113.200:8080");
         assert_eq!(r.other("skip"), 0);
         assert_eq!(r.other("redirect"), 40 - (TOP as u64 - 1));
@@ -327,7 +345,11 @@ mod tests {
             if round < IDLE_PASSES {
                 assert!(p.forget_dests.is_empty(), "round {round}");
             } else {
-                assert_eq!(p.forget_dests, vec![idle], "unchanged for {IDLE_PASSES} passes");
+                assert_eq!(
+                    p.forget_dests,
+                    vec![idle],
+                    "unchanged for {IDLE_PASSES} passes"
+                );
             }
         }
         // The workload leaves: out of rdr_enabled and unknown to the reconciler.

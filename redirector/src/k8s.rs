@@ -806,7 +806,11 @@ mod tests {
         assert_eq!(keys(&m), vec![UID_A]);
         assert!(audited(&m), "enabled=audit: in the set, audited");
         m.on_namespace(Event::Apply(namespace("apps", Some("true"))));
-        assert_eq!(keys(&m), vec![UID_A], "same pod, same key: switched in place");
+        assert_eq!(
+            keys(&m),
+            vec![UID_A],
+            "same pod, same key: switched in place"
+        );
         assert!(!audited(&m), "enabled=true: enforced");
         m.on_namespace(Event::Apply(namespace("apps", Some("audit"))));
         assert!(audited(&m), "and back");

@@ -492,14 +492,23 @@ mod tests {
             more_destinations: 2,
         }];
         let t = render_text(&s);
-        assert!(t.contains("950  audit       /sys/fs/cgroup/kubepods/pod-b  pod shop/web"), "{t}");
-        assert!(t.contains("audit: what enforcement would do (1 workload(s)):"), "{t}");
+        assert!(
+            t.contains("950  audit       /sys/fs/cgroup/kubepods/pod-b  pod shop/web"),
+            "{t}"
+        );
+        assert!(
+            t.contains("audit: what enforcement would do (1 workload(s)):"),
+            "{t}"
+        );
         assert!(
             t.contains("  shop/web: would redirect 7, would skip 2 (1 to destinations not tracked: map full)\n"),
             "{t}"
         );
         let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
-        assert!(t.lines().any(|l| words(l) == "203.0.113.9:443 redirect 6"), "{t}");
+        assert!(
+            t.lines().any(|l| words(l) == "203.0.113.9:443 redirect 6"),
+            "{t}"
+        );
         assert!(t.contains("(+2 more destinations)"), "{t}");
     }
 

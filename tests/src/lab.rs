@@ -688,7 +688,11 @@ impl Lab {
             })
             .collect();
         dests.sort();
-        Some((a["would_redirect"].as_u64()?, a["would_skip"].as_u64()?, dests))
+        Some((
+            a["would_redirect"].as_u64()?,
+            a["would_skip"].as_u64()?,
+            dests,
+        ))
     }
 
     /// Address of internet host address number `i` (203.0.113.10+i).

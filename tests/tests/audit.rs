@@ -33,9 +33,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const PORT: u16 = 8080;
 
 fn config(audit: bool) -> String {
-    format!(
-        "audit: {audit}\naudit-interval: 1\nproxy-skip-range: {SERVICE_V6}/128\n"
-    )
+    format!("audit: {audit}\naudit-interval: 1\nproxy-skip-range: {SERVICE_V6}/128\n")
 }
 
 const PY_CONNECT: &str = r#"
@@ -151,12 +149,7 @@ fn log_line_with(lab: &Lab, needles: &[&str]) -> Option<String> {
     lab.procs
         .iter()
         .filter(|p| p.name == "redirector")
-        .flat_map(|p| {
-            p.log()
-                .lines()
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|p| p.log().lines().map(str::to_owned).collect::<Vec<_>>())
         .find(|l| needles.iter().all(|n| l.contains(n)))
 }
 
@@ -202,14 +195,19 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
         assert!(line.starts_with(&direct_v4(&lab)), "audit: direct: {line}");
     }
     let line = connect(&lab, "6", v6);
-    assert!(line.starts_with(&direct_v6(&lab)), "skip range: direct: {line}");
+    assert!(
+        line.starts_with(&direct_v6(&lab)),
+        "skip range: direct: {line}"
+    );
 
     // The counts, per destination and verdict, in `redirector status` (read from the
     // kernel maps: they are there as soon as connect() returned).
     let dst4 = SocketAddr::new(v4, PORT).to_string();
     let dst6 = SocketAddr::new(v6, PORT).to_string();
     let label = lab.pods[0].cgroup.display().to_string();
-    let (redirect, skip, dests) = lab.audit_counts(&label).expect("status lists pod 0's audit");
+    let (redirect, skip, dests) = lab
+        .audit_counts(&label)
+        .expect("status lists pod 0's audit");
     assert_eq!((redirect, skip), (2, 1), "{dests:?}");
     let mut want = vec![
         (dst4.clone(), "redirect".to_owned(), 2),
@@ -219,10 +217,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     assert_eq!(dests, want);
     let text = String::from_utf8_lossy(&lab.status().stdout).into_owned();
     let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
-    for line in [
-        format!("{dst4} redirect 2"),
-        format!("{dst6} skip 1"),
-    ] {
+    for line in [format!("{dst4} redirect 2"), format!("{dst6} skip 1")] {
         assert!(
             text.lines().any(|l| words(l) == line),
             "status text lacks {line:?}:\n{text}"
@@ -231,9 +226,8 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
 
     // The same in /metrics (refreshed every audit interval).
     let workload = label_kv("workload", &label);
-    let metric_is = |name: &str, labels: &[&str], want: f64| {
-        samples(&lab, name, labels) == vec![want]
-    };
+    let metric_is =
+        |name: &str, labels: &[&str], want: f64| samples(&lab, name, labels) == vec![want];
     wait_for(&lab, "audit metrics", || {
         (metric_is(
             "redirector_audit_connections_total",
@@ -265,10 +259,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
 
     // And in one summary line per workload and interval.
     let line = wait_for(&lab, "the audit summary line", || {
-        log_line_with(
-            &lab,
-            &["audit summary", "total_redirect=2", "total_skip=1"],
-        )
+        log_line_with(&lab, &["audit summary", "total_redirect=2", "total_skip=1"])
     });
     for want in [format!("{dst4} redirect=2"), format!("{dst6} skip=1")] {
         assert!(line.contains(&want), "{want:?} not in {line}");
@@ -278,19 +269,36 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     write_config(&cfg, false);
     wait_state(&lab, "redirect");
     let line = connect(&lab, "4", v4);
-    assert!(line.starts_with(&redirected_v4()), "enforce: redirected: {line}");
+    assert!(
+        line.starts_with(&redirected_v4()),
+        "enforce: redirected: {line}"
+    );
     lab.wait_daemon_log(&format!("orig_dst={dst4}"));
     let line = connect(&lab, "6", v6);
-    assert!(line.starts_with(&direct_v6(&lab)), "skip range: direct: {line}");
-    let (redirect, skip, _) = lab.audit_counts(&label).expect("audit counts kept while enforcing");
-    assert_eq!((redirect, skip), (2, 1), "enforced connects are not audit counts");
+    assert!(
+        line.starts_with(&direct_v6(&lab)),
+        "skip range: direct: {line}"
+    );
+    let (redirect, skip, _) = lab
+        .audit_counts(&label)
+        .expect("audit counts kept while enforcing");
+    assert_eq!(
+        (redirect, skip),
+        (2, 1),
+        "enforced connects are not audit counts"
+    );
 
     // And back to audit: direct again, counted again.
     write_config(&cfg, true);
     wait_state(&lab, "audit");
     let line = connect(&lab, "4", v4);
-    assert!(line.starts_with(&direct_v4(&lab)), "audit again: direct: {line}");
-    let (redirect, skip, _) = lab.audit_counts(&label).expect("status lists pod 0's audit");
+    assert!(
+        line.starts_with(&direct_v4(&lab)),
+        "audit again: direct: {line}"
+    );
+    let (redirect, skip, _) = lab
+        .audit_counts(&label)
+        .expect("status lists pod 0's audit");
     assert_eq!((redirect, skip), (3, 1));
     wait_for(&lab, "the audit summary line after switching back", || {
         log_line_with(&lab, &["audit summary", "total_redirect=3"])
@@ -370,8 +378,11 @@ fn connect_hook_cost_per_path() {
     lab.add_pod();
     lab.add_internet(1, PORT);
     let cfg: PathBuf = lab.dir.join("redirector.yaml");
-    fs::write(&cfg, format!("proxy-skip-range: {SERVICE_V6}/128,203.0.113.200/32\n"))
-        .expect("config");
+    fs::write(
+        &cfg,
+        format!("proxy-skip-range: {SERVICE_V6}/128,203.0.113.200/32\n"),
+    )
+    .expect("config");
     let prev = fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enable bpf stats");
     let _ = lab.start_daemon(&["--config", &cfg.display().to_string()]);
@@ -382,7 +393,9 @@ fn connect_hook_cost_per_path() {
     let redirect = hook_ns(&lab, rounds, || connect_loop(&lab, inet, PORT, n, 0));
     // Skip range: direct to the service address (port 9: refused at once).
     let skip = hook_ns(&lab, rounds, || connect_loop(&lab, service, 9, n, 0));
-    eprintln!("connect4 ns/run: redirect {redirect:.0}, skip range {skip:.0} (n={n}, median of {rounds})");
+    eprintln!(
+        "connect4 ns/run: redirect {redirect:.0}, skip range {skip:.0} (n={n}, median of {rounds})"
+    );
     if enforce_only {
         let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", prev.trim());
         return;

@@ -767,7 +767,10 @@ fn namespace_labeled_audit_is_observed_not_redirected_and_switches_without_resta
     k.start_daemon();
     let pid = k.daemon_pid();
     k.wait_state("shop/web", "audit");
-    assert!(k.is_enabled("shop/web"), "the pod cgroup is in rdr_enabled, as audit");
+    assert!(
+        k.is_enabled("shop/web"),
+        "the pod cgroup is in rdr_enabled, as audit"
+    );
 
     // Observed: neither redirected nor refused, and no listener for it.
     for _ in 0..2 {
@@ -817,7 +820,11 @@ fn namespace_labeled_audit_is_observed_not_redirected_and_switches_without_resta
         k.metric("redirector_listeners") == 0.0
     });
     assert_eq!(k.daemon_pid(), pid, "the daemon was not restarted");
-    assert_eq!(k.audit_lines("shop/web").len(), 1, "only the enforced connection was relayed");
+    assert_eq!(
+        k.audit_lines("shop/web").len(),
+        1,
+        "only the enforced connection was relayed"
+    );
 }
 
 /// 2. A pod created in a labeled namespace has its very first connection redirected.

@@ -252,15 +252,22 @@ async fn audit_label_audits_and_relabeling_switches_in_place() {
     let set = w.wait_keys("initial list", &[&uid(1), &uid(3)]).await;
     assert_eq!(
         audited(&set),
-        [("shop/web".to_owned(), true), ("apps/api".to_owned(), false)],
+        [
+            ("shop/web".to_owned(), true),
+            ("apps/api".to_owned(), false)
+        ],
         "the opted-out pod stays out of an audit namespace too"
     );
     w.api.label_namespace("shop", ENABLED_LABEL, Some("true"));
-    w.wait_for("shop enforced", |s| s.get(&uid(1)).is_some_and(|w| !w.audit))
-        .await;
+    w.wait_for("shop enforced", |s| {
+        s.get(&uid(1)).is_some_and(|w| !w.audit)
+    })
+    .await;
     w.api.label_namespace("shop", ENABLED_LABEL, Some("audit"));
-    w.wait_for("shop audited again", |s| s.get(&uid(1)).is_some_and(|w| w.audit))
-        .await;
+    w.wait_for("shop audited again", |s| {
+        s.get(&uid(1)).is_some_and(|w| w.audit)
+    })
+    .await;
     w.api.label_namespace("shop", ENABLED_LABEL, Some("Audit"));
     w.wait_keys("a value other than true/audit enables nothing", &[&uid(3)])
         .await;
@@ -274,7 +281,9 @@ async fn audit_label_audits_and_relabeling_switches_in_place() {
         .rposition(|s| s.contains_key(&uid(1)))
         .expect("shop/web was in a set");
     assert!(
-        history[first..=last].iter().all(|s| s.contains_key(&uid(1))),
+        history[first..=last]
+            .iter()
+            .all(|s| s.contains_key(&uid(1))),
         "switching modes never dropped the pod: {:?}",
         describe_all(&history)
     );

@@ -97,7 +97,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     release_freed_heap();
     let audit_supported = bpf::audit_supported(&pins);
     if !audit_supported {
-        warn!("the attached eBPF programs predate audit mode: audited workloads are left alone (direct, not counted) until the programs are replaced");
+        warn!(
+            "the attached eBPF programs predate audit mode: audited workloads are left alone (direct, not counted) until the programs are replaced"
+        );
     }
 
     // 3. Maps: skip ranges first, then our port and pid; only now may the hooks redirect.
@@ -187,7 +189,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         Ok(maps) => {
             tokio::spawn(audit::run(Arc::clone(&shared), maps));
         }
-        Err(e) => warn!(error = %crate::error_chain(&e), "audit maps unavailable: audit counts are not reported"),
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "audit maps unavailable: audit counts are not reported")
+        }
     }
 
     // 8. Reload on SIGHUP and when the config file changes, until SIGTERM/SIGINT. In static

@@ -210,7 +210,8 @@ fn observe_cgroup(w: &Workload, memory: &Memory, full: bool) -> CgroupSeen {
         return CgroupSeen::Unreadable;
     };
     // An audited workload needs no listener, hence never its processes.
-    let procs = (!w.audit && decide::wants_scan(memory, &w.key, id, full)).then(|| processes(&path));
+    let procs =
+        (!w.audit && decide::wants_scan(memory, &w.key, id, full)).then(|| processes(&path));
     CgroupSeen::Found { path, id, procs }
 }
 

@@ -653,7 +653,10 @@ mod tests {
             .before_refused
             .iter()
             .map(|&(key, id)| (key, id, Stage::NoListener));
-        let audited = c.before_audit.iter().map(|&(key, id)| (key, id, Stage::Audit));
+        let audited = c
+            .before_audit
+            .iter()
+            .map(|&(key, id)| (key, id, Stage::Audit));
         for (key, id, stage) in stages.chain(refused).chain(audited) {
             let cgroup = cg(key);
             let e = Enabled { cgroup, id, stage };
@@ -935,7 +938,9 @@ mod tests {
                 cgroups: vec![("a", found("a", 10, &[]))],
                 want_actions: vec![enable_as("a", 10, Stage::Audit)],
                 want_enabled: &[("a", 10)],
-                ..case("audited workload: in the map as audit at once, no process or listener needed")
+                ..case(
+                    "audited workload: in the map as audit at once, no process or listener needed",
+                )
             },
             Case {
                 desired: &["a"],
@@ -967,7 +972,9 @@ mod tests {
                 before_audit: &[("a", 10)],
                 want_actions: vec![enable("a", 10)],
                 want_enabled: &[("a", 10)],
-                ..case("audited workload switched to enforce: redirected once its listener is bound")
+                ..case(
+                    "audited workload switched to enforce: redirected once its listener is bound",
+                )
             },
             Case {
                 desired: &["a"],
@@ -977,7 +984,9 @@ mod tests {
                 want_actions: vec![enable_as("a", 10, Stage::NoListener)],
                 want_notices: vec![refused("a", Stage::NoListener)],
                 want_enabled: &[("a", 10)],
-                ..case("audited workload switched to enforce without a listener: refused, not direct")
+                ..case(
+                    "audited workload switched to enforce without a listener: refused, not direct",
+                )
             },
             Case {
                 desired: &["a"],
@@ -1054,7 +1063,11 @@ mod tests {
         };
         let plan = plan_listeners(&want, &seen);
         assert_eq!(plan.len(), 1);
-        assert_eq!(plan[0].netns, ns(2), "only the enforced workload gets a listener");
+        assert_eq!(
+            plan[0].netns,
+            ns(2),
+            "only the enforced workload gets a listener"
+        );
 
         let mut memory = Memory::default();
         let e = |stage| Enabled {
@@ -1065,17 +1078,29 @@ mod tests {
         memory.enabled.insert("a".into(), e(Stage::Audit));
         assert!(settled(&memory, &want["a"]));
         want.get_mut("a").unwrap().audit = false;
-        assert!(!settled(&memory, &want["a"]), "switched to enforce: not settled");
+        assert!(
+            !settled(&memory, &want["a"]),
+            "switched to enforce: not settled"
+        );
         memory.enabled.insert("a".into(), e(redirect()));
         assert!(settled(&memory, &want["a"]));
         want.get_mut("a").unwrap().audit = true;
-        assert!(!settled(&memory, &want["a"]), "switched to audit: not settled");
+        assert!(
+            !settled(&memory, &want["a"]),
+            "switched to audit: not settled"
+        );
 
-        let v = views(&want, &Memory {
-            enabled: BTreeMap::from([("a".to_owned(), e(Stage::Audit))]),
-            ..Memory::default()
-        });
-        assert_eq!((v[0].state.as_str(), v[0].listening, v[0].port), ("audit", false, None));
+        let v = views(
+            &want,
+            &Memory {
+                enabled: BTreeMap::from([("a".to_owned(), e(Stage::Audit))]),
+                ..Memory::default()
+            },
+        );
+        assert_eq!(
+            (v[0].state.as_str(), v[0].listening, v[0].port),
+            ("audit", false, None)
+        );
     }
 
     #[test]
