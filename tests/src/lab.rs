@@ -219,6 +219,10 @@ pub fn spawn_until_first_line(mut cmd: Command) -> (Child, String) {
     (child, line)
 }
 
+/// An audited workload's counts as `redirector status --json` shows them: (would redirect,
+/// would skip, destinations as (`addr:port`, verdict, count) in sorted order).
+pub type AuditCounts = (u64, u64, Vec<(String, String, u64)>);
+
 /// One closed test network. Drop tears everything down.
 pub struct Lab {
     pub id: String,
@@ -666,10 +670,11 @@ impl Lab {
         serde_json::from_slice(&o.stdout).expect("status --json output")
     }
 
-    /// What `redirector status --json` says about the audited workload labeled `workload`:
+    /// What `redirector status --json` says about the audited workload labeled `workload`
+    /// ([`AuditCounts`]):
     /// (would redirect, would skip, its destinations as (`addr:port`, verdict, count) in
     /// sorted order), or `None` when it has no audit counts.
-    pub fn audit_counts(&self, workload: &str) -> Option<(u64, u64, Vec<(String, String, u64)>)> {
+    pub fn audit_counts(&self, workload: &str) -> Option<AuditCounts> {
         let v = self.status_json();
         let a = v["audit"]
             .as_array()?
