@@ -311,6 +311,102 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     assert_eq!(lab.procs[daemon].pid(), pid);
 }
 
+/// A pod picks its destinations: one that connects to more of them than the kernel map holds
+/// creates no more metric series and no more log lines than any other, and nothing it does is
+/// lost from its totals: what the map cannot track is counted as untracked.
+#[test]
+fn a_pod_with_more_destinations_than_the_map_holds_stays_bounded_and_counted() {
+    if !privileged("a_pod_with_more_destinations_than_the_map_holds_stays_bounded_and_counted") {
+        return;
+    }
+    let mut lab = Lab::new();
+    lab.add_pod();
+    lab.add_internet(1, PORT);
+    let label = lab.pods[0].cgroup.display().to_string();
+    // Entries idle for ten intervals are freed; five-second intervals leave 50 s to read the
+    // map whole after the loop.
+    let _ = lab.start_daemon(&["--audit", "--audit-interval", "5"]);
+    wait_state(&lab, "audit");
+    let started = Instant::now();
+    // Distinct destinations: the service address on closed ports (refused at once, direct).
+    let n = redirector_common::AUDIT_DESTINATIONS + 600;
+    connect_loop(&lab, IpAddr::V4(SERVICE_V4), 1024, n, 1);
+
+    let loop_took = started.elapsed();
+    let t = Instant::now();
+    let v = lab.status_json();
+    eprintln!(
+        "{n} distinct destinations: connect loop {loop_took:?}; `status --json` read the full map in {:?}",
+        t.elapsed()
+    );
+    let a = v["audit"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["workload"] == label.as_str()))
+        .expect("status lists the pod's audit")
+        .clone();
+    let count = |k: &str| a[k].as_u64().unwrap_or_else(|| panic!("{k} in {a}"));
+    let tracked = a["destinations"].as_array().expect("destinations").len() as u64
+        + count("more_destinations");
+    assert_eq!(
+        count("would_redirect"),
+        u64::from(n),
+        "every connect is in the totals"
+    );
+    assert!(
+        tracked <= u64::from(redirector_common::AUDIT_DESTINATIONS),
+        "the kernel map is bounded: {tracked}"
+    );
+    eprintln!("tracked {tracked}, untracked {}", count("untracked"));
+    assert!(count("untracked") > 0, "the overflow is counted");
+    assert_eq!(
+        tracked + count("untracked"),
+        u64::from(n),
+        "each connect is either tracked under its destination or counted as untracked"
+    );
+
+    // Metrics: the top destinations and `other`, never one series per destination.
+    let workload = label_kv("workload", &label);
+    let series = || -> Vec<f64> {
+        samples(
+            &lab,
+            "redirector_audit_destination_connections",
+            &[&workload],
+        )
+    };
+    wait_for(&lab, "the audit metrics", || {
+        let s = series();
+        (s.iter().sum::<f64>() == f64::from(n)).then_some(s)
+    });
+    let s = series();
+    assert!(
+        s.len() <= 5 + 2,
+        "{} destination series for one pod",
+        s.len()
+    );
+    assert_eq!(
+        samples(&lab, "redirector_audit_untracked_total", &[&workload]),
+        vec![count("untracked") as f64]
+    );
+
+    // The log: one summary line per interval at most, each naming at most five destinations.
+    let line = wait_for(&lab, "the audit summary line", || {
+        log_line_with(&lab, &["audit summary", &format!("total_redirect={n} ")])
+    });
+    let top = line.split("top=").nth(1).unwrap_or_default();
+    assert_eq!(top.matches(" redirect=").count(), 5, "{line}");
+    let lines = lab
+        .procs
+        .iter()
+        .filter(|p| p.name == "redirector")
+        .map(|p| p.log().matches("audit summary").count())
+        .sum::<usize>();
+    let intervals = started.elapsed().as_secs() as usize / 5 + 1;
+    assert!(
+        lines <= intervals,
+        "{lines} summary lines in {intervals} intervals"
+    );
+}
+
 const PY_LOOP: &str = r#"
 import socket, sys
 host, first, n, step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
