@@ -180,8 +180,11 @@ fn observe(
     let entries = full.then(|| shared.maps().enabled_entries());
     let earlier = decide::wants_earlier_run(memory, known).then(|| EarlierRun {
         map_ids: shared.maps().enabled_ids(),
+        // An audited workload the attached programs cannot audit is not wanted in the map:
+        // an entry an earlier run left for it goes.
         candidate_ids: desired
             .values()
+            .filter(|w| shared.audit_supported || !w.audit)
             .flat_map(|w| &w.cgroup_candidates)
             .filter_map(|p| netns::cgroup_id(p).ok())
             .collect(),

@@ -42,7 +42,8 @@ pub struct Enabled {
     pub stage: Stage,
 }
 
-/// Where an enabled workload is; the first three are refused in the kernel.
+/// Where an enabled workload is; `WaitingForProcess`, `NoListener` and `PortsDiffer` are
+/// refused in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// Audit mode: its connects go on unchanged and are counted; no listener.
