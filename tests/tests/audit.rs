@@ -516,3 +516,49 @@ fn connect_hook_cost_per_path() {
     );
     let _ = fs::write("/proc/sys/kernel/bpf_stats_enabled", prev.trim());
 }
+
+/// An upgrade from a release without audit mode: the new daemon adopts the older programs
+/// (pinned, attached), which would read an "audit" entry as "refuse". It must leave the
+/// audited workload alone (direct, uncounted) and say so, never refuse its connects. Needs
+/// an older build, hence on demand: `RDR_OLDER_REDIRECTOR=<path to an older redirector>
+/// cargo test -p tests --test audit -- --ignored adopted`.
+#[test]
+#[ignore = "needs an older build in RDR_OLDER_REDIRECTOR"]
+fn adopted_programs_without_audit_leave_audited_workloads_alone() {
+    if !privileged("adopted_programs_without_audit_leave_audited_workloads_alone") {
+        return;
+    }
+    let older = std::env::var("RDR_OLDER_REDIRECTOR").expect("RDR_OLDER_REDIRECTOR");
+    let mut lab = Lab::new();
+    lab.add_pod();
+    lab.add_internet(1, PORT);
+    // The older release attaches its programs and enables the pod (redirect).
+    let node = lab.node.clone();
+    let args = lab.daemon_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let old = lab.spawn_in_env(&node, "redirector-older", Path::new(&older), &args, &[]);
+    wait_for(&lab, "the older daemon ready", || {
+        matches!(lab.node_http_get("/readyz"), Some((200, _))).then_some(())
+    });
+    let line = connect(&lab, "4", IpAddr::V4(SERVICE_V4));
+    assert!(
+        line.starts_with(&redirected_v4()),
+        "older release redirects: {line}"
+    );
+    lab.procs[old].signal(libc::SIGTERM);
+    assert!(
+        lab.procs[old].wait_timeout(WAIT).is_some(),
+        "older daemon stops"
+    );
+
+    // This release, audit mode, on the older programs.
+    let _ = lab.start_daemon(&["--audit", "--audit-interval", "1"]);
+    lab.wait_daemon_log("predate audit mode");
+    let line = connect(&lab, "4", IpAddr::V4(SERVICE_V4));
+    assert!(
+        line.starts_with(&direct_v4(&lab)),
+        "left alone: direct, not refused, not redirected: {line}"
+    );
+    let status = String::from_utf8_lossy(&lab.status().stdout).into_owned();
+    assert!(status.contains("predate audit mode"), "{status}");
+}
