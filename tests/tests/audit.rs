@@ -216,6 +216,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     want.sort();
     assert_eq!(dests, want);
     let text = String::from_utf8_lossy(&lab.status().stdout).into_owned();
+    eprintln!("redirector status:\n{text}");
     let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
     for line in [format!("{dst4} redirect 2"), format!("{dst6} skip 1")] {
         assert!(
@@ -261,6 +262,7 @@ fn audit_mode_counts_what_enforcement_would_do_and_switches_without_restart() {
     let line = wait_for(&lab, "the audit summary line", || {
         log_line_with(&lab, &["audit summary", "total_redirect=2", "total_skip=1"])
     });
+    eprintln!("summary line: {line}");
     for want in [format!("{dst4} redirect=2"), format!("{dst6} skip=1")] {
         assert!(line.contains(&want), "{want:?} not in {line}");
     }
