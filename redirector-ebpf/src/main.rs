@@ -274,12 +274,11 @@ mod prog {
         let count = match rdr_audit.get_ptr_mut(key) {
             Some(c) => Some(c),
             None => {
-                if rdr_audit.insert(key, 0, NOEXIST).is_ok() {
-                    rdr_audit.get_ptr_mut(key)
-                } else {
-                    // Full, or another CPU inserted it just now.
-                    rdr_audit.get_ptr_mut(key)
-                }
+                // A new destination. The insert fails when the map is full (then the lookup
+                // finds nothing: untracked) or when another CPU inserted it just now (then
+                // the lookup finds that entry).
+                let _ = rdr_audit.insert(key, 0, NOEXIST);
+                rdr_audit.get_ptr_mut(key)
             }
         };
         // SAFETY: `totals` and `count` came from `get_ptr_mut` on these maps just now: they
