@@ -53,12 +53,17 @@ pub mod names {
     pub const LINK_CONNECT6: &str = "rdr_link_c6";
     /// Pin file name of the sockops link.
     pub const LINK_SOCKOPS: &str = "rdr_link_so";
+    /// [`super::AuditKey`] -> `u64`: connects of cgroups in [`super::mode::AUDIT`], counted
+    /// per workload, destination and verdict (bounded: [`super::AUDIT_DESTINATIONS`]).
+    pub const MAP_AUDIT: &str = "rdr_audit";
+    /// cgroup id -> [`super::AuditTotals`]: per audited workload, its counts in total.
+    pub const MAP_AUDIT_TOTALS: &str = "rdr_audit_tot";
     /// Pin file name of aya-log's ring buffer (kernel object name `AYA_LOGS`, set by
     /// aya-log-ebpf): debug messages of the programs.
     pub const PIN_LOGS: &str = "rdr_logs";
 
     /// All maps, in a stable order.
-    pub const MAPS: [&str; 7] = [
+    pub const MAPS: [&str; 9] = [
         MAP_ENABLED,
         MAP_SKIP4,
         MAP_SKIP6,
@@ -66,6 +71,8 @@ pub mod names {
         MAP_ORIG,
         MAP_STATS,
         MAP_CONFIG,
+        MAP_AUDIT,
+        MAP_AUDIT_TOTALS,
     ];
     /// All programs, in a stable order.
     pub const PROGRAMS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS];
@@ -88,13 +95,66 @@ pub struct CgroupEntry {
 }
 
 /// Values of [`CgroupEntry::mode`]. Any other value is treated as [`mode::REFUSE`]: a cgroup
-/// in the map never has its connects sent on unchanged.
+/// in the map never has its connects sent on unchanged, except in [`mode::AUDIT`], where
+/// that is the point.
 pub mod mode {
     /// Rewrite to the proxy listener on loopback.
     pub const REDIRECT: u32 = 1;
     /// Refuse the connect (`EPERM`): the workload is known to be redirected but its listener
     /// is not bound yet, or cannot be.
     pub const REFUSE: u32 = 2;
+    /// Observe, do not redirect: every connect goes on unchanged (never refused, no listener
+    /// needed) and is counted in `rdr_audit` / `rdr_audit_tot` with the verdict enforcement
+    /// would have given it ([`super::verdict`]). Programs older than audit mode read this
+    /// value as "refuse": the daemon writes it only when the attached programs know it.
+    pub const AUDIT: u32 = 3;
+}
+
+/// What enforcement would have done with an audited connect ([`AuditKey::verdict`]).
+pub mod verdict {
+    /// Redirected to the proxy.
+    pub const REDIRECT: u8 = 1;
+    /// Sent direct: the destination is in a skip range.
+    pub const SKIP: u8 = 2;
+}
+
+/// Capacity of `rdr_audit`: distinct (workload, destination, verdict) triples tracked at
+/// once, node-wide. A connect that finds the map full is still counted in its workload's
+/// totals, as [`AuditTotals::untracked`]. The daemon frees entries idle for a while.
+pub const AUDIT_DESTINATIONS: u32 = 16384;
+
+/// Capacity of `rdr_audit_tot`: audited workloads (cgroup ids) at once.
+pub const AUDIT_WORKLOADS: u32 = 16384;
+
+/// Key of `rdr_audit`: one audited workload's connects to one destination with one verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuditKey {
+    /// The id of the `rdr_enabled` entry that matched (the workload's cgroup, not the
+    /// container's), so a pod cannot spread its counts over many keys.
+    pub cgroup: u64,
+    /// Destination address in network byte order, IPv4 stored IPv4-mapped.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// 4 or 6, as in [`OrigDst::family`].
+    pub family: u8,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Value of `rdr_audit_tot`: one audited workload's counts (atomic adds; exact).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditTotals {
+    /// Connects enforcement would have redirected.
+    pub redirect: u64,
+    /// Connects enforcement would have sent direct (skip range).
+    pub skip: u64,
+    /// Of those, connects whose destination could not be tracked in `rdr_audit` (full).
+    pub untracked: u64,
 }
 
 /// Value of `rdr_config` (index 0).
@@ -245,6 +305,11 @@ mod pod_impls {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: `#[repr(C)]`, `u64` fields only: no padding, every bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: `#[repr(C)]`, u64 + [u8; 16] + u16 + u8 + u8 + u32 (`reserved`): every field
+    // starts at its alignment and they fill 32 bytes exactly, so no padding; integers only.
+    unsafe impl aya::Pod for super::AuditKey {}
+    // SAFETY: `#[repr(C)]`, `u64` fields only: no padding, every bit pattern is valid.
+    unsafe impl aya::Pod for super::AuditTotals {}
 }
 
 #[cfg(test)]
@@ -279,6 +344,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<RdrConfig>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 32);
         assert_eq!(core::mem::size_of::<SockKey>(), 32);
+        assert_eq!(core::mem::size_of::<AuditKey>(), 32);
+        assert_eq!(core::mem::offset_of!(AuditKey, reserved), 28);
+        assert_eq!(core::mem::size_of::<AuditTotals>(), 24);
         assert_eq!(
             core::mem::size_of::<Counters>(),
             8 * counter::COUNT as usize

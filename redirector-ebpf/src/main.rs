@@ -14,18 +14,27 @@
 //!    address, client port): exactly what the proxy sees as the peer of the accepted socket.
 //! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the entry if this socket still owns it, so
 //!    a reset connection's entry can never be handed to a later connection reusing the port.
+//!
+//! A cgroup whose entry says "audit" is observed only: its connects go on unchanged and are
+//! counted in `rdr_audit` (per destination) and `rdr_audit_tot` (per workload) with the verdict
+//! enforcement would have given them. The audit branch sits where the redirect path never
+//! goes (after a skip-range hit, and inside the "not redirecting" branch), so it costs the
+//! redirect path nothing.
 #![cfg_attr(target_arch = "bpf", no_std)]
 // Not a workspace-lints crate (it builds for bpfel with its own profile): the one lint that
 // matters here is set directly.
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_xadd` for the shared audit counters (see `add_one`).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
         bindings::{
-            BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-            BPF_TCP_CLOSE, bpf_sock_addr,
+            BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+            BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
         },
         btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
         helpers::{
@@ -37,8 +46,8 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use redirector_common::{
-        CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, mode,
-        v4_mapped,
+        AUDIT_DESTINATIONS, AUDIT_WORKLOADS, AuditKey, AuditTotals, CgroupEntry, Counters,
+        MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, mode, v4_mapped, verdict,
     };
 
     const AF_INET: u32 = 2;
@@ -51,6 +60,10 @@ mod prog {
     /// record, which makes that build's programs differ (another instruction tag) while
     /// behaving the same. The upgrade tests replace one with the other.
     const DATAPATH_VARIANT: u32 = if cfg!(feature = "variant") { 1 } else { 0 };
+    /// `BPF_NOEXIST`: insert only if the key is absent.
+    const NOEXIST: u64 = 1;
+    /// The audit maps allocate entries as they are used: most nodes audit nothing.
+    const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
     // Map names are the static names (lower case on purpose: they are the kernel object names
     // that bpftool prints, see redirector_common::names).
@@ -82,6 +95,16 @@ mod prog {
     #[btf_map]
     static rdr_config: Array<RdrConfig, 1> = Array::new();
 
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_audit: HashMap<AuditKey, u64, { AUDIT_DESTINATIONS as usize }, NO_PREALLOC> =
+        HashMap::new();
+
+    #[allow(non_upper_case_globals)]
+    #[btf_map]
+    static rdr_audit_tot: HashMap<u64, AuditTotals, { AUDIT_WORKLOADS as usize }, NO_PREALLOC> =
+        HashMap::new();
+
     #[inline(always)]
     fn bump(which: u32) {
         let Some(c) = rdr_stats.get_ptr_mut(0) else {
@@ -100,10 +123,10 @@ mod prog {
         }
     }
 
-    /// The entry of the calling task's cgroup or an ancestor: walking from the root down, the
-    /// first level that has one.
+    /// The entry of the calling task's cgroup or an ancestor, with that cgroup's id: walking
+    /// from the root down, the first level that has one.
     #[inline(always)]
-    fn cgroup_entry() -> Option<CgroupEntry> {
+    fn cgroup_entry() -> Option<(u64, CgroupEntry)> {
         let mut level = 0;
         while level < MAX_CGROUP_DEPTH {
             // SAFETY: the helper takes only an integer and reads the current task's cgroup;
@@ -116,7 +139,7 @@ mod prog {
             // daemon may update or delete the entry concurrently; we read the one `u32` at
             // once and keep no reference past this `if`.
             if let Some(e) = unsafe { rdr_enabled.get(id) } {
-                return Some(*e);
+                return Some((id, *e));
             }
             level += 1;
         }
@@ -132,6 +155,9 @@ mod prog {
         /// Refuse the connect: it would be redirected, but the workload's listener is not
         /// bound (or the daemon has not configured the programs yet).
         Refuse,
+        /// Leave the connect alone and count it for the audited workload `cgroup` with the
+        /// verdict enforcement would have given it (one of `verdict`).
+        Audit { cgroup: u64, would: u8 },
     }
 
     /// The shared decision of connect4 and connect6, so the two hooks cannot drift.
@@ -141,7 +167,7 @@ mod prog {
         if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
             return Verdict::Pass(counter::SKIP_NOT_TCP);
         }
-        let Some(entry) = cgroup_entry() else {
+        let Some((cgroup, entry)) = cgroup_entry() else {
             return Verdict::Pass(counter::SKIP_DISABLED);
         };
         // An enabled cgroup fails closed from here on: no config, not ready, or not
@@ -160,7 +186,7 @@ mod prog {
                     return Verdict::Pass(counter::SKIP_LOOPBACK);
                 }
                 if rdr_skip4.get(&Key::new(32, a)).is_some() {
-                    return Verdict::Pass(counter::SKIP_CIDR);
+                    return skipped(cgroup, entry);
                 }
             }
             None => {
@@ -169,11 +195,19 @@ mod prog {
                     return Verdict::Pass(counter::SKIP_LOOPBACK);
                 }
                 if rdr_skip6.get(&Key::new(128, *v6)).is_some() {
-                    return Verdict::Pass(counter::SKIP_CIDR);
+                    return skipped(cgroup, entry);
                 }
             }
         }
         if cfg.ready == 0 || entry.mode != mode::REDIRECT {
+            // Audited workloads are never refused: not for a missing listener (they have
+            // none), not before the daemon is ready.
+            if entry.mode == mode::AUDIT {
+                return Verdict::Audit {
+                    cgroup,
+                    would: verdict::REDIRECT,
+                };
+            }
             return Verdict::Refuse;
         }
         Verdict::Redirect {
@@ -182,6 +216,90 @@ mod prog {
             } else {
                 cfg.proxy_port
             },
+        }
+    }
+
+    /// A destination in a skip range: direct, and counted as "would skip" when audited.
+    #[inline(always)]
+    fn skipped(cgroup: u64, entry: CgroupEntry) -> Verdict {
+        if entry.mode == mode::AUDIT {
+            Verdict::Audit {
+                cgroup,
+                would: verdict::SKIP,
+            }
+        } else {
+            Verdict::Pass(counter::SKIP_CIDR)
+        }
+    }
+
+    /// Adds one to the `u64` at `p` with an atomic add (`lock xadd`): the audit maps are
+    /// shared by every CPU.
+    ///
+    /// # Safety
+    /// `p` must point to a live, 8-byte aligned `u64` inside a map value.
+    #[inline(always)]
+    unsafe fn add_one(p: *mut u64) {
+        // SAFETY: the caller guarantees a valid, aligned u64 (map values are 8-byte aligned
+        // and every field we pass is a u64); only atomic operations touch it here.
+        // (`AtomicU64::fetch_add` is not offered on bpf, whose target has no compare-and-swap;
+        // the intrinsic is, and with its result unused it compiles to BPF_XADD, which every
+        // kernel we support has.)
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, 1,
+            );
+        }
+    }
+
+    /// Counts one audited connect: in its workload's totals (exact) and under its
+    /// destination and verdict (while `rdr_audit` has room; else as `untracked`).
+    #[inline(always)]
+    fn audit(cgroup: u64, would: u8, addr: [u8; 16], port: u16, family: u8) {
+        let totals = match rdr_audit_tot.get_ptr_mut(cgroup) {
+            Some(t) => t,
+            None => {
+                // First connect of this workload (or a race with another CPU's first one:
+                // NOEXIST keeps the winner's counts).
+                let _ = rdr_audit_tot.insert(cgroup, AuditTotals::default(), NOEXIST);
+                match rdr_audit_tot.get_ptr_mut(cgroup) {
+                    Some(t) => t,
+                    None => return,
+                }
+            }
+        };
+        let key = AuditKey {
+            cgroup,
+            addr,
+            port,
+            family,
+            verdict: would,
+            reserved: 0,
+        };
+        let count = match rdr_audit.get_ptr_mut(key) {
+            Some(c) => Some(c),
+            None => {
+                // A new destination. The insert fails when the map is full (then the lookup
+                // finds nothing: untracked) or when another CPU inserted it just now (then
+                // the lookup finds that entry).
+                let _ = rdr_audit.insert(key, 0, NOEXIST);
+                rdr_audit.get_ptr_mut(key)
+            }
+        };
+        // SAFETY: `totals` and `count` came from `get_ptr_mut` on these maps just now: they
+        // point at 8-byte aligned values (map values are), which stay valid while the program
+        // runs (entries freed by the daemon are reclaimed after an RCU grace period). Only
+        // atomic adds write through them.
+        unsafe {
+            use core::ptr::addr_of_mut;
+            match count {
+                Some(c) => add_one(c),
+                None => add_one(addr_of_mut!((*totals).untracked)),
+            }
+            if would == verdict::SKIP {
+                add_one(addr_of_mut!((*totals).skip));
+            } else {
+                add_one(addr_of_mut!((*totals).redirect));
+            }
         }
     }
 
@@ -211,6 +329,9 @@ mod prog {
         match decide(sa, Some(octets), &mapped) {
             Verdict::Pass(why) => bump(why),
             Verdict::Refuse => return refuse(counter::REFUSED),
+            Verdict::Audit { cgroup, would } => {
+                audit(cgroup, would, mapped, u16::from_be(sa.user_port as u16), 4);
+            }
             Verdict::Redirect { port } => {
                 let dst = OrigDst {
                     addr: mapped,
@@ -276,6 +397,10 @@ mod prog {
         match decide(sa, v4, &v6) {
             Verdict::Pass(why) => bump(why),
             Verdict::Refuse => return refuse(counter::REFUSED),
+            Verdict::Audit { cgroup, would } => {
+                let family = if is_mapped { 4 } else { 6 };
+                audit(cgroup, would, v6, u16::from_be(sa.user_port as u16), family);
+            }
             Verdict::Redirect { port } => {
                 let dst = OrigDst {
                     addr: v6,

@@ -20,7 +20,8 @@ pub struct WorkloadView {
     /// Redirected in the kernel, with a listener in every netns it uses.
     pub listening: bool,
     /// `waiting` (no cgroup or no process yet), `refused` (no listener could be bound: its
-    /// connects fail with EPERM) or `redirect`.
+    /// connects fail with EPERM), `redirect`, or `audit` (observed and counted, not
+    /// redirected).
     pub state: String,
     /// The listener port its entry points at, while redirected.
     pub port: Option<u16>,

@@ -18,7 +18,9 @@ use aya::{
     },
 };
 use ipnet::IpNet;
-use redirector_common::{CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, mode, names};
+use redirector_common::{
+    AuditKey, AuditTotals, CgroupEntry, Counters, OrigDst, RdrConfig, SockKey, mode, names,
+};
 
 /// The compiled programs, embedded at build time (see build.rs).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rdr-ebpf"));
@@ -884,7 +886,72 @@ impl Maps {
     }
 }
 
-/// The socket address an [`OrigDst`] stands for; IPv4-mapped addresses come back as IPv4.
+/// Whether the attached connect programs know [`mode::AUDIT`]: both use `rdr_audit`. Programs
+/// adopted from an older release do not, and would read an audit entry as "refuse"; the
+/// daemon then leaves audited workloads out of `rdr_enabled` (they go direct, uncounted)
+/// rather than refuse their connections.
+pub fn audit_supported(pins: &PinLayout) -> bool {
+    let Ok(map) = aya::maps::MapInfo::from_pin(pins.path(names::MAP_AUDIT)) else {
+        return false;
+    };
+    [names::PROG_CONNECT4, names::PROG_CONNECT6]
+        .iter()
+        .all(|p| {
+            aya::programs::ProgramInfo::from_pin(pins.path(p))
+                .ok()
+                .and_then(|info| info.map_ids().ok().flatten())
+                .is_some_and(|ids| ids.contains(&map.id()))
+        })
+}
+
+/// The audit maps (`rdr_audit`, `rdr_audit_tot`), opened on their own so that reading them
+/// (up to [`redirector_common::AUDIT_DESTINATIONS`] entries) never holds the lock the proxy
+/// takes on every accept.
+pub struct AuditMaps {
+    dests: HashMap<MapData, AuditKey, u64>,
+    totals: HashMap<MapData, u64, AuditTotals>,
+}
+
+/// What the audit maps held at one moment (read entry by entry, so not atomic: a connect
+/// during the read may be in one map and not yet in the other).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditSnapshot {
+    /// Per audited workload (cgroup id): its totals.
+    pub totals: BTreeMap<u64, AuditTotals>,
+    /// Per (workload, destination, verdict): connects counted.
+    pub dests: Vec<(AuditKey, u64)>,
+}
+
+impl AuditMaps {
+    /// Opens both from their pins; an error when they are missing (pins of a release that
+    /// predates audit mode).
+    pub fn open(pins: &PinLayout) -> Result<Self, BpfError> {
+        Ok(Self {
+            dests: typed!(pins, names::MAP_AUDIT),
+            totals: typed!(pins, names::MAP_AUDIT_TOTALS),
+        })
+    }
+
+    pub fn snapshot(&self) -> AuditSnapshot {
+        AuditSnapshot {
+            totals: self.totals.iter().filter_map(Result::ok).collect(),
+            dests: self.dests.iter().filter_map(Result::ok).collect(),
+        }
+    }
+
+    /// Deletes the counts of destinations and workloads that are done with (see
+    /// `audit::Tracker`). A connect that lands between the read and the delete of a
+    /// destination is lost from that destination, never from its workload's totals.
+    pub fn forget(&mut self, dests: &[AuditKey], workloads: &[u64]) {
+        for k in dests {
+            let _ = self.dests.remove(k);
+        }
+        for id in workloads {
+            let _ = self.totals.remove(id);
+        }
+    }
+}
+
 /// What an `rdr_enabled` entry does to its cgroup's connects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgroupMode {
@@ -892,6 +959,8 @@ pub enum CgroupMode {
     Redirect { port: u16 },
     /// Refused (EPERM): the workload's listener is not bound (yet).
     Refuse,
+    /// Observed: connects go on unchanged and are counted (audit mode).
+    Audit,
 }
 
 impl From<CgroupMode> for CgroupEntry {
@@ -907,21 +976,27 @@ impl From<CgroupMode> for CgroupEntry {
                 port: 0,
                 reserved: 0,
             },
+            CgroupMode::Audit => CgroupEntry {
+                mode: mode::AUDIT,
+                port: 0,
+                reserved: 0,
+            },
         }
     }
 }
 
 impl From<CgroupEntry> for CgroupMode {
-    /// As the programs read it: anything but a redirect refuses.
+    /// As the programs read it: anything but a redirect or an audit refuses.
     fn from(e: CgroupEntry) -> Self {
-        if e.mode == mode::REDIRECT {
-            CgroupMode::Redirect { port: e.port }
-        } else {
-            CgroupMode::Refuse
+        match e.mode {
+            mode::REDIRECT => CgroupMode::Redirect { port: e.port },
+            mode::AUDIT => CgroupMode::Audit,
+            _ => CgroupMode::Refuse,
         }
     }
 }
 
+/// The socket address an [`OrigDst`] stands for; IPv4-mapped addresses come back as IPv4.
 pub fn orig_to_socket_addr(d: &OrigDst) -> SocketAddr {
     let v6 = Ipv6Addr::from(d.addr);
     let ip = match v6.to_ipv4_mapped() {
@@ -960,6 +1035,24 @@ mod tests {
         let b: SocketAddr = "[::ffff:127.0.0.1]:4000".parse().unwrap();
         assert_eq!(sock_key(7, a), sock_key(7, b));
         assert_ne!(sock_key(7, a), sock_key(8, a), "netns is part of the key");
+    }
+
+    #[test]
+    fn cgroup_modes_round_trip_and_unknown_modes_refuse() {
+        for m in [
+            CgroupMode::Redirect { port: 15301 },
+            CgroupMode::Refuse,
+            CgroupMode::Audit,
+        ] {
+            assert_eq!(CgroupMode::from(CgroupEntry::from(m)), m);
+        }
+        assert_eq!(CgroupEntry::from(CgroupMode::Audit).mode, mode::AUDIT);
+        let unknown = CgroupEntry {
+            mode: 9,
+            port: 0,
+            reserved: 0,
+        };
+        assert_eq!(CgroupMode::from(unknown), CgroupMode::Refuse);
     }
 
     #[test]
@@ -1004,6 +1097,8 @@ mod layout_tests {
             "rdr_orig: type 9 key 32 value 32 entries 65536 flags 0x0",
             "rdr_stats: type 6 key 4 value 80 entries 1 flags 0x0",
             "rdr_config: type 2 key 4 value 16 entries 1 flags 0x0",
+            "rdr_audit: type 1 key 32 value 8 entries 16384 flags 0x1",
+            "rdr_audit_tot: type 1 key 8 value 24 entries 16384 flags 0x1",
             "rdr_logs: type 27 key 0 value 0 entries 131072 flags 0x0",
         ];
         assert_eq!(got, reviewed);

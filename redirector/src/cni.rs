@@ -418,7 +418,9 @@ async fn handle(
     shared.cni.set_hint(&req.pod_uid, Some(Hint { netns }));
     let mut passes = shared.cni.passes.subscribe();
     shared.cni.wake.notify_one();
-    // 3. Done when the pod's view says "redirect" (listener bound, entry written).
+    // 3. Done when the pod's view says "redirect" (listener bound, entry written), or
+    //    "audit" for a pod of an audited namespace (entry written: its first connects are
+    //    counted; they go direct, as audit mode means).
     loop {
         let state = shared
             .workloads()
@@ -430,6 +432,13 @@ async fn handle(
                 return Reply {
                     ok: true,
                     redirected: true,
+                    error: None,
+                };
+            }
+            Some((s, _)) if s == "audit" => {
+                return Reply {
+                    ok: true,
+                    redirected: false,
                     error: None,
                 };
             }

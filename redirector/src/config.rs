@@ -39,10 +39,20 @@ pub struct Settings {
     #[arg(long = "cgroup", env = "REDIRECTOR_CGROUPS", value_delimiter = ',')]
     #[serde(alias = "cgroups")]
     pub cgroup: Option<Vec<PathBuf>>,
-    /// Follow pods of namespaces labeled egress-redirector.io/enabled=true on this node
-    /// (node name from NODE_NAME).
+    /// Follow pods of namespaces labeled egress-redirector.io/enabled=true (redirected) or
+    /// =audit (observed, counted, not redirected) on this node (node name from NODE_NAME).
     #[arg(long, env = "REDIRECTOR_KUBERNETES", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub kubernetes: Option<bool>,
+    /// Audit the --cgroup workloads instead of redirecting them: their connects go on
+    /// unchanged and are counted by destination and by what enforcement would do (redirect
+    /// or skip); see `redirector status`. Reloadable: switching needs no restart. In
+    /// Kubernetes mode label the namespace egress-redirector.io/enabled=audit instead [false].
+    #[arg(long, env = "REDIRECTOR_AUDIT", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub audit: Option<bool>,
+    /// Seconds between audit summaries: one log line per audited workload that connected
+    /// meanwhile, and the audit metrics refreshed [60].
+    #[arg(long, env = "REDIRECTOR_AUDIT_INTERVAL")]
+    pub audit_interval: Option<f64>,
     /// Kubeconfig for --kubernetes (default: in-cluster service account).
     #[arg(long, env = "REDIRECTOR_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -205,6 +215,8 @@ impl Settings {
             cgroup_root,
             cgroup,
             kubernetes,
+            audit,
+            audit_interval,
             kubeconfig,
             proxy_port,
             admin_addr,
@@ -371,6 +383,11 @@ pub struct Config {
     pub cgroups: Vec<PathBuf>,
     /// Kubernetes mode (`--kubernetes`).
     pub kubernetes: bool,
+    /// Audit the `--cgroup` workloads instead of redirecting them (`--audit`).
+    pub audit: bool,
+    /// Between audit summaries (`--audit-interval`).
+    #[serde(with = "crate::tunnel::secs")]
+    pub audit_interval: Duration,
     pub kubeconfig: Option<PathBuf>,
     pub proxy_port: u16,
     pub admin_addr: SocketAddr,
@@ -470,6 +487,10 @@ pub enum ConfigError {
     Duration { field: &'static str, value: f64 },
     #[error("invalid {field} 0: must be at least 1")]
     Limit { field: &'static str },
+    #[error(
+        "--audit applies to --cgroup workloads; in Kubernetes mode label the namespace egress-redirector.io/enabled=audit instead"
+    )]
+    AuditWithKubernetes,
     #[error("invalid proxy-port 0: pick a free port")]
     Port,
     #[error("gateway-client-cert and gateway-client-key must be given together")]
@@ -733,6 +754,11 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
             cgroups: s.cgroup.unwrap_or_default(),
             kubernetes: s.kubernetes.unwrap_or(false),
+            audit: match (s.audit.unwrap_or(false), s.kubernetes.unwrap_or(false)) {
+                (true, true) => return Err(ConfigError::AuditWithKubernetes),
+                (audit, _) => audit,
+            },
+            audit_interval: secs_of("audit-interval", s.audit_interval, 60.0)?,
             kubeconfig: s.kubeconfig,
             proxy_port,
             admin_addr: s

@@ -97,6 +97,9 @@ pub enum KernelState {
     /// The hook refuses the connect (EPERM): the workload's listener is not bound (yet), or no
     /// daemon has configured the hooks. Never sent on unchanged.
     Refused,
+    /// The workload is audited: the connect goes out unchanged and is counted with the
+    /// verdict enforcement would give it (the policy and hops shown are that verdict).
+    Audited,
 }
 
 #[derive(Debug, Serialize)]
@@ -438,15 +441,30 @@ pub fn analyze(
             reason: format!("{ip} is in skip range {net} ({source})"),
             source: e.kernel.source,
         };
+        if mode == Some(CgroupMode::Audit) {
+            e.notes.push(
+                "the workload is audited: this connect is counted as `skip` (rdr_audit)".into(),
+            );
+        }
         e.verdict = format!(
             "skipped in the kernel by skip range {net}: the connect goes direct to {} and the proxy never sees it",
             q.dst
         );
         return e;
     }
+    // An audited workload's connect goes on unchanged (never refused); what follows is what
+    // enforcement would do with it.
+    let audited = mode == Some(CgroupMode::Audit);
+    if audited {
+        e.kernel = KernelView {
+            state: KernelState::Audited,
+            reason: "the workload's entry in rdr_enabled says audit: the connect goes out unchanged and is counted as `redirect`; the route below is what enforcement would do".into(),
+            source: e.kernel.source,
+        };
+    }
     // The hook refuses what it would redirect while the workload has no listener, and
     // everything an enabled cgroup connects before a daemon configured it.
-    if let Some(p) = pinned {
+    if let Some(p) = pinned.filter(|_| !audited) {
         let why = if !p.ready {
             Some(
                 "rdr_config.ready is 0: no daemon has configured the hooks yet, so the connects of enabled cgroups are refused",
@@ -475,9 +493,11 @@ pub fn analyze(
     } else {
         format!("[::1]:{port}")
     };
-    e.kernel.reason = format!(
-        "not loopback, in no skip range: rewritten to the proxy listener {listener} in the pod's netns"
-    );
+    if !audited {
+        e.kernel.reason = format!(
+            "not loopback, in no skip range: rewritten to the proxy listener {listener} in the pod's netns"
+        );
+    }
 
     // 3. The proxy's plan: rule, route, name check, tunnel and hops, as the proxy makes it.
     let facts = plan::Facts {
@@ -496,6 +516,9 @@ pub fn analyze(
             "refused by the proxy ({}): it never dials {ip} directly on a pod's behalf; allow it with allow-dial in the config file",
             plan.rule
         );
+        if audited {
+            e.verdict = audited_verdict(&q.dst, &e.verdict);
+        }
         return e;
     };
     if let Some(check) = &plan.name_check {
@@ -526,7 +549,17 @@ pub fn analyze(
         }
         Err(why) => e.verdict = format!("redirected, but the connection fails: {why}"),
     }
+    if audited {
+        e.verdict = audited_verdict(&q.dst, &e.verdict);
+    }
     e
+}
+
+/// The verdict for an audited workload: what happens now, then what enforcement would do.
+fn audited_verdict(dst: &SocketAddr, enforced: &str) -> String {
+    format!(
+        "audited: goes direct to {dst} now, counted as `redirect`; under enforcement: {enforced}"
+    )
 }
 
 fn join(s: &BTreeSet<IpNet>) -> String {
@@ -699,6 +732,7 @@ pub fn render_text(e: &Explanation) -> String {
         KernelState::Skipped => "SKIPPED",
         KernelState::NotRedirected => "NOT redirected",
         KernelState::Refused => "REFUSED",
+        KernelState::Audited => "AUDITED (unchanged, counted)",
     };
     out += &format!(
         "kernel:      {state}: {} [from {}]\n",
@@ -792,6 +826,45 @@ mod tests {
             http: false,
             cgroup,
         }
+    }
+
+    #[test]
+    fn audited_cgroup_goes_direct_and_shows_what_enforcement_would_do() {
+        let c = config(Settings::default());
+        let mut p = pinned(&[20], &["203.0.113.200/32"]);
+        p.enabled.insert(20, CgroupMode::Audit);
+        // Not ready (no daemon configured the hooks): an audited connect is still not refused.
+        p.ready = false;
+        let e = analyze(
+            &c,
+            &q("203.0.113.10:443", None, Some(chain(&[10, 20, 30]))),
+            Some(&p),
+            &[],
+            &no_dns,
+        );
+        let t = render_text(&e);
+        assert!(matches!(e.kernel.state, KernelState::Audited), "{t}");
+        assert!(
+            e.verdict
+                .starts_with("audited: goes direct to 203.0.113.10:443 now, counted as `redirect`; under enforcement: redirected; route gateway"),
+            "{t}"
+        );
+        let skipped = analyze(
+            &c,
+            &q("203.0.113.200:443", None, Some(chain(&[10, 20, 30]))),
+            Some(&p),
+            &[],
+            &no_dns,
+        );
+        assert!(matches!(skipped.kernel.state, KernelState::Skipped));
+        assert!(
+            skipped
+                .notes
+                .iter()
+                .any(|n| n.contains("counted as `skip`")),
+            "{:?}",
+            skipped.notes
+        );
     }
 
     #[test]

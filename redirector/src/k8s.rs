@@ -1,8 +1,12 @@
 //! Kubernetes control plane: watches labeled namespaces and this node's pods and publishes the pods to redirect.
 //!
 //! Two kube-runtime watchers feed one model: Namespaces labeled
-//! `egress-redirector.io/enabled=true` (label selector) and Pods with `spec.nodeName=<node>`
-//! (field selector). After every event the model recomputes the desired set and sends it
+//! `egress-redirector.io/enabled=true` or `=audit` (label selector: the label exists; the
+//! value is checked here) and Pods with
+//! `spec.nodeName=<node>` (field selector). The pods of an `audit` namespace are in the set
+//! marked as audited: observed and counted, not redirected. Relabeling a namespace from one
+//! value to the other is an update of the same watched object, so its pods switch mode in
+//! place, without leaving the set. After every event the model recomputes the desired set and sends it
 //! when it changed. A pod is in the set when all of these hold:
 //!
 //! - it runs on this node and its namespace is enabled;
@@ -53,8 +57,29 @@ use crate::{
 };
 use prometheus_client::metrics::{counter::Counter, family::Family};
 
-/// Namespace label that enables a namespace (`true`) and pod label that opts a pod out (`false`).
+/// Namespace label that enables a namespace (`true`) or audits it (`audit`), and pod label
+/// that opts a pod out (`false`).
 pub const ENABLED_LABEL: &str = "egress-redirector.io/enabled";
+/// The [`ENABLED_LABEL`] value that audits a namespace.
+pub const AUDIT_VALUE: &str = "audit";
+
+/// What a labeled namespace asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NsMode {
+    /// `true`: redirect its pods.
+    Enforce,
+    /// `audit`: observe its pods.
+    Audit,
+}
+
+impl NsMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            NsMode::Enforce => "enforce",
+            NsMode::Audit => "audit",
+        }
+    }
+}
 /// Annotation on a static pod's mirror pod holding the UID the kubelet names its cgroup after.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
@@ -115,7 +140,11 @@ pub async fn run(
 ) -> Result<(), K8sError> {
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{ENABLED_LABEL}=true")),
+        // Every namespace that has the label, whatever its value: `decode_namespace` keeps
+        // `true` and `audit`. (An existence selector rather than `in (true,audit)`: a change
+        // between the two values is then an update of a watched object, never a delete and
+        // re-add, and the API stand-in of the tests parses it.)
+        watcher::Config::default().labels(ENABLED_LABEL),
     )
     .default_backoff()
     .map(|e| Input::Namespace(Box::new(e)))
@@ -385,18 +414,22 @@ impl PodInfo {
     }
 }
 
-fn decode_namespace(ns: &Namespace) -> Option<(String, Option<()>)> {
+fn decode_namespace(ns: &Namespace) -> Option<(String, Option<NsMode>)> {
     let name = ns.metadata.name.clone()?;
-    let enabled = ns
+    let value = ns
         .metadata
         .labels
         .as_ref()
         .and_then(|l| l.get(ENABLED_LABEL))
-        .map(String::as_str)
-        == Some("true");
+        .map(String::as_str);
     // The label selector already filters; checking again keeps a namespace whose label was
     // just changed (or a server that ignores selectors) from enabling anything.
-    Some((name, enabled.then_some(())))
+    let mode = match value {
+        Some("true") => Some(NsMode::Enforce),
+        Some(AUDIT_VALUE) => Some(NsMode::Audit),
+        _ => None,
+    };
+    Some((name, mode))
 }
 
 /// Enabled namespaces and this node's pods, and the desired set derived from them.
@@ -404,7 +437,7 @@ fn decode_namespace(ns: &Namespace) -> Option<(String, Option<()>)> {
 struct Model {
     node: String,
     cgroup_root: PathBuf,
-    namespaces: Synced<()>,
+    namespaces: Synced<NsMode>,
     pods: Synced<PodInfo>,
     /// Pod objects not believed, by reason (`redirector_k8s_rejected_total`).
     rejected: Family<K8sRejectedLabels, Counter>,
@@ -456,7 +489,7 @@ impl Model {
     }
 
     fn on_namespace(&mut self, event: watcher::Event<Namespace>) {
-        let before: BTreeSet<String> = self.namespaces.committed.keys().cloned().collect();
+        let before = self.namespaces.committed.clone();
         let done = matches!(event, watcher::Event::InitDone);
         self.namespaces.apply(event, decode_namespace);
         if done {
@@ -467,10 +500,16 @@ impl Model {
             );
         }
         let after = &self.namespaces.committed;
-        for ns in after.keys().filter(|ns| !before.contains(*ns)) {
-            info!(namespace = %ns, "namespace enabled");
+        for (ns, mode) in after {
+            match before.get(ns) {
+                None => info!(namespace = %ns, mode = mode.as_str(), "namespace enabled"),
+                Some(was) if was != mode => {
+                    info!(namespace = %ns, from = was.as_str(), to = mode.as_str(), "namespace mode changed");
+                }
+                Some(_) => {}
+            }
         }
-        for ns in before.iter().filter(|ns| !after.contains_key(*ns)) {
+        for ns in before.keys().filter(|ns| !after.contains_key(*ns)) {
             info!(namespace = %ns, "namespace disabled");
         }
     }
@@ -557,6 +596,7 @@ impl Model {
                         root: self.cgroup_root.clone(),
                         uid: cgroup_uid.clone(),
                     }),
+                    audit: self.namespaces.committed.get(&pod.namespace) == Some(&NsMode::Audit),
                 };
                 (uid.clone(), workload)
             })
@@ -572,8 +612,19 @@ impl Model {
                 %uid,
                 qos = %pod.map(|p| p.qos).unwrap_or(QosClass::Burstable),
                 terminating = pod.is_some_and(|p| p.terminating),
+                mode = if w.audit { "audit" } else { "enforce" },
                 "pod enabled"
             );
+        }
+        for (uid, w) in new.iter() {
+            if let Some(was) = old.get(uid).filter(|was| was.audit != w.audit) {
+                let (from, to) = if was.audit {
+                    ("audit", "enforce")
+                } else {
+                    ("enforce", "audit")
+                };
+                info!(pod = %w.label, %uid, from, to, "pod mode changed");
+            }
         }
         for (uid, w) in old.iter().filter(|(uid, _)| !new.contains_key(*uid)) {
             let reason = match self.pods.committed.get(uid) {
@@ -698,6 +749,7 @@ mod tests {
                     root: PathBuf::from("/cg"),
                     uid: puid(UID_A)
                 }),
+                audit: false,
             }
         );
     }
@@ -768,6 +820,37 @@ mod tests {
                 vec![pod("apps", "a", UID_A, extra)],
             );
             assert_eq!(!keys(&m).is_empty(), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn audit_namespace_audits_its_pods_and_relabeling_switches_them_in_place() {
+        let mut m = listed(
+            vec![namespace("apps", Some("audit"))],
+            vec![pod("apps", "a", UID_A, serde_json::json!({}))],
+        );
+        let audited = |m: &Model| m.desired().expect("synced")[UID_A].audit;
+        assert_eq!(keys(&m), vec![UID_A]);
+        assert!(audited(&m), "enabled=audit: in the set, audited");
+        m.on_namespace(Event::Apply(namespace("apps", Some("true"))));
+        assert_eq!(
+            keys(&m),
+            vec![UID_A],
+            "same pod, same key: switched in place"
+        );
+        assert!(!audited(&m), "enabled=true: enforced");
+        m.on_namespace(Event::Apply(namespace("apps", Some("audit"))));
+        assert!(audited(&m), "and back");
+        // The pod opt-out holds in audit namespaces too.
+        let opted_out = serde_json::json!({ "metadata": { "labels": { ENABLED_LABEL: "false" } } });
+        m.on_pod(Event::Apply(pod("apps", "a", UID_A, opted_out)));
+        assert!(keys(&m).is_empty());
+        for value in ["Audit", "AUDIT", "audit ", "observe"] {
+            let m = listed(
+                vec![namespace("apps", Some(value))],
+                vec![pod("apps", "a", UID_A, serde_json::json!({}))],
+            );
+            assert!(keys(&m).is_empty(), "namespace label {value:?}");
         }
     }
 

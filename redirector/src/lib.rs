@@ -2,6 +2,7 @@
 pub mod addr;
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod bpf;
 pub mod budget;
 pub mod check;

@@ -44,6 +44,8 @@ pub struct Shared {
     pub refusal_log: crate::telemetry::LogLimiter,
     /// What the CNI plugin's requests share with the reconciler.
     pub cni: crate::cni::CniState,
+    /// The attached programs know audit mode (see `bpf::audit_supported`).
+    pub audit_supported: bool,
 }
 
 // The locks below guard plain registries and the map handles, with no invariant a panic

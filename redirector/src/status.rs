@@ -28,6 +28,8 @@ pub struct Status {
     pub workloads: Option<Vec<WorkloadView>>,
     /// Connections being relayed right now (`GET /connections`); `None` when unknown.
     pub connections: Option<Vec<ConnView>>,
+    /// Audited workloads' counts, read from the audit maps (works while the daemon is down).
+    pub audit: Vec<AuditView>,
     /// Why `workloads` / `connections` are missing, in words.
     pub notes: Vec<String>,
 }
@@ -39,8 +41,29 @@ pub struct EnabledCgroup {
     /// `namespace/pod` (or the configured cgroup path) when the daemon knows the workload.
     pub workload: Option<String>,
     /// The listener port its connects are redirected to; `None`: they are refused (its
-    /// listener is not bound yet, or cannot be).
+    /// listener is not bound yet, or cannot be), or audited.
     pub port: Option<u16>,
+    /// Audit mode: observed and counted, not redirected.
+    pub audit: bool,
+}
+
+/// Destinations per audited workload that `status` lists.
+pub const AUDIT_SHOWN: usize = 10;
+
+/// One audited workload's counts: what enforcement would do with its connects.
+#[derive(Debug, Serialize)]
+pub struct AuditView {
+    pub cgroup_id: u64,
+    /// `namespace/pod` or the cgroup path, when the daemon knows the workload.
+    pub workload: Option<String>,
+    pub would_redirect: u64,
+    pub would_skip: u64,
+    /// Connects whose destination the full `rdr_audit` map could not track.
+    pub untracked: u64,
+    /// Its destinations with the highest counts, at most [`AUDIT_SHOWN`].
+    pub destinations: Vec<crate::audit::DestCount>,
+    /// How many more destinations it has.
+    pub more_destinations: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,7 +131,7 @@ pub fn collect(
     cgroup_root: &Path,
 ) -> Result<Status, bpf::BpfError> {
     let pins = PinLayout::new(pin_root);
-    let links = names::LINKS
+    let links: BTreeMap<&'static str, bool> = names::LINKS
         .iter()
         .map(|l| (*l, bpf::link_alive(&pins, l)))
         .collect();
@@ -152,7 +175,8 @@ pub fn collect(
                 .flatten()
                 .find(|w| workload_is(w, *id, path.as_deref()))
                 .map(|w| w.label.clone());
-            let port = match maps.mode(*id) {
+            let mode = maps.mode(*id);
+            let port = match mode {
                 Some(bpf::CgroupMode::Redirect { port }) => Some(port),
                 _ => None,
             };
@@ -161,9 +185,42 @@ pub fn collect(
                 path,
                 workload,
                 port,
+                audit: mode == Some(bpf::CgroupMode::Audit),
             }
         })
         .collect();
+    let audit = match bpf::AuditMaps::open(&pins) {
+        Ok(m) => {
+            let snap = m.snapshot();
+            snap.totals
+                .iter()
+                .map(|(id, t)| {
+                    let (destinations, more_destinations) =
+                        crate::audit::top_of(&snap.dests, *id, AUDIT_SHOWN);
+                    AuditView {
+                        cgroup_id: *id,
+                        workload: workloads
+                            .iter()
+                            .flatten()
+                            .find(|w| w.cgroup_id == Some(*id))
+                            .map(|w| w.label.clone()),
+                        would_redirect: t.redirect,
+                        would_skip: t.skip,
+                        untracked: t.untracked,
+                        destinations,
+                        more_destinations,
+                    }
+                })
+                .collect()
+        }
+        Err(_) => {
+            notes.push("no audit maps under the pin root (pinned by a release before audit mode): audit counts unknown".into());
+            Vec::new()
+        }
+    };
+    if !bpf::audit_supported(&pins) && links.values().all(|up| *up) {
+        notes.push("the attached programs predate audit mode: audited workloads are left alone and not counted until they are replaced".into());
+    }
     Ok(Status {
         pin_root: pin_root.to_owned(),
         links,
@@ -179,6 +236,7 @@ pub fn collect(
         counters: maps.counters().ok().map(Into::into),
         workloads,
         connections,
+        audit,
         notes,
     })
 }
@@ -264,9 +322,10 @@ pub fn render_text(s: &Status) -> String {
             .workload
             .as_deref()
             .and_then(|l| pod_label(l, c.path.as_deref()));
-        let mode = match c.port {
-            Some(p) => format!("port {p}"),
-            None => "REFUSED".into(),
+        let mode = match (c.port, c.audit) {
+            (Some(p), _) => format!("port {p}"),
+            (None, true) => "audit".into(),
+            (None, false) => "REFUSED".into(),
         };
         match label {
             Some(l) => out += &format!("  {:>10}  {mode:<10}  {path}  {l}\n", c.id),
@@ -297,6 +356,32 @@ pub fn render_text(s: &Status) -> String {
                 ),
             };
             out += &format!("  {}  {why}\n", w.label);
+        }
+    }
+    if !s.audit.is_empty() {
+        out += &format!(
+            "audit: what enforcement would do ({} workload(s)):\n",
+            s.audit.len()
+        );
+        for a in &s.audit {
+            let who = a
+                .workload
+                .clone()
+                .unwrap_or_else(|| format!("cgroup id {}", a.cgroup_id));
+            out += &format!(
+                "  {who}: would redirect {}, would skip {}",
+                a.would_redirect, a.would_skip
+            );
+            if a.untracked > 0 {
+                out += &format!(" ({} to destinations not tracked: map full)", a.untracked);
+            }
+            out += "\n";
+            for d in &a.destinations {
+                out += &format!("    {:<46} {:<8} {}\n", d.destination, d.verdict, d.count);
+            }
+            if a.more_destinations > 0 {
+                out += &format!("    (+{} more destinations)\n", a.more_destinations);
+            }
         }
     }
     out += &format!(
@@ -357,12 +442,14 @@ mod tests {
                     path: Some("/sys/fs/cgroup/kubepods/pod-a".into()),
                     workload: Some("default/agent-1".into()),
                     port: Some(15300),
+                    audit: false,
                 },
                 EnabledCgroup {
                     id: 900,
                     path: Some("/sys/fs/cgroup/agent.service".into()),
                     workload: Some("/sys/fs/cgroup/agent.service".into()),
                     port: None,
+                    audit: false,
                 },
             ],
             skip_ranges: vec!["10.96.0.0/12".into()],
@@ -376,8 +463,53 @@ mod tests {
             ),
             workloads: None,
             connections: None,
+            audit: Vec::new(),
             notes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn text_shows_audited_workloads_with_their_destinations() {
+        let mut s = status(DaemonState::Ready);
+        s.enabled_cgroups.push(EnabledCgroup {
+            id: 950,
+            path: Some("/sys/fs/cgroup/kubepods/pod-b".into()),
+            workload: Some("shop/web".into()),
+            port: None,
+            audit: true,
+        });
+        s.audit = vec![AuditView {
+            cgroup_id: 950,
+            workload: Some("shop/web".into()),
+            would_redirect: 7,
+            would_skip: 2,
+            untracked: 1,
+            destinations: vec![crate::audit::DestCount {
+                destination: "203.0.113.9:443".into(),
+                verdict: "redirect".into(),
+                count: 6,
+            }],
+            more_destinations: 2,
+        }];
+        let t = render_text(&s);
+        assert!(
+            t.contains("950  audit       /sys/fs/cgroup/kubepods/pod-b  pod shop/web"),
+            "{t}"
+        );
+        assert!(
+            t.contains("audit: what enforcement would do (1 workload(s)):"),
+            "{t}"
+        );
+        assert!(
+            t.contains("  shop/web: would redirect 7, would skip 2 (1 to destinations not tracked: map full)\n"),
+            "{t}"
+        );
+        let words = |l: &str| l.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(
+            t.lines().any(|l| words(l) == "203.0.113.9:443 redirect 6"),
+            "{t}"
+        );
+        assert!(t.contains("(+2 more destinations)"), "{t}");
     }
 
     #[test]

@@ -239,6 +239,26 @@ pub struct ProtoLabels {
     pub proto: PooledProto,
 }
 
+/// An audited workload (`namespace/pod` or cgroup path) and a verdict (`redirect`, `skip`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditLabels {
+    pub workload: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadLabels {
+    pub workload: String,
+}
+
+/// One of an audited workload's top destinations (`addr:port`, or `other` for the rest).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditDestLabels {
+    pub workload: String,
+    pub destination: String,
+    pub verdict: String,
+}
+
 /// Lets one log line through per second and counts the ones it held back, so that a flood
 /// of refusals costs one line a second, not one per connection.
 #[derive(Debug, Default)]
@@ -283,7 +303,11 @@ fn setup_histogram() -> Histogram {
     ))
 }
 
-/// Every metric the daemon exports. Labels are bounded: no per-destination or per-pod labels.
+/// Every metric the daemon exports. Labels are bounded: no per-destination or per-pod labels,
+/// except the audit metrics, which exist to show them and are bounded per audited workload:
+/// two verdict series, one untracked series, and at most `audit::TOP` destinations plus
+/// `other` per verdict (a pod choosing many destinations moves counts into `other`, it
+/// does not add series).
 pub struct Metrics {
     pub tunnel_setup: Family<HopLabels, Histogram, fn() -> Histogram>,
     pub connections: Family<RouteLabels, Counter>,
@@ -304,6 +328,13 @@ pub struct Metrics {
     pub gateway_tunnels: Family<SessionLabels, Counter>,
     pub gateway_sessions: Family<ProtoLabels, Gauge>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub audit_connections: Family<AuditLabels, Counter>,
+    pub audit_untracked: Family<WorkloadLabels, Counter>,
+    pub audit_destinations: Family<AuditDestLabels, Gauge>,
+    pub audit_workloads: Gauge,
+    /// The destination series the last audit pass wrote (the next removes those it does
+    /// not write again).
+    audit_series: std::sync::Mutex<Vec<AuditDestLabels>>,
 }
 
 impl Default for Metrics {
@@ -328,6 +359,11 @@ impl Default for Metrics {
             gateway_tunnels: Default::default(),
             gateway_sessions: Default::default(),
             tls_handshakes: Default::default(),
+            audit_connections: Default::default(),
+            audit_untracked: Default::default(),
+            audit_destinations: Default::default(),
+            audit_workloads: Default::default(),
+            audit_series: Default::default(),
         }
     }
 }
@@ -426,6 +462,88 @@ impl Metrics {
             "TLS handshakes by hop and kind (full, resumed)",
             self.tls_handshakes.clone(),
         );
+        r.register(
+            "audit_connections",
+            "Connects of audited workloads, by workload and what enforcement would do (redirect, skip)",
+            self.audit_connections.clone(),
+        );
+        r.register(
+            "audit_untracked",
+            "Connects of audited workloads whose destination the full rdr_audit map could not track (counted in audit_connections)",
+            self.audit_untracked.clone(),
+        );
+        r.register(
+            "audit_destination_connections",
+            "Connects of audited workloads to their top destinations (the rest as destination=\"other\"), by verdict",
+            self.audit_destinations.clone(),
+        );
+        r.register(
+            "audit_workloads",
+            "Audited workloads with counts",
+            self.audit_workloads.clone(),
+        );
+    }
+
+    /// Applies one audit pass: counters grow by the pass's deltas; destination gauges are
+    /// rewritten; series of workloads gone (and destinations out of the top) are removed.
+    pub fn set_audit(&self, pass: &crate::audit::Pass) {
+        const VERDICTS: [&str; 2] = ["redirect", "skip"];
+        for workload in &pass.gone {
+            for verdict in VERDICTS {
+                self.audit_connections.remove(&AuditLabels {
+                    workload: workload.clone(),
+                    verdict: verdict.to_owned(),
+                });
+            }
+            self.audit_untracked.remove(&WorkloadLabels {
+                workload: workload.clone(),
+            });
+        }
+        let mut series = Vec::new();
+        for r in &pass.reports {
+            for (verdict, d) in [("redirect", r.delta.redirect), ("skip", r.delta.skip)] {
+                self.audit_connections
+                    .get_or_create(&AuditLabels {
+                        workload: r.label.clone(),
+                        verdict: verdict.to_owned(),
+                    })
+                    .inc_by(d);
+            }
+            self.audit_untracked
+                .get_or_create(&WorkloadLabels {
+                    workload: r.label.clone(),
+                })
+                .inc_by(r.delta.untracked);
+            let named = r
+                .top
+                .iter()
+                .map(|d| (d.destination.clone(), d.verdict.clone(), d.count));
+            let other = VERDICTS
+                .iter()
+                .map(|v| ("other".to_owned(), (*v).to_owned(), r.other(v)))
+                .filter(|(_, _, n)| *n > 0);
+            for (destination, verdict, n) in named.chain(other) {
+                let l = AuditDestLabels {
+                    workload: r.label.clone(),
+                    destination,
+                    verdict,
+                };
+                self.audit_destinations
+                    .get_or_create(&l)
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+                series.push(l);
+            }
+        }
+        let mut last = self
+            .audit_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let keep: std::collections::HashSet<&AuditDestLabels> = series.iter().collect();
+        for old in last.iter().filter(|l| !keep.contains(l)) {
+            self.audit_destinations.remove(old);
+        }
+        *last = series;
+        self.audit_workloads.set(pass.reports.len() as i64);
     }
 
     pub fn set_ebpf(&self, c: &redirector_common::Counters) {

@@ -1,5 +1,5 @@
 //! The desired set of enabled workloads: what the control plane (static `--cgroup` list or
-//! the Kubernetes watcher) wants redirected. The reconciler (`daemon/reconcile.rs`) turns it into
+//! the Kubernetes watcher) wants redirected, or audited. The reconciler (`daemon/reconcile.rs`) turns it into
 //! listeners and `rdr_enabled` entries.
 use std::{collections::BTreeMap, path::PathBuf};
 
@@ -20,6 +20,9 @@ pub struct Workload {
     /// this pod's own directory inside the kubepods tree (`kubelet::confine`). `None` for
     /// `--cgroup` paths, which the operator chose.
     pub pod: Option<PodCgroup>,
+    /// Audit mode: observed (its connects counted by what enforcement would do), not
+    /// redirected. No listener is bound for it and its connects are never refused.
+    pub audit: bool,
 }
 
 /// The pod a Kubernetes workload's cgroup must belong to.

@@ -219,6 +219,10 @@ pub fn spawn_until_first_line(mut cmd: Command) -> (Child, String) {
     (child, line)
 }
 
+/// An audited workload's counts as `redirector status --json` shows them: (would redirect,
+/// would skip, destinations as (`addr:port`, verdict, count) in sorted order).
+pub type AuditCounts = (u64, u64, Vec<(String, String, u64)>);
+
 /// One closed test network. Drop tears everything down.
 pub struct Lab {
     pub id: String,
@@ -696,6 +700,52 @@ impl Lab {
             .args(["--admin-addr", &self.admin])
             .output()
             .expect("run status")
+    }
+
+    /// `redirector status --json` against this lab's pins, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let o = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .arg(workspace_bin("redirector"))
+            .args(["status", "--json", "--pin-root"])
+            .arg(&self.pin_root)
+            .args(["--cgroup-root"])
+            .arg(&self.cg_root)
+            .args(["--admin-addr", ADMIN])
+            .output()
+            .expect("run status --json");
+        assert!(o.status.success(), "status --json: {}", crate::describe(&o));
+        serde_json::from_slice(&o.stdout).expect("status --json output")
+    }
+
+    /// What `redirector status --json` says about the audited workload labeled `workload`
+    /// ([`AuditCounts`]):
+    /// (would redirect, would skip, its destinations as (`addr:port`, verdict, count) in
+    /// sorted order), or `None` when it has no audit counts.
+    pub fn audit_counts(&self, workload: &str) -> Option<AuditCounts> {
+        let v = self.status_json();
+        let a = v["audit"]
+            .as_array()?
+            .iter()
+            .find(|a| a["workload"] == workload)?
+            .clone();
+        let mut dests: Vec<(String, String, u64)> = a["destinations"]
+            .as_array()?
+            .iter()
+            .map(|d| {
+                (
+                    d["destination"].as_str().unwrap_or_default().to_owned(),
+                    d["verdict"].as_str().unwrap_or_default().to_owned(),
+                    d["count"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        dests.sort();
+        Some((
+            a["would_redirect"].as_u64()?,
+            a["would_skip"].as_u64()?,
+            dests,
+        ))
     }
 
     /// Address of internet host address number `i` (203.0.113.10+i).

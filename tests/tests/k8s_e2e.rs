@@ -388,7 +388,12 @@ impl K8s {
             "redirector",
             &bin,
             &args,
-            &[("RUST_LOG", "info"), ("NODE_NAME", NODE)],
+            &[
+                ("RUST_LOG", "info"),
+                ("NODE_NAME", NODE),
+                // Audit summaries (and audit metrics) every second, not every minute.
+                ("REDIRECTOR_AUDIT_INTERVAL", "1"),
+            ],
         );
         self.daemon = Some(i);
         i
@@ -559,6 +564,26 @@ impl K8s {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The state `/workloads` reports for `pod` (`ns/name`): `redirect`, `audit`, `waiting`,
+    /// `refused`; `None` when the daemon does not list it.
+    fn workload_state(&self, pod: &str) -> Option<String> {
+        let (200, body) = self.lab().node_http_get("/workloads")? else {
+            return None;
+        };
+        let v: Value = serde_json::from_str(&body).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|w| w["label"] == pod)
+            .and_then(|w| w["state"].as_str())
+            .map(str::to_owned)
+    }
+
+    fn wait_state(&self, pod: &str, want: &str) -> Duration {
+        self.wait(&format!("{pod} in state {want}"), |k| {
+            k.workload_state(pod).as_deref() == Some(want)
+        })
     }
 
     fn wait_enabled(&self, pod: &str, want: bool) -> Duration {
@@ -733,6 +758,82 @@ fn namespace_label_enables_and_unlabel_disables_running_pod() {
     k.api.label_namespace("apps", LABEL, Some("true"));
     k.wait_enabled("apps/web", true);
     assert_eq!(k.curl("apps/web"), Outcome::Redirected);
+}
+
+/// Audit mode (issue 13, item 6): a namespace labeled `enabled=audit` is observed, not
+/// redirected. Its pod's connects go on unchanged (in this lab: no route) and are counted by
+/// destination and verdict, shown by `redirector status`, the metrics and a summary line.
+/// Relabeling the namespace `true` enforces (the next connection is redirected) and `audit`
+/// again observes, without restarting the daemon.
+#[test]
+fn namespace_labeled_audit_is_observed_not_redirected_and_switches_without_restart() {
+    if !ready("namespace_labeled_audit_is_observed_not_redirected_and_switches_without_restart") {
+        return;
+    }
+    let mut k = K8s::new(60);
+    k.api.create_namespace("shop", &[(LABEL, "audit")]);
+    k.add_pod("shop", "web", &[], Qos::Burstable, Driver::Systemd);
+    k.start_daemon();
+    let pid = k.daemon_pid();
+    k.wait_state("shop/web", "audit");
+    assert!(
+        k.is_enabled("shop/web"),
+        "the pod cgroup is in rdr_enabled, as audit"
+    );
+
+    // Observed: neither redirected nor refused, and no listener for it.
+    for _ in 0..2 {
+        assert_eq!(k.curl("shop/web"), Outcome::NoRoute, "log:\n{}", k.log());
+    }
+    assert_eq!(k.metric("redirector_listeners"), 0.0);
+    assert_eq!(k.proxy_sockets("shop/web"), 0);
+    let dst = format!("{}:80", k.target);
+    assert_eq!(
+        k.lab().audit_counts("shop/web"),
+        Some((2, 0, vec![(dst.clone(), "redirect".to_owned(), 2)])),
+        "status: what enforcement would do"
+    );
+    k.wait_metric(
+        "redirector_audit_connections_total{workload=\"shop/web\",verdict=\"redirect\"}",
+        2.0,
+    );
+    k.wait_metric(
+        &format!(
+            "redirector_audit_destination_connections{{workload=\"shop/web\",destination=\"{dst}\",verdict=\"redirect\"}}"
+        ),
+        2.0,
+    );
+    let summary = format!("{dst} redirect=2");
+    k.wait("the audit summary line", |k| {
+        k.log().lines().any(|l| {
+            l.contains("audit summary")
+                && l.contains("workload=shop/web ")
+                && l.contains("total_redirect=2 ")
+                && l.contains(&summary)
+        })
+    });
+
+    // Enforce: relabel, no restart; the next connection is redirected and not counted.
+    k.api.label_namespace("shop", LABEL, Some("true"));
+    k.wait_state("shop/web", "redirect");
+    assert_eq!(k.curl("shop/web"), Outcome::Redirected, "log:\n{}", k.log());
+    assert_eq!(k.audit_lines_at_least("shop/web", 1).len(), 1);
+    assert_eq!(k.lab().audit_counts("shop/web").map(|c| c.0), Some(2));
+
+    // And back to audit.
+    k.api.label_namespace("shop", LABEL, Some("audit"));
+    k.wait_state("shop/web", "audit");
+    assert_eq!(k.curl("shop/web"), Outcome::NoRoute, "log:\n{}", k.log());
+    assert_eq!(k.lab().audit_counts("shop/web").map(|c| c.0), Some(3));
+    k.wait("the pod's listener to close", |k| {
+        k.metric("redirector_listeners") == 0.0
+    });
+    assert_eq!(k.daemon_pid(), pid, "the daemon was not restarted");
+    assert_eq!(
+        k.audit_lines("shop/web").len(),
+        1,
+        "only the enforced connection was relayed"
+    );
 }
 
 /// 2. A pod created in a labeled namespace has its very first connection redirected.

@@ -235,6 +235,61 @@ async fn labeling_a_namespace_enables_its_pods_on_this_node_only() {
     );
 }
 
+/// Audit mode (issue 13, item 6): pods of a namespace labeled `enabled=audit` are in the set,
+/// marked audited; relabeling `true` and back switches them in place (same keys, never a set
+/// without them in between).
+#[tokio::test]
+async fn audit_label_audits_and_relabeling_switches_in_place() {
+    let api = KubeApi::start().await;
+    api.create_namespace("shop", &[(ENABLED_LABEL, "audit")]);
+    api.create_namespace("apps", ON);
+    api.create_pod("shop", "web", &uid(1), NODE, &[], "Burstable");
+    api.create_pod("shop", "out", &uid(2), NODE, OPT_OUT, "Burstable");
+    api.create_pod("apps", "api", &uid(3), NODE, &[], "Burstable");
+    let mut w = Watching::start(api).await;
+    let audited = |set: &DesiredSet| -> Vec<(String, bool)> {
+        set.values().map(|w| (w.label.clone(), w.audit)).collect()
+    };
+    let set = w.wait_keys("initial list", &[&uid(1), &uid(3)]).await;
+    assert_eq!(
+        audited(&set),
+        [
+            ("shop/web".to_owned(), true),
+            ("apps/api".to_owned(), false)
+        ],
+        "the opted-out pod stays out of an audit namespace too"
+    );
+    w.api.label_namespace("shop", ENABLED_LABEL, Some("true"));
+    w.wait_for("shop enforced", |s| {
+        s.get(&uid(1)).is_some_and(|w| !w.audit)
+    })
+    .await;
+    w.api.label_namespace("shop", ENABLED_LABEL, Some("audit"));
+    w.wait_for("shop audited again", |s| {
+        s.get(&uid(1)).is_some_and(|w| w.audit)
+    })
+    .await;
+    w.api.label_namespace("shop", ENABLED_LABEL, Some("Audit"));
+    w.wait_keys("a value other than true/audit enables nothing", &[&uid(3)])
+        .await;
+    let history = w.history().await;
+    let first = history
+        .iter()
+        .position(|s| s.contains_key(&uid(1)))
+        .expect("shop/web was in a set");
+    let last = history
+        .iter()
+        .rposition(|s| s.contains_key(&uid(1)))
+        .expect("shop/web was in a set");
+    assert!(
+        history[first..=last]
+            .iter()
+            .all(|s| s.contains_key(&uid(1))),
+        "switching modes never dropped the pod: {:?}",
+        describe_all(&history)
+    );
+}
+
 #[tokio::test]
 async fn initial_list_applies_every_rule() {
     let api = KubeApi::start().await;

@@ -126,6 +126,7 @@ mod tests {
             label: "k".into(),
             cgroup_candidates: vec![dir.path().join("a/b/c"), dir.path().join("exists")],
             pod: None,
+            audit: false,
         };
         let mut out = HashSet::new();
         watch_paths(&w, &mut out);

@@ -1,4 +1,5 @@
 //! `redirector run`: the wiring diagram of the daemon, one comment per step.
+mod audit;
 mod cgroup_watch;
 mod reconcile;
 mod reload;
@@ -97,6 +98,12 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         }
     }
     release_freed_heap();
+    let audit_supported = bpf::audit_supported(&pins);
+    if !audit_supported {
+        warn!(
+            "the attached eBPF programs predate audit mode: audited workloads are left alone (direct, not counted) until the programs are replaced"
+        );
+    }
 
     // 3. Maps: skip ranges first, then our port and pid; only now may the hooks redirect.
     maps.set_skip_ranges(&config.skip_cidrs())?;
@@ -128,6 +135,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         pending: Arc::default(),
         refusal_log: crate::telemetry::LogLimiter::default(),
         cni: crate::cni::CniState::default(),
+        audit_supported,
     });
     let readiness = Arc::new(Readiness::default());
     readiness.hooks_attached.store(
@@ -149,10 +157,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // 5. The desired set of workloads: fixed (`--cgroup`, known at once) or followed from
     //    the API server (known once the watcher sends its first set).
     let (tx, rx) = watch::channel(DesiredSet::new());
-    let initial_known = match &node_name {
+    let static_tx = match &node_name {
         None => {
-            tx.send_replace(static_desired_set(&config.cgroups));
-            true
+            tx.send_replace(static_desired_set(&config.cgroups, config.audit));
+            Some(tx)
         }
         Some(node) => {
             let client = k8s::client(config.kubeconfig.as_deref())
@@ -175,9 +183,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
                     error!(error = %crate::error_chain(&e), "kubernetes watcher stopped");
                 }
             });
-            false
+            None
         }
     };
+    let initial_known = static_tx.is_some();
 
     // 6. Reconcile: listeners in each workload's netns, then its cgroup id into the map.
     let reconciler = tokio::spawn(reconcile::run(
@@ -187,10 +196,35 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         initial_known,
     ));
 
-    // 7. Reload on SIGHUP and when the config file changes, until SIGTERM/SIGINT.
-    reload::until_stopped(&shared, &args, signals).await;
+    // 7. Audit: read the counts of audited workloads every audit interval (metrics, one
+    //    summary line per active workload, freeing idle entries).
+    match bpf::AuditMaps::open(&pins) {
+        Ok(maps) => {
+            tokio::spawn(audit::run(Arc::clone(&shared), maps));
+        }
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "audit maps unavailable: audit counts are not reported")
+        }
+    }
 
-    // 8. Drain: stop accepting, give open connections the drain timeout.
+    // 8. Reload on SIGHUP and when the config file changes, until SIGTERM/SIGINT. In static
+    //    mode a reload also re-sends the workloads (`audit` is reloadable).
+    let resend = |c: &Config| {
+        if let Some(tx) = &static_tx {
+            let set = static_desired_set(&c.cgroups, c.audit);
+            tx.send_if_modified(|current| {
+                let changed = *current != set;
+                if changed {
+                    info!(audit = c.audit, "static workloads' mode changed");
+                    *current = set;
+                }
+                changed
+            });
+        }
+    };
+    reload::until_stopped(&shared, &args, signals, &resend).await;
+
+    // 9. Drain: stop accepting, give open connections the drain timeout.
     shared.shutdown.cancel();
     let _ = reconciler.await;
     shared.tracker.close();
@@ -214,8 +248,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The workloads of static mode: one per `--cgroup` path, keyed and labelled by the path.
-fn static_desired_set(cgroups: &[PathBuf]) -> DesiredSet {
+/// The workloads of static mode: one per `--cgroup` path, keyed and labelled by the path, all
+/// audited or all enforced.
+fn static_desired_set(cgroups: &[PathBuf], audit: bool) -> DesiredSet {
     cgroups
         .iter()
         .map(|p| {
@@ -227,6 +262,7 @@ fn static_desired_set(cgroups: &[PathBuf]) -> DesiredSet {
                     label: key,
                     cgroup_candidates: vec![p.clone()],
                     pod: None,
+                    audit,
                 },
             )
         })

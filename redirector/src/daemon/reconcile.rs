@@ -117,10 +117,7 @@ pub async fn run(
         // Wait: a new desired set, a pending cgroup changing, a CNI request, or the timer.
         if let Some(w) = watch.as_mut() {
             let mut pending = HashSet::new();
-            for w in desired
-                .values()
-                .filter(|w| !decide::redirects(&memory, &w.key))
-            {
+            for w in desired.values().filter(|w| !decide::settled(&memory, w)) {
                 watch_paths(w, &mut pending);
             }
             w.set(&pending);
@@ -221,7 +218,7 @@ fn observe(
         memory
             .enabled
             .iter()
-            .filter(|(key, _)| desired.contains_key(*key))
+            .filter(|(key, e)| desired.contains_key(*key) && e.stage != Stage::Audit)
             .map(|(_, e)| {
                 (
                     e.cgroup.clone(),
@@ -235,8 +232,11 @@ fn observe(
     let entries = full.then(|| shared.maps().enabled_entries());
     let earlier = decide::wants_earlier_run(memory, known).then(|| EarlierRun {
         map_ids: shared.maps().enabled_ids(),
+        // An audited workload the attached programs cannot audit is not wanted in the map:
+        // an entry an earlier run left for it goes.
         candidate_ids: desired
             .values()
+            .filter(|w| shared.audit_supported || !w.audit)
             .flat_map(|w| &w.cgroup_candidates)
             .filter_map(|p| netns::cgroup_id(p).ok())
             .collect(),
@@ -254,6 +254,7 @@ fn observe(
         entries,
         earlier,
         netns_files,
+        audit_unavailable: !shared.audit_supported,
     }
 }
 
@@ -264,7 +265,9 @@ fn observe_cgroup(w: &Workload, memory: &Memory, full: bool) -> CgroupSeen {
     let Ok(id) = netns::cgroup_id(&path) else {
         return CgroupSeen::Unreadable;
     };
-    let procs = decide::wants_scan(memory, &w.key, id, full).then(|| processes(&path));
+    // An audited workload needs no listener, hence never its processes.
+    let procs =
+        (!w.audit && decide::wants_scan(memory, &w.key, id, full)).then(|| processes(&path));
     CgroupSeen::Found { path, id, procs }
 }
 
@@ -383,6 +386,9 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision, write: bool)
             Notice::WaitingForProcess { label, cgroup } => {
                 info!(workload = %label, cgroup = %cgroup.display(), "cgroup has no process yet; its connections are refused until its network namespace has a listener");
             }
+            Notice::AuditUnavailable { label } => {
+                warn!(workload = %label, "audit requested, but the attached eBPF programs predate audit mode (they would refuse its connects): left alone, its connects go direct and are not counted, until the programs are replaced");
+            }
             Notice::Refused { label, stage } => {
                 let why = match stage {
                     Stage::PortsDiffer => {
@@ -411,6 +417,9 @@ fn apply(shared: &Shared, listeners: &mut ListenerSet, d: Decision, write: bool)
                 Ok(()) => match stage {
                     Stage::Redirect { port } => {
                         info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, port, "workload enabled");
+                    }
+                    Stage::Audit => {
+                        info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload audited: its connects are counted, not redirected");
                     }
                     _ => {
                         info!(workload = %label, cgroup = %cgroup.display(), cgroup_id = id, "workload's connections refused until its listener is bound");

@@ -32,20 +32,26 @@ impl Signals {
 
 /// Reloads on SIGHUP and when the config file changes (checked every second) until SIGTERM
 /// or SIGINT arrives.
-pub async fn until_stopped(shared: &Shared, args: &RunArgs, mut signals: Signals) {
+/// `applied` is called with each configuration a reload puts in force.
+pub async fn until_stopped(
+    shared: &Shared,
+    args: &RunArgs,
+    mut signals: Signals,
+    applied: &dyn Fn(&crate::config::Config),
+) {
     let mut last_stamp = args.config.as_ref().map(|p| file_stamp(p));
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = signals.term.recv() => { info!("SIGTERM received, draining"); break; }
             _ = signals.int.recv() => { info!("SIGINT received, draining"); break; }
-            _ = signals.hup.recv() => reload(shared, args, "SIGHUP"),
+            _ = signals.hup.recv() => reload(shared, args, "SIGHUP", applied),
             _ = poll.tick() => {
                 if let Some(p) = &args.config {
                     let now = file_stamp(p);
                     if last_stamp.as_ref() != Some(&now) {
                         last_stamp = Some(now);
-                        reload(shared, args, "config file changed");
+                        reload(shared, args, "config file changed", applied);
                     }
                 }
             }
@@ -64,7 +70,7 @@ fn file_stamp(p: &std::path::Path) -> Option<u64> {
 }
 
 /// Re-reads the configuration; a bad one is rejected and the running one stays in force.
-fn reload(shared: &Shared, args: &RunArgs, why: &str) {
+fn reload(shared: &Shared, args: &RunArgs, why: &str, applied: &dyn Fn(&crate::config::Config)) {
     let old = shared.config.load_full();
     let mut new = match args.load() {
         Ok(c) => c,
@@ -103,6 +109,7 @@ fn reload(shared: &Shared, args: &RunArgs, why: &str) {
         Arc::clone(&shared.metrics),
         &shared.shutdown,
     );
+    applied(&new);
     shared.config.store(Arc::new(new));
     if let Some(old) = shared.gateway.swap(Some(pool)) {
         tokio::spawn(async move { old.close().await });

@@ -8,6 +8,12 @@
 //! refused: fail closed, for that pod only. It is disabled when it leaves the desired set,
 //! and its listeners close once no workload uses their namespace. An id is taken out of
 //! `rdr_enabled` only when no workload holds it any more: two pods may resolve to one cgroup.
+//!
+//! An audited workload goes into `rdr_enabled` as "audit" as soon as its cgroup exists: no
+//! listener, no process needed, never refused. Switching it to enforce is a change of stage
+//! like any other (it is refused until its listener is bound, then redirected); switching
+//! back closes its listeners on the next full pass. When the attached programs predate audit
+//! mode (they would read "audit" as "refuse"), an audited workload is kept out of the map.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -38,9 +44,12 @@ pub struct Enabled {
     pub stage: Stage,
 }
 
-/// Where an enabled workload is; the first three are refused in the kernel.
+/// Where an enabled workload is; `WaitingForProcess`, `NoListener` and `PortsDiffer` are
+/// refused in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// Audit mode: its connects go on unchanged and are counted; no listener.
+    Audit,
     /// Its cgroup has no process yet, so its network namespace is unknown.
     WaitingForProcess,
     /// A namespace its processes use has no listener: none could be bound.
@@ -55,6 +64,7 @@ impl Stage {
     pub fn mode(self) -> CgroupMode {
         match self {
             Stage::Redirect { port } => CgroupMode::Redirect { port },
+            Stage::Audit => CgroupMode::Audit,
             _ => CgroupMode::Refuse,
         }
     }
@@ -87,6 +97,8 @@ pub struct Observed {
     /// namespace before its first process), by namespace. Such a namespace is listed among
     /// its workload's processes as a [`Proc`] with pid 0.
     pub netns_files: BTreeMap<NetnsId, crate::netns::NetnsFile>,
+    /// The attached programs predate audit mode: audited workloads stay out of the map.
+    pub audit_unavailable: bool,
 }
 
 /// A desired workload's cgroup as one pass found it.
@@ -178,6 +190,10 @@ pub enum Notice {
         label: String,
         stage: Stage,
     },
+    /// Audited, but the attached programs cannot audit: left alone (direct, not counted).
+    AuditUnavailable {
+        label: String,
+    },
 }
 
 /// The outcome of [`decide`].
@@ -207,6 +223,16 @@ pub fn redirects(memory: &Memory, key: &str) -> bool {
         .is_some_and(|e| matches!(e.stage, Stage::Redirect { .. }))
 }
 
+/// Is the workload where it is meant to be (redirected, or audited), so that nothing about
+/// it needs watching until the next full pass?
+pub fn settled(memory: &Memory, w: &crate::workloads::Workload) -> bool {
+    match memory.enabled.get(&w.key).map(|e| e.stage) {
+        Some(Stage::Audit) => w.audit,
+        Some(Stage::Redirect { .. }) => !w.audit,
+        _ => false,
+    }
+}
+
 /// Whether a pass reads [`EarlierRun`]: once, as soon as the desired set is known.
 pub fn wants_earlier_run(memory: &Memory, known: bool) -> bool {
     known && !memory.stale_checked
@@ -220,7 +246,7 @@ fn redirects_with(memory: &Memory, key: &str, id: u64) -> bool {
 /// that has none yet, with every process in it as a way in (in desired-set order).
 pub fn plan_listeners(desired: &DesiredSet, seen: &Observed) -> Vec<Listen> {
     let mut plan: Vec<Listen> = Vec::new();
-    for w in desired.values() {
+    for w in desired.values().filter(|w| !w.audit) {
         let Some(CgroupSeen::Found {
             procs: Some(procs), ..
         }) = seen.cgroups.get(&w.key)
@@ -264,6 +290,16 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
     let mut in_use: BTreeSet<NetnsId> = BTreeSet::new();
 
     for w in desired.values() {
+        if w.audit && seen.audit_unavailable {
+            // Kept out of rdr_enabled (and taken out below if it was in): the attached
+            // programs would refuse its connects. Logged once.
+            if memory.waiting_logged.insert(w.key.clone()) {
+                notices.push(Notice::AuditUnavailable {
+                    label: w.label.clone(),
+                });
+            }
+            continue;
+        }
         let (path, id, procs) = match seen.cgroups.get(&w.key) {
             Some(CgroupSeen::Found { path, id, procs }) => (path, *id, procs),
             Some(CgroupSeen::Missing) => {
@@ -277,14 +313,19 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
             }
             Some(CgroupSeen::Unreadable) | None => continue,
         };
-        let Some(procs) = procs else {
-            // Redirected with this id and not looked at on a quick pass.
-            continue;
+        let stage = if w.audit {
+            // No listener, no process needed: audited from the moment its cgroup exists.
+            Stage::Audit
+        } else {
+            let Some(procs) = procs else {
+                // Redirected with this id and not looked at on a quick pass.
+                continue;
+            };
+            in_use.extend(procs.iter().map(|p| p.netns));
+            stage_of(procs, &seen.listeners)
         };
-        in_use.extend(procs.iter().map(|p| p.netns));
-        let stage = stage_of(procs, &seen.listeners);
         match stage {
-            Stage::Redirect { .. } => {
+            Stage::Redirect { .. } | Stage::Audit => {
                 memory.waiting_logged.remove(&w.key);
             }
             Stage::WaitingForProcess => {
@@ -332,10 +373,15 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
     }
 
     // Workloads that left the set: out of the map first, then their listeners go.
+    let wanted = |k: &String| {
+        desired
+            .get(k)
+            .is_some_and(|w| !(w.audit && seen.audit_unavailable))
+    };
     let gone: Vec<String> = memory
         .enabled
         .keys()
-        .filter(|k| !desired.contains_key(*k))
+        .filter(|k| !wanted(k))
         .cloned()
         .collect();
     for key in gone {
@@ -353,7 +399,7 @@ pub fn decide(desired: &DesiredSet, seen: &Observed, before: &Memory) -> Decisio
     if seen.full {
         // Keep listeners of namespaces still used by a desired or enabled workload.
         let mut keep = in_use;
-        for e in memory.enabled.values() {
+        for e in memory.enabled.values().filter(|e| e.stage != Stage::Audit) {
             if let Some(nss) = seen.enabled_netns.get(&e.cgroup) {
                 keep.extend(nss);
             }
@@ -442,6 +488,7 @@ pub fn views(desired: &DesiredSet, memory: &Memory) -> Vec<WorkloadView> {
                 cgroup_id: e.map(|e| e.id),
                 listening: matches!(stage, Some(Stage::Redirect { .. })),
                 state: match stage {
+                    Some(Stage::Audit) => "audit",
                     None | Some(Stage::WaitingForProcess) => "waiting",
                     Some(Stage::NoListener | Stage::PortsDiffer) => "refused",
                     Some(Stage::Redirect { .. }) => "redirect",
@@ -481,6 +528,7 @@ mod tests {
                     label: label(k),
                     cgroup_candidates: vec![cg(k)],
                     pod: None,
+                    audit: false,
                 };
                 ((*k).to_owned(), w)
             })
@@ -569,6 +617,11 @@ mod tests {
         /// (key, cgroup key, id): like `before`, with another workload's cgroup.
         before_shared: &'static [(&'static str, &'static str, u64)],
         stale_checked: bool,
+        /// Keys among `desired` that are audited.
+        audited: &'static [&'static str],
+        /// (key, id) audited by earlier passes, each at `/cg/<key>`.
+        before_audit: &'static [(&'static str, u64)],
+        audit_unavailable: bool,
         want_actions: Vec<Action>,
         want_notices: Vec<Notice>,
         want_ready: bool,
@@ -592,6 +645,9 @@ mod tests {
             before_refused: &[],
             before_shared: &[],
             stale_checked: true,
+            audited: &[],
+            before_audit: &[],
+            audit_unavailable: false,
             want_actions: Vec::new(),
             want_notices: Vec::new(),
             want_ready: true,
@@ -609,7 +665,11 @@ mod tests {
             .before_refused
             .iter()
             .map(|&(key, id)| (key, id, Stage::NoListener));
-        for (key, id, stage) in stages.chain(refused) {
+        let audited = c
+            .before_audit
+            .iter()
+            .map(|&(key, id)| (key, id, Stage::Audit));
+        for (key, id, stage) in stages.chain(refused).chain(audited) {
             let cgroup = cg(key);
             let e = Enabled { cgroup, id, stage };
             before.enabled.insert(key.into(), e);
@@ -644,8 +704,13 @@ mod tests {
                 candidate_ids: candidates.iter().copied().collect(),
             }),
             netns_files: BTreeMap::new(),
+            audit_unavailable: c.audit_unavailable,
         };
-        (decide(&desired(c.desired), &seen, &before), before)
+        let mut want = desired(c.desired);
+        for key in c.audited {
+            want.get_mut(*key).expect("audited key is desired").audit = true;
+        }
+        (decide(&want, &seen, &before), before)
     }
 
     #[test]
@@ -880,6 +945,80 @@ mod tests {
                 earlier: Some((&[20], &[])),
                 ..case("ids left by an earlier run are looked for only once")
             },
+            Case {
+                desired: &["a"],
+                audited: &["a"],
+                cgroups: vec![("a", found("a", 10, &[]))],
+                want_actions: vec![enable_as("a", 10, Stage::Audit)],
+                want_enabled: &[("a", 10)],
+                ..case(
+                    "audited workload: in the map as audit at once, no process or listener needed",
+                )
+            },
+            Case {
+                desired: &["a"],
+                audited: &["a"],
+                cgroups: vec![("a", unscanned("a", 10))],
+                before_audit: &[("a", 10)],
+                want_enabled: &[("a", 10)],
+                ..case("audited workload, unchanged: nothing to do")
+            },
+            Case {
+                desired: &["a"],
+                audited: &["a"],
+                full: true,
+                cgroups: vec![("a", unscanned("a", 10))],
+                listeners: &[1],
+                before: &[("a", 10)],
+                enabled_netns: &[("a", &[1])],
+                want_actions: vec![
+                    enable_as("a", 10, Stage::Audit),
+                    Action::Close { netns: ns(1) },
+                ],
+                want_enabled: &[("a", 10)],
+                ..case("redirected workload switched to audit: audit entry, its listener closes")
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1)]))],
+                listeners: &[1],
+                before_audit: &[("a", 10)],
+                want_actions: vec![enable("a", 10)],
+                want_enabled: &[("a", 10)],
+                ..case(
+                    "audited workload switched to enforce: redirected once its listener is bound",
+                )
+            },
+            Case {
+                desired: &["a"],
+                cgroups: vec![("a", found("a", 10, &[(100, 1), (200, 2)]))],
+                listeners: &[1],
+                before_audit: &[("a", 10)],
+                want_actions: vec![enable_as("a", 10, Stage::NoListener)],
+                want_notices: vec![refused("a", Stage::NoListener)],
+                want_enabled: &[("a", 10)],
+                ..case(
+                    "audited workload switched to enforce without a listener: refused, not direct",
+                )
+            },
+            Case {
+                desired: &["a"],
+                audited: &["a"],
+                audit_unavailable: true,
+                cgroups: vec![("a", found("a", 10, &[]))],
+                want_notices: vec![Notice::AuditUnavailable { label: label("a") }],
+                ..case("programs predate audit: the audited workload stays out of the map")
+            },
+            Case {
+                desired: &["a"],
+                audited: &["a"],
+                audit_unavailable: true,
+                cgroups: vec![("a", unscanned("a", 10))],
+                before: &[("a", 10)],
+                want_actions: vec![leave("a", Some(10))],
+                want_notices: vec![Notice::AuditUnavailable { label: label("a") }],
+                ..case("programs predate audit: a workload switched to audit leaves the map")
+            },
         ];
         for c in &cases {
             let (d, before) = run(c);
@@ -921,6 +1060,60 @@ mod tests {
         // A workload that leaves while waiting is forgotten too.
         let gone = decide(&DesiredSet::new(), &Observed::default(), &first.memory);
         assert!(gone.memory.waiting_logged.is_empty());
+    }
+
+    #[test]
+    fn audited_workloads_get_no_listener_and_are_settled_only_in_their_mode() {
+        let mut want = desired(&["a", "b"]);
+        want.get_mut("a").unwrap().audit = true;
+        let seen = Observed {
+            known: true,
+            cgroups: BTreeMap::from([
+                ("a".to_owned(), found("a", 10, &[(100, 1)])),
+                ("b".to_owned(), found("b", 20, &[(200, 2)])),
+            ]),
+            ..Observed::default()
+        };
+        let plan = plan_listeners(&want, &seen);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(
+            plan[0].netns,
+            ns(2),
+            "only the enforced workload gets a listener"
+        );
+
+        let mut memory = Memory::default();
+        let e = |stage| Enabled {
+            cgroup: cg("a"),
+            id: 10,
+            stage,
+        };
+        memory.enabled.insert("a".into(), e(Stage::Audit));
+        assert!(settled(&memory, &want["a"]));
+        want.get_mut("a").unwrap().audit = false;
+        assert!(
+            !settled(&memory, &want["a"]),
+            "switched to enforce: not settled"
+        );
+        memory.enabled.insert("a".into(), e(redirect()));
+        assert!(settled(&memory, &want["a"]));
+        want.get_mut("a").unwrap().audit = true;
+        assert!(
+            !settled(&memory, &want["a"]),
+            "switched to audit: not settled"
+        );
+
+        let v = views(
+            &want,
+            &Memory {
+                enabled: BTreeMap::from([("a".to_owned(), e(Stage::Audit))]),
+                ..Memory::default()
+            },
+        );
+        assert_eq!(
+            (v[0].state.as_str(), v[0].listening, v[0].port),
+            ("audit", false, None)
+        );
     }
 
     #[test]
