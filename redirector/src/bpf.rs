@@ -646,12 +646,29 @@ pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
     };
     let (links, rest): (Vec<PathBuf>, Vec<PathBuf>) =
         entries.into_iter().filter(ours).partition(is_link);
+    let link_ids: Vec<u32> = links
+        .iter()
+        .filter_map(|p| sys::obj_get(p).ok())
+        .filter(|fd| sys::is_link(fd.as_fd()))
+        .filter_map(|fd| sys::cgroup_link_info(fd.as_fd()).ok().map(|i| i.id))
+        .collect();
     for p in links.into_iter().chain(rest) {
         match fs::remove_file(&p) {
             Ok(()) => removed.push(p),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
+    }
+    // The kernel frees an unpinned link (detaching its program) in deferred work: done means
+    // detached, so wait for it, bounded.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while let Some(id) = link_ids.iter().find(|id| sys::link_exists(**id)) {
+        if std::time::Instant::now() > end {
+            return Err(std::io::Error::other(format!(
+                "link {id} is still attached 5 s after its pin was removed: a process holds it                  open (bpftool link show id {id}; a running daemon holds none)"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     match fs::remove_dir(&pins.root) {
         Ok(()) => {}

@@ -27,18 +27,17 @@
 //! the daemon finds the pod's cgroup itself, from its own view of the API and the kubelet's
 //! layout (`kubelet::confine`).
 use std::{
-    collections::HashMap,
     io::{BufRead as _, Read as _, Write as _},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 use tokio::{
     net::{UnixListener, UnixStream},
-    sync::{Notify, watch},
+    sync::watch,
 };
 use tracing::{info, warn};
 
@@ -46,6 +45,7 @@ use crate::{
     k8s::PodsView,
     kubelet::PodUid,
     netns::{self, NetnsFile},
+    state::Hint,
     state::Shared,
     workloads::DesiredSet,
 };
@@ -79,53 +79,6 @@ pub struct Reply {
     pub redirected: bool,
     /// Why not ok (no secrets, no pod-controlled text beyond the checked names).
     pub error: Option<String>,
-}
-
-/// A pod's network namespace as the runtime handed it over, until a process is in it.
-#[derive(Clone, Debug)]
-pub struct Hint {
-    pub netns: NetnsFile,
-}
-
-/// The daemon side's shared part: namespace hints for the reconciler, and the signals
-/// between the two.
-#[derive(Default)]
-pub struct CniState {
-    hints: Mutex<HashMap<String, Hint>>,
-    wake: Notify,
-    passes: watch::Sender<u64>,
-}
-
-impl CniState {
-    /// Hints by workload key (pod UID).
-    pub fn hints(&self) -> HashMap<String, Hint> {
-        self.hints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-    fn set_hint(&self, uid: &str, hint: Option<Hint>) {
-        let mut h = self.hints.lock().unwrap_or_else(PoisonError::into_inner);
-        match hint {
-            Some(hint) => h.insert(uid.to_owned(), hint),
-            None => h.remove(uid),
-        };
-    }
-    /// Forgets the hints of pods that left the desired set (deleted, unlabeled).
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.hints
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|k, _| keep(k));
-    }
-    /// Resolves when a CNI request wants a reconcile pass now.
-    pub async fn woken(&self) {
-        self.wake.notified().await;
-    }
-    /// The reconciler finished a pass (its views are published).
-    pub fn pass_done(&self) {
-        self.passes.send_modify(|n| *n = n.wrapping_add(1));
-    }
 }
 
 /// Serves the plugin on `path` until shutdown. The socket's directory is made 0700 and the
@@ -416,8 +369,8 @@ async fn handle(
         file: Arc::new(file),
     };
     shared.cni.set_hint(&req.pod_uid, Some(Hint { netns }));
-    let mut passes = shared.cni.passes.subscribe();
-    shared.cni.wake.notify_one();
+    let mut passes = shared.cni.passes();
+    shared.cni.wake();
     // 3. Done when the pod's view says "redirect" (listener bound, entry written), or
     //    "audit" for a pod of an audited namespace (entry written: its first connects are
     //    counted; they go direct, as audit mode means).

@@ -5,6 +5,8 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
+use tokio::sync::Notify;
+
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -43,7 +45,7 @@ pub struct Shared {
     /// Budget refusals are logged at most once a second, with how many were not.
     pub refusal_log: crate::telemetry::LogLimiter,
     /// What the CNI plugin's requests share with the reconciler.
-    pub cni: crate::cni::CniState,
+    pub cni: CniState,
     /// The attached programs know audit mode (see `bpf::audit_supported`).
     pub audit_supported: bool,
 }
@@ -63,5 +65,60 @@ impl Shared {
         self.workloads
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A pod's network namespace as the runtime handed it over, until a process is in it.
+#[derive(Clone, Debug)]
+pub struct Hint {
+    pub netns: crate::netns::NetnsFile,
+}
+
+/// What the CNI plugin's requests (`cni.rs`) share with the reconciler: the namespaces the
+/// runtime handed over, and the signals between the two.
+#[derive(Default)]
+pub struct CniState {
+    hints: Mutex<HashMap<String, Hint>>,
+    wake: Notify,
+    passes: tokio::sync::watch::Sender<u64>,
+}
+
+impl CniState {
+    /// Hints by workload key (pod UID).
+    pub fn hints(&self) -> HashMap<String, Hint> {
+        self.hints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+    pub fn set_hint(&self, uid: &str, hint: Option<Hint>) {
+        let mut h = self.hints.lock().unwrap_or_else(PoisonError::into_inner);
+        match hint {
+            Some(hint) => h.insert(uid.to_owned(), hint),
+            None => h.remove(uid),
+        };
+    }
+    /// Forgets the hints of pods that left the desired set (deleted, unlabeled).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.hints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|k, _| keep(k));
+    }
+    /// Resolves when a CNI request wants a reconcile pass now.
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+    /// The reconciler finished a pass (its views are published).
+    pub fn pass_done(&self) {
+        self.passes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+    /// Asks the reconciler for a pass now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+    /// Passes done so far, to wait for the next one.
+    pub fn passes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.passes.subscribe()
     }
 }

@@ -158,3 +158,19 @@ pub fn map_keys_u64(map: BorrowedFd<'_>) -> io::Result<Vec<u64>> {
         }
     }
 }
+
+/// Whether a link with this id still exists (`BPF_LINK_GET_FD_BY_ID`): a link is freed, and
+/// its program detached, shortly after its last reference goes (the kernel defers the work).
+pub fn link_exists(id: u32) -> bool {
+    let mut attr = zeroed_attr();
+    // Writing a plain integer field of the get-by-id member of a zeroed union.
+    attr.__bindgen_anon_6.__bindgen_anon_1.link_id = id;
+    match bpf(bpf_cmd::BPF_LINK_GET_FD_BY_ID, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: a successful call returns a new fd that nothing else owns; dropped here.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            true
+        }
+        Err(_) => false,
+    }
+}

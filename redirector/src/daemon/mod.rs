@@ -134,7 +134,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         open: Arc::default(),
         pending: Arc::default(),
         refusal_log: crate::telemetry::LogLimiter::default(),
-        cni: crate::cni::CniState::default(),
+        cni: crate::state::CniState::default(),
         audit_supported,
     });
     let readiness = Arc::new(Readiness::default());
