@@ -340,38 +340,17 @@ pub fn load_and_attach(
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(BpfError::MissingProgram { name })?;
-            let next = pins.path(&format!("{name}{NEXT}"));
-            let _ = fs::remove_file(&next);
-            prog.pin(&next).map_err(|e| BpfError::Pin {
-                what: "program",
-                path: next.clone(),
-                source: Box::new(e),
-            })?;
-            rename_pin(&next, &pins.path(name))?;
+            pin_in_place(pins, name, "program", |p| prog.pin(p))?;
         }
     }
     for (i, link) in fresh {
-        let name = names::LINKS[i];
-        let next = pins.path(&format!("{name}{NEXT}"));
-        let _ = fs::remove_file(&next);
-        link.pin(&next).map_err(|e| BpfError::Pin {
-            what: "link",
-            path: next.clone(),
-            source: Box::new(e),
-        })?;
-        rename_pin(&next, &pins.path(name))?;
+        pin_in_place(pins, names::LINKS[i], "link", |p| link.pin(p).map(drop))?;
     }
     for (obj_name, pin) in &stale {
         let map = ebpf
             .map_mut(obj_name)
             .ok_or(BpfError::MissingMap { name: pin })?;
-        let next = pins.path(&format!("{pin}{NEXT}"));
-        map.pin(&next).map_err(|e| BpfError::Pin {
-            what: "map",
-            path: next.clone(),
-            source: Box::new(e),
-        })?;
-        rename_pin(&next, &pins.path(pin))?;
+        pin_in_place(pins, pin, "map", |p| map.pin(p))?;
     }
     hooks.commit();
     if origin != Origin::Adopted {
@@ -391,12 +370,24 @@ pub fn load_and_attach(
     Ok((Maps::open(pins)?, origin, logger))
 }
 
-fn rename_pin(from: &Path, to: &Path) -> Result<(), BpfError> {
-    fs::rename(from, to).map_err(|e| BpfError::Pin {
-        what: "object",
-        path: to.to_owned(),
-        source: Box::new(e),
-    })
+/// Pins an object as `name` in place of whatever is pinned there: at `<name>_next` first,
+/// then renamed over the live pin, so the name never refers to nothing or to half an update.
+fn pin_in_place<E: std::error::Error + Send + Sync + 'static>(
+    pins: &PinLayout,
+    name: &str,
+    what: &'static str,
+    pin: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<(), BpfError> {
+    let next = pins.path(&format!("{name}{NEXT}"));
+    let _ = fs::remove_file(&next);
+    let err = |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| BpfError::Pin {
+        what,
+        path: path.to_owned(),
+        source: e,
+    };
+    pin(&next).map_err(|e| err(&next, Box::new(e)))?;
+    let live = pins.path(name);
+    fs::rename(&next, &live).map_err(|e| err(&live, Box::new(e)))
 }
 
 /// Copies the keys of the old `rdr_enabled` (a cgroup id is a u64 in every layout) into the
@@ -595,14 +586,7 @@ pub fn repair_defunct_links(
             path: pins.path(link_name),
             source: Box::new(e),
         })?;
-        let next = pins.path(&format!("{link_name}{NEXT}"));
-        let _ = fs::remove_file(&next);
-        link.pin(&next).map_err(|e| BpfError::Pin {
-            what: "link",
-            path: next.clone(),
-            source: Box::new(e),
-        })?;
-        rename_pin(&next, &pins.path(link_name))?;
+        pin_in_place(pins, link_name, "link", |p| link.pin(p).map(drop))?;
         repaired.push(link_name);
     }
     Ok(repaired)

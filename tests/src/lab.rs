@@ -596,6 +596,16 @@ impl Lab {
         }
     }
 
+    /// The logs of every daemon this lab started, in start order.
+    pub fn daemon_log(&self) -> String {
+        self.procs
+            .iter()
+            .filter(|p| p.name == "redirector")
+            .map(|p| p.log())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Waits (bounded) until the daemon's log contains `needle`; returns the whole log. Audit
     /// lines are written when a relay ends, which can be just after the client is done.
     pub fn wait_daemon_log(&self, needle: &str) -> String {

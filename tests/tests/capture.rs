@@ -45,15 +45,6 @@ fn internet_lab(pods: usize) -> Lab {
     lab
 }
 
-fn daemon_log(lab: &Lab) -> String {
-    lab.procs
-        .iter()
-        .filter(|p| p.name == "redirector")
-        .map(|p| p.log())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn curl(lab: &Lab, pod: usize, url: &str) -> Output {
     lab.pods[pod]
         .cmd("curl")
@@ -361,7 +352,10 @@ fn unredirected_connection_to_proxy_port_is_refused_and_counted() {
     assert!(o.status.success(), "{}", out(&o));
     assert_eq!(stdout(&o).trim(), "reset", "{}", out(&o));
     assert_eq!(lab.metric(series), before + 1.0);
-    assert!(daemon_log(&lab).contains("refused connection with no recorded original destination"));
+    assert!(
+        lab.daemon_log()
+            .contains("refused connection with no recorded original destination")
+    );
 }
 
 #[test]
@@ -426,7 +420,7 @@ fn killed_daemon_fails_closed_and_restart_adopts_pins() {
 
     // Restart: adopts, does not stack a second attachment, and traffic flows again.
     lab.start_daemon(&[]);
-    let log = daemon_log(&lab);
+    let log = lab.daemon_log();
     assert!(log.contains("adopted pinned eBPF programs"), "{log}");
     let tree = lab.bpftool(&format!("cgroup tree {}", lab.cg_root.display()));
     for prog in ["rdr_connect4", "rdr_connect6", "rdr_sockops"] {
@@ -674,7 +668,7 @@ fn pod_over_its_connection_budget_is_refused_and_others_keep_working() {
         line.trim(),
         "ok=20 refused=40",
         "daemon log:\n{}",
-        daemon_log(&lab)
+        lab.daemon_log()
     );
 
     // While pod 0 holds its 20, pod 1 is served.
@@ -726,7 +720,7 @@ fn silent_connections_past_the_pending_budget_are_refused() {
         "alive=5 refused=15",
         "{}\ndaemon log:\n{}",
         out(&o),
-        daemon_log(&lab)
+        lab.daemon_log()
     );
     assert_eq!(
         lab.metric("redirector_refused_total{reason=\"setup_limit\"}"),

@@ -594,6 +594,20 @@ impl K8s {
     }
 
     /// One `curl` to the target from app container 0 of `pod` (like `kubectl exec`).
+    /// A new app container of pod `uid` (a fresh child cgroup) whose first process
+    /// connects at once.
+    fn first_connection(&mut self, uid: &str) -> Outcome {
+        let target = self.target;
+        let o = self
+            .node
+            .pod_mut(uid)
+            .container_cmd("curl")
+            .args(curl_args(target))
+            .output()
+            .expect("curl");
+        classify(&o, target)
+    }
+
     fn curl(&self, pod: &str) -> Outcome {
         let p = self.node.pod(&self.uid(pod));
         let o = p
@@ -875,16 +889,9 @@ fn pod_created_in_labeled_namespace_has_first_connection_redirected() {
         }
         let gap = sandbox_up.elapsed();
         // StartContainer: a new container cgroup; the app connects immediately.
-        let target = k.target;
-        let o = k
-            .node
-            .pod_mut(&uid)
-            .container_cmd("curl")
-            .args(curl_args(target))
-            .output()
-            .expect("curl");
+        let outcome = k.first_connection(&uid);
         k.api.set_pod_phase("apps", name, "Running");
-        (classify(&o, target), gap)
+        (outcome, gap)
     };
 
     let (first, gap) = run(&mut k, "first", true);
@@ -1007,15 +1014,7 @@ fn two_hundred_new_pods_whose_first_process_connects_at_once_never_go_direct() {
                 .add_named_pod(&uid, Qos::Burstable, Driver::Systemd, ns, &name);
         }
         // The first process of the first container connects at once.
-        let target = k.target;
-        let o = k
-            .node
-            .pod_mut(&uid)
-            .container_cmd("curl")
-            .args(curl_args(target))
-            .output()
-            .expect("curl");
-        let outcome = classify(&o, target);
+        let outcome = k.first_connection(&uid);
         let kind = match (&outcome, ns) {
             (Outcome::Redirected, "apps") => "redirected",
             (Outcome::Refused, "apps") => "refused",

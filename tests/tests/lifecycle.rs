@@ -35,15 +35,6 @@ fn internet_lab(pods: usize) -> Lab {
     lab
 }
 
-fn daemon_logs(lab: &Lab) -> String {
-    lab.procs
-        .iter()
-        .filter(|p| p.name == "redirector")
-        .map(|p| p.log())
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + limit;
     while !f() {
@@ -244,7 +235,7 @@ fn programs_are_replaced_in_place_while_connects_run() {
             "link {link}: programs over time"
         );
     }
-    let log = daemon_logs(&lab);
+    let log = lab.daemon_log();
     assert!(
         log.contains("replaced the pinned eBPF programs in place"),
         "{log}"
@@ -295,7 +286,7 @@ fn a_pinned_map_of_another_layout_is_recreated_not_misread() {
     ));
 
     lab.start_daemon(&[]);
-    let log = daemon_logs(&lab);
+    let log = lab.daemon_log();
     assert!(log.contains("pinned map has another layout"), "{log}");
     let show = lab.bpftool(&format!("-j map show pinned {}", map.display()));
     let v: serde_json::Value = serde_json::from_str(&show).expect("bpftool json");
@@ -339,7 +330,7 @@ fn a_defunct_link_is_attached_again() {
     for (b, a) in before.iter().zip(&after) {
         assert_ne!(b.unwrap().0, a.unwrap().0, "a new link per hook");
     }
-    let log = daemon_logs(&lab);
+    let log = lab.daemon_log();
     assert!(log.contains("attached afresh"), "{log}");
     wait_until("the pod redirected again", Duration::from_secs(15), || {
         connects(&lab, &Lab::inet_v4(2).to_string())
