@@ -611,13 +611,7 @@ impl Lab {
     pub fn wait_daemon_log(&self, needle: &str) -> String {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
-            let log: String = self
-                .procs
-                .iter()
-                .filter(|p| p.name == "redirector")
-                .map(|p| p.log())
-                .collect::<Vec<_>>()
-                .join("\n");
+            let log = self.daemon_log();
             if log.contains(needle) {
                 return log;
             }
