@@ -16,6 +16,11 @@ pub const DEFAULT_PROXY_PORT: u16 = 15300;
 /// the pod's [`CgroupEntry`].
 pub const PROXY_PORT_CHOICES: u16 = 16;
 
+/// Port of the network-namespace probe (`rdr_p_netns`): the daemon's own connect to
+/// `127.0.0.1:PROBE_PORT` is answered by the probe program (refused, never sent). Port 0: no
+/// listener can ever be there.
+pub const PROBE_PORT: u16 = 0;
+
 /// How many cgroup ancestor levels the connect hooks examine (level 0 is the root).
 ///
 /// Kubernetes pod cgroups sit at depth 3-5 (`kubepods.slice/kubepods-burstable.slice/…`),
@@ -32,8 +37,9 @@ pub mod names {
     pub const MAP_SKIP4: &str = "rdr_skip4";
     /// IPv6 LPM trie of destinations that always go direct (skip ranges).
     pub const MAP_SKIP6: &str = "rdr_skip6";
-    /// socket cookie -> [`super::OrigDst`]: redirected connects not yet established.
-    pub const MAP_PENDING: &str = "rdr_pending";
+    /// Socket-local storage ([`super::Pending`]): a redirected socket's original destination
+    /// and netns cookie, from its connect until the socket is freed.
+    pub const MAP_PENDING: &str = "rdr_sk_pending";
     /// [`super::SockKey`] -> [`super::OrigDst`]: established redirected connections,
     /// keyed the way the proxy sees them on accept.
     pub const MAP_ORIG: &str = "rdr_orig";
@@ -131,12 +137,24 @@ pub struct OrigDst {
     pub cookie: u64,
 }
 
+/// Value of `rdr_sk_pending` (socket-local storage): what the connect hook learned about a
+/// redirected socket, for the sockops program to key `rdr_orig` with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// The original destination (`cookie` is filled in by sockops).
+    pub dst: OrigDst,
+    /// Cookie of the socket's network namespace, taken in the connect hook: sockops programs
+    /// can read it themselves only from Linux 5.15 on.
+    pub netns: u64,
+}
+
 /// Key of `rdr_orig`: the client end of a redirected connection as the proxy sees it
 /// (`getpeername()` of the accepted socket) plus the network namespace it lives in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
-    /// `SO_NETNS_COOKIE` of the namespace (the same value `bpf_get_netns_cookie` returns).
+    /// Cookie of the namespace (what `bpf_get_netns_cookie` returns; `SO_NETNS_COOKIE`).
     pub netns: u64,
     /// Client address in network byte order, IPv4 stored IPv4-mapped.
     pub addr: [u8; 16],
@@ -245,6 +263,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: `#[repr(C)]`, `u64` fields only: no padding, every bit pattern is valid.
     unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: `#[repr(C)]`, OrigDst (32 bytes, no padding, see above) + u64: 40 bytes, no
+    // padding; integers and bytes only.
+    unsafe impl aya::Pod for super::Pending {}
 }
 
 #[cfg(test)]
@@ -279,6 +300,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<RdrConfig>(), 16);
         assert_eq!(core::mem::size_of::<OrigDst>(), 32);
         assert_eq!(core::mem::size_of::<SockKey>(), 32);
+        assert_eq!(core::mem::size_of::<Pending>(), 40);
         assert_eq!(
             core::mem::size_of::<Counters>(),
             8 * counter::COUNT as usize

@@ -5,13 +5,16 @@
 //! Flow for one redirected connection:
 //! 1. `rdr_connect4`/`rdr_connect6` (at `connect()`): the task's cgroup or one of its ancestors
 //!    is in `rdr_enabled`, the socket is TCP, the destination is not loopback and not in a skip
-//!    range → store the destination in `rdr_pending` under the socket cookie and rewrite the
-//!    destination to the workload's proxy port on loopback. A cgroup whose entry says
+//!    range → store the destination and the socket's network-namespace cookie in the socket's
+//!    own storage (`rdr_sk_pending`, socket-local storage that lives and dies with the socket)
+//!    and rewrite the destination to the workload's proxy port on loopback. A cgroup whose entry says
 //!    "refuse" (its listener is not bound yet), or any enabled cgroup while the daemon has not
 //!    configured the programs, gets EPERM instead: never a direct connection.
 //! 2. `rdr_sockops` (at `ACTIVE_ESTABLISHED`, before the final ACK is sent, hence before the
-//!    proxy can `accept()`): move the entry to `rdr_orig` keyed by (netns cookie, client
+//!    proxy can `accept()`): copy the record to `rdr_orig` keyed by (netns cookie, client
 //!    address, client port): exactly what the proxy sees as the peer of the accepted socket.
+//!    The netns cookie is the one the connect hook took (sockops programs have
+//!    `bpf_get_netns_cookie` only from Linux 5.15; connect hooks from 5.7).
 //! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the entry if this socket still owns it, so
 //!    a reset connection's entry can never be handed to a later connection reusing the port.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -27,18 +30,19 @@ mod prog {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
             BPF_TCP_CLOSE, bpf_sock_addr,
         },
-        btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+        bindings::bpf_sock,
+        btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, lpm_trie::Key},
         helpers::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-            bpf_get_socket_cookie,
+            bpf_get_socket_cookie, generated::bpf_sk_storage_get,
         },
         macros::{btf_map, cgroup_sock_addr, sock_ops},
         programs::{SockAddrContext, SockOpsContext},
     };
     use aya_log_ebpf::debug;
     use redirector_common::{
-        CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, mode,
-        v4_mapped,
+        CgroupEntry, Counters, MAX_CGROUP_DEPTH, OrigDst, Pending, RdrConfig, SockKey, counter,
+        mode, v4_mapped,
     };
 
     const AF_INET: u32 = 2;
@@ -62,9 +66,12 @@ mod prog {
     #[btf_map]
     static rdr_skip6: LpmTrie<[u8; 16], u32, 16384> = LpmTrie::new();
 
+    /// Socket-local storage: a redirected socket's original destination and netns cookie,
+    /// from its connect until the socket is freed. No insert into a shared table on the
+    /// connect path, and nothing to expire: the kernel frees it with the socket.
     #[allow(non_upper_case_globals)]
     #[btf_map]
-    static rdr_pending: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+    static rdr_sk_pending: SkStorage<Pending> = SkStorage::new();
 
     #[allow(non_upper_case_globals)]
     #[btf_map]
@@ -181,14 +188,26 @@ mod prog {
         }
     }
 
+    /// Stores the original destination in the socket's own storage, with the netns cookie
+    /// that `rdr_orig` keys will carry. False when the kernel could not allocate it.
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
         // SAFETY: `ctx.sock_addr` is the context pointer the kernel passed to this
-        // cgroup/connect program, the argument type bpf_get_socket_cookie takes in these
-        // programs (the verifier checks it); the helper only reads the socket.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        let dst = OrigDst { cookie, ..dst };
-        rdr_pending.insert(cookie, dst, ANY).is_ok()
+        // cgroup/connect program, the argument bpf_get_netns_cookie takes in these programs
+        // (since 5.7; the verifier checks it); the helper only reads the socket's netns.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
+        let mut rec = Pending { dst, netns };
+        // SAFETY: `get_or_insert_ptr_mut` passes this program's own context socket (the
+        // verifier's PTR_TO_SOCKET) and a pointer to `rec`, a live local the kernel copies
+        // when it creates the storage; the returned pointer is checked for null below.
+        let p = unsafe { rdr_sk_pending.get_or_insert_ptr_mut(ctx, Some(&mut rec)) };
+        if p.is_null() {
+            return false;
+        }
+        // SAFETY: non-null pointer to this socket's storage value, valid while the program
+        // runs (the socket is held). A socket connecting again overwrites its old record.
+        unsafe { *p = rec };
+        true
     }
 
     /// `cgroup/connect4`: every `connect()` of an AF_INET socket below the attach point.
@@ -315,6 +334,7 @@ mod prog {
         local_ip6: [u32; 4],
         local_port: u32,
         new_state: u32,
+        sk: *mut bpf_sock,
     }
 
     #[inline(always)]
@@ -338,13 +358,15 @@ mod prog {
                 ],
                 local_port: read_volatile(addr_of!((*o).local_port)),
                 new_state: read_volatile(addr_of!((*o).__bindgen_anon_1.args[1])),
+                sk: read_volatile(addr_of!((*o).__bindgen_anon_2.sk)),
             }
         }
     }
 
-    /// Client end of the socket as the proxy will see it from `getpeername()`.
+    /// Client end of the socket as the proxy will see it from `getpeername()`, in the
+    /// namespace whose cookie the connect hook recorded.
     #[inline(always)]
-    fn sock_key(ctx: &SockOpsContext, f: &OpsFields) -> Option<SockKey> {
+    fn sock_key(netns: u64, f: &OpsFields) -> Option<SockKey> {
         let addr = match f.family {
             AF_INET => v4_mapped(f.local_ip4.to_ne_bytes()),
             AF_INET6 => {
@@ -363,15 +385,32 @@ mod prog {
             }
             _ => return None,
         };
-        // SAFETY: `ctx.ops` is this sockops program's own context, the argument
-        // bpf_get_netns_cookie takes in sockops programs (since 5.15); it only reads it.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
         Some(SockKey {
             netns,
             addr,
             port: f.local_port as u16,
             reserved: [0; 6],
         })
+    }
+
+    /// The record the connect hook left in this socket's storage, if it was redirected.
+    #[inline(always)]
+    fn pending(f: &OpsFields) -> Option<Pending> {
+        if f.sk.is_null() {
+            return None;
+        }
+        let map = core::ptr::from_ref(&rdr_sk_pending).cast_mut().cast();
+        // SAFETY: `f.sk` is the sockops context's socket, checked non-null above (the
+        // verifier's PTR_TO_SOCKET after the check), which bpf_sk_storage_get takes in
+        // sockops programs (since 5.10); `map` is this program's own storage map; flags 0
+        // and a null value only look up, never create.
+        let p = unsafe { bpf_sk_storage_get(map, f.sk.cast(), core::ptr::null_mut(), 0) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: non-null pointer to this socket's `Pending`, valid while the program runs;
+        // copied out at once.
+        Some(unsafe { *p.cast::<Pending>() })
     }
 
     /// `sockops`: re-keys a redirected connection's original destination once it is
@@ -381,17 +420,18 @@ mod prog {
         let f = read_fields(&ctx);
         match f.op {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+                let Some(rec) = pending(&f) else {
+                    return 1;
+                };
+                let Some(key) = sock_key(rec.netns, &f) else {
+                    return 1;
+                };
                 // SAFETY: `ctx.ops` is this sockops program's own context, which
                 // bpf_get_socket_cookie accepts here; it only reads the socket.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                // SAFETY: the reference points into the map; `.copied()` takes the value
-                // before the `remove` below could free it, and no reference is kept.
-                let Some(dst) = (unsafe { rdr_pending.get(cookie) }).copied() else {
-                    return 1;
-                };
-                let _ = rdr_pending.remove(cookie);
-                let Some(key) = sock_key(&ctx, &f) else {
-                    return 1;
+                let dst = OrigDst {
+                    cookie,
+                    ..rec.dst
                 };
                 if rdr_orig.insert(key, dst, ANY).is_ok() {
                     bump(counter::ESTABLISHED);
@@ -402,11 +442,14 @@ mod prog {
                 }
             }
             BPF_SOCK_OPS_STATE_CB if f.new_state == BPF_TCP_CLOSE => {
-                // SAFETY: as above: this program's own sockops context; read only.
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                let Some(key) = sock_key(&ctx, &f) else {
+                let Some(rec) = pending(&f) else {
                     return 1;
                 };
+                let Some(key) = sock_key(rec.netns, &f) else {
+                    return 1;
+                };
+                // SAFETY: as above: this program's own sockops context; read only.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
                 // SAFETY: the reference into the map is used only to read `cookie` (a u64)
                 // in the `map`, before the `remove` below; no reference outlives it.
                 let owned = unsafe { rdr_orig.get(key) }.map(|d| d.cookie == cookie);

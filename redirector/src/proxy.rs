@@ -77,8 +77,7 @@ pub fn spawn_listener(
         .filter_map(|i| first.checked_add(i))
         .collect();
     let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
-    let (port, std_listeners) = netns::bind_in_netns(pid, ports)?;
-    let cookie = netns::netns_cookie(&std_listeners[0])?;
+    let (port, std_listeners, cookie) = netns::bind_in_netns(pid, ports)?;
     let stop = shared.shutdown.child_token();
     // One budget for the namespace: both listeners (v4, v6) count against it.
     let pod = Pod {

@@ -36,6 +36,8 @@ pub enum RunError {
     Admin(#[source] std::io::Error),
     #[error(transparent)]
     Bpf(#[from] bpf::BpfError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)")]
@@ -62,6 +64,16 @@ fn raise_open_file_limit() {
 pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // 1. Preflight: refuse bad input before touching the kernel.
     preflight::check_run(&config.pin_root, &config.cgroup_root, &config.cgroups)?;
+    // The kernel by what it can do (small probe programs, not its version number); this
+    // also raises RLIMIT_MEMLOCK where the kernel charges BPF memory to it (before 5.11).
+    let (features, probe_object) = crate::kernel::probe()?;
+    crate::kernel::require(&features)?;
+    info!(
+        release = %features.release,
+        so_netns_cookie = features.netns_cookie_sockopt,
+        memlock_charged = features.memlock_charged,
+        "kernel has every feature the redirector needs"
+    );
     raise_open_file_limit();
     let node_name = if config.kubernetes {
         Some(
@@ -92,6 +104,13 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         Origin::Adopted => {
             info!(pin_root = %pins.root.display(), "adopted pinned eBPF programs from an earlier run")
         }
+    }
+    // Without SO_NETNS_COOKIE (before 5.14) each pod namespace's cookie comes from the
+    // netns probe, attached for the daemon's lifetime.
+    if !features.netns_cookie_sockopt
+        && let Some(object) = probe_object
+    {
+        crate::kernel::start_netns_probe(object, &config.cgroup_root)?;
     }
     release_freed_heap();
 
