@@ -120,7 +120,9 @@ pub fn probe() -> Result<(Features, Option<Ebpf>), KernelError> {
         raise_memlock();
     }
     let mut f = Features {
-        release: crate::preflight::kernel_release(),
+        release: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
         missing: Vec::new(),
         netns_cookie_sockopt: netns_cookie_sockopt_works(),
         memlock_charged,

@@ -86,16 +86,26 @@ pub(super) fn scan(root: &Path, pins: &PinLayout) -> HookScan {
                 queried: false,
             };
         }
-        Err(e) => {
-            return HookScan {
-                check: Check::warn(
-                    name,
-                    format!("`bpftool cgroup show {root_s}` failed: {e}"),
-                    Vec::new(),
-                ),
-                queried: false,
-            };
-        }
+        // Older bpftool releases (bookworm's 7.1) fail to list a directory on 5.10 once
+        // programs are attached there, while the `effective` listing works: at the attach
+        // root it names the same programs (plus any inherited from above, which count as
+        // being on our hooks just as well).
+        Err(e) => match bpftool(&["-j", "cgroup", "show", &root_s, "effective"])
+            .ok()
+            .and_then(|o| parse_bpftool(&o).ok())
+        {
+            Some(v) => v,
+            None => {
+                return HookScan {
+                    check: Check::warn(
+                        name,
+                        format!("`bpftool cgroup show {root_s}` failed: {e}"),
+                        Vec::new(),
+                    ),
+                    queried: false,
+                };
+            }
+        },
         Ok(out) => match parse_bpftool(&out) {
             Ok(v) => v,
             Err(e) => {
