@@ -26,11 +26,11 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
+        bindings::bpf_sock,
         bindings::{
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
             BPF_TCP_CLOSE, bpf_sock_addr,
         },
-        bindings::bpf_sock,
         btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, lpm_trie::Key},
         helpers::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
@@ -429,10 +429,7 @@ mod prog {
                 // SAFETY: `ctx.ops` is this sockops program's own context, which
                 // bpf_get_socket_cookie accepts here; it only reads the socket.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                let dst = OrigDst {
-                    cookie,
-                    ..rec.dst
-                };
+                let dst = OrigDst { cookie, ..rec.dst };
                 if rdr_orig.insert(key, dst, ANY).is_ok() {
                     bump(counter::ESTABLISHED);
                     // Ask for state callbacks on this socket so the entry dies with it.

@@ -184,14 +184,7 @@ fn has_memcg_accounting() -> bool {
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
     // SAFETY: bpf(BPF_PROG_LOAD = 5) reads `attr` (72 live bytes, the size passed), and
     // through it `insns` and `license`, both alive for the call; it writes nothing of ours.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            5,
-            attr.as_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len() as libc::c_uint) };
     if fd < 0 {
         return false;
     }
@@ -389,7 +382,10 @@ mod tests {
             let msg = require(&f).unwrap_err().to_string();
             assert!(msg.contains("kernel 5.4.0-150-generic lacks"), "{msg}");
             assert!(msg.contains(feature.describe()), "{msg}");
-            assert!(msg.contains(&format!("Linux {} and later", feature.since())), "{msg}");
+            assert!(
+                msg.contains(&format!("Linux {} and later", feature.since())),
+                "{msg}"
+            );
         }
         let ok = Features {
             release: "5.10.0-32-cloud-amd64".into(),
@@ -403,7 +399,10 @@ mod tests {
     #[test]
     fn instructions_encode_as_the_kernel_reads_them() {
         // call 160: opcode 0x85, no registers, imm 160 in the high half.
-        assert_eq!(insn(0x85, 0, 160).to_le_bytes(), [0x85, 0, 0, 0, 160, 0, 0, 0]);
+        assert_eq!(
+            insn(0x85, 0, 160).to_le_bytes(),
+            [0x85, 0, 0, 0, 160, 0, 0, 0]
+        );
         assert_eq!(insn(0x95, 0, 0).to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
     }
 }

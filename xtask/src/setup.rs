@@ -48,8 +48,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the tools of the VMs' initramfs (cargo xtask vm)",
     ),
-    ("xz-utils", "unpacks the compressed kernel modules of trixie's kernel"),
-    ("binutils", "objcopy strips debug info from the binaries put in a VM"),
+    (
+        "xz-utils",
+        "unpacks the compressed kernel modules of trixie's kernel",
+    ),
+    (
+        "binutils",
+        "objcopy strips debug info from the binaries put in a VM",
+    ),
     (
         "etcd-server",
         "etcd, the store of the real kube-apiserver in the Kubernetes end-to-end tests",

@@ -293,7 +293,8 @@ fn resolve(k: &Kernel) -> anyhow::Result<String> {
     }
     fs::write(d.join("sources.list"), list)?;
     exec::run(apt(Command::new("apt-get")).arg("update"))?;
-    let show = exec::output(apt(Command::new("apt-cache")).args(["show", "linux-image-cloud-amd64"]))?;
+    let show =
+        exec::output(apt(Command::new("apt-cache")).args(["show", "linux-image-cloud-amd64"]))?;
     for stanza in show.split("\n\n") {
         let field = |name: &str| {
             stanza
@@ -614,7 +615,9 @@ fn supervise(mut cmd: Command, prefix: &str) -> anyhow::Result<(Vec<String>, Opt
     let mut lines = Vec::new();
     let stdout = child.stdout.take().context("stdout")?;
     for l in BufReader::new(stdout).split(b'\n') {
-        let l = String::from_utf8_lossy(&l?).trim_end_matches('\r').to_owned();
+        let l = String::from_utf8_lossy(&l?)
+            .trim_end_matches('\r')
+            .to_owned();
         println!("{prefix}{l}");
         lines.push(l);
     }
@@ -669,11 +672,7 @@ fn render(outcomes: &[Outcome]) -> String {
                 format!(" ({})", o.note)
             }
         );
-        let progs: Vec<String> = o
-            .programs
-            .iter()
-            .map(|(n, v)| format!("{n} {v}"))
-            .collect();
+        let progs: Vec<String> = o.programs.iter().map(|(n, v)| format!("{n} {v}")).collect();
         let _ = writeln!(s, "  programs: {}", progs.join(", "));
         for (name, ok, why) in &o.steps {
             let _ = writeln!(

@@ -15,6 +15,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
     os::fd::FromRawFd,
     panic::AssertUnwindSafe,
+    path::Path,
     process::Output,
     time::Duration,
 };
@@ -37,6 +38,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("run") => std::process::exit(run()),
         Some("client") => std::process::exit(client(&args[1..])),
+        Some("hookbench") => std::process::exit(hookbench(&args[1..])),
         Some("exit-qemu") => std::process::exit(exit_qemu(args.get(1).map(String::as_str))),
         _ => {
             eprintln!("usage: rdr-vm-scenario run | client <whoami|banner|refused|reuse> …");
@@ -137,10 +139,7 @@ fn run() -> i32 {
     let v6 = SocketAddr::new(IpAddr::V6(Lab::inet_v6(0)), WHOAMI_PORT);
     s.step("redirect-ipv4", || whoami(&lab, v4));
     s.step("redirect-ipv6", || whoami(&lab, v6));
-    let mapped = SocketAddr::new(
-        IpAddr::V6(Lab::inet_v4(1).to_ipv6_mapped()),
-        WHOAMI_PORT,
-    );
+    let mapped = SocketAddr::new(IpAddr::V6(Lab::inet_v4(1).to_ipv6_mapped()), WHOAMI_PORT);
     s.step("redirect-v4-mapped", || {
         expect_client(&lab, &["whoami", &mapped.to_string()], |line| {
             line.contains(&format!("local={}:{WHOAMI_PORT} ", Lab::inet_v4(1)))
@@ -333,6 +332,88 @@ fn adopt(lab: &mut Lab, dst: SocketAddr) -> Result<(), String> {
     whoami(lab, dst)
 }
 
+// ---- connect hook cost, side by side ----
+
+/// `hookbench ROUNDS CONNECTS BIN…`: one lab per redirector binary, all up at once; in each
+/// round every lab's pod makes CONNECTS redirected connects, and the kernel's BPF run-time
+/// statistics give the mean cost of `rdr_connect4` (and of `rdr_sockops`) per call. Prints
+/// `RDR-HOOK <bin> <round> connect4_ns=… sockops_ns=…` and the median per binary.
+fn hookbench(args: &[String]) -> i32 {
+    let [rounds, connects, bins @ ..] = args else {
+        eprintln!("usage: hookbench ROUNDS CONNECTS BIN…");
+        return 2;
+    };
+    let rounds: usize = rounds.parse().expect("rounds");
+    let connects: usize = connects.parse().expect("connects");
+    let stats = "/proc/sys/kernel/bpf_stats_enabled";
+    let prev = std::fs::read_to_string(stats).unwrap_or_else(|_| "0".into());
+    let mut labs = Vec::new();
+    for bin in bins {
+        let mut lab = Lab::new();
+        lab.add_pod();
+        lab.add_internet(1, WHOAMI_PORT);
+        let node = lab.node.clone();
+        let args = lab.daemon_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let i = lab.spawn_in(&node, "redirector", Path::new(bin), &args);
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while lab.node_http_get("/readyz").map(|r| r.0) != Some(200) {
+            assert!(lab.procs[i].alive(), "{bin} exited: {}", lab.procs[i].log());
+            assert!(std::time::Instant::now() < end, "{bin} not ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        labs.push((bin.clone(), lab));
+    }
+    std::fs::write(stats, "1").expect("enable bpf stats");
+    let dst = SocketAddr::new(IpAddr::V4(Lab::inet_v4(0)), WHOAMI_PORT).to_string();
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); labs.len()];
+    for r in 0..rounds {
+        for (k, (bin, lab)) in labs.iter().enumerate() {
+            let before = prog_stats(lab);
+            let o = pod_client(lab, &["connects", &connects.to_string(), &dst]);
+            assert!(o.status.success(), "{}", out(&o));
+            let after = prog_stats(lab);
+            let ns = |i: usize| {
+                let (t, n) = (after[i].0 - before[i].0, after[i].1 - before[i].1);
+                if n == 0 {
+                    f64::NAN
+                } else {
+                    t as f64 / n as f64
+                }
+            };
+            println!(
+                "RDR-HOOK {bin} round={r} connect4_ns={:.0} calls={} sockops_ns={:.0}",
+                ns(0),
+                after[0].1 - before[0].1,
+                ns(1)
+            );
+            per[k].push(ns(0));
+        }
+    }
+    let _ = std::fs::write(stats, prev.trim());
+    for (k, (bin, _)) in labs.iter().enumerate() {
+        let mut v = per[k].clone();
+        v.sort_by(f64::total_cmp);
+        println!("RDR-HOOK-MEDIAN {bin} connect4_ns={:.0}", v[v.len() / 2]);
+    }
+    0
+}
+
+/// (run_time_ns, run_cnt) of rdr_connect4 and rdr_sockops under the lab's pins.
+fn prog_stats(lab: &Lab) -> [(u64, u64); 2] {
+    ["rdr_connect4", "rdr_sockops"].map(|p| {
+        let v: serde_json::Value = serde_json::from_str(&lab.bpftool(&format!(
+            "-j prog show pinned {}",
+            lab.pin_root.join(p).display()
+        )))
+        .expect("bpftool json");
+        (
+            v["run_time_ns"].as_u64().unwrap_or(0),
+            v["run_cnt"].as_u64().unwrap_or(0),
+        )
+    })
+}
+
 // ---- pod side ----
 
 fn client(args: &[String]) -> i32 {
@@ -340,6 +421,7 @@ fn client(args: &[String]) -> i32 {
         [m, a] if m == "whoami" => client_whoami(parse(a)),
         [m, a] if m == "banner" => client_banner(parse(a)),
         [m, a] if m == "refused" => client_refused(parse(a)),
+        [m, n, a] if m == "connects" => client_connects(n.parse().expect("count"), parse(a)),
         [m, port, rounds, dsts @ ..] if m == "reuse" && !dsts.is_empty() => client_reuse(
             port.parse().expect("port"),
             rounds.parse().expect("rounds"),
@@ -383,6 +465,14 @@ fn client_whoami(dst: SocketAddr) -> Result<(), String> {
     Ok(())
 }
 
+/// `n` connections one after the other, each closed at once.
+fn client_connects(n: usize, dst: SocketAddr) -> Result<(), String> {
+    for i in 0..n {
+        connect(dst).map_err(|e| format!("connection {i}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Server-first: the client sends nothing and must still get the banner.
 fn client_banner(dst: SocketAddr) -> Result<(), String> {
     let s = connect(dst)?;
@@ -416,7 +506,8 @@ fn client_reuse(port: u16, rounds: u32, dsts: &[SocketAddr]) -> Result<(), Strin
     for i in 0..rounds {
         let dst = dsts[i as usize % dsts.len()];
         let mut s = bound_connect(port, dst).map_err(|e| format!("round {i}: {e}"))?;
-        s.write_all(b"ping").map_err(|e| format!("round {i}: write: {e}"))?;
+        s.write_all(b"ping")
+            .map_err(|e| format!("round {i}: write: {e}"))?;
         let mut line = String::new();
         BufReader::new(&s)
             .read_line(&mut line)
@@ -507,7 +598,10 @@ fn bound_connect(port: u16, dst: SocketAddr) -> Result<TcpStream, String> {
         )
     };
     if rc < 0 {
-        return Err(format!("connect {dst}: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "connect {dst}: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     s.set_read_timeout(Some(IO_TIMEOUT)).ok();
     s.set_write_timeout(Some(IO_TIMEOUT)).ok();
