@@ -210,7 +210,24 @@ fn raise_memlock() {
         tracing::info!("kernel charges BPF memory to RLIMIT_MEMLOCK: raised it to unlimited");
         return;
     }
+    // Without CAP_SYS_RESOURCE only the soft limit can go up, to the hard one.
     let e = std::io::Error::last_os_error();
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, `cur`, which is live.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) } == 0 {
+        let up = libc::rlimit {
+            rlim_cur: cur.rlim_max,
+            rlim_max: cur.rlim_max,
+        };
+        // SAFETY: setrlimit reads one live rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &up) } == 0 {
+            tracing::warn!(error = %e, hard_limit = cur.rlim_max, "kernel charges BPF memory to RLIMIT_MEMLOCK, which cannot go past its hard limit (grant CAP_SYS_RESOURCE or raise the limit if loading fails)");
+            return;
+        }
+    }
     tracing::warn!(error = %e, "kernel charges BPF memory to RLIMIT_MEMLOCK and it cannot be raised; loading may fail");
 }
 
