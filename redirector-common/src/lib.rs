@@ -37,9 +37,10 @@ pub mod names {
     pub const MAP_SKIP4: &str = "rdr_skip4";
     /// IPv6 LPM trie of destinations that always go direct (skip ranges).
     pub const MAP_SKIP6: &str = "rdr_skip6";
-    /// Socket-local storage ([`super::Pending`]): a redirected socket's original destination
-    /// and netns cookie, from its connect until the socket is freed.
-    pub const MAP_PENDING: &str = "rdr_sk_pending";
+    /// socket cookie -> [`super::Pending`]: a redirected socket's original destination and
+    /// netns cookie, from its connect until it closes. (Renamed from `rdr_pending` when the
+    /// value grew by the netns cookie, so a pin of the old layout is never reused.)
+    pub const MAP_PENDING: &str = "rdr_pending_v2";
     /// [`super::SockKey`] -> [`super::OrigDst`]: established redirected connections,
     /// keyed the way the proxy sees them on accept.
     pub const MAP_ORIG: &str = "rdr_orig";
@@ -137,12 +138,13 @@ pub struct OrigDst {
     pub cookie: u64,
 }
 
-/// Value of `rdr_sk_pending` (socket-local storage): what the connect hook learned about a
-/// redirected socket, for the sockops program to key `rdr_orig` with.
+/// Value of `rdr_pending_v2`: what the connect hook learned about a redirected socket, for
+/// the sockops program to key `rdr_orig` with (at ESTABLISHED) and to find it again (at
+/// CLOSE).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pending {
-    /// The original destination (`cookie` is filled in by sockops).
+    /// The original destination and the socket's cookie.
     pub dst: OrigDst,
     /// Cookie of the socket's network namespace, taken in the connect hook: sockops programs
     /// can read it themselves only from Linux 5.15 on.

@@ -5,18 +5,20 @@
 //! Flow for one redirected connection:
 //! 1. `rdr_connect4`/`rdr_connect6` (at `connect()`): the task's cgroup or one of its ancestors
 //!    is in `rdr_enabled`, the socket is TCP, the destination is not loopback and not in a skip
-//!    range → store the destination and the socket's network-namespace cookie in the socket's
-//!    own storage (`rdr_sk_pending`, socket-local storage that lives and dies with the socket)
-//!    and rewrite the destination to the workload's proxy port on loopback. A cgroup whose entry says
+//!    range → store the destination and the socket's network-namespace cookie in
+//!    `rdr_pending_v2` under the socket cookie and rewrite the destination to the workload's
+//!    proxy port on loopback. A cgroup whose entry says
 //!    "refuse" (its listener is not bound yet), or any enabled cgroup while the daemon has not
 //!    configured the programs, gets EPERM instead: never a direct connection.
 //! 2. `rdr_sockops` (at `ACTIVE_ESTABLISHED`, before the final ACK is sent, hence before the
 //!    proxy can `accept()`): copy the record to `rdr_orig` keyed by (netns cookie, client
 //!    address, client port): exactly what the proxy sees as the peer of the accepted socket.
 //!    The netns cookie is the one the connect hook took (sockops programs have
-//!    `bpf_get_netns_cookie` only from Linux 5.15; connect hooks from 5.7).
-//! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the entry if this socket still owns it, so
-//!    a reset connection's entry can never be handed to a later connection reusing the port.
+//!    `bpf_get_netns_cookie` only from Linux 5.15; connect hooks from 5.7), so the pending
+//!    record stays until the socket closes.
+//! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the `rdr_orig` entry if this socket still
+//!    owns it, so a reset connection's entry can never be handed to a later connection
+//!    reusing the port, and the socket's pending record.
 #![cfg_attr(target_arch = "bpf", no_std)]
 // Not a workspace-lints crate (it builds for bpfel with its own profile): the one lint that
 // matters here is set directly.
@@ -26,15 +28,14 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::bpf_sock,
         bindings::{
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
             BPF_TCP_CLOSE, bpf_sock_addr,
         },
-        btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, lpm_trie::Key},
+        btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
         helpers::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-            bpf_get_socket_cookie, generated::bpf_sk_storage_get,
+            bpf_get_socket_cookie,
         },
         macros::{btf_map, cgroup_sock_addr, sock_ops},
         programs::{SockAddrContext, SockOpsContext},
@@ -66,12 +67,11 @@ mod prog {
     #[btf_map]
     static rdr_skip6: LpmTrie<[u8; 16], u32, 16384> = LpmTrie::new();
 
-    /// Socket-local storage: a redirected socket's original destination and netns cookie,
-    /// from its connect until the socket is freed. No insert into a shared table on the
-    /// connect path, and nothing to expire: the kernel frees it with the socket.
+    /// socket cookie -> a redirected socket's original destination and netns cookie, from its
+    /// connect until it closes (sockops needs the netns cookie again at CLOSE).
     #[allow(non_upper_case_globals)]
     #[btf_map]
-    static rdr_sk_pending: SkStorage<Pending> = SkStorage::new();
+    static rdr_pending_v2: LruHashMap<u64, Pending, 65536> = LruHashMap::new();
 
     #[allow(non_upper_case_globals)]
     #[btf_map]
@@ -188,26 +188,25 @@ mod prog {
         }
     }
 
-    /// Stores the original destination in the socket's own storage, with the netns cookie
-    /// that `rdr_orig` keys will carry. False when the kernel could not allocate it.
+    /// Records the original destination under the socket cookie, with the netns cookie that
+    /// the `rdr_orig` key will carry. False when the record could not be stored.
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
         // SAFETY: `ctx.sock_addr` is the context pointer the kernel passed to this
-        // cgroup/connect program, the argument bpf_get_netns_cookie takes in these programs
-        // (since 5.7; the verifier checks it); the helper only reads the socket's netns.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
-        let mut rec = Pending { dst, netns };
-        // SAFETY: `get_or_insert_ptr_mut` passes this program's own context socket (the
-        // verifier's PTR_TO_SOCKET) and a pointer to `rec`, a live local the kernel copies
-        // when it creates the storage; the returned pointer is checked for null below.
-        let p = unsafe { rdr_sk_pending.get_or_insert_ptr_mut(ctx, Some(&mut rec)) };
-        if p.is_null() {
-            return false;
-        }
-        // SAFETY: non-null pointer to this socket's storage value, valid while the program
-        // runs (the socket is held). A socket connecting again overwrites its old record.
-        unsafe { *p = rec };
-        true
+        // cgroup/connect program, the argument bpf_get_socket_cookie and bpf_get_netns_cookie
+        // take in these programs (the latter since 5.7; the verifier checks both); the helpers
+        // only read the socket.
+        let (cookie, netns) = unsafe {
+            (
+                bpf_get_socket_cookie(ctx.sock_addr.cast()),
+                bpf_get_netns_cookie(ctx.sock_addr.cast()),
+            )
+        };
+        let rec = Pending {
+            dst: OrigDst { cookie, ..dst },
+            netns,
+        };
+        rdr_pending_v2.insert(cookie, rec, ANY).is_ok()
     }
 
     /// `cgroup/connect4`: every `connect()` of an AF_INET socket below the attach point.
@@ -334,7 +333,6 @@ mod prog {
         local_ip6: [u32; 4],
         local_port: u32,
         new_state: u32,
-        sk: *mut bpf_sock,
     }
 
     #[inline(always)]
@@ -358,7 +356,6 @@ mod prog {
                 ],
                 local_port: read_volatile(addr_of!((*o).local_port)),
                 new_state: read_volatile(addr_of!((*o).__bindgen_anon_1.args[1])),
-                sk: read_volatile(addr_of!((*o).__bindgen_anon_2.sk)),
             }
         }
     }
@@ -393,24 +390,13 @@ mod prog {
         })
     }
 
-    /// The record the connect hook left in this socket's storage, if it was redirected.
+    /// The record the connect hook left for this socket (by its cookie), if it was
+    /// redirected.
     #[inline(always)]
-    fn pending(f: &OpsFields) -> Option<Pending> {
-        if f.sk.is_null() {
-            return None;
-        }
-        let map = core::ptr::from_ref(&rdr_sk_pending).cast_mut().cast();
-        // SAFETY: `f.sk` is the sockops context's socket, checked non-null above (the
-        // verifier's PTR_TO_SOCKET after the check), which bpf_sk_storage_get takes in
-        // sockops programs (since 5.10); `map` is this program's own storage map; flags 0
-        // and a null value only look up, never create.
-        let p = unsafe { bpf_sk_storage_get(map, f.sk.cast(), core::ptr::null_mut(), 0) };
-        if p.is_null() {
-            return None;
-        }
-        // SAFETY: non-null pointer to this socket's `Pending`, valid while the program runs;
-        // copied out at once.
-        Some(unsafe { *p.cast::<Pending>() })
+    fn pending(cookie: u64) -> Option<Pending> {
+        // SAFETY: the reference points into the map; it is copied out at once and no
+        // reference is kept.
+        unsafe { rdr_pending_v2.get(cookie) }.copied()
     }
 
     /// `sockops`: re-keys a redirected connection's original destination once it is
@@ -420,17 +406,16 @@ mod prog {
         let f = read_fields(&ctx);
         match f.op {
             BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-                let Some(rec) = pending(&f) else {
+                // SAFETY: `ctx.ops` is this sockops program's own context, which
+                // bpf_get_socket_cookie accepts here; it only reads the socket.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                let Some(rec) = pending(cookie) else {
                     return 1;
                 };
                 let Some(key) = sock_key(rec.netns, &f) else {
                     return 1;
                 };
-                // SAFETY: `ctx.ops` is this sockops program's own context, which
-                // bpf_get_socket_cookie accepts here; it only reads the socket.
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                let dst = OrigDst { cookie, ..rec.dst };
-                if rdr_orig.insert(key, dst, ANY).is_ok() {
+                if rdr_orig.insert(key, rec.dst, ANY).is_ok() {
                     bump(counter::ESTABLISHED);
                     // Ask for state callbacks on this socket so the entry dies with it.
                     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
@@ -439,14 +424,15 @@ mod prog {
                 }
             }
             BPF_SOCK_OPS_STATE_CB if f.new_state == BPF_TCP_CLOSE => {
-                let Some(rec) = pending(&f) else {
+                // SAFETY: as above: this program's own sockops context; read only.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                let Some(rec) = pending(cookie) else {
                     return 1;
                 };
+                let _ = rdr_pending_v2.remove(cookie);
                 let Some(key) = sock_key(rec.netns, &f) else {
                     return 1;
                 };
-                // SAFETY: as above: this program's own sockops context; read only.
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
                 // SAFETY: the reference into the map is used only to read `cookie` (a u64)
                 // in the `map`, before the `remove` below; no reference outlives it.
                 let owned = unsafe { rdr_orig.get(key) }.map(|d| d.cookie == cookie);

@@ -1,6 +1,6 @@
-//! Small programs the daemon loads at start to learn what the running kernel supports (each
-//! one loads only if the verifier knows the helper or context field it uses), and the
-//! network-namespace probe: on kernels without `SO_NETNS_COOKIE` (before 5.14) it tells the
+//! What the daemon loads at start to learn what the running kernel supports (the object
+//! loads only where ring buffers exist; the program only where connect hooks have
+//! `bpf_get_netns_cookie`), and the network-namespace probe: on kernels without `SO_NETNS_COOKIE` (before 5.14) it tells the
 //! daemon the cookie of the namespace a listener lives in.
 //!
 //! The probe is a connect hook that acts only on the daemon's own threads (`PROBE_TGID`)
@@ -13,10 +13,10 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        btf_maps::{HashMap, SkStorage},
-        helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, generated::bpf_sk_storage_get},
-        macros::{btf_map, cgroup_sock_addr, sock_ops},
-        programs::{SockAddrContext, SockOpsContext},
+        btf_maps::{HashMap, RingBuf},
+        helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie},
+        macros::{btf_map, cgroup_sock_addr},
+        programs::SockAddrContext,
     };
     use redirector_common::PROBE_PORT;
 
@@ -29,10 +29,11 @@ mod prog {
     #[btf_map]
     static rdr_p_out: HashMap<u64, u64, 64> = HashMap::new();
 
-    /// Socket storage, only to see whether the kernel offers it to these program types.
+    /// A ring buffer (5.8), only to see whether the kernel creates one: the programs' log
+    /// records (aya-log) travel in one.
     #[allow(non_upper_case_globals)]
     #[btf_map]
-    static rdr_p_stg: SkStorage<u64> = SkStorage::new();
+    static rdr_p_rb: RingBuf<u8, 4096> = RingBuf::new();
 
     /// The netns probe (also: do connect hooks have bpf_get_netns_cookie? since 5.7).
     #[cgroup_sock_addr(connect4)]
@@ -54,29 +55,6 @@ mod prog {
         let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
         let _ = rdr_p_out.insert(id, netns, 0);
         0
-    }
-
-    /// Socket storage in connect hooks (5.10 here; the redirect path needs it).
-    #[cgroup_sock_addr(connect4)]
-    pub fn rdr_p_sa_stg(ctx: SockAddrContext) -> i32 {
-        // SAFETY: looks up (never creates) this context socket's storage; the pointer is
-        // only compared with null.
-        let p = unsafe { rdr_p_stg.get_ptr_mut(&ctx) };
-        i32::from(p.is_null()) | 1
-    }
-
-    /// Socket storage in sockops through `bpf_sock_ops.sk` (5.10).
-    #[sock_ops]
-    pub fn rdr_p_so_stg(ctx: SockOpsContext) -> u32 {
-        // SAFETY: `ops` is the kernel's valid context; `sk` is readable in sockops (5.10+).
-        let sk = unsafe { core::ptr::read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
-        if sk.is_null() {
-            return 1;
-        }
-        let map = core::ptr::from_ref(&rdr_p_stg).cast_mut().cast();
-        // SAFETY: `sk` is the context's socket, checked non-null; flags 0 only look up.
-        let p = unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) };
-        u32::from(p.is_null()) | 1
     }
 
     #[panic_handler]

@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr},
 };
 use redirector_common::PROBE_PORT;
 
@@ -27,13 +27,8 @@ pub enum Required {
     /// `bpf_get_netns_cookie` in cgroup connect programs: the namespace of a redirected
     /// connection, so its record can never be taken by a connection in another pod.
     ConnectNetnsCookie,
-    /// Socket-local storage maps (`BPF_MAP_TYPE_SK_STORAGE`): where a redirected socket's
-    /// original destination waits for sockops.
-    SkStorageMap,
-    /// `bpf_sk_storage_get` in cgroup connect programs.
-    SkStorageInConnect,
-    /// `bpf_sk_storage_get` in sockops programs through `bpf_sock_ops.sk`.
-    SkStorageInSockops,
+    /// Ring buffer maps: the programs' log records (aya-log) travel in one.
+    RingBuf,
 }
 
 impl Required {
@@ -43,11 +38,7 @@ impl Required {
             Required::ConnectNetnsCookie => {
                 "cgroup connect programs with bpf_get_netns_cookie (cgroup/connect4, connect6)"
             }
-            Required::SkStorageMap => "socket-local storage maps (BPF_MAP_TYPE_SK_STORAGE)",
-            Required::SkStorageInConnect => "bpf_sk_storage_get in cgroup connect programs",
-            Required::SkStorageInSockops => {
-                "bpf_sk_storage_get on bpf_sock_ops.sk in sockops programs"
-            }
+            Required::RingBuf => "BPF ring buffer maps (BPF_MAP_TYPE_RINGBUF)",
         }
     }
 
@@ -55,13 +46,13 @@ impl Required {
     pub fn since(self) -> &'static str {
         match self {
             Required::ConnectNetnsCookie => "5.7",
-            Required::SkStorageMap => "5.2",
-            Required::SkStorageInConnect | Required::SkStorageInSockops => "5.10",
+            Required::RingBuf => "5.8",
         }
     }
 }
 
-/// The oldest kernel line with every [`Required`] feature.
+/// The oldest kernel the redirector is tested on (in a VM, `cargo xtask vm`); every
+/// [`Required`] feature is older.
 pub const MIN_KERNEL: &str = "5.10";
 
 /// What the probes found.
@@ -133,33 +124,19 @@ pub fn probe() -> Result<(Features, Option<Ebpf>), KernelError> {
     let mut ebpf = match loader.load(PROBE_OBJECT) {
         Ok(e) => e,
         Err(aya::EbpfError::MapError(aya::maps::MapError::CreateError { name, .. }))
-            if name == "rdr_p_stg" =>
+            if name == "rdr_p_rb" =>
         {
-            f.missing.push(Required::SkStorageMap);
+            f.missing.push(Required::RingBuf);
             return Ok((f, None));
         }
         Err(e) => return Err(KernelError::ProbeLoad(e)),
     };
-    let loads = |ebpf: &mut Ebpf, name: &str| -> bool {
-        let Some(p) = ebpf.program_mut(name) else {
-            return false;
-        };
-        if let Ok(p) = <&mut CgroupSockAddr>::try_from(&mut *p) {
-            return p.load().is_ok();
-        }
-        if let Ok(p) = <&mut SockOps>::try_from(p) {
-            return p.load().is_ok();
-        }
-        false
-    };
-    for (prog, feature) in [
-        ("rdr_p_netns", Required::ConnectNetnsCookie),
-        ("rdr_p_sa_stg", Required::SkStorageInConnect),
-        ("rdr_p_so_stg", Required::SkStorageInSockops),
-    ] {
-        if !loads(&mut ebpf, prog) {
-            f.missing.push(feature);
-        }
+    let loaded = ebpf
+        .program_mut("rdr_p_netns")
+        .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+        .is_some_and(|p| p.load().is_ok());
+    if !loaded {
+        f.missing.push(Required::ConnectNetnsCookie);
     }
     Ok((f, Some(ebpf)))
 }
@@ -384,12 +361,7 @@ mod tests {
 
     #[test]
     fn a_missing_feature_is_named_with_the_release() {
-        for feature in [
-            Required::ConnectNetnsCookie,
-            Required::SkStorageMap,
-            Required::SkStorageInConnect,
-            Required::SkStorageInSockops,
-        ] {
+        for feature in [Required::ConnectNetnsCookie, Required::RingBuf] {
             let f = Features {
                 release: "5.4.0-150-generic".into(),
                 missing: vec![feature],

@@ -501,7 +501,7 @@ fn redirector_names() -> [&'static str; 7] {
         "rdr_enabled",
         "rdr_skip4",
         "rdr_skip6",
-        "rdr_sk_pending",
+        "rdr_pending_v2",
         "rdr_orig",
         "rdr_stats",
         "rdr_config",
@@ -588,10 +588,11 @@ fn bad_input_is_one_clear_line_and_attaches_nothing() {
 /// The connect hook fails closed when it cannot record a connection's original destination
 /// (issue 11): the connect is refused and counted, never sent on unchanged.
 ///
-/// How the record is made to fail, for real: the hook keeps it in socket-local storage,
-/// which the kernel charges to the socket's option memory, bounded by the namespace's
-/// `net.core.optmem_max`. Set to 0 in the pod's namespace (per namespace on this kernel),
-/// every allocation of that storage fails, as it would under memory pressure.
+/// Stand-in, and why: the kernel refuses an insert into the LRU map `rdr_pending_v2` only under
+/// memory pressure, which a test cannot produce on demand. So before the daemon loads its
+/// programs, the test pins a plain hash map with `rdr_pending_v2`'s key and value sizes, one
+/// entry and room for no more, at `rdr_pending_v2`'s pin path. The loader reuses a map pinned
+/// under its name, so every insert the hook tries fails (E2BIG), as a refused one would.
 #[test]
 fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
     if !privileged("connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct") {
@@ -605,9 +606,18 @@ fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
         "http",
         &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)],
     );
-    let pod_ns = lab.pods[0].netns.clone();
+    std::fs::create_dir_all(&lab.pin_root).expect("pin directory");
+    let pin = lab.pin_root.join("rdr_pending_v2");
+    let size = std::mem::size_of::<redirector_common::Pending>();
     sh(&format!(
-        "ip netns exec {pod_ns} sysctl -qw net.core.optmem_max=0"
+        "bpftool map create {} type hash key 8 value {size} entries 1 name rdr_pending_v2",
+        pin.display()
+    ));
+    sh(&format!(
+        "bpftool map update pinned {} key hex {} value hex {}",
+        pin.display(),
+        "ff ".repeat(8),
+        "00 ".repeat(size)
     ));
     lab.start_daemon(&[]);
     let before = lab.metric("redirector_ebpf_events{name=\"errors\"}");

@@ -28,7 +28,7 @@ pub(super) fn release() -> Check {
         return Check::fail("kernel", detail, fix);
     }
     let mut detail = format!(
-        "{}: connect hooks with netns cookies, socket storage in connect hooks and sockops",
+        "{}: connect hooks with netns cookies, ring buffers",
         f.release
     );
     if f.netns_cookie_sockopt {
