@@ -230,6 +230,7 @@ pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
         .chain(names::PROGRAMS.iter())
         .chain(names::MAPS.iter())
         .chain([names::PIN_LOGS].iter())
+        .chain(names::LEGACY_PINS.iter())
     {
         let p = pins.path(name);
         match fs::remove_file(&p) {
