@@ -452,13 +452,15 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 mount -t bpf bpf /sys/fs/bpf
+mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
 for m in llc stp bridge veth; do
   insmod /modules/$m.ko || echo "RDR-VM insmod $m failed"
 done
 /sbin/ip link set lo up
 echo "RDR-VM booted $(uname -r)"
-RDR_BIN_REDIRECTOR=/bin/redirector RDR_BIN_RDR_TESTSRV=/bin/rdr-testsrv CI=true \
-  RUST_BACKTRACE=0 /bin/rdr-vm-scenario run
+RDR_BIN_REDIRECTOR=/bin/redirector RDR_BIN_RDR_TESTSRV=/bin/rdr-testsrv \
+  RDR_BIN_RDR_GATEWAY_SIM=/bin/rdr-gateway-sim CI=true RUST_BACKTRACE=0 \
+  /bin/rdr-vm-scenario run
 rc=$?
 echo "RDR-VM-EXIT $rc"
 # isa-debug-exit: qemu exits with (value << 1) | 1.
@@ -476,8 +478,13 @@ fn initramfs(k: &Fetched) -> anyhow::Result<PathBuf> {
         c.dir(d);
     }
     c.file("init", 0o755, INIT.as_bytes());
-    c.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
-    c.file("etc/group", 0o644, b"root:x:0:\n");
+    // `proxy`: the user Debian's Squid runs as (the tests' Squid fixture switches to it).
+    c.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\nproxy:x:13:13:proxy:/bin:/usr/sbin/nologin\n",
+    );
+    c.file("etc/group", 0o644, b"root:x:0:\nproxy:x:13:\n");
     c.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n::1 localhost\n");
     let busybox = which("busybox")?;
     c.file("bin/busybox", 0o755, &fs::read(&busybox)?);
@@ -492,8 +499,16 @@ fn initramfs(k: &Fetched) -> anyhow::Result<PathBuf> {
         ("sbin/ip".into(), which("ip")?, false),
         ("usr/sbin/bpftool".into(), which("bpftool")?, false),
         ("usr/bin/nsenter".into(), which("nsenter")?, false),
+        // The enterprise proxy of the gateway step, and what its fixture checks for.
+        ("usr/sbin/squid".into(), which("squid")?, false),
+        ("usr/bin/openssl".into(), which("openssl")?, false),
     ];
-    for b in ["redirector", "rdr-testsrv", "rdr-vm-scenario"] {
+    for b in [
+        "redirector",
+        "rdr-testsrv",
+        "rdr-gateway-sim",
+        "rdr-vm-scenario",
+    ] {
         let p = bins.join(b);
         if !p.is_file() {
             bail!("{} not built", p.display());
@@ -520,6 +535,17 @@ fn initramfs(k: &Fetched) -> anyhow::Result<PathBuf> {
         c.file(at, 0o755, &data);
         libs.extend(libraries(src)?);
     }
+    // Squid's error pages, MIME table and icons (errors/ is a link into squid-langpack), and
+    // its helper programs (unlinkd, basic_ncsa_auth).
+    for d in [
+        "/usr/share/squid",
+        "/usr/share/squid-langpack",
+        "/usr/lib/squid",
+    ] {
+        for exe in tree(&mut c, Path::new(d))? {
+            libs.extend(libraries(&exe)?);
+        }
+    }
     for l in libs {
         let data = fs::read(&l).with_context(|| format!("reading {}", l.display()))?;
         c.file(&l.to_string_lossy(), 0o755, &data);
@@ -535,6 +561,32 @@ fn initramfs(k: &Fetched) -> anyhow::Result<PathBuf> {
     let out = dir.join(format!("initramfs-{}.cpio", k.release));
     fs::write(&out, c.finish())?;
     Ok(out)
+}
+
+/// Copies the directory `dir` (files, directories, symbolic links as links) to the same path;
+/// returns the executables in it (their libraries go in too).
+fn tree(c: &mut Cpio, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut exes = Vec::new();
+    c.dir(&dir.to_string_lossy());
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let p = e.path();
+        let at = p.to_string_lossy().into_owned();
+        let t = e.file_type()?;
+        if t.is_symlink() {
+            c.symlink(&at, &fs::read_link(&p)?.to_string_lossy());
+        } else if t.is_dir() {
+            exes.extend(tree(c, &p)?);
+        } else {
+            let mode = e.metadata()?.permissions().mode() & 0o7777;
+            if mode & 0o111 != 0 {
+                exes.push(p.clone());
+            }
+            c.file(&at, mode, &fs::read(&p)?);
+        }
+    }
+    Ok(exes)
 }
 
 /// Boots `k` with the scenario as init and reads its verdict from the console.

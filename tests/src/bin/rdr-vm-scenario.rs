@@ -1,7 +1,8 @@
 //! The privileged capture scenario as one program, for kernels in VMs (`cargo xtask vm`) and
 //! the host kernel: redirect over IPv4 and IPv6, the exact original destination under port
 //! reuse, a server-first protocol, fail closed when the daemon is killed, pins adopted on
-//! restart.
+//! restart, and the gateway route through Squid (enterprise proxy) and the gateway
+//! simulator.
 //!
 //! `rdr-vm-scenario run`: builds the closed test network (`tests::lab`), runs every step and
 //! prints one line per step, `RDR-STEP <name> PASS` or `RDR-STEP <name> FAIL <why>`, one line
@@ -153,6 +154,8 @@ fn run() -> i32 {
     });
     s.step("fail-closed-daemon-killed", || fail_closed(&mut lab, v4));
     s.step("pins-adopted-on-restart", || adopt(&mut lab, v4));
+    drop(lab);
+    s.step("gateway-route-through-squid", gateway_route);
     if s.failed == 0 {
         println!("RDR-RESULT PASS");
         0
@@ -309,6 +312,38 @@ fn fail_closed(lab: &mut Lab, dst: SocketAddr) -> Result<(), String> {
     }
     if accepted(lab) != before {
         return Err("a connection reached the target while the daemon was down".into());
+    }
+    Ok(())
+}
+
+/// The whole chain in its own lab: the pod's connections go redirector → Squid (CONNECT to
+/// the gateway) → TLS to the gateway simulator → its CONNECT to the target. A server-first
+/// target reached by IP, and an echo target whose answer names the address it was reached on.
+fn gateway_route() -> Result<(), String> {
+    use tests::chain::{BANNER, Chain, Gateway};
+    let mut chain = Chain::new(1);
+    chain.start_squid(false);
+    chain.start_gateway(Gateway::Normal);
+    chain.start_daemon(&[], "info");
+    expect_client(&chain.lab, &["banner", &BANNER.to_string()], |line| {
+        line.starts_with(&format!("220 banner local={BANNER} "))
+    })?;
+    let bulk = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 14)), WHOAMI_PORT);
+    let o = pod_client(&chain.lab, &["whoami", &bulk.to_string()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    if !o.status.success()
+        || !text.starts_with(&format!("local={bulk} "))
+        || !text.contains("echo=ping eof=yes")
+    {
+        return Err(out(&o));
+    }
+    let access = chain
+        .squid
+        .as_ref()
+        .ok_or("squid not started")?
+        .wait_access_log("CONNECT gw.arc.test:443", Duration::from_secs(20));
+    if !access.contains(" 200 ") {
+        return Err(format!("squid access log: {access}"));
     }
     Ok(())
 }
