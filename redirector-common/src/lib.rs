@@ -16,6 +16,11 @@ pub const DEFAULT_PROXY_PORT: u16 = 15300;
 /// the pod's [`CgroupEntry`].
 pub const PROXY_PORT_CHOICES: u16 = 16;
 
+/// Port of the network-namespace probe (`rdr_p_netns`): the daemon's own connect to
+/// `127.0.0.1:PROBE_PORT` is answered by the probe program (refused, never sent). Port 0: no
+/// listener can ever be there.
+pub const PROBE_PORT: u16 = 0;
+
 /// How many cgroup ancestor levels the connect hooks examine (level 0 is the root).
 ///
 /// Kubernetes pod cgroups sit at depth 3-5 (`kubepods.slice/kubepods-burstable.slice/…`),
@@ -32,8 +37,10 @@ pub mod names {
     pub const MAP_SKIP4: &str = "rdr_skip4";
     /// IPv6 LPM trie of destinations that always go direct (skip ranges).
     pub const MAP_SKIP6: &str = "rdr_skip6";
-    /// socket cookie -> [`super::OrigDst`]: redirected connects not yet established.
-    pub const MAP_PENDING: &str = "rdr_pending";
+    /// socket cookie -> [`super::Pending`]: a redirected socket's original destination and
+    /// netns cookie, from its connect until it closes. (Renamed from `rdr_pending` when the
+    /// value grew by the netns cookie, so a pin of the old layout is never reused.)
+    pub const MAP_PENDING: &str = "rdr_pending_v2";
     /// [`super::SockKey`] -> [`super::OrigDst`]: established redirected connections,
     /// keyed the way the proxy sees them on accept.
     pub const MAP_ORIG: &str = "rdr_orig";
@@ -74,6 +81,9 @@ pub mod names {
         MAP_AUDIT,
         MAP_AUDIT_TOTALS,
     ];
+    /// Pins earlier releases made that this one no longer uses (`rdr_pending`: the pending
+    /// map before its value carried the netns cookie). `uninstall` removes them too.
+    pub const LEGACY_PINS: [&str; 1] = ["rdr_pending"];
     /// All programs, in a stable order.
     pub const PROGRAMS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS];
     /// All link pins, matching [`PROGRAMS`] by index.
@@ -191,12 +201,25 @@ pub struct OrigDst {
     pub cookie: u64,
 }
 
+/// Value of `rdr_pending_v2`: what the connect hook learned about a redirected socket, for
+/// the sockops program to key `rdr_orig` with (at ESTABLISHED) and to find it again (at
+/// CLOSE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    /// The original destination and the socket's cookie.
+    pub dst: OrigDst,
+    /// Cookie of the socket's network namespace, taken in the connect hook: sockops programs
+    /// can read it themselves only from Linux 5.15 on.
+    pub netns: u64,
+}
+
 /// Key of `rdr_orig`: the client end of a redirected connection as the proxy sees it
 /// (`getpeername()` of the accepted socket) plus the network namespace it lives in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
-    /// `SO_NETNS_COOKIE` of the namespace (the same value `bpf_get_netns_cookie` returns).
+    /// Cookie of the namespace (what `bpf_get_netns_cookie` returns; `SO_NETNS_COOKIE`).
     pub netns: u64,
     /// Client address in network byte order, IPv4 stored IPv4-mapped.
     pub addr: [u8; 16],
@@ -310,6 +333,9 @@ mod pod_impls {
     unsafe impl aya::Pod for super::AuditKey {}
     // SAFETY: `#[repr(C)]`, `u64` fields only: no padding, every bit pattern is valid.
     unsafe impl aya::Pod for super::AuditTotals {}
+    // SAFETY: `#[repr(C)]`, OrigDst (32 bytes, no padding, see above) + u64: 40 bytes, no
+    // padding; integers and bytes only.
+    unsafe impl aya::Pod for super::Pending {}
 }
 
 #[cfg(test)]
@@ -347,6 +373,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<AuditKey>(), 32);
         assert_eq!(core::mem::offset_of!(AuditKey, reserved), 28);
         assert_eq!(core::mem::size_of::<AuditTotals>(), 24);
+        assert_eq!(core::mem::size_of::<Pending>(), 40);
         assert_eq!(
             core::mem::size_of::<Counters>(),
             8 * counter::COUNT as usize

@@ -5,15 +5,20 @@
 //! Flow for one redirected connection:
 //! 1. `rdr_connect4`/`rdr_connect6` (at `connect()`): the task's cgroup or one of its ancestors
 //!    is in `rdr_enabled`, the socket is TCP, the destination is not loopback and not in a skip
-//!    range → store the destination in `rdr_pending` under the socket cookie and rewrite the
-//!    destination to the workload's proxy port on loopback. A cgroup whose entry says
+//!    range → store the destination and the socket's network-namespace cookie in
+//!    `rdr_pending_v2` under the socket cookie and rewrite the destination to the workload's
+//!    proxy port on loopback. A cgroup whose entry says
 //!    "refuse" (its listener is not bound yet), or any enabled cgroup while the daemon has not
 //!    configured the programs, gets EPERM instead: never a direct connection.
 //! 2. `rdr_sockops` (at `ACTIVE_ESTABLISHED`, before the final ACK is sent, hence before the
-//!    proxy can `accept()`): move the entry to `rdr_orig` keyed by (netns cookie, client
+//!    proxy can `accept()`): copy the record to `rdr_orig` keyed by (netns cookie, client
 //!    address, client port): exactly what the proxy sees as the peer of the accepted socket.
-//! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the entry if this socket still owns it, so
-//!    a reset connection's entry can never be handed to a later connection reusing the port.
+//!    The netns cookie is the one the connect hook took (sockops programs have
+//!    `bpf_get_netns_cookie` only from Linux 5.15; connect hooks from 5.7), so the pending
+//!    record stays until the socket closes.
+//! 3. `rdr_sockops` (at `STATE_CB` → `CLOSE`): drop the `rdr_orig` entry if this socket still
+//!    owns it, so a reset connection's entry can never be handed to a later connection
+//!    reusing the port, and the socket's pending record.
 //!
 //! A cgroup whose entry says "audit" is observed only: its connects go on unchanged and are
 //! counted in `rdr_audit` (per destination) and `rdr_audit_tot` (per workload) with the verdict
@@ -47,7 +52,7 @@ mod prog {
     use aya_log_ebpf::debug;
     use redirector_common::{
         AUDIT_DESTINATIONS, AUDIT_WORKLOADS, AuditKey, AuditTotals, CgroupEntry, Counters,
-        MAX_CGROUP_DEPTH, OrigDst, RdrConfig, SockKey, counter, mode, v4_mapped, verdict,
+        MAX_CGROUP_DEPTH, OrigDst, Pending, RdrConfig, SockKey, counter, mode, v4_mapped, verdict,
     };
 
     const AF_INET: u32 = 2;
@@ -79,9 +84,11 @@ mod prog {
     #[btf_map]
     static rdr_skip6: LpmTrie<[u8; 16], u32, 16384> = LpmTrie::new();
 
+    /// socket cookie -> a redirected socket's original destination and netns cookie, from its
+    /// connect until it closes (sockops needs the netns cookie again at CLOSE).
     #[allow(non_upper_case_globals)]
     #[btf_map]
-    static rdr_pending: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
+    static rdr_pending_v2: LruHashMap<u64, Pending, 65536> = LruHashMap::new();
 
     #[allow(non_upper_case_globals)]
     #[btf_map]
@@ -303,18 +310,29 @@ mod prog {
         }
     }
 
+    /// Records the original destination under the socket cookie, with the netns cookie that
+    /// the `rdr_orig` key will carry. False when the record could not be stored.
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
         // SAFETY: `ctx.sock_addr` is the context pointer the kernel passed to this
-        // cgroup/connect program, the argument type bpf_get_socket_cookie takes in these
-        // programs (the verifier checks it); the helper only reads the socket.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-        let dst = OrigDst {
-            cookie,
-            reserved: DATAPATH_VARIANT,
-            ..dst
+        // cgroup/connect program, the argument bpf_get_socket_cookie and bpf_get_netns_cookie
+        // take in these programs (the latter since 5.7; the verifier checks both); the helpers
+        // only read the socket.
+        let (cookie, netns) = unsafe {
+            (
+                bpf_get_socket_cookie(ctx.sock_addr.cast()),
+                bpf_get_netns_cookie(ctx.sock_addr.cast()),
+            )
         };
-        rdr_pending.insert(cookie, dst, ANY).is_ok()
+        let rec = Pending {
+            dst: OrigDst {
+                cookie,
+                reserved: DATAPATH_VARIANT,
+                ..dst
+            },
+            netns,
+        };
+        rdr_pending_v2.insert(cookie, rec, ANY).is_ok()
     }
 
     /// `cgroup/connect4`: every `connect()` of an AF_INET socket below the attach point.
@@ -475,9 +493,10 @@ mod prog {
         }
     }
 
-    /// Client end of the socket as the proxy will see it from `getpeername()`.
+    /// Client end of the socket as the proxy will see it from `getpeername()`, in the
+    /// namespace whose cookie the connect hook recorded.
     #[inline(always)]
-    fn sock_key(ctx: &SockOpsContext, f: &OpsFields) -> Option<SockKey> {
+    fn sock_key(netns: u64, f: &OpsFields) -> Option<SockKey> {
         let addr = match f.family {
             AF_INET => v4_mapped(f.local_ip4.to_ne_bytes()),
             AF_INET6 => {
@@ -496,15 +515,21 @@ mod prog {
             }
             _ => return None,
         };
-        // SAFETY: `ctx.ops` is this sockops program's own context, the argument
-        // bpf_get_netns_cookie takes in sockops programs (since 5.15); it only reads it.
-        let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
         Some(SockKey {
             netns,
             addr,
             port: f.local_port as u16,
             reserved: [0; 6],
         })
+    }
+
+    /// The record the connect hook left for this socket (by its cookie), if it was
+    /// redirected.
+    #[inline(always)]
+    fn pending(cookie: u64) -> Option<Pending> {
+        // SAFETY: the reference points into the map; it is copied out at once and no
+        // reference is kept.
+        unsafe { rdr_pending_v2.get(cookie) }.copied()
     }
 
     /// `sockops`: re-keys a redirected connection's original destination once it is
@@ -517,18 +542,15 @@ mod prog {
                 // SAFETY: `ctx.ops` is this sockops program's own context, which
                 // bpf_get_socket_cookie accepts here; it only reads the socket.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                // SAFETY: the reference points into the map; `.copied()` takes the value
-                // before the `remove` below could free it, and no reference is kept.
-                let Some(dst) = (unsafe { rdr_pending.get(cookie) }).copied() else {
+                let Some(rec) = pending(cookie) else {
                     return 1;
                 };
-                let _ = rdr_pending.remove(cookie);
-                let Some(key) = sock_key(&ctx, &f) else {
+                let Some(key) = sock_key(rec.netns, &f) else {
                     return 1;
                 };
                 let dst = OrigDst {
                     reserved: DATAPATH_VARIANT,
-                    ..dst
+                    ..rec.dst
                 };
                 if rdr_orig.insert(key, dst, ANY).is_ok() {
                     bump(counter::ESTABLISHED);
@@ -541,7 +563,11 @@ mod prog {
             BPF_SOCK_OPS_STATE_CB if f.new_state == BPF_TCP_CLOSE => {
                 // SAFETY: as above: this program's own sockops context; read only.
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-                let Some(key) = sock_key(&ctx, &f) else {
+                let Some(rec) = pending(cookie) else {
+                    return 1;
+                };
+                let _ = rdr_pending_v2.remove(cookie);
+                let Some(key) = sock_key(rec.netns, &f) else {
                     return 1;
                 };
                 // SAFETY: the reference into the map is used only to read `cookie` (a u64)

@@ -649,7 +649,8 @@ pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {
     while let Some(id) = link_ids.iter().find(|id| sys::link_exists(**id)) {
         if std::time::Instant::now() > end {
             return Err(std::io::Error::other(format!(
-                "link {id} is still attached 5 s after its pin was removed: a process holds it                  open (bpftool link show id {id}; a running daemon holds none)"
+                "link {id} is still attached 5 s after its pin was removed: a process holds it \
+                 open (bpftool link show id {id}; a running daemon holds none)"
             )));
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1094,7 +1095,7 @@ mod layout_tests {
             "rdr_enabled: type 1 key 8 value 8 entries 65536 flags 0x0",
             "rdr_skip4: type 11 key 8 value 4 entries 16384 flags 0x1",
             "rdr_skip6: type 11 key 20 value 4 entries 16384 flags 0x1",
-            "rdr_pending: type 9 key 8 value 32 entries 65536 flags 0x0",
+            "rdr_pending_v2: type 9 key 8 value 40 entries 65536 flags 0x0",
             "rdr_orig: type 9 key 32 value 32 entries 65536 flags 0x0",
             "rdr_stats: type 6 key 4 value 80 entries 1 flags 0x0",
             "rdr_config: type 2 key 4 value 16 entries 1 flags 0x0",

@@ -14,6 +14,7 @@ pub mod explain;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod k8s;
+pub mod kernel;
 pub mod kubelet;
 pub mod names;
 pub mod netns;

@@ -11,8 +11,6 @@ use std::{
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-/// `SO_NETNS_COOKIE` (Linux 5.14+); not in every libc crate release.
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -40,8 +38,12 @@ pub enum NetnsError {
          {first}-{last} are all taken by the pod's own sockets"
     )]
     NoFreePort { pid: u32, first: u16, last: u16 },
-    #[error("failed to read the netns cookie of a listener")]
-    Cookie(#[source] std::io::Error),
+    #[error("failed to learn the netns cookie of the workload's network namespace (pid {pid})")]
+    Cookie {
+        pid: u32,
+        #[source]
+        source: crate::kernel::KernelError,
+    },
     #[error("helper thread for netns of pid {pid} panicked")]
     Thread { pid: u32 },
 }
@@ -109,7 +111,8 @@ pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
 }
 
 /// Binds the proxy listeners (127.0.0.1 and ::1) inside the network namespace of `pid`, on
-/// the first of `ports` that is free on both; returns the port and the listeners.
+/// the first of `ports` that is free on both; returns the port, the listeners and the
+/// namespace's cookie (the `netns` part of the `rdr_orig` keys of its connections).
 ///
 /// Why a helper thread: `setns(CLONE_NEWNET)` changes the namespace of the calling thread
 /// only. A short-lived thread enters the pod's netns, binds, and exits; the sockets stay in
@@ -119,7 +122,9 @@ pub fn netns_of(pid: u32) -> std::io::Result<NetnsId> {
 /// either family) is passed over: the pod's own listener would otherwise receive connections
 /// meant for us. Our sockets do not set SO_REUSEPORT, so nothing in the pod can join them
 /// later either. `::1` is optional only where the pod has no IPv6 loopback.
-pub fn bind_in_netns(pid: u32, ports: Vec<u16>) -> Result<(u16, Vec<TcpListener>), NetnsError> {
+pub type Bound = (u16, Vec<TcpListener>, u64);
+
+pub fn bind_in_netns(pid: u32, ports: Vec<u16>) -> Result<Bound, NetnsError> {
     let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
         .map_err(|source| NetnsError::Open { pid, source })?;
     bind_in(ns, pid, ports)
@@ -128,14 +133,14 @@ pub fn bind_in_netns(pid: u32, ports: Vec<u16>) -> Result<(u16, Vec<TcpListener>
 /// [`bind_in_netns`] for a namespace file the daemon already holds (one the container
 /// runtime made and handed over through the CNI plugin, before any process is in it).
 /// `pid` (0 here) only names the namespace in errors.
-pub fn bind_in(
-    ns: fs::File,
-    pid: u32,
-    ports: Vec<u16>,
-) -> Result<(u16, Vec<TcpListener>), NetnsError> {
+pub fn bind_in(ns: fs::File, pid: u32, ports: Vec<u16>) -> Result<Bound, NetnsError> {
     let handle = std::thread::spawn(move || {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|source| NetnsError::Enter { pid, source })?;
+        // Learned here, on the thread inside the namespace (the netns probe answers for
+        // the namespace of the thread that connects).
+        let cookie = crate::kernel::netns_cookie_here()
+            .map_err(|source| NetnsError::Cookie { pid, source })?;
         for &port in &ports {
             let v4 = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
             let l4 = match bind_listener(v4) {
@@ -151,13 +156,13 @@ pub fn bind_in(
             };
             let v6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
             match bind_listener(v6) {
-                Ok(l6) => return Ok((port, vec![l4, l6])),
+                Ok(l6) => return Ok((port, vec![l4, l6], cookie)),
                 Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
                 Err(e) => {
                     // No ::1 in this namespace (IPv6 disabled): nothing can be redirected
                     // there, nor squatted.
                     tracing::debug!(%v6, pid, error = %e, "no IPv6 loopback listener");
-                    return Ok((port, vec![l4]));
+                    return Ok((port, vec![l4], cookie));
                 }
             }
         }
@@ -231,27 +236,6 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
     listener.set_nonblocking(true)?;
     Ok(listener)
-}
-
-/// The netns cookie of a socket: the value `bpf_get_netns_cookie()` returns in the kernel.
-pub fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, NetnsError> {
-    let mut v: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the fd is open for the call (borrowed from `sock`); the kernel writes at most
-    // `len` = 8 bytes into `v`, a live u64, and updates `len` in place.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut v as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(NetnsError::Cookie(std::io::Error::last_os_error()));
-    }
-    Ok(v)
 }
 
 /// The cgroup v2 id of a cgroup directory: its inode number (what

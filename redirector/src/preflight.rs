@@ -4,20 +4,8 @@ use std::path::{Path, PathBuf};
 
 use crate::netns;
 
-/// Oldest kernel we support: `bpf_get_netns_cookie()` in sockops programs (5.15) and
-/// `SO_NETNS_COOKIE` (5.14) are what the original-destination handoff is built on.
-pub const MIN_KERNEL: (u32, u32) = (5, 15);
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PreflightError {
-    #[error(
-        "kernel {release} is older than {}.{}, the minimum this redirector supports \
-         (it needs bpf_get_netns_cookie in sockops); run on a newer kernel",
-        MIN_KERNEL.0, MIN_KERNEL.1
-    )]
-    KernelTooOld { release: String },
-    #[error("cannot parse kernel release {release:?}")]
-    KernelUnparsable { release: String },
     #[error(
         "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf {}` \
          (in Kubernetes, mount the host's /sys/fs/bpf into the pod)",
@@ -46,28 +34,6 @@ pub enum PreflightError {
          CONFIG_CGROUP_BPF is not set); use a kernel built with CONFIG_CGROUP_BPF=y"
     )]
     NoCgroupBpf,
-}
-
-/// Parses `uname -r` style releases ("6.18.44-fc-v669") and checks the minimum.
-pub fn check_kernel_release(release: &str) -> Result<(u32, u32), PreflightError> {
-    let unparsable = || PreflightError::KernelUnparsable {
-        release: release.to_owned(),
-    };
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(unparsable)?;
-    let minor: u32 = parts
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(unparsable)?;
-    if (major, minor) < MIN_KERNEL {
-        return Err(PreflightError::KernelTooOld {
-            release: release.to_owned(),
-        });
-    }
-    Ok((major, minor))
 }
 
 pub fn kernel_release() -> String {
@@ -117,13 +83,13 @@ pub fn check_below(root: &Path, cgroup: &Path) -> Result<(), PreflightError> {
     }
 }
 
-/// Every check `redirector run` needs before it may attach anything.
+/// Every check `redirector run` needs before it may attach anything. The kernel itself is
+/// judged by what it can do (`kernel::probe`), not by its version number.
 pub fn check_run(
     pin_root: &Path,
     cgroup_root: &Path,
     cgroups: &[PathBuf],
 ) -> Result<(), PreflightError> {
-    check_kernel_release(&kernel_release())?;
     check_bpffs(pin_root)?;
     check_cgroup(cgroup_root)?;
     for c in cgroups {
@@ -136,26 +102,6 @@ pub fn check_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kernel_versions() {
-        for (rel, ok) in [
-            ("6.18.44-fc-v669", true),
-            ("5.15.0-91-generic", true),
-            ("6.1.0-13-amd64", true),
-            ("5.14.21", false),
-            ("5.10.0-26-amd64", false),
-            ("4.19.0", false),
-        ] {
-            assert_eq!(check_kernel_release(rel).is_ok(), ok, "{rel}");
-        }
-        assert!(matches!(
-            check_kernel_release("garbage"),
-            Err(PreflightError::KernelUnparsable { .. })
-        ));
-        let msg = check_kernel_release("5.10.0").unwrap_err().to_string();
-        assert!(msg.contains("5.10.0") && msg.contains("5.15"), "{msg}");
-    }
 
     #[test]
     fn missing_cgroup_is_named() {

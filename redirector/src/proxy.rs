@@ -76,7 +76,7 @@ pub fn spawn_listener(
     let ports = (0..PROXY_PORT_CHOICES)
         .filter_map(|i| first.checked_add(i))
         .collect();
-    let (pid, netns, (port, std_listeners)) = match at {
+    let (pid, netns, (port, std_listeners, cookie)) = match at {
         ListenAt::Pid(pid) => {
             let pid = *pid;
             let netns = netns::netns_of(pid).map_err(|source| NetnsError::Open { pid, source })?;
@@ -90,7 +90,6 @@ pub fn spawn_listener(
             (0, ns.id, netns::bind_in(file, 0, ports)?)
         }
     };
-    let cookie = netns::netns_cookie(&std_listeners[0])?;
     let stop = shared.shutdown.child_token();
     // One budget for the namespace: both listeners (v4, v6) count against it.
     let pod = Pod {

@@ -495,7 +495,7 @@ fn redirector_names() -> [&'static str; 7] {
         "rdr_enabled",
         "rdr_skip4",
         "rdr_skip6",
-        "rdr_pending",
+        "rdr_pending_v2",
         "rdr_orig",
         "rdr_stats",
         "rdr_config",
@@ -582,10 +582,10 @@ fn bad_input_is_one_clear_line_and_attaches_nothing() {
 /// The connect hook fails closed when it cannot record a connection's original destination
 /// (issue 11): the connect is refused and counted, never sent on unchanged.
 ///
-/// Stand-in, and why: the kernel refuses an insert into the LRU map `rdr_pending` only under
+/// Stand-in, and why: the kernel refuses an insert into the LRU map `rdr_pending_v2` only under
 /// memory pressure, which a test cannot produce on demand. So before the daemon loads its
-/// programs, the test pins a plain hash map with `rdr_pending`'s key and value sizes, one
-/// entry and room for no more, at `rdr_pending`'s pin path. The loader reuses a map pinned
+/// programs, the test pins a plain hash map with `rdr_pending_v2`'s key and value sizes, one
+/// entry and room for no more, at `rdr_pending_v2`'s pin path. The loader reuses a map pinned
 /// under its name, so every insert the hook tries fails (E2BIG), as a refused one would.
 #[test]
 fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
@@ -601,10 +601,10 @@ fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
         &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)],
     );
     std::fs::create_dir_all(&lab.pin_root).expect("pin directory");
-    let pin = lab.pin_root.join("rdr_pending");
-    let size = std::mem::size_of::<redirector_common::OrigDst>();
+    let pin = lab.pin_root.join("rdr_pending_v2");
+    let size = std::mem::size_of::<redirector_common::Pending>();
     sh(&format!(
-        "bpftool map create {} type hash key 8 value {size} entries 1 name rdr_pending",
+        "bpftool map create {} type hash key 8 value {size} entries 1 name rdr_pending_v2",
         pin.display()
     ));
     sh(&format!(

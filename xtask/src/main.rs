@@ -6,6 +6,7 @@ mod exec;
 mod fuzz;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,9 @@ enum Cmd {
     /// classic redsocks+stunnel, env proxy client) in the closed test network; reports under
     /// target/bench/.
     Bench(bench::BenchArgs),
+    /// The privileged capture scenario on Debian's 5.10, 6.1 and 6.12 kernels booted under
+    /// qemu (`--all`: every kernel and the host's; default: the oldest supported).
+    Vm(vm::VmArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Deny => deny::run(),
         Cmd::Fuzz(a) => fuzz::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Vm(a) => vm::run(a),
     }
 }

@@ -41,6 +41,22 @@ const PACKAGES: &[(&str, &str)] = &[
     ("apache2-utils", "htpasswd for Squid's basic_ncsa_auth"),
     ("openssl", "certificate checks in tests"),
     (
+        "qemu-system-x86",
+        "boots Debian's kernels for the capture scenario (cargo xtask vm)",
+    ),
+    (
+        "busybox-static",
+        "the tools of the VMs' initramfs (cargo xtask vm)",
+    ),
+    (
+        "xz-utils",
+        "unpacks the compressed kernel modules of trixie's kernel",
+    ),
+    (
+        "binutils",
+        "objcopy strips debug info from the binaries put in a VM",
+    ),
+    (
         "etcd-server",
         "etcd, the store of the real kube-apiserver in the Kubernetes end-to-end tests",
     ),

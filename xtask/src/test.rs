@@ -2,7 +2,7 @@
 //! run of every fuzz target.
 use clap::Args;
 
-use crate::{deny, exec, fuzz, setup};
+use crate::{deny, exec, fuzz, setup, vm};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -12,6 +12,9 @@ pub struct TestArgs {
     /// Skip `cargo deny` and the short fuzz run.
     #[arg(long)]
     no_extra: bool,
+    /// Skip the scenario on the oldest supported kernel in a VM (`cargo xtask vm`).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for `cargo test` (e.g. a test name filter).
     #[arg(trailing_var_arg = true)]
     rest: Vec<String>,
@@ -35,7 +38,12 @@ pub fn run(a: TestArgs) -> anyhow::Result<()> {
             "warnings",
         ]))?;
     }
-    // A filtered run (`-- --test NAME`) is a quick loop: the whole-tree checks stay out.
+    // A filtered run (`-- --test NAME`) is a quick loop: the whole-tree checks and the VM
+    // stay out.
+    if !a.no_vm && a.rest.is_empty() {
+        // The capture scenario on the oldest kernel we support, booted under qemu.
+        vm::oldest()?;
+    }
     if !a.no_extra && a.rest.is_empty() {
         // Advisories (local RustSec database), bans, licenses, sources.
         deny::run()?;

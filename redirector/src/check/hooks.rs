@@ -86,16 +86,34 @@ pub(super) fn scan(root: &Path, pins: &PinLayout) -> HookScan {
                 queried: false,
             };
         }
-        Err(e) => {
-            return HookScan {
-                check: Check::warn(
-                    name,
-                    format!("`bpftool cgroup show {root_s}` failed: {e}"),
-                    Vec::new(),
-                ),
-                queried: false,
-            };
-        }
+        // Older bpftool releases (bookworm's 7.1) fail to list a directory on 5.10 once
+        // programs are attached there, while the `effective` listing works: at the attach
+        // root it names the same programs (plus any inherited from above, which count as
+        // being on our hooks just as well).
+        Err(e) => match bpftool(&["-j", "cgroup", "show", &root_s, "effective"])
+            .ok()
+            .and_then(|o| parse_bpftool(&o).ok())
+        {
+            // The effective listing carries no attach flags: say so rather than take the
+            // missing flags for an exclusive attachment.
+            Some(v) => v
+                .into_iter()
+                .map(|a| Attached {
+                    attach_flags: "flags unknown".into(),
+                    ..a
+                })
+                .collect(),
+            None => {
+                return HookScan {
+                    check: Check::warn(
+                        name,
+                        format!("`bpftool cgroup show {root_s}` failed: {e}"),
+                        Vec::new(),
+                    ),
+                    queried: false,
+                };
+            }
+        },
         Ok(out) => match parse_bpftool(&out) {
             Ok(v) => v,
             Err(e) => {
@@ -110,6 +128,12 @@ pub(super) fn scan(root: &Path, pins: &PinLayout) -> HookScan {
         .ok()
         .and_then(|o| parse_bpftool(&o).ok())
         .unwrap_or_default();
+    // The netns probe (`rdr_p_netns`, kernels without SO_NETNS_COOKIE) is attached to the
+    // daemon's own cgroup, which can be an ancestor of the root: it acts only on its daemon's
+    // connects to 127.0.0.1:0, so it is no program "on our hooks" in the sense of this check.
+    let not_probe = |a: &Attached| !a.name.starts_with("rdr_p_");
+    let direct: Vec<Attached> = direct.into_iter().filter(not_probe).collect();
+    let effective: Vec<Attached> = effective.into_iter().filter(not_probe).collect();
     let ours: BTreeSet<u32> = names::PROGRAMS
         .iter()
         .filter_map(|p| aya::programs::ProgramInfo::from_pin(pins.path(p)).ok())

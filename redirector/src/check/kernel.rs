@@ -2,31 +2,44 @@
 use std::{path::Path, process::Command};
 
 use super::Check;
-use crate::preflight::{self, PreflightError};
+use crate::{
+    kernel,
+    preflight::{self, PreflightError},
+};
 
-/// The kernel release against the minimum.
+/// The kernel by what it can do: the probes `redirector run` makes at start.
 pub(super) fn release() -> Check {
-    let release = preflight::kernel_release();
-    match preflight::check_kernel_release(&release) {
-        Ok(_) => Check::ok(
-            "kernel",
-            format!(
-                "{release} (>= {}.{}: cgroup connect4/connect6 and sockops hooks, bpf_get_netns_cookie, SO_NETNS_COOKIE)",
-                preflight::MIN_KERNEL.0,
-                preflight::MIN_KERNEL.1
-            ),
-        ),
-        Err(e @ PreflightError::KernelUnparsable { .. }) => Check::warn(
-            "kernel",
-            e.to_string(),
-            vec![format!(
-                "make sure the kernel is {}.{} or newer",
-                preflight::MIN_KERNEL.0,
-                preflight::MIN_KERNEL.1
-            )],
-        ),
-        Err(e) => from_preflight("kernel", &e),
+    let (f, _) = match kernel::probe() {
+        Ok(p) => p,
+        Err(e) => {
+            return Check::warn(
+                "kernel",
+                format!(
+                    "{}: cannot probe its BPF features: {}",
+                    preflight::kernel_release(),
+                    crate::error_chain(&e)
+                ),
+                vec!["run check as root (it loads small probe programs)".into()],
+            );
+        }
+    };
+    if let Err(e) = kernel::require(&f) {
+        let (detail, fix) = split_fix(&e.to_string());
+        return Check::fail("kernel", detail, fix);
     }
+    let mut detail = format!(
+        "{}: connect hooks with netns cookies, ring buffers",
+        f.release
+    );
+    if f.netns_cookie_sockopt {
+        detail += ", SO_NETNS_COOKIE";
+    } else {
+        detail += "; no SO_NETNS_COOKIE (pod namespaces are told apart by the netns probe)";
+    }
+    if f.memlock_charged {
+        detail += "; BPF memory counts against RLIMIT_MEMLOCK (raised at start)";
+    }
+    Check::ok("kernel", detail)
 }
 
 /// The cgroup root the hooks attach to.
@@ -199,16 +212,6 @@ mod tests {
             c.detail
                 .starts_with("/tmp is not on a cgroup v2 filesystem")
                 && c.fix[0].contains("mount -t cgroup2"),
-            "{c:?}"
-        );
-        let c = from_preflight(
-            "kernel",
-            &PreflightError::KernelTooOld {
-                release: "5.10.0".into(),
-            },
-        );
-        assert!(
-            c.detail.contains("5.10.0") && c.fix == ["run on a newer kernel"],
             "{c:?}"
         );
         assert_eq!(

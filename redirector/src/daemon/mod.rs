@@ -37,6 +37,8 @@ pub enum RunError {
     Admin(#[source] std::io::Error),
     #[error(transparent)]
     Bpf(#[from] bpf::BpfError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("--kubernetes needs NODE_NAME (set it from the downward API: spec.nodeName)")]
@@ -63,6 +65,16 @@ fn raise_open_file_limit() {
 pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     // 1. Preflight: refuse bad input before touching the kernel.
     preflight::check_run(&config.pin_root, &config.cgroup_root, &config.cgroups)?;
+    // The kernel by what it can do (small probe programs, not its version number); this
+    // also raises RLIMIT_MEMLOCK where the kernel charges BPF memory to it (before 5.11).
+    let (features, probe_object) = crate::kernel::probe()?;
+    crate::kernel::require(&features)?;
+    info!(
+        release = %features.release,
+        so_netns_cookie = features.netns_cookie_sockopt,
+        memlock_charged = features.memlock_charged,
+        "kernel has every feature the redirector needs"
+    );
     raise_open_file_limit();
     let node_name = if config.kubernetes {
         Some(
@@ -96,6 +108,13 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
         Origin::Upgraded => {
             info!(pin_root = %pins.root.display(), cgroup_root = %config.cgroup_root.display(), "replaced the pinned eBPF programs in place with this release's")
         }
+    }
+    // Without SO_NETNS_COOKIE (before 5.14) each pod namespace's cookie comes from the
+    // netns probe, attached for the daemon's lifetime.
+    if !features.netns_cookie_sockopt
+        && let Some(object) = probe_object
+    {
+        crate::kernel::start_netns_probe(object, &config.cgroup_root)?;
     }
     release_freed_heap();
     let audit_supported = bpf::audit_supported(&pins);
