@@ -332,11 +332,7 @@ fn run_against(
                     .current_dir(against::workspace_root())
             )
             .unwrap_or_default(),
-            if dirty {
-                " + uncommitted changes"
-            } else {
-                ""
-            }
+            if dirty { " + uncommitted changes" } else { "" }
         ),
     ));
     println!(
@@ -374,11 +370,7 @@ fn run_against(
             rev.short()
         );
         base.round(round);
-        println!(
-            "bench: round {}/{}, this tree",
-            round + 1,
-            cfg.rounds
-        );
+        println!("bench: round {}/{}, this tree", round + 1, cfg.rounds);
         this.round(round);
     }
     println!(
@@ -431,11 +423,7 @@ fn run_against(
     println!(
         "
 === cargo xtask bench --against {}: this tree / {} ({}), {} round(s), {:.0} s ===",
-        rev.given,
-        rev.title,
-        rev.sha,
-        cfg.rounds,
-        cmp.duration_s
+        rev.given, rev.title, rev.sha, cfg.rounds, cmp.duration_s
     );
     print!("{}", against::text_table(rev, &cmp.rows));
     for w in written {

@@ -83,7 +83,9 @@ pub fn check_rev_syntax(rev: &str) -> Result<(), String> {
 pub fn parse_commit_id(out: &str) -> Option<String> {
     let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
     let id = lines.next()?;
-    let hex = id.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    let hex = id
+        .chars()
+        .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
     (lines.next().is_none() && hex && matches!(id.len(), 40 | 64)).then(|| id.to_owned())
 }
 
@@ -110,8 +112,8 @@ pub fn resolve(rev: &str) -> anyhow::Result<Rev> {
         .arg(format!("{rev}^{{commit}}"))
         .output()
         .context("cannot run git (needed to build --against's revision)")?;
-    let Some(sha) = parse_commit_id(&String::from_utf8_lossy(&out.stdout))
-        .filter(|_| out.status.success())
+    let Some(sha) =
+        parse_commit_id(&String::from_utf8_lossy(&out.stdout)).filter(|_| out.status.success())
     else {
         bail!(
             "--against {rev:?}: not a commit of this repository ({}); try a branch, a tag, a \
@@ -192,7 +194,14 @@ pub fn daemon(rev: &Rev) -> anyhow::Result<(PathBuf, String)> {
     let built = exec::run(
         exec::cargo()
             .current_dir(&tree)
-            .args(["build", "--release", "-p", "redirector", "--bin", "redirector"])
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "redirector",
+                "--bin",
+                "redirector",
+            ])
             .env("CARGO_TARGET_DIR", &target)
             .env("CARGO_INCREMENTAL", "0"),
     );
@@ -222,8 +231,7 @@ pub fn daemon(rev: &Rev) -> anyhow::Result<(PathBuf, String)> {
         size as f64 / (1u64 << 30) as f64
     );
     if size > CACHE_LIMIT {
-        fs::remove_dir_all(&target)
-            .with_context(|| format!("remove {}", target.display()))?;
+        fs::remove_dir_all(&target).with_context(|| format!("remove {}", target.display()))?;
         let _ = write!(
             note,
             "; that cache passed {} GiB and was removed (the saved daemon stays)",
@@ -466,9 +474,8 @@ pub fn markdown_table(rev: &Rev, rows: &[Row]) -> String {
         let (med, range) = ratio_cells(&r.spread);
         let _ = writeln!(
             s,
-            "| {} {} | {} | {} | {} | {} | {med} | {range} | {} | {} |",
-            r.key,
-            better_word(r.better),
+            "| {} | {} | {} | {} | {} | {med} | {range} | {} | {} |",
+            format!("{} {}", r.key, better_word(r.better)).trim_end(),
             r.unit,
             r.path.name(),
             cell(&r.rev),
@@ -499,7 +506,9 @@ pub fn text_table(rev: &Rev, rows: &[Row]) -> String {
     for r in rows {
         let (med, range) = ratio_cells(&r.spread);
         table.push(vec![
-            format!("{} {}", r.key, better_word(r.better)).trim_end().to_owned(),
+            format!("{} {}", r.key, better_word(r.better))
+                .trim_end()
+                .to_owned(),
             r.path.name().to_owned(),
             cell(&r.rev),
             cell(&r.this),
@@ -511,7 +520,13 @@ pub fn text_table(rev: &Rev, rows: &[Row]) -> String {
     }
     let cols = table[0].len();
     let width: Vec<usize> = (0..cols)
-        .map(|c| table.iter().map(|l| l[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            table
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut s = String::new();
     for l in &table {
@@ -688,7 +703,14 @@ mod tests {
 
     #[test]
     fn revision_syntax() {
-        for ok in ["main", "HEAD~1", "v1.2^{commit}", "origin/main", "0123abc", "@{u}"] {
+        for ok in [
+            "main",
+            "HEAD~1",
+            "v1.2^{commit}",
+            "origin/main",
+            "0123abc",
+            "@{u}",
+        ] {
             assert_eq!(check_rev_syntax(ok), Ok(()), "{ok}");
         }
         for bad in ["", "-h", "--all", "main branch", "HEAD\n", "a\tb", "x\u{7}"] {
@@ -720,7 +742,10 @@ mod tests {
         assert_eq!(per_round_ratios(&a, &b), vec![0.9, 1.2]);
         // A zero or non-finite baseline gives no ratio rather than inf/NaN.
         assert_eq!(
-            per_round_ratios(&[(0, 0.0), (1, f64::NAN), (2, 4.0)], &[(0, 1.0), (1, 1.0), (2, 2.0)]),
+            per_round_ratios(
+                &[(0, 0.0), (1, f64::NAN), (2, 4.0)],
+                &[(0, 1.0), (1, 1.0), (2, 2.0)]
+            ),
             vec![0.5]
         );
         assert!(per_round_ratios(&[], &b).is_empty());
@@ -762,7 +787,11 @@ mod tests {
     #[test]
     fn comparison_rows_and_tables() {
         let a = results(&[
-            ("bulk1", PathId::Relay, &[(0, 100.0), (1, 100.0), (2, 100.0)]),
+            (
+                "bulk1",
+                PathId::Relay,
+                &[(0, 100.0), (1, 100.0), (2, 100.0)],
+            ),
             ("conn_p50", PathId::Gateway, &[(0, 2.0), (1, 2.0), (2, 2.0)]),
             ("hook_ns", PathId::Relay, &[(0, 400.0)]),
         ]);
@@ -772,7 +801,12 @@ mod tests {
             ("hook_ns", PathId::Relay, &[(0, 500.0)]),
         ]);
         b.error("bulk8", PathId::GatewayH2, "boom".into());
-        let paths = [PathId::Direct, PathId::Relay, PathId::Gateway, PathId::GatewayH2];
+        let paths = [
+            PathId::Direct,
+            PathId::Relay,
+            PathId::Gateway,
+            PathId::GatewayH2,
+        ];
         let rows = compare(&a, &b, &paths);
         // METRICS order (bulk1, bulk8, …, conn_p50, …, hook_ns), then path order; metrics
         // and paths neither build has are left out.
