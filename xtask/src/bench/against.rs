@@ -340,8 +340,27 @@ pub enum Verdict {
     Better,
     /// Rounds disagree (or a ratio is exactly 1): within this machine's noise.
     Noise,
+    /// One-sided in every round, but the control path ([`CONTROL`], no daemon) moved as much
+    /// in the same rounds: the machine, not the build, may explain it.
+    InsideControl,
+    /// The control path itself.
+    Control,
     /// Fewer than [`VERDICT_ROUNDS`] paired rounds, or a metric with no better direction.
     None,
+}
+
+/// The path that runs no daemon: whatever its ratios show is the machine's noise.
+pub const CONTROL: PathId = PathId::Direct;
+
+/// `v` of a row whose ratios span `s`, weighed against the control's span `c` of the same
+/// metric: a one-sided row whose span overlaps the control's is no verdict.
+pub fn against_control(v: Verdict, s: &Spread, c: Option<&Spread>) -> Verdict {
+    match (v, c) {
+        (Verdict::Worse | Verdict::Better, Some(c)) if s.min <= c.max && c.min <= s.max => {
+            Verdict::InsideControl
+        }
+        _ => v,
+    }
 }
 
 pub fn verdict(better: Better, s: &Spread) -> Verdict {
@@ -363,6 +382,8 @@ impl Verdict {
             Verdict::Worse => "WORSE in every round",
             Verdict::Better => "better in every round",
             Verdict::Noise => "within noise",
+            Verdict::InsideControl => "one-sided, but inside direct's spread",
+            Verdict::Control => "(control: no daemon)",
             Verdict::None => "",
         }
     }
@@ -429,6 +450,19 @@ pub fn compare(rev: &Results, this: &Results, paths: &[PathId]) -> Vec<Row> {
                 ratios,
                 spread,
             });
+        }
+    }
+    let control: Vec<(&'static str, Spread)> = rows
+        .iter()
+        .filter(|r| r.path == CONTROL)
+        .filter_map(|r| Some((r.key, r.spread?)))
+        .collect();
+    for r in &mut rows {
+        if r.path == CONTROL {
+            r.verdict = Verdict::Control;
+        } else if let Some(s) = r.spread {
+            let c = control.iter().find(|(k, _)| *k == r.key).map(|(_, c)| c);
+            r.verdict = against_control(r.verdict, &s, c);
         }
     }
     rows
@@ -572,8 +606,9 @@ impl Comparison<'_> {
              its own labs built by this tree's harness, rounds alternating (rev, this tree, rev, this tree, …). \
              A ratio is this tree / rev for one round; the table gives the median of those ratios and their \
              min–max over rounds. ↑: higher is better, ↓: lower is better. `direct` uses no daemon at all: its \
-             ratios show the machine's own round-to-round noise. A verdict needs {VERDICT_ROUNDS} rounds or more \
-             and every round on the same side of 1.\n",
+             ratios show the machine's own round-to-round noise. A verdict needs {VERDICT_ROUNDS} rounds or more, \
+             every round on the same side of 1, and a min–max that does not overlap direct's for the same \
+             metric (metrics direct has no row for: the first two conditions only).\n",
             self.rev.given, self.date, self.duration_s
         );
         let _ = writeln!(s, "| | |\n|---|---|");
@@ -771,6 +806,23 @@ mod tests {
         // A ratio of exactly 1 in one round: not "every round".
         let touching = spread(&[1.0, 1.2, 1.3]).unwrap();
         assert_eq!(verdict(Better::Higher, &touching), Verdict::Noise);
+
+        // The control moved from 0.7 to 0.95: a path at 0.8–0.9 says nothing, one at
+        // 0.5–0.6 does; without a control row the one-sided verdict stands.
+        let control = spread(&[0.7, 0.95, 0.8]).unwrap();
+        let inside = spread(&[0.8, 0.85, 0.9]).unwrap();
+        let outside = spread(&[0.5, 0.55, 0.6]).unwrap();
+        let w = Verdict::Worse;
+        assert_eq!(
+            against_control(w, &inside, Some(&control)),
+            Verdict::InsideControl
+        );
+        assert_eq!(against_control(w, &outside, Some(&control)), w);
+        assert_eq!(against_control(w, &inside, None), w);
+        assert_eq!(
+            against_control(Verdict::Noise, &inside, Some(&control)),
+            Verdict::Noise
+        );
     }
 
     fn results(samples: &[(&str, PathId, &[(usize, f64)])]) -> Results {
@@ -782,6 +834,42 @@ mod tests {
             }
         }
         r
+    }
+
+    #[test]
+    fn the_control_row_weighs_one_sided_rows() {
+        let r3 = |v: [f64; 3]| [(0, v[0]), (1, v[1]), (2, v[2])];
+        let a = results(&[
+            ("bulk1", PathId::Direct, &r3([100.0; 3])),
+            ("bulk1", PathId::Relay, &r3([100.0; 3])),
+            ("bulk1", PathId::Gateway, &r3([100.0; 3])),
+            ("rr", PathId::Relay, &r3([100.0; 3])),
+        ]);
+        let b = results(&[
+            // The machine was 10-30 % slower for this tree's rounds.
+            ("bulk1", PathId::Direct, &r3([70.0, 90.0, 80.0])),
+            ("bulk1", PathId::Relay, &r3([85.0, 88.0, 86.0])),
+            ("bulk1", PathId::Gateway, &r3([50.0, 55.0, 60.0])),
+            // No control row for rr: the one-sided verdict stands.
+            ("rr", PathId::Relay, &r3([85.0, 88.0, 86.0])),
+        ]);
+        let rows = compare(&a, &b, &[PathId::Direct, PathId::Relay, PathId::Gateway]);
+        let v: Vec<(&str, &str, Verdict)> = rows
+            .iter()
+            .map(|r| (r.key, r.path.name(), r.verdict))
+            .collect();
+        assert_eq!(
+            v,
+            vec![
+                ("bulk1", "direct", Verdict::Control),
+                ("bulk1", "relay", Verdict::InsideControl),
+                ("bulk1", "gateway", Verdict::Worse),
+                ("rr", "relay", Verdict::Worse),
+            ]
+        );
+        let md = markdown_table(&rev(), &rows);
+        assert!(md.contains("| 3 | one-sided, but inside direct's spread |"));
+        assert!(md.contains("| 3 | (control: no daemon) |"));
     }
 
     #[test]
