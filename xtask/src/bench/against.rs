@@ -825,7 +825,10 @@ mod tests {
         );
     }
 
-    fn results(samples: &[(&str, PathId, &[(usize, f64)])]) -> Results {
+    /// `(round, value)` samples of one metric and path.
+    type Tagged<'a> = &'a [(usize, f64)];
+
+    fn results(samples: &[(&str, PathId, Tagged)]) -> Results {
         let mut r = Results::default();
         for (k, p, v) in samples {
             for (round, x) in v.iter() {
