@@ -81,9 +81,6 @@ pub mod names {
         MAP_AUDIT,
         MAP_AUDIT_TOTALS,
     ];
-    /// Pins earlier releases made that this one no longer uses (`rdr_pending`: the pending
-    /// map before its value carried the netns cookie). `uninstall` removes them too.
-    pub const LEGACY_PINS: [&str; 1] = ["rdr_pending"];
     /// All programs, in a stable order.
     pub const PROGRAMS: [&str; 3] = [PROG_CONNECT4, PROG_CONNECT6, PROG_SOCKOPS];
     /// All link pins, matching [`PROGRAMS`] by index.

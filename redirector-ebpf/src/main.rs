@@ -65,6 +65,8 @@ mod prog {
     /// record, which makes that build's programs differ (another instruction tag) while
     /// behaving the same. The upgrade tests replace one with the other.
     const DATAPATH_VARIANT: u32 = if cfg!(feature = "variant") { 1 } else { 0 };
+    /// The `variant` build's port whose connects cannot be recorded (see `remember`).
+    const UNRECORDABLE_PORT: u16 = 9;
     /// `BPF_NOEXIST`: insert only if the key is absent.
     const NOEXIST: u64 = 1;
     /// The audit maps allocate entries as they are used: most nodes audit nothing.
@@ -314,6 +316,12 @@ mod prog {
     /// the `rdr_orig` key will carry. False when the record could not be stored.
     #[inline(always)]
     fn remember(ctx: &SockAddrContext, dst: OrigDst) -> bool {
+        // Test builds only (`variant`): a connect to port 9 cannot be recorded, so the tests
+        // can reach the refusal that follows a failed record; the preallocated LRU insert
+        // below cannot be made to fail on demand. Compiled out of every other build.
+        if cfg!(feature = "variant") && dst.port == UNRECORDABLE_PORT {
+            return false;
+        }
         // SAFETY: `ctx.sock_addr` is the context pointer the kernel passed to this
         // cgroup/connect program, the argument bpf_get_socket_cookie and bpf_get_netns_cookie
         // take in these programs (the latter since 5.7; the verifier checks both); the helpers

@@ -242,6 +242,10 @@ pub struct Lab {
     /// Admin address (in the node namespace) of the next daemon started and of the one
     /// `node_http*`, `metric` and `status` talk to.
     pub admin: String,
+    /// The daemon binary [`Lab::start_daemon`] and [`Lab::start_daemon_env`] run; `None`:
+    /// [`workspace_bin`]`("redirector")`. The bench's `--against` sets it to run another
+    /// revision's daemon in this lab.
+    pub daemon_bin: Option<PathBuf>,
 }
 
 impl Lab {
@@ -277,6 +281,7 @@ impl Lab {
             node_hosts: None,
             node_resolv: None,
             admin: ADMIN.to_owned(),
+            daemon_bin: None,
         };
         sh(&format!("mount -t cgroup2 none {}", lab.cg_mount.display()));
         fs::create_dir_all(&lab.cg_root).expect("cgroup root");
@@ -537,7 +542,11 @@ impl Lab {
     }
 
     pub fn start_daemon_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> usize {
-        self.start_daemon_bin(&workspace_bin("redirector"), extra, env)
+        let bin = self
+            .daemon_bin
+            .clone()
+            .unwrap_or_else(|| workspace_bin("redirector"));
+        self.start_daemon_bin(&bin, extra, env)
     }
 
     /// [`Lab::start_daemon_env`] with another build of the daemon (e.g. `redirector-next`,

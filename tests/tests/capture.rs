@@ -582,11 +582,11 @@ fn bad_input_is_one_clear_line_and_attaches_nothing() {
 /// The connect hook fails closed when it cannot record a connection's original destination
 /// (issue 11): the connect is refused and counted, never sent on unchanged.
 ///
-/// Stand-in, and why: the kernel refuses an insert into the LRU map `rdr_pending_v2` only under
-/// memory pressure, which a test cannot produce on demand. So before the daemon loads its
-/// programs, the test pins a plain hash map with `rdr_pending_v2`'s key and value sizes, one
-/// entry and room for no more, at `rdr_pending_v2`'s pin path. The loader reuses a map pinned
-/// under its name, so every insert the hook tries fails (E2BIG), as a refused one would.
+/// Stand-in, and why: the preallocated LRU map `rdr_pending_v2` refuses an insert only in
+/// kernel corner cases a test cannot produce on demand, and a pinned map of another layout
+/// (how this test used to force it) is no longer reused (lifecycle issue). So the daemon here is
+/// `redirector-next`, whose test-only `variant` datapath fails the record of every connect to
+/// port 9 and of no other: the hook's own refusal path runs, in the real kernel.
 #[test]
 fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
     if !privileged("connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct") {
@@ -600,20 +600,14 @@ fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
         "http",
         &[SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80)],
     );
-    std::fs::create_dir_all(&lab.pin_root).expect("pin directory");
-    let pin = lab.pin_root.join("rdr_pending_v2");
-    let size = std::mem::size_of::<redirector_common::Pending>();
-    sh(&format!(
-        "bpftool map create {} type hash key 8 value {size} entries 1 name rdr_pending_v2",
-        pin.display()
-    ));
-    sh(&format!(
-        "bpftool map update pinned {} key hex {} value hex {}",
-        pin.display(),
-        "ff ".repeat(8),
-        "00 ".repeat(size)
-    ));
-    lab.start_daemon(&[]);
+    // A preallocated LRU insert cannot be made to fail on demand (and a pinned map of
+    // another layout is no longer reused, which is how this used to be forced): the test-only
+    // `variant` datapath of `redirector-next` cannot record connects to port 9, and only those.
+    lab.start_daemon_bin(
+        &tests::lab::workspace_bin("redirector-next"),
+        &[],
+        &[("RUST_LOG", "info")],
+    );
     let before = lab.metric("redirector_ebpf_events{name=\"errors\"}");
 
     let target = Lab::inet_v4(0);
@@ -622,7 +616,7 @@ fn connect_whose_destination_cannot_be_recorded_is_refused_not_sent_direct() {
         0,
         &format!(
             "import socket, errno\ns = socket.socket()\ns.settimeout(5)\ntry:\n  \
-             s.connect(('{target}', 80))\n  print('connected')\nexcept OSError as e:\n  \
+             s.connect(('{target}', 9))\n  print('connected')\nexcept OSError as e:\n  \
              print('errno=' + errno.errorcode.get(e.errno, str(e.errno)))"
         ),
     );

@@ -15,6 +15,7 @@
 //!
 //! The target is `rdr-bench-client serve` at 203.0.113.14:8080 (`bulk.azure.test:8080`) in
 //! each lab's `inet` namespace; the load generator is `rdr-bench-client` in the pods.
+mod against;
 mod classic;
 mod report;
 
@@ -76,8 +77,18 @@ pub struct BenchArgs {
     /// `alloc-mimalloc,crypto-aws-lc`), to compare allocator or crypto variants. The variant
     /// is built into `target/bench-build/<features>/`, so the default `target/release`
     /// binary stays as it is; the other binaries come from `target/release`.
-    #[arg(long, value_name = "LIST")]
+    #[arg(long, value_name = "LIST", conflicts_with = "against")]
     features: Option<String>,
+    /// Compare this tree with another revision (a commit, branch, tag, `HEAD~1`…) in one
+    /// invocation: that revision's daemon is built in its own worktree under
+    /// `target/bench-against/` (cached per commit) and runs in its own labs next to this
+    /// tree's; the rounds alternate (rev, this tree, rev, this tree, …) and the report gives,
+    /// per metric and path, this tree / rev as the median and min–max of the per-round
+    /// ratios. Only the daemon is swapped: the labs, load generator, simulator and this
+    /// harness are this tree's. Measures direct (a control: no daemon, so its ratio is the
+    /// machine's noise), relay, gateway and gateway-h2; not classic or env.
+    #[arg(long, value_name = "REV", conflicts_with = "profile")]
+    against: Option<String>,
 }
 
 /// The ways a pod's connection can reach the target.
@@ -149,7 +160,18 @@ struct Cfg {
     profile: bool,
 }
 
+/// The paths `--against` measures: every path that runs the daemon, and `direct` as a
+/// control (no daemon: its ratio is the machine's noise between the two sides' rounds).
+pub const AGAINST_PATHS: [PathId; 4] = [
+    PathId::Direct,
+    PathId::Relay,
+    PathId::Gateway,
+    PathId::GatewayH2,
+];
+
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    // A bad revision is refused before anything is built or set up.
+    let against = a.against.as_deref().map(against::resolve).transpose()?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -167,13 +189,16 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     };
     let mut notes = Vec::new();
     setup::run()?;
-    notes.extend(ensure_classic_packages()?);
+    if against.is_none() {
+        notes.extend(ensure_classic_packages()?);
+    }
     let features = a
         .features
         .as_deref()
         .map(normalize_features)
         .filter(|f| !f.is_empty());
     let bins = release_bins(a.no_build, features.as_deref())?;
+    let rev_daemon = against.as_ref().map(against::daemon).transpose()?;
     let nofile = raise_nofile(&mut notes);
     let started = Instant::now();
     // Per process, the most descriptors per idle connection: the HTTP/1.1 daemon and
@@ -222,10 +247,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         Err(e) => notes.push(format!("openssl speed failed: {e:#}")),
     }
 
+    if let (Some(rev), Some((bin, built))) = (&against, rev_daemon) {
+        notes.push(built.clone());
+        return run_against(&cfg, &bins, rep, notes, started, rev, &bin, built);
+    }
+
     println!(
         "bench: building the closed networks (lab A: chain with Squid and an HTTP/1.1 gateway simulator; lab B: relay; lab C: chain with an h2 gateway simulator)"
     );
-    let mut bench = Bench::new(&bins, &cfg)?;
+    let mut bench = Bench::new(&bins, &cfg, None, &PATHS)?;
     rep.configs = bench.configs.clone();
     bench.probe_paths();
     bench.idle_rss();
@@ -253,6 +283,149 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let dir = report::out_dir();
     let written = rep.write(&dir)?;
     println!("\n{}", rep.summary());
+    for w in written {
+        println!("bench: wrote {}", w.display());
+    }
+    Ok(())
+}
+
+/// `--against`: two sets of labs, one running the revision's daemon and one this tree's,
+/// measured round by round in turn (rev, this, rev, this, …); then the comparison.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the pieces `run` has already set up, handed over once"
+)]
+fn run_against(
+    cfg: &Cfg,
+    bins: &Bins,
+    mut rep: Report,
+    mut notes: Vec<String>,
+    started: Instant,
+    rev: &against::Rev,
+    rev_bin: &Path,
+    rev_built: String,
+) -> anyhow::Result<()> {
+    rep.config.push((
+        "--against".into(),
+        format!(
+            "{} = {} ({}); its daemon: {}; paths: {}",
+            rev.given,
+            rev.sha,
+            rev.title,
+            rev_bin.display(),
+            AGAINST_PATHS.map(PathId::name).join(", ")
+        ),
+    ));
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(against::workspace_root())
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    rep.config.push((
+        "this tree".into(),
+        format!(
+            "{}{}",
+            report::cmd_line(
+                Command::new("git")
+                    .args(["log", "-1", "--format=%h %s"])
+                    .current_dir(against::workspace_root())
+            )
+            .unwrap_or_default(),
+            if dirty { " + uncommitted changes" } else { "" }
+        ),
+    ));
+    println!(
+        "bench: building the closed networks twice: labs A, B, C with the daemon of {} ({}), then with this tree's",
+        rev.given, rev.title
+    );
+    let mut base = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Bench::new(bins, cfg, Some(rev_bin), &AGAINST_PATHS)
+    }))
+    .map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or(p.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        anyhow::anyhow!(
+            "the daemon of {} ({}) did not start in this tree's labs; only the daemon is swapped,              so a revision whose daemon does not take the flags this harness passes cannot be              compared: {msg}",
+            rev.given,
+            rev.title
+        )
+    })??;
+    let mut this = Bench::new(bins, cfg, None, &AGAINST_PATHS)?;
+    for (who, b) in [("rev", &mut base), ("this tree", &mut this)] {
+        println!("bench: probing the paths of {who}");
+        b.probe_paths();
+    }
+    base.idle_rss();
+    this.idle_rss();
+    for round in 0..cfg.rounds {
+        println!(
+            "bench: round {}/{}, rev {} (daemon {})",
+            round + 1,
+            cfg.rounds,
+            rev.given,
+            rev.short()
+        );
+        base.round(round);
+        println!("bench: round {}/{}, this tree", round + 1, cfg.rounds);
+        this.round(round);
+    }
+    println!(
+        "bench: memory per idle connection ({} connections), rev then this tree",
+        cfg.idle_conns
+    );
+    base.memory();
+    this.memory();
+
+    let mut sides = Vec::new();
+    for (who, mut b) in [("rev", base), ("this tree", this)] {
+        let mut r = Report::new(rep.machine.clone());
+        r.config = rep.config.clone();
+        r.aes_gcm_bytes_per_s = rep.aes_gcm_bytes_per_s;
+        r.configs = b.configs.clone();
+        r.results = std::mem::take(&mut b.results);
+        r.path_errors = b
+            .broken
+            .iter()
+            .map(|(p, e)| (p.name().to_owned(), e.clone()))
+            .collect();
+        for (p, e) in &r.path_errors {
+            notes.push(format!("{who}: path {p} broken: {e}"));
+        }
+        notes.extend(b.notes.drain(..).map(|n| format!("{who}: {n}")));
+        notes.extend(b.tunnels.iter().map(|n| format!("{who}: {n}")));
+        r.tunnels = std::mem::take(&mut b.tunnels);
+        drop(b);
+        sides.push(r);
+    }
+    let rows = against::compare(&sides[0].results, &sides[1].results, &AGAINST_PATHS);
+    let cmp = against::Comparison {
+        rev,
+        rev_daemon: rev_built,
+        date: rep.date.clone(),
+        duration_s: started.elapsed().as_secs_f64(),
+        machine: &rep.machine,
+        config: &rep.config,
+        notes: &notes,
+        rows,
+    };
+    let dir = report::out_dir();
+    let mut written = cmp.write(&dir)?;
+    // Each side's own full report, as a run without --against would write it.
+    for (name, r) in ["rev", "this"].into_iter().zip(sides.iter_mut()) {
+        r.notes = notes.clone();
+        r.duration_s = cmp.duration_s;
+        written.extend(r.write(&dir.join(format!("against-{}-{name}", rev.short())))?);
+    }
+    println!(
+        "
+=== cargo xtask bench --against {}: this tree / {} ({}), {} round(s), {:.0} s ===",
+        rev.given, rev.title, rev.sha, cfg.rounds, cmp.duration_s
+    );
+    print!("{}", against::text_table(rev, &cmp.rows));
     for w in written {
         println!("bench: wrote {}", w.display());
     }
@@ -487,14 +660,17 @@ struct Bench<'a> {
     tunnels: Vec<String>,
     configs: Vec<(String, String)>,
     ca: String,
+    /// The paths this bench measures (all of [`PATHS`], or [`AGAINST_PATHS`]).
+    paths: Vec<PathId>,
 }
 
 /// A chain lab with one (enabled) pod: the bench server in place of the chain's whoami echo
 /// on 8080, Squid with Basic auth, the gateway simulator of `kind`, and the daemon dialing
 /// the gateway through Squid. Returns it with the daemon's command line (password
 /// redacted) for the report.
-fn chain_lab(client: &str, kind: Gateway) -> (Chain, String) {
+fn chain_lab(client: &str, kind: Gateway, daemon: Option<&Path>) -> (Chain, String) {
     let mut chain = Chain::new(1);
+    chain.lab.daemon_bin = daemon.map(Path::to_path_buf);
     if let Some(i) = chain
         .lab
         .procs
@@ -514,12 +690,18 @@ fn chain_lab(client: &str, kind: Gateway) -> (Chain, String) {
 }
 
 impl<'a> Bench<'a> {
-    fn new(bins: &Bins, cfg: &'a Cfg) -> anyhow::Result<Bench<'a>> {
+    /// Three labs running `daemon` (None: this tree's), measuring `paths`.
+    fn new(
+        bins: &Bins,
+        cfg: &'a Cfg,
+        daemon: Option<&Path>,
+        paths: &[PathId],
+    ) -> anyhow::Result<Bench<'a>> {
         let client = bins.client.to_str().context("utf-8 path")?.to_owned();
         let mut configs = Vec::new();
 
         // Lab A: the chain with an HTTP/1.1 gateway.
-        let (mut a, line) = chain_lab(&client, Gateway::Normal);
+        let (mut a, line) = chain_lab(&client, Gateway::Normal, daemon);
         configs.push((
             "gateway: redirector (lab A node netns; the simulator offers http/1.1 only)".into(),
             line,
@@ -546,6 +728,7 @@ impl<'a> Bench<'a> {
         let bulk = [("bulk.azure.test", IpAddr::V4(TARGET_V4))];
         b.set_node_hosts(&bulk);
         b.set_pod_hosts(&bulk);
+        b.daemon_bin = daemon.map(Path::to_path_buf);
         b.start_daemon(&[]);
         configs.push((
             "relay: redirector (lab B node netns)".into(),
@@ -553,7 +736,7 @@ impl<'a> Bench<'a> {
         ));
 
         // Lab C: the chain with a gateway offering h2.
-        let (c, line) = chain_lab(&client, Gateway::H2);
+        let (c, line) = chain_lab(&client, Gateway::H2, daemon);
         configs.push((
             "gateway-h2: redirector (lab C node netns; the simulator offers h2, --offer-h2)".into(),
             line,
@@ -599,30 +782,40 @@ impl<'a> Bench<'a> {
             tunnels: Vec::new(),
             configs,
             ca,
+            paths: paths.to_vec(),
         };
+        if let Some(d) = daemon {
+            bench
+                .configs
+                .push(("daemon binary (every lab)".into(), d.display().to_string()));
+        }
         let ns3 = bench.a.lab.pods[2].netns.clone();
         let ca_path = bench.a.ca_pem.clone();
-        match classic::start(
-            &mut bench.a.lab,
-            &ns3,
-            &ca_path,
-            &TARGET_V4.to_string(),
-            TARGET_PORT,
-        ) {
-            Ok(c) => {
-                bench.configs.extend(c.configs.iter().cloned());
-                bench.classic = Some(c);
-            }
-            Err(e) => {
-                bench
-                    .broken
-                    .insert(PathId::Classic, format!("setup failed: {e:#}"));
+        if paths.contains(&PathId::Classic) {
+            match classic::start(
+                &mut bench.a.lab,
+                &ns3,
+                &ca_path,
+                &TARGET_V4.to_string(),
+                TARGET_PORT,
+            ) {
+                Ok(c) => {
+                    bench.configs.extend(c.configs.iter().cloned());
+                    bench.classic = Some(c);
+                }
+                Err(e) => {
+                    bench
+                        .broken
+                        .insert(PathId::Classic, format!("setup failed: {e:#}"));
+                }
             }
         }
-        bench.configs.push((
-            "env: client flags (pod2)".into(),
-            format!("rdr-bench-client … --target {TARGET_V4}:{TARGET_PORT} --host {TARGET_HOST} {}  (BENCH_PROXY_AUTH={PROXY_USER}:***)", bench.env_flags().join(" ")),
-        ));
+        if paths.contains(&PathId::Env) {
+            bench.configs.push((
+                "env: client flags (pod2)".into(),
+                format!("rdr-bench-client … --target {TARGET_V4}:{TARGET_PORT} --host {TARGET_HOST} {}  (BENCH_PROXY_AUTH={PROXY_USER}:***)", bench.env_flags().join(" ")),
+            ));
+        }
         Ok(bench)
     }
 
@@ -711,7 +904,8 @@ impl<'a> Bench<'a> {
 
     fn live_paths(&self, round: usize) -> Vec<PathId> {
         // Rotate the order every round so no path always runs first (or last).
-        let mut v: Vec<PathId> = PATHS
+        let mut v: Vec<PathId> = self
+            .paths
             .iter()
             .copied()
             .filter(|p| !self.broken.contains_key(p))
@@ -726,7 +920,7 @@ impl<'a> Bench<'a> {
     /// One `GET /small` per path; the server's view of our address proves the way it came.
     fn probe_paths(&mut self) {
         let pod2 = self.a.lab.pods[1].v4.to_string();
-        for p in PATHS {
+        for p in self.paths.clone() {
             if self.broken.contains_key(&p) {
                 continue;
             }
@@ -786,6 +980,7 @@ impl<'a> Bench<'a> {
     }
 
     fn round(&mut self, round: usize) {
+        self.results.round = round;
         let paths = self.live_paths(round);
         let secs = self.cfg.seconds;
         let timed = Duration::from_secs_f64(secs + 90.0);
@@ -934,7 +1129,7 @@ impl<'a> Bench<'a> {
             PathId::GatewayH2,
             PathId::Env,
         ] {
-            if self.broken.contains_key(&p) && p != PathId::Env {
+            if !self.paths.contains(&p) || (self.broken.contains_key(&p) && p != PathId::Env) {
                 continue;
             }
             let r = self.curl_bulk(p);
@@ -1005,12 +1200,17 @@ impl<'a> Bench<'a> {
     /// (lab A) and gateway-h2 (lab C), each restarted without Squid, whose configuration caps
     /// it at 1024 descriptors. One lab at a time: each closes its connections before the next.
     fn memory(&mut self) {
+        // A round of its own, after the others (`--against` pairs samples by round).
+        self.results.round = self.cfg.rounds;
         let n = self.cfg.idle_conns;
-        if !self.broken.contains_key(&PathId::Relay) {
+        if self.paths.contains(&PathId::Relay) && !self.broken.contains_key(&PathId::Relay) {
             let pid = Self::daemon_pid(&self.b);
             self.idle_conns(PathId::Relay, pid, n);
         }
         for p in GATEWAY_PATHS {
+            if !self.paths.contains(&p) {
+                continue;
+            }
             // The daemon that carried the probe and the rounds is about to go.
             let (rounds, rounds_tls) = self.tunnel_counts(p);
             if self.broken.contains_key(&p) {

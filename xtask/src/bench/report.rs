@@ -183,6 +183,12 @@ pub const METRICS: &[MetricDef] = &[
 pub struct Results {
     pub samples: BTreeMap<String, BTreeMap<PathId, Vec<f64>>>,
     pub errors: BTreeMap<String, BTreeMap<PathId, String>>,
+    /// The round each sample was taken in, index for index with `samples` (a failed
+    /// scenario leaves a round out, so the n-th sample is not always round n). `--against`
+    /// pairs the two builds' samples by it.
+    pub rounds: BTreeMap<String, BTreeMap<PathId, Vec<usize>>>,
+    /// The round [`Results::push`] tags samples with.
+    pub round: usize,
 }
 
 impl Results {
@@ -193,6 +199,23 @@ impl Results {
             .entry(p)
             .or_default()
             .push(v);
+        self.rounds
+            .entry(metric.to_owned())
+            .or_default()
+            .entry(p)
+            .or_default()
+            .push(self.round);
+    }
+
+    /// `(round, sample)` of a metric and path, in the order taken.
+    pub fn tagged(&self, metric: &str, p: PathId) -> Vec<(usize, f64)> {
+        let (Some(v), Some(r)) = (
+            self.samples.get(metric).and_then(|m| m.get(&p)),
+            self.rounds.get(metric).and_then(|m| m.get(&p)),
+        ) else {
+            return Vec::new();
+        };
+        r.iter().copied().zip(v.iter().copied()).collect()
     }
 
     pub fn error(&mut self, metric: &str, p: PathId, e: String) {
@@ -927,7 +950,7 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
-fn cmd_line(c: &mut Command) -> Option<String> {
+pub fn cmd_line(c: &mut Command) -> Option<String> {
     let o = c.output().ok()?;
     let text = if o.stdout.is_empty() {
         o.stderr
