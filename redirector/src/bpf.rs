@@ -592,19 +592,6 @@ pub fn repair_defunct_links(
     Ok(repaired)
 }
 
-/// The ids of the programs our pinned links run, by link pin name (`None`: not pinned).
-pub fn linked_programs(pins: &PinLayout) -> Vec<(&'static str, Option<sys::CgroupLink>)> {
-    names::LINKS
-        .iter()
-        .map(|l| {
-            let info = sys::obj_get(&pins.path(l))
-                .ok()
-                .and_then(|fd| sys::cgroup_link_info(fd.as_fd()).ok());
-            (*l, info)
-        })
-        .collect()
-}
-
 /// Remove every pin: links are detached when their last reference (the pin) goes away.
 /// Only our own objects are touched; other programs on the same hooks stay attached.
 pub fn uninstall(pins: &PinLayout) -> std::io::Result<Vec<PathBuf>> {

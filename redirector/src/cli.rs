@@ -51,12 +51,8 @@ pub struct CniArgs {
     #[arg(long, default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
     /// The daemon's socket, as the plugin will reach it on the node.
-    #[arg(long, default_value = redirector_cni_socket())]
+    #[arg(long, default_value = crate::cni::DEFAULT_SOCKET)]
     pub socket: PathBuf,
-}
-
-const fn redirector_cni_socket() -> &'static str {
-    crate::cni::DEFAULT_SOCKET
 }
 
 #[derive(Debug, Args)]

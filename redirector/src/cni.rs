@@ -229,7 +229,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         return Err(format!("request longer than {MAX_REQUEST} bytes"));
     }
     let req: Request = serde_json::from_slice(line)
-        .map_err(|e| format!("not a request: {}", e.classify_name()))?;
+        .map_err(|e| format!("not a request: {}", json_error_kind(&e)))?;
     if !matches!(req.command.as_str(), "ADD" | "DEL" | "CHECK") {
         return Err("unknown command".into());
     }
@@ -245,18 +245,13 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     Ok(req)
 }
 
-trait ClassifyName {
-    fn classify_name(&self) -> &'static str;
-}
-
-impl ClassifyName for serde_json::Error {
-    fn classify_name(&self) -> &'static str {
-        match self.classify() {
-            serde_json::error::Category::Io => "I/O error",
-            serde_json::error::Category::Syntax => "JSON syntax error",
-            serde_json::error::Category::Data => "wrong or unknown fields",
-            serde_json::error::Category::Eof => "truncated",
-        }
+/// What was wrong with a request that is not JSON of our shape, without quoting it.
+fn json_error_kind(e: &serde_json::Error) -> &'static str {
+    match e.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "JSON syntax error",
+        serde_json::error::Category::Data => "wrong or unknown fields",
+        serde_json::error::Category::Eof => "truncated",
     }
 }
 
