@@ -119,6 +119,9 @@ pub fn client_config(
         }
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // The gateway session protects its records itself once the handshake is made
+    // (tunnel/record.rs); rustls hands the traffic secrets over only when this is set.
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

@@ -3,6 +3,7 @@
 use std::{
     fmt,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -13,9 +14,9 @@ use tokio::io::ReadBuf;
 use crate::telemetry::Proto;
 
 use super::{
-    HOP_GATEWAY, HOP_PROXY, HopStatus, Io, ReadAhead, Timeouts, TlsHalfClose, TunnelConfig,
-    TunnelError, Upstream, add_setup, connect::ConnectRequest, connect_hop, gateway_of,
-    request_error, server_name, tcp_connect, through_proxy, tls_connect,
+    HOP_GATEWAY, HOP_PROXY, HopStatus, Io, Timeouts, TunnelConfig, TunnelError, Upstream,
+    add_setup, connect::ConnectRequest, connect_hop, gateway_of, record, request_error,
+    server_name, tcp_connect, through_proxy,
 };
 
 pub use crate::telemetry::Reuse;
@@ -85,9 +86,24 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
         }
     };
     let started = std::time::Instant::now();
-    let tls = tls_connect(HOP_GATEWAY, &gw.tls, server_name, ReadAhead::new(io), t).await?;
-    let conn = tls.get_ref().1;
-    let h2 = match conn.alpn_protocol() {
+    // Through a proxy, shutting down the write side must not send a FIN: proxies such as
+    // Squid tear the whole CONNECT tunnel down on the first FIN (they do not keep TCP
+    // half-closed tunnels), which would cut off the rest of the target's answer after the
+    // pod half-closes. close_notify carries the half-close to the gateway instead; the TCP
+    // connection ends when the gateway closes its side.
+    let fin_on_shutdown = cfg.proxy.is_none();
+    let handshake = record::connect(Arc::clone(&gw.tls), server_name, io, fin_on_shutdown);
+    let (tls, negotiated) = match tokio::time::timeout(t.tls_handshake, handshake).await {
+        Err(_elapsed) => return Err(TunnelError::TlsTimeout { hop: HOP_GATEWAY }),
+        Ok(Err(source)) => {
+            return Err(TunnelError::Tls {
+                hop: HOP_GATEWAY,
+                source,
+            });
+        }
+        Ok(Ok(done)) => done,
+    };
+    let h2 = match negotiated.alpn.as_deref() {
         None | Some(b"http/1.1") => false,
         // Only offered when the configuration allows it (`gateway-http2`).
         Some(b"h2") if gw.tls.alpn_protocols.iter().any(|p| p == b"h2") => true,
@@ -99,17 +115,9 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
             });
         }
     };
-    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let resumed = negotiated.resumed;
     setup.push((HOP_GATEWAY, started.elapsed()));
-    // Through a proxy, shutting down the write side must not send a FIN (see TlsHalfClose).
-    let io: Box<dyn Io> = if cfg.proxy.is_some() {
-        Box::new(TlsHalfClose {
-            inner: tls,
-            close_notify_sent: false,
-        })
-    } else {
-        Box::new(tls)
-    };
+    let io: Box<dyn Io> = Box::new(tls);
     Ok(GatewaySession {
         io,
         h2,

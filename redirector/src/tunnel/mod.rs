@@ -51,6 +51,7 @@ mod gateway;
 mod h2;
 pub mod pool;
 mod read_ahead;
+mod record;
 mod settings;
 mod stream;
 use connect::{ConnectRequest, RequestError};

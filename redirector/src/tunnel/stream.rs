@@ -1,5 +1,5 @@
-//! The byte streams tunnels are made of: the finished `Upstream`, the gateway TLS session's
-//! half-close through a proxy, and the replay of bytes read past a CONNECT response head.
+//! The byte streams tunnels are made of: the finished `Upstream` and the replay of bytes
+//! read past a CONNECT response head.
 use std::{
     fmt, io,
     pin::Pin,
@@ -46,48 +46,6 @@ impl AsyncRead for Upstream {
 
 impl AsyncWrite for Upstream {
     forward_async_write!(io);
-}
-
-/// The gateway TLS session when it runs through an enterprise-proxy tunnel: shutting down
-/// the write side sends TLS close_notify but leaves the TCP connection open.
-///
-/// Why: proxies such as Squid tear down the whole CONNECT tunnel on the first FIN (they do
-/// not keep TCP half-closed tunnels), which would cut off the rest of the target's answer
-/// after the pod half-closes. close_notify carries the half-close through the proxy to the
-/// gateway instead; the TCP connection ends when the gateway closes its side.
-pub(crate) struct TlsHalfClose<S> {
-    pub(crate) inner: tokio_rustls::client::TlsStream<S>,
-    pub(crate) close_notify_sent: bool,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsHalfClose<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsHalfClose<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.close_notify_sent {
-            self.inner.get_mut().1.send_close_notify();
-            self.close_notify_sent = true;
-        }
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
 }
 
 /// A stream whose first reads return bytes already read past a CONNECT response head.

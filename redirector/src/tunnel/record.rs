@@ -1,0 +1,1012 @@
+//! The gateway's TLS session with our own record layer: rustls makes the handshake, then
+//! hands over the traffic secrets, and records are sealed and opened here, in place.
+//!
+//! Why: rustls' buffered connection (and its unbuffered one, in this release) decrypts each
+//! record and then copies the plaintext into an owned buffer, which the reader copies again;
+//! under it, a read-ahead layer copied the ciphertext once more. A GiB through the gateway
+//! tunnel paid three copies on top of the decryption. Here the ciphertext is read from the
+//! socket straight into [`Records`]' buffer, opened where it lies, and copied once, into the
+//! reader's buffer. Writes are sealed into one buffer of up to four records and written
+//! with one system call.
+//!
+//! What stays with rustls: the handshake, certificate checks, session tickets (each one is
+//! handed to [`KernelConnection::handle_new_session_ticket`], so later handshakes resume)
+//! and new traffic secrets on a key update ([`KernelConnection::update_rx_secret`] and
+//! `update_tx_secret`). The record protection itself (RFC 8446 §5.2-5.3 for TLS 1.3,
+//! RFC 5288 and RFC 7905 for TLS 1.2's AEAD suites) is done with `ring`, the same AEAD
+//! implementation rustls uses by default.
+//!
+//! Writes report bytes as written only once their records are in the socket: a write that
+//! returns `Pending` half way keeps its records and reports them on the next call, which
+//! must pass the same bytes again (as `write_all` and HTTP/2's writer do). So there is never
+//! sealed data waiting for a flush that nobody calls.
+use std::{
+    io::{self, IoSlice},
+    ops::Range,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use ring::aead;
+use rustls::{
+    ClientConfig, ConnectionTrafficSecrets, ProtocolVersion,
+    client::{ClientConnectionData, UnbufferedClientConnection},
+    kernel::KernelConnection,
+    pki_types::ServerName,
+    unbuffered::{ConnectionState, EncodeError, UnbufferedStatus},
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+const CONTENT_ALERT: u8 = 21;
+const CONTENT_HANDSHAKE: u8 = 22;
+const CONTENT_APP_DATA: u8 = 23;
+const HEADER: usize = 5;
+const TAG: usize = 16;
+/// The most plaintext one record may carry (RFC 8446 §5.1).
+const MAX_PLAINTEXT: usize = 1 << 14;
+/// The most a record's protected payload may add to that: TLS 1.3 allows 256 bytes
+/// (§5.2), TLS 1.2 2048 (RFC 5246 §6.2.3).
+const MAX_EXPANSION: usize = 2048;
+/// Plaintext sealed per write call: four full records, one system call.
+const MAX_WRITE: usize = 4 * MAX_PLAINTEXT;
+/// Ciphertext read at once in bulk mode, and the buffer for it (a partial record may wait
+/// at its end).
+const BULK_READ: usize = 64 * 1024;
+const BULK_BUF: usize = BULK_READ + HEADER + MAX_PLAINTEXT + MAX_EXPANSION;
+/// The buffer of one read outside bulk mode: a request or an answer fits.
+const SMALL_BUF: usize = 8 * 1024;
+/// The handshake may not make us hold more than this of the peer's bytes (certificate
+/// chains included).
+const MAX_HANDSHAKE_BUF: usize = 256 * 1024;
+/// A post-handshake message (a session ticket, a key update) may not grow larger.
+const MAX_POST_HANDSHAKE: usize = 64 * 1024;
+/// Records sealed under one key before we move to the next (RFC 8446 §5.5 puts AES-GCM's
+/// limit at 2^24.5 full records; rustls uses the same figure).
+const RECORDS_PER_KEY: u64 = 1 << 24;
+
+/// What the handshake settled, for the caller to check and report.
+#[derive(Debug)]
+pub(crate) struct Negotiated {
+    pub(crate) alpn: Option<Vec<u8>>,
+    pub(crate) resumed: bool,
+}
+
+/// A TLS client session after its handshake, with the record layer of this module.
+pub(crate) struct Records<S> {
+    io: S,
+    version: Version,
+    rx: Keys,
+    tx: Keys,
+    kernel: KernelConnection<ClientConnectionData>,
+    /// Shutting the write side down also ends TCP's (see `fin_on_shutdown` in [`connect`]).
+    fin_on_shutdown: bool,
+    /// Bytes from the socket: `inb[..start]` is used up (or the plaintext being handed out),
+    /// `inb[start..end]` waits to be opened.
+    inb: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The last read filled all it was offered: more is probably waiting.
+    bulk: bool,
+    /// Plaintext not yet handed out: inside `inb`, or (only before the first read) in
+    /// `early`, which holds what arrived during the handshake.
+    plain: Range<usize>,
+    early: Vec<u8>,
+    /// A post-handshake message that spans records.
+    handshake: Vec<u8>,
+    /// The peer's close_notify arrived: reads return EOF.
+    read_closed: bool,
+    /// Sealed records not yet in the socket: `out[sent..]`.
+    out: Vec<u8>,
+    sent: usize,
+    /// Plaintext bytes whose records are in `out`, to report once they are sent.
+    unreported: Option<usize>,
+    close_notify_sealed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    Tls12,
+    Tls13,
+}
+
+/// One direction's key, IV and record sequence number.
+struct Keys {
+    key: aead::LessSafeKey,
+    iv: [u8; aead::NONCE_LEN],
+    seq: u64,
+    /// TLS 1.2 AES-GCM: the record carries the nonce's last 8 bytes (RFC 5288 §3).
+    explicit_nonce: bool,
+}
+
+impl Keys {
+    fn new(version: Version, seq: u64, secrets: ConnectionTrafficSecrets) -> io::Result<Keys> {
+        let (alg, key, iv, gcm) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv, false)
+            }
+            _ => {
+                return Err(tls_error(
+                    "the negotiated cipher suite has no record layer here",
+                ));
+            }
+        };
+        let key = aead::UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| tls_error("the negotiated key does not fit its cipher"))?;
+        let iv: [u8; aead::NONCE_LEN] = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| tls_error("the negotiated IV does not fit its cipher"))?;
+        Ok(Keys {
+            key: aead::LessSafeKey::new(key),
+            iv,
+            seq,
+            explicit_nonce: gcm && version == Version::Tls12,
+        })
+    }
+
+    /// The per-record nonce: the IV with the sequence number XORed into its end.
+    fn nonce(&self) -> [u8; aead::NONCE_LEN] {
+        let mut n = self.iv;
+        for (b, s) in n[4..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        n
+    }
+
+    fn next_seq(&mut self) -> io::Result<()> {
+        self.seq = self
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| tls_error("record sequence number exhausted"))?;
+        Ok(())
+    }
+}
+
+fn tls_error(detail: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, detail)
+}
+
+fn rustls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// The TLS 1.2 additional data: sequence number, type, version, plaintext length.
+fn aad12(seq: u64, typ: u8, len: usize) -> [u8; 13] {
+    let mut a = [0u8; 13];
+    a[..8].copy_from_slice(&seq.to_be_bytes());
+    a[8] = typ;
+    a[9..11].copy_from_slice(&[3, 3]);
+    a[11..].copy_from_slice(&(len as u16).to_be_bytes());
+    a
+}
+
+/// Makes the TLS handshake over `io` with rustls, then takes its traffic secrets.
+/// `fin_on_shutdown: false` keeps TCP open when the write side is shut down: the
+/// close_notify alone carries the half-close (see [`super::stream::Upstream`]'s users:
+/// proxies tear a CONNECT tunnel down on the first FIN).
+pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    mut io: S,
+    fin_on_shutdown: bool,
+) -> io::Result<(Records<S>, Negotiated)> {
+    let mut conn = UnbufferedClientConnection::new(config, name).map_err(rustls_error)?;
+    let mut inb = vec![0u8; SMALL_BUF];
+    let mut filled = 0;
+    let mut out: Vec<u8> = Vec::new();
+    let mut early = Vec::new();
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut inb[..filled]);
+        let mut read_more = false;
+        let mut done = false;
+        match state.map_err(rustls_error)? {
+            ConnectionState::EncodeTlsData(mut data) => {
+                let used = out.len();
+                let mut room = MAX_PLAINTEXT;
+                loop {
+                    out.resize(used + room, 0);
+                    match data.encode(&mut out[used..]) {
+                        Ok(n) => {
+                            out.truncate(used + n);
+                            break;
+                        }
+                        Err(EncodeError::InsufficientSize(s)) if s.required_size > room => {
+                            if s.required_size > MAX_HANDSHAKE_BUF {
+                                return Err(tls_error("a handshake message too large to send"));
+                            }
+                            room = s.required_size;
+                        }
+                        Err(_) => return Err(tls_error("could not encode a handshake message")),
+                    }
+                }
+            }
+            ConnectionState::TransmitTlsData(data) => {
+                io.write_all(&out).await?;
+                io.flush().await?;
+                out.clear();
+                data.done();
+            }
+            ConnectionState::BlockedHandshake => read_more = true,
+            ConnectionState::WriteTraffic(_) => done = true,
+            ConnectionState::ReadTraffic(mut records) => {
+                // Data the server sent right after its handshake messages (TLS 1.3 allows
+                // it before our Finished): kept and handed out first.
+                while let Some(record) = records.next_record() {
+                    let record = record.map_err(rustls_error)?;
+                    if early.len() + record.payload.len() > MAX_HANDSHAKE_BUF {
+                        return Err(tls_error("too much data before the handshake finished"));
+                    }
+                    early.extend_from_slice(record.payload);
+                }
+            }
+            ConnectionState::PeerClosed | ConnectionState::Closed => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the session during the handshake",
+                ));
+            }
+            _ => return Err(tls_error("an unexpected TLS handshake state")),
+        }
+        inb.copy_within(discard..filled, 0);
+        filled -= discard;
+        if done {
+            break;
+        }
+        if read_more {
+            if filled == inb.len() {
+                if inb.len() >= MAX_HANDSHAKE_BUF {
+                    return Err(tls_error("the peer's handshake messages are too large"));
+                }
+                inb.resize(inb.len() * 2, 0);
+            }
+            let n = io.read(&mut inb[filled..]).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the handshake",
+                ));
+            }
+            filled += n;
+        }
+    }
+    let negotiated = Negotiated {
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+    };
+    let version = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => Version::Tls13,
+        Some(ProtocolVersion::TLSv1_2) => Version::Tls12,
+        _ => return Err(tls_error("a TLS version without a record layer here")),
+    };
+    let (secrets, kernel) = conn
+        .dangerous_into_kernel_connection()
+        .map_err(rustls_error)?;
+    let rx = Keys::new(version, secrets.rx.0, secrets.rx.1)?;
+    let tx = Keys::new(version, secrets.tx.0, secrets.tx.1)?;
+    inb.truncate(filled);
+    let end = inb.len();
+    let plain = 0..early.len();
+    Ok((
+        Records {
+            io,
+            version,
+            rx,
+            tx,
+            kernel,
+            fin_on_shutdown,
+            inb,
+            start: 0,
+            end,
+            bulk: false,
+            plain,
+            early,
+            handshake: Vec::new(),
+            read_closed: false,
+            out,
+            sent: 0,
+            unreported: None,
+            close_notify_sealed: false,
+        },
+        negotiated,
+    ))
+}
+
+/// What opening one record found.
+enum Opened {
+    /// Application data, at this range of `inb`.
+    Data(Range<usize>),
+    /// A record for the session itself (a ticket, a key update, an alert), handled.
+    Control,
+    /// No whole record is buffered yet.
+    Incomplete,
+}
+
+impl<S> Records<S> {
+    /// Opens the record at `inb[start..]`, if it is all there.
+    fn open_next(&mut self) -> io::Result<Opened> {
+        let avail = &self.inb[self.start..self.end];
+        if avail.len() < HEADER {
+            return Ok(Opened::Incomplete);
+        }
+        let typ = avail[0];
+        let len = u16::from_be_bytes([avail[3], avail[4]]) as usize;
+        if avail[1] != 3 || !(TAG..=MAX_PLAINTEXT + MAX_EXPANSION).contains(&len) {
+            return Err(tls_error("the peer sent a malformed TLS record"));
+        }
+        if avail.len() < HEADER + len {
+            return Ok(Opened::Incomplete);
+        }
+        let header: [u8; HEADER] = avail[..HEADER].try_into().expect("five bytes");
+        let body = self.start + HEADER..self.start + HEADER + len;
+        self.start = body.end;
+        let (typ, plain) = match self.version {
+            Version::Tls13 => {
+                if typ != CONTENT_APP_DATA {
+                    return Err(tls_error("the peer sent an unprotected record"));
+                }
+                let nonce = aead::Nonce::assume_unique_for_key(self.rx.nonce());
+                let opened = self
+                    .rx
+                    .key
+                    .open_in_place(nonce, aead::Aad::from(header), &mut self.inb[body.clone()])
+                    .map_err(|_| tls_error("a TLS record failed its integrity check"))?;
+                // Inner plaintext: content, the real type, then zero padding (§5.2).
+                let Some(last) = opened.iter().rposition(|b| *b != 0) else {
+                    return Err(tls_error("the peer sent a record without a content type"));
+                };
+                (opened[last], body.start..body.start + last)
+            }
+            Version::Tls12 => {
+                let (nonce, sealed) = if self.rx.explicit_nonce {
+                    if len < 8 + TAG {
+                        return Err(tls_error("the peer sent a malformed TLS record"));
+                    }
+                    let mut n = self.rx.iv;
+                    n[4..].copy_from_slice(&self.inb[body.start..body.start + 8]);
+                    (n, body.start + 8..body.end)
+                } else {
+                    (self.rx.nonce(), body.clone())
+                };
+                let aad = aad12(self.rx.seq, typ, sealed.len() - TAG);
+                let opened = self
+                    .rx
+                    .key
+                    .open_in_place(
+                        aead::Nonce::assume_unique_for_key(nonce),
+                        aead::Aad::from(aad),
+                        &mut self.inb[sealed.clone()],
+                    )
+                    .map_err(|_| tls_error("a TLS record failed its integrity check"))?;
+                let n = opened.len();
+                (typ, sealed.start..sealed.start + n)
+            }
+        };
+        self.rx.next_seq()?;
+        if plain.len() > MAX_PLAINTEXT {
+            return Err(tls_error("the peer sent an oversized TLS record"));
+        }
+        match typ {
+            CONTENT_APP_DATA => Ok(Opened::Data(plain)),
+            CONTENT_ALERT => {
+                let alert = &self.inb[plain];
+                match alert {
+                    // close_notify.
+                    [_, 0] => self.read_closed = true,
+                    // user_canceled, a warning that precedes close_notify.
+                    [1, 90] => {}
+                    [_, desc] => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!("the peer sent TLS alert {desc}"),
+                        ));
+                    }
+                    _ => return Err(tls_error("the peer sent a malformed TLS alert")),
+                }
+                Ok(Opened::Control)
+            }
+            CONTENT_HANDSHAKE if self.version == Version::Tls13 => {
+                if self.handshake.len() + plain.len() > MAX_POST_HANDSHAKE {
+                    return Err(tls_error("the peer sent an oversized handshake message"));
+                }
+                let mut buf = std::mem::take(&mut self.handshake);
+                buf.extend_from_slice(&self.inb[plain]);
+                let used = self.post_handshake(&buf)?;
+                buf.drain(..used);
+                self.handshake = buf;
+                Ok(Opened::Control)
+            }
+            // TLS 1.2: a HelloRequest asks for renegotiation, which rustls never does
+            // either; it may be ignored (RFC 5246 §7.4.1.1).
+            CONTENT_HANDSHAKE if self.inb[plain.clone()] == [0, 0, 0, 0] => Ok(Opened::Control),
+            _ => Err(tls_error("the peer sent a record of an unexpected type")),
+        }
+    }
+
+    /// Handles the whole TLS 1.3 post-handshake messages at the start of `msgs`; returns
+    /// how many bytes they took (a partial message waits for its next record).
+    fn post_handshake(&mut self, msgs: &[u8]) -> io::Result<usize> {
+        let mut used = 0;
+        while let [typ, a, b, c, rest @ ..] = &msgs[used..] {
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            if rest.len() < len {
+                break;
+            }
+            let body = &rest[..len];
+            match *typ {
+                // NewSessionTicket: rustls stores it, and later handshakes resume.
+                4 => self
+                    .kernel
+                    .handle_new_session_ticket(body)
+                    .map_err(rustls_error)?,
+                // KeyUpdate: the peer's next records use its next key; if it asks, ours
+                // move too, announced with our own KeyUpdate under the old key.
+                24 => {
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(tls_error("the peer sent a malformed key update")),
+                    };
+                    // The next key applies from the next record (RFC 8446 §5.1).
+                    if !rest[len..].is_empty() {
+                        return Err(tls_error("a key update must end its record"));
+                    }
+                    let (seq, secrets) = self.kernel.update_rx_secret().map_err(rustls_error)?;
+                    self.rx = Keys::new(self.version, seq, secrets)?;
+                    if requested {
+                        self.update_tx_key()?;
+                    }
+                }
+                _ => return Err(tls_error("the peer sent an unexpected handshake message")),
+            }
+            used += 4 + len;
+        }
+        Ok(used)
+    }
+
+    /// Seals a KeyUpdate (update_not_requested) under the current key and moves to the next.
+    fn update_tx_key(&mut self) -> io::Result<()> {
+        self.seal(CONTENT_HANDSHAKE, &[&[24, 0, 0, 1, 0]])?;
+        let (seq, secrets) = self.kernel.update_tx_secret().map_err(rustls_error)?;
+        self.tx = Keys::new(self.version, seq, secrets)?;
+        Ok(())
+    }
+
+    /// Seals `parts` (together at most [`MAX_PLAINTEXT`] bytes) as one record at the end of
+    /// `out`.
+    fn seal(&mut self, typ: u8, parts: &[&[u8]]) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        debug_assert!(len <= MAX_PLAINTEXT);
+        let at = self.out.len();
+        let (outer, explicit, inner) = match self.version {
+            Version::Tls13 => (CONTENT_APP_DATA, 0, 1),
+            Version::Tls12 => (typ, if self.tx.explicit_nonce { 8 } else { 0 }, 0),
+        };
+        let body = explicit + len + inner + TAG;
+        self.out.reserve(HEADER + body);
+        self.out.extend_from_slice(&[outer, 3, 3]);
+        self.out.extend_from_slice(&(body as u16).to_be_bytes());
+        let nonce = self.tx.nonce();
+        if explicit > 0 {
+            self.out.extend_from_slice(&nonce[4..]);
+        }
+        let plain_at = self.out.len();
+        for p in parts {
+            self.out.extend_from_slice(p);
+        }
+        if inner > 0 {
+            self.out.push(typ);
+        }
+        let aad_header: [u8; HEADER] = self.out[at..at + HEADER].try_into().expect("five bytes");
+        let tag = match self.version {
+            Version::Tls13 => self.tx.key.seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad_header),
+                &mut self.out[plain_at..],
+            ),
+            Version::Tls12 => self.tx.key.seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad12(self.tx.seq, typ, len)),
+                &mut self.out[plain_at..],
+            ),
+        }
+        .map_err(|_| tls_error("could not seal a TLS record"))?;
+        self.out.extend_from_slice(tag.as_ref());
+        self.tx.next_seq()
+    }
+
+    /// Seals up to [`MAX_WRITE`] bytes of `bufs` as application data; returns how many.
+    fn seal_data(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut total = 0;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(bufs.len().min(8));
+        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut carry: &[u8] = &[];
+        while total < MAX_WRITE {
+            // Gather one record's worth from the slices.
+            parts.clear();
+            let mut len = 0;
+            while len < MAX_PLAINTEXT {
+                if carry.is_empty() {
+                    match slices.next() {
+                        Some(s) => carry = s,
+                        None => break,
+                    }
+                }
+                let take = carry.len().min(MAX_PLAINTEXT - len);
+                parts.push(&carry[..take]);
+                carry = &carry[take..];
+                len += take;
+            }
+            if len == 0 {
+                break;
+            }
+            if self.tx.seq >= RECORDS_PER_KEY {
+                if self.version != Version::Tls13 {
+                    return Err(tls_error(
+                        "the session's key is used up (TLS 1.2 cannot renew it)",
+                    ));
+                }
+                self.update_tx_key()?;
+            }
+            self.seal(CONTENT_APP_DATA, &parts)?;
+            total += len;
+        }
+        Ok(total)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Records<S> {
+    /// Writes `out` to the socket until it is all there.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.sent = 0;
+        if self.out.capacity() > SMALL_BUF {
+            // A bulk write's buffer is not kept for an idle session.
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_slices(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(n) = self.unreported {
+            ready!(self.poll_send(cx))?;
+            self.unreported = None;
+            let offered: usize = bufs.iter().map(|b| b.len()).sum();
+            debug_assert!(offered >= n, "a write was retried with fewer bytes");
+            return Poll::Ready(Ok(n.min(offered)));
+        }
+        // Records of our own (a key update's answer) go first.
+        ready!(self.poll_send(cx))?;
+        if self.close_notify_sealed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the TLS session's write side is closed",
+            )));
+        }
+        let n = self.seal_data(bufs)?;
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        match self.poll_send(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                self.unreported = Some(n);
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.plain.is_empty() {
+                let from = if this.early.is_empty() {
+                    &this.inb[this.plain.clone()]
+                } else {
+                    &this.early[this.plain.clone()]
+                };
+                let n = from.len().min(buf.remaining());
+                buf.put_slice(&from[..n]);
+                this.plain.start += n;
+                if this.plain.is_empty() && !this.early.is_empty() {
+                    this.early = Vec::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            match this.open_next()? {
+                Opened::Data(range) => {
+                    this.plain = range;
+                    continue;
+                }
+                Opened::Control => {
+                    // A key update's answer goes out as soon as the socket takes it.
+                    if !this.out.is_empty()
+                        && this.unreported.is_none()
+                        && let Poll::Ready(Err(e)) = this.poll_send(cx)
+                    {
+                        return Poll::Ready(Err(e));
+                    }
+                    continue;
+                }
+                Opened::Incomplete => {}
+            }
+            ready!(this.poll_fill(cx))?;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> Records<S> {
+    /// Reads more ciphertext after the partial record at `inb[start..end]`.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Everything before `start` has been handed out: move the partial record to the front.
+        if self.start > 0 {
+            self.inb.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            self.plain = 0..0;
+        }
+        let want = if self.bulk { BULK_BUF } else { SMALL_BUF };
+        // A partial record tells how much it needs.
+        let need = match self.inb[..self.end] {
+            [_, _, _, a, b, ..] => HEADER + u16::from_be_bytes([a, b]) as usize,
+            _ => HEADER,
+        };
+        let size = want.max(need);
+        if self.inb.len() < size {
+            self.inb.resize(size, 0);
+        }
+        let offered = self.inb.len() - self.end;
+        let mut rb = ReadBuf::new(&mut self.inb[self.end..]);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection without sending TLS close_notify",
+                    )));
+                }
+                self.end += n;
+                self.bulk = n == offered;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Nothing waiting: an idle session holds no buffer.
+                if self.end == 0 {
+                    self.inb = Vec::new();
+                }
+                self.bulk = false;
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Records<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_slices(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.unreported.is_none() {
+            ready!(this.poll_send(cx))?;
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    /// Sends close_notify; with `fin_on_shutdown`, TCP's write side is shut down after it.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.unreported.is_some() {
+            // Bytes reported not written yet: they go first, and stay unreported.
+            ready!(this.poll_send(cx))?;
+            this.unreported = None;
+        }
+        if !this.close_notify_sealed {
+            ready!(this.poll_send(cx))?;
+            this.seal(CONTENT_ALERT, &[&[1, 0]])?;
+            this.close_notify_sealed = true;
+        }
+        ready!(this.poll_send(cx))?;
+        if this.fin_on_shutdown {
+            Pin::new(&mut this.io).poll_shutdown(cx)
+        } else {
+            Pin::new(&mut this.io).poll_flush(cx)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::{ServerConfig, SupportedCipherSuite, crypto::CryptoProvider};
+    use test_pki::TestCa;
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+    use super::*;
+
+    const NAME: &str = "gw.example.test";
+
+    struct Pki {
+        ca: TestCa,
+        client: Arc<ClientConfig>,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let ca = TestCa::temp("record-layer");
+            let ca_path = ca.write_ca(ca.dir());
+            let client = crate::tls::client_config(Some(&ca_path), None, &[b"http/1.1"])
+                .expect("client config");
+            Pki { ca, client }
+        }
+
+        /// A server that speaks only `version` and the suites whose name contains `cipher`.
+        fn server(
+            &self,
+            version: &'static rustls::SupportedProtocolVersion,
+            cipher: &str,
+        ) -> Arc<ServerConfig> {
+            let mut provider: CryptoProvider = (*crate::tls::provider()).clone();
+            provider
+                .cipher_suites
+                .retain(|s: &SupportedCipherSuite| format!("{:?}", s.suite()).contains(cipher));
+            assert!(!provider.cipher_suites.is_empty(), "no suite {cipher}");
+            let leaf = self.ca.issue(&[NAME]);
+            let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .expect("versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![leaf.cert_der()], leaf.key_der())
+                .expect("leaf");
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(config)
+        }
+    }
+
+    /// A client session and the server's end of it, over loopback TCP.
+    async fn pair(
+        client: &Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+        fin_on_shutdown: bool,
+    ) -> (Records<TcpStream>, Negotiated, TlsStream<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .expect("server handshake")
+        });
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from(NAME).expect("name");
+        let (records, negotiated) = connect(Arc::clone(client), name, tcp, fin_on_shutdown)
+            .await
+            .expect("client handshake");
+        (records, negotiated, accept.await.expect("accept task"))
+    }
+
+    fn pattern(len: usize, salt: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ salt).collect()
+    }
+
+    /// Every AEAD suite of TLS 1.3 and 1.2 carries a mebibyte each way intact, in records
+    /// the peer (rustls' own record layer) accepts, and a half-close either way is a
+    /// close_notify: the other direction goes on after it.
+    #[tokio::test]
+    async fn every_suite_carries_a_mebibyte_each_way_across_half_closes() {
+        let pki = Pki::new();
+        let cases: [(&'static rustls::SupportedProtocolVersion, &str); 6] = [
+            (&rustls::version::TLS13, "AES_128_GCM"),
+            (&rustls::version::TLS13, "AES_256_GCM"),
+            (&rustls::version::TLS13, "CHACHA20"),
+            (&rustls::version::TLS12, "AES_128_GCM"),
+            (&rustls::version::TLS12, "AES_256_GCM"),
+            (&rustls::version::TLS12, "CHACHA20"),
+        ];
+        for (version, cipher) in cases {
+            let case = format!("{:?} {cipher}", version.version);
+            let (mut client, negotiated, mut server) =
+                pair(&pki.client, pki.server(version, cipher), false).await;
+            assert_eq!(negotiated.alpn.as_deref(), Some(&b"http/1.1"[..]), "{case}");
+            let up = pattern(1 << 20, 1);
+            let down = pattern(1 << 20, 2);
+            let expect_up = up.clone();
+            let send_down = down.clone();
+            let far = tokio::spawn(async move {
+                let mut got = Vec::new();
+                // Ends only at the client's close_notify (a bare EOF is an error here).
+                server.read_to_end(&mut got).await.expect("server read");
+                assert!(got == expect_up, "bytes changed on the way up");
+                server.write_all(&send_down).await.expect("server write");
+                server.shutdown().await.expect("server shutdown");
+            });
+            client.write_all(&up).await.expect("client write");
+            client.shutdown().await.expect("client shutdown");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("client read");
+            far.await.expect("server task");
+            assert!(got == down, "{case}: bytes changed on the way down");
+        }
+    }
+
+    /// The gateway moves its key and asks us to move ours (RFC 8446 §4.6.3): both
+    /// directions go on under the new keys.
+    #[tokio::test]
+    async fn a_key_update_from_the_gateway_moves_both_directions_keys() {
+        let pki = Pki::new();
+        let (mut client, _, mut server) = pair(
+            &pki.client,
+            pki.server(&rustls::version::TLS13, "AES_128_GCM"),
+            true,
+        )
+        .await;
+        let far = tokio::spawn(async move {
+            for round in 0..3u8 {
+                let mut ping = [0u8; 5];
+                server.read_exact(&mut ping).await.expect("ping");
+                assert_eq!(ping, [b'p', b'i', b'n', b'g', round]);
+                server
+                    .get_mut()
+                    .1
+                    .refresh_traffic_keys()
+                    .expect("key update");
+                server
+                    .write_all(&[b'p', b'o', b'n', b'g', round])
+                    .await
+                    .expect("pong");
+            }
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.expect("end");
+            rest
+        });
+        for round in 0..3u8 {
+            client
+                .write_all(&[b'p', b'i', b'n', b'g', round])
+                .await
+                .expect("ping");
+            let mut pong = [0u8; 5];
+            client.read_exact(&mut pong).await.expect("pong");
+            assert_eq!(pong, [b'p', b'o', b'n', b'g', round]);
+        }
+        // Our own move (as when the gateway asks for one, or a key is used up): the
+        // gateway reads what follows under our next key.
+        client.update_tx_key().expect("our key update");
+        client.write_all(b"after").await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        assert_eq!(far.await.expect("server task"), b"after");
+    }
+
+    /// Session tickets that arrive after the handshake are handed to rustls: the next
+    /// handshake with the same configuration resumes.
+    #[tokio::test]
+    async fn tickets_read_on_the_session_let_the_next_handshake_resume() {
+        let pki = Pki::new();
+        let server = pki.server(&rustls::version::TLS13, "AES_128_GCM");
+        let (mut client, first, mut far) = pair(&pki.client, Arc::clone(&server), true).await;
+        assert!(!first.resumed);
+        far.write_all(b"hello").await.expect("write");
+        let mut hello = [0u8; 5];
+        // The tickets come before the data on the wire.
+        client.read_exact(&mut hello).await.expect("read");
+        drop((client, far));
+        let (_client, second, _far) = pair(&pki.client, server, true).await;
+        assert!(second.resumed, "the second handshake did not resume");
+    }
+
+    /// Vectored writes (HTTP/2's frame header and payload) are sealed together, across
+    /// slices and record boundaries, in order.
+    #[tokio::test]
+    async fn vectored_writes_are_sealed_in_order_across_slices() {
+        let pki = Pki::new();
+        let (mut client, _, mut server) = pair(
+            &pki.client,
+            pki.server(&rustls::version::TLS13, "AES_128_GCM"),
+            true,
+        )
+        .await;
+        let a = pattern(9, 3);
+        let b = pattern(30_000, 4);
+        let c = pattern(100_000, 5);
+        let mut want = [a.clone(), b.clone(), c.clone()].concat();
+        let slices = [IoSlice::new(&a), IoSlice::new(&b), IoSlice::new(&c)];
+        let n = client.write_vectored(&slices).await.expect("write");
+        assert_eq!(n, MAX_WRITE, "one call seals up to four full records");
+        client.write_all(&want[n..]).await.expect("rest");
+        client.shutdown().await.expect("shutdown");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("read");
+        assert!(got == want, "bytes changed or reordered");
+        want.clear();
+    }
+
+    /// Bytes from a hostile or broken peer end the session with a clear error; nothing
+    /// unauthenticated reaches the reader.
+    #[tokio::test]
+    async fn forged_or_malformed_records_are_refused() {
+        let pki = Pki::new();
+        let cases: [(&str, Vec<u8>); 4] = [
+            (
+                "integrity",
+                [vec![23, 3, 3, 0, 40], vec![0x55; 40]].concat(),
+            ),
+            ("malformed", vec![23, 3, 3, 0x48, 0x01]),
+            ("unprotected", [vec![22, 3, 3, 0, 20], vec![0; 20]].concat()),
+            ("malformed", [vec![23, 2, 0, 0, 20], vec![0; 20]].concat()),
+        ];
+        for (want, bytes) in cases {
+            let (mut client, _, server) = pair(
+                &pki.client,
+                pki.server(&rustls::version::TLS13, "AES_128_GCM"),
+                true,
+            )
+            .await;
+            let (mut tcp, _) = server.into_inner();
+            tcp.write_all(&bytes).await.expect("write");
+            let mut buf = [0u8; 64];
+            let e = client.read(&mut buf).await.expect_err("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{want}: {e}");
+            assert!(e.to_string().contains(want), "{want}: {e}");
+        }
+    }
+
+    /// A bare TCP close without close_notify is not a clean end (a cut could otherwise
+    /// truncate a response unnoticed).
+    #[tokio::test]
+    async fn a_close_without_close_notify_is_an_error() {
+        let pki = Pki::new();
+        let (mut client, _, server) = pair(
+            &pki.client,
+            pki.server(&rustls::version::TLS13, "AES_128_GCM"),
+            true,
+        )
+        .await;
+        drop(server.into_inner());
+        let mut buf = [0u8; 64];
+        let e = client.read(&mut buf).await.expect_err("refused");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+}
