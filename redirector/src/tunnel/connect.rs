@@ -4,8 +4,6 @@
 //! The proxy sends these requests, `redirector explain` prints them (secrets redacted) and
 //! `redirector check` sends the enterprise proxy's; all three build them here, so a header
 //! added here shows up everywhere at once.
-use bytes::Bytes;
-use http_body_util::Empty;
 use hyper::{
     Method, Request,
     header::{HeaderName, HeaderValue},
@@ -149,11 +147,11 @@ impl ConnectRequest {
     /// The same request as an HTTP/2 CONNECT stream: `:method CONNECT` and `:authority` only
     /// (RFC 9113 §8.5). Header values are marked sensitive, so HPACK never puts them in its
     /// dynamic table.
-    pub fn to_h2(&self) -> Result<Request<Empty<Bytes>>, RequestError> {
+    pub fn to_h2(&self) -> Result<Request<()>, RequestError> {
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(self.authority.as_str())
-            .body(Empty::new())
+            .body(())
             .map_err(|_| RequestError::Authority)?;
         for h in &self.headers {
             let name =

@@ -7,6 +7,13 @@
 //! and status, bounded waits. A refused stream does not taint the session (its refusal is
 //! the stream's); a session-level failure (GOAWAY, broken connection) closes the session,
 //! which is then never used again.
+//!
+//! The streams use the `h2` crate directly rather than through hyper's upgrade: hyper hands
+//! each write of an upgraded stream to a second task over a channel, boxed (a copy, an
+//! allocation and a task wake-up per write), and wraps reads in two more adapters. Here a
+//! write is copied once into a `Bytes` that goes straight into the stream's send queue (the
+//! connection task sends it), and a read copies out of the DATA frame's `Bytes` as h2
+//! parsed it.
 use std::{
     io,
     pin::Pin,
@@ -14,13 +21,14 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper::client::conn::http2::{Builder, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::{Buf, Bytes};
+use h2::{
+    Reason, RecvStream, SendStream,
+    client::{Builder, SendRequest},
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::telemetry::Proto;
@@ -35,10 +43,13 @@ use super::{
 /// The largest DATA frame the gateway may send us: bulk streams cost fewer frames (and
 /// fewer wake-ups of the relay); TLS still cuts records at 16 KiB.
 const MAX_FRAME: u32 = 64 << 10;
+/// The most one write queues on a stream at once (h2 cuts it into frames of the gateway's
+/// frame size).
+const MAX_WRITE: usize = 64 << 10;
 
 /// A gateway session speaking HTTP/2; cheap to share (`SendRequest` is a handle).
 pub struct H2Session {
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Bytes>,
     /// Streams open now (tunnels not yet dropped).
     streams: Arc<AtomicUsize>,
     /// The enterprise proxy's CONNECT status of the underlying session.
@@ -60,7 +71,8 @@ impl std::fmt::Debug for H2Session {
 impl H2Session {
     /// The HTTP/2 connection preface and settings on a session whose ALPN is `h2`. The
     /// connection is driven by its own task until the gateway or the last handle ends it;
-    /// pings keep it (and the enterprise proxy's tunnel under it) alive while idle.
+    /// a ping every keepalive interval keeps it (and the enterprise proxy's tunnel under it)
+    /// alive while idle, and a ping unanswered for as long ends it.
     pub async fn handshake(session: GatewaySession, t: &Timeouts) -> Result<Self, TunnelError> {
         let GatewaySession {
             io,
@@ -69,29 +81,43 @@ impl H2Session {
             h2_windows,
             ..
         } = session;
-        let mut builder = Builder::new(TokioExecutor::new());
+        let mut builder = Builder::new();
         builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(h2_windows.stream)
+            .initial_window_size(h2_windows.stream)
             .initial_connection_window_size(h2_windows.session)
             .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(h2_windows.send_buf as usize)
-            .keep_alive_interval(t.keepalive_interval)
-            .keep_alive_timeout(t.keepalive_interval)
-            .keep_alive_while_idle(true);
-        let (send, conn) = timeout(t.tls_handshake, builder.handshake(TokioIo::new(io)))
+            .max_send_buffer_size(h2_windows.send_buf as usize)
+            // We never accept pushed streams.
+            .enable_push(false);
+        let (send, mut conn) = timeout(t.tls_handshake, builder.handshake::<_, Bytes>(io))
             .await
             .map_err(|_| TunnelError::TlsTimeout { hop: HOP_GATEWAY })?
             .map_err(|e| TunnelError::Io {
                 hop: HOP_GATEWAY,
-                source: io::Error::other(e),
+                source: h2_io_error(e),
             })?;
+        let mut pings = conn
+            .ping_pong()
+            .expect("the first call takes the ping handle");
+        let interval = t.keepalive_interval;
         let (ended_tx, ended) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "gateway http/2 session ended with an error");
-            } else {
-                debug!("gateway http/2 session ended");
+            let keepalive = async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    match timeout(interval, pings.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_pong)) => {}
+                        Ok(Err(e)) => return format!("ping failed: {e}"),
+                        Err(_) => return "a ping went unanswered".to_owned(),
+                    }
+                }
+            };
+            tokio::select! {
+                r = &mut conn => match r {
+                    Err(e) => debug!(error = %e, "gateway http/2 session ended with an error"),
+                    Ok(()) => debug!("gateway http/2 session ended"),
+                },
+                why = keepalive => debug!(why, "gateway http/2 session dropped"),
             }
             let _ = ended_tx.send(true);
         });
@@ -115,7 +141,7 @@ impl H2Session {
 
     /// The gateway or the network ended the session: it takes no more streams.
     pub fn is_closed(&self) -> bool {
-        self.send.is_closed()
+        *self.ended.borrow()
     }
 
     /// Tunnels open on this session now.
@@ -135,39 +161,38 @@ impl H2Session {
             .map_err(|e| super::request_error(HOP_GATEWAY, e))?;
         // Counted from before the request so concurrent opens see the stream.
         let guard = StreamGuard::new(&self.streams);
-        let mut send = self.send.clone();
+        let send = self.send.clone();
         let exchange = async {
-            send.ready().await?;
-            let response = send.send_request(request).await?;
-            let status = response.status();
-            if !status.is_success() {
-                return Ok(Err(status));
-            }
-            let upgraded = hyper::upgrade::on(response).await?;
-            Ok(Ok((status, upgraded)))
+            let mut send = send.ready().await?;
+            // Not the end of the stream: the tunnel's bytes follow the 2xx.
+            let (response, stream) = send.send_request(request, false)?;
+            let response = response.await?;
+            Ok::<_, h2::Error>((response.status(), stream, response.into_body()))
         };
-        let result: Result<_, hyper::Error> = timeout(t.connect_response, exchange)
+        let result = timeout(t.connect_response, exchange)
             .await
             .map_err(|_| TunnelError::ResponseTimeout { hop: HOP_GATEWAY })?;
-        let (status, upgraded) = match result {
-            Ok(Ok(ok)) => ok,
-            Ok(Err(status)) => {
-                return Err(TunnelError::Refused {
-                    hop: HOP_GATEWAY,
-                    status: status.as_u16(),
-                    reason: status.canonical_reason().unwrap_or("").to_owned(),
-                });
-            }
-            Err(e) if self.is_closed() || e.is_closed() || e.is_canceled() => {
+        let (status, mut send, recv) = match result {
+            Ok(ok) => ok,
+            Err(e) if self.is_closed() || e.is_go_away() || e.is_io() => {
                 return Err(TunnelError::Closed { hop: HOP_GATEWAY });
             }
             Err(e) => {
                 return Err(TunnelError::Io {
                     hop: HOP_GATEWAY,
-                    source: io::Error::other(e),
+                    source: h2_io_error(e),
                 });
             }
         };
+        if !status.is_success() {
+            // The stream is over; the session is not.
+            send.send_reset(Reason::CANCEL);
+            return Err(TunnelError::Refused {
+                hop: HOP_GATEWAY,
+                status: status.as_u16(),
+                reason: status.canonical_reason().unwrap_or("").to_owned(),
+            });
+        }
         let mut hops = self.hops.clone();
         hops.push(HopStatus {
             hop: HOP_GATEWAY,
@@ -177,7 +202,10 @@ impl H2Session {
         add_setup(&mut setup, HOP_GATEWAY, started.elapsed());
         Ok(Upstream {
             io: Box::new(H2Stream {
-                io: TokioIo::new(upgraded),
+                send,
+                recv,
+                received: Bytes::new(),
+                ended: false,
                 _guard: guard,
             }),
             hops,
@@ -188,6 +216,15 @@ impl H2Session {
                 resumed: self.resumed,
             }),
         })
+    }
+}
+
+/// An h2 error as an I/O error, keeping an I/O cause as it was.
+fn h2_io_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io().expect("is_io")
+    } else {
+        io::Error::other(e)
     }
 }
 
@@ -210,7 +247,12 @@ impl Drop for StreamGuard {
 /// One CONNECT stream as a byte stream. Shutting down the write side sends END_STREAM
 /// (the HTTP/2 half-close); reading returns EOF when the gateway ends its side.
 struct H2Stream {
-    io: TokioIo<hyper::upgrade::Upgraded>,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// What is left of the last DATA frame.
+    received: Bytes,
+    /// END_STREAM was sent.
+    ended: bool,
     _guard: StreamGuard,
 }
 
@@ -220,10 +262,193 @@ impl AsyncRead for H2Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        while this.received.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(data)) => this.received = data,
+                // The gateway ended the stream with a reset that means "done".
+                Some(Err(e)) if matches!(e.reason(), Some(Reason::NO_ERROR | Reason::CANCEL)) => {
+                    return Poll::Ready(Ok(()));
+                }
+                Some(Err(e)) if e.reason() == Some(Reason::STREAM_CLOSED) => {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, e)));
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
+            }
+        }
+        let n = this.received.len().min(buf.remaining());
+        buf.put_slice(&this.received[..n]);
+        this.received.advance(n);
+        // The window opens again as the pod takes the bytes: what it does not read stays
+        // bounded by the window.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
     }
 }
 
 impl AsyncWrite for H2Stream {
-    forward_async_write!(io);
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if this.ended {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        // Capacity is what h2 will queue for this stream: the gateway's window, bounded by
+        // the send buffer. Waiting for it is the back-pressure.
+        let want = buf.len().min(MAX_WRITE);
+        loop {
+            let cap = this.send.capacity();
+            if cap > 0 {
+                let n = cap.min(want);
+                // The one copy of a write: h2 keeps the bytes until the window lets them go.
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                return Poll::Ready(
+                    this.send
+                        .send_data(data, false)
+                        .map(|()| n)
+                        .map_err(h2_io_error),
+                );
+            }
+            this.send.reserve_capacity(want);
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    /// The connection task sends what is queued; there is nothing to push here.
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.ended {
+            this.ended = true;
+            this.send
+                .send_data(Bytes::new(), true)
+                .map_err(h2_io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::tunnel::H2Windows;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            keepalive_interval: Duration::from_secs(15),
+            ..Timeouts::default()
+        }
+    }
+
+    /// Sends `data` on an h2 server stream as the peer's window allows.
+    async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Option<()> {
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let cap = std::future::poll_fn(|cx| send.poll_capacity(cx))
+                .await?
+                .ok()?;
+            if cap > 0 {
+                send.send_data(data.split_to(cap.min(data.len())), false)
+                    .ok()?;
+            }
+        }
+        Some(())
+    }
+
+    /// A session over an in-memory pipe to an h2 server (the `h2` crate's) that answers
+    /// every CONNECT with 200 and echoes the stream. `answering` false: after the
+    /// handshake the server stops reading (a gateway or proxy that hangs), so pings go
+    /// unanswered.
+    async fn session(answering: bool) -> H2Session {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server)
+                .await
+                .expect("server handshake");
+            if !answering {
+                // Hold the connection without ever polling it again.
+                std::future::pending::<()>().await;
+            }
+            while let Some(Ok((request, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    let ok = hyper::Response::builder()
+                        .status(200)
+                        .body(())
+                        .expect("200");
+                    let mut send = respond.send_response(ok, false).expect("respond");
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                        if send_all(&mut send, data).await.is_none() {
+                            return;
+                        }
+                    }
+                    let _ = send.send_data(Bytes::new(), true);
+                });
+            }
+        });
+        let gw = GatewaySession::over(Box::new(client), true, H2Windows::default());
+        H2Session::handshake(gw, &timeouts())
+            .await
+            .expect("handshake")
+    }
+
+    /// A stream carries more than its windows each way (the writes wait for capacity, the
+    /// reads give it back) and half-closes with END_STREAM.
+    #[tokio::test]
+    async fn a_stream_carries_more_than_its_windows_and_half_closes() {
+        let s = session(true).await;
+        let request = ConnectRequest::new("example.com:443").expect("request");
+        let mut up = s.connect(&request, &timeouts()).await.expect("connect");
+        assert_eq!(s.streams(), 1);
+        let sent: Vec<u8> = (0..(9u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let (mut r, mut w) = tokio::io::split(&mut up);
+        let expected = sent.clone();
+        let writer = async move {
+            w.write_all(&sent).await.expect("write");
+            w.shutdown().await.expect("END_STREAM");
+        };
+        let mut got = Vec::new();
+        let reader = r.read_to_end(&mut got);
+        let ((), read) = tokio::join!(writer, reader);
+        read.expect("read");
+        assert!(got == expected, "bytes changed, lost or reordered");
+        drop(up);
+        assert_eq!(s.streams(), 0);
+    }
+
+    /// Pings keep an answering session open; one unanswered for the keepalive interval
+    /// ends the session, which then takes no streams.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_ping_ends_the_session() {
+        let alive = session(true).await;
+        let hung = session(false).await;
+        tokio::time::sleep(Duration::from_secs(4 * 15 + 1)).await;
+        assert!(!alive.is_closed(), "answered pings keep the session");
+        assert!(hung.is_closed(), "unanswered pings end the session");
+        let request = ConnectRequest::new("example.com:443").expect("request");
+        let e = hung
+            .connect(&request, &timeouts())
+            .await
+            .expect_err("closed");
+        assert!(matches!(e, TunnelError::Closed { .. }), "{e:?}");
+    }
 }
