@@ -183,6 +183,11 @@ pub struct Settings {
     /// streams on shared sessions [true].
     #[arg(long, env = "REDIRECTOR_GATEWAY_HTTP2", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
     pub gateway_http2: Option<bool>,
+    /// After the handshake, hand the gateway TLS session's records to the kernel (kTLS) when
+    /// it has the `tls` module and the session runs on plain TCP; otherwise, or with
+    /// `false`, the redirector seals and opens them itself [true].
+    #[arg(long, env = "REDIRECTOR_GATEWAY_KTLS", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub gateway_ktls: Option<bool>,
     /// Gateway sessions (proxy hop and TLS done) kept ready ahead of demand; 0 turns
     /// pre-established sessions off [2].
     #[arg(long, env = "REDIRECTOR_GATEWAY_WARM")]
@@ -254,6 +259,7 @@ impl Settings {
             route_presets,
             allow_dial,
             gateway_http2,
+            gateway_ktls,
             gateway_warm,
             gateway_h2_streams,
         )
@@ -645,6 +651,7 @@ impl Config {
                     limit_of("max-connections", s.max_connections, 16384)?,
                     pool.h2_streams,
                 );
+                g.kernel_tls = s.gateway_ktls.unwrap_or(true);
                 Some(g)
             }
         };

@@ -385,15 +385,16 @@ struct Audit {
 
 impl Audit {
     /// `warm/h1`, `fresh/h1`, `shared/h2`…, `-` off the gateway route; `+resumed` when the
-    /// gateway TLS handshake resumed a session.
+    /// gateway TLS handshake resumed a session, `+ktls` when the kernel protects its records.
     fn session(&self) -> String {
         match self.session {
             None => "-".into(),
             Some(s) => format!(
-                "{}/{}{}",
+                "{}/{}{}{}",
                 s.reuse.as_str(),
                 s.proto,
-                if s.resumed { "+resumed" } else { "" }
+                if s.resumed { "+resumed" } else { "" },
+                if s.kernel_tls { "+ktls" } else { "" }
             ),
         }
     }

@@ -65,6 +65,11 @@ pub const KERNELS: [Kernel; 3] = [
 /// built in.
 const MODULES: [&str; 4] = ["llc", "stp", "bridge", "veth"];
 
+/// Loaded when the kernel has it (`CONFIG_TLS=m`): the `tls` upper layer protocol, which
+/// the gateway session's records move into (kTLS). bullseye's cloud kernel has none, and
+/// the scenario then checks the user-space fallback instead.
+const TLS_MODULE: &str = "tls";
+
 /// One boot (or the host run) may take this long under TCG before it counts as hung.
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -75,6 +80,9 @@ pub struct Outcome {
     pub steps: Vec<(String, bool, String)>,
     pub passed: bool,
     pub note: String,
+    /// The scenario's kTLS line: whether kTLS was expected, and 16 MiB through the gateway
+    /// with kTLS allowed and with user-space records, side by side.
+    pub ktls: Option<String>,
 }
 
 pub fn run(a: VmArgs) -> anyhow::Result<()> {
@@ -148,6 +156,24 @@ struct Fetched {
     vmlinuz: PathBuf,
     config: PathBuf,
     modules: Vec<PathBuf>,
+    /// `tls.ko`, when the kernel builds kTLS as a module.
+    tls: Option<PathBuf>,
+}
+
+/// The kernel was built with kTLS (`CONFIG_TLS=m` or `=y`).
+fn has_ktls(config: &Path) -> bool {
+    fs::read_to_string(config)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == "CONFIG_TLS=m" || l == "CONFIG_TLS=y")
+}
+
+/// The kernel builds kTLS as a module.
+fn ktls_module(config: &Path) -> bool {
+    fs::read_to_string(config)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l == "CONFIG_TLS=m")
 }
 
 /// The kernel of `k`, from the cache or downloaded into it.
@@ -158,16 +184,22 @@ fn fetch(k: &Kernel) -> anyhow::Result<Fetched> {
     let release_file = dir.join("release");
     if let Ok(release) = fs::read_to_string(&release_file) {
         let release = release.trim().to_owned();
+        let config = dir.join(format!("config-{release}"));
+        let tls = dir.join(format!("{TLS_MODULE}.ko"));
         let f = Fetched {
             vmlinuz: dir.join(format!("vmlinuz-{release}")),
-            config: dir.join(format!("config-{release}")),
+            tls: ktls_module(&config).then_some(tls),
+            config,
             modules: MODULES
                 .iter()
                 .map(|m| dir.join(format!("{m}.ko")))
                 .collect(),
             release,
         };
-        if f.vmlinuz.is_file() && f.config.is_file() && f.modules.iter().all(|m| m.is_file()) {
+        if f.vmlinuz.is_file()
+            && f.config.is_file()
+            && f.modules.iter().chain(&f.tls).all(|m| m.is_file())
+        {
             return Ok(f);
         }
     }
@@ -212,7 +244,8 @@ fn fetch(k: &Kernel) -> anyhow::Result<Fetched> {
     // compressed on trixie; busybox insmod takes plain .ko only.
     let mut found = Vec::new();
     find_files(&root, &mut found);
-    for m in MODULES {
+    let optional = ktls_module(&dir.join(format!("config-{release}"))).then_some(TLS_MODULE);
+    for m in MODULES.into_iter().chain(optional) {
         let src = found
             .iter()
             .find(|p| {
@@ -456,6 +489,9 @@ mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
 for m in llc stp bridge veth; do
   insmod /modules/$m.ko || echo "RDR-VM insmod $m failed"
 done
+if [ -f /modules/tls.ko ]; then
+  insmod /modules/tls.ko || echo "RDR-VM insmod tls failed"
+fi
 /sbin/ip link set lo up
 echo "RDR-VM booted $(uname -r)"
 RDR_BIN_REDIRECTOR=/bin/redirector RDR_BIN_RDR_TESTSRV=/bin/rdr-testsrv \
@@ -558,6 +594,9 @@ fn initramfs(k: &Fetched) -> anyhow::Result<PathBuf> {
     for (m, p) in MODULES.iter().zip(&k.modules) {
         c.file(&format!("modules/{m}.ko"), 0o644, &fs::read(p)?);
     }
+    if let Some(p) = &k.tls {
+        c.file(&format!("modules/{TLS_MODULE}.ko"), 0o644, &fs::read(p)?);
+    }
     let out = dir.join(format!("initramfs-{}.cpio", k.release));
     fs::write(&out, c.finish())?;
     Ok(out)
@@ -607,7 +646,14 @@ fn boot(k: &Kernel) -> anyhow::Result<Outcome> {
         .arg(&f.vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        .arg("-append")
+        .arg(if has_ktls(&f.config) {
+            // The scenario then requires kTLS to be used, so a module that failed to load
+            // fails the run instead of passing on the user-space fallback.
+            "console=ttyS0 panic=-1 quiet rdr.ktls=1"
+        } else {
+            "console=ttyS0 panic=-1 quiet"
+        });
     let (lines, code) = supervise(cmd, &format!("[{}] ", k.series))?;
     // The init writes the scenario's exit code e to isa-debug-exit: qemu exits 2e+1.
     let scenario_rc = code.filter(|c| c % 2 == 1).map(|c| c >> 1);
@@ -686,8 +732,12 @@ fn parse(kernel: &str, lines: &[String]) -> Outcome {
         steps: Vec::new(),
         passed: false,
         note: String::new(),
+        ktls: None,
     };
     for l in lines {
+        if let Some(at) = l.find("RDR-VM ktls ") {
+            o.ktls = Some(l[at + "RDR-VM ktls ".len()..].trim().to_owned());
+        }
         // Console lines can carry kernel messages before the marker.
         let Some(at) = l.find("RDR-") else { continue };
         let mut w = l[at..].splitn(4, ' ');
@@ -726,6 +776,9 @@ fn render(outcomes: &[Outcome]) -> String {
         );
         let progs: Vec<String> = o.programs.iter().map(|(n, v)| format!("{n} {v}")).collect();
         let _ = writeln!(s, "  programs: {}", progs.join(", "));
+        if let Some(k) = &o.ktls {
+            let _ = writeln!(s, "  ktls: {k}");
+        }
         for (name, ok, why) in &o.steps {
             let _ = writeln!(
                 s,

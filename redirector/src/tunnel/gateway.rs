@@ -14,10 +14,11 @@ use tokio::io::ReadBuf;
 use crate::telemetry::Proto;
 
 use super::{
-    HOP_GATEWAY, HOP_PROXY, HopStatus, Io, Timeouts, TunnelConfig, TunnelError, Upstream,
-    add_setup, connect::ConnectRequest, connect_hop, gateway_of, record, request_error,
-    server_name, tcp_connect, through_proxy,
+    HOP_GATEWAY, HOP_PROXY, HopStatus, Io, Timeouts, Transport, TunnelConfig, TunnelError,
+    Upstream, add_setup, connect::ConnectRequest, connect_hop, gateway_of, ktls, record,
+    request_error, server_name, tcp_connect, through_proxy,
 };
+use tracing::debug;
 
 pub use crate::telemetry::Reuse;
 
@@ -29,6 +30,8 @@ pub struct SessionInfo {
     pub proto: Proto,
     /// The gateway TLS handshake was a resumption (no certificate exchange).
     pub resumed: bool,
+    /// The kernel seals and opens the session's records (kTLS).
+    pub kernel_tls: bool,
 }
 
 /// A TLS session with the gateway (through the enterprise proxy when one is configured),
@@ -41,6 +44,8 @@ pub struct GatewaySession {
     pub h2_windows: super::H2Windows,
     /// The TLS handshake resumed an earlier session.
     pub resumed: bool,
+    /// The session's records are sealed and opened by the kernel (kTLS).
+    pub kernel_tls: bool,
     /// The enterprise proxy's CONNECT status, when there is one.
     pub hops: Vec<HopStatus>,
     /// Set-up time of the proxy hop and of the gateway TLS handshake.
@@ -74,7 +79,7 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
     let server_name = server_name(HOP_GATEWAY, &gw.server_name)?;
     let mut hops = Vec::with_capacity(2);
     let mut setup = Vec::with_capacity(2);
-    let io: Box<dyn Io> = match &cfg.proxy {
+    let io = match &cfg.proxy {
         Some(proxy) => {
             let request = ConnectRequest::to_proxy(&gw.authority(), proxy)
                 .map_err(|e| request_error(HOP_PROXY, e))?;
@@ -82,7 +87,9 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
         }
         None => {
             let addr = gw.authority();
-            Box::new(tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?)
+            Transport::Tcp(
+                tcp_connect(HOP_GATEWAY, (gw.addr_host.as_str(), gw.port), addr, t).await?,
+            )
         }
     };
     let started = std::time::Instant::now();
@@ -92,8 +99,8 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
     // pod half-closes. close_notify carries the half-close to the gateway instead; the TCP
     // connection ends when the gateway closes its side.
     let fin_on_shutdown = cfg.proxy.is_none();
-    let handshake = record::connect(Arc::clone(&gw.tls), server_name, io, fin_on_shutdown);
-    let (tls, negotiated) = match tokio::time::timeout(t.tls_handshake, handshake).await {
+    let handshake = record::handshake(Arc::clone(&gw.tls), server_name, io);
+    let hs = match tokio::time::timeout(t.tls_handshake, handshake).await {
         Err(_elapsed) => return Err(TunnelError::TlsTimeout { hop: HOP_GATEWAY }),
         Ok(Err(source)) => {
             return Err(TunnelError::Tls {
@@ -102,6 +109,30 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
             });
         }
         Ok(Ok(done)) => done,
+    };
+    let negotiated = hs.negotiated.clone();
+    let tls_error = |source| TunnelError::Tls {
+        hop: HOP_GATEWAY,
+        source,
+    };
+    // The records go to the kernel when it can take them, else to `record.rs`.
+    let (io, kernel_tls): (Box<dyn Io>, bool) = match hs.into_parts() {
+        (Transport::Tcp(tcp), hs) if gw.kernel_tls => {
+            match ktls::enable(hs.with_io(tcp), fin_on_shutdown).map_err(tls_error)? {
+                ktls::Outcome::Kernel(k) => (k, true),
+                ktls::Outcome::UserSpace(hs, why) => {
+                    debug!(why, "gateway tls records stay in user space");
+                    (
+                        Box::new(hs.records(fin_on_shutdown).map_err(tls_error)?),
+                        false,
+                    )
+                }
+            }
+        }
+        (io, hs) => (
+            Box::new(hs.with_io(io).records(fin_on_shutdown).map_err(tls_error)?),
+            false,
+        ),
     };
     let h2 = match negotiated.alpn.as_deref() {
         None | Some(b"http/1.1") => false,
@@ -117,12 +148,12 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
     };
     let resumed = negotiated.resumed;
     setup.push((HOP_GATEWAY, started.elapsed()));
-    let io: Box<dyn Io> = Box::new(tls);
     Ok(GatewaySession {
         io,
         h2,
         h2_windows: gw.h2_windows,
         resumed,
+        kernel_tls,
         hops,
         setup,
     })
@@ -136,6 +167,7 @@ impl GatewaySession {
             h2,
             h2_windows,
             resumed: false,
+            kernel_tls: false,
             hops: Vec::new(),
             setup: Vec::new(),
         }
@@ -168,6 +200,7 @@ impl GatewaySession {
         let GatewaySession {
             io,
             resumed,
+            kernel_tls,
             mut hops,
             mut setup,
             ..
@@ -186,6 +219,7 @@ impl GatewaySession {
                 reuse,
                 proto: Proto::H1,
                 resumed,
+                kernel_tls,
             }),
         })
     }

@@ -55,6 +55,7 @@ pub struct H2Session {
     /// The enterprise proxy's CONNECT status of the underlying session.
     hops: Vec<HopStatus>,
     resumed: bool,
+    kernel_tls: bool,
     /// Becomes true when the connection task has ended (the TLS session closed).
     ended: tokio::sync::watch::Receiver<bool>,
 }
@@ -78,6 +79,7 @@ impl H2Session {
             io,
             hops,
             resumed,
+            kernel_tls,
             h2_windows,
             ..
         } = session;
@@ -126,6 +128,7 @@ impl H2Session {
             streams: Arc::new(AtomicUsize::new(0)),
             hops,
             resumed,
+            kernel_tls,
             ended,
         })
     }
@@ -214,6 +217,7 @@ impl H2Session {
                 reuse: Reuse::Shared,
                 proto: Proto::H2,
                 resumed: self.resumed,
+                kernel_tls: self.kernel_tls,
             }),
         })
     }

@@ -49,6 +49,7 @@ macro_rules! forward_async_write {
 pub mod connect;
 mod gateway;
 mod h2;
+mod ktls;
 pub mod pool;
 mod read_ahead;
 mod record;
@@ -225,7 +226,7 @@ pub async fn open(
             let mut setup = Vec::with_capacity(1);
             let io = through_proxy(proxy, &request, t, &mut hops, &mut setup).await?;
             Ok(Upstream {
-                io,
+                io: io.boxed(),
                 hops,
                 setup,
                 session: None,
@@ -299,27 +300,27 @@ async fn through_proxy(
     t: &Timeouts,
     hops: &mut Vec<HopStatus>,
     setup: &mut Vec<(&'static str, std::time::Duration)>,
-) -> Result<Box<dyn Io>, TunnelError> {
+) -> Result<Transport, TunnelError> {
     let started = std::time::Instant::now();
-    let tls = match proxy.url.scheme {
-        ProxyScheme::Http => None,
+    let addr = (proxy.url.host.as_str(), proxy.url.port);
+    let (io, status) = match proxy.url.scheme {
+        ProxyScheme::Http => {
+            let tcp = tcp_connect(HOP_PROXY, addr, proxy.url.authority(), t).await?;
+            let (tcp, leftover, status) = connect_exchange(HOP_PROXY, tcp, request, t).await?;
+            (Transport::after_connect(tcp, leftover), status)
+        }
         ProxyScheme::Https => {
             let config = proxy.tls.as_ref().ok_or(TunnelError::Request {
                 hop: HOP_PROXY,
                 detail: "an https:// proxy needs a tls configuration",
             })?;
-            Some((config, server_name(HOP_PROXY, &proxy.url.host)?))
+            let name = server_name(HOP_PROXY, &proxy.url.host)?;
+            let tcp = tcp_connect(HOP_PROXY, addr, proxy.url.authority(), t).await?;
+            let tls = tls_connect(HOP_PROXY, config, name, ReadAhead::new(tcp), t).await?;
+            let (io, status) = connect_hop(HOP_PROXY, tls, request, t).await?;
+            (Transport::Other(io), status)
         }
     };
-    let addr = (proxy.url.host.as_str(), proxy.url.port);
-    let tcp = tcp_connect(HOP_PROXY, addr, proxy.url.authority(), t).await?;
-    let stream: Box<dyn Io> = match tls {
-        None => Box::new(tcp),
-        Some((config, name)) => {
-            Box::new(tls_connect(HOP_PROXY, config, name, ReadAhead::new(tcp), t).await?)
-        }
-    };
-    let (io, status) = connect_hop(HOP_PROXY, stream, request, t).await?;
     hops.push(HopStatus {
         hop: HOP_PROXY,
         status,
@@ -396,10 +397,22 @@ async fn tls_connect<S: Io + 'static>(
 /// after the response head belong to the tunnel and are replayed first.
 async fn connect_hop<S: Io + 'static>(
     hop: &'static str,
-    mut stream: S,
+    stream: S,
     request: &ConnectRequest,
     t: &Timeouts,
 ) -> Result<(Box<dyn Io>, u16), TunnelError> {
+    let (stream, leftover, status) = connect_exchange(hop, stream, request, t).await?;
+    Ok((Box::new(Replay::new(leftover, stream)), status))
+}
+
+/// [`connect_hop`]'s exchange: the stream, the bytes read past the response head, the
+/// status.
+async fn connect_exchange<S: Io + 'static>(
+    hop: &'static str,
+    mut stream: S,
+    request: &ConnectRequest,
+    t: &Timeouts,
+) -> Result<(S, Vec<u8>, u16), TunnelError> {
     let request = request.encode_h1();
     let exchange = async {
         stream
@@ -421,7 +434,7 @@ async fn connect_hop<S: Io + 'static>(
         leftover = leftover.len(),
         "CONNECT established"
     );
-    Ok((Box::new(Replay::new(leftover, stream)), status))
+    Ok((stream, leftover, status))
 }
 
 /// Reads one final response head (skipping 1xx interim ones). Returns the status and the

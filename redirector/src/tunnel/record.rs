@@ -30,7 +30,7 @@ use std::{
 
 use ring::aead;
 use rustls::{
-    ClientConfig, ConnectionTrafficSecrets, ProtocolVersion,
+    ClientConfig, ConnectionTrafficSecrets, ExtractedSecrets, ProtocolVersion,
     client::{ClientConnectionData, UnbufferedClientConnection},
     kernel::KernelConnection,
     pki_types::ServerName,
@@ -38,13 +38,13 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CONTENT_APP_DATA: u8 = 23;
+pub(super) const CONTENT_ALERT: u8 = 21;
+pub(super) const CONTENT_HANDSHAKE: u8 = 22;
+pub(super) const CONTENT_APP_DATA: u8 = 23;
 const HEADER: usize = 5;
 const TAG: usize = 16;
 /// The most plaintext one record may carry (RFC 8446 §5.1).
-const MAX_PLAINTEXT: usize = 1 << 14;
+pub(super) const MAX_PLAINTEXT: usize = 1 << 14;
 /// The most a record's protected payload may add to that: TLS 1.3 allows 256 bytes
 /// (§5.2), TLS 1.2 2048 (RFC 5246 §6.2.3).
 const MAX_EXPANSION: usize = 2048;
@@ -60,13 +60,13 @@ const SMALL_BUF: usize = 8 * 1024;
 /// chains included).
 const MAX_HANDSHAKE_BUF: usize = 256 * 1024;
 /// A post-handshake message (a session ticket, a key update) may not grow larger.
-const MAX_POST_HANDSHAKE: usize = 64 * 1024;
+pub(super) const MAX_POST_HANDSHAKE: usize = 64 * 1024;
 /// Records sealed under one key before we move to the next (RFC 8446 §5.5 puts AES-GCM's
 /// limit at 2^24.5 full records; rustls uses the same figure).
-const RECORDS_PER_KEY: u64 = 1 << 24;
+pub(super) const RECORDS_PER_KEY: u64 = 1 << 24;
 
 /// What the handshake settled, for the caller to check and report.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Negotiated {
     pub(crate) alpn: Option<Vec<u8>>,
     pub(crate) resumed: bool,
@@ -105,7 +105,7 @@ pub(crate) struct Records<S> {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Version {
+pub(super) enum Version {
     Tls12,
     Tls13,
 }
@@ -165,11 +165,11 @@ impl Keys {
     }
 }
 
-fn tls_error(detail: &'static str) -> io::Error {
+pub(super) fn tls_error(detail: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, detail)
 }
 
-fn rustls_error(e: rustls::Error) -> io::Error {
+pub(super) fn rustls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
@@ -183,16 +183,131 @@ fn aad12(seq: u64, typ: u8, len: usize) -> [u8; 13] {
     a
 }
 
-/// Makes the TLS handshake over `io` with rustls, then takes its traffic secrets.
-/// `fin_on_shutdown: false` keeps TCP open when the write side is shut down: the
-/// close_notify alone carries the half-close (see [`super::stream::Upstream`]'s users:
-/// proxies tear a CONNECT tunnel down on the first FIN).
+/// A finished handshake whose records nobody protects yet: this module's [`Records`] or the
+/// kernel's TLS (`super::ktls`) take it over.
+pub(crate) struct Handshake<S> {
+    pub(super) io: S,
+    pub(crate) negotiated: Negotiated,
+    pub(super) version: Version,
+    pub(super) secrets: ExtractedSecrets,
+    pub(super) kernel: KernelConnection<ClientConnectionData>,
+    /// Bytes read past the handshake (part of a record).
+    inb: Vec<u8>,
+    /// Application data that came with the handshake.
+    early: Vec<u8>,
+}
+
+impl<S> Handshake<S> {
+    /// The stream, and the handshake to put on a stream again ([`Handshake::with_io`]).
+    pub(crate) fn into_parts(self) -> (S, Handshake<()>) {
+        let Handshake {
+            io,
+            negotiated,
+            version,
+            secrets,
+            kernel,
+            inb,
+            early,
+        } = self;
+        let rest = Handshake {
+            io: (),
+            negotiated,
+            version,
+            secrets,
+            kernel,
+            inb,
+            early,
+        };
+        (io, rest)
+    }
+
+    /// Nothing was read past the handshake: the socket's next byte starts a record.
+    pub(crate) fn at_record_boundary(&self) -> bool {
+        self.inb.is_empty() && self.early.is_empty()
+    }
+
+    /// This module's record layer over the handshake's stream. `fin_on_shutdown: false`
+    /// keeps TCP open when the write side is shut down: the close_notify alone carries the
+    /// half-close (proxies tear a CONNECT tunnel down on the first FIN).
+    pub(crate) fn records(self, fin_on_shutdown: bool) -> io::Result<Records<S>> {
+        let Handshake {
+            io,
+            version,
+            secrets,
+            kernel,
+            inb,
+            early,
+            ..
+        } = self;
+        let rx = Keys::new(version, secrets.rx.0, secrets.rx.1)?;
+        let tx = Keys::new(version, secrets.tx.0, secrets.tx.1)?;
+        let end = inb.len();
+        let plain = 0..early.len();
+        Ok(Records {
+            io,
+            version,
+            rx,
+            tx,
+            kernel,
+            fin_on_shutdown,
+            inb,
+            start: 0,
+            end,
+            bulk: false,
+            plain,
+            early,
+            handshake: Vec::new(),
+            read_closed: false,
+            out: Vec::new(),
+            sent: 0,
+            unreported: None,
+            close_notify_sealed: false,
+        })
+    }
+}
+
+impl Handshake<()> {
+    pub(crate) fn with_io<S>(self, io: S) -> Handshake<S> {
+        let Handshake {
+            negotiated,
+            version,
+            secrets,
+            kernel,
+            inb,
+            early,
+            ..
+        } = self;
+        Handshake {
+            io,
+            negotiated,
+            version,
+            secrets,
+            kernel,
+            inb,
+            early,
+        }
+    }
+}
+
+/// [`handshake`], then [`Handshake::records`].
+#[cfg(test)]
 pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
-    mut io: S,
+    io: S,
     fin_on_shutdown: bool,
 ) -> io::Result<(Records<S>, Negotiated)> {
+    let hs = handshake(config, name, io).await?;
+    let negotiated = hs.negotiated.clone();
+    Ok((hs.records(fin_on_shutdown)?, negotiated))
+}
+
+/// Makes the TLS handshake over `io` with rustls, then takes its traffic secrets.
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    mut io: S,
+) -> io::Result<Handshake<S>> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(rustls_error)?;
     let mut inb = vec![0u8; SMALL_BUF];
     let mut filled = 0;
@@ -284,34 +399,59 @@ pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let (secrets, kernel) = conn
         .dangerous_into_kernel_connection()
         .map_err(rustls_error)?;
-    let rx = Keys::new(version, secrets.rx.0, secrets.rx.1)?;
-    let tx = Keys::new(version, secrets.tx.0, secrets.tx.1)?;
+    if !out.is_empty() {
+        return Err(tls_error("handshake data left unsent"));
+    }
     inb.truncate(filled);
-    let end = inb.len();
-    let plain = 0..early.len();
-    Ok((
-        Records {
-            io,
-            version,
-            rx,
-            tx,
-            kernel,
-            fin_on_shutdown,
-            inb,
-            start: 0,
-            end,
-            bulk: false,
-            plain,
-            early,
-            handshake: Vec::new(),
-            read_closed: false,
-            out,
-            sent: 0,
-            unreported: None,
-            close_notify_sealed: false,
-        },
+    Ok(Handshake {
+        io,
         negotiated,
-    ))
+        version,
+        secrets,
+        kernel,
+        inb,
+        early,
+    })
+}
+
+/// Walks the whole TLS 1.3 post-handshake messages at the start of `msgs`: session
+/// tickets go to rustls (later handshakes resume), a KeyUpdate to `key_update(kernel,
+/// update_requested)`, which moves the receive key. Returns the bytes used (a partial
+/// message waits for the next record) and whether the peer asked us to move our key too.
+pub(super) fn post_handshake_messages(
+    msgs: &[u8],
+    kernel: &mut KernelConnection<ClientConnectionData>,
+    mut key_update: impl FnMut(&mut KernelConnection<ClientConnectionData>, bool) -> io::Result<bool>,
+) -> io::Result<(usize, bool)> {
+    let mut used = 0;
+    let mut answer = false;
+    while let [typ, a, b, c, rest @ ..] = &msgs[used..] {
+        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        if rest.len() < len {
+            break;
+        }
+        let body = &rest[..len];
+        match *typ {
+            4 => kernel
+                .handle_new_session_ticket(body)
+                .map_err(rustls_error)?,
+            24 => {
+                let requested = match body {
+                    [0] => false,
+                    [1] => true,
+                    _ => return Err(tls_error("the peer sent a malformed key update")),
+                };
+                // The next key applies from the next record (RFC 8446 §5.1).
+                if !rest[len..].is_empty() {
+                    return Err(tls_error("a key update must end its record"));
+                }
+                answer |= key_update(kernel, requested)?;
+            }
+            _ => return Err(tls_error("the peer sent an unexpected handshake message")),
+        }
+        used += 4 + len;
+    }
+    Ok((used, answer))
 }
 
 /// What opening one record found.
@@ -428,42 +568,17 @@ impl<S> Records<S> {
     /// Handles the whole TLS 1.3 post-handshake messages at the start of `msgs`; returns
     /// how many bytes they took (a partial message waits for its next record).
     fn post_handshake(&mut self, msgs: &[u8]) -> io::Result<usize> {
-        let mut used = 0;
-        while let [typ, a, b, c, rest @ ..] = &msgs[used..] {
-            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-            if rest.len() < len {
-                break;
+        post_handshake_messages(msgs, &mut self.kernel, |kernel, requested| {
+            let (seq, secrets) = kernel.update_rx_secret().map_err(rustls_error)?;
+            self.rx = Keys::new(self.version, seq, secrets)?;
+            Ok(requested)
+        })
+        .and_then(|(used, answer)| {
+            if answer {
+                self.update_tx_key()?;
             }
-            let body = &rest[..len];
-            match *typ {
-                // NewSessionTicket: rustls stores it, and later handshakes resume.
-                4 => self
-                    .kernel
-                    .handle_new_session_ticket(body)
-                    .map_err(rustls_error)?,
-                // KeyUpdate: the peer's next records use its next key; if it asks, ours
-                // move too, announced with our own KeyUpdate under the old key.
-                24 => {
-                    let requested = match body {
-                        [0] => false,
-                        [1] => true,
-                        _ => return Err(tls_error("the peer sent a malformed key update")),
-                    };
-                    // The next key applies from the next record (RFC 8446 §5.1).
-                    if !rest[len..].is_empty() {
-                        return Err(tls_error("a key update must end its record"));
-                    }
-                    let (seq, secrets) = self.kernel.update_rx_secret().map_err(rustls_error)?;
-                    self.rx = Keys::new(self.version, seq, secrets)?;
-                    if requested {
-                        self.update_tx_key()?;
-                    }
-                }
-                _ => return Err(tls_error("the peer sent an unexpected handshake message")),
-            }
-            used += 4 + len;
-        }
-        Ok(used)
+            Ok(used)
+        })
     }
 
     /// Seals a KeyUpdate (update_not_requested) under the current key and moves to the next.

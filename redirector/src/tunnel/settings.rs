@@ -285,6 +285,8 @@ pub struct GatewayConfig {
     pub tls: Arc<ClientConfig>,
     /// HTTP/2 flow-control windows granted to the gateway.
     pub h2_windows: H2Windows,
+    /// Move the session's records into the kernel (kTLS) when it can take them.
+    pub kernel_tls: bool,
 }
 
 /// The HTTP/2 flow-control windows we grant the gateway. A window is credit, not memory:
@@ -360,6 +362,7 @@ impl GatewayConfig {
             bearer_token_file: None,
             tls,
             h2_windows: H2Windows::default(),
+            kernel_tls: true,
         })
     }
 
@@ -514,6 +517,7 @@ mod redacted {
         pub bearer_token_file: Option<&'a Path>,
         pub alpn: Vec<String>,
         pub h2_windows: super::H2Windows,
+        pub kernel_tls: bool,
     }
 
     #[derive(Debug, Serialize)]
@@ -545,6 +549,7 @@ impl GatewayConfig {
             bearer_token_file: self.bearer_token_file.as_deref(),
             alpn: alpn_of(&self.tls),
             h2_windows: self.h2_windows,
+            kernel_tls: self.kernel_tls,
         }
     }
 }

@@ -89,3 +89,82 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     forward_async_write!(inner);
 }
+
+/// The stream under the gateway TLS session. A plain TCP connection stays visible as one,
+/// so the session's records can move into the kernel (`ktls.rs`).
+pub(crate) enum Transport {
+    Tcp(tokio::net::TcpStream),
+    Other(Box<dyn Io>),
+}
+
+impl Transport {
+    /// A stream after a CONNECT answer: `leftover` are bytes read past the answer's head.
+    pub(crate) fn after_connect(tcp: tokio::net::TcpStream, leftover: Vec<u8>) -> Transport {
+        if leftover.is_empty() {
+            Transport::Tcp(tcp)
+        } else {
+            Transport::Other(Box::new(Replay::new(leftover, tcp)))
+        }
+    }
+
+    pub(crate) fn boxed(self) -> Box<dyn Io> {
+        match self {
+            Transport::Tcp(t) => Box::new(t),
+            Transport::Other(o) => o,
+        }
+    }
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            Transport::Other(o) => Pin::new(o).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            Transport::Other(o) => Pin::new(o).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Tcp(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Transport::Other(o) => Pin::new(o).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Tcp(t) => t.is_write_vectored(),
+            Transport::Other(o) => o.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(t) => Pin::new(t).poll_flush(cx),
+            Transport::Other(o) => Pin::new(o).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Transport::Other(o) => Pin::new(o).poll_shutdown(cx),
+        }
+    }
+}

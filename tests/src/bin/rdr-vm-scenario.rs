@@ -156,6 +156,10 @@ fn run() -> i32 {
     s.step("pins-adopted-on-restart", || adopt(&mut lab, v4));
     drop(lab);
     s.step("gateway-route-through-squid", gateway_route);
+    s.step(
+        "gateway-records-in-kernel-tls-or-user-space",
+        gateway_records,
+    );
     if s.failed == 0 {
         println!("RDR-RESULT PASS");
         0
@@ -348,6 +352,68 @@ fn gateway_route() -> Result<(), String> {
     Ok(())
 }
 
+/// The gateway session's records: in the kernel (kTLS) where it has the `tls` module,
+/// else sealed by the redirector. Either way 16 MiB go up and come back intact through
+/// Squid and the gateway, half-closed with close_notify. Run twice, with kTLS allowed and
+/// with `--gateway-ktls=false`, each in its own lab; the times are printed side by side.
+/// Expected: kTLS exactly when the kernel offers the `tls` upper layer protocol, or when
+/// `cargo xtask vm` said on the kernel command line that this kernel was built with it
+/// (`rdr.ktls=1`; then a module that failed to load fails the step, not a silent fallback).
+fn gateway_records() -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    let expect_kernel = cmdline.split_whitespace().any(|w| w == "rdr.ktls=1")
+        || ulps.split_whitespace().any(|u| u == "tls");
+    let mut seconds = Vec::new();
+    for allow in [true, false] {
+        use tests::chain::{Chain, Gateway};
+        let mut chain = Chain::new(1);
+        chain.start_squid(false);
+        chain.start_gateway(Gateway::Normal);
+        let flag = format!("--gateway-ktls={allow}");
+        chain.start_daemon(&[&flag], "info");
+        let bulk = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 14)), WHOAMI_PORT);
+        let o = pod_client(&chain.lab, &["bulk", "16", &bulk.to_string()]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let took: f64 = text
+            .trim()
+            .strip_prefix("bulk ok seconds=")
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| format!("{flag}: {}", out(&o)))?;
+        seconds.push(took);
+        // The audit line is written as the tunnel ends, after the client saw its end.
+        let log = chain.lab.wait_daemon_log("session=");
+        let sessions: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("session=")))
+            .filter(|w| *w != "session=-")
+            .collect();
+        if sessions.is_empty() {
+            return Err(format!("{flag}: no gateway tunnel in the audit log"));
+        }
+        let in_kernel = sessions.iter().filter(|w| w.ends_with("+ktls")).count();
+        let want = if allow && expect_kernel {
+            sessions.len()
+        } else {
+            0
+        };
+        if in_kernel != want {
+            return Err(format!(
+                "{flag}: {in_kernel} of {} gateway tunnels had their records in the kernel, want {want} (tcp_available_ulp: {:?})",
+                sessions.len(),
+                ulps.trim()
+            ));
+        }
+    }
+    println!(
+        "RDR-VM ktls kernel_tls_expected={expect_kernel} bulk16MiB_seconds_ktls_allowed={:.3} bulk16MiB_seconds_user_space={:.3} ratio_user_over_allowed={:.2}",
+        seconds[0],
+        seconds[1],
+        seconds[1] / seconds[0]
+    );
+    Ok(())
+}
+
 /// A restarted daemon adopts the pinned programs (one attachment each, not two) and traffic
 /// flows again.
 fn adopt(lab: &mut Lab, dst: SocketAddr) -> Result<(), String> {
@@ -454,6 +520,7 @@ fn prog_stats(lab: &Lab) -> [(u64, u64); 2] {
 fn client(args: &[String]) -> i32 {
     let r = match args {
         [m, a] if m == "whoami" => client_whoami(parse(a)),
+        [m, mib, a] if m == "bulk" => client_bulk(mib.parse().expect("MiB"), parse(a)),
         [m, a] if m == "banner" => client_banner(parse(a)),
         [m, a] if m == "refused" => client_refused(parse(a)),
         [m, n, a] if m == "connects" => client_connects(n.parse().expect("count"), parse(a)),
@@ -497,6 +564,42 @@ fn client_whoami(dst: SocketAddr) -> Result<(), String> {
     let (first, rest) = all.split_once('\n').ok_or(format!("no line in {all:?}"))?;
     println!("{first}");
     println!("echo={rest} eof=yes");
+    Ok(())
+}
+
+/// Sends `mib` MiB of a pattern while reading, half-closes, and checks that the target's
+/// answer is its first line and then exactly the pattern, then EOF. Prints the seconds it
+/// took.
+fn client_bulk(mib: usize, dst: SocketAddr) -> Result<(), String> {
+    let s = connect(dst)?;
+    let data: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
+    let started = std::time::Instant::now();
+    let mut w = s.try_clone().map_err(|e| format!("clone: {e}"))?;
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut all = Vec::with_capacity(data.len() + 128);
+    (&s).read_to_end(&mut all)
+        .map_err(|e| format!("read: {e} after {} bytes", all.len()))?;
+    writer
+        .join()
+        .map_err(|_| "writer panicked".to_owned())?
+        .map_err(|e| format!("write: {e}"))?;
+    let took = started.elapsed().as_secs_f64();
+    let nl = all
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or("no first line")?;
+    if all[nl + 1..] != data[..] {
+        return Err(format!(
+            "echo differs: {} bytes back for {} sent",
+            all.len() - nl - 1,
+            data.len()
+        ));
+    }
+    println!("bulk ok seconds={took:.3}");
     Ok(())
 }
 
