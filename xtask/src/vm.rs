@@ -65,10 +65,16 @@ pub const KERNELS: [Kernel; 3] = [
 /// built in.
 const MODULES: [&str; 4] = ["llc", "stp", "bridge", "veth"];
 
-/// Loaded when the kernel has it (`CONFIG_TLS=m`): the `tls` upper layer protocol, which
-/// the gateway session's records move into (kTLS). bullseye's cloud kernel has none, and
-/// the scenario then checks the user-space fallback instead.
-const TLS_MODULE: &str = "tls";
+/// Loaded when the kernel builds kTLS as a module (`CONFIG_TLS=m`): the `tls` upper layer
+/// protocol, which the gateway session's records move into, and the AEAD it asks the crypto
+/// API for (`gcm(aes)`: the gcm template, ghash, and ctr where that is a module too), with
+/// everything they depend on (each module's `depends=`). A node loads these on demand
+/// through modprobe; the VM has no modprobe. bullseye's cloud kernel has no kTLS, and the
+/// scenario then checks the user-space fallback instead.
+const KTLS_MODULES: [&str; 4] = ["tls", "ctr", "ghash-generic", "gcm"];
+
+/// The cache's list of kTLS modules, in load order.
+const KTLS_ORDER: &str = "ktls-order";
 
 /// One boot (or the host run) may take this long under TCG before it counts as hung.
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
@@ -156,8 +162,8 @@ struct Fetched {
     vmlinuz: PathBuf,
     config: PathBuf,
     modules: Vec<PathBuf>,
-    /// `tls.ko`, when the kernel builds kTLS as a module.
-    tls: Option<PathBuf>,
+    /// The kTLS modules in load order, when the kernel builds kTLS as a module.
+    ktls: Vec<(String, PathBuf)>,
 }
 
 /// The kernel was built with kTLS (`CONFIG_TLS=m` or `=y`).
@@ -185,10 +191,15 @@ fn fetch(k: &Kernel) -> anyhow::Result<Fetched> {
     if let Ok(release) = fs::read_to_string(&release_file) {
         let release = release.trim().to_owned();
         let config = dir.join(format!("config-{release}"));
-        let tls = dir.join(format!("{TLS_MODULE}.ko"));
+        let order = fs::read_to_string(dir.join(KTLS_ORDER)).unwrap_or_default();
+        let ktls: Vec<(String, PathBuf)> = order
+            .lines()
+            .map(|m| (m.to_owned(), dir.join(format!("{m}.ko"))))
+            .collect();
+        let ktls_cached = !ktls_module(&config) || !ktls.is_empty();
         let f = Fetched {
             vmlinuz: dir.join(format!("vmlinuz-{release}")),
-            tls: ktls_module(&config).then_some(tls),
+            ktls,
             config,
             modules: MODULES
                 .iter()
@@ -198,7 +209,9 @@ fn fetch(k: &Kernel) -> anyhow::Result<Fetched> {
         };
         if f.vmlinuz.is_file()
             && f.config.is_file()
-            && f.modules.iter().chain(&f.tls).all(|m| m.is_file())
+            && ktls_cached
+            && f.modules.iter().all(|m| m.is_file())
+            && f.ktls.iter().all(|(_, p)| p.is_file())
         {
             return Ok(f);
         }
@@ -244,8 +257,35 @@ fn fetch(k: &Kernel) -> anyhow::Result<Fetched> {
     // compressed on trixie; busybox insmod takes plain .ko only.
     let mut found = Vec::new();
     find_files(&root, &mut found);
-    let optional = ktls_module(&dir.join(format!("config-{release}"))).then_some(TLS_MODULE);
-    for m in MODULES.into_iter().chain(optional) {
+    let ktls_order = if ktls_module(&dir.join(format!("config-{release}"))) {
+        // The package has no modules.dep (depmod makes it at install): each module's own
+        // `depends=` line says what it needs.
+        let by_name: std::collections::HashMap<String, &PathBuf> = found
+            .iter()
+            .filter(|p| file_name(p).contains(".ko"))
+            .map(|p| (module_name(&file_name(p)), p))
+            .collect();
+        let order = load_order(
+            &KTLS_MODULES,
+            |m| by_name.contains_key(m),
+            |m| Ok(modinfo_depends(&module_bytes(by_name[m])?)),
+        )?;
+        // Back from the kernel's module names to the files' names in the package.
+        order
+            .iter()
+            .map(|m| {
+                let f = file_name(by_name[m.as_str()]);
+                f.split(".ko").next().unwrap_or(&f).to_owned()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for m in MODULES
+        .iter()
+        .copied()
+        .chain(ktls_order.iter().map(String::as_str))
+    {
         let src = found
             .iter()
             .find(|p| {
@@ -253,26 +293,81 @@ fn fetch(k: &Kernel) -> anyhow::Result<Fetched> {
                 n == format!("{m}.ko") || n.starts_with(&format!("{m}.ko."))
             })
             .with_context(|| format!("module {m} not in the package"))?;
-        let dst = dir.join(format!("{m}.ko"));
-        let name = file_name(src);
-        if name.ends_with(".xz") || name.ends_with(".zst") {
-            let tool = if name.ends_with(".xz") { "xz" } else { "zstd" };
-            let out = Command::new(tool)
-                .args(["-dc"])
-                .arg(src)
-                .output()
-                .with_context(|| format!("running {tool}"))?;
-            if !out.status.success() {
-                bail!("{tool} -dc {} failed", src.display());
-            }
-            fs::write(&dst, out.stdout)?;
-        } else {
-            fs::copy(src, &dst)?;
-        }
+        fs::write(dir.join(format!("{m}.ko")), module_bytes(src)?)?;
+    }
+    if !ktls_order.is_empty() {
+        fs::write(dir.join(KTLS_ORDER), ktls_order.join("\n") + "\n")?;
     }
     fs::write(&release_file, &release)?;
     let _ = fs::remove_dir_all(&work);
     fetch(k)
+}
+
+/// A module's name as the kernel knows it: the file name without `.ko…`, `-` as `_`.
+fn module_name(file: &str) -> String {
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+/// A module file's bytes, decompressed (trixie's are `.ko.xz`; busybox insmod takes plain
+/// `.ko` only).
+fn module_bytes(src: &Path) -> anyhow::Result<Vec<u8>> {
+    let name = file_name(src);
+    if !(name.ends_with(".xz") || name.ends_with(".zst")) {
+        return Ok(fs::read(src)?);
+    }
+    let tool = if name.ends_with(".xz") { "xz" } else { "zstd" };
+    let out = Command::new(tool)
+        .args(["-dc"])
+        .arg(src)
+        .output()
+        .with_context(|| format!("running {tool}"))?;
+    if !out.status.success() {
+        bail!("{tool} -dc {} failed", src.display());
+    }
+    Ok(out.stdout)
+}
+
+/// The `depends=` entry of a module's `.modinfo` strings: the modules it needs loaded.
+fn modinfo_depends(ko: &[u8]) -> Vec<String> {
+    ko.split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"depends="))
+        .map(|list| {
+            String::from_utf8_lossy(list)
+                .split(',')
+                .filter(|d| !d.is_empty())
+                .map(module_name)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The modules of `wanted` that exist as modules (`exists`; one built in does not) and every
+/// module they depend on (`depends`), in an order that loads each after its dependencies.
+fn load_order(
+    wanted: &[&str],
+    exists: impl Fn(&str) -> bool,
+    depends: impl Fn(&str) -> anyhow::Result<Vec<String>>,
+) -> anyhow::Result<Vec<String>> {
+    fn visit(
+        m: &str,
+        exists: &dyn Fn(&str) -> bool,
+        depends: &dyn Fn(&str) -> anyhow::Result<Vec<String>>,
+        out: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        if out.iter().any(|o| o == m) || !exists(m) {
+            return Ok(());
+        }
+        for d in depends(m)? {
+            visit(&d, exists, depends, out)?;
+        }
+        out.push(m.to_owned());
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for w in wanted {
+        visit(&module_name(w), &exists, &depends, &mut out)?;
+    }
+    Ok(out)
 }
 
 fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -489,9 +584,9 @@ mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
 for m in llc stp bridge veth; do
   insmod /modules/$m.ko || echo "RDR-VM insmod $m failed"
 done
-if [ -f /modules/tls.ko ]; then
-  insmod /modules/tls.ko || echo "RDR-VM insmod tls failed"
-fi
+for m in $(cat /modules/ktls-order); do
+  insmod /modules/$m.ko || echo "RDR-VM insmod $m failed"
+done
 /sbin/ip link set lo up
 echo "RDR-VM booted $(uname -r)"
 RDR_BIN_REDIRECTOR=/bin/redirector RDR_BIN_RDR_TESTSRV=/bin/rdr-testsrv \
@@ -594,9 +689,15 @@ fn initramfs(k: &Fetched) -> anyhow::Result<PathBuf> {
     for (m, p) in MODULES.iter().zip(&k.modules) {
         c.file(&format!("modules/{m}.ko"), 0o644, &fs::read(p)?);
     }
-    if let Some(p) = &k.tls {
-        c.file(&format!("modules/{TLS_MODULE}.ko"), 0o644, &fs::read(p)?);
+    for (m, p) in &k.ktls {
+        c.file(&format!("modules/{m}.ko"), 0o644, &fs::read(p)?);
     }
+    let order: Vec<&str> = k.ktls.iter().map(|(m, _)| m.as_str()).collect();
+    c.file(
+        "modules/ktls-order",
+        0o644,
+        (order.join(" ") + "\n").as_bytes(),
+    );
     let out = dir.join(format!("initramfs-{}.cpio", k.release));
     fs::write(&out, c.finish())?;
     Ok(out)
@@ -798,6 +899,29 @@ fn render(outcomes: &[Outcome]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dependencies load first, each module once, and a wanted module the kernel builds in
+    /// (no such file) is skipped; `depends=` is read from the `.modinfo` strings.
+    #[test]
+    fn ktls_modules_load_after_their_dependencies() {
+        let info = |deps: &str| format!("license=GPL\0depends={deps}\0intree=Y\0").into_bytes();
+        let files: std::collections::HashMap<&str, Vec<u8>> = [
+            ("tls", info("")),
+            ("gcm", info("aead")),
+            ("ghash_generic", info("gf128mul")),
+            ("gf128mul", info("")),
+            ("aead", info("")),
+        ]
+        .into();
+        let order = load_order(
+            &KTLS_MODULES,
+            |m| files.contains_key(m),
+            |m| Ok(modinfo_depends(&files[m])),
+        )
+        .expect("order");
+        assert_eq!(order, ["tls", "gf128mul", "ghash_generic", "aead", "gcm"]);
+        assert_eq!(module_name("ghash-generic.ko.xz"), "ghash_generic");
+    }
 
     #[test]
     fn parse_reads_markers_after_console_noise() {

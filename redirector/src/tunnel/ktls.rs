@@ -70,10 +70,16 @@ pub(crate) enum Outcome {
 /// Hands the session to the kernel if it can take it.
 pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Result<Outcome> {
     if UNAVAILABLE.load(Ordering::Relaxed) {
-        return Ok(Outcome::UserSpace(Box::new(hs), "the kernel has no tls module"));
+        return Ok(Outcome::UserSpace(
+            Box::new(hs),
+            "the kernel has no tls module",
+        ));
     }
     if !hs.at_record_boundary() {
-        return Ok(Outcome::UserSpace(Box::new(hs), "bytes past the handshake were read"));
+        return Ok(Outcome::UserSpace(
+            Box::new(hs),
+            "bytes past the handshake were read",
+        ));
     }
     let (Some(tx), Some(rx)) = (
         crypto_info(hs.version, &hs.secrets.tx.1, hs.secrets.tx.0),
@@ -89,12 +95,18 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
         if e == nix::errno::Errno::ENOENT {
             UNAVAILABLE.store(true, Ordering::Relaxed);
         }
-        return Ok(Outcome::UserSpace(Box::new(hs), "the kernel has no tls module"));
+        return Ok(Outcome::UserSpace(
+            Box::new(hs),
+            "the kernel has no tls module",
+        ));
     }
     // Receive first: if the kernel refuses the key, the socket still passes bytes through
     // unchanged and user space can take over.
     if setsockopt(&hs.io, TcpTlsRx, &rx).is_err() {
-        return Ok(Outcome::UserSpace(Box::new(hs), "the kernel refused the receive key"));
+        return Ok(Outcome::UserSpace(
+            Box::new(hs),
+            "the kernel refused the receive key",
+        ));
     }
     if let Err(e) = setsockopt(&hs.io, TcpTlsTx, &tx) {
         // Receiving is the kernel's now: this session cannot go back to user space.
@@ -103,6 +115,8 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
             "the kernel took the receive key but refused the send key: {e}"
         )));
     }
+    let mut hs = hs;
+    let early = hs.take_early();
     let Handshake {
         io,
         version,
@@ -118,7 +132,8 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
         close_notify_sent: false,
         handshake: Vec::new(),
         tx_records: 0,
-        pending: (0, Vec::new()),
+        // Data that came with the handshake goes out first.
+        pending: (0, early),
     })))
 }
 

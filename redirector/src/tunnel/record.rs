@@ -221,9 +221,16 @@ impl<S> Handshake<S> {
         (io, rest)
     }
 
-    /// Nothing was read past the handshake: the socket's next byte starts a record.
+    /// No part of a record was read past the handshake: the socket's next byte starts a
+    /// record. (Whole records the peer sent with its handshake, such as an HTTP/2 server's
+    /// SETTINGS, are already opened: [`Handshake::take_early`].)
     pub(crate) fn at_record_boundary(&self) -> bool {
-        self.inb.is_empty() && self.early.is_empty()
+        self.inb.is_empty()
+    }
+
+    /// Application data that came with the handshake, to hand out before anything else.
+    pub(super) fn take_early(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.early)
     }
 
     /// This module's record layer over the handshake's stream. `fin_on_shutdown: false`

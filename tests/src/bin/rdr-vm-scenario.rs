@@ -371,7 +371,8 @@ fn gateway_records() -> Result<(), String> {
         chain.start_squid(false);
         chain.start_gateway(Gateway::Normal);
         let flag = format!("--gateway-ktls={allow}");
-        chain.start_daemon(&[&flag], "info");
+        // The gateway module's debug lines say why a session's records stayed in user space.
+        chain.start_daemon(&[&flag], "info,redirector::tunnel::gateway=debug");
         let bulk = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 14)), WHOAMI_PORT);
         let o = pod_client(&chain.lab, &["bulk", "16", &bulk.to_string()]);
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -398,8 +399,12 @@ fn gateway_records() -> Result<(), String> {
             0
         };
         if in_kernel != want {
+            let why: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("stay in user space"))
+                .collect();
             return Err(format!(
-                "{flag}: {in_kernel} of {} gateway tunnels had their records in the kernel, want {want} (tcp_available_ulp: {:?})",
+                "{flag}: {in_kernel} of {} gateway tunnels had their records in the kernel, want {want} (tcp_available_ulp: {:?}; {why:?})",
                 sessions.len(),
                 ulps.trim()
             ));
