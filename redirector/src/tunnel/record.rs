@@ -951,6 +951,12 @@ mod tests {
         (records, negotiated, accept.await.expect("accept task"))
     }
 
+    /// [`pair`] with a TLS 1.3 AES-128-GCM server, TCP closed on shutdown.
+    async fn tls13_pair(pki: &Pki) -> (Records<TcpStream>, Negotiated, TlsStream<TcpStream>) {
+        let server = pki.server(&rustls::version::TLS13, "AES_128_GCM");
+        pair(&pki.client, server, true).await
+    }
+
     fn pattern(len: usize, salt: u8) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8 ^ salt).collect()
     }
@@ -1000,12 +1006,7 @@ mod tests {
     #[tokio::test]
     async fn a_key_update_from_the_gateway_moves_both_directions_keys() {
         let pki = Pki::new();
-        let (mut client, _, mut server) = pair(
-            &pki.client,
-            pki.server(&rustls::version::TLS13, "AES_128_GCM"),
-            true,
-        )
-        .await;
+        let (mut client, _, mut server) = tls13_pair(&pki).await;
         let far = tokio::spawn(async move {
             for round in 0..3u8 {
                 let mut ping = [0u8; 5];
@@ -1064,12 +1065,7 @@ mod tests {
     #[tokio::test]
     async fn vectored_writes_are_sealed_in_order_across_slices() {
         let pki = Pki::new();
-        let (mut client, _, mut server) = pair(
-            &pki.client,
-            pki.server(&rustls::version::TLS13, "AES_128_GCM"),
-            true,
-        )
-        .await;
+        let (mut client, _, mut server) = tls13_pair(&pki).await;
         let a = pattern(9, 3);
         let b = pattern(30_000, 4);
         let c = pattern(100_000, 5);
@@ -1100,12 +1096,7 @@ mod tests {
             ("malformed", [vec![23, 2, 0, 0, 20], vec![0; 20]].concat()),
         ];
         for (want, bytes) in cases {
-            let (mut client, _, server) = pair(
-                &pki.client,
-                pki.server(&rustls::version::TLS13, "AES_128_GCM"),
-                true,
-            )
-            .await;
+            let (mut client, _, server) = tls13_pair(&pki).await;
             let (mut tcp, _) = server.into_inner();
             tcp.write_all(&bytes).await.expect("write");
             let mut buf = [0u8; 64];
@@ -1120,12 +1111,7 @@ mod tests {
     #[tokio::test]
     async fn a_close_without_close_notify_is_an_error() {
         let pki = Pki::new();
-        let (mut client, _, server) = pair(
-            &pki.client,
-            pki.server(&rustls::version::TLS13, "AES_128_GCM"),
-            true,
-        )
-        .await;
+        let (mut client, _, server) = tls13_pair(&pki).await;
         drop(server.into_inner());
         let mut buf = [0u8; 64];
         let e = client.read(&mut buf).await.expect_err("refused");
