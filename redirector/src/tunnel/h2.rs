@@ -58,6 +58,9 @@ pub struct H2Session {
     kernel_tls: bool,
     /// Becomes true when the connection task has ended (the TLS session closed).
     ended: tokio::sync::watch::Receiver<bool>,
+    /// The gateway said GOAWAY (or the connection broke): no new stream goes on this session,
+    /// though its open streams may run on.
+    refusing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for H2Session {
@@ -130,6 +133,7 @@ impl H2Session {
             resumed,
             kernel_tls,
             ended,
+            refusing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -142,9 +146,10 @@ impl H2Session {
             tokio::time::timeout(crate::relay::SHUTDOWN_GRACE, ended.wait_for(|done| *done)).await;
     }
 
-    /// The gateway or the network ended the session: it takes no more streams.
+    /// The gateway or the network ended the session, or the gateway said GOAWAY: it takes
+    /// no more streams.
     pub fn is_closed(&self) -> bool {
-        *self.ended.borrow()
+        *self.ended.borrow() || self.refusing.load(Ordering::Relaxed)
     }
 
     /// Tunnels open on this session now.
@@ -178,6 +183,7 @@ impl H2Session {
         let (status, mut send, recv) = match result {
             Ok(ok) => ok,
             Err(e) if self.is_closed() || e.is_go_away() || e.is_io() => {
+                self.refusing.store(true, Ordering::Relaxed);
                 return Err(TunnelError::Closed { hop: HOP_GATEWAY });
             }
             Err(e) => {
@@ -454,5 +460,51 @@ mod tests {
             .await
             .expect_err("closed");
         assert!(matches!(e, TunnelError::Closed { .. }), "{e:?}");
+    }
+
+    /// After the gateway's GOAWAY, a new stream is refused as `Closed` and the session
+    /// reports itself closed (so the pool stops choosing it), while the stream that was
+    /// already open runs on.
+    #[tokio::test]
+    async fn after_goaway_the_session_takes_no_new_stream_but_open_ones_run_on() {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server)
+                .await
+                .expect("server handshake");
+            let Some(Ok((_request, mut respond))) = conn.accept().await else {
+                return;
+            };
+            let ok = hyper::Response::builder()
+                .status(200)
+                .body(())
+                .expect("200");
+            let mut send = respond.send_response(ok, false).expect("respond");
+            conn.graceful_shutdown();
+            // Sent after the GOAWAY: once the client reads it, it has seen the GOAWAY.
+            send.send_data(Bytes::from_static(b"after goaway"), false)
+                .expect("data");
+            while conn.accept().await.is_some() {}
+            std::future::pending::<()>().await;
+        });
+        let gw = GatewaySession::over(Box::new(client), true, H2Windows::default());
+        let s = H2Session::handshake(gw, &timeouts())
+            .await
+            .expect("handshake");
+        let request = ConnectRequest::new("example.com:443").expect("request");
+        let mut first = s
+            .connect(&request, &timeouts())
+            .await
+            .expect("first stream");
+        let mut got = [0u8; 12];
+        first.read_exact(&mut got).await.expect("data after goaway");
+        assert_eq!(&got, b"after goaway");
+        let e = s.connect(&request, &timeouts()).await.expect_err("refused");
+        assert!(matches!(e, TunnelError::Closed { .. }), "{e:?}");
+        assert!(s.is_closed(), "a session past GOAWAY is not offered again");
+        first
+            .write_all(b"still open")
+            .await
+            .expect("the open stream runs on");
     }
 }
