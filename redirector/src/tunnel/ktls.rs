@@ -295,7 +295,8 @@ impl KernelTls {
 
     /// Announces our next key (KeyUpdate, update_not_requested) and gives it to the kernel.
     fn update_tx_key(&mut self, fd: RawFd) -> io::Result<()> {
-        // A blocking peer makes this rare message wait for room; it is five bytes.
+        // Sent without waiting: a socket with no room for five bytes fails the update,
+        // and the session ends with that error.
         let msg = [24, 0, 0, 1, 0];
         if send_record(fd, CONTENT_HANDSHAKE, &msg)? != msg.len() {
             return Err(tls_error("could not send a whole key update"));
