@@ -116,9 +116,9 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
         source,
     };
     // The records go to the kernel when it can take them, else to `record.rs`.
-    let (io, kernel_tls): (Box<dyn Io>, bool) = match hs.into_parts() {
+    let (io, kernel_tls): (Box<dyn Io>, bool) = match hs.replace_io(()) {
         (Transport::Tcp(tcp), hs) if gw.kernel_tls => {
-            match ktls::enable(hs.with_io(tcp), fin_on_shutdown).map_err(tls_error)? {
+            match ktls::enable(hs.replace_io(tcp).1, fin_on_shutdown).map_err(tls_error)? {
                 ktls::Outcome::Kernel(k) => (k, true),
                 ktls::Outcome::UserSpace(hs, why) => {
                     debug!(why, "gateway tls records stay in user space");
@@ -130,7 +130,12 @@ pub async fn dial_gateway(cfg: &TunnelConfig) -> Result<GatewaySession, TunnelEr
             }
         }
         (io, hs) => (
-            Box::new(hs.with_io(io).records(fin_on_shutdown).map_err(tls_error)?),
+            Box::new(
+                hs.replace_io(io)
+                    .1
+                    .records(fin_on_shutdown)
+                    .map_err(tls_error)?,
+            ),
             false,
         ),
     };

@@ -198,10 +198,10 @@ pub(crate) struct Handshake<S> {
 }
 
 impl<S> Handshake<S> {
-    /// The stream, and the handshake to put on a stream again ([`Handshake::with_io`]).
-    pub(crate) fn into_parts(self) -> (S, Handshake<()>) {
+    /// The handshake moved onto `io`, and the stream it was on (to look at what kind it is).
+    pub(crate) fn replace_io<T>(self, io: T) -> (S, Handshake<T>) {
         let Handshake {
-            io,
+            io: old,
             negotiated,
             version,
             secrets,
@@ -209,8 +209,8 @@ impl<S> Handshake<S> {
             inb,
             early,
         } = self;
-        let rest = Handshake {
-            io: (),
+        let moved = Handshake {
+            io,
             negotiated,
             version,
             secrets,
@@ -218,7 +218,7 @@ impl<S> Handshake<S> {
             inb,
             early,
         };
-        (io, rest)
+        (old, moved)
     }
 
     /// No part of a record was read past the handshake: the socket's next byte starts a
@@ -270,29 +270,6 @@ impl<S> Handshake<S> {
             unreported: None,
             close_notify_sealed: false,
         })
-    }
-}
-
-impl Handshake<()> {
-    pub(crate) fn with_io<S>(self, io: S) -> Handshake<S> {
-        let Handshake {
-            negotiated,
-            version,
-            secrets,
-            kernel,
-            inb,
-            early,
-            ..
-        } = self;
-        Handshake {
-            io,
-            negotiated,
-            version,
-            secrets,
-            kernel,
-            inb,
-            early,
-        }
     }
 }
 
