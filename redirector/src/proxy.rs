@@ -378,6 +378,8 @@ struct Audit {
     hops: Vec<HopStatus>,
     /// The gateway session the tunnel ran on (`gateway` route).
     session: Option<tunnel::SessionInfo>,
+    /// How the relay moved the bytes: `copy` through user space, or `splice`.
+    relay: &'static str,
     tx: u64,
     rx: u64,
     started: Instant,
@@ -432,6 +434,7 @@ async fn relay(
         route: cfg.default_route,
         hops: Vec::new(),
         session: None,
+        relay: "copy",
         tx: 0,
         rx: 0,
         started: Instant::now(),
@@ -597,8 +600,24 @@ async fn relay(
 
     // 4. Relay, half-close propagated: EOF from one side becomes a shutdown of the write
     //    half towards the other (for a tunnel: through every layer).
+    //    A gateway session in kTLS is relayed with splice: its bytes stay in the kernel.
+    let pipes = match upstream.kernel_tls() {
+        None => None,
+        Some(_) => relay::splice::Pipes::new()
+            .inspect_err(|e| debug!(error = %e, "no pipes for splice: relaying by copy"))
+            .ok(),
+    };
+    audit.relay = if pipes.is_some() { "splice" } else { "copy" };
+    let relaying = async {
+        match (pipes, upstream.kernel_tls()) {
+            (Some(pipes), Some(k)) => {
+                relay::splice::relay(&mut client, k, pipes, cfg.idle_timeout).await
+            }
+            _ => relay::relay(&mut client, &mut upstream, cfg.idle_timeout).await,
+        }
+    };
     let relayed = tokio::select! {
-        r = relay::relay(&mut client, &mut upstream, cfg.idle_timeout) => r,
+        r = relaying => r,
         _ = drain_deadline(&shared) => relay::Relayed { tx: 0, rx: 0, close: "daemon shutting down".into(), ok: false },
     };
     audit.tx += relayed.tx;
@@ -636,6 +655,7 @@ async fn relay(
         route = %audit.route,
         hops = %audit.hops(),
         session = %audit.session(),
+        relay = %audit.relay,
         bytes_tx = audit.tx,
         bytes_rx = audit.rx,
         duration_ms = audit.started.elapsed().as_millis() as u64,

@@ -1,4 +1,8 @@
 //! Byte relay between the pod and the upstream, with half-close and per-direction counts.
+//! The bytes are copied through user space, except where `splice` can move them in the
+//! kernel (`splice.rs`: a gateway session in kTLS).
+pub mod splice;
+
 use std::{
     io,
     sync::atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -222,85 +226,126 @@ where
     let (pr, mut pw) = tokio::io::split(pod);
     let (ur, mut uw) = tokio::io::split(upstream);
     let (mut tx, mut rx) = (0u64, 0u64);
-    let (mut up_end, mut down_end) = (None, None);
     let activity = Activity::new();
-    let mut idled_out = false;
-    {
+    let ends = {
         // The futures borrow the counters; this block ends them before the totals are read.
         let up = pump_with(pr, &mut uw, &mut tx, Some(&activity), Some(&BUFFERS));
         let down = pump_with(ur, &mut pw, &mut rx, Some(&activity), Some(&BUFFERS));
+        Ends::of(up, down, &activity, idle).await
+    };
+    ends.finish(&mut uw, tx, rx, idle).await
+}
+
+/// How the two directions of a relay ended.
+struct Ends {
+    up: Option<DirEnd>,
+    down: Option<DirEnd>,
+    idled_out: bool,
+}
+
+impl Ends {
+    /// Runs both directions until both end, one fails, or `idle` passes without a byte.
+    async fn of(
+        up: impl std::future::Future<Output = DirEnd>,
+        down: impl std::future::Future<Output = DirEnd>,
+        activity: &Activity,
+        idle: Duration,
+    ) -> Ends {
+        let mut ends = Ends {
+            up: None,
+            down: None,
+            idled_out: false,
+        };
         tokio::pin!(up, down);
-        while up_end.is_none() || down_end.is_none() {
+        while ends.up.is_none() || ends.down.is_none() {
             tokio::select! {
                 _ = tokio::time::sleep_until(activity.last() + idle) => {
                     // Re-armed from the last activity on every pass; fires only after a
                     // whole `idle` without a byte.
                     if activity.last() + idle <= Instant::now() {
-                        idled_out = true;
+                        ends.idled_out = true;
                         break;
                     }
                 }
-                e = &mut up, if up_end.is_none() => {
+                e = &mut up, if ends.up.is_none() => {
                     let failed = matches!(e, DirEnd::Error(_));
-                    up_end = Some(e);
+                    ends.up = Some(e);
                     if failed { break; }
                 }
-                e = &mut down, if down_end.is_none() => {
+                e = &mut down, if ends.down.is_none() => {
                     let failed = matches!(e, DirEnd::Error(_));
-                    down_end = Some(e);
+                    ends.down = Some(e);
                     if failed { break; }
                 }
             }
         }
+        ends
     }
-    // However the relay ended (error, idle timeout, the pod gone), the upstream gets an
-    // orderly end: for a gateway session that is TLS close_notify, not a cut connection.
-    // Bounded, since a peer that stopped reading never lets the flush finish.
-    if !matches!(up_end, Some(DirEnd::Eof)) {
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, uw.shutdown()).await;
-    }
-    if idled_out {
-        return Relayed {
+
+    /// Ends the upstream in order unless its direction already did, and says how the relay
+    /// ended.
+    async fn finish<W: AsyncWrite + Unpin>(
+        self,
+        upstream: &mut W,
+        tx: u64,
+        rx: u64,
+        idle: Duration,
+    ) -> Relayed {
+        let Ends {
+            up: up_end,
+            down: down_end,
+            idled_out,
+        } = self;
+        // However the relay ended (error, idle timeout, the pod gone), the upstream gets an
+        // orderly end: for a gateway session that is TLS close_notify, not a cut
+        // connection. Bounded, since a peer that stopped reading never lets the flush
+        // finish.
+        if !matches!(up_end, Some(DirEnd::Eof)) {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, upstream.shutdown()).await;
+        }
+        if idled_out {
+            return Relayed {
+                tx,
+                rx,
+                close: format!(
+                    "idle timeout ({}s without a byte either way)",
+                    idle.as_secs()
+                ),
+                ok: true,
+            };
+        }
+        // One side finished cleanly and the other then found its peer gone (EPIPE/ECONNRESET
+        // while forwarding the last bytes, e.g. a TLS close_notify after the server already
+        // closed): an ordinary close, not a failure.
+        let peer_gone = |e: &Option<DirEnd>| matches!(e, Some(DirEnd::Error(err)) if matches!(err.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset));
+        let clean = |e: &Option<DirEnd>| matches!(e, Some(DirEnd::Eof));
+        if (clean(&up_end) && peer_gone(&down_end)) || (clean(&down_end) && peer_gone(&up_end)) {
+            let who = if clean(&down_end) { "upstream" } else { "pod" };
+            return Relayed {
+                tx,
+                rx,
+                close: format!("eof ({who} closed first)"),
+                ok: true,
+            };
+        }
+        let describe = |dir: &str, e: &Option<DirEnd>| match e {
+            Some(DirEnd::Error(err)) => Some(format!("{dir}: {err}")),
+            _ => None,
+        };
+        let errors: Vec<String> = [
+            describe("pod->upstream", &up_end),
+            describe("upstream->pod", &down_end),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let ok = errors.is_empty();
+        Relayed {
             tx,
             rx,
-            close: format!(
-                "idle timeout ({}s without a byte either way)",
-                idle.as_secs()
-            ),
-            ok: true,
-        };
-    }
-    // One side finished cleanly and the other then found its peer gone (EPIPE/ECONNRESET
-    // while forwarding the last bytes, e.g. a TLS close_notify after the server already
-    // closed): an ordinary close, not a failure.
-    let peer_gone = |e: &Option<DirEnd>| matches!(e, Some(DirEnd::Error(err)) if matches!(err.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset));
-    let clean = |e: &Option<DirEnd>| matches!(e, Some(DirEnd::Eof));
-    if (clean(&up_end) && peer_gone(&down_end)) || (clean(&down_end) && peer_gone(&up_end)) {
-        let who = if clean(&down_end) { "upstream" } else { "pod" };
-        return Relayed {
-            tx,
-            rx,
-            close: format!("eof ({who} closed first)"),
-            ok: true,
-        };
-    }
-    let describe = |dir: &str, e: &Option<DirEnd>| match e {
-        Some(DirEnd::Error(err)) => Some(format!("{dir}: {err}")),
-        _ => None,
-    };
-    let errors: Vec<String> = [
-        describe("pod->upstream", &up_end),
-        describe("upstream->pod", &down_end),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    let ok = errors.is_empty();
-    Relayed {
-        tx,
-        rx,
-        close: if ok { "eof".into() } else { errors.join("; ") },
-        ok,
+            close: if ok { "eof".into() } else { errors.join("; ") },
+            ok,
+        }
     }
 }
 

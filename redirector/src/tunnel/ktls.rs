@@ -45,7 +45,7 @@ const TLS_SET_RECORD_TYPE: libc::c_int = 1;
 static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// The gateway session with its records in the kernel.
-pub(crate) struct KernelTls {
+pub struct KernelTls {
     tcp: TcpStream,
     kernel: KernelConnection<ClientConnectionData>,
     version: Version,
@@ -311,6 +311,14 @@ impl KernelTls {
         Ok(())
     }
 
+    /// Puts plaintext back in front of what is still to be read: bytes a reader took past
+    /// the end of its message (a CONNECT answer's head).
+    pub(crate) fn unread(&mut self, mut bytes: Vec<u8>) {
+        let (pos, rest) = std::mem::take(&mut self.pending);
+        bytes.extend_from_slice(&rest[pos..]);
+        self.pending = (0, bytes);
+    }
+
     fn count_records(&mut self, n: usize) -> io::Result<()> {
         self.tx_records += n.div_ceil(MAX_PLAINTEXT).max(1) as u64;
         if self.tx_records >= RECORDS_PER_KEY {
@@ -446,5 +454,21 @@ impl AsyncWrite for KernelTls {
         } else {
             Poll::Ready(Ok(()))
         }
+    }
+}
+
+/// The relay splices a kTLS session's plaintext (`relay/splice.rs`): records that are not
+/// data come back to `poll_read` above, and so does plaintext held here.
+impl crate::relay::splice::Splice for KernelTls {
+    fn socket(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    fn buffered(&self) -> bool {
+        self.pending.0 < self.pending.1.len() || self.read_closed
+    }
+
+    fn spliced_in(&mut self, n: usize) -> io::Result<()> {
+        self.count_records(n)
     }
 }

@@ -49,7 +49,7 @@ macro_rules! forward_async_write {
 pub mod connect;
 mod gateway;
 mod h2;
-mod ktls;
+pub(crate) mod ktls;
 pub mod pool;
 mod read_ahead;
 mod record;
@@ -317,7 +317,7 @@ async fn through_proxy(
             let name = server_name(HOP_PROXY, &proxy.url.host)?;
             let tcp = tcp_connect(HOP_PROXY, addr, proxy.url.authority(), t).await?;
             let tls = tls_connect(HOP_PROXY, config, name, ReadAhead::new(tcp), t).await?;
-            let (io, status) = connect_hop(HOP_PROXY, tls, request, t).await?;
+            let (io, status) = connect_hop(HOP_PROXY, Box::new(tls), request, t).await?;
             (Transport::Other(io), status)
         }
     };
@@ -394,14 +394,23 @@ async fn tls_connect<S: Io + 'static>(
 }
 
 /// Sends `CONNECT authority` with `headers` and waits for a 2xx. Bytes the peer sent
-/// after the response head belong to the tunnel and are replayed first.
-async fn connect_hop<S: Io + 'static>(
+/// after the response head belong to the tunnel and are replayed first; without them the
+/// stream is returned as it came (a kTLS session stays one, so the relay can splice it).
+async fn connect_hop(
     hop: &'static str,
-    stream: S,
+    stream: Box<dyn Io>,
     request: &ConnectRequest,
     t: &Timeouts,
 ) -> Result<(Box<dyn Io>, u16), TunnelError> {
-    let (stream, leftover, status) = connect_exchange(hop, stream, request, t).await?;
+    let (mut stream, leftover, status) = connect_exchange(hop, stream, request, t).await?;
+    if leftover.is_empty() {
+        return Ok((stream, status));
+    }
+    // A kTLS session takes them back into its own buffer, and stays one.
+    if let Some(k) = (&mut *stream as &mut dyn std::any::Any).downcast_mut::<ktls::KernelTls>() {
+        k.unread(leftover);
+        return Ok((stream, status));
+    }
     Ok((Box::new(Replay::new(leftover, stream)), status))
 }
 

@@ -10,9 +10,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{HopStatus, SessionInfo};
 
-/// Any byte stream a tunnel layer can sit on.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+/// Any byte stream a tunnel layer can sit on. `Any`, so that an upstream can be found to be
+/// a kTLS session, whose bytes the relay can splice.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
 /// An open tunnel: write the client's bytes, read the target's.
 pub struct Upstream {
@@ -31,6 +32,14 @@ impl fmt::Debug for Upstream {
             .field("hops", &self.hops)
             .field("session", &self.session)
             .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// The gateway session in kTLS when the tunnel runs right on it (an HTTP/1.1 CONNECT
+    /// on a session whose records the kernel protects): the relay can splice its plaintext.
+    pub(crate) fn kernel_tls(&mut self) -> Option<&mut super::ktls::KernelTls> {
+        (&mut *self.io as &mut dyn std::any::Any).downcast_mut()
     }
 }
 

@@ -354,7 +354,9 @@ fn gateway_route() -> Result<(), String> {
 
 /// The gateway session's records: in the kernel (kTLS) where it has the `tls` module,
 /// else sealed by the redirector. Either way 16 MiB go up and come back intact through
-/// Squid and the gateway, half-closed with close_notify. Run twice, with kTLS allowed and
+/// Squid and the gateway, half-closed with close_notify; with the records in the kernel the
+/// relay moves them with `splice`, and the close_notify that ends the download is the
+/// control record that splice hands back to `recvmsg`. Run twice, with kTLS allowed and
 /// with `--gateway-ktls=false`, each in its own lab; the times are printed side by side.
 /// Expected: kTLS exactly when the kernel offers the `tls` upper layer protocol, or when
 /// `cargo xtask vm` said on the kernel command line that this kernel was built with it
@@ -366,13 +368,18 @@ fn gateway_records() -> Result<(), String> {
         || ulps.split_whitespace().any(|u| u == "tls");
     let mut seconds = Vec::new();
     for allow in [true, false] {
-        use tests::chain::{Chain, Gateway};
+        use tests::chain::{BANNER, Chain, Gateway};
         let mut chain = Chain::new(1);
         chain.start_squid(false);
         chain.start_gateway(Gateway::Normal);
         let flag = format!("--gateway-ktls={allow}");
         // The gateway module's debug lines say why a session's records stayed in user space.
         chain.start_daemon(&[&flag], "info,redirector::tunnel::gateway=debug");
+        // A server-first target: its first bytes may come in the same read as the CONNECT
+        // answer, and must still reach the pod first, spliced or not.
+        expect_client(&chain.lab, &["banner", &BANNER.to_string()], |line| {
+            line.starts_with(&format!("220 banner local={BANNER} "))
+        })?;
         let bulk = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 14)), WHOAMI_PORT);
         let o = pod_client(&chain.lab, &["bulk", "16", &bulk.to_string()]);
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -382,22 +389,54 @@ fn gateway_records() -> Result<(), String> {
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| format!("{flag}: {}", out(&o)))?;
         seconds.push(took);
-        // The audit line is written as the tunnel ends, after the client saw its end.
-        let log = chain.lab.wait_daemon_log("session=");
+        // The audit line is written as the tunnel ends, after the client saw its end: poll
+        // for both (a log line sends no event).
+        let audited = |log: &str| {
+            log.lines()
+                .filter(|l| l.contains("session=") && !l.contains("session=-"))
+                .count()
+        };
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let mut log = chain.lab.wait_daemon_log("session=");
+        while audited(&log) < 2 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+            log = chain.lab.daemon_log();
+        }
         let sessions: Vec<&str> = log
             .lines()
             .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("session=")))
             .filter(|w| *w != "session=-")
             .collect();
-        if sessions.is_empty() {
-            return Err(format!("{flag}: no gateway tunnel in the audit log"));
+        if sessions.len() != 2 {
+            return Err(format!(
+                "{flag}: {} gateway tunnels in the audit log, want 2 (banner, bulk)",
+                sessions.len()
+            ));
         }
         let in_kernel = sessions.iter().filter(|w| w.ends_with("+ktls")).count();
+        // With the records in the kernel the relay splices (no byte through user space);
+        // everywhere else it copies.
+        let spliced = log
+            .lines()
+            .filter(|l| l.contains("session=") && !l.contains("session=-"))
+            .filter(|l| l.split_whitespace().any(|w| w == "relay=splice"))
+            .count();
         let want = if allow && expect_kernel {
             sessions.len()
         } else {
             0
         };
+        if spliced != want {
+            let how: Vec<&str> = log
+                .lines()
+                .flat_map(str::split_whitespace)
+                .filter(|w| w.starts_with("relay=") || w.starts_with("session="))
+                .collect();
+            return Err(format!(
+                "{flag}: {spliced} of {} gateway tunnels were relayed with splice, want {want} ({how:?})",
+                sessions.len()
+            ));
+        }
         if in_kernel != want {
             let why: Vec<&str> = log
                 .lines()
