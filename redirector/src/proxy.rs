@@ -378,7 +378,8 @@ struct Audit {
     hops: Vec<HopStatus>,
     /// The gateway session the tunnel ran on (`gateway` route).
     session: Option<tunnel::SessionInfo>,
-    /// How the relay moved the bytes: `copy` through user space, or `splice`.
+    /// How the relay moved the bytes: `copy` through a relay buffer, `splice` (kTLS) or
+    /// `frames` (HTTP/2 DATA frames handed through whole).
     relay: &'static str,
     tx: u64,
     rx: u64,
@@ -607,14 +608,22 @@ async fn relay(
             .inspect_err(|e| debug!(error = %e, "no pipes for splice: relaying by copy"))
             .ok(),
     };
-    audit.relay = if pipes.is_some() { "splice" } else { "copy" };
+    //    An HTTP/2 stream's DATA frames are handed through whole.
+    audit.relay = match (&pipes, upstream.h2_stream().is_some()) {
+        (Some(_), _) => "splice",
+        (None, true) => "frames",
+        (None, false) => "copy",
+    };
     let relaying = async {
-        match (pipes, upstream.kernel_tls()) {
-            (Some(pipes), Some(k)) => {
-                relay::splice::relay(&mut client, k, pipes, cfg.idle_timeout).await
-            }
-            _ => relay::relay(&mut client, &mut upstream, cfg.idle_timeout).await,
+        if let Some(pipes) = pipes
+            && let Some(k) = upstream.kernel_tls()
+        {
+            return relay::splice::relay(&mut client, k, pipes, cfg.idle_timeout).await;
         }
+        if let Some(s) = upstream.h2_stream() {
+            return s.relay(&mut client, cfg.idle_timeout).await;
+        }
+        relay::relay(&mut client, &mut upstream, cfg.idle_timeout).await
     };
     let relayed = tokio::select! {
         r = relaying => r,

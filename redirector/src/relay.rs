@@ -16,8 +16,8 @@ use tokio::time::Instant;
 /// Starts small (most connections are short request/response exchanges, and idle tunnels
 /// should cost little) and doubles up to `MAX_BUF` each time a direction fills its buffer:
 /// bulk transfers get large reads and writes.
-const INITIAL_BUF: usize = 1024;
-const MAX_BUF: usize = 64 * 1024;
+pub(crate) const INITIAL_BUF: usize = 1024;
+pub(crate) const MAX_BUF: usize = 64 * 1024;
 /// Growth up to this size is free; beyond it a direction takes the extra from the
 /// node-wide [`BufferBudget`], so a flood of bulk connections cannot each hold 64 KiB.
 const FREE_BUF: usize = 16 * 1024;
@@ -55,9 +55,34 @@ impl BufferBudget {
 pub static BUFFERS: BufferBudget = BufferBudget::new(32 << 20);
 
 /// What one direction's buffer holds of a [`BufferBudget`]; given back when it ends.
-struct Borrowed<'a> {
+pub(crate) struct Borrowed<'a> {
     budget: Option<&'a BufferBudget>,
     bytes: usize,
+}
+
+impl<'a> Borrowed<'a> {
+    pub(crate) fn new(budget: Option<&'a BufferBudget>) -> Self {
+        Borrowed { budget, bytes: 0 }
+    }
+
+    /// The size for a buffer of `len` bytes that a read just filled: doubled up to
+    /// [`MAX_BUF`], past [`FREE_BUF`] only with room in the budget.
+    pub(crate) fn grow(&mut self, len: usize) -> usize {
+        if len >= MAX_BUF {
+            return len;
+        }
+        let grown = len * 2;
+        let extra = grown.saturating_sub(FREE_BUF.max(len));
+        let allowed = match self.budget {
+            Some(b) if extra > 0 => b.take(extra),
+            _ => true,
+        };
+        if !allowed {
+            return len;
+        }
+        self.bytes += extra;
+        grown
+    }
 }
 
 impl Drop for Borrowed<'_> {
@@ -70,7 +95,7 @@ impl Drop for Borrowed<'_> {
 /// Reads this large suggest a bulk transfer, where trying for more before writing pays;
 /// after a small read (a request, a keystroke) the extra read attempt would be a wasted
 /// syscall on the latency path.
-const COALESCE_MIN: usize = 8 * 1024;
+pub(crate) const COALESCE_MIN: usize = 8 * 1024;
 
 /// How one direction ended.
 #[derive(Debug)]
@@ -112,21 +137,21 @@ where
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// When a relay last moved a byte either way, for its idle timeout.
-struct Activity {
+pub(crate) struct Activity {
     epoch: Instant,
     /// Milliseconds after `epoch` of the last read that returned data.
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    pub(crate) fn new() -> Activity {
         Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
@@ -148,7 +173,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; INITIAL_BUF];
-    let mut borrowed = Borrowed { budget, bytes: 0 };
+    let mut borrowed = Borrowed::new(budget);
     loop {
         let mut n = match r.read(&mut buf).await {
             Ok(0) => {
@@ -187,24 +212,16 @@ where
             }
             Some(Err(e)) => return DirEnd::Error(e),
         }
-        if n == buf.len() && buf.len() < MAX_BUF {
-            let grown = buf.len() * 2;
-            let extra = grown.saturating_sub(FREE_BUF.max(buf.len()));
-            let allowed = match borrowed.budget {
-                Some(b) if extra > 0 => b.take(extra),
-                _ => true,
-            };
-            if allowed {
-                borrowed.bytes += extra;
-                buf.resize(grown, 0);
-            }
+        if n == buf.len() {
+            let grown = borrowed.grow(buf.len());
+            buf.resize(grown, 0);
         }
     }
 }
 
 /// Passes an EOF on as a write shutdown, bounded by [`SHUTDOWN_GRACE`]: a TLS writer's
 /// shutdown flushes its close_notify, which never completes if the peer stopped reading.
-async fn shutdown<W: AsyncWrite + Unpin>(w: &mut W) -> DirEnd {
+pub(crate) async fn shutdown<W: AsyncWrite + Unpin>(w: &mut W) -> DirEnd {
     match tokio::time::timeout(SHUTDOWN_GRACE, w.shutdown()).await {
         Ok(Ok(())) => DirEnd::Eof,
         Ok(Err(e)) => DirEnd::Error(e),
@@ -237,7 +254,7 @@ where
 }
 
 /// How the two directions of a relay ended.
-struct Ends {
+pub(crate) struct Ends {
     up: Option<DirEnd>,
     down: Option<DirEnd>,
     idled_out: bool,
@@ -245,7 +262,7 @@ struct Ends {
 
 impl Ends {
     /// Runs both directions until both end, one fails, or `idle` passes without a byte.
-    async fn of(
+    pub(crate) async fn of(
         up: impl std::future::Future<Output = DirEnd>,
         down: impl std::future::Future<Output = DirEnd>,
         activity: &Activity,
@@ -284,7 +301,7 @@ impl Ends {
 
     /// Ends the upstream in order unless its direction already did, and says how the relay
     /// ended.
-    async fn finish<W: AsyncWrite + Unpin>(
+    pub(crate) async fn finish<W: AsyncWrite + Unpin>(
         self,
         upstream: &mut W,
         tx: u64,

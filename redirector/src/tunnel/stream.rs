@@ -41,6 +41,11 @@ impl Upstream {
     pub(crate) fn kernel_tls(&mut self) -> Option<&mut super::ktls::KernelTls> {
         (&mut *self.io as &mut dyn std::any::Any).downcast_mut()
     }
+
+    /// The HTTP/2 stream when the tunnel is one: the relay hands its DATA frames through.
+    pub(crate) fn h2_stream(&mut self) -> Option<&mut super::h2::H2Stream> {
+        (&mut *self.io as &mut dyn std::any::Any).downcast_mut()
+    }
 }
 
 impl AsyncRead for Upstream {
