@@ -318,6 +318,19 @@ mod tests {
         (a, b)
     }
 
+    /// Sends `data` and half-closes while reading everything that comes back.
+    async fn send_and_receive(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, n) = tokio::join!(send, r.read_to_end(&mut got));
+        n.unwrap();
+        got
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -349,31 +362,11 @@ mod tests {
             .await;
             (r, upstream.spliced_in)
         };
-        let app_side = async {
-            let (mut r, mut w) = app.split();
-            let send = async {
-                w.write_all(&up_data).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let (_, n) = tokio::join!(send, recv);
-            n.unwrap();
-            got
-        };
-        let far_side = async {
-            let (mut r, mut w) = far.split();
-            let send = async {
-                w.write_all(&down_data).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let recv = r.read_to_end(&mut got);
-            let (_, n) = tokio::join!(send, recv);
-            n.unwrap();
-            got
-        };
-        let ((r, spliced_in), at_app, at_far) = tokio::join!(relay, app_side, far_side);
+        let ((r, spliced_in), at_app, at_far) = tokio::join!(
+            relay,
+            send_and_receive(&mut app, &up_data),
+            send_and_receive(&mut far, &down_data)
+        );
         assert!(at_far == up_data, "pod → upstream bytes differ");
         let mut want = early.clone();
         want.extend_from_slice(&down_data);

@@ -10,8 +10,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{HopStatus, SessionInfo};
 
-/// Any byte stream a tunnel layer can sit on. `Any`, so that an upstream can be found to be
-/// a kTLS session, whose bytes the relay can splice.
+/// Any byte stream a tunnel layer can sit on. `Any`, so that the relay can find what an
+/// upstream is: a kTLS session (spliced) or an HTTP/2 stream (its frames handed through).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
