@@ -56,8 +56,32 @@ pub struct KernelTls {
     handshake: Vec<u8>,
     /// Records sent under the current key, at most: every write is at least one.
     tx_records: u64,
-    /// Plaintext read for a caller with less room than a record: `(handed out, bytes)`.
-    pending: (usize, Vec<u8>),
+    /// Plaintext read for a caller with less room than a record, or that came with the
+    /// handshake or past a CONNECT answer.
+    pending: Held,
+}
+
+/// Plaintext held for a later read: `buf[pos..end]`; `buf` may be longer (a record-sized
+/// buffer kept for the next small read).
+#[derive(Default)]
+struct Held {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl Held {
+    fn of(buf: Vec<u8>) -> Held {
+        Held {
+            end: buf.len(),
+            buf,
+            pos: 0,
+        }
+    }
+
+    fn left(&self) -> &[u8] {
+        &self.buf[self.pos..self.end]
+    }
 }
 
 /// Why kTLS was not used for a session, or `Ok` with the kernel's session.
@@ -133,7 +157,7 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
         handshake: Vec::new(),
         tx_records: 0,
         // Data that came with the handshake goes out first.
-        pending: (0, early),
+        pending: Held::of(early),
     })))
 }
 
@@ -314,9 +338,8 @@ impl KernelTls {
     /// Puts plaintext back in front of what is still to be read: bytes a reader took past
     /// the end of its message (a CONNECT answer's head).
     pub(crate) fn unread(&mut self, mut bytes: Vec<u8>) {
-        let (pos, rest) = std::mem::take(&mut self.pending);
-        bytes.extend_from_slice(&rest[pos..]);
-        self.pending = (0, bytes);
+        bytes.extend_from_slice(self.pending.left());
+        self.pending = Held::of(bytes);
     }
 
     fn count_records(&mut self, n: usize) -> io::Result<()> {
@@ -342,30 +365,32 @@ impl AsyncRead for KernelTls {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
-            if this.pending.0 < this.pending.1.len() {
-                let (pos, data) = (&mut this.pending.0, &this.pending.1);
-                let n = (data.len() - *pos).min(buf.remaining());
-                buf.put_slice(&data[*pos..*pos + n]);
-                *pos += n;
-                if *pos == data.len() {
-                    this.pending = (0, Vec::new());
-                }
+            let left = this.pending.left();
+            if !left.is_empty() {
+                let n = left.len().min(buf.remaining());
+                buf.put_slice(&left[..n]);
+                this.pending.pos += n;
                 return Poll::Ready(Ok(()));
             }
             if this.read_closed || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            ready!(this.tcp.poll_read_ready(cx))?;
+            if this.tcp.poll_read_ready(cx)?.is_pending() {
+                // Nothing waiting: an idle session holds no buffer.
+                this.pending = Held::default();
+                return Poll::Pending;
+            }
             let fd = this.tcp.as_raw_fd();
             // The kernel hands out a control record only whole, and data past the caller's
-            // room stays with us: a small read goes through a record-sized buffer.
+            // room stays with us: a small read goes through a record-sized buffer, kept
+            // while data keeps coming.
             let small = buf.remaining() < MAX_PLAINTEXT;
-            let mut spare = Vec::new();
-            if small {
-                spare.resize(MAX_PLAINTEXT, 0);
+            let held = &mut this.pending.buf;
+            if small && held.len() < MAX_PLAINTEXT {
+                held.resize(MAX_PLAINTEXT, 0);
             }
             let dst: &mut [u8] = if small {
-                &mut spare
+                held
             } else {
                 buf.initialize_unfilled()
             };
@@ -384,20 +409,22 @@ impl AsyncRead for KernelTls {
                 None | Some(CONTENT_APP_DATA) if n == 0 => continue,
                 None | Some(CONTENT_APP_DATA) => {
                     if small {
-                        spare.truncate(n);
-                        this.pending = (0, spare);
+                        (this.pending.pos, this.pending.end) = (0, n);
                         continue;
                     }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
                 Some(typ) => {
-                    let body = if small {
-                        &spare[..n]
+                    let ended = if small {
+                        // Control records are rare (tickets, key updates, the end): a copy
+                        // frees the held buffer for `control`.
+                        let body = this.pending.buf[..n].to_vec();
+                        this.control(typ, &body)?
                     } else {
-                        &buf.initialize_unfilled()[..n]
+                        this.control(typ, &buf.initialize_unfilled()[..n])?
                     };
-                    if this.control(typ, body)? {
+                    if ended {
                         this.read_closed = true;
                     }
                 }
@@ -465,7 +492,7 @@ impl crate::relay::splice::Splice for KernelTls {
     }
 
     fn buffered(&self) -> bool {
-        self.pending.0 < self.pending.1.len() || self.read_closed
+        !self.pending.left().is_empty() || self.read_closed
     }
 
     fn spliced_in(&mut self, n: usize) -> io::Result<()> {
