@@ -149,6 +149,15 @@ label_values!(
     Handshake { Full => "full", Resumed => "resumed" }
 );
 label_values!(
+    /// Who seals and opens a gateway session's TLS records.
+    RecordLayer {
+        /// The kernel (kTLS).
+        Kernel => "kernel",
+        /// The redirector itself.
+        User => "user",
+    }
+);
+label_values!(
     /// Values in pod objects not believed (`redirector_k8s_rejected_total`).
     K8sRejection {
         /// `metadata.uid` is not a UUID: the pod is ignored.
@@ -232,6 +241,11 @@ pub struct SessionLabels {
 pub struct HandshakeLabels {
     pub hop: &'static str,
     pub kind: Handshake,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordsLabels {
+    pub records: RecordLayer,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -328,6 +342,7 @@ pub struct Metrics {
     pub gateway_tunnels: Family<SessionLabels, Counter>,
     pub gateway_sessions: Family<ProtoLabels, Gauge>,
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub gateway_tls_sessions: Family<RecordsLabels, Counter>,
     pub audit_connections: Family<AuditLabels, Counter>,
     pub audit_untracked: Family<WorkloadLabels, Counter>,
     pub audit_destinations: Family<AuditDestLabels, Gauge>,
@@ -359,6 +374,7 @@ impl Default for Metrics {
             gateway_tunnels: Default::default(),
             gateway_sessions: Default::default(),
             tls_handshakes: Default::default(),
+            gateway_tls_sessions: Default::default(),
             audit_connections: Default::default(),
             audit_untracked: Default::default(),
             audit_destinations: Default::default(),
@@ -461,6 +477,11 @@ impl Metrics {
             "tls_handshakes",
             "TLS handshakes by hop and kind (full, resumed)",
             self.tls_handshakes.clone(),
+        );
+        r.register(
+            "gateway_tls_sessions",
+            "Gateway TLS sessions made, by who seals and opens their records: the kernel (kTLS) or the redirector",
+            self.gateway_tls_sessions.clone(),
         );
         r.register(
             "audit_connections",

@@ -321,7 +321,9 @@ fn h2_gateway_carries_every_tunnel_on_one_session_through_squid() {
     assert_eq!(audits.len(), 4, "{audits:?}");
     for a in &audits {
         assert!(
-            a.contains("session=shared/h2") && a.contains("hops=proxy=200,gateway=200"),
+            a.contains("session=shared/h2")
+                && a.contains("hops=proxy=200,gateway=200")
+                && a.contains(" relay=frames "),
             "{a}"
         );
     }
@@ -332,6 +334,15 @@ fn h2_gateway_carries_every_tunnel_on_one_session_through_squid() {
                 .metric("redirector_tls_handshakes_total{hop=\"gateway\",kind=\"resumed\"}"),
         1.0,
         "one gateway handshake for every tunnel"
+    );
+    // Counted once by where its records are protected (the kernel where it has kTLS).
+    assert_eq!(
+        c.lab
+            .metric("redirector_gateway_tls_sessions_total{records=\"kernel\"}")
+            + c.lab
+                .metric("redirector_gateway_tls_sessions_total{records=\"user\"}"),
+        1.0,
+        "the session is counted by its record layer"
     );
 }
 

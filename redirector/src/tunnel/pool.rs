@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
-    telemetry::{Handshake, Metrics, PooledProto, SessionLabels},
+    telemetry::{Handshake, Metrics, PooledProto, RecordLayer, SessionLabels},
     tunnel::{
         self, GatewaySession, H2Session, HOP_GATEWAY, Reuse, TunnelConfig, TunnelError, Upstream,
     },
@@ -380,6 +380,16 @@ impl GatewayPool {
                     Handshake::Resumed
                 } else {
                     Handshake::Full
+                },
+            })
+            .inc();
+        self.metrics
+            .gateway_tls_sessions
+            .get_or_create(&crate::telemetry::RecordsLabels {
+                records: if s.kernel_tls {
+                    RecordLayer::Kernel
+                } else {
+                    RecordLayer::User
                 },
             })
             .inc();

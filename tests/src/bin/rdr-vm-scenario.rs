@@ -438,6 +438,18 @@ fn gateway_records() -> Result<(), String> {
                 ulps.trim()
             ));
         }
+        // The metric says the same of every session the pool made.
+        let made = |records: &str| {
+            chain.lab.metric(&format!(
+                "redirector_gateway_tls_sessions_total{{records=\"{records}\"}}"
+            ))
+        };
+        let (in_kernel_made, in_user_made) = (made("kernel"), made("user"));
+        if (in_kernel_made > 0.0) != kernel || (in_user_made > 0.0) == kernel {
+            return Err(format!(
+                "{label}: gateway sessions made with records in the kernel: {in_kernel_made}, in user space: {in_user_made}"
+            ));
+        }
         // With the records in the kernel an HTTP/1.1 tunnel is spliced (no byte through
         // user space); an HTTP/2 stream's frames are handed through; the rest is copied.
         let want_relay = match (gw, kernel) {
