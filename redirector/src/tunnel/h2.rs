@@ -451,8 +451,10 @@ async fn download(
                 if n == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
                 }
-                while n > 0 {
-                    let front = frames.front_mut().expect("bytes written from a frame");
+                // A writer never reports more than it was given; if one did, stop here.
+                while let Some(front) = frames.front_mut()
+                    && n > 0
+                {
                     let m = n.min(front.len());
                     front.advance(m);
                     n -= m;
