@@ -618,16 +618,19 @@ impl Lab {
     /// Waits (bounded) until the daemon's log contains `needle`; returns the whole log. Audit
     /// lines are written when a relay ends, which can be just after the client is done.
     pub fn wait_daemon_log(&self, needle: &str) -> String {
+        self.wait_daemon_log_for(&format!("{needle:?}"), |log| log.contains(needle))
+    }
+
+    /// As [`Lab::wait_daemon_log`], until `done` holds of the whole log (`what` names it in
+    /// the failure). A log line sends no event: this polls, bounded.
+    pub fn wait_daemon_log_for(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
         let end = Instant::now() + Duration::from_secs(10);
         loop {
             let log = self.daemon_log();
-            if log.contains(needle) {
+            if done(&log) {
                 return log;
             }
-            assert!(
-                Instant::now() < end,
-                "{needle:?} not in the daemon log:\n{log}"
-            );
+            assert!(Instant::now() < end, "{what} not in the daemon log:\n{log}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -318,6 +318,11 @@ mod tests {
         (a, b)
     }
 
+    /// The relay under test, with an idle timeout no test reaches.
+    async fn spliced(pod: &mut TcpStream, up: &mut Plain) -> Relayed {
+        relay(pod, up, Pipes::new().unwrap(), Duration::from_secs(3600)).await
+    }
+
     /// Sends `data` and half-closes while reading everything that comes back.
     async fn send_and_receive(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
         let (mut r, mut w) = s.split();
@@ -353,13 +358,7 @@ mod tests {
         let up_data = pattern(5 << 20, 1);
         let down_data = pattern(7 << 20, 2);
         let relay = async {
-            let r = relay(
-                &mut pod,
-                &mut upstream,
-                Pipes::new().unwrap(),
-                Duration::from_secs(3600),
-            )
-            .await;
+            let r = spliced(&mut pod, &mut upstream).await;
             (r, upstream.spliced_in)
         };
         let ((r, spliced_in), at_app, at_far) = tokio::join!(
@@ -394,13 +393,7 @@ mod tests {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(far);
-        let r = relay(
-            &mut pod,
-            &mut upstream,
-            Pipes::new().unwrap(),
-            Duration::from_secs(3600),
-        )
-        .await;
+        let r = spliced(&mut pod, &mut upstream).await;
         assert!(!r.ok, "{}", r.close);
         assert!(
             r.close.starts_with("upstream->pod: ") && r.close.contains("reset"),

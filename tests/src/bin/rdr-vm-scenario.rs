@@ -396,20 +396,16 @@ fn gateway_records() -> Result<(), String> {
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| format!("{label}: {}", out(&o)))?;
         seconds.push(took);
-        // The audit line is written as the tunnel ends, after the client saw its end: poll
-        // for both (a log line sends no event).
+        // The audit line is written as the tunnel ends, after the client saw its end.
         let tunnels = |log: &str| -> Vec<String> {
             log.lines()
                 .filter(|l| l.contains("session=") && !l.contains("session=-"))
                 .map(str::to_owned)
                 .collect()
         };
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        let mut log = chain.lab.wait_daemon_log("session=");
-        while tunnels(&log).len() < 2 && std::time::Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(20));
-            log = chain.lab.daemon_log();
-        }
+        let log = chain
+            .lab
+            .wait_daemon_log_for("two gateway audit lines", |log| tunnels(log).len() >= 2);
         let lines = tunnels(&log);
         let word = |l: &str, key: &str| {
             l.split_whitespace()
