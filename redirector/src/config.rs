@@ -179,6 +179,11 @@ pub struct Settings {
     /// flood of silent connections can tie up [1024].
     #[arg(long, env = "REDIRECTOR_MAX_PENDING")]
     pub max_pending: Option<usize>,
+    /// Threads that run connections (the async runtime's workers), at most 256 [one per CPU
+    /// the daemon may use: its CPU affinity, capped by its cgroup's CPU quota, so a
+    /// container limited to 500m runs one]. Changes on restart only.
+    #[arg(long, env = "REDIRECTOR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Offer ALPN `h2` to the gateway and, when it accepts, carry tunnels as HTTP/2 CONNECT
     /// streams on shared sessions [true].
     #[arg(long, env = "REDIRECTOR_GATEWAY_HTTP2", num_args = 0..=1, default_missing_value = "true", require_equals = true)]
@@ -254,6 +259,7 @@ impl Settings {
             max_connections,
             max_connections_per_pod,
             max_pending,
+            worker_threads,
             gateway_h2_buffer,
             routes,
             route_presets,
@@ -432,6 +438,8 @@ pub struct Config {
     pub max_connections: usize,
     pub max_connections_per_pod: usize,
     pub max_pending: usize,
+    /// `worker-threads` as given (checked); [`Config::worker_threads`] resolves the default.
+    pub worker_threads_setting: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -493,6 +501,8 @@ pub enum ConfigError {
     Duration { field: &'static str, value: f64 },
     #[error("invalid {field} 0: must be at least 1")]
     Limit { field: &'static str },
+    #[error("invalid worker-threads {0}: must be from 1 to {MAX_WORKER_THREADS}")]
+    WorkerThreads(usize),
     #[error(
         "--audit applies to --cgroup workloads; in Kubernetes mode label the namespace egress-redirector.io/enabled=audit instead"
     )]
@@ -518,6 +528,9 @@ fn idle_secs(value: Option<f64>) -> Result<Duration, ConfigError> {
         })
     }
 }
+
+/// More runtime workers than this is a typo, not a node.
+pub const MAX_WORKER_THREADS: usize = 256;
 
 fn limit_of(
     field: &'static str,
@@ -796,6 +809,10 @@ impl Config {
                 2048,
             )?,
             max_pending: limit_of("max-pending", s.max_pending, 1024)?,
+            worker_threads_setting: match s.worker_threads {
+                Some(1..=MAX_WORKER_THREADS) | None => s.worker_threads,
+                Some(n) => return Err(ConfigError::WorkerThreads(n)),
+            },
         })
     }
 
@@ -825,7 +842,23 @@ impl Config {
         if self.admin_addr != new.admin_addr {
             v.push("admin-addr");
         }
+        if self.worker_threads_setting != new.worker_threads_setting {
+            v.push("worker-threads");
+        }
         v
+    }
+
+    /// The async runtime's worker threads: `worker-threads`, or one per CPU this process may
+    /// use (std's `available_parallelism`: the affinity mask, capped by a cgroup CPU quota
+    /// rounded down, at least 1), with where the number came from.
+    pub fn worker_threads(&self) -> (usize, &'static str) {
+        match self.worker_threads_setting {
+            Some(n) => (n, "worker-threads"),
+            None => (
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                "cpus",
+            ),
+        }
     }
 }
 
@@ -1035,6 +1068,41 @@ mod tests {
             msg.contains("proxy-ca") && msg.contains("gateway-ca"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn worker_threads_is_checked_changes_on_restart_only_and_defaults_to_the_cpus() {
+        let build = |n: Option<usize>| {
+            Config::build(Settings {
+                worker_threads: n,
+                ..Default::default()
+            })
+        };
+        for bad in [0, MAX_WORKER_THREADS + 1] {
+            let msg = build(Some(bad)).unwrap_err().to_string();
+            assert_eq!(
+                msg,
+                format!("invalid worker-threads {bad}: must be from 1 to {MAX_WORKER_THREADS}")
+            );
+        }
+        let three = build(Some(3)).expect("3 workers");
+        assert_eq!(three.worker_threads(), (3, "worker-threads"));
+        let file = yaml("worker-threads: 3\n").expect("file key");
+        assert_eq!(file.worker_threads, Some(3));
+        let auto = build(None).expect("default");
+        assert_eq!(auto.restart_only_changes(&three), ["worker-threads"]);
+        // The default follows the CPUs the calling thread may run on (a real affinity mask,
+        // set on a thread of its own so the test runner's threads keep theirs).
+        let on_one_cpu = std::thread::spawn(move || {
+            let mut one = nix::sched::CpuSet::new();
+            one.set(0).expect("cpu 0");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)
+                .expect("sched_setaffinity");
+            auto.worker_threads()
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(on_one_cpu, (1, "cpus"));
     }
 
     #[test]

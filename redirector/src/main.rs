@@ -77,11 +77,15 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(e.exit_code() as u8)
 }
 
-fn runtime(multi_thread: bool) -> Result<tokio::runtime::Runtime, String> {
-    let mut b = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
+/// The daemon's runtime has `workers` worker threads; the CLI's runs on the calling thread.
+fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let mut b = match workers {
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_current_thread(),
     };
     b.enable_all()
         .build()
@@ -100,7 +104,7 @@ fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
     match cmd {
         cli::Command::Run(args) => {
             let config = args.load().map_err(|e| error_chain(&e))?;
-            runtime(true)?
+            runtime(Some(config.worker_threads().0))?
                 .block_on(daemon::run(config, args))
                 .map_err(|e| error_chain(&e))?;
             Ok(ExitCode::SUCCESS)
@@ -138,7 +142,7 @@ fn dispatch(cmd: cli::Command) -> Result<ExitCode, String> {
                 }
                 Err(e) => (a.run.settings.clone(), Err(e)),
             };
-            let report = runtime(false)?.block_on(check::run(&settings, config));
+            let report = runtime(None)?.block_on(check::run(&settings, config));
             if a.json {
                 json(&report)?
             } else {

@@ -331,6 +331,7 @@ pub struct Metrics {
     pub errors: Family<SideLabels, Counter>,
     pub tunnel_failures: Family<TunnelFailureLabels, Counter>,
     pub active: Gauge,
+    pub runtime_workers: Gauge,
     pub enabled_cgroups: Gauge,
     pub listeners: Gauge,
     pub listener_failures: Counter,
@@ -363,6 +364,7 @@ impl Default for Metrics {
             errors: Default::default(),
             tunnel_failures: Default::default(),
             active: Default::default(),
+            runtime_workers: Default::default(),
             enabled_cgroups: Default::default(),
             listeners: Default::default(),
             listener_failures: Default::default(),
@@ -422,6 +424,11 @@ impl Metrics {
             "active_connections",
             "Connections being relayed now",
             self.active.clone(),
+        );
+        r.register(
+            "runtime_workers",
+            "Worker threads of the async runtime that runs connections (worker-threads, or one per CPU the daemon may use)",
+            self.runtime_workers.clone(),
         );
         r.register(
             "enabled_cgroups",

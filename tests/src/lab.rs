@@ -246,6 +246,9 @@ pub struct Lab {
     /// [`workspace_bin`]`("redirector")`. The bench's `--against` sets it to run another
     /// revision's daemon in this lab.
     pub daemon_bin: Option<PathBuf>,
+    /// Environment every daemon this lab starts gets, after the caller's own (the bench
+    /// sizes the daemon's runtime with it).
+    pub daemon_env: Vec<(String, String)>,
 }
 
 impl Lab {
@@ -282,6 +285,7 @@ impl Lab {
             node_resolv: None,
             admin: ADMIN.to_owned(),
             daemon_bin: None,
+            daemon_env: Vec::new(),
         };
         sh(&format!("mount -t cgroup2 none {}", lab.cg_mount.display()));
         fs::create_dir_all(&lab.cg_root).expect("cgroup root");
@@ -569,6 +573,13 @@ impl Lab {
     /// [`Lab::start_daemon_bin`] without waiting for anything.
     pub fn spawn_daemon_bin(&mut self, bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> usize {
         let bin = bin.to_owned();
+        let daemon_env = self.daemon_env.clone();
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .copied()
+            .chain(daemon_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .collect();
+        let env = env.as_slice();
         let mut args = self.daemon_args();
         args.extend(extra.iter().map(|s| s.to_string()));
         let node = self.node.clone();

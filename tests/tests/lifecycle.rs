@@ -542,3 +542,48 @@ fn not_ready_until_every_pods_listener_is_bound() {
         || matches!(lab.node_http_get("/readyz"), Some((200, _))),
     );
 }
+
+/// The daemon's async runtime runs `--worker-threads` workers; without the flag, one per CPU
+/// the daemon may use: its CPU affinity, capped by its cgroup's CPU quota (a container's CPU
+/// limit: the DaemonSet's 500m gives one worker, not one per node CPU). The count is the
+/// runtime's own (`redirector_runtime_workers`), not the setting echoed back.
+#[test]
+fn the_runtime_runs_as_many_workers_as_the_daemon_may_use_cpus() {
+    if !privileged("the_runtime_runs_as_many_workers_as_the_daemon_may_use_cpus") {
+        return;
+    }
+    let mut lab = internet_lab(1);
+    let workers = |lab: &Lab| lab.metric("redirector_runtime_workers");
+    let stop = |lab: &mut Lab, d: usize| {
+        lab.procs[d].signal(libc::SIGTERM);
+        assert!(
+            lab.procs[d].wait_timeout(Duration::from_secs(20)).is_some(),
+            "the daemon did not stop on SIGTERM"
+        );
+    };
+
+    let d = lab.start_daemon(&["--worker-threads", "3"]);
+    assert_eq!(workers(&lab), 3.0, "{}", lab.daemon_log());
+    stop(&mut lab, d);
+
+    // The daemon inherits the CPU affinity of the thread that starts it: start it from a
+    // thread allowed one CPU only, as a container's cpuset or `taskset` would.
+    let one_cpu = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(0).expect("cpu 0");
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                .expect("sched_setaffinity");
+            lab.start_daemon(&[])
+        })
+        .join()
+        .expect("starting thread")
+    });
+    assert_eq!(workers(&lab), 1.0, "{}", lab.daemon_log());
+    stop(&mut lab, one_cpu);
+
+    // Every CPU allowed (what this test process may use).
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    lab.start_daemon(&[]);
+    assert_eq!(workers(&lab), all as f64, "{}", lab.daemon_log());
+}

@@ -89,6 +89,10 @@ pub struct BenchArgs {
     /// machine's noise), relay, gateway and gateway-h2; not classic or env.
     #[arg(long, value_name = "REV", conflicts_with = "profile")]
     against: Option<String>,
+    /// Worker threads of every daemon the bench starts; 0 leaves the daemon's default (one
+    /// per CPU it may use) [1: what the shipped DaemonSet runs, its 500m CPU limit giving one].
+    #[arg(long, value_name = "N")]
+    daemon_workers: Option<usize>,
 }
 
 /// The ways a pod's connection can reach the target.
@@ -158,6 +162,20 @@ struct Cfg {
     idle_conns: usize,
     curl_reps: usize,
     profile: bool,
+    /// Environment of every daemon (its runtime's size).
+    daemon_env: Vec<(String, String)>,
+}
+
+/// The environment that gives a daemon `n` runtime workers: its own setting, and tokio's
+/// variable, which a revision older than `worker-threads` reads (`--against`). Empty for 0.
+fn workers_env(n: usize) -> Vec<(String, String)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    ["REDIRECTOR_WORKER_THREADS", "TOKIO_WORKER_THREADS"]
+        .into_iter()
+        .map(|k| (k.to_owned(), n.to_string()))
+        .collect()
 }
 
 /// The paths `--against` measures: every path that runs the daemon, and `direct` as a
@@ -186,8 +204,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         idle_conns: a.idle_conns.unwrap_or(10_000),
         curl_reps: if a.quick { 10 } else { 30 },
         profile: a.profile,
+        daemon_env: workers_env(a.daemon_workers.unwrap_or(1)),
     };
     let mut notes = Vec::new();
+    notes.push(match a.daemon_workers.unwrap_or(1) {
+        0 => "daemon runtime workers: the daemon's default (one per CPU it may use)".to_owned(),
+        n => format!(
+            "daemon runtime workers: {n} (REDIRECTOR_WORKER_THREADS, and TOKIO_WORKER_THREADS for revisions before that setting); the shipped DaemonSet's 500m CPU limit gives 1"
+        ),
+    });
     setup::run()?;
     if against.is_none() {
         notes.extend(ensure_classic_packages()?);
@@ -668,9 +693,15 @@ struct Bench<'a> {
 /// on 8080, Squid with Basic auth, the gateway simulator of `kind`, and the daemon dialing
 /// the gateway through Squid. Returns it with the daemon's command line (password
 /// redacted) for the report.
-fn chain_lab(client: &str, kind: Gateway, daemon: Option<&Path>) -> (Chain, String) {
+fn chain_lab(
+    client: &str,
+    kind: Gateway,
+    daemon: Option<&Path>,
+    env: &[(String, String)],
+) -> (Chain, String) {
     let mut chain = Chain::new(1);
     chain.lab.daemon_bin = daemon.map(Path::to_path_buf);
+    chain.lab.daemon_env = env.to_vec();
     if let Some(i) = chain
         .lab
         .procs
@@ -701,7 +732,7 @@ impl<'a> Bench<'a> {
         let mut configs = Vec::new();
 
         // Lab A: the chain with an HTTP/1.1 gateway.
-        let (mut a, line) = chain_lab(&client, Gateway::Normal, daemon);
+        let (mut a, line) = chain_lab(&client, Gateway::Normal, daemon, &cfg.daemon_env);
         configs.push((
             "gateway: redirector (lab A node netns; the simulator offers http/1.1 only)".into(),
             line,
@@ -729,6 +760,7 @@ impl<'a> Bench<'a> {
         b.set_node_hosts(&bulk);
         b.set_pod_hosts(&bulk);
         b.daemon_bin = daemon.map(Path::to_path_buf);
+        b.daemon_env = cfg.daemon_env.clone();
         b.start_daemon(&[]);
         configs.push((
             "relay: redirector (lab B node netns)".into(),
@@ -736,7 +768,7 @@ impl<'a> Bench<'a> {
         ));
 
         // Lab C: the chain with a gateway offering h2.
-        let (c, line) = chain_lab(&client, Gateway::H2, daemon);
+        let (c, line) = chain_lab(&client, Gateway::H2, daemon, &cfg.daemon_env);
         configs.push((
             "gateway-h2: redirector (lab C node netns; the simulator offers h2, --offer-h2)".into(),
             line,

@@ -129,6 +129,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<(), RunError> {
     maps.set_config(config.proxy_port, std::process::id())?;
 
     let metrics = Arc::new(Metrics::default());
+    // What the runtime has, not what was asked for: the two differ only by a bug.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    info!(workers, from = config.worker_threads().1, "async runtime");
+    metrics.runtime_workers.set(workers as i64);
     let mut registry = Registry::default();
     metrics.register(&mut registry);
     let shutdown = CancellationToken::new();
