@@ -4,10 +4,13 @@
 //! Why: rustls' buffered connection (and its unbuffered one, in this release) decrypts each
 //! record and then copies the plaintext into an owned buffer, which the reader copies again;
 //! under it, a read-ahead layer copied the ciphertext once more. A GiB through the gateway
-//! tunnel paid three copies on top of the decryption. Here the ciphertext is read from the
-//! socket straight into [`Records`]' buffer, opened where it lies, and copied once, into the
-//! reader's buffer. Writes are sealed into one buffer of up to four records and written
-//! with one system call.
+//! tunnel paid three copies on top of the decryption. Here, when the reader's buffer has
+//! room for a whole record, the ciphertext is read from the socket straight into it and
+//! opened there, each record's plaintext moved up against the previous one's in the same
+//! pass as its decryption: no copy at all. Only a record cut by the end of a read is copied
+//! (its ciphertext, to the front of the next read). A smaller read (an HTTP/2 codec's) is
+//! served from [`Records`]' own buffer: opened where it lies, copied once. Writes are sealed
+//! into one buffer of up to four records and written with one system call.
 //!
 //! What stays with rustls: the handshake, certificate checks, session tickets (each one is
 //! handed to [`KernelConnection::handle_new_session_ticket`], so later handshakes resume)
@@ -56,6 +59,9 @@ const BULK_READ: usize = 64 * 1024;
 const BULK_BUF: usize = BULK_READ + HEADER + MAX_PLAINTEXT + MAX_EXPANSION;
 /// The buffer of one read outside bulk mode: a request or an answer fits.
 const SMALL_BUF: usize = 8 * 1024;
+/// A reader's buffer with this much room (past any part of a record waiting in `inb`) gets
+/// the records read and opened in it: a whole record of the largest size fits.
+const DIRECT_MIN: usize = HEADER + MAX_PLAINTEXT + MAX_EXPANSION;
 /// The handshake may not make us hold more than this of the peer's bytes (certificate
 /// chains included).
 const MAX_HANDSHAKE_BUF: usize = 256 * 1024;
@@ -88,6 +94,9 @@ pub(crate) struct Records<S> {
     end: usize,
     /// The last read filled all it was offered: more is probably waiting.
     bulk: bool,
+    /// Plaintext bytes copied out of `inb` into readers' buffers (the rest was opened in
+    /// the reader's buffer itself).
+    copied: u64,
     /// Plaintext not yet handed out: inside `inb`, or (only before the first read) in
     /// `early`, which holds what arrived during the handshake.
     plain: Range<usize>,
@@ -96,6 +105,8 @@ pub(crate) struct Records<S> {
     handshake: Vec<u8>,
     /// The peer's close_notify arrived: reads return EOF.
     read_closed: bool,
+    /// An error met after plaintext that was handed out first; the next read returns it.
+    failed: Option<io::Error>,
     /// Sealed records not yet in the socket: `out[sent..]`.
     out: Vec<u8>,
     sent: usize,
@@ -261,10 +272,12 @@ impl<S> Handshake<S> {
             start: 0,
             end,
             bulk: false,
+            copied: 0,
             plain,
             early,
             handshake: Vec::new(),
             read_closed: false,
+            failed: None,
             out: Vec::new(),
             sent: 0,
             unreported: None,
@@ -438,6 +451,94 @@ pub(super) fn post_handshake_messages(
     Ok((used, answer))
 }
 
+/// One opened record: its content type, where its plaintext is, where the next record starts.
+struct Record {
+    typ: u8,
+    plain: Range<usize>,
+    next: usize,
+}
+
+/// Opens the record at `buf[at..]` in place, its plaintext moved to start at `to` (at most
+/// where the record starts; `None`: where its sealed payload starts, so nothing moves).
+/// `Ok(None)`: the record is not all in `buf` yet. Decryption and the move are one pass.
+fn open_record(
+    rx: &mut Keys,
+    version: Version,
+    buf: &mut [u8],
+    at: usize,
+    to: Option<usize>,
+) -> io::Result<Option<Record>> {
+    let avail = &buf[at..];
+    if avail.len() < HEADER {
+        return Ok(None);
+    }
+    let typ = avail[0];
+    let len = u16::from_be_bytes([avail[3], avail[4]]) as usize;
+    if avail[1] != 3 || !(TAG..=MAX_PLAINTEXT + MAX_EXPANSION).contains(&len) {
+        return Err(tls_error("the peer sent a malformed TLS record"));
+    }
+    if avail.len() < HEADER + len {
+        return Ok(None);
+    }
+    let header: [u8; HEADER] = avail[..HEADER].try_into().expect("five bytes");
+    let body = at + HEADER..at + HEADER + len;
+    // The additional data: TLS 1.3 the record header, TLS 1.2 13 bytes of its own.
+    let mut aad = [0u8; 13];
+    let (nonce, sealed, aad_len) = match version {
+        Version::Tls13 => {
+            if typ != CONTENT_APP_DATA {
+                return Err(tls_error("the peer sent an unprotected record"));
+            }
+            aad[..HEADER].copy_from_slice(&header);
+            (rx.nonce(), body.clone(), HEADER)
+        }
+        Version::Tls12 => {
+            let (nonce, sealed) = if rx.explicit_nonce {
+                if len < 8 + TAG {
+                    return Err(tls_error("the peer sent a malformed TLS record"));
+                }
+                let mut n = rx.iv;
+                n[4..].copy_from_slice(&buf[body.start..body.start + 8]);
+                (n, body.start + 8..body.end)
+            } else {
+                (rx.nonce(), body.clone())
+            };
+            aad = aad12(rx.seq, typ, sealed.len() - TAG);
+            (nonce, sealed, aad.len())
+        }
+    };
+    let to = to.unwrap_or(sealed.start);
+    debug_assert!(to <= sealed.start);
+    let opened = rx
+        .key
+        .open_within(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(&aad[..aad_len]),
+            &mut buf[to..sealed.end],
+            sealed.start - to..,
+        )
+        .map_err(|_| tls_error("a TLS record failed its integrity check"))?;
+    let (typ, plain) = match version {
+        // Inner plaintext: content, the real type, then zero padding (§5.2).
+        Version::Tls13 => {
+            let Some(last) = opened.iter().rposition(|b| *b != 0) else {
+                return Err(tls_error("the peer sent a record without a content type"));
+            };
+            (opened[last], to..to + last)
+        }
+        Version::Tls12 => (typ, to..to + opened.len()),
+    };
+    rx.next_seq()?;
+    if plain.len() > MAX_PLAINTEXT {
+        return Err(tls_error("the peer sent an oversized TLS record"));
+    }
+    Ok(Some(Record {
+        typ,
+        plain,
+        next: body.end,
+    }))
+}
+
 /// What opening one record found.
 enum Opened {
     /// Application data, at this range of `inb`.
@@ -451,100 +552,59 @@ enum Opened {
 impl<S> Records<S> {
     /// Opens the record at `inb[start..]`, if it is all there.
     fn open_next(&mut self) -> io::Result<Opened> {
-        let avail = &self.inb[self.start..self.end];
-        if avail.len() < HEADER {
+        let Some(rec) = open_record(
+            &mut self.rx,
+            self.version,
+            &mut self.inb[..self.end],
+            self.start,
+            None,
+        )?
+        else {
             return Ok(Opened::Incomplete);
-        }
-        let typ = avail[0];
-        let len = u16::from_be_bytes([avail[3], avail[4]]) as usize;
-        if avail[1] != 3 || !(TAG..=MAX_PLAINTEXT + MAX_EXPANSION).contains(&len) {
-            return Err(tls_error("the peer sent a malformed TLS record"));
-        }
-        if avail.len() < HEADER + len {
-            return Ok(Opened::Incomplete);
-        }
-        let header: [u8; HEADER] = avail[..HEADER].try_into().expect("five bytes");
-        let body = self.start + HEADER..self.start + HEADER + len;
-        self.start = body.end;
-        let (typ, plain) = match self.version {
-            Version::Tls13 => {
-                if typ != CONTENT_APP_DATA {
-                    return Err(tls_error("the peer sent an unprotected record"));
-                }
-                let nonce = aead::Nonce::assume_unique_for_key(self.rx.nonce());
-                let opened = self
-                    .rx
-                    .key
-                    .open_in_place(nonce, aead::Aad::from(header), &mut self.inb[body.clone()])
-                    .map_err(|_| tls_error("a TLS record failed its integrity check"))?;
-                // Inner plaintext: content, the real type, then zero padding (§5.2).
-                let Some(last) = opened.iter().rposition(|b| *b != 0) else {
-                    return Err(tls_error("the peer sent a record without a content type"));
-                };
-                (opened[last], body.start..body.start + last)
-            }
-            Version::Tls12 => {
-                let (nonce, sealed) = if self.rx.explicit_nonce {
-                    if len < 8 + TAG {
-                        return Err(tls_error("the peer sent a malformed TLS record"));
-                    }
-                    let mut n = self.rx.iv;
-                    n[4..].copy_from_slice(&self.inb[body.start..body.start + 8]);
-                    (n, body.start + 8..body.end)
-                } else {
-                    (self.rx.nonce(), body.clone())
-                };
-                let aad = aad12(self.rx.seq, typ, sealed.len() - TAG);
-                let opened = self
-                    .rx
-                    .key
-                    .open_in_place(
-                        aead::Nonce::assume_unique_for_key(nonce),
-                        aead::Aad::from(aad),
-                        &mut self.inb[sealed.clone()],
-                    )
-                    .map_err(|_| tls_error("a TLS record failed its integrity check"))?;
-                let n = opened.len();
-                (typ, sealed.start..sealed.start + n)
-            }
         };
-        self.rx.next_seq()?;
-        if plain.len() > MAX_PLAINTEXT {
-            return Err(tls_error("the peer sent an oversized TLS record"));
+        self.start = rec.next;
+        if rec.typ == CONTENT_APP_DATA {
+            return Ok(Opened::Data(rec.plain));
         }
+        // Control records are rare and small: their bytes leave `inb` for the handling.
+        let inb = std::mem::take(&mut self.inb);
+        let handled = self.control(rec.typ, &inb[rec.plain]);
+        self.inb = inb;
+        handled.map(|()| Opened::Control)
+    }
+
+    /// Handles an opened record that is not application data: an alert, a post-handshake
+    /// message (part).
+    fn control(&mut self, typ: u8, plain: &[u8]) -> io::Result<()> {
         match typ {
-            CONTENT_APP_DATA => Ok(Opened::Data(plain)),
-            CONTENT_ALERT => {
-                let alert = &self.inb[plain];
-                match alert {
-                    // close_notify.
-                    [_, 0] => self.read_closed = true,
-                    // user_canceled, a warning that precedes close_notify.
-                    [1, 90] => {}
-                    [_, desc] => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::ConnectionAborted,
-                            format!("the peer sent TLS alert {desc}"),
-                        ));
-                    }
-                    _ => return Err(tls_error("the peer sent a malformed TLS alert")),
+            CONTENT_ALERT => match plain {
+                // close_notify.
+                [_, 0] => {
+                    self.read_closed = true;
+                    Ok(())
                 }
-                Ok(Opened::Control)
-            }
+                // user_canceled, a warning that precedes close_notify.
+                [1, 90] => Ok(()),
+                [_, desc] => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("the peer sent TLS alert {desc}"),
+                )),
+                _ => Err(tls_error("the peer sent a malformed TLS alert")),
+            },
             CONTENT_HANDSHAKE if self.version == Version::Tls13 => {
                 if self.handshake.len() + plain.len() > MAX_POST_HANDSHAKE {
                     return Err(tls_error("the peer sent an oversized handshake message"));
                 }
                 let mut buf = std::mem::take(&mut self.handshake);
-                buf.extend_from_slice(&self.inb[plain]);
+                buf.extend_from_slice(plain);
                 let used = self.post_handshake(&buf)?;
                 buf.drain(..used);
                 self.handshake = buf;
-                Ok(Opened::Control)
+                Ok(())
             }
             // TLS 1.2: a HelloRequest asks for renegotiation, which rustls never does
             // either; it may be ignored (RFC 5246 §7.4.1.1).
-            CONTENT_HANDSHAKE if self.inb[plain.clone()] == [0, 0, 0, 0] => Ok(Opened::Control),
+            CONTENT_HANDSHAKE if plain == [0, 0, 0, 0] => Ok(()),
             _ => Err(tls_error("the peer sent a record of an unexpected type")),
         }
     }
@@ -727,11 +787,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
                 };
                 let n = from.len().min(buf.remaining());
                 buf.put_slice(&from[..n]);
+                this.copied += n as u64;
                 this.plain.start += n;
                 if this.plain.is_empty() && !this.early.is_empty() {
                     this.early = Vec::new();
                 }
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = this.failed.take() {
+                return Poll::Ready(Err(e));
             }
             if this.read_closed {
                 return Poll::Ready(Ok(()));
@@ -753,9 +817,119 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
                 }
                 Opened::Incomplete => {}
             }
+            // Room for what waits and a whole record: read into the reader's buffer.
+            if this.early.is_empty() && buf.remaining() >= this.end - this.start + DIRECT_MIN {
+                let before = buf.filled().len();
+                ready!(this.poll_read_direct(cx, buf))?;
+                if buf.filled().len() > before {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
             ready!(this.poll_fill(cx))?;
         }
     }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
+    /// Reads ciphertext from the socket straight into the reader's buffer, after the part
+    /// of a record that waits in `inb`, and opens the whole records there, each plaintext
+    /// moved up against the previous one's (decryption and move in one pass). A record cut
+    /// by the end of the read goes back to `inb`. An error after some plaintext is kept for
+    /// the next read, so that plaintext is not lost.
+    fn poll_read_direct(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let waiting = self.end - self.start;
+        // SAFETY: nothing below de-initializes these bytes: the socket's read and `put_slice`
+        // write into them, and only bytes written there are read or handed out.
+        let unfilled = unsafe { buf.unfilled_mut() };
+        let offered = unfilled.len() - waiting;
+        let mut sock = ReadBuf::uninit(&mut unfilled[waiting..]);
+        match Pin::new(&mut self.io).poll_read(cx, &mut sock) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Nothing waiting: an idle session holds no buffer.
+                if waiting == 0 {
+                    self.inb = Vec::new();
+                    (self.start, self.end) = (0, 0);
+                }
+                self.bulk = false;
+                return Poll::Pending;
+            }
+        }
+        let n = sock.filled().len();
+        if n == 0 {
+            return Poll::Ready(Err(eof_without_close_notify()));
+        }
+        self.bulk = n == offered;
+        let mut whole = ReadBuf::uninit(unfilled);
+        whole.put_slice(&self.inb[self.start..self.end]);
+        // SAFETY: the socket's read initialized the `n` bytes after the waiting ones (the
+        // first unfilled bytes now).
+        unsafe { whole.assume_init(n) };
+        whole.set_filled(waiting + n);
+        (self.start, self.end) = (0, 0);
+        let data = whole.filled_mut();
+        let (mut at, mut to) = (0, 0);
+        let mut failed = None;
+        while !self.read_closed {
+            match open_record(&mut self.rx, self.version, data, at, Some(to)) {
+                Ok(Some(rec)) => {
+                    at = rec.next;
+                    if rec.typ == CONTENT_APP_DATA {
+                        to = rec.plain.end;
+                    } else if let Err(e) = self.control(rec.typ, &data[rec.plain]) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    // The rest of a cut record comes with the next read.
+                    let rest = &data[at..];
+                    if self.inb.len() < rest.len().max(SMALL_BUF) {
+                        self.inb.resize(rest.len().max(SMALL_BUF), 0);
+                    }
+                    self.inb[..rest.len()].copy_from_slice(rest);
+                    self.end = rest.len();
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // SAFETY: the plaintext, `data[..to]`, is initialized (`to` ≤ its length).
+        unsafe { buf.assume_init(to) };
+        buf.advance(to);
+        // A key update's answer goes out as soon as the socket takes it.
+        if failed.is_none()
+            && !self.out.is_empty()
+            && self.unreported.is_none()
+            && let Poll::Ready(Err(e)) = self.poll_send(cx)
+        {
+            failed = Some(e);
+        }
+        match failed {
+            Some(e) if to == 0 => Poll::Ready(Err(e)),
+            Some(e) => {
+                self.failed = Some(e);
+                Poll::Ready(Ok(()))
+            }
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+fn eof_without_close_notify() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection without sending TLS close_notify",
+    )
 }
 
 impl<S: AsyncRead + Unpin> Records<S> {
@@ -784,10 +958,7 @@ impl<S: AsyncRead + Unpin> Records<S> {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
                 if n == 0 {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the peer closed the connection without sending TLS close_notify",
-                    )));
+                    return Poll::Ready(Err(eof_without_close_notify()));
                 }
                 self.end += n;
                 self.bulk = n == offered;
@@ -1058,6 +1229,61 @@ mod tests {
         want.clear();
     }
 
+    /// A read with room for a whole record gets the records opened where the reader wants
+    /// them: the only plaintext copied out of the session's own buffer is that of a record
+    /// split across two socket reads. In every suite, across a key update and a ticket in
+    /// the middle of the stream, the bytes arrive intact.
+    #[tokio::test]
+    async fn large_reads_open_records_in_the_readers_buffer() {
+        let pki = Pki::new();
+        let cases: [(&'static rustls::SupportedProtocolVersion, &str); 4] = [
+            (&rustls::version::TLS13, "AES_128_GCM"),
+            (&rustls::version::TLS13, "CHACHA20"),
+            (&rustls::version::TLS12, "AES_128_GCM"),
+            (&rustls::version::TLS12, "CHACHA20"),
+        ];
+        const HALF: usize = 4 << 20;
+        for (version, cipher) in cases {
+            let case = format!("{:?} {cipher}", version.version);
+            let tls13 = version.version == rustls::ProtocolVersion::TLSv1_3;
+            let (mut client, _, mut server) =
+                pair(&pki.client, pki.server(version, cipher), false).await;
+            let down = pattern(2 * HALF, 3);
+            let send = down.clone();
+            let far = tokio::spawn(async move {
+                server.write_all(&send[..HALF]).await.expect("first half");
+                if tls13 {
+                    server
+                        .get_mut()
+                        .1
+                        .refresh_traffic_keys()
+                        .expect("key update");
+                }
+                server.write_all(&send[HALF..]).await.expect("second half");
+                server.shutdown().await.expect("server shutdown");
+                server
+            });
+            let mut got = Vec::with_capacity(down.len());
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = client.read(&mut buf).await.expect("client read");
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            far.await.expect("server task");
+            assert!(got == down, "{case}: bytes changed on the way down");
+            println!("{case}: {} of {} bytes copied", client.copied, down.len());
+            assert!(
+                client.copied < (down.len() / 2) as u64,
+                "{case}: {} of {} plaintext bytes were copied out of the session's buffer",
+                client.copied,
+                down.len()
+            );
+        }
+    }
+
     /// Bytes from a hostile or broken peer end the session with a clear error; nothing
     /// unauthenticated reaches the reader.
     #[tokio::test]
@@ -1072,15 +1298,92 @@ mod tests {
             ("unprotected", [vec![22, 3, 3, 0, 20], vec![0; 20]].concat()),
             ("malformed", [vec![23, 2, 0, 0, 20], vec![0; 20]].concat()),
         ];
-        for (want, bytes) in cases {
-            let (mut client, _, server) = tls13_pair(&pki).await;
-            let (mut tcp, _) = server.into_inner();
-            tcp.write_all(&bytes).await.expect("write");
-            let mut buf = [0u8; 64];
-            let e = client.read(&mut buf).await.expect_err("refused");
-            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{want}: {e}");
-            assert!(e.to_string().contains(want), "{want}: {e}");
+        // A small read opens records in the session's buffer, a large one in the reader's.
+        for size in [64, 64 << 10] {
+            for (want, bytes) in &cases {
+                let (mut client, _, server) = tls13_pair(&pki).await;
+                let (mut tcp, _) = server.into_inner();
+                tcp.write_all(bytes).await.expect("write");
+                let mut buf = vec![0u8; size];
+                let e = client.read(&mut buf).await.expect_err("refused");
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{want} ({size}): {e}");
+                assert!(e.to_string().contains(want), "{want} ({size}): {e}");
+            }
         }
+    }
+
+    /// Small and large reads take turns, and a large one finds nothing waiting in between
+    /// (as the relay's coalescing read does): every byte arrives in order.
+    #[tokio::test]
+    async fn small_and_large_reads_take_turns_across_an_empty_socket() {
+        use futures::FutureExt as _;
+        let pki = Pki::new();
+        let (mut client, _, mut server) = tls13_pair(&pki).await;
+        let data = pattern((3 * 40) << 10, 5);
+        let mut got = Vec::new();
+        let mut small = [0u8; 1000];
+        let mut large = vec![0u8; 64 << 10];
+        for part in data.chunks(40 << 10) {
+            server.write_all(part).await.expect("server write");
+            server.flush().await.expect("flush");
+            let want = got.len() + part.len();
+            // Small reads take everything (served from the session's buffer) ...
+            while got.len() < want {
+                let n = client.read(&mut small).await.expect("small read");
+                assert!(n > 0, "EOF too early");
+                got.extend_from_slice(&small[..n]);
+            }
+            // ... then a large read finds the socket empty.
+            assert!(
+                client.read(&mut large).now_or_never().is_none(),
+                "nothing to read"
+            );
+        }
+        server.write_all(&data[..1]).await.expect("last byte");
+        server.flush().await.expect("flush");
+        let n = client.read(&mut large).await.expect("large read");
+        got.extend_from_slice(&large[..n]);
+        let mut expect = data.clone();
+        expect.push(data[0]);
+        assert!(
+            got == expect,
+            "{} of {} bytes in order",
+            got.len(),
+            expect.len()
+        );
+    }
+
+    /// Records opened before a forged one in the same socket read are handed out whole, then
+    /// the forged record ends the session.
+    #[tokio::test]
+    async fn plaintext_before_a_forged_record_is_handed_out_then_the_error() {
+        let pki = Pki::new();
+        let (mut client, _, mut server) = tls13_pair(&pki).await;
+        let good = pattern(40 << 10, 4);
+        server.write_all(&good).await.expect("good records");
+        server.flush().await.expect("flush");
+        let (mut tcp, _) = server.into_inner();
+        // No Nagle wait: the forged record joins the good ones in the client's socket.
+        tcp.set_nodelay(true).expect("nodelay");
+        tcp.write_all(&[[23, 3, 3, 0, 40].as_slice(), &[0x55; 40]].concat())
+            .await
+            .expect("forged record");
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let e = loop {
+            match client.read(&mut buf).await {
+                Ok(0) => panic!("EOF instead of the forged record's error"),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            got == good,
+            "{} of {} good bytes before the error",
+            got.len(),
+            good.len()
+        );
+        assert!(e.to_string().contains("integrity"), "{e}");
     }
 
     /// A bare TCP close without close_notify is not a clean end (a cut could otherwise
