@@ -259,14 +259,23 @@ impl Lab {
     )]
     pub fn new() -> Lab {
         ensure_bpffs();
-        let id = format!(
-            "r{:x}{}",
-            std::process::id() & 0xfff,
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = PathBuf::from(format!("/tmp/rdr-lab-{id}"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("lab dir");
+        // The id names the directory, namespaces, links and pins, so it stays short. An id
+        // whose directory exists is taken: by a lab running in another test process, or by
+        // one kept after a failure, whose cgroup mount may still be there (that made an
+        // unrelated test fail once). Creating the directory claims an id atomically.
+        let (id, dir) = loop {
+            let id = format!(
+                "r{:x}{}",
+                std::process::id() & 0xfff,
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            );
+            let dir = PathBuf::from(format!("/tmp/rdr-lab-{id}"));
+            match fs::create_dir(&dir) {
+                Ok(()) => break (id, dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("lab dir {}: {e}", dir.display()),
+            }
+        };
         let cg_mount = dir.join("cg");
         fs::create_dir_all(&cg_mount).expect("cg mount dir");
         let mut lab = Lab {
