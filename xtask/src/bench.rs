@@ -196,6 +196,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
             "the benchmark creates network namespaces and attaches eBPF programs: run it as root"
         );
     }
+    let daemon_workers = a.daemon_workers.unwrap_or(1);
     let mut cfg = Cfg {
         rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 5 }).max(1),
         seconds: a.seconds.unwrap_or(if a.quick { 2.0 } else { 10.0 }),
@@ -204,10 +205,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         idle_conns: a.idle_conns.unwrap_or(10_000),
         curl_reps: if a.quick { 10 } else { 30 },
         profile: a.profile,
-        daemon_env: workers_env(a.daemon_workers.unwrap_or(1)),
+        daemon_env: workers_env(daemon_workers),
     };
     let mut notes = Vec::new();
-    notes.push(match a.daemon_workers.unwrap_or(1) {
+    notes.push(match daemon_workers {
         0 => "daemon runtime workers: the daemon's default (one per CPU it may use)".to_owned(),
         n => format!(
             "daemon runtime workers: {n} (REDIRECTOR_WORKER_THREADS, and TOKIO_WORKER_THREADS for revisions before that setting); the shipped DaemonSet's 500m CPU limit gives 1"

@@ -817,8 +817,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Records<S> {
                 }
                 Opened::Incomplete => {}
             }
-            // Room for what waits and a whole record: read into the reader's buffer.
-            if this.early.is_empty() && buf.remaining() >= this.end - this.start + DIRECT_MIN {
+            // Room for what waits and a whole record: read into the reader's buffer. (`early`
+            // is empty here: it goes when its plaintext is handed out.)
+            if buf.remaining() >= this.end - this.start + DIRECT_MIN {
                 let before = buf.filled().len();
                 ready!(this.poll_read_direct(cx, buf))?;
                 if buf.filled().len() > before {
