@@ -268,6 +268,41 @@ pub struct Ratio {
     pub meets: Option<bool>,
 }
 
+impl Ratio {
+    /// A ratio row: `value` shown as `1.23×` and checked with `ok`.
+    fn of(name: String, value: Option<f64>, target: &'static str, ok: fn(f64) -> bool) -> Ratio {
+        Ratio {
+            name,
+            shown: value
+                .map(|v| format!("{v:.2}×"))
+                .unwrap_or_else(|| "n/a".into()),
+            value,
+            target,
+            meets: value.map(ok),
+        }
+    }
+
+    fn verdict(&self, misses: &'static str) -> &'static str {
+        match self.meets {
+            Some(true) => "meets",
+            Some(false) => misses,
+            None => "n/a",
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"name": self.name, "value": self.value, "shown": self.shown, "target": self.target, "meets": self.meets})
+    }
+}
+
+/// `a / b` when both are known and `b` is not zero.
+fn div(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b != 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 pub struct Report {
     pub date: String,
     pub machine: Vec<(String, String)>,
@@ -308,19 +343,6 @@ impl Report {
     pub fn ratios(&self) -> Vec<Ratio> {
         let r = &self.results;
         let med = |k: &str, p: PathId| r.median(k, p);
-        let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-            _ => None,
-        };
-        let ratio = |name: String, value: Option<f64>, target, ok: fn(f64) -> bool| Ratio {
-            name,
-            shown: value
-                .map(|v| format!("{v:.2}×"))
-                .unwrap_or_else(|| "n/a".into()),
-            value,
-            target,
-            meets: value.map(ok),
-        };
         let abs = |name: String,
                    value: Option<f64>,
                    shown: Option<String>,
@@ -413,7 +435,7 @@ impl Report {
                     Some(p) => med(metric, p),
                     None => self.aes_s_per_gib(),
                 };
-                out.push(ratio(
+                out.push(Ratio::of(
                     name.replace("{gw}", gw.name()),
                     div(med(metric, gw), divisor),
                     target,
@@ -455,6 +477,51 @@ impl Report {
         out
     }
 
+    /// The targets of issue 16 (performance, round 2), from the medians: the gateway path's
+    /// CPU close to the crypto floor, HTTP/2 tunnels at least as fast as HTTP/1.1 ones, the
+    /// gateway path at least as fast as a client doing TLS-in-TLS itself (`env`), and new
+    /// connections on a warm tunnel.
+    pub fn targets_16(&self) -> Vec<Ratio> {
+        let med = |k: &str, p: PathId| self.results.median(k, p);
+        let conns = [("bulk1", "1 connection"), ("bulk8", "8 connections")];
+        let mut out = Vec::new();
+        for gw in GATEWAY_PATHS {
+            out.push(Ratio::of(
+                format!("proxy CPU per GiB ({}) / AES-128-GCM per GiB", gw.name()),
+                div(med("cpu_per_gib", gw), self.aes_s_per_gib()),
+                "≤ 2.5×",
+                |v| v <= 2.5,
+            ));
+        }
+        for (k, n) in conns {
+            out.push(Ratio::of(
+                format!("bulk gateway-h2 / gateway, {n}"),
+                div(med(k, PathId::GatewayH2), med(k, PathId::Gateway)),
+                "≥ 1×",
+                |v| v >= 1.0,
+            ));
+        }
+        for (k, n) in conns {
+            for gw in GATEWAY_PATHS {
+                out.push(Ratio::of(
+                    format!("bulk {} / env, {n}", gw.name()),
+                    div(med(k, gw), med(k, PathId::Env)),
+                    "≥ 1×",
+                    |v| v >= 1.0,
+                ));
+            }
+        }
+        for gw in GATEWAY_PATHS {
+            out.push(Ratio::of(
+                format!("new-connection p50 {} / relay", gw.name()),
+                div(med("conn_p50", gw), med("conn_p50", PathId::Relay)),
+                "≤ 2×",
+                |v| v <= 2.0,
+            ));
+        }
+        out
+    }
+
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -467,17 +534,20 @@ impl Report {
         let line = |s: &mut String, label: &str, value: String| {
             let _ = writeln!(s, "  {label:<62} {value}");
         };
-        for r in self.ratios() {
-            let verdict = match r.meets {
-                Some(true) => "meets",
-                Some(false) => "MISSES",
-                None => "n/a",
-            };
-            line(
-                &mut s,
-                &r.name,
-                format!("{:<12} target {:<18} {verdict}", r.shown, r.target),
-            );
+        for (issue, rows) in [(7, self.ratios()), (16, self.targets_16())] {
+            let _ = writeln!(s, "  targets of issue {issue}:");
+            for r in rows {
+                line(
+                    &mut s,
+                    &format!("  {}", r.name),
+                    format!(
+                        "{:<12} target {:<18} {}",
+                        r.shown,
+                        r.target,
+                        r.verdict("MISSES")
+                    ),
+                );
+            }
         }
         let names: Vec<&str> = PATHS.iter().map(|p| p.name()).collect();
         let _ = writeln!(s, "  medians ({}):", names.join(" / "));
@@ -556,17 +626,21 @@ impl Report {
                 self.aes_s_per_gib().unwrap_or(0.0)
             );
         }
-        let _ = writeln!(
-            s,
-            "\n## Against the targets of issue 7\n\n| | value | target | |\n|---|---|---|---|"
-        );
-        for r in self.ratios() {
-            let verdict = match r.meets {
-                Some(true) => "meets",
-                Some(false) => "**misses**",
-                None => "n/a",
-            };
-            let _ = writeln!(s, "| {} | {} | {} | {verdict} |", r.name, r.shown, r.target);
+        for (issue, rows) in [(7, self.ratios()), (16, self.targets_16())] {
+            let _ = writeln!(
+                s,
+                "\n## Against the targets of issue {issue}\n\n| | value | target | |\n|---|---|---|---|"
+            );
+            for r in rows {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} |",
+                    r.name,
+                    r.shown,
+                    r.target,
+                    r.verdict("**misses**")
+                );
+            }
         }
         let _ = writeln!(s, "\n![paths side by side]({svg_name})\n");
         let _ = writeln!(s, "## Results\n");
@@ -716,7 +790,8 @@ impl Report {
             };
             metrics.push(json!({"key": d.key, "title": d.title, "unit": d.unit, "better": better, "paths": per}));
         }
-        let ratios: Vec<Value> = self.ratios().into_iter().map(|r| json!({"name": r.name, "value": r.value, "shown": r.shown, "target": r.target, "meets": r.meets})).collect();
+        let ratios: Vec<Value> = self.ratios().iter().map(Ratio::json).collect();
+        let targets_16: Vec<Value> = self.targets_16().iter().map(Ratio::json).collect();
         let kv = |v: &[(String, String)]| {
             Value::Object(
                 v.iter()
@@ -734,6 +809,7 @@ impl Report {
             "path_errors": self.path_errors,
             "metrics": metrics,
             "targets": ratios,
+            "targets_16": targets_16,
             "configs": kv(&self.configs),
             "gateway_tunnels": self.tunnels,
             "notes": self.notes,
@@ -1085,6 +1161,72 @@ mod tests {
         assert!(sum.contains("2.00×") && sum.contains("1.50×"));
         assert!(sum.contains("medians (direct / relay / gateway / gateway-h2 / classic / env)"));
         assert!(sum.contains("  gateway-h2 tunnels: shared/h2 12"));
+    }
+
+    /// Issue 16's targets come from the same medians: CPU against AES per gateway path, h2
+    /// against HTTP/1.1 bulk, each gateway path against `env` (the client doing TLS-in-TLS
+    /// itself) and new connections against the relay; the report and the JSON carry them.
+    #[test]
+    fn issue_16_targets_are_computed_from_the_medians() {
+        let mut r = Report::new(Vec::new());
+        r.aes_gcm_bytes_per_s = Some((1u64 << 30) as f64);
+        for k in ["bulk1", "bulk8"] {
+            r.results.push(k, PathId::Env, 100.0);
+            r.results.push(k, PathId::Gateway, 80.0);
+            r.results.push(k, PathId::GatewayH2, 120.0);
+        }
+        r.results.push("cpu_per_gib", PathId::Gateway, 2.0);
+        r.results.push("cpu_per_gib", PathId::GatewayH2, 3.0);
+        r.results.push("conn_p50", PathId::Relay, 1.0);
+        r.results.push("conn_p50", PathId::Gateway, 4.0);
+        r.results.push("conn_p50", PathId::GatewayH2, 1.5);
+        let rows = r.targets_16();
+        let row = |n: &str| {
+            let names: Vec<&str> = rows.iter().map(|x| x.name.as_str()).collect();
+            rows.iter()
+                .find(|x| x.name == n)
+                .map(|x| (x.value, x.meets))
+                .unwrap_or_else(|| panic!("target row {n:?} missing from {names:?}"))
+        };
+        assert_eq!(
+            row("proxy CPU per GiB (gateway) / AES-128-GCM per GiB"),
+            (Some(2.0), Some(true))
+        );
+        assert_eq!(
+            row("proxy CPU per GiB (gateway-h2) / AES-128-GCM per GiB"),
+            (Some(3.0), Some(false))
+        );
+        assert_eq!(
+            row("bulk gateway-h2 / gateway, 1 connection"),
+            (Some(1.5), Some(true))
+        );
+        assert_eq!(
+            row("bulk gateway-h2 / gateway, 8 connections"),
+            (Some(1.5), Some(true))
+        );
+        assert_eq!(
+            row("bulk gateway / env, 1 connection"),
+            (Some(0.8), Some(false))
+        );
+        assert_eq!(
+            row("bulk gateway-h2 / env, 8 connections"),
+            (Some(1.2), Some(true))
+        );
+        assert_eq!(
+            row("new-connection p50 gateway / relay"),
+            (Some(4.0), Some(false))
+        );
+        assert_eq!(
+            row("new-connection p50 gateway-h2 / relay"),
+            (Some(1.5), Some(true))
+        );
+        assert_eq!(rows.len(), 10);
+        let md = r.markdown("x.svg");
+        assert!(md.contains("## Against the targets of issue 16"));
+        assert!(md.contains("| bulk gateway-h2 / gateway, 1 connection | 1.50× | ≥ 1× | meets |"));
+        assert!(r.summary().contains("bulk gateway / env, 1 connection"));
+        let j = r.json();
+        assert!(j["targets_16"][0]["name"] == "proxy CPU per GiB (gateway) / AES-128-GCM per GiB");
     }
 
     /// Every target row about `gateway` has a `gateway-h2` twin computed from gateway-h2's
