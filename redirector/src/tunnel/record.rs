@@ -88,7 +88,8 @@ pub(crate) struct Records<S> {
     /// Shutting the write side down also ends TCP's (see `fin_on_shutdown` in [`connect`]).
     fin_on_shutdown: bool,
     /// Bytes from the socket: `inb[..start]` is used up (or the plaintext being handed out),
-    /// `inb[start..end]` waits to be opened.
+    /// `inb[start..end]` waits to be opened. Its length is at least `end`; the next read goes
+    /// into its spare capacity.
     inb: Vec<u8>,
     start: usize,
     end: usize,
@@ -891,10 +892,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
                 Ok(None) => {
                     // The rest of a cut record comes with the next read.
                     let rest = &data[at..];
-                    if self.inb.len() < rest.len().max(SMALL_BUF) {
-                        self.inb.resize(rest.len().max(SMALL_BUF), 0);
-                    }
-                    self.inb[..rest.len()].copy_from_slice(rest);
+                    self.inb.clear();
+                    self.inb.extend_from_slice(rest);
                     self.end = rest.len();
                     break;
                 }
@@ -949,18 +948,23 @@ impl<S: AsyncRead + Unpin> Records<S> {
             [_, _, _, a, b, ..] => HEADER + u16::from_be_bytes([a, b]) as usize,
             _ => HEADER,
         };
-        let size = want.max(need);
-        if self.inb.len() < size {
-            self.inb.resize(size, 0);
-        }
-        let offered = self.inb.len() - self.end;
-        let mut rb = ReadBuf::new(&mut self.inb[self.end..]);
+        // The socket reads into the buffer's spare capacity, which is never zeroed first
+        // (the buffer is freed whenever the socket runs dry, so this is a new allocation
+        // on every wake-up of a busy session).
+        self.inb.truncate(self.end);
+        self.inb.reserve(want.max(need).saturating_sub(self.end));
+        let spare = self.inb.spare_capacity_mut();
+        let offered = spare.len();
+        let mut rb = ReadBuf::uninit(spare);
         match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
                 if n == 0 {
                     return Poll::Ready(Err(eof_without_close_notify()));
                 }
+                // SAFETY: the read initialized the `n` bytes after the buffer's length (a
+                // `ReadBuf` reports only bytes it was given and that were written).
+                unsafe { self.inb.set_len(self.end + n) };
                 self.end += n;
                 self.bulk = n == offered;
                 Poll::Ready(Ok(()))
