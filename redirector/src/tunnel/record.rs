@@ -574,6 +574,16 @@ impl<S> Records<S> {
         handled.map(|()| Opened::Control)
     }
 
+    /// The socket had nothing more: with no part of a record waiting, an idle session holds
+    /// no buffer.
+    fn ran_dry(&mut self) {
+        if self.start == self.end {
+            self.inb = Vec::new();
+            (self.start, self.end) = (0, 0);
+        }
+        self.bulk = false;
+    }
+
     /// Handles an opened record that is not application data: an alert, a post-handshake
     /// message (part).
     fn control(&mut self, typ: u8, plain: &[u8]) -> io::Result<()> {
@@ -854,12 +864,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Records<S> {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
-                // Nothing waiting: an idle session holds no buffer.
-                if waiting == 0 {
-                    self.inb = Vec::new();
-                    (self.start, self.end) = (0, 0);
-                }
-                self.bulk = false;
+                self.ran_dry();
                 return Poll::Pending;
             }
         }
@@ -971,11 +976,7 @@ impl<S: AsyncRead + Unpin> Records<S> {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                // Nothing waiting: an idle session holds no buffer.
-                if self.end == 0 {
-                    self.inb = Vec::new();
-                }
-                self.bulk = false;
+                self.ran_dry();
                 Poll::Pending
             }
         }
