@@ -31,6 +31,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, Interest, ReadBuf},
     net::TcpStream,
 };
+use zeroize::Zeroize as _;
 
 use super::record::{
     CONTENT_ALERT, CONTENT_APP_DATA, CONTENT_HANDSHAKE, Handshake, MAX_PLAINTEXT,
@@ -126,13 +127,13 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
     }
     // Receive first: if the kernel refuses the key, the socket still passes bytes through
     // unchanged and user space can take over.
-    if setsockopt(&hs.io, TcpTlsRx, &rx).is_err() {
+    if setsockopt(&hs.io, TcpTlsRx, &rx.0).is_err() {
         return Ok(Outcome::UserSpace(
             Box::new(hs),
             "the kernel refused the receive key",
         ));
     }
-    if let Err(e) = setsockopt(&hs.io, TcpTlsTx, &tx) {
+    if let Err(e) = setsockopt(&hs.io, TcpTlsTx, &tx.0) {
         // Receiving is the kernel's now: this session cannot go back to user space.
         UNAVAILABLE.store(true, Ordering::Relaxed);
         return Err(io::Error::other(format!(
@@ -161,13 +162,51 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
     })))
 }
 
+/// One direction's key as the kernel takes it (`crypto_info`), wiped when dropped. The
+/// kernel keeps its own copy and rustls wipes the secrets it hands over, so without this
+/// the key would stay in freed memory (and in a core dump) for the session's lifetime and
+/// after. Moves of the value may leave copies on the stack: this is best effort, as it is
+/// in rustls.
+struct KernelKey(TlsCryptoInfo);
+
+impl KernelKey {
+    /// Overwrites the key, IV, salt and sequence number with zeros.
+    fn wipe(&mut self) {
+        match &mut self.0 {
+            TlsCryptoInfo::Aes128Gcm(c) => {
+                c.key.zeroize();
+                c.iv.zeroize();
+                c.salt.zeroize();
+                c.rec_seq.zeroize();
+            }
+            TlsCryptoInfo::Aes256Gcm(c) => {
+                c.key.zeroize();
+                c.iv.zeroize();
+                c.salt.zeroize();
+                c.rec_seq.zeroize();
+            }
+            TlsCryptoInfo::Chacha20Poly1305(c) => {
+                c.key.zeroize();
+                c.iv.zeroize();
+                c.rec_seq.zeroize();
+            }
+        }
+    }
+}
+
+impl Drop for KernelKey {
+    fn drop(&mut self) {
+        self.wipe();
+    }
+}
+
 /// The kernel's crypto_info for one direction (`linux/tls.h`); `None` for a suite it has
 /// no layout for.
 fn crypto_info(
     version: Version,
     secrets: &ConnectionTrafficSecrets,
     seq: u64,
-) -> Option<TlsCryptoInfo> {
+) -> Option<KernelKey> {
     let info = libc::tls_crypto_info {
         version: match version {
             Version::Tls13 => 0x0304,
@@ -176,7 +215,7 @@ fn crypto_info(
         cipher_type: 0,
     };
     let rec_seq = seq.to_be_bytes();
-    Some(match secrets {
+    Some(KernelKey(match secrets {
         ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
             let (iv, key) = (iv.as_ref(), key.as_ref());
             TlsCryptoInfo::Aes128Gcm(libc::tls12_crypto_info_aes_gcm_128 {
@@ -216,7 +255,7 @@ fn crypto_info(
             })
         }
         _ => return None,
-    })
+    }))
 }
 
 /// One `recvmsg` on a kTLS socket: the bytes and the type of the record they came from
@@ -298,7 +337,7 @@ impl KernelTls {
                         let (seq, secrets) = kernel.update_rx_secret().map_err(rustls_error)?;
                         let info = crypto_info(Version::Tls13, &secrets, seq)
                             .ok_or_else(|| tls_error("a key the kernel cannot take"))?;
-                        setsockopt(&self.tcp, TcpTlsRx, &info).map_err(|e| {
+                        setsockopt(&self.tcp, TcpTlsRx, &info.0).map_err(|e| {
                             io::Error::other(format!(
                                 "the gateway updated its key and this kernel's TLS cannot follow: {e}"
                             ))
@@ -328,7 +367,7 @@ impl KernelTls {
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(rustls_error)?;
         let info = crypto_info(self.version, &secrets, seq)
             .ok_or_else(|| tls_error("a key the kernel cannot take"))?;
-        setsockopt(&self.tcp, TcpTlsTx, &info).map_err(|e| {
+        setsockopt(&self.tcp, TcpTlsTx, &info.0).map_err(|e| {
             io::Error::other(format!("this kernel's TLS cannot move to a new key: {e}"))
         })?;
         self.tx_records = 0;
@@ -497,5 +536,45 @@ impl crate::relay::splice::Splice for KernelTls {
 
     fn spliced_in(&mut self, n: usize) -> io::Result<()> {
         self.count_records(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    use super::*;
+
+    /// What a kernel key holds of the secrets: key, salt, IV and sequence number.
+    fn secret_bytes(k: &KernelKey) -> Vec<u8> {
+        match &k.0 {
+            TlsCryptoInfo::Aes128Gcm(c) => [&c.key[..], &c.salt, &c.iv, &c.rec_seq].concat(),
+            TlsCryptoInfo::Aes256Gcm(c) => [&c.key[..], &c.salt, &c.iv, &c.rec_seq].concat(),
+            TlsCryptoInfo::Chacha20Poly1305(c) => [&c.key[..], &c.iv, &c.rec_seq].concat(),
+        }
+    }
+
+    #[test]
+    fn a_kernel_key_is_wiped() {
+        for secrets in [
+            ConnectionTrafficSecrets::Aes256Gcm {
+                key: AeadKey::from([0xa5; 32]),
+                iv: Iv::new([0x5a; 12]),
+            },
+            ConnectionTrafficSecrets::Chacha20Poly1305 {
+                key: AeadKey::from([0xa5; 32]),
+                iv: Iv::new([0x5a; 12]),
+            },
+        ] {
+            let mut key = crypto_info(Version::Tls13, &secrets, u64::MAX).expect("a layout");
+            let before = secret_bytes(&key);
+            assert!(
+                before.iter().all(|&b| b != 0),
+                "the key was built from the secrets"
+            );
+            key.wipe();
+            let after = secret_bytes(&key);
+            assert_eq!(after, vec![0; before.len()], "every secret byte is zero");
+        }
     }
 }

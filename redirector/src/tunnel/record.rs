@@ -122,7 +122,8 @@ pub(super) enum Version {
     Tls13,
 }
 
-/// One direction's key, IV and record sequence number.
+/// One direction's key, IV and record sequence number. The IV is wiped when the keys are
+/// dropped (rustls wipes the secrets it hands over); ring's expanded key offers no wiping.
 struct Keys {
     key: aead::LessSafeKey,
     iv: [u8; aead::NONCE_LEN],
@@ -174,6 +175,12 @@ impl Keys {
             .checked_add(1)
             .ok_or_else(|| tls_error("record sequence number exhausted"))?;
         Ok(())
+    }
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.iv);
     }
 }
 
