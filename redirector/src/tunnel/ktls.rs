@@ -163,10 +163,9 @@ pub(crate) fn enable(hs: Handshake<TcpStream>, fin_on_shutdown: bool) -> io::Res
 }
 
 /// One direction's key as the kernel takes it (`crypto_info`), wiped when dropped. The
-/// kernel keeps its own copy and rustls wipes the secrets it hands over, so without this
-/// the key would stay in freed memory (and in a core dump) for the session's lifetime and
-/// after. Moves of the value may leave copies on the stack: this is best effort, as it is
-/// in rustls.
+/// kernel keeps its own copy and rustls wipes the keys it hands over, so without this the
+/// key would stay in freed memory (and in a core dump) after the session. Moves of the
+/// value may leave copies on the stack: this is best effort, as it is in rustls.
 struct KernelKey(TlsCryptoInfo);
 
 impl KernelKey {
@@ -559,11 +558,11 @@ mod tests {
         for secrets in [
             ConnectionTrafficSecrets::Aes256Gcm {
                 key: AeadKey::from([0xa5; 32]),
-                iv: Iv::new([0x5a; 12]),
+                iv: Iv::from([0x5a; 12]),
             },
             ConnectionTrafficSecrets::Chacha20Poly1305 {
                 key: AeadKey::from([0xa5; 32]),
-                iv: Iv::new([0x5a; 12]),
+                iv: Iv::from([0x5a; 12]),
             },
         ] {
             let mut key = crypto_info(Version::Tls13, &secrets, u64::MAX).expect("a layout");

@@ -123,7 +123,8 @@ pub(super) enum Version {
 }
 
 /// One direction's key, IV and record sequence number. The IV is wiped when the keys are
-/// dropped (rustls wipes the secrets it hands over); ring's expanded key offers no wiping.
+/// dropped (rustls wipes the keys it hands over, not the IVs); ring's expanded key offers
+/// no wiping.
 struct Keys {
     key: aead::LessSafeKey,
     iv: [u8; aead::NONCE_LEN],
