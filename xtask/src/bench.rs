@@ -69,8 +69,8 @@ pub struct BenchArgs {
     #[arg(long)]
     no_build: bool,
     /// Record a CPU profile (`perf record -g`) of each proxy path's processes during the
-    /// one-connection bulk download; the top of `perf report` goes to
-    /// `target/bench/profile-<path>.txt`.
+    /// one-connection bulk download and upload; the top of `perf report` goes to
+    /// `target/bench/profile-<path>.txt` and `profile-<path>-up.txt`.
     #[arg(long)]
     profile: bool,
     /// Cargo features for the redirector's release build (e.g. `alloc-jemalloc` or
@@ -1018,9 +1018,15 @@ impl<'a> Bench<'a> {
         let secs = self.cfg.seconds;
         let timed = Duration::from_secs_f64(secs + 90.0);
 
-        // Bulk download on 1 and 8 connections, with the proxy's CPU time around each.
-        let mut cpu: BTreeMap<PathId, (f64, u64)> = BTreeMap::new();
-        for (metric, conns) in [("bulk1", 1usize), ("bulk8", 8)] {
+        // Bulk download on 1 and 8 connections, and upload on 1, with the proxy's CPU time
+        // around each (per direction).
+        let mut cpu: BTreeMap<(&str, PathId), (f64, u64)> = BTreeMap::new();
+        for (metric, conns, up) in [
+            ("bulk1", 1usize, false),
+            ("bulk8", 8, false),
+            ("up1", 1, true),
+        ] {
+            let cpu_metric = if up { "cpu_per_gib_up" } else { "cpu_per_gib" };
             for &p in &paths {
                 let pids = self.proxy_pids(p);
                 let before = if pids.is_empty() {
@@ -1028,27 +1034,36 @@ impl<'a> Bench<'a> {
                 } else {
                     cpu_secs(&pids)
                 };
-                let args = [
+                let mut args = vec![
                     "--conns".to_owned(),
                     conns.to_string(),
                     "--bytes".into(),
                     self.cfg.bulk_bytes.to_string(),
                 ];
+                if up {
+                    args.push("--up".into());
+                }
                 let perf = (self.cfg.profile && conns == 1 && round == 0 && !pids.is_empty())
-                    .then(|| Profile::start(p, &pids))
+                    .then(|| Profile::start(p, if up { "-up" } else { "" }, &pids))
                     .flatten();
                 let r = run_json(self.client(p, "bulk", &args), Duration::from_secs(600));
                 let after = cpu_secs(&pids);
                 if let Some(perf) = perf {
                     match perf.finish() {
                         Ok(path) => {
-                            println!("bench:   profile of {} in {}", p.name(), path.display())
+                            println!(
+                                "bench:   profile of {metric} {} in {}",
+                                p.name(),
+                                path.display()
+                            )
                         }
-                        Err(e) => self.notes.push(format!("profile of {}: {e:#}", p.name())),
+                        Err(e) => self
+                            .notes
+                            .push(format!("profile of {metric} {}: {e:#}", p.name())),
                     }
                 }
                 if let (Ok(v), Some(b), Some(a)) = (&r, before, after) {
-                    let e = cpu.entry(p).or_default();
+                    let e = cpu.entry((cpu_metric, p)).or_default();
                     e.0 += a - b;
                     e.1 += v["bytes"].as_u64().unwrap_or(0);
                 }
@@ -1059,10 +1074,10 @@ impl<'a> Bench<'a> {
                 self.record(metric, p, mbps);
             }
         }
-        for (p, (s, bytes)) in cpu {
+        for ((metric, p), (s, bytes)) in cpu {
             if bytes > 0 {
                 self.results
-                    .push("cpu_per_gib", p, s / (bytes as f64 / (1u64 << 30) as f64));
+                    .push(metric, p, s / (bytes as f64 / (1u64 << 30) as f64));
             }
         }
 
@@ -1412,14 +1427,16 @@ impl<'a> Bench<'a> {
 struct Profile {
     child: Child,
     data: std::path::PathBuf,
-    path: PathId,
+    /// The path's name and the scenario's suffix (`gateway`, `gateway-up`).
+    name: String,
 }
 
 impl Profile {
-    fn start(path: PathId, pids: &[u32]) -> Option<Profile> {
+    fn start(path: PathId, suffix: &str, pids: &[u32]) -> Option<Profile> {
         let dir = report::out_dir();
         std::fs::create_dir_all(&dir).ok()?;
-        let data = dir.join(format!("perf-{}.data", path.name()));
+        let name = format!("{}{suffix}", path.name());
+        let data = dir.join(format!("perf-{name}.data"));
         let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         let child = Command::new("perf")
             .args([
@@ -1439,7 +1456,7 @@ impl Profile {
             .ok()?;
         // perf needs a moment to attach; the scenario is long next to it.
         std::thread::sleep(Duration::from_millis(300));
-        Some(Profile { child, data, path })
+        Some(Profile { child, data, name })
     }
 
     /// Stops perf (SIGINT to the pid we started) and writes the report's top entries.
@@ -1459,7 +1476,7 @@ impl Profile {
                 .output()?;
             text.extend_from_slice(&out.stdout);
         }
-        let txt = report::out_dir().join(format!("profile-{}.txt", self.path.name()));
+        let txt = report::out_dir().join(format!("profile-{}.txt", self.name));
         std::fs::write(&txt, &text)?;
         Ok(txt)
     }

@@ -6,7 +6,8 @@
 //!
 //! - `serve --listen ADDR`: the target. Keep-alive; `GET /small` answers `peer=<addr>\n`
 //!   (so a probe proves which way a connection came), `GET /down/<n>` answers `n` bytes,
-//!   `POST /echo` answers its own body.
+//!   `POST /echo` answers its own body, `POST /up` reads its body (of any length, without
+//!   holding it) and answers how many bytes it read.
 //! - `probe`, `bulk`, `rr`, `connect`, `idle`: the client. It dials `--target` as a plain
 //!   application would (whatever captures the connect — the redirector's hook, iptables —
 //!   decides the path), or, with `--env-gateway`, does what a proxy-aware client does with
@@ -56,7 +57,7 @@ enum Mode {
         #[command(flatten)]
         path: PathOpts,
     },
-    /// `--conns` connections download `--bytes` in total, all at once.
+    /// `--conns` connections download `--bytes` in total, all at once (with `--up`, upload).
     Bulk {
         #[command(flatten)]
         path: PathOpts,
@@ -64,6 +65,9 @@ enum Mode {
         conns: usize,
         #[arg(long)]
         bytes: u64,
+        /// Upload instead: each connection sends its share as a `POST /up` body.
+        #[arg(long)]
+        up: bool,
     },
     /// Request/response ping-pong of `--size` bytes each way on one open connection.
     Rr {
@@ -347,6 +351,51 @@ async fn request(
     Ok(len)
 }
 
+/// Sends `n` bytes as the body of `POST /up`, in writes of 256 KiB, and returns how many the
+/// server says it read (an error if that is not `n`).
+async fn upload(c: &mut Conn, host: &str, n: u64) -> anyhow::Result<u64> {
+    let chunk = pattern(256 * 1024);
+    let head = format!("POST /up HTTP/1.1\r\nHost: {host}\r\nContent-Length: {n}\r\n\r\n");
+    c.get_mut().write_all(head.as_bytes()).await?;
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len() as u64) as usize;
+        c.get_mut().write_all(&chunk[..k]).await?;
+        left -= k as u64;
+    }
+    c.get_mut().flush().await?;
+    let mut line = String::new();
+    let (first, len) = read_head(c, &mut line)
+        .await?
+        .context("closed before the answer")?;
+    if !first.starts_with("HTTP/1.1 200") {
+        bail!("answer: {first}");
+    }
+    let mut body = vec![0; len as usize];
+    c.read_exact(&mut body).await?;
+    let got: u64 = String::from_utf8_lossy(&body)
+        .trim()
+        .parse()
+        .context("the count in /up's answer")?;
+    if got != n {
+        bail!("the server read {got} bytes of an upload of {n}");
+    }
+    Ok(n)
+}
+
+/// `len` bytes that do not look repetitive (xorshift), the bulk scenarios' payload.
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 async fn small(c: &mut Conn, host: &str) -> anyhow::Result<String> {
     let mut body = Vec::new();
     request(c, host, "GET", "/small", &[], &mut body, true).await?;
@@ -393,7 +442,12 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            Mode::Bulk { path, conns, bytes } => bulk(Dialer::new(path)?, conns, bytes).await,
+            Mode::Bulk {
+                path,
+                conns,
+                bytes,
+                up,
+            } => bulk(Dialer::new(path)?, conns, bytes, up).await,
             Mode::Rr {
                 path,
                 seconds,
@@ -417,7 +471,7 @@ fn print_json(v: serde_json::Value) {
     println!("{v}");
 }
 
-async fn bulk(d: Dialer, conns: usize, bytes: u64) -> anyhow::Result<()> {
+async fn bulk(d: Dialer, conns: usize, bytes: u64, up: bool) -> anyhow::Result<()> {
     // Open and warm every connection first, so the clock measures the transfer only.
     let mut open = Vec::new();
     for _ in 0..conns.max(1) {
@@ -432,6 +486,9 @@ async fn bulk(d: Dialer, conns: usize, bytes: u64) -> anyhow::Result<()> {
     for mut c in open {
         let host = host.clone();
         tasks.push(tokio::spawn(async move {
+            if up {
+                return upload(&mut c, &host, each).await;
+            }
             let mut scratch = Vec::new();
             request(
                 &mut c,
@@ -451,7 +508,7 @@ async fn bulk(d: Dialer, conns: usize, bytes: u64) -> anyhow::Result<()> {
     }
     let secs = start.elapsed().as_secs_f64();
     print_json(
-        json!({"mode": "bulk", "conns": conns, "bytes": total, "seconds": secs, "mb_per_s": total as f64 / secs / 1e6}),
+        json!({"mode": "bulk", "direction": if up { "up" } else { "down" }, "conns": conns, "bytes": total, "seconds": secs, "mb_per_s": total as f64 / secs / 1e6}),
     );
     Ok(())
 }
@@ -603,17 +660,7 @@ async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("bind {listen}"))?;
     let l = sock.listen(4096)?;
     // 256 KiB of non-repeating-looking bytes, sent over and over for /down.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Arc<Vec<u8>> = Arc::new(
-        (0..256 * 1024)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect(),
-    );
+    let data: Arc<Vec<u8>> = Arc::new(pattern(256 * 1024));
     println!("ready {listen}");
     loop {
         let (s, peer) = match l.accept().await {
@@ -642,6 +689,25 @@ async fn serve_conn(s: TcpStream, peer: SocketAddr, data: &[u8]) -> anyhow::Resu
     while let Some((first, len)) = read_head(&mut r, &mut line).await? {
         let mut parts = first.split_whitespace();
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if (method, path) == ("POST", "/up") {
+            // Any length: read through a fixed buffer, counted, not kept.
+            body.resize(256 * 1024, 0);
+            let mut read = 0u64;
+            while read < len {
+                let want = (len - read).min(body.len() as u64) as usize;
+                let n = r.read(&mut body[..want]).await?;
+                if n == 0 {
+                    bail!("closed {read} bytes into an upload of {len}");
+                }
+                read += n as u64;
+            }
+            let b = read.to_string();
+            w.write_all(
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{b}", b.len()).as_bytes(),
+            )
+            .await?;
+            continue;
+        }
         body.resize(len as usize, 0);
         r.read_exact(&mut body).await?;
         match (method, path) {

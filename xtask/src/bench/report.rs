@@ -58,6 +58,13 @@ pub const METRICS: &[MetricDef] = &[
         true,
     ),
     m(
+        "up1",
+        "Bulk upload, 1 connection",
+        "MB/s",
+        Better::Higher,
+        false,
+    ),
+    m(
         "rr",
         "Request/response, 1 KiB each way, one open connection",
         "ops/s",
@@ -94,10 +101,17 @@ pub const METRICS: &[MetricDef] = &[
     ),
     m(
         "cpu_per_gib",
-        "Proxy CPU per GiB moved in the bulk scenarios (redirector; redsocks+stunnel)",
+        "Proxy CPU per GiB moved in the bulk downloads (redirector; redsocks+stunnel)",
         "s/GiB",
         Better::Lower,
         true,
+    ),
+    m(
+        "cpu_per_gib_up",
+        "Proxy CPU per GiB moved in the bulk upload (redirector; redsocks+stunnel)",
+        "s/GiB",
+        Better::Lower,
+        false,
     ),
     m(
         "curl_bulk1",
@@ -554,10 +568,12 @@ impl Report {
         for k in [
             "bulk1",
             "bulk8",
+            "up1",
             "rr",
             "conn_p50",
             "conn_rate",
             "cpu_per_gib",
+            "cpu_per_gib_up",
         ] {
             let def = METRICS.iter().find(|d| d.key == k).expect("metric");
             let cells: Vec<String> = PATHS
@@ -1117,6 +1133,52 @@ mod tests {
         assert_eq!(fmt_num(1234.4), "1234");
         assert_eq!(fmt_num(12.34), "12.3");
         assert_eq!(fmt_num(1.234), "1.23");
+    }
+
+    /// The upload scenario has rows of its own: throughput, and the proxy's CPU per GiB
+    /// uploaded (apart from the download's).
+    #[test]
+    fn upload_rows_are_reported() {
+        let mut r = Report::new(vec![("kernel".into(), "x".into())]);
+        r.results.push("up1", PathId::Gateway, 400.0);
+        r.results.push("cpu_per_gib", PathId::Gateway, 0.6);
+        r.results.push("cpu_per_gib_up", PathId::Gateway, 0.9);
+        let md = r.markdown("x.svg");
+        assert!(md.contains(
+            "| Bulk upload, 1 connection (higher is better) | MB/s | – | – | 400 | – | – | – |"
+        ));
+        assert!(md.contains(
+            "| Proxy CPU per GiB moved in the bulk upload (redirector; redsocks+stunnel) \
+             (lower is better) | s/GiB | – | – | 0.90 | – | – | – |"
+        ));
+        let sum = r.summary();
+        let row = |k: &str| {
+            sum.lines()
+                .find(|l| l.trim_start().starts_with(k))
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        };
+        assert_eq!(
+            row("up1 ").as_deref(),
+            Some("up1 (MB/s) - / - / 400 / - / - / -")
+        );
+        assert_eq!(
+            row("cpu_per_gib ").as_deref(),
+            Some("cpu_per_gib (s/GiB) - / - / 0.60 / - / - / -")
+        );
+        assert_eq!(
+            row("cpu_per_gib_up ").as_deref(),
+            Some("cpu_per_gib_up (s/GiB) - / - / 0.90 / - / - / -")
+        );
+        let j = r.json();
+        let metric = |k: &str| {
+            j["metrics"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["key"] == k))
+                .map(|m| m["paths"]["gateway"]["median"].clone())
+        };
+        assert_eq!(metric("up1"), Some(400.0.into()));
+        assert_eq!(metric("cpu_per_gib"), Some(0.6.into()));
+        assert_eq!(metric("cpu_per_gib_up"), Some(0.9.into()));
     }
 
     #[test]
