@@ -305,6 +305,18 @@ async fn read_head<R: AsyncRead + Unpin>(
     Ok(Some((first, len)))
 }
 
+/// Reads an answer's head; returns its body length, or an error for anything but a 200.
+async fn ok_answer(c: &mut Conn) -> anyhow::Result<u64> {
+    let mut line = String::new();
+    let (first, len) = read_head(c, &mut line)
+        .await?
+        .context("closed before the answer")?;
+    if !first.starts_with("HTTP/1.1 200") {
+        bail!("answer: {first}");
+    }
+    Ok(len)
+}
+
 /// Sends one request and reads the whole answer; returns the body length. The body lands in
 /// `body` when `keep` (else it is read through `body` as scratch space and dropped).
 async fn request(
@@ -324,13 +336,7 @@ async fn request(
     req.extend_from_slice(payload);
     c.get_mut().write_all(&req).await?;
     c.get_mut().flush().await?;
-    let mut line = String::new();
-    let (first, len) = read_head(c, &mut line)
-        .await?
-        .context("closed before the answer")?;
-    if !first.starts_with("HTTP/1.1 200") {
-        bail!("answer: {first}");
-    }
+    let len = ok_answer(c).await?;
     if keep {
         body.resize(len as usize, 0);
         c.read_exact(body).await?;
@@ -364,13 +370,7 @@ async fn upload(c: &mut Conn, host: &str, n: u64) -> anyhow::Result<u64> {
         left -= k as u64;
     }
     c.get_mut().flush().await?;
-    let mut line = String::new();
-    let (first, len) = read_head(c, &mut line)
-        .await?
-        .context("closed before the answer")?;
-    if !first.starts_with("HTTP/1.1 200") {
-        bail!("answer: {first}");
-    }
+    let len = ok_answer(c).await?;
     let mut body = vec![0; len as usize];
     c.read_exact(&mut body).await?;
     let got: u64 = String::from_utf8_lossy(&body)
